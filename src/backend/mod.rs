@@ -1,0 +1,115 @@
+//! The backend interface: the few tensor operations a transformer forward pass and the IterIS
+//! statistics need. Models and the merge are written once over this trait; the CPU backend is the
+//! reference implementation and the fallback, the GPU backend implements the same contract in WGSL.
+//!
+//! Every tensor is a row-major (rows, cols) f32 matrix: rows are tokens (or sequences), columns are
+//! features. Ranges select rows, so one batched tensor can hold several row groups (tasks × streams).
+
+pub mod cpu;
+
+use crate::mat::Mat;
+use std::ops::Range;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// GELU with erf (`gelu` in Hugging Face configs).
+    GeluErf,
+    /// GELU, tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    Silu,
+    Relu,
+    Tanh,
+}
+
+impl Activation {
+    /// The Hugging Face `hidden_act` / `activation_function` names.
+    pub fn from_hf(name: &str) -> Option<Activation> {
+        Some(match name {
+            "gelu" | "gelu_python" => Activation::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "silu" | "swish" => Activation::Silu,
+            "relu" => Activation::Relu,
+            "tanh" => Activation::Tanh,
+            _ => return None,
+        })
+    }
+
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::GeluErf => 0.5 * x * (1.0 + libm::erff(x / std::f32::consts::SQRT_2)),
+            Activation::GeluTanh => {
+                let c = (2.0f32 / std::f32::consts::PI).sqrt();
+                0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+            }
+            Activation::Silu => x / (1.0 + (-x).exp()),
+            Activation::Relu => x.max(0.0),
+            Activation::Tanh => x.tanh(),
+        }
+    }
+}
+
+/// Scaled dot-product attention over each sequence of a batch.
+#[derive(Clone, Debug)]
+pub struct AttentionSpec {
+    pub heads: usize,
+    /// Grouped-query attention: query head h reads key/value head h / (heads / kv_heads).
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+    /// Sliding window: query i sees key j only when i - j < window.
+    pub window: Option<usize>,
+    pub scale: f32,
+}
+
+pub trait Backend {
+    /// A (rows, cols) f32 matrix held by the backend.
+    type T;
+
+    /// What ran, for reports ("cpu", or the GPU adapter's name).
+    fn name(&self) -> String;
+    fn upload(&self, m: &Mat) -> Self::T;
+    fn download(&self, t: &Self::T) -> Mat;
+    fn dims(&self, t: &Self::T) -> (usize, usize);
+
+    /// Rows `idx` of `x`: (idx.len(), cols). Embedding lookup and first-token pooling.
+    fn select_rows(&self, x: &Self::T, idx: &[u32]) -> Self::T;
+    /// Columns `cols` of every row: (rows, cols.len()). Splits a fused q/k/v projection.
+    fn slice_cols(&self, x: &Self::T, cols: Range<usize>) -> Self::T;
+    /// x[rows] · wᵀ: (n, in) · (out, in)ᵀ → (n, out).
+    fn matmul_t(&self, x: &Self::T, rows: Range<usize>, w: &Self::T) -> Self::T;
+    /// y[rows] += s · d, with d of rows.len() rows.
+    fn add_rows(&self, y: &mut Self::T, rows: Range<usize>, d: &Self::T, s: f32);
+    /// y += b for every row; b is (1, cols).
+    fn add_bias(&self, y: &mut Self::T, b: &Self::T);
+    /// x *= s
+    fn scale(&self, x: &mut Self::T, s: f32);
+    /// y ⊙= x
+    fn mul(&self, y: &mut Self::T, x: &Self::T);
+    fn activate(&self, x: &mut Self::T, act: Activation);
+    fn layer_norm(&self, x: &Self::T, gamma: &Self::T, beta: Option<&Self::T>, eps: f32) -> Self::T;
+    fn rms_norm(&self, x: &Self::T, gamma: &Self::T, eps: f32) -> Self::T;
+    /// Rotary embedding, "rotate half" convention, on every head of x (rows, heads·head_dim), in place.
+    /// Row t is rotated by angle positions[t]·inv_freq[k] on its pairs (k, k + head_dim/2).
+    fn rope(&self, x: &mut Self::T, positions: &[u32], head_dim: usize, inv_freq: &[f32]);
+    /// q (rows, heads·d), k/v (rows, kv_heads·d) → (rows, heads·d); `seqs` partitions the rows.
+    fn attention(&self, q: &Self::T, k: &Self::T, v: &Self::T, spec: &AttentionSpec, seqs: &[Range<usize>]) -> Self::T;
+    /// wa · a[ar] + wb · b[br].
+    fn mix_rows(&self, a: &Self::T, ar: Range<usize>, wa: f32, b: &Self::T, br: Range<usize>, wb: f32) -> Self::T;
+    /// x[xr]ᵀ · y[yr]: (cols_x, cols_y), accumulated in f32, returned to the host.
+    fn gram(&self, x: &Self::T, xr: Range<usize>, y: &Self::T, yr: Range<usize>) -> Mat;
+    /// Σ x[rows]², accumulated in f64.
+    fn sq_norm(&self, x: &Self::T, rows: Range<usize>) -> f64;
+    /// Σ (a - b)², accumulated in f64.
+    fn sq_dist(&self, a: &Self::T, b: &Self::T) -> f64;
+
+    /// s · x[rows] · Aᵀ · Bᵀ: a LoRA delta's contribution, (n, out), never forming B·A.
+    fn lowrank(&self, x: &Self::T, rows: Range<usize>, a: &Self::T, b: &Self::T, s: f32) -> Self::T {
+        let t = self.matmul_t(x, rows, a);
+        let n = self.dims(&t).0;
+        let mut y = self.matmul_t(&t, 0..n, b);
+        if s != 1.0 {
+            self.scale(&mut y, s);
+        }
+        y
+    }
+}

@@ -1,0 +1,197 @@
+//! The command-line face: parse arguments, read the folders, call the merge, show progress and a
+//! summary, write the output folder atomically.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use iteris::backend::cpu::Cpu;
+use iteris::fsio;
+use iteris::merge::{pipeline, Options, Progress, Schedule};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "iteris", version, about = "Merge LoRA adapters with IterIS (CVPR 2025)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Merge two or more PEFT LoRA adapters of one base model into one adapter.
+    Merge(MergeArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScheduleArg {
+    Sweep,
+    Jacobi,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum BackendArg {
+    Cpu,
+    Gpu,
+    Auto,
+}
+
+#[derive(clap::Args)]
+struct MergeArgs {
+    /// Hugging Face model folder (config.json, tokenizer.json, model.safetensors or shards).
+    #[arg(long)]
+    base: PathBuf,
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors); repeat per adapter.
+    #[arg(long = "adapter", required = true)]
+    adapters: Vec<PathBuf>,
+    /// Calibration samples of the adapter given in the same position (.txt: one per line; .jsonl: "text").
+    #[arg(long = "samples", required = true)]
+    samples: Vec<PathBuf>,
+    /// Output folder for the merged adapter (written atomically).
+    #[arg(long)]
+    out: PathBuf,
+    /// sweep: exact fixed point in one pass (default); jacobi: the published schedule.
+    #[arg(long, value_enum, default_value = "sweep")]
+    schedule: ScheduleArg,
+    /// Solves in all for --schedule jacobi.
+    #[arg(long, default_value_t = 6)]
+    iters: usize,
+    /// Ridge on X_iᵀX̃_i, relative to its Frobenius norm.
+    #[arg(long, default_value_t = 1e-4)]
+    alpha1: f64,
+    /// Ridge on X̃_iᵀX̃_i, relative to its Frobenius norm.
+    #[arg(long, default_value_t = 1e-4)]
+    alpha2: f64,
+    /// Feature mixing of the released code: X̃ ← (1-ρ)X̃ + ρX.
+    #[arg(long, default_value_t = 0.0)]
+    rho: f32,
+    /// Tokens per sample (longer samples are truncated).
+    #[arg(long, default_value_t = 128)]
+    max_len: usize,
+    /// Reduce the merged adapter to this rank (default: lossless, rank = Σ r_i).
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Where the heavy work runs.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendArg,
+    /// Write the merged weights as F16 instead of F32.
+    #[arg(long)]
+    f16: bool,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Cmd::Merge(args) = cli.cmd;
+    match merge(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn merge(a: MergeArgs) -> iteris::Result<()> {
+    use iteris::error::bad_input;
+    if a.adapters.len() != a.samples.len() {
+        return Err(bad_input("arguments", format!("{} --adapter but {} --samples: give one samples file per adapter, in the same order", a.adapters.len(), a.samples.len())));
+    }
+    if a.adapters.len() < 2 {
+        return Err(bad_input("arguments", "give at least two --adapter/--samples pairs"));
+    }
+    if a.rank == Some(0) {
+        return Err(bad_input("--rank", "must be at least 1"));
+    }
+    if a.max_len == 0 {
+        return Err(bad_input("--max-len", "must be at least 1"));
+    }
+    for (k, v) in [("--alpha1", a.alpha1), ("--alpha2", a.alpha2)] {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(bad_input(k, "must be a non-negative number"));
+        }
+    }
+    if a.out.exists() && !a.force && std::fs::read_dir(&a.out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(bad_input(a.out.display(), "already exists and is not empty (pass --force to replace it)"));
+    }
+    match a.backend {
+        BackendArg::Gpu => return Err(iteris::Error::Unsupported("--backend gpu: the GPU backend is not available in this build; use --backend cpu".into())),
+        BackendArg::Auto => eprintln!("backend: cpu (auto: no GPU backend in this build)"),
+        BackendArg::Cpu => {}
+    }
+    let base = fsio::read_base(&a.base)?;
+    let tasks = a.adapters.iter().zip(&a.samples).map(|(ad, s)| fsio::read_task(ad, s)).collect::<iteris::Result<Vec<_>>>()?;
+    let opts = Options {
+        schedule: match a.schedule {
+            ScheduleArg::Sweep => Schedule::Sweep,
+            ScheduleArg::Jacobi => Schedule::Jacobi,
+        },
+        iters: a.iters,
+        alpha1: a.alpha1,
+        alpha2: a.alpha2,
+        rho: a.rho,
+        max_len: a.max_len,
+        rank: a.rank,
+    };
+
+    let mut bar: Option<ProgressBar> = None;
+    let mut progress = |p: Progress| match p {
+        Progress::Pass(k, n, label) => {
+            if let Some(b) = bar.take() {
+                b.finish();
+            }
+            let b = ProgressBar::new(0);
+            b.set_style(ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos}/{len} modules {elapsed}").unwrap().progress_chars("=> "));
+            b.set_prefix(format!("pass {k}/{n} {label}"));
+            bar = Some(b);
+        }
+        Progress::Modules(done, all) => {
+            if let Some(b) = &bar {
+                b.set_length(all as u64);
+                b.set_position(done as u64);
+            }
+        }
+    };
+    let r = pipeline::merge(&Cpu, &base, &tasks, &opts, a.f16, &mut progress)?;
+    if let Some(b) = bar.take() {
+        b.finish();
+    }
+    let report = serde_json::to_vec_pretty(&r.report).unwrap();
+    fsio::write_folder(
+        &a.out,
+        &[("adapter_config.json", &r.adapter_config), ("adapter_model.safetensors", &r.adapter_weights), ("merge_report.json", &report)],
+        a.force,
+    )?;
+
+    for w in &r.report.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!("\n{:<28} {:>8} {:>8} {:>10} {:>14}", "task (adapter)", "samples", "tokens", "truncated", "align error");
+    for t in &r.report.tasks {
+        println!("{:<28} {:>8} {:>8} {:>10} {:>14.3e}", shorten(&t.adapter, 28), t.samples, t.tokens, t.truncated_samples, t.mean_alignment_error);
+    }
+    let ranks: Vec<usize> = r.report.modules.iter().map(|m| m.rank).collect();
+    let min_energy = r.report.modules.iter().map(|m| m.energy_kept).fold(1.0, f64::min);
+    println!(
+        "\n{} modules merged ({}), rank {}..{}{}; backend {}; passes {:.2}s",
+        ranks.len(),
+        r.report.method,
+        ranks.iter().min().unwrap_or(&0),
+        ranks.iter().max().unwrap_or(&0),
+        if opts.rank.is_some() { format!(", lowest energy kept {min_energy:.4}") } else { String::new() },
+        r.report.backend,
+        r.report.timings_s.passes
+    );
+    if !r.report.jacobi_changes.is_empty() {
+        let c: Vec<String> = r.report.jacobi_changes.iter().map(|c| format!("{c:.2e}")).collect();
+        println!("jacobi: relative change between solves {}", c.join(" → "));
+    }
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn shorten(s: &str, n: usize) -> String {
+    let c: Vec<char> = s.chars().collect();
+    if c.len() <= n { s.to_string() } else { format!("…{}", c[c.len() - n + 1..].iter().collect::<String>()) }
+}

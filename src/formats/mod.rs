@@ -1,0 +1,8 @@
+//! File formats. Nothing here knows a model architecture: these modules turn bytes into checked,
+//! typed values (tensors, configs, token ids) and back.
+
+pub mod hf_config;
+pub mod peft;
+pub mod safetensors;
+pub mod samples;
+pub mod tokenizer;

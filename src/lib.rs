@@ -1,0 +1,16 @@
+//! iteris: merge LoRA adapters with IterIS (Chen et al., CVPR 2025).
+//!
+//! Layers, each knowing only the ones below it (see ARCHITECTURE.md):
+//! `formats` (files) → `backend` (tensor ops: CPU, GPU) → `models` (forward passes over the backend
+//! interface) → `merge` (IterIS schedules, solve, export, report) → faces (CLI, wasm bindings).
+
+pub mod backend;
+pub mod error;
+pub mod formats;
+pub mod mat;
+pub mod merge;
+pub mod models;
+
+pub use error::{Error, Result};
+#[cfg(not(target_arch = "wasm32"))]
+pub mod fsio;

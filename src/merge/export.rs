@@ -1,0 +1,102 @@
+//! Export the merged deltas as a PEFT LoRA adapter that Hugging Face PEFT loads unmodified.
+//!
+//! Lossless: ΔW* = B*·A* with B* = [B_1 … B_N], rank Σr, scale 1 (lora_alpha = r everywhere).
+//! Reduced (`rank`): thin QR of B* and of A*ᵀ, SVD of the small (Σr × Σr) core R_B R_Aᵀ, keep the
+//! top singular triplets, and report the Frobenius energy kept. No (out × in) matrix is ever formed.
+
+use super::iteris::Target;
+use super::solve::{to_f64, to_mat, Merged};
+use crate::error::Result;
+use crate::formats::peft::{Adapter, KEY_PREFIX};
+use crate::mat::Mat;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+
+/// Reduce one merged delta to at most `rank`; returns it and the fraction of ‖ΔW*‖²_F kept.
+pub fn reduce_rank(m: &Merged, rank: usize) -> (Merged, f64) {
+    let r_in = m.rank();
+    if rank >= r_in {
+        return (m.clone(), 1.0);
+    }
+    let qr_b = to_f64(&m.b).qr();
+    let qr_a = to_f64(&m.a).transpose().qr();
+    let (qb, rb) = (qr_b.q(), qr_b.r());
+    let (qa, ra) = (qr_a.q(), qr_a.r());
+    let core = rb * ra.transpose();
+    let svd = core.svd(true, true);
+    let (u, vt, s) = (svd.u.unwrap(), svd.v_t.unwrap(), svd.singular_values);
+    // nalgebra does not promise sorted singular values: order them.
+    let mut order: Vec<usize> = (0..s.len()).collect();
+    order.sort_by(|&i, &j| s[j].partial_cmp(&s[i]).unwrap());
+    let total: f64 = s.iter().map(|v| v * v).sum();
+    let keep = &order[..rank];
+    let kept: f64 = keep.iter().map(|&i| s[i] * s[i]).sum();
+    let mut us = nalgebra::DMatrix::<f64>::zeros(u.nrows(), rank);
+    let mut sv = nalgebra::DMatrix::<f64>::zeros(rank, vt.ncols());
+    for (k, &i) in keep.iter().enumerate() {
+        let root = s[i].sqrt();
+        us.set_column(k, &(u.column(i) * root));
+        sv.set_row(k, &(vt.row(i) * root));
+    }
+    let b = qb * us;
+    let a = sv * qa.transpose();
+    (Merged { a: to_mat(&a), b: to_mat(&b) }, if total > 0.0 { kept / total } else { 1.0 })
+}
+
+/// The files of the merged adapter folder: name → bytes.
+pub struct AdapterFiles {
+    pub config: Vec<u8>,
+    pub weights: Vec<u8>,
+}
+
+/// Build `adapter_config.json` and `adapter_model.safetensors` for `deltas` (one per target).
+pub fn adapter_files(targets: &[Target], deltas: &[Merged], first: &Adapter, fan_in_fan_out: bool, f16: bool) -> Result<AdapterFiles> {
+    let mut tensors = BTreeMap::new();
+    for (t, d) in targets.iter().zip(deltas) {
+        tensors.insert(format!("{KEY_PREFIX}{}.lora_A.weight", t.path), d.a.clone());
+        tensors.insert(format!("{KEY_PREFIX}{}.lora_B.weight", t.path), d.b.clone());
+    }
+    let weights = crate::formats::safetensors::write(&tensors, f16, None)?;
+
+    // The most common rank is `r`; the others go to rank_pattern, with alpha_pattern keeping every
+    // module's scale at exactly 1. Patterns are full module paths, anchored, dots escaped.
+    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+    for d in deltas {
+        *counts.entry(d.rank()).or_default() += 1;
+    }
+    let r = counts.iter().max_by_key(|(r, n)| (**n, **r)).map(|(r, _)| *r).unwrap_or(1);
+    let mut rank_pattern = Map::new();
+    let mut alpha_pattern = Map::new();
+    for (t, d) in targets.iter().zip(deltas) {
+        if d.rank() != r {
+            let key = regex::escape(&t.path);
+            rank_pattern.insert(key.clone(), json!(d.rank()));
+            alpha_pattern.insert(key, json!(d.rank()));
+        }
+    }
+    let cfg = |k: &str| first.config.get(k).cloned().unwrap_or(Value::Null);
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": cfg("task_type"),
+        "base_model_name_or_path": cfg("base_model_name_or_path"),
+        "r": r,
+        "lora_alpha": r,
+        "target_modules": targets.iter().map(|t| t.path.clone()).collect::<Vec<_>>(),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "use_rslora": false,
+        "use_dora": false,
+        "lora_dropout": 0.0,
+        "modules_to_save": null,
+        "init_lora_weights": true,
+        "inference_mode": true,
+    });
+    Ok(AdapterFiles { config: serde_json::to_vec_pretty(&config).unwrap(), weights })
+}
+
+/// Dense ΔW* (out, in) of a merged delta: for tests and small checks only.
+pub fn dense(m: &Merged) -> Mat {
+    to_mat(&(to_f64(&m.b) * to_f64(&m.a)))
+}

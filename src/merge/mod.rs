@@ -1,0 +1,262 @@
+//! The merge: map adapters onto the model, tokenize samples, run IterIS (sweep or Jacobi), export.
+//! Knows models and backends only through their traits.
+
+pub mod export;
+pub mod iteris;
+pub mod pipeline;
+pub mod report;
+pub mod solve;
+
+use crate::backend::Backend;
+use crate::error::{bad_input, Error, Result};
+use crate::formats::peft::Adapter;
+use crate::formats::tokenizer::TextTokenizer;
+use crate::models::{self, Batch, Model, Output, Stream};
+use iteris::{IterisHook, Mode, ModuleRecord, Target};
+use solve::Merged;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// Exact fixed point in one pass over the stages (default).
+    Sweep,
+    /// The published schedule: full passes, every module solved from the previous pass's features.
+    Jacobi,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Options {
+    pub schedule: Schedule,
+    /// Solves in all (Jacobi only).
+    pub iters: usize,
+    pub alpha1: f64,
+    pub alpha2: f64,
+    /// Feature mixing ρ of the released code (0 = off).
+    pub rho: f32,
+    pub max_len: usize,
+    /// Reduce the exported adapter to this rank (None: lossless rank Σr).
+    pub rank: Option<usize>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { schedule: Schedule::Sweep, iters: 6, alpha1: 1e-4, alpha2: 1e-4, rho: 0.0, max_len: 128, rank: None }
+    }
+}
+
+/// One adapter and its calibration samples.
+pub struct TaskInput {
+    pub adapter: Adapter,
+    pub samples_name: String,
+    pub samples: Vec<String>,
+}
+
+/// Progress events for faces (CLI bars, the page).
+pub enum Progress<'a> {
+    /// A pass over the network begins: (pass index from 1, passes in all, label).
+    Pass(usize, usize, &'a str),
+    /// Modules done in the current pass, of all targeted modules.
+    Modules(usize, usize),
+}
+
+pub struct Outcome {
+    pub targets: Vec<Target>,
+    pub merged: Vec<Merged>,
+    pub records: Vec<ModuleRecord>,
+    /// Jacobi: relative change of the merged deltas between consecutive solves.
+    pub changes: Vec<f64>,
+    pub warnings: Vec<String>,
+    pub tokens: Vec<usize>,
+    pub samples: Vec<usize>,
+    pub seconds_passes: f64,
+}
+
+/// Match every adapter module to a model module. An adapter path matches a model module name when it
+/// equals it or ends with `.` + name (the class prefix differs between checkpoints); anything else is
+/// refused with the adapter's name.
+pub fn map_targets(modules: &[models::ModuleInfo], adapters: &[&Adapter], model_type: &str, fan_in_fan_out: bool) -> Result<Vec<Target>> {
+    let mut targets: Vec<Target> = Vec::new();
+    for (ai, ad) in adapters.iter().enumerate() {
+        if ad.fan_in_fan_out() && !fan_in_fan_out {
+            return Err(bad_input(&ad.name, format!("adapter_config.json says fan_in_fan_out: true, but {model_type} stores weights as (out, in): is this adapter for another architecture?")));
+        }
+        for l in &ad.modules {
+            let hits: Vec<&models::ModuleInfo> =
+                modules.iter().filter(|m| l.path == m.name || l.path.ends_with(&format!(".{}", m.name))).collect();
+            let m = match hits.as_slice() {
+                [m] => *m,
+                [] => {
+                    return Err(bad_input(
+                        &ad.name,
+                        format!("targets module '{}', which the base model ({model_type}) does not have: is this adapter for another model?", l.path),
+                    ))
+                }
+                _ => return Err(bad_input(&ad.name, format!("module '{}' matches several modules of the base model: ambiguous", l.path))),
+            };
+            if l.a.cols != m.in_dim || l.b.rows != m.out_dim {
+                return Err(bad_input(
+                    &ad.name,
+                    format!(
+                        "module '{}': LoRA maps {} → {} features but the base model's {} maps {} → {}: wrong base model?",
+                        l.path, l.a.cols, l.b.rows, m.name, m.in_dim, m.out_dim
+                    ),
+                ));
+            }
+            let t = match targets.iter().position(|t| t.name == m.name) {
+                Some(t) => t,
+                None => {
+                    targets.push(Target { name: m.name.clone(), path: l.path.clone(), out_dim: m.out_dim, in_dim: m.in_dim, loras: vec![None; adapters.len()] });
+                    targets.len() - 1
+                }
+            };
+            if targets[t].loras[ai].is_some() {
+                return Err(bad_input(&ad.name, format!("targets module '{}' twice", m.name)));
+            }
+            targets[t].loras[ai] = Some(l.clone());
+        }
+    }
+    // Forward order, so progress and reports read top to bottom.
+    let order = |n: &str| modules.iter().position(|m| m.name == n).unwrap();
+    targets.sort_by_key(|t| order(&t.name));
+    Ok(targets)
+}
+
+/// Tokenize each sample, truncated to `max_len` (and to the model's positions); says how many were cut.
+pub fn tokenize(tok: &TextTokenizer, samples: &[String], max_len: usize, vocab: Option<usize>, file: &str) -> Result<(Vec<Vec<u32>>, usize)> {
+    let mut out = Vec::with_capacity(samples.len());
+    let mut cut = 0;
+    for s in samples {
+        let e = tok.encode(s, max_len)?;
+        if e.ids.is_empty() {
+            continue;
+        }
+        if let Some(v) = vocab {
+            if let Some(bad) = e.ids.iter().find(|&&i| i as usize >= v) {
+                return Err(bad_input(file, format!("a sample tokenizes to id {bad}, beyond the model's vocabulary of {v}: tokenizer.json does not belong to this model")));
+            }
+        }
+        cut += e.truncated as usize;
+        out.push(e.ids);
+    }
+    if out.is_empty() {
+        return Err(bad_input(file, "no sample produced any token"));
+    }
+    Ok((out, cut))
+}
+
+/// Run IterIS. `ids[i]` are task i's tokenized samples.
+pub fn iteris<B: Backend>(
+    be: &B,
+    model: &dyn Model<B>,
+    targets: Vec<Target>,
+    ids: &[Vec<Vec<u32>>],
+    opts: &Options,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Outcome> {
+    if ids.len() < 2 {
+        return Err(Error::Unsupported("merging needs at least two adapters".into()));
+    }
+    if opts.schedule == Schedule::Jacobi && opts.iters == 0 {
+        return Err(bad_input("--iters", "must be at least 1"));
+    }
+    let t0 = now();
+    let batch = |with_merged: bool| {
+        let mut b = Batch::default();
+        for (i, s) in ids.iter().enumerate() {
+            b.push_group(i, Stream::Adapter(i), s);
+            if with_merged {
+                b.push_group(i, Stream::Merged, s);
+            }
+        }
+        b
+    };
+    let both = batch(true);
+    let passes = match opts.schedule {
+        Schedule::Sweep => 1,
+        Schedule::Jacobi => opts.iters + 1,
+    };
+    let mut changes = Vec::new();
+    let records;
+    let merged: Vec<Merged>;
+    {
+        let pass_progress = std::cell::RefCell::new(&mut *progress);
+        let on_stage = Box::new(|done: usize, all: usize| (pass_progress.borrow_mut())(Progress::Modules(done, all)));
+        let mut hook = IterisHook::new(be, &targets, opts.alpha1, opts.alpha2, opts.rho, on_stage);
+        let announce = |k: usize, label: &str| (pass_progress.borrow_mut())(Progress::Pass(k, passes, label));
+        match opts.schedule {
+            Schedule::Sweep => {
+                announce(1, "sweep");
+                hook.begin_pass(be, Mode::Sweep, false);
+                models::run(model, be, &both, &mut hook, Output::Nothing)?;
+            }
+            Schedule::Jacobi => {
+                // Solve 1: X̃ = X (RegMean with ridge and adaptive weights); the merged stream is not run.
+                announce(1, "jacobi solve 1");
+                hook.begin_pass(be, Mode::Jacobi, false);
+                models::run(model, be, &batch(false), &mut hook, Output::Nothing)?;
+                for k in 2..=opts.iters {
+                    announce(k, &format!("jacobi solve {k}"));
+                    hook.begin_pass(be, Mode::Jacobi, true);
+                    models::run(model, be, &both, &mut hook, Output::Nothing)?;
+                    changes.push(relative_change(&hook.merged, &hook.solved));
+                }
+                // One more pass measures the final deltas on their own features.
+                announce(passes, "evaluate");
+                hook.begin_pass(be, Mode::Evaluate, true);
+                models::run(model, be, &both, &mut hook, Output::Nothing)?;
+            }
+        }
+        records = hook.records.clone();
+        merged = hook.merged.iter().cloned().map(|m| m.expect("every target was solved")).collect();
+    }
+    let mut warnings = Vec::new();
+    for (t, r) in targets.iter().zip(&records) {
+        for (i, &n) in r.rows.iter().enumerate() {
+            if n < t.in_dim && opts.alpha2 < 1e-5 {
+                warnings.push(format!(
+                    "task {} has {n} token rows at {} (input width {}), and the ridge alpha2={:e} is weak: the solve is ill-conditioned; use more samples or alpha ≈ 1e-4",
+                    i + 1, t.name, t.in_dim, opts.alpha2
+                ));
+                break;
+            }
+        }
+    }
+    warnings.dedup_by(|a, b| a.split(" at ").next() == b.split(" at ").next());
+    Ok(Outcome {
+        merged,
+        records,
+        changes,
+        warnings,
+        tokens: ids.iter().map(|s| s.iter().map(Vec::len).sum()).collect(),
+        samples: ids.iter().map(Vec::len).collect(),
+        seconds_passes: now() - t0,
+        targets,
+    })
+}
+
+/// ‖ΔW_new − ΔW_old‖ / ‖ΔW_new‖ over all modules. Both share B* = [B_1 … B_N], so the
+/// difference is B*(A_new − A_old), measured through the small Gram B*ᵀB*.
+fn relative_change(old: &[Option<Merged>], new: &[Option<Merged>]) -> f64 {
+    let (mut num, mut den) = (0.0, 0.0);
+    for (o, n) in old.iter().zip(new) {
+        let (Some(o), Some(n)) = (o, n) else { continue };
+        let bb = solve::to_f64(&n.b);
+        let btb = bb.transpose() * &bb;
+        let an = solve::to_f64(&n.a);
+        let d = &an - solve::to_f64(&o.a);
+        num += (&btb * &d).component_mul(&d).sum();
+        den += (&btb * &an).component_mul(&an).sum();
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+/// Seconds since an arbitrary origin (wall clock where there is one).
+pub fn now() -> f64 {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use std::time::{SystemTime, UNIX_EPOCH};
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    }
+    #[cfg(target_arch = "wasm32")]
+    0.0
+}

@@ -1,0 +1,104 @@
+//! From checked inputs to the merged adapter's files: the one entry point the CLI, the tests and
+//! (later) the wasm bindings call.
+
+use super::export::{adapter_files, reduce_rank};
+use super::report::{module_reports, task_means, Report, TaskReport, Timings};
+use super::{iteris, map_targets, now, tokenize, Options, Progress, TaskInput};
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::formats::hf_config::HfConfig;
+use crate::formats::safetensors::TensorStore;
+use crate::formats::tokenizer::TextTokenizer;
+use crate::models;
+
+/// A base model folder, parsed.
+pub struct BaseInputs {
+    pub config: HfConfig,
+    pub weights: TensorStore,
+    pub tokenizer: TextTokenizer,
+}
+
+/// Everything a merge produces.
+pub struct MergeResult {
+    pub adapter_config: Vec<u8>,
+    pub adapter_weights: Vec<u8>,
+    pub report: Report,
+    pub outcome: super::Outcome,
+}
+
+pub fn merge<B: Backend + 'static>(
+    be: &B,
+    base: &BaseInputs,
+    tasks: &[TaskInput],
+    opts: &Options,
+    f16_out: bool,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<MergeResult> {
+    let mut timings = Timings::default();
+    let t = now();
+    let model = models::load(be, &base.config, &base.weights)?;
+    let adapters: Vec<_> = tasks.iter().map(|t| &t.adapter).collect();
+    let targets = map_targets(&model.modules(), &adapters, model.model_type(), model.fan_in_fan_out())?;
+    timings.load = now() - t;
+
+    let t = now();
+    let max_len = opts.max_len.min(model.max_positions());
+    let mut warnings = Vec::new();
+    if opts.max_len > model.max_positions() {
+        warnings.push(format!("--max-len {} exceeds the model's {} positions: samples are cut to {}", opts.max_len, model.max_positions(), max_len));
+    }
+    let vocab = base.config.usize_opt("vocab_size")?;
+    let mut ids = Vec::new();
+    let mut cut = Vec::new();
+    for task in tasks {
+        let (s, c) = tokenize(&base.tokenizer, &task.samples, max_len, vocab, &task.samples_name)?;
+        if c > 0 {
+            warnings.push(format!("{}: {c} of {} samples were longer than {max_len} tokens and were truncated", task.samples_name, s.len()));
+        }
+        ids.push(s);
+        cut.push(c);
+    }
+    timings.tokenize = now() - t;
+
+    let outcome = iteris(be, model.as_ref(), targets, &ids, opts, progress)?;
+    timings.passes = outcome.seconds_passes;
+
+    let t = now();
+    let (deltas, energy): (Vec<_>, Vec<_>) = outcome
+        .merged
+        .iter()
+        .map(|m| match opts.rank {
+            Some(r) => reduce_rank(m, r),
+            None => (m.clone(), 1.0),
+        })
+        .unzip();
+    let files = adapter_files(&outcome.targets, &deltas, &tasks[0].adapter, model.fan_in_fan_out(), f16_out)?;
+    timings.export = now() - t;
+
+    let means = task_means(&outcome.records, tasks.len());
+    warnings.extend(outcome.warnings.iter().cloned());
+    let report = Report {
+        tool: format!("iteris {}", env!("CARGO_PKG_VERSION")),
+        method: format!("iteris-{}", match opts.schedule { super::Schedule::Sweep => "sweep", super::Schedule::Jacobi => "jacobi" }),
+        options: opts.clone(),
+        backend: be.name(),
+        model_type: model.model_type().to_string(),
+        tasks: tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| TaskReport {
+                adapter: t.adapter.name.clone(),
+                samples_file: t.samples_name.clone(),
+                samples: outcome.samples[i],
+                tokens: outcome.tokens[i],
+                truncated_samples: cut[i],
+                mean_alignment_error: means[i],
+            })
+            .collect(),
+        modules: module_reports(&outcome, &deltas.iter().map(|d| d.rank()).collect::<Vec<_>>(), &energy),
+        jacobi_changes: outcome.changes.clone(),
+        warnings,
+        timings_s: timings,
+    };
+    Ok(MergeResult { adapter_config: files.config, adapter_weights: files.weights, report, outcome })
+}

@@ -1,0 +1,80 @@
+//! `merge_report.json`: what ran, with which settings, how long it took, and how well each module's
+//! merged delta reproduces each adapter on its own task.
+
+use super::iteris::ModuleRecord;
+use super::{Options, Outcome};
+use serde::Serialize;
+
+#[derive(Serialize)]
+pub struct ModuleReport {
+    pub module: String,
+    pub path: String,
+    pub rank: usize,
+    /// Fraction of ‖ΔW*‖²_F kept by `--rank` (1 when lossless).
+    pub energy_kept: f64,
+    pub solve_path: Option<super::solve::SolvePath>,
+    pub adaptive_weights: Vec<f64>,
+    /// ‖X_i ΔW_iᵀ − X̃_i ΔW*ᵀ‖ / ‖X_i ΔW_iᵀ‖ per task; null where task i's adapter does not target the module.
+    pub alignment_error: Vec<Option<f64>>,
+}
+
+#[derive(Serialize)]
+pub struct TaskReport {
+    pub adapter: String,
+    pub samples_file: String,
+    pub samples: usize,
+    pub tokens: usize,
+    pub truncated_samples: usize,
+    /// Mean relative alignment error over the modules the adapter targets.
+    pub mean_alignment_error: f64,
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    pub tool: String,
+    pub method: String,
+    pub options: Options,
+    pub backend: String,
+    pub model_type: String,
+    pub tasks: Vec<TaskReport>,
+    pub modules: Vec<ModuleReport>,
+    /// Jacobi: relative change of the merged deltas between consecutive solves.
+    pub jacobi_changes: Vec<f64>,
+    pub warnings: Vec<String>,
+    pub timings_s: Timings,
+}
+
+#[derive(Serialize, Default)]
+pub struct Timings {
+    pub load: f64,
+    pub tokenize: f64,
+    pub passes: f64,
+    pub export: f64,
+}
+
+/// Mean over modules of each task's alignment error.
+pub fn task_means(records: &[ModuleRecord], tasks: usize) -> Vec<f64> {
+    (0..tasks)
+        .map(|i| {
+            let v: Vec<f64> = records.iter().filter_map(|r| r.align.get(i).copied().flatten()).collect();
+            if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 }
+        })
+        .collect()
+}
+
+pub fn module_reports(out: &Outcome, ranks: &[usize], energy: &[f64]) -> Vec<ModuleReport> {
+    out.targets
+        .iter()
+        .zip(&out.records)
+        .enumerate()
+        .map(|(k, (t, r))| ModuleReport {
+            module: t.name.clone(),
+            path: t.path.clone(),
+            rank: ranks[k],
+            energy_kept: energy[k],
+            solve_path: r.solve_path,
+            adaptive_weights: r.c.clone(),
+            alignment_error: r.align.clone(),
+        })
+        .collect()
+}

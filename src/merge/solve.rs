@@ -1,0 +1,120 @@
+//! The IterIS solve for one module, in f64 on the CPU (DESIGN.md §2):
+//!
+//!   C_i = X_iᵀ X̃_i + α1 ‖X_iᵀ X̃_i‖_F I,   G_i = X̃_iᵀ X̃_i + α2 ‖X̃_iᵀ X̃_i‖_F I,
+//!   ΔW* = (Σ_i c_i ΔW_i C_i)(Σ_i c_i G_i)⁻¹ = Σ_i B_i [c_i s_i A_i C_i M⁻¹],  M = Σ_i c_i G_i.
+//!
+//! So ΔW* is exactly a LoRA with B* = [B_1 … B_N] and A* stacked from the brackets: we solve
+//! M A*ᵀ = Zᵀ for the (Σr × in) right-hand side Z and never form an (out × in) matrix.
+
+use crate::error::{Error, Result};
+use crate::formats::peft::LoraModule;
+use crate::mat::Mat;
+use nalgebra::DMatrix;
+
+/// One task's statistics at one module.
+pub struct TaskStats<'a> {
+    /// X_iᵀ X̃_i, (in, in), without ridge.
+    pub cross: &'a Mat,
+    /// X̃_iᵀ X̃_i, (in, in), without ridge.
+    pub gram: &'a Mat,
+    /// Adaptive weight c_i.
+    pub c: f64,
+    /// The task's LoRA at this module, if its adapter targets it.
+    pub lora: Option<&'a LoraModule>,
+}
+
+/// How the linear system was solved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SolvePath {
+    /// f64 Cholesky on the CPU.
+    CholeskyF64,
+    /// f64 LU with partial pivoting, after Cholesky found M not positive definite.
+    LuF64,
+}
+
+/// The merged LoRA of one module: ΔW* = b · a, scale 1.
+#[derive(Clone, Debug)]
+pub struct Merged {
+    /// (R, in)
+    pub a: Mat,
+    /// (out, R)
+    pub b: Mat,
+}
+
+impl Merged {
+    pub fn rank(&self) -> usize {
+        self.a.rows
+    }
+}
+
+pub fn to_f64(m: &Mat) -> DMatrix<f64> {
+    DMatrix::from_row_iterator(m.rows, m.cols, m.data.iter().map(|&v| v as f64))
+}
+
+pub fn to_mat(m: &DMatrix<f64>) -> Mat {
+    let mut data = Vec::with_capacity(m.len());
+    for r in 0..m.nrows() {
+        for c in 0..m.ncols() {
+            data.push(m[(r, c)] as f32);
+        }
+    }
+    Mat::new(m.nrows(), m.ncols(), data)
+}
+
+pub fn solve(module: &str, tasks: &[TaskStats], alpha1: f64, alpha2: f64) -> Result<(Merged, SolvePath)> {
+    let n = tasks[0].gram.rows;
+    let mut m = DMatrix::<f64>::zeros(n, n);
+    let mut z_blocks: Vec<DMatrix<f64>> = Vec::new();
+    let mut b_blocks: Vec<&Mat> = Vec::new();
+    for t in tasks {
+        let g = to_f64(t.gram);
+        // The Gram is symmetric in exact arithmetic; f32 accumulation can leave it a hair off.
+        let g = (&g + g.transpose()) * 0.5;
+        let ridge = alpha2 * g.norm();
+        m += &g * t.c;
+        for i in 0..n {
+            m[(i, i)] += t.c * ridge;
+        }
+        if let Some(l) = t.lora {
+            let mut cm = to_f64(t.cross);
+            let ridge = alpha1 * cm.norm();
+            for i in 0..n {
+                cm[(i, i)] += ridge;
+            }
+            z_blocks.push(to_f64(&l.a) * cm * (t.c * l.scale as f64));
+            b_blocks.push(&l.b);
+        }
+    }
+    let rank: usize = z_blocks.iter().map(|z| z.nrows()).sum();
+    let mut zt = DMatrix::<f64>::zeros(n, rank);
+    let mut at = 0;
+    for z in &z_blocks {
+        zt.view_mut((0, at), (n, z.nrows())).copy_from(&z.transpose());
+        at += z.nrows();
+    }
+    let (at_solved, path) = match m.clone().cholesky() {
+        Some(ch) => (ch.solve(&zt), SolvePath::CholeskyF64),
+        None => match m.lu().solve(&zt) {
+            Some(x) => (x, SolvePath::LuF64),
+            None => {
+                return Err(Error::Numeric(format!(
+                    "module {module}: the weighted Gram matrix is singular; raise --alpha2 (a ridge of 1e-4 is a safe start)"
+                )))
+            }
+        },
+    };
+    if at_solved.iter().any(|v| !v.is_finite()) {
+        return Err(Error::Numeric(format!("module {module}: the solve produced non-finite values; raise --alpha1/--alpha2")));
+    }
+    let out = b_blocks[0].rows;
+    let mut b = Mat::zeros(out, rank);
+    let mut col = 0;
+    for bb in &b_blocks {
+        for r in 0..out {
+            b.data[r * rank + col..r * rank + col + bb.cols].copy_from_slice(bb.row(r));
+        }
+        col += bb.cols;
+    }
+    Ok((Merged { a: to_mat(&at_solved.transpose()), b }, path))
+}

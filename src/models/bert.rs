@@ -1,0 +1,141 @@
+//! The BERT family (BERT, MiniLM): absolute positions, token type 0, post-LayerNorm blocks, GELU,
+//! bidirectional attention, and the pooler (`pooler.dense` + tanh on each sequence's first token).
+
+use super::{Level, Linear, Model, ModuleInfo, Output, Pass, WeightReader};
+use crate::backend::{Activation, AttentionSpec, Backend};
+use crate::error::{bad_input, Result};
+use crate::formats::hf_config::HfConfig;
+use crate::formats::safetensors::TensorStore;
+
+struct Layer<T> {
+    query: Linear<T>,
+    key: Linear<T>,
+    value: Linear<T>,
+    attn_out: Linear<T>,
+    attn_norm: (T, Option<T>),
+    intermediate: Linear<T>,
+    output: Linear<T>,
+    out_norm: (T, Option<T>),
+}
+
+pub struct Bert<T> {
+    d: usize,
+    ff: usize,
+    max_pos: usize,
+    eps: f32,
+    act: Activation,
+    attn: AttentionSpec,
+    word: T,
+    position: T,
+    /// Token type 0's embedding, (1, d): every sample is one segment.
+    token_type0: T,
+    emb_norm: (T, Option<T>),
+    layers: Vec<Layer<T>>,
+    pooler: Option<Linear<T>>,
+}
+
+impl<B: Backend> Model<B> for Bert<B::T> {
+    fn model_type(&self) -> &str {
+        "bert"
+    }
+
+    fn modules(&self) -> Vec<ModuleInfo> {
+        let (d, ff) = (self.d, self.ff);
+        let mut out = Vec::new();
+        for l in &self.layers {
+            for (m, o, i) in [(&l.query, d, d), (&l.key, d, d), (&l.value, d, d), (&l.attn_out, d, d), (&l.intermediate, ff, d), (&l.output, d, ff)] {
+                out.push(ModuleInfo { name: m.name.clone(), out_dim: o, in_dim: i });
+            }
+        }
+        if let Some(p) = &self.pooler {
+            out.push(ModuleInfo { name: p.name.clone(), out_dim: d, in_dim: d });
+        }
+        out
+    }
+
+    fn max_positions(&self) -> usize {
+        self.max_pos
+    }
+
+    fn forward(&self, pass: &mut Pass<B>) -> Result<Option<B::T>> {
+        let (be, batch) = (pass.be, pass.batch);
+        let n = batch.tokens();
+        let mut e = be.select_rows(&self.word, &batch.ids);
+        let pos = be.select_rows(&self.position, &batch.positions);
+        be.add_rows(&mut e, 0..n, &pos, 1.0);
+        be.add_bias(&mut e, &self.token_type0);
+        let mut h = be.layer_norm(&e, &self.emb_norm.0, self.emb_norm.1.as_ref(), self.eps);
+        for l in &self.layers {
+            let mut qkv = pass.project(&h, Level::Tokens, &[l.query.r(), l.key.r(), l.value.r()])?;
+            let (v, k, q) = (qkv.pop().unwrap(), qkv.pop().unwrap(), qkv.pop().unwrap());
+            let a = be.attention(&q, &k, &v, &self.attn, &batch.seqs);
+            let mut o = pass.project1(&a, l.attn_out.r())?;
+            be.add_rows(&mut o, 0..n, &h, 1.0);
+            h = be.layer_norm(&o, &l.attn_norm.0, l.attn_norm.1.as_ref(), self.eps);
+            let mut f = pass.project1(&h, l.intermediate.r())?;
+            be.activate(&mut f, self.act);
+            let mut o = pass.project1(&f, l.output.r())?;
+            be.add_rows(&mut o, 0..n, &h, 1.0);
+            h = be.layer_norm(&o, &l.out_norm.0, l.out_norm.1.as_ref(), self.eps);
+        }
+        if let Some(p) = &self.pooler {
+            let first = be.select_rows(&h, &batch.first_tokens());
+            let mut pooled = pass.project(&first, Level::Sequences, &[p.r()])?.pop().unwrap();
+            be.activate(&mut pooled, Activation::Tanh);
+        }
+        Ok((pass.output != Output::Nothing).then_some(h))
+    }
+}
+
+impl<T> Bert<T> {
+    pub fn load<B: Backend<T = T>>(be: &B, c: &HfConfig, store: &TensorStore) -> Result<Bert<T>> {
+        let d = c.usize("hidden_size")?;
+        let heads = c.usize("num_attention_heads")?;
+        let layers_n = c.usize("num_hidden_layers")?;
+        let ff = c.usize("intermediate_size")?;
+        let vocab = c.usize("vocab_size")?;
+        let max_pos = c.usize_or("max_position_embeddings", 512)?;
+        let types = c.usize_or("type_vocab_size", 2)?;
+        let pet = c.str_or("position_embedding_type", "absolute");
+        if pet != "absolute" {
+            return Err(bad_input(&c.file, format!("position_embedding_type \"{pet}\" is not supported (only absolute)")));
+        }
+        if heads == 0 || d % heads != 0 {
+            return Err(bad_input(&c.file, format!("hidden_size {d} is not a multiple of num_attention_heads {heads}")));
+        }
+        let act_name = c.str_or("hidden_act", "gelu");
+        let act = Activation::from_hf(&act_name).ok_or_else(|| bad_input(&c.file, format!("hidden_act \"{act_name}\" is not supported")))?;
+        let eps = c.f64_or("layer_norm_eps", 1e-12)? as f32;
+        let w = WeightReader::new(be, store, "embeddings.word_embeddings.weight", &["", "bert."], "BERT")?;
+        let mut layers = Vec::new();
+        for i in 0..layers_n {
+            let p = format!("encoder.layer.{i}");
+            layers.push(Layer {
+                query: w.linear(&format!("{p}.attention.self.query"), d, d, false)?,
+                key: w.linear(&format!("{p}.attention.self.key"), d, d, false)?,
+                value: w.linear(&format!("{p}.attention.self.value"), d, d, false)?,
+                attn_out: w.linear(&format!("{p}.attention.output.dense"), d, d, false)?,
+                attn_norm: w.norm(&format!("{p}.attention.output.LayerNorm"), d, true)?,
+                intermediate: w.linear(&format!("{p}.intermediate.dense"), d, ff, false)?,
+                output: w.linear(&format!("{p}.output.dense"), ff, d, false)?,
+                out_norm: w.norm(&format!("{p}.output.LayerNorm"), d, true)?,
+            });
+        }
+        let tt = w.mat("embeddings.token_type_embeddings.weight", (types, d))?;
+        let pooler = if w.has("pooler.dense.weight") { Some(w.linear("pooler.dense", d, d, false)?) } else { None };
+        Ok(Bert {
+            d,
+            ff,
+            max_pos,
+            eps,
+            act,
+            attn: AttentionSpec { heads, kv_heads: heads, head_dim: d / heads, causal: false, window: None, scale: 1.0 / ((d / heads) as f32).sqrt() },
+            word: w.tensor("embeddings.word_embeddings.weight", (vocab, d))?,
+            position: w.tensor("embeddings.position_embeddings.weight", (max_pos, d))?,
+            token_type0: be.upload(&crate::mat::Mat::new(1, d, tt.row(0).to_vec())),
+            emb_norm: w.norm("embeddings.LayerNorm", d, true)?,
+            layers,
+            pooler,
+        })
+    }
+}

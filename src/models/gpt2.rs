@@ -1,0 +1,142 @@
+//! GPT-2: learned positions, pre-LayerNorm blocks, fused q/k/v (`c_attn`), `Conv1D` weights stored
+//! (in, out), GELU (tanh), LM head tied to the token embedding.
+
+use super::{Level, Linear, LinearRef, Model, ModuleInfo, Output, Pass, WeightReader};
+use crate::backend::{Activation, AttentionSpec, Backend};
+use crate::error::{bad_input, Result};
+use crate::formats::hf_config::HfConfig;
+use crate::formats::safetensors::TensorStore;
+
+struct Block<T> {
+    ln_1: (T, Option<T>),
+    c_attn: Linear<T>,
+    c_proj: Linear<T>,
+    ln_2: (T, Option<T>),
+    c_fc: Linear<T>,
+    mlp_proj: Linear<T>,
+    attn: AttentionSpec,
+}
+
+pub struct Gpt2<T> {
+    d: usize,
+    ff: usize,
+    vocab: usize,
+    n_positions: usize,
+    eps: f32,
+    act: Activation,
+    wte: T,
+    wpe: T,
+    blocks: Vec<Block<T>>,
+    ln_f: (T, Option<T>),
+}
+
+impl<B: Backend> Model<B> for Gpt2<B::T> {
+    fn model_type(&self) -> &str {
+        "gpt2"
+    }
+
+    fn modules(&self) -> Vec<ModuleInfo> {
+        let (d, ff) = (self.d, self.ff);
+        let mut out = Vec::new();
+        for i in 0..self.blocks.len() {
+            out.push(ModuleInfo { name: format!("h.{i}.attn.c_attn"), out_dim: 3 * d, in_dim: d });
+            out.push(ModuleInfo { name: format!("h.{i}.attn.c_proj"), out_dim: d, in_dim: d });
+            out.push(ModuleInfo { name: format!("h.{i}.mlp.c_fc"), out_dim: ff, in_dim: d });
+            out.push(ModuleInfo { name: format!("h.{i}.mlp.c_proj"), out_dim: d, in_dim: ff });
+        }
+        out.push(ModuleInfo { name: "lm_head".into(), out_dim: self.vocab, in_dim: d });
+        out
+    }
+
+    fn max_positions(&self) -> usize {
+        self.n_positions
+    }
+
+    fn fan_in_fan_out(&self) -> bool {
+        true
+    }
+
+    fn forward(&self, pass: &mut Pass<B>) -> Result<Option<B::T>> {
+        let be = pass.be;
+        let batch = pass.batch;
+        let mut h = be.select_rows(&self.wte, &batch.ids);
+        let pos = be.select_rows(&self.wpe, &batch.positions);
+        be.add_rows(&mut h, 0..batch.tokens(), &pos, 1.0);
+        for b in &self.blocks {
+            let x = be.layer_norm(&h, &b.ln_1.0, b.ln_1.1.as_ref(), self.eps);
+            let qkv = pass.project1(&x, b.c_attn.r())?;
+            let n = batch.tokens();
+            let d = self.d;
+            let (q, k, v) = (be.slice_cols(&qkv, 0..d), be.slice_cols(&qkv, d..2 * d), be.slice_cols(&qkv, 2 * d..3 * d));
+            let a = be.attention(&q, &k, &v, &b.attn, &batch.seqs);
+            let o = pass.project1(&a, b.c_proj.r())?;
+            be.add_rows(&mut h, 0..n, &o, 1.0);
+            let x = be.layer_norm(&h, &b.ln_2.0, b.ln_2.1.as_ref(), self.eps);
+            let mut f = pass.project1(&x, b.c_fc.r())?;
+            be.activate(&mut f, self.act);
+            let o = pass.project1(&f, b.mlp_proj.r())?;
+            be.add_rows(&mut h, 0..n, &o, 1.0);
+        }
+        let h = be.layer_norm(&h, &self.ln_f.0, self.ln_f.1.as_ref(), self.eps);
+        match pass.output {
+            Output::Hidden => Ok(Some(h)),
+            _ => {
+                let head = LinearRef { name: "lm_head", w: &self.wte, b: None };
+                let logits = pass.project(&h, Level::Tokens, &[head])?.pop().unwrap();
+                Ok((pass.output == Output::Logits).then_some(logits))
+            }
+        }
+    }
+}
+
+
+impl<T> Gpt2<T> {
+    pub fn load<B: Backend<T = T>>(be: &B, c: &HfConfig, store: &TensorStore) -> Result<Gpt2<T>> {
+        let d = c.usize("n_embd")?;
+        let heads = c.usize("n_head")?;
+        let layers = c.usize("n_layer")?;
+        let vocab = c.usize("vocab_size")?;
+        let n_positions = c.usize_or("n_positions", 1024)?;
+        let ff = c.usize_opt("n_inner")?.unwrap_or(4 * d);
+        let act_name = c.str_or("activation_function", "gelu_new");
+        let act = Activation::from_hf(&act_name)
+            .ok_or_else(|| bad_input(&c.file, format!("activation_function \"{act_name}\" is not supported")))?;
+        if heads == 0 || d % heads != 0 {
+            return Err(bad_input(&c.file, format!("n_embd {d} is not a multiple of n_head {heads}")));
+        }
+        let hd = d / heads;
+        let scale_attn = c.bool_or("scale_attn_weights", true)?;
+        let by_layer = c.bool_or("scale_attn_by_inverse_layer_idx", false)?;
+        let eps = c.f64_or("layer_norm_epsilon", 1e-5)? as f32;
+        let w = WeightReader::new(be, store, "wte.weight", &["", "transformer."], "GPT-2")?;
+        let mut blocks = Vec::new();
+        for i in 0..layers {
+            let p = format!("h.{i}");
+            let mut scale = if scale_attn { 1.0 / (hd as f32).sqrt() } else { 1.0 };
+            if by_layer {
+                scale /= (i + 1) as f32;
+            }
+            blocks.push(Block {
+                ln_1: w.norm(&format!("{p}.ln_1"), d, true)?,
+                c_attn: w.linear(&format!("{p}.attn.c_attn"), d, 3 * d, true)?,
+                c_proj: w.linear(&format!("{p}.attn.c_proj"), d, d, true)?,
+                ln_2: w.norm(&format!("{p}.ln_2"), d, true)?,
+                c_fc: w.linear(&format!("{p}.mlp.c_fc"), d, ff, true)?,
+                mlp_proj: w.linear(&format!("{p}.mlp.c_proj"), ff, d, true)?,
+                attn: AttentionSpec { heads, kv_heads: heads, head_dim: hd, causal: true, window: None, scale },
+            });
+        }
+        Ok(Gpt2 {
+            d,
+            ff,
+            vocab,
+            n_positions,
+            eps,
+            act,
+            wte: w.tensor("wte.weight", (vocab, d))?,
+            wpe: w.tensor("wpe.weight", (n_positions, d))?,
+            blocks,
+            ln_f: w.norm("ln_f", d, true)?,
+        })
+    }
+}

@@ -1,0 +1,304 @@
+//! Transformer forward passes, one file per architecture, each written once over the `Backend`
+//! trait. The same forward serves feature collection, the IterIS sweep, the Jacobi schedule and
+//! evaluation: everything that differs between those lives in the `Hook` a pass is run with.
+//!
+//! A forward pass sends every linear layer through `Pass::project`, one call per *stage*: the modules
+//! of a stage read the same input (q/k/v; gate/up; …). The hook sees each stage's input and the base
+//! outputs `x · W0ᵀ`, adds whatever per-row-group deltas it wants, and may stop the pass once it has
+//! seen every module it needs.
+
+pub mod bert;
+pub mod gpt2;
+pub mod llama;
+
+use crate::backend::Backend;
+use crate::error::{bad_input, Error, Result};
+use crate::formats::hf_config::HfConfig;
+use crate::formats::safetensors::TensorStore;
+use crate::mat::Mat;
+use std::ops::Range;
+
+/// A linear layer y = x Wᵀ + b, W in linear orientation (out, in).
+pub struct Linear<T> {
+    /// Module path without the model class prefix, e.g. `h.0.attn.c_attn`.
+    pub name: String,
+    /// (out, in)
+    pub w: T,
+    /// (1, out)
+    pub b: Option<T>,
+}
+
+impl<T> Linear<T> {
+    pub fn r(&self) -> LinearRef<'_, T> {
+        LinearRef { name: &self.name, w: &self.w, b: self.b.as_ref() }
+    }
+}
+
+/// A borrowed linear layer (lets a tied LM head reuse the embedding table).
+#[derive(Clone, Copy)]
+pub struct LinearRef<'a, T> {
+    pub name: &'a str,
+    pub w: &'a T,
+    pub b: Option<&'a T>,
+}
+
+/// Shape of one linear module, for mapping adapter keys onto the model.
+#[derive(Clone, Debug)]
+pub struct ModuleInfo {
+    pub name: String,
+    pub out_dim: usize,
+    pub in_dim: usize,
+}
+
+/// Which weights a group of rows runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    /// The base model alone.
+    Base,
+    /// The base model with adapter i applied at every module it targets.
+    Adapter(usize),
+    /// The base model with the merged deltas.
+    Merged,
+}
+
+/// A contiguous run of sequences of one task, run with one set of weights.
+#[derive(Clone, Debug)]
+pub struct Group {
+    pub task: usize,
+    pub stream: Stream,
+    /// Indices into `Batch::seqs`.
+    pub seqs: Range<usize>,
+}
+
+/// Rows are tokens for most stages; a pooler reads one row per sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Tokens,
+    Sequences,
+}
+
+/// Every token of every sequence of every group, concatenated: one batched forward pass.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub ids: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// Token rows of each sequence.
+    pub seqs: Vec<Range<usize>>,
+    pub groups: Vec<Group>,
+}
+
+impl Batch {
+    /// Append the sequences `samples` as one group.
+    pub fn push_group(&mut self, task: usize, stream: Stream, samples: &[Vec<u32>]) {
+        let first = self.seqs.len();
+        for s in samples {
+            let start = self.ids.len();
+            self.ids.extend_from_slice(s);
+            self.positions.extend(0..s.len() as u32);
+            self.seqs.push(start..self.ids.len());
+        }
+        self.groups.push(Group { task, stream, seqs: first..self.seqs.len() });
+    }
+
+    /// Rows of group `g` at the given level.
+    pub fn rows(&self, g: usize, level: Level) -> Range<usize> {
+        let s = &self.groups[g].seqs;
+        match level {
+            Level::Sequences => s.clone(),
+            Level::Tokens if s.is_empty() => 0..0,
+            Level::Tokens => self.seqs[s.start].start..self.seqs[s.end - 1].end,
+        }
+    }
+
+    /// Row index of each sequence's first token.
+    pub fn first_tokens(&self) -> Vec<u32> {
+        self.seqs.iter().map(|s| s.start as u32).collect()
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// What a pass hands to its hook at each stage.
+pub struct StageInput<'a, B: Backend> {
+    pub batch: &'a Batch,
+    pub level: Level,
+    /// The stage's input, (rows, in).
+    pub x: &'a B::T,
+    pub mods: &'a [LinearRef<'a, B::T>],
+}
+
+pub trait Hook<B: Backend> {
+    /// `ys[j] = x · W0ᵀ` (bias not yet added) for `mods[j]`; add deltas in place.
+    fn stage(&mut self, be: &B, input: &StageInput<B>, ys: &mut [B::T]) -> Result<()>;
+    /// True once nothing further down the network is needed: the pass stops before the next stage.
+    fn finished(&self) -> bool {
+        false
+    }
+}
+
+/// A hook that changes nothing: the base model.
+pub struct NoHook;
+impl<B: Backend> Hook<B> for NoHook {
+    fn stage(&mut self, _: &B, _: &StageInput<B>, _: &mut [B::T]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What a forward pass returns once every layer has run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Nothing: the pass exists for what its hook sees.
+    Nothing,
+    /// The final hidden states (after the final norm for decoders).
+    Hidden,
+    /// Next-token logits (decoders only).
+    Logits,
+}
+
+/// One forward pass in progress.
+pub struct Pass<'a, B: Backend> {
+    pub be: &'a B,
+    pub batch: &'a Batch,
+    pub hook: &'a mut dyn Hook<B>,
+    pub output: Output,
+}
+
+impl<B: Backend> Pass<'_, B> {
+    /// Run the linear modules of one stage on `x` (all of them read it).
+    pub fn project(&mut self, x: &B::T, level: Level, mods: &[LinearRef<B::T>]) -> Result<Vec<B::T>> {
+        if self.hook.finished() {
+            return Err(Error::Stop);
+        }
+        let n = self.be.dims(x).0;
+        let mut ys: Vec<B::T> = mods.iter().map(|m| self.be.matmul_t(x, 0..n, m.w)).collect();
+        self.hook.stage(self.be, &StageInput { batch: self.batch, level, x, mods }, &mut ys)?;
+        for (y, m) in ys.iter_mut().zip(mods) {
+            if let Some(b) = m.b {
+                self.be.add_bias(y, b);
+            }
+        }
+        Ok(ys)
+    }
+
+    /// `project` for a stage of one module.
+    pub fn project1(&mut self, x: &B::T, m: LinearRef<B::T>) -> Result<B::T> {
+        Ok(self.project(x, Level::Tokens, &[m])?.pop().unwrap())
+    }
+}
+
+pub trait Model<B: Backend> {
+    /// The Hugging Face `model_type`.
+    fn model_type(&self) -> &str;
+    /// Every linear module the forward pass runs, in forward order.
+    fn modules(&self) -> Vec<ModuleInfo>;
+    /// Longest sequence the model accepts.
+    fn max_positions(&self) -> usize;
+    /// Whether the model stores linear weights as (in, out) (GPT-2 `Conv1D`); adapters for it
+    /// carry `fan_in_fan_out: true`.
+    fn fan_in_fan_out(&self) -> bool {
+        false
+    }
+    fn forward(&self, pass: &mut Pass<B>) -> Result<Option<B::T>>;
+}
+
+/// Run `model` on `batch` with `hook`. A pass its hook stopped early returns `None`.
+pub fn run<B: Backend>(model: &dyn Model<B>, be: &B, batch: &Batch, hook: &mut dyn Hook<B>, output: Output) -> Result<Option<B::T>> {
+    let mut pass = Pass { be, batch, hook, output };
+    match model.forward(&mut pass) {
+        Err(Error::Stop) => Ok(None),
+        r => r,
+    }
+}
+
+/// Load the model a `config.json` describes from its weights.
+pub fn load<B: Backend + 'static>(be: &B, config: &HfConfig, weights: &TensorStore) -> Result<Box<dyn Model<B>>> {
+    let mt = config.model_type()?;
+    Ok(match mt.as_str() {
+        "gpt2" => Box::new(gpt2::Gpt2::load(be, config, weights)?),
+        "llama" | "mistral" | "qwen2" => Box::new(llama::Llama::load(be, config, weights)?),
+        "bert" => Box::new(bert::Bert::load(be, config, weights)?),
+        other => {
+            return Err(bad_input(
+                &config.file,
+                format!("model_type \"{other}\" is not supported (supported: gpt2, llama, mistral, qwen2, bert)"),
+            ))
+        }
+    })
+}
+
+/// Reads weights by their path under the model class prefix (`transformer.`, `model.`, `bert.`, …),
+/// uploads them, and checks their shapes.
+pub struct WeightReader<'a, B: Backend> {
+    pub be: &'a B,
+    pub store: &'a TensorStore,
+    pub prefix: String,
+}
+
+impl<'a, B: Backend> WeightReader<'a, B> {
+    /// Find which of `prefixes` the checkpoint uses, by looking for `probe`.
+    pub fn new(be: &'a B, store: &'a TensorStore, probe: &str, prefixes: &[&str], arch: &str) -> Result<Self> {
+        let found: Vec<&&str> = prefixes.iter().filter(|p| store.contains(&format!("{p}{probe}"))).collect();
+        match found.as_slice() {
+            [p] => Ok(WeightReader { be, store, prefix: p.to_string() }),
+            [] => Err(bad_input(
+                store.files.first().map_or("model weights", |f| f.name.as_str()),
+                format!("has no '{probe}' (under any of the prefixes {prefixes:?}): not {arch} weights"),
+            )),
+            _ => Err(bad_input(
+                store.files.first().map_or("model weights", |f| f.name.as_str()),
+                format!("holds '{probe}' under several prefixes {found:?}: ambiguous"),
+            )),
+        }
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{}", self.prefix, name)
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.store.contains(&self.key(name))
+    }
+
+    /// A tensor as a host matrix; `shape` is checked ((1, n) for vectors).
+    pub fn mat(&self, name: &str, shape: (usize, usize)) -> Result<Mat> {
+        let key = self.key(name);
+        if !self.store.contains(&key) {
+            return Err(bad_input(self.store.files[0].name.as_str(), format!("missing tensor '{key}'")));
+        }
+        let m = self.store.mat(&key)?;
+        if m.shape() != shape {
+            return Err(bad_input(
+                self.store.file_of(&key),
+                format!("tensor '{key}' has shape {:?}, but config.json implies {:?}", m.shape(), shape),
+            ));
+        }
+        Ok(m)
+    }
+
+    pub fn tensor(&self, name: &str, shape: (usize, usize)) -> Result<B::T> {
+        Ok(self.be.upload(&self.mat(name, shape)?))
+    }
+
+    /// `name.weight` (and `name.bias` when present) as a linear layer of shape (out, in). With
+    /// `conv1d` the stored weight is (in, out), as in GPT-2, and is transposed here.
+    pub fn linear(&self, name: &str, in_dim: usize, out_dim: usize, conv1d: bool) -> Result<Linear<B::T>> {
+        let w = if conv1d {
+            self.mat(&format!("{name}.weight"), (in_dim, out_dim))?.transpose()
+        } else {
+            self.mat(&format!("{name}.weight"), (out_dim, in_dim))?
+        };
+        let bname = format!("{name}.bias");
+        let b = if self.has(&bname) { Some(self.tensor(&bname, (1, out_dim))?) } else { None };
+        Ok(Linear { name: name.to_string(), w: self.be.upload(&w), b })
+    }
+
+    /// A LayerNorm's (weight, bias), accepting the old `gamma`/`beta` names.
+    pub fn norm(&self, name: &str, dim: usize, bias: bool) -> Result<(B::T, Option<B::T>)> {
+        let (w, b) = if self.has(&format!("{name}.gamma")) { ("gamma", "beta") } else { ("weight", "bias") };
+        let g = self.tensor(&format!("{name}.{w}"), (1, dim))?;
+        let bb = if bias { Some(self.tensor(&format!("{name}.{b}"), (1, dim))?) } else { None };
+        Ok((g, bb))
+    }
+}

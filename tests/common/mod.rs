@@ -1,0 +1,56 @@
+#![allow(dead_code)]
+//! Shared test helpers: fixture paths, reading expected tensors, running merges.
+
+use iteris::backend::cpu::Cpu;
+use iteris::formats::safetensors::TensorFile;
+use iteris::fsio;
+use iteris::mat::Mat;
+use iteris::merge::{pipeline, Options, TaskInput};
+use std::path::{Path, PathBuf};
+
+pub const ARCHS: [&str; 5] = ["gpt2", "llama", "qwen2", "mistral", "bert"];
+
+pub fn fixture(arch: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(arch)
+}
+
+pub fn samples_path(arch: &str, i: usize) -> PathBuf {
+    let d = fixture(arch);
+    let txt = d.join(format!("samples{i}.txt"));
+    if txt.exists() { txt } else { d.join(format!("samples{i}.jsonl")) }
+}
+
+pub fn tasks(arch: &str) -> Vec<TaskInput> {
+    (0..3).map(|i| fsio::read_task(&fixture(arch).join(format!("adapter{i}")), &samples_path(arch, i)).unwrap()).collect()
+}
+
+pub fn expected(arch: &str, file: &str) -> TensorFile {
+    let p = fixture(arch).join(file);
+    TensorFile::parse(p.display().to_string(), std::fs::read(&p).unwrap()).unwrap()
+}
+
+pub fn merge(arch: &str, opts: &Options) -> pipeline::MergeResult {
+    let base = fsio::read_base(&fixture(arch).join("base")).unwrap();
+    pipeline::merge(&Cpu, &base, &tasks(arch), opts, false, &mut |_| {}).unwrap()
+}
+
+pub fn rel(a: &Mat, b: &Mat) -> f64 {
+    assert_eq!(a.shape(), b.shape());
+    iteris::mat::rel_err(&a.data, &b.data)
+}
+
+/// A fresh empty folder for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("iteris-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}

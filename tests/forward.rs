@@ -1,0 +1,66 @@
+//! Each architecture's forward pass against Hugging Face `transformers` (float64) on tiny random
+//! configs: the input of every linear module and the final output (logits, or BERT's last hidden
+//! state), with adapter 0 applied, to ≤1e-4 relative.
+
+mod common;
+use common::*;
+use iteris::backend::{cpu::Cpu, Backend};
+use iteris::fsio;
+use iteris::mat::Mat;
+use iteris::merge::{map_targets, tokenize};
+use iteris::models::{self, Batch, Hook, Output, StageInput, Stream};
+use std::collections::BTreeMap;
+
+/// Applies one adapter's deltas and records every stage input by module name.
+struct Recorder {
+    loras: BTreeMap<String, (Mat, Mat, f32)>,
+    seen: BTreeMap<String, Mat>,
+}
+
+impl Hook<Cpu> for Recorder {
+    fn stage(&mut self, be: &Cpu, input: &StageInput<Cpu>, ys: &mut [Mat]) -> iteris::Result<()> {
+        let n = input.x.rows;
+        for (m, y) in input.mods.iter().zip(ys.iter_mut()) {
+            self.seen.insert(m.name.to_string(), input.x.clone());
+            if let Some((a, b, s)) = self.loras.get(m.name) {
+                let d = be.lowrank(input.x, 0..n, a, b, *s);
+                be.add_rows(y, 0..n, &d, 1.0);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn forward_matches_transformers() {
+    for arch in ARCHS {
+        let base = fsio::read_base(&fixture(arch).join("base")).unwrap();
+        let model = models::load(&Cpu, &base.config, &base.weights).unwrap();
+        let task = &tasks(arch)[0];
+        let targets = map_targets(&model.modules(), &[&task.adapter], model.model_type(), model.fan_in_fan_out()).unwrap();
+        let loras = targets.iter().map(|t| {
+            let l = t.loras[0].as_ref().unwrap();
+            (t.name.clone(), (l.a.clone(), l.b.clone(), l.scale))
+        });
+        let mut hook = Recorder { loras: loras.collect(), seen: BTreeMap::new() };
+        let (ids, _) = tokenize(&base.tokenizer, &task.samples[..3], 128, None, "samples").unwrap();
+        let mut batch = Batch::default();
+        batch.push_group(0, Stream::Adapter(0), &ids);
+        let out = if arch == "bert" { Output::Hidden } else { Output::Logits };
+        let y = models::run(model.as_ref(), &Cpu, &batch, &mut hook, out).unwrap().unwrap();
+
+        let exp = expected(arch, "forward.safetensors");
+        let e = rel(&Cpu.download(&y), &exp.mat("output").unwrap());
+        assert!(e < 1e-4, "{arch}: output differs by {e:.2e}");
+        let mut checked = 0;
+        for key in exp.keys().filter(|k| k.starts_with("in.")) {
+            let name = &key[3..];
+            let got = hook.seen.get(name).unwrap_or_else(|| panic!("{arch}: module {name} never ran"));
+            let e = rel(got, &exp.mat(key).unwrap());
+            assert!(e < 1e-4, "{arch}: input of {name} differs by {e:.2e}");
+            checked += 1;
+        }
+        assert!(checked >= model.modules().len() - 1, "{arch}: only {checked} modules checked");
+        eprintln!("{arch}: output and {checked} module inputs match");
+    }
+}

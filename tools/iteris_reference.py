@@ -1,0 +1,113 @@
+"""An independent float64 IterIS reference (DESIGN.md §2), written densely and plainly: PEFT merges
+each adapter into its own copy of the base model, forward hooks collect the inputs of the targeted
+modules, and the solve is a dense float64 `torch.linalg.solve`. Shares no code with the Rust engine.
+
+The Jacobi schedule is `iters` solves; `iters=None` iterates to the fixed point (what the sweep
+computes in one pass)."""
+import json, os
+
+import torch
+import transformers
+from peft import PeftModel
+from safetensors import safe_open
+
+PREFIXES = ("transformer.", "model.", "bert.")
+
+
+def canonical(name):
+    for p in PREFIXES:
+        if name.startswith(p):
+            return name[len(p):]
+    return name
+
+
+def weight(mod):
+    """Weight in linear orientation (out, in)."""
+    if isinstance(mod, transformers.pytorch_utils.Conv1D):
+        return mod.weight.T
+    return mod.weight
+
+
+def set_weight(mod, w):
+    with torch.no_grad():
+        if isinstance(mod, transformers.pytorch_utils.Conv1D):
+            mod.weight.copy_(w.T)
+        else:
+            mod.weight.copy_(w)
+
+
+def adapter_targets(ad):
+    with safe_open(os.path.join(ad, "adapter_model.safetensors"), "pt") as f:
+        return {k[len("base_model.model."):-len(".lora_A.weight")] for k in f.keys() if k.endswith("lora_A.weight")}
+
+
+def collect(model, targets, ids):
+    """Inputs of each target module, rows = every token of every sample (run one by one: no padding)."""
+    rec = {t: [] for t in targets}
+    mods = dict(model.named_modules())
+    hooks = [mods[t].register_forward_hook(lambda m, inp, out, t=t: rec[t].append(inp[0].reshape(-1, inp[0].shape[-1])))
+             for t in targets]
+    with torch.no_grad():
+        for x in ids:
+            model(input_ids=torch.tensor([x]))
+    for h in hooks:
+        h.remove()
+    return {t: torch.cat(v) for t, v in rec.items()}
+
+
+def load(cls, base_dir):
+    m = cls.from_pretrained(base_dir, attn_implementation="eager").double().eval()
+    return m
+
+
+def iteris(cls, base_dir, adapter_dirs, tok, samples, max_len=128, alpha1=1e-4, alpha2=1e-4, iters=None, max_iters=60):
+    base = load(cls, base_dir)
+    # Samples longer than the model's positions are cut there too.
+    positions = getattr(base.config, "max_position_embeddings", None) or getattr(base.config, "n_positions")
+    tok.enable_truncation(min(max_len, positions))
+    ids = [[tok.encode(t).ids for t in task] for task in samples]
+    bmods = dict(base.named_modules())
+    per_adapter = [adapter_targets(a) for a in adapter_dirs]
+    targets = sorted(set().union(*per_adapter))
+    W0 = {t: weight(bmods[t]).detach().clone() for t in targets}
+
+    X, dW = [], []
+    for i, ad in enumerate(adapter_dirs):
+        m = PeftModel.from_pretrained(load(cls, base_dir), ad).merge_and_unload().double().eval()
+        mm = dict(m.named_modules())
+        dW.append({t: weight(mm[t]).detach() - W0[t] for t in targets})
+        X.append(collect(m, targets, ids[i]))
+    c = [{t: (torch.linalg.norm(W0[t] + dW[i][t]) ** 2 / torch.linalg.norm(X[i][t] @ (W0[t] + dW[i][t]).T) ** 2).item()
+          for t in targets} for i in range(len(adapter_dirs))]
+
+    merged = load(cls, base_dir)
+    mmods = dict(merged.named_modules())
+    Xt = X
+    prev = None
+    n = iters if iters is not None else max_iters
+    change = float("nan")
+    for it in range(n):
+        delta = {}
+        for t in targets:
+            d = W0[t].shape[1]
+            M = torch.zeros(d, d, dtype=torch.float64)
+            N = torch.zeros_like(W0[t])
+            for i in range(len(adapter_dirs)):
+                C = X[i][t].T @ Xt[i][t]
+                G = Xt[i][t].T @ Xt[i][t]
+                C = C + alpha1 * torch.linalg.norm(C) * torch.eye(d, dtype=torch.float64)
+                G = G + alpha2 * torch.linalg.norm(G) * torch.eye(d, dtype=torch.float64)
+                M += c[i][t] * G
+                N += c[i][t] * dW[i][t] @ C
+            delta[t] = torch.linalg.solve(M.T, N.T).T
+        if prev is not None:
+            num = sum(torch.linalg.norm(delta[t] - prev[t]) ** 2 for t in targets)
+            den = sum(torch.linalg.norm(delta[t]) ** 2 for t in targets)
+            change = (num / den).sqrt().item()
+        prev = delta
+        if iters is None and change < 1e-13:
+            break
+        for t in targets:
+            set_weight(mmods[t], W0[t] + delta[t])
+        Xt = [collect(merged, targets, ids[i]) for i in range(len(adapter_dirs))]
+    return {canonical(t): delta[t] for t in targets}, dict(solves=it + 1, last_change=change)
