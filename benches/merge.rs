@@ -1,1 +1,100 @@
-fn main() {}
+//! Whole-merge benchmark on the GPT-2-small shape of DESIGN.md §6: random weights, d=768, 12 layers,
+//! LoRA r=8 on c_attn, 3 tasks × 32 samples × 128 tokens.
+//!
+//!     cargo bench --bench merge [-- sweep|jacobi5 ...]
+//!
+//! Prints wall time per schedule. Compare with `python3 tools/bench_reference.py` (PyTorch, same work).
+
+use iteris::backend::cpu::Cpu;
+use iteris::formats::hf_config::HfConfig;
+use iteris::formats::peft::LoraModule;
+use iteris::formats::safetensors::{write, TensorFile, TensorStore};
+use iteris::mat::Mat;
+use iteris::merge::iteris::Target;
+use iteris::merge::{iteris as run_iteris, Options, Schedule};
+use iteris::models;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+const D: usize = 768;
+const LAYERS: usize = 12;
+const VOCAB: usize = 50257;
+const POS: usize = 1024;
+const R: usize = 8;
+const TASKS: usize = 3;
+const SAMPLES: usize = 32;
+const TOKENS: usize = 128;
+
+/// xorshift: deterministic, dependency-free noise in [-scale, scale).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    fn mat(&mut self, r: usize, c: usize, scale: f32) -> Mat {
+        Mat::new(r, c, (0..r * c).map(|_| self.next() * scale).collect())
+    }
+}
+
+fn main() {
+    let which: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let mut rng = Rng(0x9E3779B97F4A7C15);
+    let mut w = BTreeMap::new();
+    w.insert("wte.weight".to_string(), rng.mat(VOCAB, D, 0.05));
+    w.insert("wpe.weight".to_string(), rng.mat(POS, D, 0.02));
+    for l in 0..LAYERS {
+        let p = format!("h.{l}");
+        for (n, r, c) in [("attn.c_attn", D, 3 * D), ("attn.c_proj", D, D), ("mlp.c_fc", D, 4 * D), ("mlp.c_proj", 4 * D, D)] {
+            w.insert(format!("{p}.{n}.weight"), rng.mat(r, c, 0.04));
+            w.insert(format!("{p}.{n}.bias"), rng.mat(1, c, 0.02));
+        }
+        for n in ["ln_1", "ln_2"] {
+            w.insert(format!("{p}.{n}.weight"), Mat::new(1, D, vec![1.0; D]));
+            w.insert(format!("{p}.{n}.bias"), Mat::zeros(1, D));
+        }
+    }
+    w.insert("ln_f.weight".into(), Mat::new(1, D, vec![1.0; D]));
+    w.insert("ln_f.bias".into(), Mat::zeros(1, D));
+    let store = TensorStore::new(vec![TensorFile::parse("bench", write(&w, false, None).unwrap()).unwrap()]).unwrap();
+    drop(w);
+    let cfg = HfConfig::parse("config.json", format!(r#"{{"model_type":"gpt2","n_embd":{D},"n_head":12,"n_layer":{LAYERS},"vocab_size":{VOCAB},"n_positions":{POS}}}"#).as_bytes()).unwrap();
+    let model = models::load(&Cpu, &cfg, &store).unwrap();
+
+    let targets = || -> Vec<Target> {
+        let mut rng = Rng(7);
+        (0..LAYERS)
+            .map(|l| Target {
+                name: format!("h.{l}.attn.c_attn"),
+                path: format!("transformer.h.{l}.attn.c_attn"),
+                out_dim: 3 * D,
+                in_dim: D,
+                loras: (0..TASKS)
+                    .map(|_| Some(LoraModule { path: String::new(), a: rng.mat(R, D, 0.05), b: rng.mat(3 * D, R, 0.05), scale: 2.0 }))
+                    .collect(),
+            })
+            .collect()
+    };
+    let mut rng = Rng(11);
+    let ids: Vec<Vec<Vec<u32>>> = (0..TASKS)
+        .map(|_| (0..SAMPLES).map(|_| (0..TOKENS).map(|_| ((rng.next() + 1.0) * 0.5 * (VOCAB - 1) as f32) as u32).collect()).collect())
+        .collect();
+
+    for (label, opts) in [
+        ("sweep", Options { schedule: Schedule::Sweep, ..Options::default() }),
+        ("jacobi5", Options { schedule: Schedule::Jacobi, iters: 5, ..Options::default() }),
+    ] {
+        if !which.is_empty() && !which.iter().any(|w| w == label) {
+            continue;
+        }
+        let t = Instant::now();
+        let out = run_iteris(&Cpu, model.as_ref(), targets(), &ids, &opts, &mut |_| {}).unwrap();
+        println!(
+            "cpu {label:8} GPT-2-small shape (d={D}, {LAYERS} layers, r={R} on c_attn, {TASKS}x{SAMPLES}x{TOKENS} tokens): {:.2} s, {} modules",
+            t.elapsed().as_secs_f64(),
+            out.merged.len()
+        );
+    }
+}
