@@ -37,9 +37,10 @@ impl Activation {
     pub fn apply(self, x: f32) -> f32 {
         match self {
             Activation::GeluErf => 0.5 * x * (1.0 + libm::erff(x / std::f32::consts::SQRT_2)),
+            // 0.5·(1 + tanh u) = 1 / (1 + e^(−2u)): one exp instead of a (much slower) tanh.
             Activation::GeluTanh => {
-                let c = (2.0f32 / std::f32::consts::PI).sqrt();
-                0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+                let u = (2.0f32 / std::f32::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
+                x / (1.0 + (-2.0 * u).exp())
             }
             Activation::Silu => x / (1.0 + (-x).exp()),
             Activation::Relu => x.max(0.0),
