@@ -219,10 +219,9 @@ impl Backend for Cpu {
         Mat::new(ar.len(), c, xa.iter().zip(xb).map(|(x, y)| wa * x + wb * y).collect())
     }
 
-    fn gram(&self, x: &Mat, xr: Range<usize>, y: &Mat, yr: Range<usize>) -> Mat {
+    fn gram(&self, x: &Mat, xr: Range<usize>, y: &Mat, yr: Range<usize>) -> nalgebra::DMatrix<f64> {
         assert_eq!(xr.len(), yr.len());
-        // Accumulated in f64: the CPU path is the reference, and the solve amplifies Gram rounding
-        // by the condition number of Σ c_i G_i (up to 1/α).
+        // Accumulated in f64: the CPU path is the reference.
         let n = xr.len();
         let a: Vec<f64> = x.data[xr.start * x.cols..xr.end * x.cols].iter().map(|&v| v as f64).collect();
         let b: Vec<f64> = y.data[yr.start * y.cols..yr.end * y.cols].iter().map(|&v| v as f64).collect();
@@ -233,7 +232,7 @@ impl Backend for Cpu {
                 matrixmultiply::dgemm(x.cols, n, y.cols, 1.0, a.as_ptr(), 1, x.cols as isize, b.as_ptr(), y.cols as isize, 1, 0.0, c.as_mut_ptr(), y.cols as isize, 1);
             }
         }
-        Mat::new(x.cols, y.cols, c.into_iter().map(|v| v as f32).collect())
+        nalgebra::DMatrix::from_row_slice(x.cols, y.cols, &c)
     }
 
     fn sq_norm(&self, x: &Mat, rows: Range<usize>) -> f64 {

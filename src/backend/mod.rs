@@ -6,6 +6,7 @@
 //! features. Ranges select rows, so one batched tensor can hold several row groups (tasks × streams).
 
 pub mod cpu;
+pub mod gpu;
 
 use crate::mat::Mat;
 use std::ops::Range;
@@ -96,8 +97,10 @@ pub trait Backend {
     fn attention(&self, q: &Self::T, k: &Self::T, v: &Self::T, spec: &AttentionSpec, seqs: &[Range<usize>]) -> Self::T;
     /// wa · a[ar] + wb · b[br].
     fn mix_rows(&self, a: &Self::T, ar: Range<usize>, wa: f32, b: &Self::T, br: Range<usize>, wb: f32) -> Self::T;
-    /// x[xr]ᵀ · y[yr]: (cols_x, cols_y), accumulated in f32, returned to the host.
-    fn gram(&self, x: &Self::T, xr: Range<usize>, y: &Self::T, yr: Range<usize>) -> Mat;
+    /// x[xr]ᵀ · y[yr]: (cols_x, cols_y), returned to the host in f64. The solve amplifies Gram
+    /// rounding by up to 1/α, so backends accumulate with more than f32 precision (CPU: f64;
+    /// GPU: compensated f32 pairs).
+    fn gram(&self, x: &Self::T, xr: Range<usize>, y: &Self::T, yr: Range<usize>) -> nalgebra::DMatrix<f64>;
     /// Σ x[rows]², accumulated in f64.
     fn sq_norm(&self, x: &Self::T, rows: Range<usize>) -> f64;
     /// Σ (a - b)², accumulated in f64.

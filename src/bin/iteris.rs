@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use iteris::backend::cpu::Cpu;
+use iteris::backend::{cpu::Cpu, gpu::Gpu};
 use iteris::fsio;
 use iteris::merge::{pipeline, Options, Progress, Schedule};
 use std::path::PathBuf;
@@ -115,11 +115,33 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
     if a.out.exists() && !a.force && std::fs::read_dir(&a.out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return Err(bad_input(a.out.display(), "already exists and is not empty (pass --force to replace it)"));
     }
-    match a.backend {
-        BackendArg::Gpu => return Err(iteris::Error::Unsupported("--backend gpu: the GPU backend is not available in this build; use --backend cpu".into())),
-        BackendArg::Auto => eprintln!("backend: cpu (auto: no GPU backend in this build)"),
-        BackendArg::Cpu => {}
-    }
+    let gpu = match a.backend {
+        BackendArg::Cpu => None,
+        BackendArg::Gpu => {
+            let g = Gpu::new()?;
+            if g.is_software() {
+                eprintln!("backend: gpu on {} (a CPU emulation: expect it to be slower than --backend cpu)", g.info.name);
+            } else {
+                eprintln!("backend: gpu on {}", g.info.name);
+            }
+            Some(g)
+        }
+        // A CPU emulation of a GPU (lavapipe, SwiftShader) is slower than the CPU backend.
+        BackendArg::Auto => match Gpu::new() {
+            Ok(g) if !g.is_software() => {
+                eprintln!("backend: gpu on {} (auto)", g.info.name);
+                Some(g)
+            }
+            Ok(g) => {
+                eprintln!("backend: cpu (auto: the only GPU adapter, {}, is a CPU emulation)", g.info.name);
+                None
+            }
+            Err(e) => {
+                eprintln!("backend: cpu (auto: {e})");
+                None
+            }
+        },
+    };
     let base = fsio::read_base(&a.base)?;
     let tasks = a.adapters.iter().zip(&a.samples).map(|(ad, s)| fsio::read_task(ad, s)).collect::<iteris::Result<Vec<_>>>()?;
     let opts = Options {
@@ -153,7 +175,10 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
             }
         }
     };
-    let r = pipeline::merge(&Cpu, &base, &tasks, &opts, a.f16, &mut progress)?;
+    let r = match &gpu {
+        Some(g) => pipeline::merge(g, &base, &tasks, &opts, a.f16, &mut progress)?,
+        None => pipeline::merge(&Cpu, &base, &tasks, &opts, a.f16, &mut progress)?,
+    };
     if let Some(b) = bar.take() {
         b.finish();
     }

@@ -182,7 +182,7 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
 
         // 2-3. Statistics shared by the stage's modules, then one solve per module.
         if self.mode != Mode::Evaluate {
-            let mut stats: Vec<(Mat, Mat)> = Vec::with_capacity(tasks);
+            let mut stats: Vec<(nalgebra::DMatrix<f64>, nalgebra::DMatrix<f64>)> = Vec::with_capacity(tasks);
             for (ra, rm) in &rows {
                 stats.push(match rm {
                     None => {

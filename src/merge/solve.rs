@@ -14,9 +14,9 @@ use nalgebra::DMatrix;
 /// One task's statistics at one module.
 pub struct TaskStats<'a> {
     /// X_iᵀ X̃_i, (in, in), without ridge.
-    pub cross: &'a Mat,
+    pub cross: &'a DMatrix<f64>,
     /// X̃_iᵀ X̃_i, (in, in), without ridge.
-    pub gram: &'a Mat,
+    pub gram: &'a DMatrix<f64>,
     /// Adaptive weight c_i.
     pub c: f64,
     /// The task's LoRA at this module, if its adapter targets it.
@@ -63,21 +63,21 @@ pub fn to_mat(m: &DMatrix<f64>) -> Mat {
 }
 
 pub fn solve(module: &str, tasks: &[TaskStats], alpha1: f64, alpha2: f64) -> Result<(Merged, SolvePath)> {
-    let n = tasks[0].gram.rows;
+    let n = tasks[0].gram.nrows();
     let mut m = DMatrix::<f64>::zeros(n, n);
     let mut z_blocks: Vec<DMatrix<f64>> = Vec::new();
     let mut b_blocks: Vec<&Mat> = Vec::new();
     for t in tasks {
-        let g = to_f64(t.gram);
+        let g = t.gram;
         // The Gram is symmetric in exact arithmetic; f32 accumulation can leave it a hair off.
-        let g = (&g + g.transpose()) * 0.5;
+        let g = (g + g.transpose()) * 0.5;
         let ridge = alpha2 * g.norm();
         m += &g * t.c;
         for i in 0..n {
             m[(i, i)] += t.c * ridge;
         }
         if let Some(l) = t.lora {
-            let mut cm = to_f64(t.cross);
+            let mut cm = t.cross.clone();
             let ridge = alpha1 * cm.norm();
             for i in 0..n {
                 cm[(i, i)] += ridge;

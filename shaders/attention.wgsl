@@ -1,0 +1,83 @@
+// Scaled dot-product attention, one 64-thread workgroup per (query row, head).
+// Each row knows its sequence through span[2t], span[2t + 1] (start, end rows), so one dispatch
+// covers a whole batch of sequences of any lengths. Causal masking and sliding windows bound the
+// key range; grouped-query attention maps head h to key/value head h / (heads / kv_heads).
+// Scores live in workgroup memory (MAX_T, substituted: the longest sequence, rounded up).
+
+struct Params {
+    rows: u32, heads: u32, kv_heads: u32, head_dim: u32,
+    causal: u32, window: u32, scale: f32,
+}
+
+@group(0) @binding(0) var<storage, read> q: array<f32>;          // (rows, heads · head_dim)
+@group(0) @binding(1) var<storage, read> k: array<f32>;          // (rows, kv_heads · head_dim)
+@group(0) @binding(2) var<storage, read> v: array<f32>;          // (rows, kv_heads · head_dim)
+@group(0) @binding(3) var<storage, read> span: array<u32>;       // (rows, 2)
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;  // (rows, heads · head_dim)
+@group(0) @binding(5) var<uniform> p: Params;
+
+var<workgroup> scores: array<f32, {{MAX_T}}>;
+var<workgroup> red: array<f32, 64>;
+
+fn reduce_max(lid: u32, x: f32) -> f32 {
+    red[lid] = x;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s >>= 1u) {
+        if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn reduce_sum(lid: u32, x: f32) -> f32 {
+    red[lid] = x;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s >>= 1u) {
+        if (lid < s) { red[lid] += red[lid + s]; }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let lid = l.x;
+    let h = wid.x;
+    let t = wid.y + wid.z * 65535u;
+    if (t >= p.rows) { return; }
+    let hd = p.head_dim;
+    let kh = h / (p.heads / p.kv_heads);
+    let qc = p.heads * hd;
+    let kc = p.kv_heads * hd;
+    var lo = span[2u * t];
+    var hi = span[2u * t + 1u];              // exclusive
+    if (p.causal != 0u) { hi = t + 1u; }
+    if (p.window != 0u && t + 1u > p.window && t + 1u - p.window > lo) { lo = t + 1u - p.window; }
+    let n = hi - lo;
+
+    var m = -3.4e38;
+    for (var j = lid; j < n; j += 64u) {
+        var s = 0.0;
+        for (var d = 0u; d < hd; d++) { s += q[t * qc + h * hd + d] * k[(lo + j) * kc + kh * hd + d]; }
+        s *= p.scale;
+        scores[j] = s;
+        m = max(m, s);
+    }
+    m = reduce_max(lid, m);
+    var sum = 0.0;
+    for (var j = lid; j < n; j += 64u) {
+        let e = exp(scores[j] - m);
+        scores[j] = e;
+        sum += e;
+    }
+    sum = reduce_sum(lid, sum);
+    for (var d = lid; d < hd; d += 64u) {
+        var acc = 0.0;
+        for (var j = 0u; j < n; j++) { acc += scores[j] * v[(lo + j) * kc + kh * hd + d]; }
+        out[t * qc + h * hd + d] = acc / sum;
+    }
+}

@@ -1,0 +1,444 @@
+//! The GPU backend: the `Backend` contract in WGSL compute shaders through `wgpu` (Vulkan, Metal,
+//! DX12 natively; WebGPU in the browser). Kernels are plain files under `shaders/`, specialised by
+//! small textual substitutions (`{{NAME}}`); pipelines are cached by (kernel, substitutions).
+//!
+//! Commands are recorded into one open encoder and submitted only when the host needs a result
+//! (a Gram matrix, a norm, a download) or after many dispatches, so a stage costs one submission.
+
+use super::{Activation, AttentionSpec, Backend};
+use crate::error::{Error, Result};
+use crate::mat::Mat;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::ops::Range;
+use wgpu::util::DeviceExt;
+
+const MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
+const ELEMENTWISE: &str = include_str!("../../shaders/elementwise.wgsl");
+const SELECT_ROWS: &str = include_str!("../../shaders/select_rows.wgsl");
+const SLICE_COLS: &str = include_str!("../../shaders/slice_cols.wgsl");
+const NORM: &str = include_str!("../../shaders/norm.wgsl");
+const ROPE: &str = include_str!("../../shaders/rope.wgsl");
+const ATTENTION: &str = include_str!("../../shaders/attention.wgsl");
+const REDUCE: &str = include_str!("../../shaders/reduce.wgsl");
+
+/// Submit after this many recorded dispatches even without a readback, to bound the memory held
+/// by buffers that are dropped on the host but still referenced by recorded commands.
+const MAX_PENDING: usize = 256;
+
+/// A (rows, cols) f32 matrix in a GPU storage buffer, row-major.
+pub struct GpuTensor {
+    buf: wgpu::Buffer,
+    rows: usize,
+    cols: usize,
+}
+
+pub struct Gpu {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    max_binding: u64,
+    pipelines: RefCell<HashMap<String, wgpu::ComputePipeline>>,
+    encoder: RefCell<Option<wgpu::CommandEncoder>>,
+    pending: Cell<usize>,
+}
+
+/// Uniform parameters: u32 words (f32 through `to_bits`), padded to 16 bytes.
+fn words(w: &[u32]) -> Vec<u8> {
+    let mut v: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+    while v.len() % 16 != 0 || v.is_empty() {
+        v.push(0);
+    }
+    v
+}
+
+/// Workgroup grid for `n` threads in groups of 256: (x, y, threads per grid row).
+fn grid_1d(n: usize) -> (u32, u32, u32) {
+    let groups = n.div_ceil(256).max(1);
+    let x = groups.min(65535);
+    let y = groups.div_ceil(x);
+    (x as u32, y as u32, (x * 256) as u32)
+}
+
+impl Gpu {
+    /// The highest-performance adapter there is, with its largest storage bindings.
+    pub async fn new_async() -> Result<Gpu> {
+        let instance = wgpu::Instance::default();
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions { power_preference: wgpu::PowerPreference::HighPerformance, ..Default::default() })
+            .await
+            .map_err(|e| Error::Unsupported(format!("no GPU adapter is available ({e})")))?;
+        let info = adapter.get_info();
+        let al = adapter.limits();
+        let limits = wgpu::Limits {
+            max_storage_buffer_binding_size: al.max_storage_buffer_binding_size,
+            max_buffer_size: al.max_buffer_size,
+            max_storage_buffers_per_shader_stage: al.max_storage_buffers_per_shader_stage.min(8),
+            max_compute_workgroup_storage_size: al.max_compute_workgroup_storage_size,
+            ..wgpu::Limits::downlevel_defaults()
+        };
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor { label: Some("iteris"), required_limits: limits.clone(), ..Default::default() })
+            .await
+            .map_err(|e| Error::Unsupported(format!("GPU adapter {} refused a device ({e})", info.name)))?;
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            max_binding: limits.max_storage_buffer_binding_size.min(limits.max_buffer_size),
+            pipelines: RefCell::new(HashMap::new()),
+            encoder: RefCell::new(None),
+            pending: Cell::new(0),
+        })
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn new() -> Result<Gpu> {
+        pollster::block_on(Self::new_async())
+    }
+
+    /// A CPU emulation (lavapipe, SwiftShader, WARP): correct but slower than the CPU backend.
+    pub fn is_software(&self) -> bool {
+        let n = self.info.name.to_lowercase();
+        self.info.device_type == wgpu::DeviceType::Cpu || ["llvmpipe", "lavapipe", "swiftshader", "warp"].iter().any(|s| n.contains(s))
+    }
+
+    /// The largest tensor (in bytes) one storage binding can hold.
+    pub fn max_binding_bytes(&self) -> u64 {
+        self.max_binding
+    }
+
+    fn pipeline(&self, kernel: &str, src: &str, subs: &[(&str, String)]) -> wgpu::ComputePipeline {
+        let key = format!("{kernel}{subs:?}");
+        if let Some(p) = self.pipelines.borrow().get(&key) {
+            return p.clone();
+        }
+        let mut code = src.to_string();
+        for (k, v) in subs {
+            code = code.replace(&format!("{{{{{k}}}}}"), v);
+        }
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(kernel), source: wgpu::ShaderSource::Wgsl(code.into()) });
+        let p = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(kernel),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        self.pipelines.borrow_mut().insert(key, p.clone());
+        p
+    }
+
+    /// Record one dispatch: `buffers` bind to 0..n-1 in order, the parameters to n.
+    fn dispatch(&self, p: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer], params: &[u32], groups: (u32, u32, u32)) {
+        self.dispatch_with(p, buffers, params, &[], groups)
+    }
+
+    /// `dispatch`, with `after` bound to n+1, n+2, … (after the parameters).
+    fn dispatch_with(&self, p: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer], params: &[u32], after: &[&wgpu::Buffer], groups: (u32, u32, u32)) {
+        let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: &words(params),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let mut entries: Vec<wgpu::BindGroupEntry> =
+            buffers.iter().enumerate().map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() }).collect();
+        entries.push(wgpu::BindGroupEntry { binding: buffers.len() as u32, resource: uniform.as_entire_binding() });
+        for (i, b) in after.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry { binding: (buffers.len() + 1 + i) as u32, resource: b.as_entire_binding() });
+        }
+        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &p.get_bind_group_layout(0), entries: &entries });
+        {
+            let mut enc = self.encoder.borrow_mut();
+            let enc = enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(p);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+        }
+        self.pending.set(self.pending.get() + 1);
+        if self.pending.get() >= MAX_PENDING {
+            self.flush();
+        }
+    }
+
+    fn flush(&self) {
+        if let Some(enc) = self.encoder.borrow_mut().take() {
+            self.queue.submit([enc.finish()]);
+        }
+        self.pending.set(0);
+    }
+
+    fn alloc(&self, rows: usize, cols: usize) -> GpuTensor {
+        let bytes = ((rows * cols * 4) as u64).max(4);
+        assert!(bytes <= self.max_binding, "tensor of {bytes} bytes exceeds the GPU binding limit (checked on upload)");
+        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: bytes.next_multiple_of(4),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        GpuTensor { buf, rows, cols }
+    }
+
+    fn storage<T: bytemuck::Pod>(&self, data: &[T]) -> wgpu::Buffer {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let contents = if bytes.is_empty() { &[0u8; 4][..] } else { bytes };
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        })
+    }
+
+    /// Copy `n` f32 of `buf` back to the host (submits everything recorded so far).
+    fn read(&self, buf: &wgpu::Buffer, n: usize) -> Vec<f32> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let size = (n * 4) as u64;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        {
+            let mut enc = self.encoder.borrow_mut();
+            let enc = enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+            enc.copy_buffer_to_buffer(buf, 0, &staging, 0, size);
+        }
+        self.flush();
+        let slice = staging.slice(..);
+        slice.map_async(wgpu::MapMode::Read, |r| r.expect("GPU readback failed"));
+        self.device.poll(wgpu::PollType::wait_indefinitely()).expect("GPU device lost");
+        let out = bytemuck::cast_slice(&slice.get_mapped_range().expect("GPU readback failed")).to_vec();
+        staging.unmap();
+        out
+    }
+
+    /// Check before uploading: a tensor that no storage binding can hold is refused by name.
+    pub fn check_fits(&self, what: &str, rows: usize, cols: usize) -> Result<()> {
+        let bytes = (rows * cols * 4) as u64;
+        if bytes > self.max_binding {
+            return Err(Error::Unsupported(format!(
+                "{what}: {} MiB does not fit one GPU storage binding ({} MiB on {}); use --backend cpu",
+                bytes >> 20,
+                self.max_binding >> 20,
+                self.info.name
+            )));
+        }
+        Ok(())
+    }
+
+    fn elementwise(&self, op: &str, act: Option<Activation>, y: &wgpu::Buffer, x: Option<&wgpu::Buffer>, n: usize, oy: usize, ox: usize, cols: usize, s: f32) {
+        let (expr, act_expr) = match op {
+            "add" => ("y[p.oy + i] = y[p.oy + i] + p.s * x[p.ox + i];", "return v;"),
+            "set" => ("y[p.oy + i] = p.s * x[p.ox + i];", "return v;"),
+            "bias" => ("y[i] = y[i] + x[i % p.cols];", "return v;"),
+            "scale" => ("y[i] = p.s * y[i];", "return v;"),
+            "mul" => ("y[i] = y[i] * x[i];", "return v;"),
+            _ => (
+                "y[i] = act(y[i]);",
+                match act.unwrap() {
+                    Activation::GeluErf => "return 0.5 * v * (1.0 + erf(v * 0.70710678118654752));",
+                    Activation::GeluTanh => "let u = 0.7978845608028654 * (v + 0.044715 * v * v * v); return v / (1.0 + exp(-2.0 * u));",
+                    Activation::Silu => "return v / (1.0 + exp(-v));",
+                    Activation::Relu => "return max(v, 0.0);",
+                    Activation::Tanh => "return tanh(v);",
+                },
+            ),
+        };
+        // Keep binding 1 statically used whatever the op, so every variant has the same layout.
+        let expr = format!("{expr}\n    if (p.n == 0xffffffffu) {{ y[0] = x[0]; }}");
+        let p = self.pipeline("elementwise", ELEMENTWISE, &[("OP", expr), ("ACT", act_expr.to_string())]);
+        let dummy;
+        let x = match x {
+            Some(x) => x,
+            None => {
+                dummy = self.storage(&[0f32]);
+                &dummy
+            }
+        };
+        let (gx, gy, stride) = grid_1d(n);
+        self.dispatch(&p, &[y, x], &[n as u32, oy as u32, ox as u32, cols as u32, s.to_bits(), stride], (gx, gy, 1));
+    }
+
+    /// C = A·B through strides (see matmul.wgsl); with `lo`, also the compensation terms.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(&self, a: &wgpu::Buffer, a_off: usize, a_rs: usize, a_cs: usize, b: &wgpu::Buffer, b_off: usize, b_rs: usize, b_cs: usize, m: usize, k: usize, n: usize, lo: bool) -> (GpuTensor, Option<GpuTensor>) {
+        let c = self.alloc(m, n);
+        let c_lo = lo.then(|| self.alloc(m, n));
+        let subs = [("A_K_FAST", (a_cs == 1).to_string()), ("B_K_FAST", (b_rs == 1).to_string()), ("WITH_LO", lo.to_string())];
+        let p = self.pipeline("matmul", MATMUL, &subs);
+        let mut params = [m, n, k, a_off, a_rs, a_cs, b_off, b_rs, b_cs, 0, 0].map(|v| v as u32);
+        params[10] = 1f32.to_bits();
+        let dummy;
+        let lo_buf = match &c_lo {
+            Some(t) => &t.buf,
+            None => {
+                dummy = self.storage(&[0f32]);
+                &dummy
+            }
+        };
+        self.dispatch_with(&p, &[a, b, &c.buf], &params, &[lo_buf], (n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1));
+        (c, c_lo)
+    }
+
+    fn reduce(&self, mode: &str, x: &wgpu::Buffer, ox: usize, y: Option<&wgpu::Buffer>, n: usize) -> f64 {
+        let chunk = 256 * 16;
+        let groups = n.div_ceil(chunk).max(1);
+        let partial = self.alloc(1, groups);
+        let term = match mode {
+            "norm" => "let v = x[p.ox + i]; return v * v;",
+            _ => "let d = x[p.ox + i] - y[i]; return d * d;",
+        };
+        let p = self.pipeline("reduce", REDUCE, &[("MODE", term.to_string())]);
+        let dummy;
+        let y = match y {
+            Some(y) => y,
+            None => {
+                dummy = self.storage(&[0f32]);
+                &dummy
+            }
+        };
+        let gx = groups.min(65535);
+        self.dispatch(&p, &[x, y, &partial.buf], &[n as u32, ox as u32, chunk as u32], (gx as u32, groups.div_ceil(gx) as u32, 1));
+        self.read(&partial.buf, groups).iter().map(|&v| v as f64).sum()
+    }
+}
+
+impl Backend for Gpu {
+    type T = GpuTensor;
+
+    fn name(&self) -> String {
+        format!("gpu ({}, {:?})", self.info.name, self.info.backend)
+    }
+
+    fn upload(&self, m: &Mat) -> GpuTensor {
+        GpuTensor { buf: self.storage(&m.data), rows: m.rows, cols: m.cols }
+    }
+
+    fn download(&self, t: &GpuTensor) -> Mat {
+        Mat::new(t.rows, t.cols, self.read(&t.buf, t.rows * t.cols))
+    }
+
+    fn dims(&self, t: &GpuTensor) -> (usize, usize) {
+        (t.rows, t.cols)
+    }
+
+    fn select_rows(&self, x: &GpuTensor, idx: &[u32]) -> GpuTensor {
+        let out = self.alloc(idx.len(), x.cols);
+        let ib = self.storage(idx);
+        let (gx, gy, stride) = grid_1d(idx.len() * x.cols);
+        let p = self.pipeline("select_rows", SELECT_ROWS, &[]);
+        self.dispatch(&p, &[&x.buf, &ib, &out.buf], &[idx.len() as u32, x.cols as u32, stride], (gx, gy, 1));
+        out
+    }
+
+    fn slice_cols(&self, x: &GpuTensor, cols: Range<usize>) -> GpuTensor {
+        let out = self.alloc(x.rows, cols.len());
+        let (gx, gy, stride) = grid_1d(x.rows * cols.len());
+        let p = self.pipeline("slice_cols", SLICE_COLS, &[]);
+        self.dispatch(&p, &[&x.buf, &out.buf], &[x.rows as u32, x.cols as u32, cols.start as u32, cols.len() as u32, stride], (gx, gy, 1));
+        out
+    }
+
+    fn matmul_t(&self, x: &GpuTensor, rows: Range<usize>, w: &GpuTensor) -> GpuTensor {
+        assert_eq!(x.cols, w.cols);
+        let k = x.cols;
+        self.matmul(&x.buf, rows.start * k, k, 1, &w.buf, 0, 1, k, rows.len(), k, w.rows, false).0
+    }
+
+    fn add_rows(&self, y: &mut GpuTensor, rows: Range<usize>, d: &GpuTensor, s: f32) {
+        assert_eq!((rows.len(), y.cols), (d.rows, d.cols));
+        self.elementwise("add", None, &y.buf, Some(&d.buf), rows.len() * y.cols, rows.start * y.cols, 0, y.cols, s);
+    }
+
+    fn add_bias(&self, y: &mut GpuTensor, b: &GpuTensor) {
+        self.elementwise("bias", None, &y.buf, Some(&b.buf), y.rows * y.cols, 0, 0, y.cols, 1.0);
+    }
+
+    fn scale(&self, x: &mut GpuTensor, s: f32) {
+        self.elementwise("scale", None, &x.buf, None, x.rows * x.cols, 0, 0, x.cols, s);
+    }
+
+    fn mul(&self, y: &mut GpuTensor, x: &GpuTensor) {
+        self.elementwise("mul", None, &y.buf, Some(&x.buf), y.rows * y.cols, 0, 0, y.cols, 1.0);
+    }
+
+    fn activate(&self, x: &mut GpuTensor, act: Activation) {
+        self.elementwise("act", Some(act), &x.buf, None, x.rows * x.cols, 0, 0, x.cols, 1.0);
+    }
+
+    fn layer_norm(&self, x: &GpuTensor, gamma: &GpuTensor, beta: Option<&GpuTensor>, eps: f32) -> GpuTensor {
+        self.norm(x, gamma, beta, eps, false)
+    }
+
+    fn rms_norm(&self, x: &GpuTensor, gamma: &GpuTensor, eps: f32) -> GpuTensor {
+        self.norm(x, gamma, None, eps, true)
+    }
+
+    fn rope(&self, x: &mut GpuTensor, positions: &[u32], head_dim: usize, inv_freq: &[f32]) {
+        let pb = self.storage(positions);
+        let fb = self.storage(inv_freq);
+        let (gx, gy, stride) = grid_1d(x.rows * x.cols / 2);
+        let p = self.pipeline("rope", ROPE, &[]);
+        self.dispatch(&p, &[&x.buf, &pb, &fb], &[x.rows as u32, x.cols as u32, head_dim as u32, stride], (gx, gy, 1));
+    }
+
+    fn attention(&self, q: &GpuTensor, k: &GpuTensor, v: &GpuTensor, spec: &AttentionSpec, seqs: &[Range<usize>]) -> GpuTensor {
+        let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(1);
+        let max_t = longest.next_power_of_two().max(64);
+        let mut span = Vec::with_capacity(q.rows * 2);
+        for s in seqs {
+            for _ in s.clone() {
+                span.push(s.start as u32);
+                span.push(s.end as u32);
+            }
+        }
+        let sb = self.storage(&span);
+        let out = self.alloc(q.rows, q.cols);
+        let p = self.pipeline("attention", ATTENTION, &[("MAX_T", max_t.to_string())]);
+        let params = [q.rows as u32, spec.heads as u32, spec.kv_heads as u32, spec.head_dim as u32, spec.causal as u32, spec.window.unwrap_or(0) as u32, spec.scale.to_bits()];
+        let (y, z) = (q.rows.min(65535), q.rows.div_ceil(65535));
+        self.dispatch(&p, &[&q.buf, &k.buf, &v.buf, &sb, &out.buf], &params, (spec.heads as u32, y as u32, z as u32));
+        out
+    }
+
+    fn mix_rows(&self, a: &GpuTensor, ar: Range<usize>, wa: f32, b: &GpuTensor, br: Range<usize>, wb: f32) -> GpuTensor {
+        let out = self.alloc(ar.len(), a.cols);
+        let n = ar.len() * a.cols;
+        self.elementwise("set", None, &out.buf, Some(&b.buf), n, 0, br.start * b.cols, a.cols, wb);
+        self.elementwise("add", None, &out.buf, Some(&a.buf), n, 0, ar.start * a.cols, a.cols, wa);
+        out
+    }
+
+    fn gram(&self, x: &GpuTensor, xr: Range<usize>, y: &GpuTensor, yr: Range<usize>) -> nalgebra::DMatrix<f64> {
+        assert_eq!(xr.len(), yr.len());
+        let (hi, lo) = self.matmul(&x.buf, xr.start * x.cols, 1, x.cols, &y.buf, yr.start * y.cols, y.cols, 1, x.cols, xr.len(), y.cols, true);
+        let (hi, lo) = (self.download(&hi), self.download(&lo.unwrap()));
+        nalgebra::DMatrix::from_row_iterator(x.cols, y.cols, hi.data.iter().zip(&lo.data).map(|(h, l)| *h as f64 + *l as f64))
+    }
+
+    fn sq_norm(&self, x: &GpuTensor, rows: Range<usize>) -> f64 {
+        self.reduce("norm", &x.buf, rows.start * x.cols, None, rows.len() * x.cols)
+    }
+
+    fn sq_dist(&self, a: &GpuTensor, b: &GpuTensor) -> f64 {
+        assert_eq!((a.rows, a.cols), (b.rows, b.cols));
+        self.reduce("dist", &a.buf, 0, Some(&b.buf), a.rows * a.cols)
+    }
+}
+
+impl Gpu {
+    fn norm(&self, x: &GpuTensor, gamma: &GpuTensor, beta: Option<&GpuTensor>, eps: f32, rms: bool) -> GpuTensor {
+        let out = self.alloc(x.rows, x.cols);
+        let p = self.pipeline("norm", NORM, &[("RMS", rms.to_string())]);
+        let beta_buf = beta.map(|b| &b.buf).unwrap_or(&gamma.buf);
+        let (gx, gy) = (x.rows.min(65535), x.rows.div_ceil(65535));
+        self.dispatch(&p, &[&x.buf, &gamma.buf, beta_buf, &out.buf], &[x.rows as u32, x.cols as u32, eps.to_bits(), beta.is_some() as u32], (gx as u32, gy as u32, 1));
+        out
+    }
+}

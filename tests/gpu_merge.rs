@@ -1,0 +1,41 @@
+//! Whole merges on the GPU backend (software Vulkan in CI) against the CPU backend and the float64
+//! reference, on the fixtures of every architecture.
+
+mod common;
+use common::*;
+use iteris::backend::gpu::Gpu;
+use iteris::fsio;
+use iteris::merge::export::dense;
+use iteris::merge::{pipeline, Options, Schedule};
+
+fn gpu_merge(gpu: &Gpu, arch: &str, opts: &Options) -> pipeline::MergeResult {
+    let base = fsio::read_base(&fixture(arch).join("base")).unwrap();
+    pipeline::merge(gpu, &base, &tasks(arch), opts, false, &mut |_| {}).unwrap()
+}
+
+#[test]
+fn gpu_merges_match_cpu_and_reference() {
+    let gpu = Gpu::new().expect("a GPU adapter (CI installs Mesa lavapipe)");
+    let cases = [
+        (Options::default(), "expected_sweep_a1e-4.safetensors", 1e-4, 1e-4),
+        (Options { schedule: Schedule::Jacobi, iters: 3, ..Options::default() }, "expected_jacobi3_a1e-4.safetensors", 1e-4, 1e-4),
+        (Options { alpha1: 1e-7, alpha2: 1e-7, ..Options::default() }, "expected_sweep_a1e-7.safetensors", 1e-2, 1e-2),
+    ];
+    for arch in ARCHS {
+        for (opts, file, tol_cpu, tol_ref) in &cases {
+            let g = gpu_merge(&gpu, arch, opts);
+            let c = merge(arch, opts);
+            let exp = expected(arch, file);
+            let (mut worst_cpu, mut worst_ref): (f64, f64) = (0.0, 0.0);
+            for ((t, gm), cm) in g.outcome.targets.iter().zip(&g.outcome.merged).zip(&c.outcome.merged) {
+                let gd = dense(gm);
+                worst_cpu = worst_cpu.max(rel(&gd, &dense(cm)));
+                worst_ref = worst_ref.max(rel(&gd, &exp.mat(&t.name).unwrap()));
+            }
+            assert!(worst_cpu <= *tol_cpu, "{arch} {file}: GPU vs CPU {worst_cpu:.2e}");
+            assert!(worst_ref <= *tol_ref, "{arch} {file}: GPU vs float64 reference {worst_ref:.2e}");
+            assert!(g.report.backend.starts_with("gpu"));
+            eprintln!("{arch} {file}: GPU vs CPU {worst_cpu:.2e}, vs reference {worst_ref:.2e}");
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Every GPU kernel against the CPU backend (the reference) on randomized small shapes, including
+//! shapes that are not multiples of the tiles and row ranges inside batched tensors. Runs on any
+//! adapter wgpu finds; CI installs Mesa's lavapipe (software Vulkan), so keep shapes small.
+
+use iteris::backend::{cpu::Cpu, gpu::Gpu, Activation, AttentionSpec, Backend};
+use iteris::mat::{rel_err, Mat};
+use std::sync::OnceLock;
+
+struct Rng(u64);
+impl Rng {
+    fn f(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    fn mat(&mut self, r: usize, c: usize) -> Mat {
+        Mat::new(r, c, (0..r * c).map(|_| self.f()).collect())
+    }
+    fn below(&mut self, n: usize) -> usize {
+        ((self.f() + 1.0) * 0.5 * n as f32) as usize % n.max(1)
+    }
+}
+
+fn gpu() -> &'static Gpu {
+    static G: OnceLock<GpuCell> = OnceLock::new();
+    &G.get_or_init(|| GpuCell(Gpu::new().expect("a GPU adapter (CI installs Mesa lavapipe)"))).0
+}
+struct GpuCell(Gpu);
+// SAFETY: the tests of this file use the device from one thread at a time (the mutex below).
+unsafe impl Sync for GpuCell {}
+unsafe impl Send for GpuCell {}
+static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn close(what: &str, g: &Mat, c: &Mat, tol: f64) {
+    assert_eq!(g.shape(), c.shape(), "{what}: shape");
+    let e = rel_err(&g.data, &c.data);
+    assert!(e < tol, "{what}: GPU differs from CPU by {e:.2e}");
+}
+
+#[test]
+fn matmul_and_gram() {
+    let _l = LOCK.lock().unwrap();
+    let (g, mut r) = (gpu(), Rng(1));
+    for (n, k, m) in [(1, 1, 1), (37, 19, 23), (64, 64, 64), (130, 70, 65), (5, 200, 3)] {
+        let x = r.mat(n + 7, k);
+        let w = r.mat(m, k);
+        let rows = 3..3 + n;
+        let c = Cpu.matmul_t(&x, rows.clone(), &w);
+        let gg = g.download(&g.matmul_t(&g.upload(&x), rows, &g.upload(&w)));
+        close(&format!("matmul_t {n}x{k}x{m}"), &gg, &c, 1e-5);
+        let y = r.mat(n + 4, m);
+        let c = Cpu.gram(&x, 2..2 + n, &y, 4..4 + n);
+        let gg = g.gram(&g.upload(&x), 2..2 + n, &g.upload(&y), 4..4 + n);
+        let e = (&gg - &c).norm() / c.norm();
+        assert!(e < 1e-7, "gram {n}x{k}x{m}: GPU differs from CPU (f64) by {e:.2e}");
+    }
+}
+
+#[test]
+fn gram_accumulates_long_sums_accurately() {
+    let _l = LOCK.lock().unwrap();
+    let (g, mut r) = (gpu(), Rng(2));
+    // Many rows of same-signed values: plain f32 accumulation drifts; the kernel compensates.
+    let mut x = r.mat(4000, 8);
+    x.data.iter_mut().for_each(|v| *v = 1.0 + 0.5 * *v);
+    let c = Cpu.gram(&x, 0..4000, &x, 0..4000);
+    let gg = g.gram(&g.upload(&x), 0..4000, &g.upload(&x), 0..4000);
+    let e = (&gg - &c).norm() / c.norm();
+    assert!(e < 2e-8, "gram over 4000 rows: GPU (compensated f32) differs from CPU (f64) by {e:.2e}");
+}
+
+#[test]
+fn elementwise_ops() {
+    let _l = LOCK.lock().unwrap();
+    let (g, mut r) = (gpu(), Rng(3));
+    let (a, b) = (r.mat(33, 17), r.mat(33, 17));
+    let bias = r.mat(1, 17);
+    let d = r.mat(5, 17);
+    let both = |f: &dyn Fn(&Cpu, &mut Mat), h: &dyn Fn(&Gpu, &mut iteris::backend::gpu::GpuTensor), what: &str| {
+        let mut c = a.clone();
+        f(&Cpu, &mut c);
+        let mut t = g.upload(&a);
+        h(g, &mut t);
+        close(what, &g.download(&t), &c, 1e-6);
+    };
+    both(&|be, y| be.add_rows(y, 4..9, &d, 0.7), &|be, y| be.add_rows(y, 4..9, &be.upload(&d), 0.7), "add_rows");
+    both(&|be, y| be.add_bias(y, &bias), &|be, y| be.add_bias(y, &be.upload(&bias)), "add_bias");
+    both(&|be, y| be.scale(y, -1.5), &|be, y| be.scale(y, -1.5), "scale");
+    both(&|be, y| be.mul(y, &b), &|be, y| be.mul(y, &be.upload(&b)), "mul");
+    for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Silu, Activation::Relu, Activation::Tanh] {
+        let mut big = a.clone();
+        big.data.iter_mut().for_each(|v| *v *= 4.0);
+        let mut c = big.clone();
+        Cpu.activate(&mut c, act);
+        let mut t = g.upload(&big);
+        g.activate(&mut t, act);
+        close(&format!("{act:?}"), &g.download(&t), &c, 1e-6);
+    }
+    let c = Cpu.mix_rows(&a, 2..12, 0.3, &b, 20..30, 0.7);
+    let gg = g.download(&g.mix_rows(&g.upload(&a), 2..12, 0.3, &g.upload(&b), 20..30, 0.7));
+    close("mix_rows", &gg, &c, 1e-6);
+    let (ca, cb) = (Cpu.sq_norm(&a, 3..30), g.sq_norm(&g.upload(&a), 3..30));
+    assert!(((ca - cb) / ca).abs() < 1e-6, "sq_norm {ca} vs {cb}");
+    let (ca, cb) = (Cpu.sq_dist(&a, &b), g.sq_dist(&g.upload(&a), &g.upload(&b)));
+    assert!(((ca - cb) / ca).abs() < 1e-6, "sq_dist {ca} vs {cb}");
+}
+
+#[test]
+fn rows_columns_norms_rope() {
+    let _l = LOCK.lock().unwrap();
+    let (g, mut r) = (gpu(), Rng(4));
+    let x = r.mat(29, 48);
+    let idx: Vec<u32> = (0..13).map(|_| r.below(29) as u32).collect();
+    close("select_rows", &g.download(&g.select_rows(&g.upload(&x), &idx)), &Cpu.select_rows(&x, &idx), 0.0 + 1e-12);
+    close("slice_cols", &g.download(&g.slice_cols(&g.upload(&x), 16..40)), &Cpu.slice_cols(&x, 16..40), 1e-12);
+    let (gamma, beta) = (r.mat(1, 48), r.mat(1, 48));
+    let mut shifted = x.clone();
+    shifted.data.iter_mut().for_each(|v| *v += 30.0);
+    let c = Cpu.layer_norm(&shifted, &gamma, Some(&beta), 1e-5);
+    let gg = g.download(&g.layer_norm(&g.upload(&shifted), &g.upload(&gamma), Some(&g.upload(&beta)), 1e-5));
+    close("layer_norm", &gg, &c, 1e-5);
+    let c = Cpu.layer_norm(&x, &gamma, None, 1e-12);
+    close("layer_norm (no beta)", &g.download(&g.layer_norm(&g.upload(&x), &g.upload(&gamma), None, 1e-12)), &c, 1e-5);
+    let c = Cpu.rms_norm(&x, &gamma, 1e-6);
+    close("rms_norm", &g.download(&g.rms_norm(&g.upload(&x), &g.upload(&gamma), 1e-6)), &c, 1e-5);
+    let pos: Vec<u32> = (0..29).map(|i| (i * 7 % 61) as u32).collect();
+    let inv: Vec<f32> = (0..8).map(|k| 1.0 / 10000f32.powf(2.0 * k as f32 / 16.0)).collect();
+    let mut c = x.clone();
+    Cpu.rope(&mut c, &pos, 16, &inv);
+    let mut t = g.upload(&x);
+    g.rope(&mut t, &pos, 16, &inv);
+    close("rope", &g.download(&t), &c, 1e-5);
+}
+
+#[test]
+fn attention_variants() {
+    let _l = LOCK.lock().unwrap();
+    let (g, mut r) = (gpu(), Rng(5));
+    let seqs = vec![0..1, 1..40, 40..45, 45..115];
+    let rows = 115;
+    for (heads, kv, hd, causal, window) in [(4, 4, 8, true, None), (4, 2, 16, true, None), (6, 1, 8, false, None), (4, 2, 8, true, Some(5))] {
+        let (q, k, v) = (r.mat(rows, heads * hd), r.mat(rows, kv * hd), r.mat(rows, kv * hd));
+        let spec = AttentionSpec { heads, kv_heads: kv, head_dim: hd, causal, window, scale: 1.0 / (hd as f32).sqrt() };
+        let c = Cpu.attention(&q, &k, &v, &spec, &seqs);
+        let gg = g.download(&g.attention(&g.upload(&q), &g.upload(&k), &g.upload(&v), &spec, &seqs));
+        close(&format!("attention h{heads} kv{kv} d{hd} causal {causal} window {window:?}"), &gg, &c, 1e-5);
+    }
+}
