@@ -1,11 +1,12 @@
 //! Whole-merge benchmark on the GPT-2-small shape of DESIGN.md §6: random weights, d=768, 12 layers,
 //! LoRA r=8 on c_attn, 3 tasks × 32 samples × 128 tokens.
 //!
-//!     cargo bench --bench merge [-- sweep|jacobi5 ...]
+//!     cargo bench --bench merge [-- sweep|jacobi5 ...] [-- gpu]
 //!
-//! Prints wall time per schedule. Compare with `python3 tools/bench_reference.py` (PyTorch, same work).
+//! Prints wall time per schedule, on the CPU backend (default) or the GPU backend (`gpu`; on a
+//! software Vulkan driver this shape takes hours). Compare with `python3 tools/bench_reference.py` (PyTorch, same work).
 
-use iteris::backend::cpu::Cpu;
+use iteris::backend::{cpu::Cpu, gpu::Gpu, Backend};
 use iteris::formats::hf_config::HfConfig;
 use iteris::formats::peft::LoraModule;
 use iteris::formats::safetensors::{write, TensorFile, TensorStore};
@@ -40,7 +41,18 @@ impl Rng {
 }
 
 fn main() {
-    let which: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let which: Vec<String> = args.iter().filter(|a| *a != "gpu").cloned().collect();
+    if args.iter().any(|a| a == "gpu") {
+        let g = Gpu::new().expect("a GPU adapter");
+        let label = format!("gpu ({})", g.info.name);
+        run(&g, &label, &which);
+    } else {
+        run(&Cpu, "cpu", &which);
+    }
+}
+
+fn run<B: Backend + 'static>(be: &B, backend: &str, which: &[String]) {
     let mut rng = Rng(0x9E3779B97F4A7C15);
     let mut w = BTreeMap::new();
     w.insert("wte.weight".to_string(), rng.mat(VOCAB, D, 0.05));
@@ -61,7 +73,7 @@ fn main() {
     let store = TensorStore::new(vec![TensorFile::parse("bench", write(&w, false, None).unwrap()).unwrap()]).unwrap();
     drop(w);
     let cfg = HfConfig::parse("config.json", format!(r#"{{"model_type":"gpt2","n_embd":{D},"n_head":12,"n_layer":{LAYERS},"vocab_size":{VOCAB},"n_positions":{POS}}}"#).as_bytes()).unwrap();
-    let model = models::load(&Cpu, &cfg, &store).unwrap();
+    let model = models::load(be, &cfg, &store).unwrap();
 
     let targets = || -> Vec<Target> {
         let mut rng = Rng(7);
@@ -90,9 +102,9 @@ fn main() {
             continue;
         }
         let t = Instant::now();
-        let out = run_iteris(&Cpu, model.as_ref(), targets(), &ids, &opts, &mut |_| {}).unwrap();
+        let out = run_iteris(be, model.as_ref(), targets(), &ids, &opts, &mut |_| {}).unwrap();
         println!(
-            "cpu {label:8} GPT-2-small shape (d={D}, {LAYERS} layers, r={R} on c_attn, {TASKS}x{SAMPLES}x{TOKENS} tokens): {:.2} s, {} modules",
+            "{backend} {label:8} GPT-2-small shape (d={D}, {LAYERS} layers, r={R} on c_attn, {TASKS}x{SAMPLES}x{TOKENS} tokens): {:.2} s, {} modules",
             t.elapsed().as_secs_f64(),
             out.merged.len()
         );
