@@ -1,4 +1,5 @@
-// C (M, N) = A (M, K) · B (K, N)   [+ C when ACCUMULATE]
+// C (M, N) = alpha · A (M, K) · B (K, N)   [+ C when accumulate]; C is written at
+// c_off + i·ldc + j, so a product can update a block of a larger matrix (the Cholesky update).
 //
 // Both operands are read through (offset, row stride, column stride), so the same kernel computes
 // x·Wᵀ (B = Wᵀ read in place), Xᵀ·Y (the Gram matrices, A = Xᵀ read in place) and plain products,
@@ -18,6 +19,7 @@ struct Params {
     a_off: u32, a_rs: u32, a_cs: u32,
     b_off: u32, b_rs: u32, b_cs: u32,
     accumulate: u32,
+    c_off: u32, ldc: u32, alpha: f32,
     // Always 1.0. Compilers that reassociate floating point (LLVM in lavapipe does) would simplify
     // the Kahan step ((acc + y) − acc) − y to 0; a factor only known at run time in t keeps it.
     one: f32,
@@ -25,7 +27,7 @@ struct Params {
 
 @group(0) @binding(0) var<storage, read> a: array<f32>;        // (M, K) through strides
 @group(0) @binding(1) var<storage, read> b: array<f32>;        // (K, N) through strides
-@group(0) @binding(2) var<storage, read_write> c: array<f32>;  // (M, N) row-major
+@group(0) @binding(2) var<storage, read_write> c: array<f32>;  // (M, N) at c_off, row stride ldc
 @group(0) @binding(3) var<uniform> p: Params;
 @group(0) @binding(4) var<storage, read_write> c_lo: array<f32>;  // (M, N) when WITH_LO, else unused
 
@@ -95,8 +97,8 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
         for (var s = 0u; s < 4u; s++) {
             let gj = col0 + lid.x * 4u + s;
             if (gj >= p.n) { continue; }
-            let o = gi * p.n + gj;
-            if (p.accumulate != 0u) { c[o] = c[o] + acc[r * 4u + s]; } else { c[o] = acc[r * 4u + s]; }
+            let o = p.c_off + gi * p.ldc + gj;
+            if (p.accumulate != 0u) { c[o] = c[o] + p.alpha * acc[r * 4u + s]; } else { c[o] = p.alpha * acc[r * 4u + s]; }
             if (WITH_LO) { c_lo[o] = -comp[r * 4u + s]; }
         }
     }

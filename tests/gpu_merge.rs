@@ -6,6 +6,7 @@ use common::*;
 use iteris::backend::gpu::Gpu;
 use iteris::fsio;
 use iteris::merge::export::dense;
+use iteris::merge::solve::SolvePath;
 use iteris::merge::{pipeline, Options, Schedule};
 
 fn gpu_merge(gpu: &Gpu, arch: &str, opts: &Options) -> pipeline::MergeResult {
@@ -17,9 +18,32 @@ fn gpu_merge(gpu: &Gpu, arch: &str, opts: &Options) -> pipeline::MergeResult {
 fn gpu_merges_match_cpu_and_reference() {
     let gpu = Gpu::new().expect("a GPU adapter (CI installs Mesa lavapipe)");
     let cases = [
-        (Options::default(), "expected_sweep_a1e-4.safetensors", 1e-4, 1e-4),
-        (Options { schedule: Schedule::Jacobi, iters: 3, ..Options::default() }, "expected_jacobi3_a1e-4.safetensors", 1e-4, 1e-4),
-        (Options { alpha1: 1e-7, alpha2: 1e-7, ..Options::default() }, "expected_sweep_a1e-7.safetensors", 1e-2, 1e-2),
+        (
+            Options::default(),
+            "expected_sweep_a1e-4.safetensors",
+            1e-4,
+            1e-4,
+        ),
+        (
+            Options {
+                schedule: Schedule::Jacobi,
+                iters: 3,
+                ..Options::default()
+            },
+            "expected_jacobi3_a1e-4.safetensors",
+            1e-4,
+            1e-4,
+        ),
+        (
+            Options {
+                alpha1: 1e-7,
+                alpha2: 1e-7,
+                ..Options::default()
+            },
+            "expected_sweep_a1e-7.safetensors",
+            1e-2,
+            1e-2,
+        ),
     ];
     for arch in ARCHS {
         for (opts, file, tol_cpu, tol_ref) in &cases {
@@ -27,15 +51,33 @@ fn gpu_merges_match_cpu_and_reference() {
             let c = merge(arch, opts);
             let exp = expected(arch, file);
             let (mut worst_cpu, mut worst_ref): (f64, f64) = (0.0, 0.0);
-            for ((t, gm), cm) in g.outcome.targets.iter().zip(&g.outcome.merged).zip(&c.outcome.merged) {
+            for ((t, gm), cm) in g
+                .outcome
+                .targets
+                .iter()
+                .zip(&g.outcome.merged)
+                .zip(&c.outcome.merged)
+            {
                 let gd = dense(gm);
                 worst_cpu = worst_cpu.max(rel(&gd, &dense(cm)));
                 worst_ref = worst_ref.max(rel(&gd, &exp.mat(&t.name).unwrap()));
             }
-            assert!(worst_cpu <= *tol_cpu, "{arch} {file}: GPU vs CPU {worst_cpu:.2e}");
-            assert!(worst_ref <= *tol_ref, "{arch} {file}: GPU vs float64 reference {worst_ref:.2e}");
+            assert!(
+                worst_cpu <= *tol_cpu,
+                "{arch} {file}: GPU vs CPU {worst_cpu:.2e}"
+            );
+            assert!(
+                worst_ref <= *tol_ref,
+                "{arch} {file}: GPU vs float64 reference {worst_ref:.2e}"
+            );
             assert!(g.report.backend.starts_with("gpu"));
-            eprintln!("{arch} {file}: GPU vs CPU {worst_cpu:.2e}, vs reference {worst_ref:.2e}");
+            let refined = g.report.modules.iter().filter(|m| m.solve_path == Some(SolvePath::GpuCholeskyF32Refined)).count();
+            let fallback = g.report.modules.iter().filter(|m| m.solve_path == Some(SolvePath::CholeskyF64AfterGpu)).count();
+            assert_eq!(refined + fallback, g.report.modules.len(), "{arch} {file}: every module solved through the GPU path or its fallback");
+            if opts.alpha2 >= 1e-4 {
+                assert_eq!(fallback, 0, "{arch} {file}: at a 1e-4 ridge the refined f32 solve converges");
+            }
+            eprintln!("{arch} {file}: GPU vs CPU {worst_cpu:.2e}, vs reference {worst_ref:.2e}; solves: {refined} refined f32, {fallback} f64 fallback");
         }
     }
 }

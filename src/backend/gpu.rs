@@ -21,6 +21,8 @@ const NORM: &str = include_str!("../../shaders/norm.wgsl");
 const ROPE: &str = include_str!("../../shaders/rope.wgsl");
 const ATTENTION: &str = include_str!("../../shaders/attention.wgsl");
 const REDUCE: &str = include_str!("../../shaders/reduce.wgsl");
+const CHOLESKY_BLOCK: &str = include_str!("../../shaders/cholesky_block.wgsl");
+const CHOLESKY_PANEL: &str = include_str!("../../shaders/cholesky_panel.wgsl");
 
 /// Submit after this many recorded dispatches even without a readback, to bound the memory held
 /// by buffers that are dropped on the host but still referenced by recorded commands.
@@ -41,6 +43,43 @@ pub struct Gpu {
     pipelines: RefCell<HashMap<String, wgpu::ComputePipeline>>,
     encoder: RefCell<Option<wgpu::CommandEncoder>>,
     pending: Cell<usize>,
+}
+
+/// Shape and strides of one product C (m, n) = alpha · A (m, k) · B (k, n): operands as
+/// (offset, row stride, column stride) in elements; C at c_off with row stride ldc.
+#[derive(Clone, Copy)]
+struct Geometry {
+    m: usize,
+    k: usize,
+    n: usize,
+    a: (usize, usize, usize),
+    b: (usize, usize, usize),
+    c_off: usize,
+    ldc: usize,
+    alpha: f32,
+    accumulate: bool,
+}
+
+impl Geometry {
+    fn new(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: (usize, usize, usize),
+        b: (usize, usize, usize),
+    ) -> Geometry {
+        Geometry {
+            m,
+            k,
+            n,
+            a,
+            b,
+            c_off: 0,
+            ldc: n,
+            alpha: 1.0,
+            accumulate: false,
+        }
+    }
 }
 
 /// Uniform parameters: u32 words (f32 through `to_bits`), padded to 16 bytes.
@@ -65,7 +104,10 @@ impl Gpu {
     pub async fn new_async() -> Result<Gpu> {
         let instance = wgpu::Instance::default();
         let adapter = instance
-            .request_adapter(&wgpu::RequestAdapterOptions { power_preference: wgpu::PowerPreference::HighPerformance, ..Default::default() })
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                ..Default::default()
+            })
             .await
             .map_err(|e| Error::Unsupported(format!("no GPU adapter is available ({e})")))?;
         let info = adapter.get_info();
@@ -78,14 +120,22 @@ impl Gpu {
             ..wgpu::Limits::downlevel_defaults()
         };
         let (device, queue) = adapter
-            .request_device(&wgpu::DeviceDescriptor { label: Some("iteris"), required_limits: limits.clone(), ..Default::default() })
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("iteris"),
+                required_limits: limits.clone(),
+                ..Default::default()
+            })
             .await
-            .map_err(|e| Error::Unsupported(format!("GPU adapter {} refused a device ({e})", info.name)))?;
+            .map_err(|e| {
+                Error::Unsupported(format!("GPU adapter {} refused a device ({e})", info.name))
+            })?;
         Ok(Gpu {
             device,
             queue,
             info,
-            max_binding: limits.max_storage_buffer_binding_size.min(limits.max_buffer_size),
+            max_binding: limits
+                .max_storage_buffer_binding_size
+                .min(limits.max_buffer_size),
             pipelines: RefCell::new(HashMap::new()),
             encoder: RefCell::new(None),
             pending: Cell::new(0),
@@ -100,7 +150,10 @@ impl Gpu {
     /// A CPU emulation (lavapipe, SwiftShader, WARP): correct but slower than the CPU backend.
     pub fn is_software(&self) -> bool {
         let n = self.info.name.to_lowercase();
-        self.info.device_type == wgpu::DeviceType::Cpu || ["llvmpipe", "lavapipe", "swiftshader", "warp"].iter().any(|s| n.contains(s))
+        self.info.device_type == wgpu::DeviceType::Cpu
+            || ["llvmpipe", "lavapipe", "swiftshader", "warp"]
+                .iter()
+                .any(|s| n.contains(s))
     }
 
     /// The largest tensor (in bytes) one storage binding can hold.
@@ -117,41 +170,80 @@ impl Gpu {
         for (k, v) in subs {
             code = code.replace(&format!("{{{{{k}}}}}"), v);
         }
-        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(kernel), source: wgpu::ShaderSource::Wgsl(code.into()) });
-        let p = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(kernel),
-            layout: None,
-            module: &module,
-            entry_point: Some("main"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(kernel),
+                source: wgpu::ShaderSource::Wgsl(code.into()),
+            });
+        let p = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(kernel),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            });
         self.pipelines.borrow_mut().insert(key, p.clone());
         p
     }
 
     /// Record one dispatch: `buffers` bind to 0..n-1 in order, the parameters to n.
-    fn dispatch(&self, p: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer], params: &[u32], groups: (u32, u32, u32)) {
+    fn dispatch(
+        &self,
+        p: &wgpu::ComputePipeline,
+        buffers: &[&wgpu::Buffer],
+        params: &[u32],
+        groups: (u32, u32, u32),
+    ) {
         self.dispatch_with(p, buffers, params, &[], groups)
     }
 
     /// `dispatch`, with `after` bound to n+1, n+2, … (after the parameters).
-    fn dispatch_with(&self, p: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer], params: &[u32], after: &[&wgpu::Buffer], groups: (u32, u32, u32)) {
-        let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents: &words(params),
-            usage: wgpu::BufferUsages::UNIFORM,
+    fn dispatch_with(
+        &self,
+        p: &wgpu::ComputePipeline,
+        buffers: &[&wgpu::Buffer],
+        params: &[u32],
+        after: &[&wgpu::Buffer],
+        groups: (u32, u32, u32),
+    ) {
+        let uniform = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: &words(params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let mut entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        entries.push(wgpu::BindGroupEntry {
+            binding: buffers.len() as u32,
+            resource: uniform.as_entire_binding(),
         });
-        let mut entries: Vec<wgpu::BindGroupEntry> =
-            buffers.iter().enumerate().map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() }).collect();
-        entries.push(wgpu::BindGroupEntry { binding: buffers.len() as u32, resource: uniform.as_entire_binding() });
         for (i, b) in after.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry { binding: (buffers.len() + 1 + i) as u32, resource: b.as_entire_binding() });
+            entries.push(wgpu::BindGroupEntry {
+                binding: (buffers.len() + 1 + i) as u32,
+                resource: b.as_entire_binding(),
+            });
         }
-        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &p.get_bind_group_layout(0), entries: &entries });
+        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &p.get_bind_group_layout(0),
+            entries: &entries,
+        });
         {
             let mut enc = self.encoder.borrow_mut();
-            let enc = enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+            let enc =
+                enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
             let mut pass = enc.begin_compute_pass(&Default::default());
             pass.set_pipeline(p);
             pass.set_bind_group(0, &bg, &[]);
@@ -172,11 +264,16 @@ impl Gpu {
 
     fn alloc(&self, rows: usize, cols: usize) -> GpuTensor {
         let bytes = ((rows * cols * 4) as u64).max(4);
-        assert!(bytes <= self.max_binding, "tensor of {bytes} bytes exceeds the GPU binding limit (checked on upload)");
+        assert!(
+            bytes <= self.max_binding,
+            "tensor of {bytes} bytes exceeds the GPU binding limit (checked on upload)"
+        );
         let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
             size: bytes.next_multiple_of(4),
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
         GpuTensor { buf, rows, cols }
@@ -184,12 +281,19 @@ impl Gpu {
 
     fn storage<T: bytemuck::Pod>(&self, data: &[T]) -> wgpu::Buffer {
         let bytes: &[u8] = bytemuck::cast_slice(data);
-        let contents = if bytes.is_empty() { &[0u8; 4][..] } else { bytes };
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-        })
+        let contents = if bytes.is_empty() {
+            &[0u8; 4][..]
+        } else {
+            bytes
+        };
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+            })
     }
 
     /// Copy `n` f32 of `buf` back to the host (submits everything recorded so far).
@@ -206,14 +310,18 @@ impl Gpu {
         });
         {
             let mut enc = self.encoder.borrow_mut();
-            let enc = enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+            let enc =
+                enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
             enc.copy_buffer_to_buffer(buf, 0, &staging, 0, size);
         }
         self.flush();
         let slice = staging.slice(..);
         slice.map_async(wgpu::MapMode::Read, |r| r.expect("GPU readback failed"));
-        self.device.poll(wgpu::PollType::wait_indefinitely()).expect("GPU device lost");
-        let out = bytemuck::cast_slice(&slice.get_mapped_range().expect("GPU readback failed")).to_vec();
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .expect("GPU device lost");
+        let out =
+            bytemuck::cast_slice(&slice.get_mapped_range().expect("GPU readback failed")).to_vec();
         staging.unmap();
         out
     }
@@ -232,7 +340,18 @@ impl Gpu {
         Ok(())
     }
 
-    fn elementwise(&self, op: &str, act: Option<Activation>, y: &wgpu::Buffer, x: Option<&wgpu::Buffer>, n: usize, oy: usize, ox: usize, cols: usize, s: f32) {
+    fn elementwise(
+        &self,
+        op: &str,
+        act: Option<Activation>,
+        y: &wgpu::Buffer,
+        x: Option<&wgpu::Buffer>,
+        n: usize,
+        oy: usize,
+        ox: usize,
+        cols: usize,
+        s: f32,
+    ) {
         let (expr, act_expr) = match op {
             "add" => ("y[p.oy + i] = y[p.oy + i] + p.s * x[p.ox + i];", "return v;"),
             "set" => ("y[p.oy + i] = p.s * x[p.ox + i];", "return v;"),
@@ -252,7 +371,11 @@ impl Gpu {
         };
         // Keep binding 1 statically used whatever the op, so every variant has the same layout.
         let expr = format!("{expr}\n    if (p.n == 0xffffffffu) {{ y[0] = x[0]; }}");
-        let p = self.pipeline("elementwise", ELEMENTWISE, &[("OP", expr), ("ACT", act_expr.to_string())]);
+        let p = self.pipeline(
+            "elementwise",
+            ELEMENTWISE,
+            &[("OP", expr), ("ACT", act_expr.to_string())],
+        );
         let dummy;
         let x = match x {
             Some(x) => x,
@@ -262,31 +385,97 @@ impl Gpu {
             }
         };
         let (gx, gy, stride) = grid_1d(n);
-        self.dispatch(&p, &[y, x], &[n as u32, oy as u32, ox as u32, cols as u32, s.to_bits(), stride], (gx, gy, 1));
+        self.dispatch(
+            &p,
+            &[y, x],
+            &[
+                n as u32,
+                oy as u32,
+                ox as u32,
+                cols as u32,
+                s.to_bits(),
+                stride,
+            ],
+            (gx, gy, 1),
+        );
     }
 
-    /// C = A·B through strides (see matmul.wgsl); with `lo`, also the compensation terms.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul(&self, a: &wgpu::Buffer, a_off: usize, a_rs: usize, a_cs: usize, b: &wgpu::Buffer, b_off: usize, b_rs: usize, b_cs: usize, m: usize, k: usize, n: usize, lo: bool) -> (GpuTensor, Option<GpuTensor>) {
-        let c = self.alloc(m, n);
-        let c_lo = lo.then(|| self.alloc(m, n));
-        let subs = [("A_K_FAST", (a_cs == 1).to_string()), ("B_K_FAST", (b_rs == 1).to_string()), ("WITH_LO", lo.to_string())];
+    /// C = alpha·A·B (+ C) through strides (see matmul.wgsl); with `lo`, also the compensation terms.
+    fn matmul(
+        &self,
+        a: &wgpu::Buffer,
+        b: &wgpu::Buffer,
+        c: &wgpu::Buffer,
+        lo: Option<&wgpu::Buffer>,
+        g: &Geometry,
+    ) {
+        let subs = [
+            ("A_K_FAST", (g.a.2 == 1).to_string()),
+            ("B_K_FAST", (g.b.1 == 1).to_string()),
+            ("WITH_LO", lo.is_some().to_string()),
+        ];
         let p = self.pipeline("matmul", MATMUL, &subs);
-        let mut params = [m, n, k, a_off, a_rs, a_cs, b_off, b_rs, b_cs, 0, 0].map(|v| v as u32);
-        params[10] = 1f32.to_bits();
+        let params = [
+            g.m as u32,
+            g.n as u32,
+            g.k as u32,
+            g.a.0 as u32,
+            g.a.1 as u32,
+            g.a.2 as u32,
+            g.b.0 as u32,
+            g.b.1 as u32,
+            g.b.2 as u32,
+            g.accumulate as u32,
+            g.c_off as u32,
+            g.ldc as u32,
+            g.alpha.to_bits(),
+            1f32.to_bits(),
+        ];
         let dummy;
-        let lo_buf = match &c_lo {
-            Some(t) => &t.buf,
+        let lo = match lo {
+            Some(b) => b,
             None => {
                 dummy = self.storage(&[0f32]);
                 &dummy
             }
         };
-        self.dispatch_with(&p, &[a, b, &c.buf], &params, &[lo_buf], (n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1));
+        self.dispatch_with(
+            &p,
+            &[a, b, c],
+            &params,
+            &[lo],
+            (g.n.div_ceil(64) as u32, g.m.div_ceil(64) as u32, 1),
+        );
+    }
+
+    /// A fresh (m, n) = A·B.
+    fn product(
+        &self,
+        a: &wgpu::Buffer,
+        b: &wgpu::Buffer,
+        g: Geometry,
+        lo: bool,
+    ) -> (GpuTensor, Option<GpuTensor>) {
+        let c = self.alloc(g.m, g.n);
+        let c_lo = lo.then(|| self.alloc(g.m, g.n));
+        self.matmul(
+            a,
+            b,
+            &c.buf,
+            c_lo.as_ref().map(|t| &t.buf),
+            &Geometry { ldc: g.n, ..g },
+        );
         (c, c_lo)
     }
 
-    fn reduce(&self, mode: &str, x: &wgpu::Buffer, ox: usize, y: Option<&wgpu::Buffer>, n: usize) -> f64 {
+    fn reduce(
+        &self,
+        mode: &str,
+        x: &wgpu::Buffer,
+        ox: usize,
+        y: Option<&wgpu::Buffer>,
+        n: usize,
+    ) -> f64 {
         let chunk = 256 * 16;
         let groups = n.div_ceil(chunk).max(1);
         let partial = self.alloc(1, groups);
@@ -304,8 +493,16 @@ impl Gpu {
             }
         };
         let gx = groups.min(65535);
-        self.dispatch(&p, &[x, y, &partial.buf], &[n as u32, ox as u32, chunk as u32], (gx as u32, groups.div_ceil(gx) as u32, 1));
-        self.read(&partial.buf, groups).iter().map(|&v| v as f64).sum()
+        self.dispatch(
+            &p,
+            &[x, y, &partial.buf],
+            &[n as u32, ox as u32, chunk as u32],
+            (gx as u32, groups.div_ceil(gx) as u32, 1),
+        );
+        self.read(&partial.buf, groups)
+            .iter()
+            .map(|&v| v as f64)
+            .sum()
     }
 }
 
@@ -317,7 +514,11 @@ impl Backend for Gpu {
     }
 
     fn upload(&self, m: &Mat) -> GpuTensor {
-        GpuTensor { buf: self.storage(&m.data), rows: m.rows, cols: m.cols }
+        GpuTensor {
+            buf: self.storage(&m.data),
+            rows: m.rows,
+            cols: m.cols,
+        }
     }
 
     fn download(&self, t: &GpuTensor) -> Mat {
@@ -333,7 +534,12 @@ impl Backend for Gpu {
         let ib = self.storage(idx);
         let (gx, gy, stride) = grid_1d(idx.len() * x.cols);
         let p = self.pipeline("select_rows", SELECT_ROWS, &[]);
-        self.dispatch(&p, &[&x.buf, &ib, &out.buf], &[idx.len() as u32, x.cols as u32, stride], (gx, gy, 1));
+        self.dispatch(
+            &p,
+            &[&x.buf, &ib, &out.buf],
+            &[idx.len() as u32, x.cols as u32, stride],
+            (gx, gy, 1),
+        );
         out
     }
 
@@ -341,38 +547,106 @@ impl Backend for Gpu {
         let out = self.alloc(x.rows, cols.len());
         let (gx, gy, stride) = grid_1d(x.rows * cols.len());
         let p = self.pipeline("slice_cols", SLICE_COLS, &[]);
-        self.dispatch(&p, &[&x.buf, &out.buf], &[x.rows as u32, x.cols as u32, cols.start as u32, cols.len() as u32, stride], (gx, gy, 1));
+        self.dispatch(
+            &p,
+            &[&x.buf, &out.buf],
+            &[
+                x.rows as u32,
+                x.cols as u32,
+                cols.start as u32,
+                cols.len() as u32,
+                stride,
+            ],
+            (gx, gy, 1),
+        );
         out
     }
 
     fn matmul_t(&self, x: &GpuTensor, rows: Range<usize>, w: &GpuTensor) -> GpuTensor {
         assert_eq!(x.cols, w.cols);
         let k = x.cols;
-        self.matmul(&x.buf, rows.start * k, k, 1, &w.buf, 0, 1, k, rows.len(), k, w.rows, false).0
+        let g = Geometry::new(rows.len(), k, w.rows, (rows.start * k, k, 1), (0, 1, k));
+        self.product(&x.buf, &w.buf, g, false).0
     }
 
     fn add_rows(&self, y: &mut GpuTensor, rows: Range<usize>, d: &GpuTensor, s: f32) {
         assert_eq!((rows.len(), y.cols), (d.rows, d.cols));
-        self.elementwise("add", None, &y.buf, Some(&d.buf), rows.len() * y.cols, rows.start * y.cols, 0, y.cols, s);
+        self.elementwise(
+            "add",
+            None,
+            &y.buf,
+            Some(&d.buf),
+            rows.len() * y.cols,
+            rows.start * y.cols,
+            0,
+            y.cols,
+            s,
+        );
     }
 
     fn add_bias(&self, y: &mut GpuTensor, b: &GpuTensor) {
-        self.elementwise("bias", None, &y.buf, Some(&b.buf), y.rows * y.cols, 0, 0, y.cols, 1.0);
+        self.elementwise(
+            "bias",
+            None,
+            &y.buf,
+            Some(&b.buf),
+            y.rows * y.cols,
+            0,
+            0,
+            y.cols,
+            1.0,
+        );
     }
 
     fn scale(&self, x: &mut GpuTensor, s: f32) {
-        self.elementwise("scale", None, &x.buf, None, x.rows * x.cols, 0, 0, x.cols, s);
+        self.elementwise(
+            "scale",
+            None,
+            &x.buf,
+            None,
+            x.rows * x.cols,
+            0,
+            0,
+            x.cols,
+            s,
+        );
     }
 
     fn mul(&self, y: &mut GpuTensor, x: &GpuTensor) {
-        self.elementwise("mul", None, &y.buf, Some(&x.buf), y.rows * y.cols, 0, 0, y.cols, 1.0);
+        self.elementwise(
+            "mul",
+            None,
+            &y.buf,
+            Some(&x.buf),
+            y.rows * y.cols,
+            0,
+            0,
+            y.cols,
+            1.0,
+        );
     }
 
     fn activate(&self, x: &mut GpuTensor, act: Activation) {
-        self.elementwise("act", Some(act), &x.buf, None, x.rows * x.cols, 0, 0, x.cols, 1.0);
+        self.elementwise(
+            "act",
+            Some(act),
+            &x.buf,
+            None,
+            x.rows * x.cols,
+            0,
+            0,
+            x.cols,
+            1.0,
+        );
     }
 
-    fn layer_norm(&self, x: &GpuTensor, gamma: &GpuTensor, beta: Option<&GpuTensor>, eps: f32) -> GpuTensor {
+    fn layer_norm(
+        &self,
+        x: &GpuTensor,
+        gamma: &GpuTensor,
+        beta: Option<&GpuTensor>,
+        eps: f32,
+    ) -> GpuTensor {
         self.norm(x, gamma, beta, eps, false)
     }
 
@@ -385,10 +659,22 @@ impl Backend for Gpu {
         let fb = self.storage(inv_freq);
         let (gx, gy, stride) = grid_1d(x.rows * x.cols / 2);
         let p = self.pipeline("rope", ROPE, &[]);
-        self.dispatch(&p, &[&x.buf, &pb, &fb], &[x.rows as u32, x.cols as u32, head_dim as u32, stride], (gx, gy, 1));
+        self.dispatch(
+            &p,
+            &[&x.buf, &pb, &fb],
+            &[x.rows as u32, x.cols as u32, head_dim as u32, stride],
+            (gx, gy, 1),
+        );
     }
 
-    fn attention(&self, q: &GpuTensor, k: &GpuTensor, v: &GpuTensor, spec: &AttentionSpec, seqs: &[Range<usize>]) -> GpuTensor {
+    fn attention(
+        &self,
+        q: &GpuTensor,
+        k: &GpuTensor,
+        v: &GpuTensor,
+        spec: &AttentionSpec,
+        seqs: &[Range<usize>],
+    ) -> GpuTensor {
         let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(1);
         let max_t = longest.next_power_of_two().max(64);
         let mut span = Vec::with_capacity(q.rows * 2);
@@ -401,29 +687,152 @@ impl Backend for Gpu {
         let sb = self.storage(&span);
         let out = self.alloc(q.rows, q.cols);
         let p = self.pipeline("attention", ATTENTION, &[("MAX_T", max_t.to_string())]);
-        let params = [q.rows as u32, spec.heads as u32, spec.kv_heads as u32, spec.head_dim as u32, spec.causal as u32, spec.window.unwrap_or(0) as u32, spec.scale.to_bits()];
+        let params = [
+            q.rows as u32,
+            spec.heads as u32,
+            spec.kv_heads as u32,
+            spec.head_dim as u32,
+            spec.causal as u32,
+            spec.window.unwrap_or(0) as u32,
+            spec.scale.to_bits(),
+        ];
         let (y, z) = (q.rows.min(65535), q.rows.div_ceil(65535));
-        self.dispatch(&p, &[&q.buf, &k.buf, &v.buf, &sb, &out.buf], &params, (spec.heads as u32, y as u32, z as u32));
+        self.dispatch(
+            &p,
+            &[&q.buf, &k.buf, &v.buf, &sb, &out.buf],
+            &params,
+            (spec.heads as u32, y as u32, z as u32),
+        );
         out
     }
 
-    fn mix_rows(&self, a: &GpuTensor, ar: Range<usize>, wa: f32, b: &GpuTensor, br: Range<usize>, wb: f32) -> GpuTensor {
+    fn mix_rows(
+        &self,
+        a: &GpuTensor,
+        ar: Range<usize>,
+        wa: f32,
+        b: &GpuTensor,
+        br: Range<usize>,
+        wb: f32,
+    ) -> GpuTensor {
         let out = self.alloc(ar.len(), a.cols);
         let n = ar.len() * a.cols;
-        self.elementwise("set", None, &out.buf, Some(&b.buf), n, 0, br.start * b.cols, a.cols, wb);
-        self.elementwise("add", None, &out.buf, Some(&a.buf), n, 0, ar.start * a.cols, a.cols, wa);
+        self.elementwise(
+            "set",
+            None,
+            &out.buf,
+            Some(&b.buf),
+            n,
+            0,
+            br.start * b.cols,
+            a.cols,
+            wb,
+        );
+        self.elementwise(
+            "add",
+            None,
+            &out.buf,
+            Some(&a.buf),
+            n,
+            0,
+            ar.start * a.cols,
+            a.cols,
+            wa,
+        );
         out
     }
 
-    fn gram(&self, x: &GpuTensor, xr: Range<usize>, y: &GpuTensor, yr: Range<usize>) -> nalgebra::DMatrix<f64> {
+    fn gram(
+        &self,
+        x: &GpuTensor,
+        xr: Range<usize>,
+        y: &GpuTensor,
+        yr: Range<usize>,
+    ) -> nalgebra::DMatrix<f64> {
         assert_eq!(xr.len(), yr.len());
-        let (hi, lo) = self.matmul(&x.buf, xr.start * x.cols, 1, x.cols, &y.buf, yr.start * y.cols, y.cols, 1, x.cols, xr.len(), y.cols, true);
+        let g = Geometry::new(
+            x.cols,
+            xr.len(),
+            y.cols,
+            (xr.start * x.cols, 1, x.cols),
+            (yr.start * y.cols, y.cols, 1),
+        );
+        let (hi, lo) = self.product(&x.buf, &y.buf, g, true);
         let (hi, lo) = (self.download(&hi), self.download(&lo.unwrap()));
-        nalgebra::DMatrix::from_row_iterator(x.cols, y.cols, hi.data.iter().zip(&lo.data).map(|(h, l)| *h as f64 + *l as f64))
+        nalgebra::DMatrix::from_row_iterator(
+            x.cols,
+            y.cols,
+            hi.data
+                .iter()
+                .zip(&lo.data)
+                .map(|(h, l)| *h as f64 + *l as f64),
+        )
+    }
+
+    /// Blocked right-looking Cholesky in f32: per 32-column step, factor the diagonal block
+    /// (one workgroup), solve the panel below it (a thread per row), and update the trailing matrix
+    /// with the tiled product (alpha = −1). One readback at the end.
+    fn cholesky_f32(&self, m: &nalgebra::DMatrix<f64>) -> Option<nalgebra::DMatrix<f64>> {
+        let n = m.nrows();
+        if (n * n * 4) as u64 > self.max_binding {
+            return None;
+        }
+        let rows: Vec<f32> = (0..n * n).map(|e| m[(e / n, e % n)] as f32).collect();
+        let a = self.storage(&rows);
+        let status = self.storage(&[0u32]);
+        const NB: usize = 32;
+        let block = self.pipeline("cholesky_block", CHOLESKY_BLOCK, &[]);
+        let panel_p = self.pipeline("cholesky_panel", CHOLESKY_PANEL, &[]);
+        for k0 in (0..n).step_by(NB) {
+            let kb = NB.min(n - k0);
+            let params = [n as u32, k0 as u32, kb as u32];
+            self.dispatch(&block, &[&a, &status], &params, (1, 1, 1));
+            let m2 = n - k0 - kb;
+            if m2 == 0 {
+                break;
+            }
+            let panel = self.alloc(m2, kb);
+            self.dispatch(
+                &panel_p,
+                &[&a, &panel.buf],
+                &params,
+                (m2.div_ceil(64) as u32, 1, 1),
+            );
+            let at = (k0 + kb) * n + k0 + kb;
+            let g = Geometry {
+                c_off: at,
+                ldc: n,
+                alpha: -1.0,
+                accumulate: true,
+                ..Geometry::new(m2, kb, m2, (0, kb, 1), (0, 1, kb))
+            };
+            self.matmul(&panel.buf, &panel.buf, &a, None, &g);
+        }
+        if self.read(&status, 1)[0].to_bits() != 0 {
+            return None;
+        }
+        let l = self.read(&a, n * n);
+        Some(nalgebra::DMatrix::from_fn(n, n, |i, j| {
+            if j <= i {
+                l[i * n + j] as f64
+            } else {
+                0.0
+            }
+        }))
+    }
+
+    fn offers_cholesky_f32(&self) -> bool {
+        true
     }
 
     fn sq_norm(&self, x: &GpuTensor, rows: Range<usize>) -> f64 {
-        self.reduce("norm", &x.buf, rows.start * x.cols, None, rows.len() * x.cols)
+        self.reduce(
+            "norm",
+            &x.buf,
+            rows.start * x.cols,
+            None,
+            rows.len() * x.cols,
+        )
     }
 
     fn sq_dist(&self, a: &GpuTensor, b: &GpuTensor) -> f64 {
@@ -433,12 +842,29 @@ impl Backend for Gpu {
 }
 
 impl Gpu {
-    fn norm(&self, x: &GpuTensor, gamma: &GpuTensor, beta: Option<&GpuTensor>, eps: f32, rms: bool) -> GpuTensor {
+    fn norm(
+        &self,
+        x: &GpuTensor,
+        gamma: &GpuTensor,
+        beta: Option<&GpuTensor>,
+        eps: f32,
+        rms: bool,
+    ) -> GpuTensor {
         let out = self.alloc(x.rows, x.cols);
         let p = self.pipeline("norm", NORM, &[("RMS", rms.to_string())]);
         let beta_buf = beta.map(|b| &b.buf).unwrap_or(&gamma.buf);
         let (gx, gy) = (x.rows.min(65535), x.rows.div_ceil(65535));
-        self.dispatch(&p, &[&x.buf, &gamma.buf, beta_buf, &out.buf], &[x.rows as u32, x.cols as u32, eps.to_bits(), beta.is_some() as u32], (gx as u32, gy as u32, 1));
+        self.dispatch(
+            &p,
+            &[&x.buf, &gamma.buf, beta_buf, &out.buf],
+            &[
+                x.rows as u32,
+                x.cols as u32,
+                eps.to_bits(),
+                beta.is_some() as u32,
+            ],
+            (gx as u32, gy as u32, 1),
+        );
         out
     }
 }

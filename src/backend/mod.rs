@@ -88,26 +88,67 @@ pub trait Backend {
     /// y ⊙= x
     fn mul(&self, y: &mut Self::T, x: &Self::T);
     fn activate(&self, x: &mut Self::T, act: Activation);
-    fn layer_norm(&self, x: &Self::T, gamma: &Self::T, beta: Option<&Self::T>, eps: f32) -> Self::T;
+    fn layer_norm(&self, x: &Self::T, gamma: &Self::T, beta: Option<&Self::T>, eps: f32)
+        -> Self::T;
     fn rms_norm(&self, x: &Self::T, gamma: &Self::T, eps: f32) -> Self::T;
     /// Rotary embedding, "rotate half" convention, on every head of x (rows, heads·head_dim), in place.
     /// Row t is rotated by angle positions[t]·inv_freq[k] on its pairs (k, k + head_dim/2).
     fn rope(&self, x: &mut Self::T, positions: &[u32], head_dim: usize, inv_freq: &[f32]);
     /// q (rows, heads·d), k/v (rows, kv_heads·d) → (rows, heads·d); `seqs` partitions the rows.
-    fn attention(&self, q: &Self::T, k: &Self::T, v: &Self::T, spec: &AttentionSpec, seqs: &[Range<usize>]) -> Self::T;
+    fn attention(
+        &self,
+        q: &Self::T,
+        k: &Self::T,
+        v: &Self::T,
+        spec: &AttentionSpec,
+        seqs: &[Range<usize>],
+    ) -> Self::T;
     /// wa · a[ar] + wb · b[br].
-    fn mix_rows(&self, a: &Self::T, ar: Range<usize>, wa: f32, b: &Self::T, br: Range<usize>, wb: f32) -> Self::T;
+    fn mix_rows(
+        &self,
+        a: &Self::T,
+        ar: Range<usize>,
+        wa: f32,
+        b: &Self::T,
+        br: Range<usize>,
+        wb: f32,
+    ) -> Self::T;
     /// x[xr]ᵀ · y[yr]: (cols_x, cols_y), returned to the host in f64. The solve amplifies Gram
     /// rounding by up to 1/α, so backends accumulate with more than f32 precision (CPU: f64;
     /// GPU: compensated f32 pairs).
-    fn gram(&self, x: &Self::T, xr: Range<usize>, y: &Self::T, yr: Range<usize>) -> nalgebra::DMatrix<f64>;
+    fn gram(
+        &self,
+        x: &Self::T,
+        xr: Range<usize>,
+        y: &Self::T,
+        yr: Range<usize>,
+    ) -> nalgebra::DMatrix<f64>;
     /// Σ x[rows]², accumulated in f64.
     fn sq_norm(&self, x: &Self::T, rows: Range<usize>) -> f64;
     /// Σ (a - b)², accumulated in f64.
     fn sq_dist(&self, a: &Self::T, b: &Self::T) -> f64;
 
+    /// Lower Cholesky factor of a symmetric matrix computed in f32, for the f64 iterative
+    /// refinement in `merge::solve`. None where the backend does not offer one (the CPU solves in
+    /// f64 directly) or a pivot was not positive.
+    fn cholesky_f32(&self, _m: &nalgebra::DMatrix<f64>) -> Option<nalgebra::DMatrix<f64>> {
+        None
+    }
+
+    /// Whether `cholesky_f32` is implemented (so an f64 solve is a fallback, reported as such).
+    fn offers_cholesky_f32(&self) -> bool {
+        false
+    }
+
     /// s · x[rows] · Aᵀ · Bᵀ: a LoRA delta's contribution, (n, out), never forming B·A.
-    fn lowrank(&self, x: &Self::T, rows: Range<usize>, a: &Self::T, b: &Self::T, s: f32) -> Self::T {
+    fn lowrank(
+        &self,
+        x: &Self::T,
+        rows: Range<usize>,
+        a: &Self::T,
+        b: &Self::T,
+        s: f32,
+    ) -> Self::T {
         let t = self.matmul_t(x, rows, a);
         let n = self.dims(&t).0;
         let mut y = self.matmul_t(&t, 0..n, b);

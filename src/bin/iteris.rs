@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "iteris", version, about = "Merge LoRA adapters with IterIS (CVPR 2025)")]
+#[command(
+    name = "iteris",
+    version,
+    about = "Merge LoRA adapters with IterIS (CVPR 2025)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -99,7 +103,10 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
         return Err(bad_input("arguments", format!("{} --adapter but {} --samples: give one samples file per adapter, in the same order", a.adapters.len(), a.samples.len())));
     }
     if a.adapters.len() < 2 {
-        return Err(bad_input("arguments", "give at least two --adapter/--samples pairs"));
+        return Err(bad_input(
+            "arguments",
+            "give at least two --adapter/--samples pairs",
+        ));
     }
     if a.rank == Some(0) {
         return Err(bad_input("--rank", "must be at least 1"));
@@ -112,8 +119,16 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
             return Err(bad_input(k, "must be a non-negative number"));
         }
     }
-    if a.out.exists() && !a.force && std::fs::read_dir(&a.out).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        return Err(bad_input(a.out.display(), "already exists and is not empty (pass --force to replace it)"));
+    if a.out.exists()
+        && !a.force
+        && std::fs::read_dir(&a.out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(bad_input(
+            a.out.display(),
+            "already exists and is not empty (pass --force to replace it)",
+        ));
     }
     let gpu = match a.backend {
         BackendArg::Cpu => None,
@@ -133,7 +148,10 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
                 Some(g)
             }
             Ok(g) => {
-                eprintln!("backend: cpu (auto: the only GPU adapter, {}, is a CPU emulation)", g.info.name);
+                eprintln!(
+                    "backend: cpu (auto: the only GPU adapter, {}, is a CPU emulation)",
+                    g.info.name
+                );
                 None
             }
             Err(e) => {
@@ -143,7 +161,12 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
         },
     };
     let base = fsio::read_base(&a.base)?;
-    let tasks = a.adapters.iter().zip(&a.samples).map(|(ad, s)| fsio::read_task(ad, s)).collect::<iteris::Result<Vec<_>>>()?;
+    let tasks = a
+        .adapters
+        .iter()
+        .zip(&a.samples)
+        .map(|(ad, s)| fsio::read_task(ad, s))
+        .collect::<iteris::Result<Vec<_>>>()?;
     let opts = Options {
         schedule: match a.schedule {
             ScheduleArg::Sweep => Schedule::Sweep,
@@ -164,7 +187,13 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
                 b.finish();
             }
             let b = ProgressBar::new(0);
-            b.set_style(ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos}/{len} modules {elapsed}").unwrap().progress_chars("=> "));
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{prefix:>18} [{bar:30}] {pos}/{len} modules {elapsed}",
+                )
+                .unwrap()
+                .progress_chars("=> "),
+            );
             b.set_prefix(format!("pass {k}/{n} {label}"));
             bar = Some(b);
         }
@@ -185,31 +214,59 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
     let report = serde_json::to_vec_pretty(&r.report).unwrap();
     fsio::write_folder(
         &a.out,
-        &[("adapter_config.json", &r.adapter_config), ("adapter_model.safetensors", &r.adapter_weights), ("merge_report.json", &report)],
+        &[
+            ("adapter_config.json", &r.adapter_config),
+            ("adapter_model.safetensors", &r.adapter_weights),
+            ("merge_report.json", &report),
+        ],
         a.force,
     )?;
 
     for w in &r.report.warnings {
         eprintln!("warning: {w}");
     }
-    println!("\n{:<28} {:>8} {:>8} {:>10} {:>14}", "task (adapter)", "samples", "tokens", "truncated", "align error");
+    println!(
+        "\n{:<28} {:>8} {:>8} {:>10} {:>14}",
+        "task (adapter)", "samples", "tokens", "truncated", "align error"
+    );
     for t in &r.report.tasks {
-        println!("{:<28} {:>8} {:>8} {:>10} {:>14.3e}", shorten(&t.adapter, 28), t.samples, t.tokens, t.truncated_samples, t.mean_alignment_error);
+        println!(
+            "{:<28} {:>8} {:>8} {:>10} {:>14.3e}",
+            shorten(&t.adapter, 28),
+            t.samples,
+            t.tokens,
+            t.truncated_samples,
+            t.mean_alignment_error
+        );
     }
     let ranks: Vec<usize> = r.report.modules.iter().map(|m| m.rank).collect();
-    let min_energy = r.report.modules.iter().map(|m| m.energy_kept).fold(1.0, f64::min);
+    let min_energy = r
+        .report
+        .modules
+        .iter()
+        .map(|m| m.energy_kept)
+        .fold(1.0, f64::min);
     println!(
         "\n{} modules merged ({}), rank {}..{}{}; backend {}; passes {:.2}s",
         ranks.len(),
         r.report.method,
         ranks.iter().min().unwrap_or(&0),
         ranks.iter().max().unwrap_or(&0),
-        if opts.rank.is_some() { format!(", lowest energy kept {min_energy:.4}") } else { String::new() },
+        if opts.rank.is_some() {
+            format!(", lowest energy kept {min_energy:.4}")
+        } else {
+            String::new()
+        },
         r.report.backend,
         r.report.timings_s.passes
     );
     if !r.report.jacobi_changes.is_empty() {
-        let c: Vec<String> = r.report.jacobi_changes.iter().map(|c| format!("{c:.2e}")).collect();
+        let c: Vec<String> = r
+            .report
+            .jacobi_changes
+            .iter()
+            .map(|c| format!("{c:.2e}"))
+            .collect();
         println!("jacobi: relative change between solves {}", c.join(" → "));
     }
     println!("wrote {}", a.out.display());
@@ -218,5 +275,9 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
 
 fn shorten(s: &str, n: usize) -> String {
     let c: Vec<char> = s.chars().collect();
-    if c.len() <= n { s.to_string() } else { format!("…{}", c[c.len() - n + 1..].iter().collect::<String>()) }
+    if c.len() <= n {
+        s.to_string()
+    } else {
+        format!("…{}", c[c.len() - n + 1..].iter().collect::<String>())
+    }
 }

@@ -40,15 +40,29 @@ pub struct Adapter {
 
 impl Adapter {
     /// `config_name`/`weights.name` are used in messages.
-    pub fn parse(name: &str, config_name: &str, config_bytes: &[u8], weights: &TensorFile) -> Result<Adapter> {
-        let config: Value =
-            serde_json::from_slice(config_bytes).map_err(|e| bad_input(config_name, format!("not valid JSON ({e})")))?;
-        let config = config.as_object().cloned().ok_or_else(|| bad_input(config_name, "must be a JSON object"))?;
+    pub fn parse(
+        name: &str,
+        config_name: &str,
+        config_bytes: &[u8],
+        weights: &TensorFile,
+    ) -> Result<Adapter> {
+        let config: Value = serde_json::from_slice(config_bytes)
+            .map_err(|e| bad_input(config_name, format!("not valid JSON ({e})")))?;
+        let config = config
+            .as_object()
+            .cloned()
+            .ok_or_else(|| bad_input(config_name, "must be a JSON object"))?;
         check_features(config_name, &config)?;
 
         let r = config.get("r").and_then(Value::as_u64).unwrap_or(8) as usize;
-        let alpha = config.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
-        let rslora = config.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
+        let alpha = config
+            .get("lora_alpha")
+            .and_then(Value::as_f64)
+            .unwrap_or(8.0);
+        let rslora = config
+            .get("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         let rank_pattern = patterns(config_name, &config, "rank_pattern")?;
         let alpha_pattern = patterns(config_name, &config, "alpha_pattern")?;
 
@@ -59,17 +73,26 @@ impl Adapter {
                 return Err(bad_input(&weights.name, format!("tensor '{key}' does not start with '{KEY_PREFIX}': not a PEFT adapter file")));
             };
             if rest.contains("lora_embedding_") {
-                return Err(bad_input(&weights.name, format!("has an embedding LoRA ('{key}'); LoRA on embeddings is not supported")));
+                return Err(bad_input(
+                    &weights.name,
+                    format!("has an embedding LoRA ('{key}'); LoRA on embeddings is not supported"),
+                ));
             }
             if rest.contains("lora_magnitude_vector") {
-                return Err(bad_input(&weights.name, format!("is a DoRA adapter ('{key}'); DoRA is not supported")));
+                return Err(bad_input(
+                    &weights.name,
+                    format!("is a DoRA adapter ('{key}'); DoRA is not supported"),
+                ));
             }
             if let Some(p) = rest.strip_suffix(".lora_A.weight") {
                 paths.push(p.to_string());
             } else if rest.ends_with(".lora_B.weight") {
                 continue;
             } else if rest.contains(".lora_B.") && rest.ends_with(".bias") {
-                return Err(bad_input(&weights.name, format!("has a LoRA bias ('{key}'); lora_bias is not supported")));
+                return Err(bad_input(
+                    &weights.name,
+                    format!("has a LoRA bias ('{key}'); lora_bias is not supported"),
+                ));
             } else {
                 return Err(bad_input(&weights.name, format!("has tensor '{key}', which is not a lora_A/lora_B weight (modules_to_save or another feature); not supported")));
             }
@@ -82,10 +105,15 @@ impl Adapter {
             let a = weights.mat(&format!("{KEY_PREFIX}{path}.lora_A.weight"))?;
             let bkey = format!("{KEY_PREFIX}{path}.lora_B.weight");
             if !weights.contains(&bkey) {
-                return Err(bad_input(&weights.name, format!("has lora_A but no lora_B for module '{path}'")));
+                return Err(bad_input(
+                    &weights.name,
+                    format!("has lora_A but no lora_B for module '{path}'"),
+                ));
             }
             let b = weights.mat(&bkey)?;
-            let r_m = match_pattern(&rank_pattern, &path).map(|v| v as usize).unwrap_or(r);
+            let r_m = match_pattern(&rank_pattern, &path)
+                .map(|v| v as usize)
+                .unwrap_or(r);
             let alpha_m = match_pattern(&alpha_pattern, &path).unwrap_or(alpha);
             if a.rows != r_m || b.cols != r_m {
                 return Err(bad_input(
@@ -94,16 +122,35 @@ impl Adapter {
                 ));
             }
             if r_m == 0 {
-                return Err(bad_input(config_name, format!("rank 0 for module '{path}'")));
+                return Err(bad_input(
+                    config_name,
+                    format!("rank 0 for module '{path}'"),
+                ));
             }
-            let scale = if rslora { alpha_m / (r_m as f64).sqrt() } else { alpha_m / r_m as f64 };
-            modules.push(LoraModule { path, a, b, scale: scale as f32 });
+            let scale = if rslora {
+                alpha_m / (r_m as f64).sqrt()
+            } else {
+                alpha_m / r_m as f64
+            };
+            modules.push(LoraModule {
+                path,
+                a,
+                b,
+                scale: scale as f32,
+            });
         }
-        Ok(Adapter { name: name.to_string(), config, modules })
+        Ok(Adapter {
+            name: name.to_string(),
+            config,
+            modules,
+        })
     }
 
     pub fn fan_in_fan_out(&self) -> bool {
-        self.config.get("fan_in_fan_out").and_then(Value::as_bool).unwrap_or(false)
+        self.config
+            .get("fan_in_fan_out")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
     }
 }
 
@@ -111,7 +158,10 @@ impl Adapter {
 fn check_features(file: &str, c: &Map<String, Value>) -> Result<()> {
     let peft_type = c.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
     if peft_type != "LORA" {
-        return Err(bad_input(file, format!("peft_type is {peft_type}; only LORA adapters can be merged")));
+        return Err(bad_input(
+            file,
+            format!("peft_type is {peft_type}; only LORA adapters can be merged"),
+        ));
     }
     let truthy = |k: &str| c.get(k).is_some_and(|v| v.as_bool() == Some(true));
     let nonempty = |k: &str| match c.get(k) {
@@ -122,20 +172,39 @@ fn check_features(file: &str, c: &Map<String, Value>) -> Result<()> {
         Some(_) => true,
     };
     if truthy("use_dora") {
-        return Err(bad_input(file, "uses DoRA (use_dora: true); DoRA adapters are not supported"));
+        return Err(bad_input(
+            file,
+            "uses DoRA (use_dora: true); DoRA adapters are not supported",
+        ));
     }
     if let Some(b) = c.get("bias").and_then(Value::as_str) {
         if b != "none" {
-            return Err(bad_input(file, format!("trains biases (bias: \"{b}\"); only bias \"none\" is supported")));
+            return Err(bad_input(
+                file,
+                format!("trains biases (bias: \"{b}\"); only bias \"none\" is supported"),
+            ));
         }
     }
     if truthy("lora_bias") {
-        return Err(bad_input(file, "uses lora_bias: true; LoRA biases are not supported"));
+        return Err(bad_input(
+            file,
+            "uses lora_bias: true; LoRA biases are not supported",
+        ));
     }
     if nonempty("modules_to_save") {
-        return Err(bad_input(file, format!("has modules_to_save {}; fully trained modules cannot be merged as LoRA deltas", c["modules_to_save"])));
+        return Err(bad_input(
+            file,
+            format!(
+                "has modules_to_save {}; fully trained modules cannot be merged as LoRA deltas",
+                c["modules_to_save"]
+            ),
+        ));
     }
-    for k in ["layer_replication", "target_parameters", "trainable_token_indices"] {
+    for k in [
+        "layer_replication",
+        "target_parameters",
+        "trainable_token_indices",
+    ] {
         if nonempty(k) {
             return Err(bad_input(file, format!("uses {k}; not supported")));
         }
@@ -149,11 +218,20 @@ fn check_features(file: &str, c: &Map<String, Value>) -> Result<()> {
 }
 
 fn patterns(file: &str, c: &Map<String, Value>, key: &str) -> Result<Vec<(regex::Regex, f64)>> {
-    let Some(obj) = c.get(key).and_then(Value::as_object) else { return Ok(vec![]) };
+    let Some(obj) = c.get(key).and_then(Value::as_object) else {
+        return Ok(vec![]);
+    };
     obj.iter()
         .map(|(k, v)| {
-            let re = regex::Regex::new(&format!(r"^(.*\.)?({k})$")).map_err(|e| bad_input(file, format!("{key} key '{k}' is not a valid pattern ({e})")))?;
-            let v = v.as_f64().ok_or_else(|| bad_input(file, format!("{key}['{k}'] must be a number")))?;
+            let re = regex::Regex::new(&format!(r"^(.*\.)?({k})$")).map_err(|e| {
+                bad_input(
+                    file,
+                    format!("{key} key '{k}' is not a valid pattern ({e})"),
+                )
+            })?;
+            let v = v
+                .as_f64()
+                .ok_or_else(|| bad_input(file, format!("{key}['{k}'] must be a number")))?;
             Ok((re, v))
         })
         .collect()

@@ -12,12 +12,11 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<Vec<String>> {
             continue;
         }
         if jsonl {
-            let v: serde_json::Value =
-                serde_json::from_str(line).map_err(|e| bad_input(file, format!("line {}: not valid JSON ({e})", i + 1)))?;
-            let t = v
-                .get("text")
-                .and_then(|t| t.as_str())
-                .ok_or_else(|| bad_input(file, format!("line {}: no string field \"text\"", i + 1)))?;
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| bad_input(file, format!("line {}: not valid JSON ({e})", i + 1)))?;
+            let t = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
+                bad_input(file, format!("line {}: no string field \"text\"", i + 1))
+            })?;
             if !t.trim().is_empty() {
                 out.push(t.to_string());
             }
@@ -26,7 +25,10 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<Vec<String>> {
         }
     }
     if out.is_empty() {
-        return Err(bad_input(file, "holds no samples (expected one sample per line, or JSON lines with a \"text\" field)"));
+        return Err(bad_input(
+            file,
+            "holds no samples (expected one sample per line, or JSON lines with a \"text\" field)",
+        ));
     }
     Ok(out)
 }

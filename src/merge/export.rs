@@ -40,7 +40,13 @@ pub fn reduce_rank(m: &Merged, rank: usize) -> (Merged, f64) {
     }
     let b = qb * us;
     let a = sv * qa.transpose();
-    (Merged { a: to_mat(&a), b: to_mat(&b) }, if total > 0.0 { kept / total } else { 1.0 })
+    (
+        Merged {
+            a: to_mat(&a),
+            b: to_mat(&b),
+        },
+        if total > 0.0 { kept / total } else { 1.0 },
+    )
 }
 
 /// The files of the merged adapter folder: name → bytes.
@@ -50,7 +56,13 @@ pub struct AdapterFiles {
 }
 
 /// Build `adapter_config.json` and `adapter_model.safetensors` for `deltas` (one per target).
-pub fn adapter_files(targets: &[Target], deltas: &[Merged], first: &Adapter, fan_in_fan_out: bool, f16: bool) -> Result<AdapterFiles> {
+pub fn adapter_files(
+    targets: &[Target],
+    deltas: &[Merged],
+    first: &Adapter,
+    fan_in_fan_out: bool,
+    f16: bool,
+) -> Result<AdapterFiles> {
     let mut tensors = BTreeMap::new();
     for (t, d) in targets.iter().zip(deltas) {
         tensors.insert(format!("{KEY_PREFIX}{}.lora_A.weight", t.path), d.a.clone());
@@ -64,7 +76,11 @@ pub fn adapter_files(targets: &[Target], deltas: &[Merged], first: &Adapter, fan
     for d in deltas {
         *counts.entry(d.rank()).or_default() += 1;
     }
-    let r = counts.iter().max_by_key(|(r, n)| (**n, **r)).map(|(r, _)| *r).unwrap_or(1);
+    let r = counts
+        .iter()
+        .max_by_key(|(r, n)| (**n, **r))
+        .map(|(r, _)| *r)
+        .unwrap_or(1);
     let mut rank_pattern = Map::new();
     let mut alpha_pattern = Map::new();
     for (t, d) in targets.iter().zip(deltas) {
@@ -93,7 +109,10 @@ pub fn adapter_files(targets: &[Target], deltas: &[Merged], first: &Adapter, fan
         "init_lora_weights": true,
         "inference_mode": true,
     });
-    Ok(AdapterFiles { config: serde_json::to_vec_pretty(&config).unwrap(), weights })
+    Ok(AdapterFiles {
+        config: serde_json::to_vec_pretty(&config).unwrap(),
+        weights,
+    })
 }
 
 /// Dense ΔW* (out, in) of a merged delta: for tests and small checks only.

@@ -75,14 +75,33 @@ pub struct IterisHook<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> IterisHook<'a, B> {
-    pub fn new(be: &B, targets: &'a [Target], alpha1: f64, alpha2: f64, rho: f32, on_stage: Box<dyn FnMut(usize, usize) + 'a>) -> Self {
+    pub fn new(
+        be: &B,
+        targets: &'a [Target],
+        alpha1: f64,
+        alpha2: f64,
+        rho: f32,
+        on_stage: Box<dyn FnMut(usize, usize) + 'a>,
+    ) -> Self {
         let loras = targets
             .iter()
-            .map(|t| t.loras.iter().map(|l| l.as_ref().map(|l| (be.upload(&l.a), be.upload(&l.b), l.scale))).collect())
+            .map(|t| {
+                t.loras
+                    .iter()
+                    .map(|l| {
+                        l.as_ref()
+                            .map(|l| (be.upload(&l.a), be.upload(&l.b), l.scale))
+                    })
+                    .collect()
+            })
             .collect();
         IterisHook {
             targets,
-            index: targets.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect(),
+            index: targets
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.as_str(), i))
+                .collect(),
             loras,
             w_norm2: vec![None; targets.len()],
             merged: vec![None; targets.len()],
@@ -103,7 +122,11 @@ impl<'a, B: Backend> IterisHook<'a, B> {
     pub fn begin_pass(&mut self, be: &B, mode: Mode, promote: bool) {
         if promote {
             self.merged = std::mem::replace(&mut self.solved, vec![None; self.targets.len()]);
-            self.merged_dev = self.merged.iter().map(|m| m.as_ref().map(|m| (be.upload(&m.a), be.upload(&m.b)))).collect();
+            self.merged_dev = self
+                .merged
+                .iter()
+                .map(|m| m.as_ref().map(|m| (be.upload(&m.a), be.upload(&m.b))))
+                .collect();
         }
         self.mode = mode;
         self.seen = 0;
@@ -117,10 +140,16 @@ impl<'a, B: Backend> IterisHook<'a, B> {
             .iter()
             .map(|l| {
                 let Some(l) = l else { return base };
-                let (a, b, s) = (crate::merge::solve::to_f64(&l.a), crate::merge::solve::to_f64(&l.b), l.scale as f64);
+                let (a, b, s) = (
+                    crate::merge::solve::to_f64(&l.a),
+                    crate::merge::solve::to_f64(&l.b),
+                    l.scale as f64,
+                );
                 let w = crate::merge::solve::to_f64(w0);
                 let cross = (b.transpose() * w).component_mul(&a).sum();
-                let ba = (b.transpose() * &b).component_mul(&(&a * a.transpose())).sum();
+                let ba = (b.transpose() * &b)
+                    .component_mul(&(&a * a.transpose()))
+                    .sum();
                 base + 2.0 * s * cross + s * s * ba
             })
             .collect()
@@ -128,7 +157,10 @@ impl<'a, B: Backend> IterisHook<'a, B> {
 }
 
 /// Rows of the adapter-stream and merged-stream groups of each task.
-fn task_rows(input: &StageInput<impl Backend>, tasks: usize) -> Vec<(Range<usize>, Option<Range<usize>>)> {
+fn task_rows(
+    input: &StageInput<impl Backend>,
+    tasks: usize,
+) -> Vec<(Range<usize>, Option<Range<usize>>)> {
     let mut out = vec![(0..0, None); tasks];
     for (g, group) in input.batch.groups.iter().enumerate() {
         match group.stream {
@@ -146,8 +178,12 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
     }
 
     fn stage(&mut self, be: &B, input: &StageInput<B>, ys: &mut [B::T]) -> Result<()> {
-        let targeted: Vec<(usize, usize)> =
-            input.mods.iter().enumerate().filter_map(|(j, m)| self.index.get(m.name).map(|&t| (j, t))).collect();
+        let targeted: Vec<(usize, usize)> = input
+            .mods
+            .iter()
+            .enumerate()
+            .filter_map(|(j, m)| self.index.get(m.name).map(|&t| (j, t)))
+            .collect();
         if targeted.is_empty() {
             return Ok(());
         }
@@ -169,7 +205,9 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
             rec.c = vec![0.0; tasks];
             rec.rows = rows.iter().map(|r| r.0.len()).collect();
             for (i, (ra, _)) in rows.iter().enumerate() {
-                let d = self.loras[t][i].as_ref().map(|(a, b, s)| be.lowrank(x, ra.clone(), a, b, *s));
+                let d = self.loras[t][i]
+                    .as_ref()
+                    .map(|(a, b, s)| be.lowrank(x, ra.clone(), a, b, *s));
                 if let Some(d) = &d {
                     be.add_rows(&mut ys[j], ra.clone(), d, 1.0);
                 }
@@ -182,7 +220,8 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
 
         // 2-3. Statistics shared by the stage's modules, then one solve per module.
         if self.mode != Mode::Evaluate {
-            let mut stats: Vec<(nalgebra::DMatrix<f64>, nalgebra::DMatrix<f64>)> = Vec::with_capacity(tasks);
+            let mut stats: Vec<(nalgebra::DMatrix<f64>, nalgebra::DMatrix<f64>)> =
+                Vec::with_capacity(tasks);
             for (ra, rm) in &rows {
                 stats.push(match rm {
                     None => {
@@ -190,18 +229,30 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
                         (g.clone(), g)
                     }
                     Some(rm) if self.rho != 0.0 => {
-                        let xt = be.mix_rows(x, rm.clone(), 1.0 - self.rho, x, ra.clone(), self.rho);
+                        let xt =
+                            be.mix_rows(x, rm.clone(), 1.0 - self.rho, x, ra.clone(), self.rho);
                         let n = be.dims(&xt).0;
-                        (be.gram(x, ra.clone(), &xt, 0..n), be.gram(&xt, 0..n, &xt, 0..n))
+                        (
+                            be.gram(x, ra.clone(), &xt, 0..n),
+                            be.gram(&xt, 0..n, &xt, 0..n),
+                        )
                     }
-                    Some(rm) => (be.gram(x, ra.clone(), x, rm.clone()), be.gram(x, rm.clone(), x, rm.clone())),
+                    Some(rm) => (
+                        be.gram(x, ra.clone(), x, rm.clone()),
+                        be.gram(x, rm.clone(), x, rm.clone()),
+                    ),
                 });
             }
             for &(_, t) in &targeted {
                 let ts: Vec<TaskStats> = (0..tasks)
-                    .map(|i| TaskStats { cross: &stats[i].0, gram: &stats[i].1, c: self.records[t].c[i], lora: self.targets[t].loras[i].as_ref() })
+                    .map(|i| TaskStats {
+                        cross: &stats[i].0,
+                        gram: &stats[i].1,
+                        c: self.records[t].c[i],
+                        lora: self.targets[t].loras[i].as_ref(),
+                    })
                     .collect();
-                let (m, path) = solve(&self.targets[t].name, &ts, self.alpha1, self.alpha2)?;
+                let (m, path) = solve(be, &self.targets[t].name, &ts, self.alpha1, self.alpha2)?;
                 self.records[t].solve_path = Some(path);
                 if self.mode == Mode::Sweep {
                     self.merged_dev[t] = Some((be.upload(&m.a), be.upload(&m.b)));
@@ -217,7 +268,9 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
             rec.align = vec![None; tasks];
             for (i, (ra, rm)) in rows.iter().enumerate() {
                 let Some(rm) = rm else { continue };
-                let d = self.merged_dev[t].as_ref().map(|(a, b)| be.lowrank(x, rm.clone(), a, b, 1.0));
+                let d = self.merged_dev[t]
+                    .as_ref()
+                    .map(|(a, b)| be.lowrank(x, rm.clone(), a, b, 1.0));
                 if let Some(d) = &d {
                     be.add_rows(&mut ys[j], rm.clone(), d, 1.0);
                 }

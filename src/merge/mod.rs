@@ -40,7 +40,15 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { schedule: Schedule::Sweep, iters: 6, alpha1: 1e-4, alpha2: 1e-4, rho: 0.0, max_len: 128, rank: None }
+        Options {
+            schedule: Schedule::Sweep,
+            iters: 6,
+            alpha1: 1e-4,
+            alpha2: 1e-4,
+            rho: 0.0,
+            max_len: 128,
+            rank: None,
+        }
     }
 }
 
@@ -74,15 +82,22 @@ pub struct Outcome {
 /// Match every adapter module to a model module. An adapter path matches a model module name when it
 /// equals it or ends with `.` + name (the class prefix differs between checkpoints); anything else is
 /// refused with the adapter's name.
-pub fn map_targets(modules: &[models::ModuleInfo], adapters: &[&Adapter], model_type: &str, fan_in_fan_out: bool) -> Result<Vec<Target>> {
+pub fn map_targets(
+    modules: &[models::ModuleInfo],
+    adapters: &[&Adapter],
+    model_type: &str,
+    fan_in_fan_out: bool,
+) -> Result<Vec<Target>> {
     let mut targets: Vec<Target> = Vec::new();
     for (ai, ad) in adapters.iter().enumerate() {
         if ad.fan_in_fan_out() && !fan_in_fan_out {
             return Err(bad_input(&ad.name, format!("adapter_config.json says fan_in_fan_out: true, but {model_type} stores weights as (out, in): is this adapter for another architecture?")));
         }
         for l in &ad.modules {
-            let hits: Vec<&models::ModuleInfo> =
-                modules.iter().filter(|m| l.path == m.name || l.path.ends_with(&format!(".{}", m.name))).collect();
+            let hits: Vec<&models::ModuleInfo> = modules
+                .iter()
+                .filter(|m| l.path == m.name || l.path.ends_with(&format!(".{}", m.name)))
+                .collect();
             let m = match hits.as_slice() {
                 [m] => *m,
                 [] => {
@@ -105,12 +120,21 @@ pub fn map_targets(modules: &[models::ModuleInfo], adapters: &[&Adapter], model_
             let t = match targets.iter().position(|t| t.name == m.name) {
                 Some(t) => t,
                 None => {
-                    targets.push(Target { name: m.name.clone(), path: l.path.clone(), out_dim: m.out_dim, in_dim: m.in_dim, loras: vec![None; adapters.len()] });
+                    targets.push(Target {
+                        name: m.name.clone(),
+                        path: l.path.clone(),
+                        out_dim: m.out_dim,
+                        in_dim: m.in_dim,
+                        loras: vec![None; adapters.len()],
+                    });
                     targets.len() - 1
                 }
             };
             if targets[t].loras[ai].is_some() {
-                return Err(bad_input(&ad.name, format!("targets module '{}' twice", m.name)));
+                return Err(bad_input(
+                    &ad.name,
+                    format!("targets module '{}' twice", m.name),
+                ));
             }
             targets[t].loras[ai] = Some(l.clone());
         }
@@ -122,7 +146,13 @@ pub fn map_targets(modules: &[models::ModuleInfo], adapters: &[&Adapter], model_
 }
 
 /// Tokenize each sample, truncated to `max_len` (and to the model's positions); says how many were cut.
-pub fn tokenize(tok: &TextTokenizer, samples: &[String], max_len: usize, vocab: Option<usize>, file: &str) -> Result<(Vec<Vec<u32>>, usize)> {
+pub fn tokenize(
+    tok: &TextTokenizer,
+    samples: &[String],
+    max_len: usize,
+    vocab: Option<usize>,
+    file: &str,
+) -> Result<(Vec<Vec<u32>>, usize)> {
     let mut out = Vec::with_capacity(samples.len());
     let mut cut = 0;
     for s in samples {
@@ -154,7 +184,9 @@ pub fn iteris<B: Backend>(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Outcome> {
     if ids.len() < 2 {
-        return Err(Error::Unsupported("merging needs at least two adapters".into()));
+        return Err(Error::Unsupported(
+            "merging needs at least two adapters".into(),
+        ));
     }
     if opts.schedule == Schedule::Jacobi && opts.iters == 0 {
         return Err(bad_input("--iters", "must be at least 1"));
@@ -180,9 +212,12 @@ pub fn iteris<B: Backend>(
     let merged: Vec<Merged>;
     {
         let pass_progress = std::cell::RefCell::new(&mut *progress);
-        let on_stage = Box::new(|done: usize, all: usize| (pass_progress.borrow_mut())(Progress::Modules(done, all)));
+        let on_stage = Box::new(|done: usize, all: usize| {
+            (pass_progress.borrow_mut())(Progress::Modules(done, all))
+        });
         let mut hook = IterisHook::new(be, &targets, opts.alpha1, opts.alpha2, opts.rho, on_stage);
-        let announce = |k: usize, label: &str| (pass_progress.borrow_mut())(Progress::Pass(k, passes, label));
+        let announce =
+            |k: usize, label: &str| (pass_progress.borrow_mut())(Progress::Pass(k, passes, label));
         match opts.schedule {
             Schedule::Sweep => {
                 announce(1, "sweep");
@@ -207,7 +242,12 @@ pub fn iteris<B: Backend>(
             }
         }
         records = hook.records.clone();
-        merged = hook.merged.iter().cloned().map(|m| m.expect("every target was solved")).collect();
+        merged = hook
+            .merged
+            .iter()
+            .cloned()
+            .map(|m| m.expect("every target was solved"))
+            .collect();
     }
     let mut warnings = Vec::new();
     for (t, r) in targets.iter().zip(&records) {
@@ -255,7 +295,10 @@ pub fn now() -> f64 {
     #[cfg(not(target_arch = "wasm32"))]
     {
         use std::time::{SystemTime, UNIX_EPOCH};
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0)
     }
     #[cfg(target_arch = "wasm32")]
     0.0

@@ -38,22 +38,42 @@ pub fn merge<B: Backend + 'static>(
     let t = now();
     let model = models::load(be, &base.config, &base.weights)?;
     let adapters: Vec<_> = tasks.iter().map(|t| &t.adapter).collect();
-    let targets = map_targets(&model.modules(), &adapters, model.model_type(), model.fan_in_fan_out())?;
+    let targets = map_targets(
+        &model.modules(),
+        &adapters,
+        model.model_type(),
+        model.fan_in_fan_out(),
+    )?;
     timings.load = now() - t;
 
     let t = now();
     let max_len = opts.max_len.min(model.max_positions());
     let mut warnings = Vec::new();
     if opts.max_len > model.max_positions() {
-        warnings.push(format!("--max-len {} exceeds the model's {} positions: samples are cut to {}", opts.max_len, model.max_positions(), max_len));
+        warnings.push(format!(
+            "--max-len {} exceeds the model's {} positions: samples are cut to {}",
+            opts.max_len,
+            model.max_positions(),
+            max_len
+        ));
     }
     let vocab = base.config.usize_opt("vocab_size")?;
     let mut ids = Vec::new();
     let mut cut = Vec::new();
     for task in tasks {
-        let (s, c) = tokenize(&base.tokenizer, &task.samples, max_len, vocab, &task.samples_name)?;
+        let (s, c) = tokenize(
+            &base.tokenizer,
+            &task.samples,
+            max_len,
+            vocab,
+            &task.samples_name,
+        )?;
         if c > 0 {
-            warnings.push(format!("{}: {c} of {} samples were longer than {max_len} tokens and were truncated", task.samples_name, s.len()));
+            warnings.push(format!(
+                "{}: {c} of {} samples were longer than {max_len} tokens and were truncated",
+                task.samples_name,
+                s.len()
+            ));
         }
         ids.push(s);
         cut.push(c);
@@ -72,14 +92,26 @@ pub fn merge<B: Backend + 'static>(
             None => (m.clone(), 1.0),
         })
         .unzip();
-    let files = adapter_files(&outcome.targets, &deltas, &tasks[0].adapter, model.fan_in_fan_out(), f16_out)?;
+    let files = adapter_files(
+        &outcome.targets,
+        &deltas,
+        &tasks[0].adapter,
+        model.fan_in_fan_out(),
+        f16_out,
+    )?;
     timings.export = now() - t;
 
     let means = task_means(&outcome.records, tasks.len());
     warnings.extend(outcome.warnings.iter().cloned());
     let report = Report {
         tool: format!("iteris {}", env!("CARGO_PKG_VERSION")),
-        method: format!("iteris-{}", match opts.schedule { super::Schedule::Sweep => "sweep", super::Schedule::Jacobi => "jacobi" }),
+        method: format!(
+            "iteris-{}",
+            match opts.schedule {
+                super::Schedule::Sweep => "sweep",
+                super::Schedule::Jacobi => "jacobi",
+            }
+        ),
         options: opts.clone(),
         backend: be.name(),
         model_type: model.model_type().to_string(),
@@ -95,10 +127,19 @@ pub fn merge<B: Backend + 'static>(
                 mean_alignment_error: means[i],
             })
             .collect(),
-        modules: module_reports(&outcome, &deltas.iter().map(|d| d.rank()).collect::<Vec<_>>(), &energy),
+        modules: module_reports(
+            &outcome,
+            &deltas.iter().map(|d| d.rank()).collect::<Vec<_>>(),
+            &energy,
+        ),
         jacobi_changes: outcome.changes.clone(),
         warnings,
         timings_s: timings,
     };
-    Ok(MergeResult { adapter_config: files.config, adapter_weights: files.weights, report, outcome })
+    Ok(MergeResult {
+        adapter_config: files.config,
+        adapter_weights: files.weights,
+        report,
+        outcome,
+    })
 }

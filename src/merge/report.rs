@@ -56,8 +56,15 @@ pub struct Timings {
 pub fn task_means(records: &[ModuleRecord], tasks: usize) -> Vec<f64> {
     (0..tasks)
         .map(|i| {
-            let v: Vec<f64> = records.iter().filter_map(|r| r.align.get(i).copied().flatten()).collect();
-            if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 }
+            let v: Vec<f64> = records
+                .iter()
+                .filter_map(|r| r.align.get(i).copied().flatten())
+                .collect();
+            if v.is_empty() {
+                f64::NAN
+            } else {
+                v.iter().sum::<f64>() / v.len() as f64
+            }
         })
         .collect()
 }

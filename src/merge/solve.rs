@@ -6,6 +6,7 @@
 //! So ΔW* is exactly a LoRA with B* = [B_1 … B_N] and A* stacked from the brackets: we solve
 //! M A*ᵀ = Zᵀ for the (Σr × in) right-hand side Z and never form an (out × in) matrix.
 
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::formats::peft::LoraModule;
 use crate::mat::Mat;
@@ -29,8 +30,39 @@ pub struct TaskStats<'a> {
 pub enum SolvePath {
     /// f64 Cholesky on the CPU.
     CholeskyF64,
+    /// f32 Cholesky on the GPU, then iterative refinement with f64 residuals on the CPU until the
+    /// backward error is at f64 level.
+    GpuCholeskyF32Refined,
+    /// The GPU's f32 factorisation failed or its refinement stalled; f64 Cholesky on the CPU.
+    CholeskyF64AfterGpu,
     /// f64 LU with partial pivoting, after Cholesky found M not positive definite.
     LuF64,
+}
+
+/// Solve M X = Zᵀ by iterative refinement around an approximate (f32) Cholesky factor L:
+/// X ← X + L⁻ᵀL⁻¹(Zᵀ − M X), residuals in f64. Converged when the residual is at the level of an
+/// f64 solve (‖r‖ ≤ 1e-13·‖M‖‖X‖); None when it stops improving first.
+fn refine(m: &DMatrix<f64>, l: &DMatrix<f64>, zt: &DMatrix<f64>) -> Option<DMatrix<f64>> {
+    let apply = |r: &DMatrix<f64>| {
+        l.solve_lower_triangular(r)
+            .and_then(|y| l.tr_solve_lower_triangular(&y))
+    };
+    let mnorm = m.norm();
+    let mut x = apply(zt)?;
+    let mut prev = f64::INFINITY;
+    for _ in 0..40 {
+        let r = zt - m * &x;
+        let err = r.norm();
+        if err <= 1e-13 * mnorm * x.norm() || err == 0.0 {
+            return Some(x);
+        }
+        if !(err < 0.5 * prev) {
+            return None;
+        }
+        prev = err;
+        x += apply(&r)?;
+    }
+    None
 }
 
 /// The merged LoRA of one module: ΔW* = b · a, scale 1.
@@ -62,7 +94,13 @@ pub fn to_mat(m: &DMatrix<f64>) -> Mat {
     Mat::new(m.nrows(), m.ncols(), data)
 }
 
-pub fn solve(module: &str, tasks: &[TaskStats], alpha1: f64, alpha2: f64) -> Result<(Merged, SolvePath)> {
+pub fn solve<B: Backend>(
+    be: &B,
+    module: &str,
+    tasks: &[TaskStats],
+    alpha1: f64,
+    alpha2: f64,
+) -> Result<(Merged, SolvePath)> {
     let n = tasks[0].gram.nrows();
     let mut m = DMatrix::<f64>::zeros(n, n);
     let mut z_blocks: Vec<DMatrix<f64>> = Vec::new();
@@ -90,11 +128,20 @@ pub fn solve(module: &str, tasks: &[TaskStats], alpha1: f64, alpha2: f64) -> Res
     let mut zt = DMatrix::<f64>::zeros(n, rank);
     let mut at = 0;
     for z in &z_blocks {
-        zt.view_mut((0, at), (n, z.nrows())).copy_from(&z.transpose());
+        zt.view_mut((0, at), (n, z.nrows()))
+            .copy_from(&z.transpose());
         at += z.nrows();
     }
-    let (at_solved, path) = match m.clone().cholesky() {
-        Some(ch) => (ch.solve(&zt), SolvePath::CholeskyF64),
+    let gpu = be.cholesky_f32(&m).and_then(|l| refine(&m, &l, &zt));
+    let f64_path = if be.offers_cholesky_f32() {
+        SolvePath::CholeskyF64AfterGpu
+    } else {
+        SolvePath::CholeskyF64
+    };
+    let (at_solved, path) = match gpu {
+        Some(x) => (x, SolvePath::GpuCholeskyF32Refined),
+        None => match m.clone().cholesky() {
+        Some(ch) => (ch.solve(&zt), f64_path),
         None => match m.lu().solve(&zt) {
             Some(x) => (x, SolvePath::LuF64),
             None => {
@@ -103,9 +150,12 @@ pub fn solve(module: &str, tasks: &[TaskStats], alpha1: f64, alpha2: f64) -> Res
                 )))
             }
         },
+        },
     };
     if at_solved.iter().any(|v| !v.is_finite()) {
-        return Err(Error::Numeric(format!("module {module}: the solve produced non-finite values; raise --alpha1/--alpha2")));
+        return Err(Error::Numeric(format!(
+            "module {module}: the solve produced non-finite values; raise --alpha1/--alpha2"
+        )));
     }
     let out = b_blocks[0].rows;
     let mut b = Mat::zeros(out, rank);
@@ -116,5 +166,11 @@ pub fn solve(module: &str, tasks: &[TaskStats], alpha1: f64, alpha2: f64) -> Res
         }
         col += bb.cols;
     }
-    Ok((Merged { a: to_mat(&at_solved.transpose()), b }, path))
+    Ok((
+        Merged {
+            a: to_mat(&at_solved.transpose()),
+            b,
+        },
+        path,
+    ))
 }

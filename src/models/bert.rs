@@ -43,12 +43,27 @@ impl<B: Backend> Model<B> for Bert<B::T> {
         let (d, ff) = (self.d, self.ff);
         let mut out = Vec::new();
         for l in &self.layers {
-            for (m, o, i) in [(&l.query, d, d), (&l.key, d, d), (&l.value, d, d), (&l.attn_out, d, d), (&l.intermediate, ff, d), (&l.output, d, ff)] {
-                out.push(ModuleInfo { name: m.name.clone(), out_dim: o, in_dim: i });
+            for (m, o, i) in [
+                (&l.query, d, d),
+                (&l.key, d, d),
+                (&l.value, d, d),
+                (&l.attn_out, d, d),
+                (&l.intermediate, ff, d),
+                (&l.output, d, ff),
+            ] {
+                out.push(ModuleInfo {
+                    name: m.name.clone(),
+                    out_dim: o,
+                    in_dim: i,
+                });
             }
         }
         if let Some(p) = &self.pooler {
-            out.push(ModuleInfo { name: p.name.clone(), out_dim: d, in_dim: d });
+            out.push(ModuleInfo {
+                name: p.name.clone(),
+                out_dim: d,
+                in_dim: d,
+            });
         }
         out
     }
@@ -66,7 +81,8 @@ impl<B: Backend> Model<B> for Bert<B::T> {
         be.add_bias(&mut e, &self.token_type0);
         let mut h = be.layer_norm(&e, &self.emb_norm.0, self.emb_norm.1.as_ref(), self.eps);
         for l in &self.layers {
-            let mut qkv = pass.project(&h, Level::Tokens, &[l.query.r(), l.key.r(), l.value.r()])?;
+            let mut qkv =
+                pass.project(&h, Level::Tokens, &[l.query.r(), l.key.r(), l.value.r()])?;
             let (v, k, q) = (qkv.pop().unwrap(), qkv.pop().unwrap(), qkv.pop().unwrap());
             let a = be.attention(&q, &k, &v, &self.attn, &batch.seqs);
             let mut o = pass.project1(&a, l.attn_out.r())?;
@@ -80,7 +96,10 @@ impl<B: Backend> Model<B> for Bert<B::T> {
         }
         if let Some(p) = &self.pooler {
             let first = be.select_rows(&h, &batch.first_tokens());
-            let mut pooled = pass.project(&first, Level::Sequences, &[p.r()])?.pop().unwrap();
+            let mut pooled = pass
+                .project(&first, Level::Sequences, &[p.r()])?
+                .pop()
+                .unwrap();
             be.activate(&mut pooled, Activation::Tanh);
         }
         Ok((pass.output != Output::Nothing).then_some(h))
@@ -98,15 +117,32 @@ impl<T> Bert<T> {
         let types = c.usize_or("type_vocab_size", 2)?;
         let pet = c.str_or("position_embedding_type", "absolute");
         if pet != "absolute" {
-            return Err(bad_input(&c.file, format!("position_embedding_type \"{pet}\" is not supported (only absolute)")));
+            return Err(bad_input(
+                &c.file,
+                format!("position_embedding_type \"{pet}\" is not supported (only absolute)"),
+            ));
         }
         if heads == 0 || d % heads != 0 {
-            return Err(bad_input(&c.file, format!("hidden_size {d} is not a multiple of num_attention_heads {heads}")));
+            return Err(bad_input(
+                &c.file,
+                format!("hidden_size {d} is not a multiple of num_attention_heads {heads}"),
+            ));
         }
         let act_name = c.str_or("hidden_act", "gelu");
-        let act = Activation::from_hf(&act_name).ok_or_else(|| bad_input(&c.file, format!("hidden_act \"{act_name}\" is not supported")))?;
+        let act = Activation::from_hf(&act_name).ok_or_else(|| {
+            bad_input(
+                &c.file,
+                format!("hidden_act \"{act_name}\" is not supported"),
+            )
+        })?;
         let eps = c.f64_or("layer_norm_eps", 1e-12)? as f32;
-        let w = WeightReader::new(be, store, "embeddings.word_embeddings.weight", &["", "bert."], "BERT")?;
+        let w = WeightReader::new(
+            be,
+            store,
+            "embeddings.word_embeddings.weight",
+            &["", "bert."],
+            "BERT",
+        )?;
         let mut layers = Vec::new();
         for i in 0..layers_n {
             let p = format!("encoder.layer.{i}");
@@ -122,14 +158,25 @@ impl<T> Bert<T> {
             });
         }
         let tt = w.mat("embeddings.token_type_embeddings.weight", (types, d))?;
-        let pooler = if w.has("pooler.dense.weight") { Some(w.linear("pooler.dense", d, d, false)?) } else { None };
+        let pooler = if w.has("pooler.dense.weight") {
+            Some(w.linear("pooler.dense", d, d, false)?)
+        } else {
+            None
+        };
         Ok(Bert {
             d,
             ff,
             max_pos,
             eps,
             act,
-            attn: AttentionSpec { heads, kv_heads: heads, head_dim: d / heads, causal: false, window: None, scale: 1.0 / ((d / heads) as f32).sqrt() },
+            attn: AttentionSpec {
+                heads,
+                kv_heads: heads,
+                head_dim: d / heads,
+                causal: false,
+                window: None,
+                scale: 1.0 / ((d / heads) as f32).sqrt(),
+            },
             word: w.tensor("embeddings.word_embeddings.weight", (vocab, d))?,
             position: w.tensor("embeddings.position_embeddings.weight", (max_pos, d))?,
             token_type0: be.upload(&crate::mat::Mat::new(1, d, tt.row(0).to_vec())),

@@ -11,17 +11,31 @@ use std::path::{Path, PathBuf};
 pub const ARCHS: [&str; 5] = ["gpt2", "llama", "qwen2", "mistral", "bert"];
 
 pub fn fixture(arch: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(arch)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(arch)
 }
 
 pub fn samples_path(arch: &str, i: usize) -> PathBuf {
     let d = fixture(arch);
     let txt = d.join(format!("samples{i}.txt"));
-    if txt.exists() { txt } else { d.join(format!("samples{i}.jsonl")) }
+    if txt.exists() {
+        txt
+    } else {
+        d.join(format!("samples{i}.jsonl"))
+    }
 }
 
 pub fn tasks(arch: &str) -> Vec<TaskInput> {
-    (0..3).map(|i| fsio::read_task(&fixture(arch).join(format!("adapter{i}")), &samples_path(arch, i)).unwrap()).collect()
+    (0..3)
+        .map(|i| {
+            fsio::read_task(
+                &fixture(arch).join(format!("adapter{i}")),
+                &samples_path(arch, i),
+            )
+            .unwrap()
+        })
+        .collect()
 }
 
 pub fn expected(arch: &str, file: &str) -> TensorFile {
