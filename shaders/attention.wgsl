@@ -1,8 +1,10 @@
 // Scaled dot-product attention, one 64-thread workgroup per (query row, head).
 // Each row knows its sequence through span[2t], span[2t + 1] (start, end rows), so one dispatch
-// covers a whole batch of sequences of any lengths. Causal masking and sliding windows bound the
-// key range; grouped-query attention maps head h to key/value head h / (heads / kv_heads).
-// Scores live in workgroup memory (MAX_T, substituted: the longest sequence, rounded up).
+// covers a batch of sequences of any lengths. Causal masking and sliding windows bound the key
+// range; grouped-query attention maps head h to key/value head h / (heads / kv_heads).
+// Keys are visited in chunks of CHUNK with an online softmax (running max and sum, rescaled as the
+// max grows), so sequence length is not limited by workgroup memory. Thread `lid` owns output
+// dimensions lid, lid + 64, lid + 128, lid + 192 (head_dim ≤ 256).
 
 struct Params {
     rows: u32, heads: u32, kv_heads: u32, head_dim: u32,
@@ -16,26 +18,17 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;  // (rows, heads · head_dim)
 @group(0) @binding(5) var<uniform> p: Params;
 
-var<workgroup> scores: array<f32, {{MAX_T}}>;
+const CHUNK: u32 = 512u;
+var<workgroup> scores: array<f32, 512>;
 var<workgroup> red: array<f32, 64>;
 
-fn reduce_max(lid: u32, x: f32) -> f32 {
+fn reduce(lid: u32, x: f32, is_max: bool) -> f32 {
     red[lid] = x;
     workgroupBarrier();
     for (var s = 32u; s > 0u; s >>= 1u) {
-        if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn reduce_sum(lid: u32, x: f32) -> f32 {
-    red[lid] = x;
-    workgroupBarrier();
-    for (var s = 32u; s > 0u; s >>= 1u) {
-        if (lid < s) { red[lid] += red[lid + s]; }
+        if (lid < s) {
+            if (is_max) { red[lid] = max(red[lid], red[lid + s]); } else { red[lid] += red[lid + s]; }
+        }
         workgroupBarrier();
     }
     let r = red[0];
@@ -57,27 +50,43 @@ fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) wid: 
     var hi = span[2u * t + 1u];              // exclusive
     if (p.causal != 0u) { hi = t + 1u; }
     if (p.window != 0u && t + 1u > p.window && t + 1u - p.window > lo) { lo = t + 1u - p.window; }
-    let n = hi - lo;
 
     var m = -3.4e38;
-    for (var j = lid; j < n; j += 64u) {
-        var s = 0.0;
-        for (var d = 0u; d < hd; d++) { s += q[t * qc + h * hd + d] * k[(lo + j) * kc + kh * hd + d]; }
-        s *= p.scale;
-        scores[j] = s;
-        m = max(m, s);
-    }
-    m = reduce_max(lid, m);
     var sum = 0.0;
-    for (var j = lid; j < n; j += 64u) {
-        let e = exp(scores[j] - m);
-        scores[j] = e;
-        sum += e;
+    var acc = vec4<f32>(0.0);
+    for (var c0 = lo; c0 < hi; c0 += CHUNK) {
+        let n = min(CHUNK, hi - c0);
+        var cmax = -3.4e38;
+        for (var j = lid; j < n; j += 64u) {
+            var s = 0.0;
+            for (var d = 0u; d < hd; d++) { s += q[t * qc + h * hd + d] * k[(c0 + j) * kc + kh * hd + d]; }
+            s *= p.scale;
+            scores[j] = s;
+            cmax = max(cmax, s);
+        }
+        let new_m = max(m, reduce(lid, cmax, true));
+        let rescale = exp(m - new_m);
+        m = new_m;
+        var csum = 0.0;
+        for (var j = lid; j < n; j += 64u) {
+            let e = exp(scores[j] - m);
+            scores[j] = e;
+            csum += e;
+        }
+        sum = sum * rescale + reduce(lid, csum, false);
+        acc *= rescale;
+        for (var u = 0u; u < 4u; u++) {
+            let d = lid + 64u * u;
+            if (d < hd) {
+                var a = 0.0;
+                for (var j = 0u; j < n; j++) { a += scores[j] * v[(c0 + j) * kc + kh * hd + d]; }
+                acc[u] += a;
+            }
+        }
+        workgroupBarrier();
     }
-    sum = reduce_sum(lid, sum);
-    for (var d = lid; d < hd; d += 64u) {
-        var acc = 0.0;
-        for (var j = 0u; j < n; j++) { acc += scores[j] * v[(lo + j) * kc + kh * hd + d]; }
-        out[t * qc + h * hd + d] = acc / sum;
+    for (var u = 0u; u < 4u; u++) {
+        let d = lid + 64u * u;
+        if (d < hd) { out[t * qc + h * hd + d] = acc[u] / sum; }
     }
 }

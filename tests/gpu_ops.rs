@@ -201,8 +201,9 @@ fn rows_columns_norms_rope() {
 fn attention_variants() {
     let _l = LOCK.lock().unwrap();
     let (g, mut r) = (gpu(), Rng(5));
-    let seqs = vec![0..1, 1..40, 40..45, 45..115];
-    let rows = 115;
+    // One sequence longer than an attention chunk (512 keys) checks the online softmax.
+    let seqs = vec![0..1, 1..40, 40..45, 45..115, 115..700];
+    let rows = 700;
     for (heads, kv, hd, causal, window) in [
         (4, 4, 8, true, None),
         (4, 2, 16, true, None),

@@ -675,8 +675,7 @@ impl Backend for Gpu {
         spec: &AttentionSpec,
         seqs: &[Range<usize>],
     ) -> GpuTensor {
-        let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(1);
-        let max_t = longest.next_power_of_two().max(64);
+        assert!(spec.head_dim <= 256, "attention.wgsl handles head_dim up to 256");
         let mut span = Vec::with_capacity(q.rows * 2);
         for s in seqs {
             for _ in s.clone() {
@@ -686,7 +685,7 @@ impl Backend for Gpu {
         }
         let sb = self.storage(&span);
         let out = self.alloc(q.rows, q.cols);
-        let p = self.pipeline("attention", ATTENTION, &[("MAX_T", max_t.to_string())]);
+        let p = self.pipeline("attention", ATTENTION, &[]);
         let params = [
             q.rows as u32,
             spec.heads as u32,
@@ -823,6 +822,10 @@ impl Backend for Gpu {
 
     fn offers_cholesky_f32(&self) -> bool {
         true
+    }
+
+    fn max_tensor_bytes(&self) -> u64 {
+        self.max_binding
     }
 
     fn sq_norm(&self, x: &GpuTensor, rows: Range<usize>) -> f64 {

@@ -135,6 +135,11 @@ pub trait Backend {
         None
     }
 
+    /// The largest tensor, in bytes, one op can read or write (a GPU storage binding limit).
+    fn max_tensor_bytes(&self) -> u64 {
+        u64::MAX
+    }
+
     /// Whether `cholesky_f32` is implemented (so an f64 solve is a fallback, reported as such).
     fn offers_cholesky_f32(&self) -> bool {
         false

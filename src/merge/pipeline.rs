@@ -36,6 +36,7 @@ pub fn merge<B: Backend + 'static>(
 ) -> Result<MergeResult> {
     let mut timings = Timings::default();
     let t = now();
+    check_weights_fit(be, &base.weights)?;
     let model = models::load(be, &base.config, &base.weights)?;
     let adapters: Vec<_> = tasks.iter().map(|t| &t.adapter).collect();
     let targets = map_targets(
@@ -80,6 +81,7 @@ pub fn merge<B: Backend + 'static>(
     }
     timings.tokenize = now() - t;
 
+    check_batch_fits(be, &model.modules(), ids.iter().flatten().map(Vec::len).sum::<usize>() * 2)?;
     let outcome = iteris(be, model.as_ref(), targets, &ids, opts, progress)?;
     timings.passes = outcome.seconds_passes;
 
@@ -142,4 +144,39 @@ pub fn merge<B: Backend + 'static>(
         report,
         outcome,
     })
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+/// Refuse, before any work, a weight larger than the backend can hold in one op (a GPU storage
+/// binding: 128 MiB on many adapters), naming the tensor.
+fn check_weights_fit<B: Backend>(be: &B, weights: &TensorStore) -> Result<()> {
+    let limit = be.max_tensor_bytes();
+    let advice = "use --backend cpu";
+    for key in weights.keys() {
+        let bytes = weights.shape(key).map_or(0, |s| s.iter().product::<usize>() as u64 * 4);
+        if bytes > limit {
+            return Err(crate::error::Error::Unsupported(format!(
+                "{}: tensor '{key}' needs {:.0} MiB as f32, more than the {:.0} MiB one {} op can address; {advice}",
+                weights.file_of(key), mib(bytes), mib(limit), be.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The same for the widest activation of the batched forward pass.
+fn check_batch_fits<B: Backend>(be: &B, modules: &[models::ModuleInfo], rows: usize) -> Result<()> {
+    let (limit, advice) = (be.max_tensor_bytes(), "use --backend cpu");
+    let widest = modules.iter().filter(|m| m.name != "lm_head").map(|m| m.out_dim.max(m.in_dim)).max().unwrap_or(0);
+    let bytes = (rows * widest * 4) as u64;
+    if bytes > limit {
+        return Err(crate::error::Error::Unsupported(format!(
+            "the batch ({rows} token rows × {widest} features = {:.0} MiB) exceeds the {:.0} MiB one {} op can address: use fewer or shorter samples (--max-len), or {advice}",
+            mib(bytes), mib(limit), be.name()
+        )));
+    }
+    Ok(())
 }
