@@ -26,7 +26,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<storage, read> a: array<f32>;        // (M, K) through strides
-@group(0) @binding(1) var<storage, read> b: array<f32>;        // (K, N) through strides
+@group(0) @binding(1) var<storage, read> b: array<{{B_ELEM}}>;  // (K, N) through strides; f32, or
+                                                               // f16/bf16 weights packed two per u32
 @group(0) @binding(2) var<storage, read_write> c: array<f32>;  // (M, N) at c_off, row stride ldc
 @group(0) @binding(3) var<uniform> p: Params;
 @group(0) @binding(4) var<storage, read_write> c_lo: array<f32>;  // (M, N) when WITH_LO, else unused
@@ -34,6 +35,11 @@ struct Params {
 const A_K_FAST: bool = {{A_K_FAST}};
 const B_K_FAST: bool = {{B_K_FAST}};
 const WITH_LO: bool = {{WITH_LO}};
+
+// Element e of B as f32 (B_LOAD substituted by the storage precision).
+fn load_b(e: u32) -> f32 {
+    {{B_LOAD}}
+}
 
 var<workgroup> ta: array<f32, 1024>;  // [kk * 64 + i]
 var<workgroup> tb: array<f32, 1024>;  // [kk * 64 + j]
@@ -56,7 +62,7 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
             var j: u32; var kb: u32;
             if (B_K_FAST) { j = idx / 16u; kb = idx % 16u; } else { kb = idx / 64u; j = idx % 64u; }
             var vb = 0.0;
-            if (col0 + j < p.n && k0 + kb < p.k) { vb = b[p.b_off + (k0 + kb) * p.b_rs + (col0 + j) * p.b_cs]; }
+            if (col0 + j < p.n && k0 + kb < p.k) { vb = load_b(p.b_off + (k0 + kb) * p.b_rs + (col0 + j) * p.b_cs); }
             tb[kb * 64u + j] = vb;
         }
         workgroupBarrier();

@@ -2,15 +2,20 @@
 
 struct Params { rows: u32, cols: u32, row_stride: u32 }
 
-@group(0) @binding(0) var<storage, read> x: array<f32>;        // (table rows, cols)
+@group(0) @binding(0) var<storage, read> x: array<{{X_ELEM}}>; // (table rows, cols); f32, or f16/bf16
+                                                               // packed two per u32
 @group(0) @binding(1) var<storage, read> idx: array<u32>;      // (R)
 @group(0) @binding(2) var<storage, read_write> out: array<f32>; // (R, cols)
 @group(0) @binding(3) var<uniform> p: Params;
+
+fn load_x(e: u32) -> f32 {
+    {{X_LOAD}}
+}
 
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = gid.x + gid.y * p.row_stride;
     if (i >= p.rows * p.cols) { return; }
     let r = i / p.cols;
-    out[i] = x[idx[r] * p.cols + i % p.cols];
+    out[i] = load_x(idx[r] * p.cols + i % p.cols);
 }

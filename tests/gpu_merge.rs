@@ -71,13 +71,67 @@ fn gpu_merges_match_cpu_and_reference() {
                 "{arch} {file}: GPU vs float64 reference {worst_ref:.2e}"
             );
             assert!(g.report.backend.starts_with("gpu"));
-            let refined = g.report.modules.iter().filter(|m| m.solve_path == Some(SolvePath::GpuCholeskyF32Refined)).count();
-            let fallback = g.report.modules.iter().filter(|m| m.solve_path == Some(SolvePath::CholeskyF64AfterGpu)).count();
-            assert_eq!(refined + fallback, g.report.modules.len(), "{arch} {file}: every module solved through the GPU path or its fallback");
+            let refined = g
+                .report
+                .modules
+                .iter()
+                .filter(|m| m.solve_path == Some(SolvePath::GpuCholeskyF32Refined))
+                .count();
+            let fallback = g
+                .report
+                .modules
+                .iter()
+                .filter(|m| m.solve_path == Some(SolvePath::CholeskyF64AfterGpu))
+                .count();
+            assert_eq!(
+                refined + fallback,
+                g.report.modules.len(),
+                "{arch} {file}: every module solved through the GPU path or its fallback"
+            );
             if opts.alpha2 >= 1e-4 {
-                assert_eq!(fallback, 0, "{arch} {file}: at a 1e-4 ridge the refined f32 solve converges");
+                assert_eq!(
+                    fallback, 0,
+                    "{arch} {file}: at a 1e-4 ridge the refined f32 solve converges"
+                );
             }
             eprintln!("{arch} {file}: GPU vs CPU {worst_cpu:.2e}, vs reference {worst_ref:.2e}; solves: {refined} refined f32, {fallback} f64 fallback");
         }
+    }
+}
+
+/// A half-precision checkpoint: the GPU keeps the weights packed (half the memory) and merges
+/// exactly as the CPU does from the same values.
+#[test]
+fn f16_checkpoint_merges_like_the_cpu() {
+    use iteris::formats::safetensors::{write, TensorFile};
+    let d = temp_dir("f16-base");
+    copy_dir(&fixture("gpt2").join("base"), &d);
+    let p = d.join("model.safetensors");
+    let tf = TensorFile::parse("x", std::fs::read(&p).unwrap()).unwrap();
+    let m = tf.keys().map(|k| (k.clone(), tf.mat(k).unwrap())).collect();
+    std::fs::write(&p, write(&m, true, None).unwrap()).unwrap();
+    let base = fsio::read_base(&d).unwrap();
+    let gpu = Gpu::new().unwrap();
+    let g = pipeline::merge(
+        &gpu,
+        &base,
+        &tasks("gpt2"),
+        &Options::default(),
+        false,
+        &mut |_| {},
+    )
+    .unwrap();
+    let c = pipeline::merge(
+        &iteris::backend::cpu::Cpu,
+        &base,
+        &tasks("gpt2"),
+        &Options::default(),
+        false,
+        &mut |_| {},
+    )
+    .unwrap();
+    for (gm, cm) in g.outcome.merged.iter().zip(&c.outcome.merged) {
+        let e = rel(&dense(gm), &dense(cm));
+        assert!(e < 1e-4, "f16 checkpoint: GPU vs CPU {e:.2e}");
     }
 }

@@ -249,22 +249,85 @@ fn cholesky_and_refined_solve() {
     let l = g.cholesky_f32(&m).expect("positive definite");
     let e = (&l * l.transpose() - &m).norm() / m.norm();
     assert!(e < 1e-6, "L·Lᵀ differs from M by {e:.2e}");
-    assert!(g.cholesky_f32(&(-&m)).is_none(), "a negative definite matrix must be refused");
+    assert!(
+        g.cholesky_f32(&(-&m)).is_none(),
+        "a negative definite matrix must be refused"
+    );
 
-    let lora = LoraModule { path: "m".into(), a: r.mat(3, n), b: r.mat(5, 3), scale: 2.0 };
+    let lora = LoraModule {
+        path: "m".into(),
+        a: r.mat(3, n),
+        b: r.mat(5, 3),
+        scale: 2.0,
+    };
     for alpha in [1e-4, 1e-7] {
         let ts = [
-            TaskStats { cross: &gram, gram: &gram, c: 1.0, lora: Some(&lora) },
-            TaskStats { cross: &gram, gram: &gram, c: 0.5, lora: None },
+            TaskStats {
+                cross: &gram,
+                gram: &gram,
+                c: 1.0,
+                lora: Some(&lora),
+            },
+            TaskStats {
+                cross: &gram,
+                gram: &gram,
+                c: 0.5,
+                lora: None,
+            },
         ];
         let (cpu, p_cpu) = solve(&Cpu, "m", &ts, alpha, alpha).unwrap();
         let (gpu_m, p_gpu) = solve(g, "m", &ts, alpha, alpha).unwrap();
         assert_eq!(p_cpu, SolvePath::CholeskyF64);
-        assert!(matches!(p_gpu, SolvePath::GpuCholeskyF32Refined | SolvePath::CholeskyF64AfterGpu));
+        assert!(matches!(
+            p_gpu,
+            SolvePath::GpuCholeskyF32Refined | SolvePath::CholeskyF64AfterGpu
+        ));
         if alpha == 1e-4 {
-            assert_eq!(p_gpu, SolvePath::GpuCholeskyF32Refined, "refinement converges at a 1e-4 ridge");
+            assert_eq!(
+                p_gpu,
+                SolvePath::GpuCholeskyF32Refined,
+                "refinement converges at a 1e-4 ridge"
+            );
         }
         let e = rel_err(&gpu_m.a.data, &cpu.a.data);
-        assert!(e < 1e-6, "alpha {alpha}: refined GPU solve differs from the f64 solve by {e:.2e} ({p_gpu:?})");
+        assert!(
+            e < 1e-6,
+            "alpha {alpha}: refined GPU solve differs from the f64 solve by {e:.2e} ({p_gpu:?})"
+        );
+    }
+}
+
+#[test]
+fn packed_half_precision_weights() {
+    use iteris::backend::WeightDtype;
+    let _l = LOCK.lock().unwrap();
+    let (g, mut r) = (gpu(), Rng(7));
+    for dtype in [WeightDtype::F16, WeightDtype::Bf16] {
+        // Weights as the file holds them: values exactly representable in the half format.
+        let round = |m: Mat| -> Mat {
+            let data = m.data.iter().map(|&v| match dtype {
+                WeightDtype::F16 => half::f16::from_f32(v).to_f32(),
+                _ => half::bf16::from_f32(v).to_f32(),
+            });
+            Mat::new(m.rows, m.cols, data.collect())
+        };
+        let w = round(r.mat(37, 23)); // odd element count: the last word is half used
+        let x = r.mat(50, 23);
+        let gw = g.upload_weight(&w, dtype);
+        assert_eq!(g.download(&gw), w, "{dtype:?}: download unpacks exactly");
+        let c = Cpu.matmul_t(&x, 5..45, &w);
+        close(
+            &format!("{dtype:?} matmul_t"),
+            &g.download(&g.matmul_t(&g.upload(&x), 5..45, &gw)),
+            &c,
+            1e-6,
+        );
+        let idx = [36u32, 0, 17, 17, 5];
+        close(
+            &format!("{dtype:?} select_rows"),
+            &g.download(&g.select_rows(&gw, &idx)),
+            &Cpu.select_rows(&w, &idx),
+            1e-12,
+        );
     }
 }

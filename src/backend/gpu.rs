@@ -5,7 +5,7 @@
 //! Commands are recorded into one open encoder and submitted only when the host needs a result
 //! (a Gram matrix, a norm, a download) or after many dispatches, so a stage costs one submission.
 
-use super::{Activation, AttentionSpec, Backend};
+use super::{Activation, AttentionSpec, Backend, WeightDtype};
 use crate::error::{Error, Result};
 use crate::mat::Mat;
 use std::cell::{Cell, RefCell};
@@ -28,11 +28,26 @@ const CHOLESKY_PANEL: &str = include_str!("../../shaders/cholesky_panel.wgsl");
 /// by buffers that are dropped on the host but still referenced by recorded commands.
 const MAX_PENDING: usize = 256;
 
-/// A (rows, cols) f32 matrix in a GPU storage buffer, row-major.
+/// A (rows, cols) matrix in a GPU storage buffer, row-major: f32, or (weights only) f16/bf16
+/// packed two per u32 word, low half first, and unpacked by the kernels that read weights.
 pub struct GpuTensor {
     buf: wgpu::Buffer,
     rows: usize,
     cols: usize,
+    dtype: WeightDtype,
+}
+
+/// (element type, load expression) substituted into a kernel reading `name` in `dtype`:
+/// the shader `unpack2x16float`s f16 and shifts bf16 into the high half of an f32.
+fn unpacked(name: &str, dtype: WeightDtype) -> (String, String) {
+    match dtype {
+        WeightDtype::F32 => ("f32".into(), format!("return {name}[e];")),
+        WeightDtype::F16 => ("u32".into(), format!("return unpack2x16float({name}[e >> 1u])[e & 1u];")),
+        WeightDtype::Bf16 => (
+            "u32".into(),
+            format!("let w = {name}[e >> 1u]; return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (e & 1u) == 1u));"),
+        ),
+    }
 }
 
 pub struct Gpu {
@@ -58,6 +73,8 @@ struct Geometry {
     ldc: usize,
     alpha: f32,
     accumulate: bool,
+    /// Storage precision of B (weights may be packed f16/bf16).
+    b_dtype: WeightDtype,
 }
 
 impl Geometry {
@@ -78,6 +95,7 @@ impl Geometry {
             ldc: n,
             alpha: 1.0,
             accumulate: false,
+            b_dtype: WeightDtype::F32,
         }
     }
 }
@@ -276,7 +294,12 @@ impl Gpu {
                 | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        GpuTensor { buf, rows, cols }
+        GpuTensor {
+            buf,
+            rows,
+            cols,
+            dtype: WeightDtype::F32,
+        }
     }
 
     fn storage<T: bytemuck::Pod>(&self, data: &[T]) -> wgpu::Buffer {
@@ -409,10 +432,13 @@ impl Gpu {
         lo: Option<&wgpu::Buffer>,
         g: &Geometry,
     ) {
+        let (b_elem, b_load) = unpacked("b", g.b_dtype);
         let subs = [
             ("A_K_FAST", (g.a.2 == 1).to_string()),
             ("B_K_FAST", (g.b.1 == 1).to_string()),
             ("WITH_LO", lo.is_some().to_string()),
+            ("B_ELEM", b_elem),
+            ("B_LOAD", b_load),
         ];
         let p = self.pipeline("matmul", MATMUL, &subs);
         let params = [
@@ -518,11 +544,59 @@ impl Backend for Gpu {
             buf: self.storage(&m.data),
             rows: m.rows,
             cols: m.cols,
+            dtype: WeightDtype::F32,
+        }
+    }
+
+    fn upload_weight(&self, m: &Mat, dtype: WeightDtype) -> GpuTensor {
+        let bits: Vec<u16> = match dtype {
+            WeightDtype::F32 => return self.upload(m),
+            WeightDtype::F16 => m
+                .data
+                .iter()
+                .map(|v| half::f16::from_f32(*v).to_bits())
+                .collect(),
+            WeightDtype::Bf16 => m
+                .data
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_bits())
+                .collect(),
+        };
+        let words: Vec<u32> = bits
+            .chunks(2)
+            .map(|p| p[0] as u32 | (*p.get(1).unwrap_or(&0) as u32) << 16)
+            .collect();
+        GpuTensor {
+            buf: self.storage(&words),
+            rows: m.rows,
+            cols: m.cols,
+            dtype,
         }
     }
 
     fn download(&self, t: &GpuTensor) -> Mat {
-        Mat::new(t.rows, t.cols, self.read(&t.buf, t.rows * t.cols))
+        let n = t.rows * t.cols;
+        let data = match t.dtype {
+            WeightDtype::F32 => self.read(&t.buf, n),
+            packed => {
+                let words: Vec<u32> = self
+                    .read(&t.buf, n.div_ceil(2))
+                    .iter()
+                    .map(|w| w.to_bits())
+                    .collect();
+                (0..n)
+                    .map(|e| {
+                        let h = (words[e / 2] >> (16 * (e % 2))) as u16;
+                        if packed == WeightDtype::F16 {
+                            half::f16::from_bits(h).to_f32()
+                        } else {
+                            half::bf16::from_bits(h).to_f32()
+                        }
+                    })
+                    .collect()
+            }
+        };
+        Mat::new(t.rows, t.cols, data)
     }
 
     fn dims(&self, t: &GpuTensor) -> (usize, usize) {
@@ -533,7 +607,12 @@ impl Backend for Gpu {
         let out = self.alloc(idx.len(), x.cols);
         let ib = self.storage(idx);
         let (gx, gy, stride) = grid_1d(idx.len() * x.cols);
-        let p = self.pipeline("select_rows", SELECT_ROWS, &[]);
+        let (x_elem, x_load) = unpacked("x", x.dtype);
+        let p = self.pipeline(
+            "select_rows",
+            SELECT_ROWS,
+            &[("X_ELEM", x_elem), ("X_LOAD", x_load)],
+        );
         self.dispatch(
             &p,
             &[&x.buf, &ib, &out.buf],
@@ -565,7 +644,11 @@ impl Backend for Gpu {
     fn matmul_t(&self, x: &GpuTensor, rows: Range<usize>, w: &GpuTensor) -> GpuTensor {
         assert_eq!(x.cols, w.cols);
         let k = x.cols;
-        let g = Geometry::new(rows.len(), k, w.rows, (rows.start * k, k, 1), (0, 1, k));
+        assert_eq!(x.dtype, WeightDtype::F32, "activations are f32");
+        let g = Geometry {
+            b_dtype: w.dtype,
+            ..Geometry::new(rows.len(), k, w.rows, (rows.start * k, k, 1), (0, 1, k))
+        };
         self.product(&x.buf, &w.buf, g, false).0
     }
 
@@ -675,7 +758,10 @@ impl Backend for Gpu {
         spec: &AttentionSpec,
         seqs: &[Range<usize>],
     ) -> GpuTensor {
-        assert!(spec.head_dim <= 256, "attention.wgsl handles head_dim up to 256");
+        assert!(
+            spec.head_dim <= 256,
+            "attention.wgsl handles head_dim up to 256"
+        );
         let mut span = Vec::with_capacity(q.rows * 2);
         for s in seqs {
             for _ in s.clone() {

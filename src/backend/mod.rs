@@ -50,6 +50,15 @@ impl Activation {
     }
 }
 
+/// The precision a weight matrix is kept in on the backend (its file precision where the backend
+/// can compute from it; the CPU backend keeps everything in f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
 /// Scaled dot-product attention over each sequence of a batch.
 #[derive(Clone, Debug)]
 pub struct AttentionSpec {
@@ -71,6 +80,11 @@ pub trait Backend {
     fn name(&self) -> String;
     fn upload(&self, m: &Mat) -> Self::T;
     fn download(&self, t: &Self::T) -> Mat;
+    /// A weight matrix, kept in `dtype` where the backend supports it. Only `select_rows`
+    /// (as the table), `matmul_t` (as w) and `download` ever read weights.
+    fn upload_weight(&self, m: &Mat, _dtype: WeightDtype) -> Self::T {
+        self.upload(m)
+    }
     fn dims(&self, t: &Self::T) -> (usize, usize);
 
     /// Rows `idx` of `x`: (idx.len(), cols). Embedding lookup and first-token pooling.

@@ -5,7 +5,8 @@
 
 use crate::error::{bad_input, Result};
 use crate::mat::Mat;
-use safetensors::tensor::{Dtype, Metadata, TensorInfo};
+pub use safetensors::tensor::Dtype;
+use safetensors::tensor::{Metadata, TensorInfo};
 use std::collections::BTreeMap;
 
 /// The end of the last tensor's data according to a header, if the header is readable JSON.
@@ -87,6 +88,11 @@ impl TensorFile {
         self.tensors.contains_key(key)
     }
 
+    /// The precision the tensor is stored in (None: no such tensor).
+    pub fn dtype(&self, key: &str) -> Option<Dtype> {
+        self.tensors.get(key).map(|t| t.dtype)
+    }
+
     pub fn shape(&self, key: &str) -> Option<&[usize]> {
         self.tensors.get(key).map(|t| t.shape.as_slice())
     }
@@ -100,27 +106,28 @@ impl TensorFile {
         let (s, e) = info.data_offsets;
         let raw = &self.bytes[self.data_start + s..self.data_start + e];
         let numel: usize = info.shape.iter().product();
-        let data: Vec<f32> =
-            match info.dtype {
-                Dtype::F32 => raw
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-                Dtype::F16 => raw
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                Dtype::BF16 => raw
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                other => return Err(bad_input(
+        let data: Vec<f32> = match info.dtype {
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(bad_input(
                     &self.name,
                     format!(
                         "tensor '{key}' has dtype {other:?}; only F32, F16 and BF16 are supported"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         if data.len() != numel {
             return Err(bad_input(
                 &self.name,
@@ -188,6 +195,10 @@ impl TensorStore {
 
     pub fn shape(&self, key: &str) -> Option<&[usize]> {
         self.index.get(key).and_then(|&i| self.files[i].shape(key))
+    }
+
+    pub fn dtype(&self, key: &str) -> Option<Dtype> {
+        self.index.get(key).and_then(|&i| self.files[i].dtype(key))
     }
 
     pub fn file_of(&self, key: &str) -> &str {

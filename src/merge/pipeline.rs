@@ -81,7 +81,11 @@ pub fn merge<B: Backend + 'static>(
     }
     timings.tokenize = now() - t;
 
-    check_batch_fits(be, &model.modules(), ids.iter().flatten().map(Vec::len).sum::<usize>() * 2)?;
+    check_batch_fits(
+        be,
+        &model.modules(),
+        ids.iter().flatten().map(Vec::len).sum::<usize>() * 2,
+    )?;
     let outcome = iteris(be, model.as_ref(), targets, &ids, opts, progress)?;
     timings.passes = outcome.seconds_passes;
 
@@ -156,7 +160,9 @@ fn check_weights_fit<B: Backend>(be: &B, weights: &TensorStore) -> Result<()> {
     let limit = be.max_tensor_bytes();
     let advice = "use --backend cpu";
     for key in weights.keys() {
-        let bytes = weights.shape(key).map_or(0, |s| s.iter().product::<usize>() as u64 * 4);
+        let bytes = weights
+            .shape(key)
+            .map_or(0, |s| s.iter().product::<usize>() as u64 * 4);
         if bytes > limit {
             return Err(crate::error::Error::Unsupported(format!(
                 "{}: tensor '{key}' needs {:.0} MiB as f32, more than the {:.0} MiB one {} op can address; {advice}",
@@ -170,7 +176,12 @@ fn check_weights_fit<B: Backend>(be: &B, weights: &TensorStore) -> Result<()> {
 /// The same for the widest activation of the batched forward pass.
 fn check_batch_fits<B: Backend>(be: &B, modules: &[models::ModuleInfo], rows: usize) -> Result<()> {
     let (limit, advice) = (be.max_tensor_bytes(), "use --backend cpu");
-    let widest = modules.iter().filter(|m| m.name != "lm_head").map(|m| m.out_dim.max(m.in_dim)).max().unwrap_or(0);
+    let widest = modules
+        .iter()
+        .filter(|m| m.name != "lm_head")
+        .map(|m| m.out_dim.max(m.in_dim))
+        .max()
+        .unwrap_or(0);
     let bytes = (rows * widest * 4) as u64;
     if bytes > limit {
         return Err(crate::error::Error::Unsupported(format!(

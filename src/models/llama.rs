@@ -182,12 +182,14 @@ fn inv_freq(c: &HfConfig, head_dim: usize) -> Result<Vec<f32>> {
                 }
             }
         }
-        other => return Err(bad_input(
-            &c.file,
-            format!(
+        other => {
+            return Err(bad_input(
+                &c.file,
+                format!(
                 "rope scaling \"{other}\" is not supported (supported: linear, llama3, dynamic)"
             ),
-        )),
+            ))
+        }
     }
     Ok(f.into_iter().map(|x| x as f32).collect())
 }

@@ -11,9 +11,10 @@ pub mod bert;
 pub mod gpt2;
 pub mod llama;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, WeightDtype};
 use crate::error::{bad_input, Error, Result};
 use crate::formats::hf_config::HfConfig;
+use crate::formats::safetensors::Dtype;
 use crate::formats::safetensors::TensorStore;
 use crate::mat::Mat;
 use std::ops::Range;
@@ -345,8 +346,23 @@ impl<'a, B: Backend> WeightReader<'a, B> {
         Ok(m)
     }
 
+    /// A tensor on the backend. Matrices keep their file precision where the backend can
+    /// (weights are most of the memory); vectors (norms, biases) are f32.
     pub fn tensor(&self, name: &str, shape: (usize, usize)) -> Result<B::T> {
-        Ok(self.be.upload(&self.mat(name, shape)?))
+        let m = self.mat(name, shape)?;
+        Ok(if shape.0 > 1 {
+            self.be.upload_weight(&m, self.dtype(name))
+        } else {
+            self.be.upload(&m)
+        })
+    }
+
+    fn dtype(&self, name: &str) -> WeightDtype {
+        match self.store.dtype(&self.key(name)) {
+            Some(Dtype::F16) => WeightDtype::F16,
+            Some(Dtype::BF16) => WeightDtype::Bf16,
+            _ => WeightDtype::F32,
+        }
     }
 
     /// `name.weight` (and `name.bias` when present) as a linear layer of shape (out, in). With
@@ -372,7 +388,9 @@ impl<'a, B: Backend> WeightReader<'a, B> {
         };
         Ok(Linear {
             name: name.to_string(),
-            w: self.be.upload(&w),
+            w: self
+                .be
+                .upload_weight(&w, self.dtype(&format!("{name}.weight"))),
             b,
         })
     }
