@@ -331,3 +331,43 @@ fn packed_half_precision_weights() {
         );
     }
 }
+
+#[test]
+fn weights_beyond_one_binding_are_split_by_rows() {
+    use iteris::backend::WeightDtype;
+    let _l = LOCK.lock().unwrap();
+    let mut g = Gpu::new().unwrap();
+    g.limit_bindings(1500); // a (37, 23) weight: 3 blocks of 16 rows in f32, 2 of 32 rows in f16
+    let mut r = Rng(8);
+    for dtype in [WeightDtype::F32, WeightDtype::F16] {
+        let w = r.mat(37, 23);
+        let w = if dtype == WeightDtype::F16 {
+            Mat::new(
+                37,
+                23,
+                w.data
+                    .iter()
+                    .map(|v| half::f16::from_f32(*v).to_f32())
+                    .collect(),
+            )
+        } else {
+            w
+        };
+        let x = r.mat(9, 23);
+        let gw = g.upload_weight(&w, dtype);
+        assert_eq!(g.download(&gw), w, "{dtype:?}: blocks reassemble");
+        close(
+            &format!("{dtype:?} split matmul_t"),
+            &g.download(&g.matmul_t(&g.upload(&x), 0..9, &gw)),
+            &Cpu.matmul_t(&x, 0..9, &w),
+            1e-6,
+        );
+        let idx = [36u32, 0, 9, 10, 29, 30, 5];
+        close(
+            &format!("{dtype:?} split select_rows"),
+            &g.download(&g.select_rows(&gw, &idx)),
+            &Cpu.select_rows(&w, &idx),
+            1e-12,
+        );
+    }
+}

@@ -35,6 +35,29 @@ pub struct GpuTensor {
     rows: usize,
     cols: usize,
     dtype: WeightDtype,
+    /// A weight larger than one storage binding (a 50k-token embedding is 150 MB in f32; many
+    /// adapters bind at most 128 MiB) is split by rows: `buf` holds rows [0, first), and each
+    /// (start row, buffer) here holds the next block. The kernels that read weights run per block.
+    blocks: Vec<(usize, wgpu::Buffer)>,
+}
+
+impl GpuTensor {
+    /// (first row, end row, buffer) of each row block.
+    fn row_blocks(&self) -> Vec<(usize, usize, &wgpu::Buffer)> {
+        let starts: Vec<usize> = std::iter::once(0)
+            .chain(self.blocks.iter().map(|b| b.0))
+            .collect();
+        let bufs = std::iter::once(&self.buf).chain(self.blocks.iter().map(|b| &b.1));
+        bufs.enumerate()
+            .map(|(i, b)| {
+                (
+                    starts[i],
+                    starts.get(i + 1).copied().unwrap_or(self.rows),
+                    b,
+                )
+            })
+            .collect()
+    }
 }
 
 /// (element type, load expression) substituted into a kernel reading `name` in `dtype`:
@@ -174,9 +197,10 @@ impl Gpu {
                 .any(|s| n.contains(s))
     }
 
-    /// The largest tensor (in bytes) one storage binding can hold.
-    pub fn max_binding_bytes(&self) -> u64 {
-        self.max_binding
+    /// Pretend storage bindings hold at most `bytes` (tests of the weight splitting use this to
+    /// split small tensors).
+    pub fn limit_bindings(&mut self, bytes: u64) {
+        self.max_binding = self.max_binding.min(bytes);
     }
 
     fn pipeline(&self, kernel: &str, src: &str, subs: &[(&str, String)]) -> wgpu::ComputePipeline {
@@ -299,6 +323,7 @@ impl Gpu {
             rows,
             cols,
             dtype: WeightDtype::F32,
+            blocks: vec![],
         }
     }
 
@@ -347,20 +372,6 @@ impl Gpu {
             bytemuck::cast_slice(&slice.get_mapped_range().expect("GPU readback failed")).to_vec();
         staging.unmap();
         out
-    }
-
-    /// Check before uploading: a tensor that no storage binding can hold is refused by name.
-    pub fn check_fits(&self, what: &str, rows: usize, cols: usize) -> Result<()> {
-        let bytes = (rows * cols * 4) as u64;
-        if bytes > self.max_binding {
-            return Err(Error::Unsupported(format!(
-                "{what}: {} MiB does not fit one GPU storage binding ({} MiB on {}); use --backend cpu",
-                bytes >> 20,
-                self.max_binding >> 20,
-                self.info.name
-            )));
-        }
-        Ok(())
     }
 
     fn elementwise(
@@ -545,57 +556,70 @@ impl Backend for Gpu {
             rows: m.rows,
             cols: m.cols,
             dtype: WeightDtype::F32,
+            blocks: vec![],
         }
     }
 
     fn upload_weight(&self, m: &Mat, dtype: WeightDtype) -> GpuTensor {
-        let bits: Vec<u16> = match dtype {
-            WeightDtype::F32 => return self.upload(m),
-            WeightDtype::F16 => m
-                .data
-                .iter()
-                .map(|v| half::f16::from_f32(*v).to_bits())
-                .collect(),
-            WeightDtype::Bf16 => m
-                .data
-                .iter()
-                .map(|v| half::bf16::from_f32(*v).to_bits())
-                .collect(),
-        };
-        let words: Vec<u32> = bits
-            .chunks(2)
-            .map(|p| p[0] as u32 | (*p.get(1).unwrap_or(&0) as u32) << 16)
-            .collect();
+        let elem = if dtype == WeightDtype::F32 { 4 } else { 2 };
+        let block_rows = ((self.max_binding as usize) / (m.cols.max(1) * elem)).max(1);
+        let mut bufs = (0..m.rows.max(1)).step_by(block_rows).map(|r0| {
+            let part = &m.data[r0 * m.cols..(r0 + block_rows).min(m.rows) * m.cols];
+            let buf = match dtype {
+                WeightDtype::F32 => self.storage(part),
+                WeightDtype::F16 | WeightDtype::Bf16 => {
+                    let bits: Vec<u16> = match dtype {
+                        WeightDtype::F16 => part
+                            .iter()
+                            .map(|v| half::f16::from_f32(*v).to_bits())
+                            .collect(),
+                        _ => part
+                            .iter()
+                            .map(|v| half::bf16::from_f32(*v).to_bits())
+                            .collect(),
+                    };
+                    let words: Vec<u32> = bits
+                        .chunks(2)
+                        .map(|p| p[0] as u32 | (*p.get(1).unwrap_or(&0) as u32) << 16)
+                        .collect();
+                    self.storage(&words)
+                }
+            };
+            (r0, buf)
+        });
+        let (_, buf) = bufs.next().unwrap();
         GpuTensor {
-            buf: self.storage(&words),
+            buf,
             rows: m.rows,
             cols: m.cols,
             dtype,
+            blocks: bufs.collect(),
         }
     }
 
     fn download(&self, t: &GpuTensor) -> Mat {
-        let n = t.rows * t.cols;
-        let data = match t.dtype {
-            WeightDtype::F32 => self.read(&t.buf, n),
-            packed => {
-                let words: Vec<u32> = self
-                    .read(&t.buf, n.div_ceil(2))
-                    .iter()
-                    .map(|w| w.to_bits())
-                    .collect();
-                (0..n)
-                    .map(|e| {
+        let mut data = Vec::with_capacity(t.rows * t.cols);
+        for (r0, r1, buf) in t.row_blocks() {
+            let n = (r1 - r0) * t.cols;
+            match t.dtype {
+                WeightDtype::F32 => data.extend(self.read(buf, n)),
+                packed => {
+                    let words: Vec<u32> = self
+                        .read(buf, n.div_ceil(2))
+                        .iter()
+                        .map(|w| w.to_bits())
+                        .collect();
+                    data.extend((0..n).map(|e| {
                         let h = (words[e / 2] >> (16 * (e % 2))) as u16;
                         if packed == WeightDtype::F16 {
                             half::f16::from_bits(h).to_f32()
                         } else {
                             half::bf16::from_bits(h).to_f32()
                         }
-                    })
-                    .collect()
+                    }));
+                }
             }
-        };
+        }
         Mat::new(t.rows, t.cols, data)
     }
 
@@ -613,12 +637,16 @@ impl Backend for Gpu {
             SELECT_ROWS,
             &[("X_ELEM", x_elem), ("X_LOAD", x_load)],
         );
-        self.dispatch(
-            &p,
-            &[&x.buf, &ib, &out.buf],
-            &[idx.len() as u32, x.cols as u32, stride],
-            (gx, gy, 1),
-        );
+        for (r0, r1, buf) in x.row_blocks() {
+            let params = [
+                idx.len() as u32,
+                x.cols as u32,
+                stride,
+                r0 as u32,
+                r1 as u32,
+            ];
+            self.dispatch(&p, &[buf, &ib, &out.buf], &params, (gx, gy, 1));
+        }
         out
     }
 
@@ -643,13 +671,20 @@ impl Backend for Gpu {
 
     fn matmul_t(&self, x: &GpuTensor, rows: Range<usize>, w: &GpuTensor) -> GpuTensor {
         assert_eq!(x.cols, w.cols);
-        let k = x.cols;
         assert_eq!(x.dtype, WeightDtype::F32, "activations are f32");
-        let g = Geometry {
-            b_dtype: w.dtype,
-            ..Geometry::new(rows.len(), k, w.rows, (rows.start * k, k, 1), (0, 1, k))
-        };
-        self.product(&x.buf, &w.buf, g, false).0
+        let k = x.cols;
+        let c = self.alloc(rows.len(), w.rows);
+        // Each row block of w gives a block of output columns.
+        for (r0, r1, buf) in w.row_blocks() {
+            let g = Geometry {
+                b_dtype: w.dtype,
+                c_off: r0,
+                ldc: w.rows,
+                ..Geometry::new(rows.len(), k, r1 - r0, (rows.start * k, k, 1), (0, 1, k))
+            };
+            self.matmul(&x.buf, buf, &c.buf, None, &g);
+        }
+        c
     }
 
     fn add_rows(&self, y: &mut GpuTensor, rows: Range<usize>, d: &GpuTensor, s: f32) {

@@ -36,7 +36,6 @@ pub fn merge<B: Backend + 'static>(
 ) -> Result<MergeResult> {
     let mut timings = Timings::default();
     let t = now();
-    check_weights_fit(be, &base.weights)?;
     let model = models::load(be, &base.config, &base.weights)?;
     let adapters: Vec<_> = tasks.iter().map(|t| &t.adapter).collect();
     let targets = map_targets(
@@ -154,26 +153,8 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
 
-/// Refuse, before any work, a weight larger than the backend can hold in one op (a GPU storage
-/// binding: 128 MiB on many adapters), naming the tensor.
-fn check_weights_fit<B: Backend>(be: &B, weights: &TensorStore) -> Result<()> {
-    let limit = be.max_tensor_bytes();
-    let advice = "use --backend cpu";
-    for key in weights.keys() {
-        let bytes = weights
-            .shape(key)
-            .map_or(0, |s| s.iter().product::<usize>() as u64 * 4);
-        if bytes > limit {
-            return Err(crate::error::Error::Unsupported(format!(
-                "{}: tensor '{key}' needs {:.0} MiB as f32, more than the {:.0} MiB one {} op can address; {advice}",
-                weights.file_of(key), mib(bytes), mib(limit), be.name()
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// The same for the widest activation of the batched forward pass.
+/// Refuse, before any work, a batch whose widest activation is larger than the backend can hold in
+/// one op (a GPU storage binding: 128 MiB on many adapters). Weights that large are split instead.
 fn check_batch_fits<B: Backend>(be: &B, modules: &[models::ModuleInfo], rows: usize) -> Result<()> {
     let (limit, advice) = (be.max_tensor_bytes(), "use --backend cpu");
     let widest = modules
