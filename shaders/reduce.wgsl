@@ -1,16 +1,21 @@
-// Partial sums of squares: each 256-thread workgroup reduces one CHUNK of elements and writes one
-// partial; the host adds the partials in f64. MODE (substituted):
-//   norm   Σ x[ox + i]²
+// Partial sums: each 256-thread workgroup reduces one chunk of elements and writes one partial; the
+// host adds the partials in f64. MODE (substituted):
+//   norm   Σ x[ox + i]²          (x may be a packed f16/bf16 weight: X_ELEM, X_LOAD)
 //   dist   Σ (x[ox + i] − y[i])²
+//   dot    Σ x[ox + i] · y[i]
 
 struct Params { n: u32, ox: u32, chunk: u32 }
 
-@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(0) var<storage, read> x: array<{{X_ELEM}}>;
 @group(0) @binding(1) var<storage, read> y: array<f32>;
 @group(0) @binding(2) var<storage, read_write> partial: array<f32>;  // (workgroups)
 @group(0) @binding(3) var<uniform> p: Params;
 
 var<workgroup> red: array<f32, 256>;
+
+fn load_x(e: u32) -> f32 {
+    {{X_LOAD}}
+}
 
 fn term(i: u32) -> f32 {
     {{MODE}}

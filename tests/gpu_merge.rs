@@ -99,6 +99,27 @@ fn gpu_merges_match_cpu_and_reference() {
     }
 }
 
+/// A stage costs two round trips: its statistics (with the previous stage's alignment errors), and
+/// the f32 Cholesky factors that the f64 refinement needs before the merged rows can go on.
+#[test]
+fn two_readbacks_per_stage() {
+    let gpu = Gpu::new().unwrap();
+    let base = fsio::read_base(&fixture("gpt2").join("base")).unwrap();
+    let before = gpu.readbacks();
+    pipeline::merge(
+        &gpu,
+        &base,
+        &tasks("gpt2"),
+        &Options::default(),
+        false,
+        &mut |_| {},
+    )
+    .unwrap();
+    let stages = 8; // c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 blocks: all targeted
+    let n = gpu.readbacks() - before;
+    assert!(n <= 2 * stages + 1, "{n} readbacks for {stages} stages");
+}
+
 /// A half-precision checkpoint: the GPU keeps the weights packed (half the memory) and merges
 /// exactly as the CPU does from the same values.
 #[test]

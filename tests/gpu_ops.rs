@@ -246,13 +246,20 @@ fn cholesky_and_refined_solve() {
     let x = r.mat(200, n);
     let gram = Cpu.gram(&x, 0..200, &x, 0..200);
     let m = &gram + DMatrix::identity(n, n) * (1e-4 * gram.norm());
-    let l = g.cholesky_f32(&m).expect("positive definite");
+    let l = g
+        .cholesky_f32_many(&[&m])
+        .pop()
+        .flatten()
+        .expect("positive definite");
     let e = (&l * l.transpose() - &m).norm() / m.norm();
     assert!(e < 1e-6, "L·Lᵀ differs from M by {e:.2e}");
+    let neg = -&m;
+    let both = g.cholesky_f32_many(&[&neg, &m]);
     assert!(
-        g.cholesky_f32(&(-&m)).is_none(),
+        both[0].is_none(),
         "a negative definite matrix must be refused"
     );
+    assert!(both[1].is_some(), "and does not spoil the next one");
 
     let lora = LoraModule {
         path: "m".into(),

@@ -2,7 +2,7 @@
 //! is available. Matrix products go through `matrixmultiply` (packed, SIMD, threaded natively);
 //! row-wise ops run in parallel with rayon natively and sequentially in wasm.
 
-use super::{Activation, AttentionSpec, Backend};
+use super::{Activation, AttentionSpec, Backend, Fetched};
 use crate::mat::Mat;
 use std::ops::Range;
 
@@ -69,6 +69,7 @@ fn sgemm(
 
 impl Backend for Cpu {
     type T = Mat;
+    type Pending = Fetched;
 
     fn name(&self) -> String {
         "cpu".into()
@@ -328,7 +329,7 @@ impl Backend for Cpu {
         )
     }
 
-    fn gram(&self, x: &Mat, xr: Range<usize>, y: &Mat, yr: Range<usize>) -> nalgebra::DMatrix<f64> {
+    fn defer_gram(&self, x: &Mat, xr: Range<usize>, y: &Mat, yr: Range<usize>) -> Fetched {
         assert_eq!(xr.len(), yr.len());
         // Accumulated in f64: the CPU path is the reference.
         let n = xr.len();
@@ -362,22 +363,38 @@ impl Backend for Cpu {
                 );
             }
         }
-        nalgebra::DMatrix::from_row_slice(x.cols, y.cols, &c)
+        Fetched::Matrix(nalgebra::DMatrix::from_row_slice(x.cols, y.cols, &c))
     }
 
-    fn sq_norm(&self, x: &Mat, rows: Range<usize>) -> f64 {
-        x.data[rows.start * x.cols..rows.end * x.cols]
-            .iter()
-            .map(|&v| (v as f64) * (v as f64))
-            .sum()
+    fn defer_sq_norm(&self, x: &Mat, rows: Range<usize>) -> Fetched {
+        let v = &x.data[rows.start * x.cols..rows.end * x.cols];
+        Fetched::Scalar(v.iter().map(|&v| (v as f64) * (v as f64)).sum())
     }
 
-    fn sq_dist(&self, a: &Mat, b: &Mat) -> f64 {
+    fn defer_sq_dist(&self, a: &Mat, b: &Mat) -> Fetched {
         assert_eq!(a.shape(), b.shape());
-        a.data
-            .iter()
-            .zip(&b.data)
-            .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-            .sum()
+        Fetched::Scalar(
+            a.data
+                .iter()
+                .zip(&b.data)
+                .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+                .sum(),
+        )
+    }
+
+    fn defer_dot(&self, a: &Mat, b: &Mat) -> Fetched {
+        assert_eq!(a.shape(), b.shape());
+        Fetched::Scalar(
+            a.data
+                .iter()
+                .zip(&b.data)
+                .map(|(x, y)| *x as f64 * *y as f64)
+                .sum(),
+        )
+    }
+
+    /// Everything was computed when deferred.
+    fn fetch(&self, pending: Vec<Fetched>) -> Vec<Fetched> {
+        pending
     }
 }

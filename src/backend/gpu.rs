@@ -5,7 +5,7 @@
 //! Commands are recorded into one open encoder and submitted only when the host needs a result
 //! (a Gram matrix, a norm, a download) or after many dispatches, so a stage costs one submission.
 
-use super::{Activation, AttentionSpec, Backend, WeightDtype};
+use super::{Activation, AttentionSpec, Backend, Fetched, WeightDtype};
 use crate::error::{Error, Result};
 use crate::mat::Mat;
 use std::cell::{Cell, RefCell};
@@ -60,6 +60,14 @@ impl GpuTensor {
     }
 }
 
+/// A result recorded on the GPU, read back by `fetch`.
+pub enum GpuPending {
+    /// Buffers of partial sums (and their lengths) to add up in f64.
+    Sum(Vec<(wgpu::Buffer, usize)>),
+    /// A Gram matrix as compensated f32 pairs: the value is hi + lo.
+    Gram { hi: GpuTensor, lo: GpuTensor },
+}
+
 /// (element type, load expression) substituted into a kernel reading `name` in `dtype`:
 /// the shader `unpack2x16float`s f16 and shifts bf16 into the high half of an f32.
 fn unpacked(name: &str, dtype: WeightDtype) -> (String, String) {
@@ -81,6 +89,7 @@ pub struct Gpu {
     pipelines: RefCell<HashMap<String, wgpu::ComputePipeline>>,
     encoder: RefCell<Option<wgpu::CommandEncoder>>,
     pending: Cell<usize>,
+    readbacks: Cell<usize>,
 }
 
 /// Shape and strides of one product C (m, n) = alpha · A (m, k) · B (k, n): operands as
@@ -180,6 +189,7 @@ impl Gpu {
             pipelines: RefCell::new(HashMap::new()),
             encoder: RefCell::new(None),
             pending: Cell::new(0),
+            readbacks: Cell::new(0),
         })
     }
 
@@ -195,6 +205,11 @@ impl Gpu {
             || ["llvmpipe", "lavapipe", "swiftshader", "warp"]
                 .iter()
                 .any(|s| n.contains(s))
+    }
+
+    /// How many times the host has waited for GPU results so far.
+    pub fn readbacks(&self) -> usize {
+        self.readbacks.get()
     }
 
     /// Pretend storage bindings hold at most `bytes` (tests of the weight splitting use this to
@@ -344,15 +359,15 @@ impl Gpu {
             })
     }
 
-    /// Copy `n` f32 of `buf` back to the host (submits everything recorded so far).
-    fn read(&self, buf: &wgpu::Buffer, n: usize) -> Vec<f32> {
-        if n == 0 {
-            return Vec::new();
+    /// Copy the first n f32 of each buffer back to the host, in one submission and one map.
+    fn read_many(&self, regions: &[(&wgpu::Buffer, usize)]) -> Vec<Vec<f32>> {
+        let total: usize = regions.iter().map(|r| r.1).sum();
+        if total == 0 {
+            return regions.iter().map(|_| Vec::new()).collect();
         }
-        let size = (n * 4) as u64;
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
-            size,
+            size: (total * 4) as u64,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
@@ -360,18 +375,37 @@ impl Gpu {
             let mut enc = self.encoder.borrow_mut();
             let enc =
                 enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
-            enc.copy_buffer_to_buffer(buf, 0, &staging, 0, size);
+            let mut at = 0;
+            for (buf, n) in regions {
+                if *n > 0 {
+                    enc.copy_buffer_to_buffer(buf, 0, &staging, (at * 4) as u64, (*n * 4) as u64);
+                }
+                at += n;
+            }
         }
         self.flush();
+        self.readbacks.set(self.readbacks.get() + 1);
         let slice = staging.slice(..);
         slice.map_async(wgpu::MapMode::Read, |r| r.expect("GPU readback failed"));
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .expect("GPU device lost");
-        let out =
+        let all: Vec<f32> =
             bytemuck::cast_slice(&slice.get_mapped_range().expect("GPU readback failed")).to_vec();
         staging.unmap();
-        out
+        let mut at = 0;
+        regions
+            .iter()
+            .map(|(_, n)| {
+                at += n;
+                all[at - n..at].to_vec()
+            })
+            .collect()
+    }
+
+    /// Copy `n` f32 of `buf` back to the host (submits everything recorded so far).
+    fn read(&self, buf: &wgpu::Buffer, n: usize) -> Vec<f32> {
+        self.read_many(&[(buf, n)]).pop().unwrap()
     }
 
     fn elementwise(
@@ -505,22 +539,35 @@ impl Gpu {
         (c, c_lo)
     }
 
+    /// Record a reduction of n elements of x (from element ox) against y; returns the buffer of
+    /// per-workgroup partial sums and their count.
     fn reduce(
         &self,
         mode: &str,
         x: &wgpu::Buffer,
+        x_dtype: WeightDtype,
         ox: usize,
         y: Option<&wgpu::Buffer>,
         n: usize,
-    ) -> f64 {
+    ) -> (wgpu::Buffer, usize) {
         let chunk = 256 * 16;
         let groups = n.div_ceil(chunk).max(1);
         let partial = self.alloc(1, groups);
         let term = match mode {
-            "norm" => "let v = x[p.ox + i]; return v * v;",
-            _ => "let d = x[p.ox + i] - y[i]; return d * d;",
+            "norm" => "let v = load_x(p.ox + i); return v * v;",
+            "dist" => "let d = load_x(p.ox + i) - y[i]; return d * d;",
+            _ => "return load_x(p.ox + i) * y[i];",
         };
-        let p = self.pipeline("reduce", REDUCE, &[("MODE", term.to_string())]);
+        let (x_elem, x_load) = unpacked("x", x_dtype);
+        let p = self.pipeline(
+            "reduce",
+            REDUCE,
+            &[
+                ("MODE", term.to_string()),
+                ("X_ELEM", x_elem),
+                ("X_LOAD", x_load),
+            ],
+        );
         let dummy;
         let y = match y {
             Some(y) => y,
@@ -536,15 +583,121 @@ impl Gpu {
             &[n as u32, ox as u32, chunk as u32],
             (gx as u32, groups.div_ceil(gx) as u32, 1),
         );
-        self.read(&partial.buf, groups)
-            .iter()
-            .map(|&v| v as f64)
-            .sum()
+        (partial.buf, groups)
     }
 }
 
 impl Backend for Gpu {
     type T = GpuTensor;
+    type Pending = GpuPending;
+
+    fn defer_gram(
+        &self,
+        x: &GpuTensor,
+        xr: Range<usize>,
+        y: &GpuTensor,
+        yr: Range<usize>,
+    ) -> GpuPending {
+        assert_eq!(xr.len(), yr.len());
+        let g = Geometry::new(
+            x.cols,
+            xr.len(),
+            y.cols,
+            (xr.start * x.cols, 1, x.cols),
+            (yr.start * y.cols, y.cols, 1),
+        );
+        let (hi, lo) = self.product(&x.buf, &y.buf, g, true);
+        GpuPending::Gram {
+            hi,
+            lo: lo.unwrap(),
+        }
+    }
+
+    fn defer_sq_norm(&self, x: &GpuTensor, rows: Range<usize>) -> GpuPending {
+        let parts = x
+            .row_blocks()
+            .into_iter()
+            .filter_map(|(r0, r1, buf)| {
+                let (a, b) = (rows.start.max(r0), rows.end.min(r1));
+                (a < b).then(|| {
+                    self.reduce(
+                        "norm",
+                        buf,
+                        x.dtype,
+                        (a - r0) * x.cols,
+                        None,
+                        (b - a) * x.cols,
+                    )
+                })
+            })
+            .collect();
+        GpuPending::Sum(parts)
+    }
+
+    fn defer_sq_dist(&self, a: &GpuTensor, b: &GpuTensor) -> GpuPending {
+        assert_eq!(
+            (a.rows, a.cols, a.dtype, b.dtype),
+            (b.rows, b.cols, WeightDtype::F32, WeightDtype::F32)
+        );
+        GpuPending::Sum(vec![self.reduce(
+            "dist",
+            &a.buf,
+            a.dtype,
+            0,
+            Some(&b.buf),
+            a.rows * a.cols,
+        )])
+    }
+
+    fn defer_dot(&self, a: &GpuTensor, b: &GpuTensor) -> GpuPending {
+        assert_eq!(
+            (a.rows, a.cols, a.dtype, b.dtype),
+            (b.rows, b.cols, WeightDtype::F32, WeightDtype::F32)
+        );
+        GpuPending::Sum(vec![self.reduce(
+            "dot",
+            &a.buf,
+            a.dtype,
+            0,
+            Some(&b.buf),
+            a.rows * a.cols,
+        )])
+    }
+
+    /// One staging buffer, one submission, one map for everything pending.
+    fn fetch(&self, pending: Vec<GpuPending>) -> Vec<Fetched> {
+        let mut regions: Vec<(&wgpu::Buffer, usize)> = Vec::new();
+        for p in &pending {
+            match p {
+                GpuPending::Sum(parts) => regions.extend(parts.iter().map(|(b, n)| (b, *n))),
+                GpuPending::Gram { hi, lo } => {
+                    regions.push((&hi.buf, hi.rows * hi.cols));
+                    regions.push((&lo.buf, lo.rows * lo.cols));
+                }
+            }
+        }
+        let values = self.read_many(&regions);
+        let mut at = values.into_iter();
+        pending
+            .iter()
+            .map(|p| match p {
+                GpuPending::Sum(parts) => Fetched::Scalar(
+                    parts
+                        .iter()
+                        .map(|_| at.next().unwrap().iter().map(|&v| v as f64).sum::<f64>())
+                        .sum(),
+                ),
+                GpuPending::Gram { hi, .. } => {
+                    let (h, l) = (at.next().unwrap(), at.next().unwrap());
+                    Fetched::Matrix(nalgebra::DMatrix::from_row_iterator(
+                        hi.rows,
+                        hi.cols,
+                        h.iter().zip(&l).map(|(a, b)| *a as f64 + *b as f64),
+                    ))
+                }
+            })
+            .collect()
+    }
 
     fn name(&self) -> String {
         format!("gpu ({}, {:?})", self.info.name, self.info.backend)
@@ -862,83 +1015,75 @@ impl Backend for Gpu {
         out
     }
 
-    fn gram(
-        &self,
-        x: &GpuTensor,
-        xr: Range<usize>,
-        y: &GpuTensor,
-        yr: Range<usize>,
-    ) -> nalgebra::DMatrix<f64> {
-        assert_eq!(xr.len(), yr.len());
-        let g = Geometry::new(
-            x.cols,
-            xr.len(),
-            y.cols,
-            (xr.start * x.cols, 1, x.cols),
-            (yr.start * y.cols, y.cols, 1),
-        );
-        let (hi, lo) = self.product(&x.buf, &y.buf, g, true);
-        let (hi, lo) = (self.download(&hi), self.download(&lo.unwrap()));
-        nalgebra::DMatrix::from_row_iterator(
-            x.cols,
-            y.cols,
-            hi.data
-                .iter()
-                .zip(&lo.data)
-                .map(|(h, l)| *h as f64 + *l as f64),
-        )
-    }
-
     /// Blocked right-looking Cholesky in f32: per 32-column step, factor the diagonal block
     /// (one workgroup), solve the panel below it (a thread per row), and update the trailing matrix
-    /// with the tiled product (alpha = −1). One readback at the end.
-    fn cholesky_f32(&self, m: &nalgebra::DMatrix<f64>) -> Option<nalgebra::DMatrix<f64>> {
-        let n = m.nrows();
-        if (n * n * 4) as u64 > self.max_binding {
-            return None;
-        }
-        let rows: Vec<f32> = (0..n * n).map(|e| m[(e / n, e % n)] as f32).collect();
-        let a = self.storage(&rows);
-        let status = self.storage(&[0u32]);
+    /// with the tiled product (alpha = −1). All matrices are factored, then read back together.
+    fn cholesky_f32_many(
+        &self,
+        ms: &[&nalgebra::DMatrix<f64>],
+    ) -> Vec<Option<nalgebra::DMatrix<f64>>> {
         const NB: usize = 32;
         let block = self.pipeline("cholesky_block", CHOLESKY_BLOCK, &[]);
         let panel_p = self.pipeline("cholesky_panel", CHOLESKY_PANEL, &[]);
-        for k0 in (0..n).step_by(NB) {
-            let kb = NB.min(n - k0);
-            let params = [n as u32, k0 as u32, kb as u32];
-            self.dispatch(&block, &[&a, &status], &params, (1, 1, 1));
-            let m2 = n - k0 - kb;
-            if m2 == 0 {
-                break;
+        let mut factored = Vec::new();
+        for m in ms {
+            let n = m.nrows();
+            if (n * n * 4) as u64 > self.max_binding {
+                factored.push(None);
+                continue;
             }
-            let panel = self.alloc(m2, kb);
-            self.dispatch(
-                &panel_p,
-                &[&a, &panel.buf],
-                &params,
-                (m2.div_ceil(64) as u32, 1, 1),
-            );
-            let at = (k0 + kb) * n + k0 + kb;
-            let g = Geometry {
-                c_off: at,
-                ldc: n,
-                alpha: -1.0,
-                accumulate: true,
-                ..Geometry::new(m2, kb, m2, (0, kb, 1), (0, 1, kb))
-            };
-            self.matmul(&panel.buf, &panel.buf, &a, None, &g);
-        }
-        if self.read(&status, 1)[0].to_bits() != 0 {
-            return None;
-        }
-        let l = self.read(&a, n * n);
-        Some(nalgebra::DMatrix::from_fn(n, n, |i, j| {
-            if j <= i {
-                l[i * n + j] as f64
-            } else {
-                0.0
+            let rows: Vec<f32> = (0..n * n).map(|e| m[(e / n, e % n)] as f32).collect();
+            let a = self.storage(&rows);
+            let status = self.storage(&[0u32]);
+            for k0 in (0..n).step_by(NB) {
+                let kb = NB.min(n - k0);
+                let params = [n as u32, k0 as u32, kb as u32];
+                self.dispatch(&block, &[&a, &status], &params, (1, 1, 1));
+                let m2 = n - k0 - kb;
+                if m2 == 0 {
+                    break;
+                }
+                let panel = self.alloc(m2, kb);
+                self.dispatch(
+                    &panel_p,
+                    &[&a, &panel.buf],
+                    &params,
+                    (m2.div_ceil(64) as u32, 1, 1),
+                );
+                let at = (k0 + kb) * n + k0 + kb;
+                let g = Geometry {
+                    c_off: at,
+                    ldc: n,
+                    alpha: -1.0,
+                    accumulate: true,
+                    ..Geometry::new(m2, kb, m2, (0, kb, 1), (0, 1, kb))
+                };
+                self.matmul(&panel.buf, &panel.buf, &a, None, &g);
             }
-        }))
+            factored.push(Some((n, a, status)));
+        }
+        let regions: Vec<(&wgpu::Buffer, usize)> = factored
+            .iter()
+            .flatten()
+            .flat_map(|(n, a, status)| [(status, 1), (a, n * n)])
+            .collect();
+        let mut values = self.read_many(&regions).into_iter();
+        factored
+            .iter()
+            .map(|f| {
+                let (n, _, _) = f.as_ref()?;
+                let (status, l) = (values.next().unwrap(), values.next().unwrap());
+                (status[0].to_bits() == 0).then(|| {
+                    nalgebra::DMatrix::from_fn(*n, *n, |i, j| {
+                        if j <= i {
+                            l[i * n + j] as f64
+                        } else {
+                            0.0
+                        }
+                    })
+                })
+            })
+            .collect()
     }
 
     fn offers_cholesky_f32(&self) -> bool {
@@ -947,21 +1092,6 @@ impl Backend for Gpu {
 
     fn max_tensor_bytes(&self) -> u64 {
         self.max_binding
-    }
-
-    fn sq_norm(&self, x: &GpuTensor, rows: Range<usize>) -> f64 {
-        self.reduce(
-            "norm",
-            &x.buf,
-            rows.start * x.cols,
-            None,
-            rows.len() * x.cols,
-        )
-    }
-
-    fn sq_dist(&self, a: &GpuTensor, b: &GpuTensor) -> f64 {
-        assert_eq!((a.rows, a.cols), (b.rows, b.cols));
-        self.reduce("dist", &a.buf, 0, Some(&b.buf), a.rows * a.cols)
     }
 }
 

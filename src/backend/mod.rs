@@ -50,6 +50,29 @@ impl Activation {
     }
 }
 
+/// A value read back from a backend.
+#[derive(Clone, Debug)]
+pub enum Fetched {
+    Scalar(f64),
+    Matrix(nalgebra::DMatrix<f64>),
+}
+
+impl Fetched {
+    pub fn scalar(self) -> f64 {
+        match self {
+            Fetched::Scalar(v) => v,
+            Fetched::Matrix(_) => panic!("expected a scalar"),
+        }
+    }
+
+    pub fn matrix(self) -> nalgebra::DMatrix<f64> {
+        match self {
+            Fetched::Matrix(m) => m,
+            Fetched::Scalar(_) => panic!("expected a matrix"),
+        }
+    }
+}
+
 /// The precision a weight matrix is kept in on the backend (its file precision where the backend
 /// can compute from it; the CPU backend keeps everything in f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -127,26 +150,64 @@ pub trait Backend {
         br: Range<usize>,
         wb: f32,
     ) -> Self::T;
-    /// x[xr]ᵀ · y[yr]: (cols_x, cols_y), returned to the host in f64. The solve amplifies Gram
-    /// rounding by up to 1/α, so backends accumulate with more than f32 precision (CPU: f64;
-    /// GPU: compensated f32 pairs).
+    // Results the host reads. Each `defer_*` records the work and returns a handle; `fetch` brings
+    // all the handles' values back at once (on the GPU: one readback), so a stage of the merge costs
+    // one round trip for all its statistics.
+
+    /// A value `fetch` will return.
+    type Pending;
+
+    /// x[xr]ᵀ · y[yr]: (cols_x, cols_y), to the host in f64. The solve amplifies Gram rounding by up
+    /// to 1/α, so backends accumulate with more than f32 precision (CPU: f64; GPU: compensated f32
+    /// pairs).
+    fn defer_gram(
+        &self,
+        x: &Self::T,
+        xr: Range<usize>,
+        y: &Self::T,
+        yr: Range<usize>,
+    ) -> Self::Pending;
+    /// Σ x[rows]² (x may be a weight, in any stored precision), accumulated beyond f32.
+    fn defer_sq_norm(&self, x: &Self::T, rows: Range<usize>) -> Self::Pending;
+    /// Σ (a − b)² over two f32 tensors of one shape.
+    fn defer_sq_dist(&self, a: &Self::T, b: &Self::T) -> Self::Pending;
+    /// Σ a ⊙ b over two f32 tensors of one shape.
+    fn defer_dot(&self, a: &Self::T, b: &Self::T) -> Self::Pending;
+    fn fetch(&self, pending: Vec<Self::Pending>) -> Vec<Fetched>;
+
     fn gram(
         &self,
         x: &Self::T,
         xr: Range<usize>,
         y: &Self::T,
         yr: Range<usize>,
-    ) -> nalgebra::DMatrix<f64>;
-    /// Σ x[rows]², accumulated in f64.
-    fn sq_norm(&self, x: &Self::T, rows: Range<usize>) -> f64;
-    /// Σ (a - b)², accumulated in f64.
-    fn sq_dist(&self, a: &Self::T, b: &Self::T) -> f64;
+    ) -> nalgebra::DMatrix<f64> {
+        self.fetch(vec![self.defer_gram(x, xr, y, yr)])
+            .pop()
+            .unwrap()
+            .matrix()
+    }
+    fn sq_norm(&self, x: &Self::T, rows: Range<usize>) -> f64 {
+        self.fetch(vec![self.defer_sq_norm(x, rows)])
+            .pop()
+            .unwrap()
+            .scalar()
+    }
+    fn sq_dist(&self, a: &Self::T, b: &Self::T) -> f64 {
+        self.fetch(vec![self.defer_sq_dist(a, b)])
+            .pop()
+            .unwrap()
+            .scalar()
+    }
 
-    /// Lower Cholesky factor of a symmetric matrix computed in f32, for the f64 iterative
-    /// refinement in `merge::solve`. None where the backend does not offer one (the CPU solves in
-    /// f64 directly) or a pivot was not positive.
-    fn cholesky_f32(&self, _m: &nalgebra::DMatrix<f64>) -> Option<nalgebra::DMatrix<f64>> {
-        None
+    /// Lower Cholesky factors of symmetric matrices computed in f32, for the f64 iterative
+    /// refinement in `merge::solve`, all read back together. None where the backend does not offer
+    /// them (the CPU solves in f64 directly) or a pivot was not positive.
+    fn cholesky_f32_many(
+        &self,
+        ms: &[&nalgebra::DMatrix<f64>],
+    ) -> Vec<Option<nalgebra::DMatrix<f64>>> {
+        ms.iter().map(|_| None).collect()
     }
 
     /// The largest tensor, in bytes, one op can read or write (a GPU storage binding limit).
@@ -154,7 +215,7 @@ pub trait Backend {
         u64::MAX
     }
 
-    /// Whether `cholesky_f32` is implemented (so an f64 solve is a fallback, reported as such).
+    /// Whether `cholesky_f32_many` is implemented (so an f64 solve is a fallback, reported as such).
     fn offers_cholesky_f32(&self) -> bool {
         false
     }

@@ -12,12 +12,13 @@
 //! the iteration exactly. `Jacobi` keeps the previous pass's deltas and stores the new ones for the
 //! next pass (the published schedule). `Evaluate` solves nothing and only measures.
 
-use super::solve::{solve, Merged, SolvePath, TaskStats};
+use super::solve::{assemble, finish, Merged, SolvePath, TaskStats};
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::formats::peft::LoraModule;
-use crate::mat::Mat;
+use crate::merge::solve::to_f64;
 use crate::models::{Hook, StageInput, Stream};
+use nalgebra::DMatrix;
 use std::collections::HashMap;
 use std::ops::Range;
 
@@ -52,13 +53,26 @@ pub struct ModuleRecord {
     pub rows: Vec<usize>,
 }
 
+/// An adapter's LoRA at one module, on the backend.
+struct DeviceLora<T> {
+    /// (r, in)
+    a: T,
+    /// (out, r)
+    b: T,
+    /// Bᵀ (r, out), for ⟨W0, BA⟩.
+    bt: T,
+    scale: f32,
+}
+
 pub struct IterisHook<'a, B: Backend> {
     targets: &'a [Target],
     index: HashMap<&'a str, usize>,
-    /// Per target, per adapter: (A, B, scale) on the backend.
-    loras: Vec<Vec<Option<(B::T, B::T, f32)>>>,
-    /// Per target, per adapter: ‖W0 + ΔW_i‖²_F, computed at the first visit.
+    /// Per target, per adapter: its LoRA on the backend.
+    loras: Vec<Vec<Option<DeviceLora<B::T>>>>,
+    /// Per target, per adapter: ‖W0 + ΔW_i‖²_F = ‖W0‖² + 2s⟨W0, BA⟩ + s²‖BA‖², at the first visit.
     w_norm2: Vec<Option<Vec<f64>>>,
+    /// Alignment errors recorded but not yet read (they ride along with the next stage's fetch).
+    align_pending: Vec<(Slot, B::Pending)>,
     /// The deltas the merged rows run with (host copy and backend copy).
     pub merged: Vec<Option<Merged>>,
     merged_dev: Vec<Option<(B::T, B::T)>>,
@@ -89,8 +103,12 @@ impl<'a, B: Backend> IterisHook<'a, B> {
                 t.loras
                     .iter()
                     .map(|l| {
-                        l.as_ref()
-                            .map(|l| (be.upload(&l.a), be.upload(&l.b), l.scale))
+                        l.as_ref().map(|l| DeviceLora {
+                            a: be.upload(&l.a),
+                            b: be.upload(&l.b),
+                            bt: be.upload(&l.b.transpose()),
+                            scale: l.scale,
+                        })
                     })
                     .collect()
             })
@@ -104,6 +122,7 @@ impl<'a, B: Backend> IterisHook<'a, B> {
                 .collect(),
             loras,
             w_norm2: vec![None; targets.len()],
+            align_pending: Vec::new(),
             merged: vec![None; targets.len()],
             merged_dev: targets.iter().map(|_| None).collect(),
             solved: vec![None; targets.len()],
@@ -130,29 +149,6 @@ impl<'a, B: Backend> IterisHook<'a, B> {
         }
         self.mode = mode;
         self.seen = 0;
-    }
-
-    /// ‖W0 + s·B·A‖²_F from the low-rank form: ‖W0‖² + 2s⟨W0, BA⟩ + s²·tr((BᵀB)(AAᵀ)).
-    fn weight_norms(&self, w0: &Mat, t: usize) -> Vec<f64> {
-        let base: f64 = w0.data.iter().map(|&v| (v as f64).powi(2)).sum();
-        self.targets[t]
-            .loras
-            .iter()
-            .map(|l| {
-                let Some(l) = l else { return base };
-                let (a, b, s) = (
-                    crate::merge::solve::to_f64(&l.a),
-                    crate::merge::solve::to_f64(&l.b),
-                    l.scale as f64,
-                );
-                let w = crate::merge::solve::to_f64(w0);
-                let cross = (b.transpose() * w).component_mul(&a).sum();
-                let ba = (b.transpose() * &b)
-                    .component_mul(&(&a * a.transpose()))
-                    .sum();
-                base + 2.0 * s * cross + s * s * ba
-            })
-            .collect()
     }
 }
 
@@ -190,69 +186,131 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
         let tasks = self.targets[0].loras.len();
         let rows = task_rows(input, tasks);
         let x = input.x;
+        // Everything the host reads in this stage is deferred and fetched at once (one readback on
+        // the GPU), together with the alignment errors the previous stage left pending.
+        let (mut slots, mut pending): (Vec<Slot>, Vec<B::Pending>) =
+            std::mem::take(&mut self.align_pending).into_iter().unzip();
+
+        // 1. Weight norms ‖W0‖² and ⟨W0, B_i A_i⟩ = Σ (A_i W0ᵀ) ⊙ B_iᵀ, at a module's first visit.
         for &(j, t) in &targeted {
             if self.w_norm2[t].is_none() {
-                self.w_norm2[t] = Some(self.weight_norms(&be.download(input.mods[j].w), t));
+                let w = input.mods[j].w;
+                slots.push(Slot::WeightNorm(t));
+                pending.push(be.defer_sq_norm(w, 0..be.dims(w).0));
+                for (i, l) in self.loras[t].iter().enumerate() {
+                    if let Some(l) = l {
+                        let aw = be.matmul_t(&l.a, 0..be.dims(&l.a).0, w);
+                        slots.push(Slot::WeightCross(t, i));
+                        pending.push(be.defer_dot(&aw, &l.bt));
+                    }
+                }
             }
         }
-
-        // 1. Adapter rows: W0 + ΔW_i, and the adaptive weights.
+        // 2. Adapter rows: W0 + ΔW_i, and ‖X_i (W0 + ΔW_i)ᵀ‖² for the adaptive weights.
         // own[k][i]: X_i ΔW_iᵀ for targeted module k and task i.
         let mut own: Vec<Vec<Option<B::T>>> = Vec::new();
         for &(j, t) in &targeted {
             let mut per_task = Vec::new();
-            let rec = &mut self.records[t];
-            rec.c = vec![0.0; tasks];
-            rec.rows = rows.iter().map(|r| r.0.len()).collect();
             for (i, (ra, _)) in rows.iter().enumerate() {
                 let d = self.loras[t][i]
                     .as_ref()
-                    .map(|(a, b, s)| be.lowrank(x, ra.clone(), a, b, *s));
+                    .map(|l| be.lowrank(x, ra.clone(), &l.a, &l.b, l.scale));
                 if let Some(d) = &d {
                     be.add_rows(&mut ys[j], ra.clone(), d, 1.0);
                 }
-                let den = be.sq_norm(&ys[j], ra.clone());
-                rec.c[i] = self.w_norm2[t].as_ref().unwrap()[i] / den.max(f64::MIN_POSITIVE);
+                slots.push(Slot::Denominator(t, i));
+                pending.push(be.defer_sq_norm(&ys[j], ra.clone()));
                 per_task.push(d);
             }
             own.push(per_task);
         }
-
-        // 2-3. Statistics shared by the stage's modules, then one solve per module.
+        // 3. X_iᵀX̃_i and X̃_iᵀX̃_i, shared by the stage's modules (X̃ = X before any merged delta).
         if self.mode != Mode::Evaluate {
-            let mut stats: Vec<(nalgebra::DMatrix<f64>, nalgebra::DMatrix<f64>)> =
-                Vec::with_capacity(tasks);
-            for (ra, rm) in &rows {
-                stats.push(match rm {
-                    None => {
-                        let g = be.gram(x, ra.clone(), x, ra.clone());
-                        (g.clone(), g)
-                    }
+            for (i, (ra, rm)) in rows.iter().enumerate() {
+                let mixed;
+                let (xt, rt) = match rm {
+                    None => (x, ra.clone()),
                     Some(rm) if self.rho != 0.0 => {
-                        let xt =
-                            be.mix_rows(x, rm.clone(), 1.0 - self.rho, x, ra.clone(), self.rho);
-                        let n = be.dims(&xt).0;
-                        (
-                            be.gram(x, ra.clone(), &xt, 0..n),
-                            be.gram(&xt, 0..n, &xt, 0..n),
-                        )
+                        mixed = be.mix_rows(x, rm.clone(), 1.0 - self.rho, x, ra.clone(), self.rho);
+                        (&mixed, 0..ra.len())
                     }
-                    Some(rm) => (
-                        be.gram(x, ra.clone(), x, rm.clone()),
-                        be.gram(x, rm.clone(), x, rm.clone()),
-                    ),
-                });
+                    Some(rm) => (x, rm.clone()),
+                };
+                slots.push(Slot::Cross(i));
+                pending.push(be.defer_gram(x, ra.clone(), xt, rt.clone()));
+                if rm.is_some() {
+                    slots.push(Slot::Gram(i));
+                    pending.push(be.defer_gram(xt, rt.clone(), xt, rt));
+                }
             }
-            for &(_, t) in &targeted {
-                let ts: Vec<TaskStats> = (0..tasks)
-                    .map(|i| TaskStats {
-                        cross: &stats[i].0,
-                        gram: &stats[i].1,
-                        c: self.records[t].c[i],
-                        lora: self.targets[t].loras[i].as_ref(),
-                    })
-                    .collect();
-                let (m, path) = solve(be, &self.targets[t].name, &ts, self.alpha1, self.alpha2)?;
+        }
+
+        let mut stats: Vec<(Option<DMatrix<f64>>, Option<DMatrix<f64>>)> =
+            vec![(None, None); tasks];
+        let mut denominators = vec![vec![0.0; tasks]; self.targets.len()];
+        for (slot, value) in slots.into_iter().zip(be.fetch(pending)) {
+            match slot {
+                Slot::WeightNorm(t) => {
+                    let base = value.scalar();
+                    self.w_norm2[t] = Some(
+                        self.targets[t]
+                            .loras
+                            .iter()
+                            .map(|l| base + l.as_ref().map_or(0.0, lora_norm2))
+                            .collect(),
+                    );
+                }
+                Slot::WeightCross(t, i) => {
+                    let s = self.targets[t].loras[i].as_ref().unwrap().scale as f64;
+                    self.w_norm2[t].as_mut().unwrap()[i] += 2.0 * s * value.scalar();
+                }
+                Slot::Denominator(t, i) => denominators[t][i] = value.scalar(),
+                Slot::Cross(i) => stats[i].0 = Some(value.matrix()),
+                Slot::Gram(i) => stats[i].1 = Some(value.matrix()),
+                Slot::AlignNorm(t, i) => self.records[t].align[i] = Some(value.scalar()),
+                Slot::AlignErr(t, i) => {
+                    let norm = self.records[t].align[i].unwrap();
+                    self.records[t].align[i] =
+                        Some((value.scalar() / norm.max(f64::MIN_POSITIVE)).sqrt());
+                }
+            }
+        }
+        for &(_, t) in &targeted {
+            let rec = &mut self.records[t];
+            rec.rows = rows.iter().map(|r| r.0.len()).collect();
+            rec.c = (0..tasks)
+                .map(|i| {
+                    self.w_norm2[t].as_ref().unwrap()[i] / denominators[t][i].max(f64::MIN_POSITIVE)
+                })
+                .collect();
+        }
+
+        // 4. One solve per module.
+        if self.mode != Mode::Evaluate {
+            for s in stats.iter_mut() {
+                if s.1.is_none() {
+                    s.1 = s.0.clone(); // X̃ = X: the Gram is the cross term
+                }
+            }
+            // Assemble every module's system, factor them all on the backend (one readback on the
+            // GPU), then refine and finish each.
+            let systems: Vec<_> = targeted
+                .iter()
+                .map(|&(_, t)| {
+                    let ts: Vec<TaskStats> = (0..tasks)
+                        .map(|i| TaskStats {
+                            cross: stats[i].0.as_ref().unwrap(),
+                            gram: stats[i].1.as_ref().unwrap(),
+                            c: self.records[t].c[i],
+                            lora: self.targets[t].loras[i].as_ref(),
+                        })
+                        .collect();
+                    assemble(&self.targets[t].name, &ts, self.alpha1, self.alpha2)
+                })
+                .collect();
+            let factors = be.cholesky_f32_many(&systems.iter().map(|s| &s.m).collect::<Vec<_>>());
+            for ((&(_, t), sys), factor) in targeted.iter().zip(systems).zip(factors) {
+                let (m, path) = finish(sys, factor, be.offers_cholesky_f32())?;
                 self.records[t].solve_path = Some(path);
                 if self.mode == Mode::Sweep {
                     self.merged_dev[t] = Some((be.upload(&m.a), be.upload(&m.b)));
@@ -262,10 +320,10 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
             }
         }
 
-        // 4. Merged rows: W0 + ΔW*, and the alignment error against each adapter's own output.
+        // 5. Merged rows: W0 + ΔW*, and the alignment error against each adapter's own output
+        // (read with the next fetch).
         for (k, &(j, t)) in targeted.iter().enumerate() {
-            let rec = &mut self.records[t];
-            rec.align = vec![None; tasks];
+            self.records[t].align = vec![None; tasks];
             for (i, (ra, rm)) in rows.iter().enumerate() {
                 let Some(rm) = rm else { continue };
                 let d = self.merged_dev[t]
@@ -275,12 +333,13 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
                     be.add_rows(&mut ys[j], rm.clone(), d, 1.0);
                 }
                 if let Some(o) = &own[k][i] {
-                    let norm = be.sq_norm(o, 0..ra.len());
+                    self.align_pending
+                        .push((Slot::AlignNorm(t, i), be.defer_sq_norm(o, 0..ra.len())));
                     let err = match &d {
-                        Some(d) => be.sq_dist(o, d),
-                        None => norm,
+                        Some(d) => be.defer_sq_dist(o, d),
+                        None => be.defer_sq_norm(o, 0..ra.len()),
                     };
-                    rec.align[i] = Some((err / norm.max(f64::MIN_POSITIVE)).sqrt());
+                    self.align_pending.push((Slot::AlignErr(t, i), err));
                 }
             }
         }
@@ -288,4 +347,49 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
         (self.on_stage)(self.seen, self.targets.len());
         Ok(())
     }
+
+    fn end_pass(&mut self, be: &B) -> Result<()> {
+        let (slots, pending): (Vec<Slot>, Vec<B::Pending>) =
+            std::mem::take(&mut self.align_pending).into_iter().unzip();
+        for (slot, value) in slots.into_iter().zip(be.fetch(pending)) {
+            match slot {
+                Slot::AlignNorm(t, i) => self.records[t].align[i] = Some(value.scalar()),
+                Slot::AlignErr(t, i) => {
+                    let norm = self.records[t].align[i].unwrap();
+                    self.records[t].align[i] =
+                        Some((value.scalar() / norm.max(f64::MIN_POSITIVE)).sqrt());
+                }
+                _ => unreachable!("only alignment errors stay pending between stages"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a fetched value is for.
+#[derive(Clone, Copy, Debug)]
+enum Slot {
+    /// ‖W0‖² of target t.
+    WeightNorm(usize),
+    /// ⟨W0, B_i A_i⟩ of target t, adapter i.
+    WeightCross(usize, usize),
+    /// ‖X_i (W0 + ΔW_i)ᵀ‖² of target t, task i.
+    Denominator(usize, usize),
+    /// X_iᵀ X̃_i of task i.
+    Cross(usize),
+    /// X̃_iᵀ X̃_i of task i.
+    Gram(usize),
+    /// ‖X_i ΔW_iᵀ‖² of target t, task i.
+    AlignNorm(usize, usize),
+    /// ‖X_i ΔW_iᵀ − X̃_i ΔW*ᵀ‖² of target t, task i.
+    AlignErr(usize, usize),
+}
+
+/// s²‖B A‖²_F = s² tr((BᵀB)(AAᵀ)), from the small factors.
+fn lora_norm2(l: &LoraModule) -> f64 {
+    let (a, b, s) = (to_f64(&l.a), to_f64(&l.b), l.scale as f64);
+    s * s
+        * (b.transpose() * &b)
+            .component_mul(&(&a * a.transpose()))
+            .sum()
 }

@@ -94,20 +94,29 @@ pub fn to_mat(m: &DMatrix<f64>) -> Mat {
     Mat::new(m.nrows(), m.ncols(), data)
 }
 
-pub fn solve<B: Backend>(
-    be: &B,
-    module: &str,
-    tasks: &[TaskStats],
+/// The linear system of one module: M A*ᵀ = Zᵀ, and the B blocks that complete the merged LoRA.
+pub struct System<'a> {
+    pub module: &'a str,
+    /// M = Σ_i c_i G_i, (in, in)
+    pub m: DMatrix<f64>,
+    /// Zᵀ, (in, Σr)
+    pub zt: DMatrix<f64>,
+    b_blocks: Vec<&'a Mat>,
+}
+
+pub fn assemble<'a>(
+    module: &'a str,
+    tasks: &[TaskStats<'a>],
     alpha1: f64,
     alpha2: f64,
-) -> Result<(Merged, SolvePath)> {
+) -> System<'a> {
     let n = tasks[0].gram.nrows();
     let mut m = DMatrix::<f64>::zeros(n, n);
     let mut z_blocks: Vec<DMatrix<f64>> = Vec::new();
     let mut b_blocks: Vec<&Mat> = Vec::new();
     for t in tasks {
         let g = t.gram;
-        // The Gram is symmetric in exact arithmetic; f32 accumulation can leave it a hair off.
+        // The Gram is symmetric in exact arithmetic; rounding can leave it a hair off.
         let g = (g + g.transpose()) * 0.5;
         let ridge = alpha2 * g.norm();
         m += &g * t.c;
@@ -132,24 +141,46 @@ pub fn solve<B: Backend>(
             .copy_from(&z.transpose());
         at += z.nrows();
     }
-    let gpu = be.cholesky_f32(&m).and_then(|l| refine(&m, &l, &zt));
-    let f64_path = if be.offers_cholesky_f32() {
+    System {
+        module,
+        m,
+        zt,
+        b_blocks,
+    }
+}
+
+/// Solve a system, refining around `factor` (an f32 Cholesky factor of M from the backend) when
+/// given, else (or when refinement stalls) in f64 on the CPU. `gpu_offered`: whether the backend
+/// offers f32 factors, so an f64 solve is reported as a fallback.
+pub fn finish(
+    sys: System,
+    factor: Option<DMatrix<f64>>,
+    gpu_offered: bool,
+) -> Result<(Merged, SolvePath)> {
+    let System {
+        module,
+        m,
+        zt,
+        b_blocks,
+    } = sys;
+    let refined = factor.and_then(|l| refine(&m, &l, &zt));
+    let f64_path = if gpu_offered {
         SolvePath::CholeskyF64AfterGpu
     } else {
         SolvePath::CholeskyF64
     };
-    let (at_solved, path) = match gpu {
+    let (at_solved, path) = match refined {
         Some(x) => (x, SolvePath::GpuCholeskyF32Refined),
         None => match m.clone().cholesky() {
-        Some(ch) => (ch.solve(&zt), f64_path),
-        None => match m.lu().solve(&zt) {
-            Some(x) => (x, SolvePath::LuF64),
-            None => {
-                return Err(Error::Numeric(format!(
-                    "module {module}: the weighted Gram matrix is singular; raise --alpha2 (a ridge of 1e-4 is a safe start)"
-                )))
-            }
-        },
+            Some(ch) => (ch.solve(&zt), f64_path),
+            None => match m.lu().solve(&zt) {
+                Some(x) => (x, SolvePath::LuF64),
+                None => {
+                    return Err(Error::Numeric(format!(
+                        "module {module}: the weighted Gram matrix is singular; raise --alpha2 (a ridge of 1e-4 is a safe start)"
+                    )))
+                }
+            },
         },
     };
     if at_solved.iter().any(|v| !v.is_finite()) {
@@ -157,7 +188,7 @@ pub fn solve<B: Backend>(
             "module {module}: the solve produced non-finite values; raise --alpha1/--alpha2"
         )));
     }
-    let out = b_blocks[0].rows;
+    let (out, rank) = (b_blocks[0].rows, zt.ncols());
     let mut b = Mat::zeros(out, rank);
     let mut col = 0;
     for bb in &b_blocks {
@@ -173,4 +204,17 @@ pub fn solve<B: Backend>(
         },
         path,
     ))
+}
+
+/// Solve one module's system on `be` (factor on the backend where it offers one).
+pub fn solve<B: Backend>(
+    be: &B,
+    module: &str,
+    tasks: &[TaskStats],
+    alpha1: f64,
+    alpha2: f64,
+) -> Result<(Merged, SolvePath)> {
+    let sys = assemble(module, tasks, alpha1, alpha2);
+    let factor = be.cholesky_f32_many(&[&sys.m]).pop().flatten();
+    finish(sys, factor, be.offers_cholesky_f32())
 }

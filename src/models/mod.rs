@@ -145,6 +145,10 @@ pub trait Hook<B: Backend> {
     fn finished(&self) -> bool {
         false
     }
+    /// Called once the pass is over (run to the end or stopped), to settle anything left pending.
+    fn end_pass(&mut self, _be: &B) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A hook that changes nothing: the base model.
@@ -243,10 +247,12 @@ pub fn run<B: Backend>(
         hook,
         output,
     };
-    match model.forward(&mut pass) {
-        Err(Error::Stop) => Ok(None),
-        r => r,
-    }
+    let out = match model.forward(&mut pass) {
+        Err(Error::Stop) => None,
+        r => r?,
+    };
+    pass.hook.end_pass(be)?;
+    Ok(out)
 }
 
 /// Load the model a `config.json` describes from its weights.
