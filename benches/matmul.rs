@@ -8,13 +8,7 @@ use iteris::mat::Mat;
 use std::time::Instant;
 
 fn bench<B: Backend>(be: &B, label: &str, n: usize) {
-    let a = Mat::new(
-        n,
-        n,
-        (0..n * n)
-            .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
-            .collect(),
-    );
+    let a = Mat::new(n, n, (0..n * n).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect());
     let (x, w) = (be.upload(&a), be.upload(&a));
     // Warm up (pipeline compilation), then time whole products including a sync readback of a norm.
     let _ = be.sq_norm(&be.matmul_t(&x, 0..n, &w), 0..1);
@@ -25,17 +19,12 @@ fn bench<B: Backend>(be: &B, label: &str, n: usize) {
         let _ = be.sq_norm(&y, 0..1);
     }
     let s = t.elapsed().as_secs_f64() / reps as f64;
-    println!(
-        "{label:40} {n:5}³  {:9.1} GFLOP/s  ({:.3} s)",
-        2.0 * (n as f64).powi(3) / s / 1e9,
-        s
-    );
+    println!("{label:40} {n:5}³  {:9.1} GFLOP/s  ({:.3} s)", 2.0 * (n as f64).powi(3) / s / 1e9, s);
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let want =
-        |b: &str| !args.iter().any(|a| a == "cpu" || a == "gpu") || args.iter().any(|a| a == b);
+    let want = |b: &str| !args.iter().any(|a| a == "cpu" || a == "gpu") || args.iter().any(|a| a == b);
     let sizes: Vec<usize> = args
         .iter()
         .position(|a| a == "--sizes")

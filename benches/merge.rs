@@ -41,10 +41,7 @@ impl Rng {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let which: Vec<String> = args.iter().filter(|a| *a != "gpu").cloned().collect();
     if args.iter().any(|a| a == "gpu") {
         let g = Gpu::new().expect("a GPU adapter");
@@ -62,12 +59,9 @@ fn run<B: Backend + 'static>(be: &B, backend: &str, which: &[String]) {
     w.insert("wpe.weight".to_string(), rng.mat(POS, D, 0.02));
     for l in 0..LAYERS {
         let p = format!("h.{l}");
-        for (n, r, c) in [
-            ("attn.c_attn", D, 3 * D),
-            ("attn.c_proj", D, D),
-            ("mlp.c_fc", D, 4 * D),
-            ("mlp.c_proj", 4 * D, D),
-        ] {
+        for (n, r, c) in
+            [("attn.c_attn", D, 3 * D), ("attn.c_proj", D, D), ("mlp.c_fc", D, 4 * D), ("mlp.c_proj", 4 * D, D)]
+        {
             w.insert(format!("{p}.{n}.weight"), rng.mat(r, c, 0.04));
             w.insert(format!("{p}.{n}.bias"), rng.mat(1, c, 0.02));
         }
@@ -78,12 +72,7 @@ fn run<B: Backend + 'static>(be: &B, backend: &str, which: &[String]) {
     }
     w.insert("ln_f.weight".into(), Mat::new(1, D, vec![1.0; D]));
     w.insert("ln_f.bias".into(), Mat::zeros(1, D));
-    let store = TensorStore::new(vec![TensorFile::parse(
-        "bench",
-        write(&w, false, None).unwrap(),
-    )
-    .unwrap()])
-    .unwrap();
+    let store = TensorStore::new(vec![TensorFile::parse("bench", write(&w, false, None).unwrap()).unwrap()]).unwrap();
     drop(w);
     let cfg = HfConfig::parse("config.json", format!(r#"{{"model_type":"gpt2","n_embd":{D},"n_head":12,"n_layer":{LAYERS},"vocab_size":{VOCAB},"n_positions":{POS}}}"#).as_bytes()).unwrap();
     let model = models::load(be, &cfg, &store).unwrap();
@@ -113,31 +102,14 @@ fn run<B: Backend + 'static>(be: &B, backend: &str, which: &[String]) {
     let ids: Vec<Vec<Vec<u32>>> = (0..TASKS)
         .map(|_| {
             (0..SAMPLES)
-                .map(|_| {
-                    (0..TOKENS)
-                        .map(|_| ((rng.next() + 1.0) * 0.5 * (VOCAB - 1) as f32) as u32)
-                        .collect()
-                })
+                .map(|_| (0..TOKENS).map(|_| ((rng.next() + 1.0) * 0.5 * (VOCAB - 1) as f32) as u32).collect())
                 .collect()
         })
         .collect();
 
     for (label, opts) in [
-        (
-            "sweep",
-            Options {
-                schedule: Schedule::Sweep,
-                ..Options::default()
-            },
-        ),
-        (
-            "jacobi5",
-            Options {
-                schedule: Schedule::Jacobi,
-                iters: 5,
-                ..Options::default()
-            },
-        ),
+        ("sweep", Options { schedule: Schedule::Sweep, ..Options::default() }),
+        ("jacobi5", Options { schedule: Schedule::Jacobi, iters: 5, ..Options::default() }),
     ] {
         if !which.is_empty() && !which.iter().any(|w| w == label) {
             continue;

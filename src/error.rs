@@ -7,10 +7,7 @@ use std::fmt::Display;
 pub enum Error {
     /// Something wrong with a file or setting the user gave us.
     #[error("{source_name}: {problem}")]
-    Input {
-        source_name: String,
-        problem: String,
-    },
+    Input { source_name: String, problem: String },
     /// Something we cannot do (yet), said plainly.
     #[error("{0}")]
     Unsupported(String),
@@ -29,8 +26,5 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// `file: problem`.
 pub fn bad_input(source_name: impl Display, problem: impl Display) -> Error {
-    Error::Input {
-        source_name: source_name.to_string(),
-        problem: problem.to_string(),
-    }
+    Error::Input { source_name: source_name.to_string(), problem: problem.to_string() }
 }

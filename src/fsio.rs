@@ -18,10 +18,7 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 /// `model.safetensors.index.json`.
 pub fn read_base(dir: &Path) -> Result<BaseInputs> {
     if !dir.is_dir() {
-        return Err(bad_input(
-            dir.display(),
-            "is not a folder (expected a Hugging Face model folder)",
-        ));
+        return Err(bad_input(dir.display(), "is not a folder (expected a Hugging Face model folder)"));
     }
     let cfg_path = dir.join("config.json");
     let config = HfConfig::parse(cfg_path.display().to_string(), &read(&cfg_path)?)?;
@@ -33,10 +30,7 @@ pub fn read_base(dir: &Path) -> Result<BaseInputs> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let files = if single.exists() {
-        vec![TensorFile::parse(
-            single.display().to_string(),
-            read(&single)?,
-        )?]
+        vec![TensorFile::parse(single.display().to_string(), read(&single)?)?]
     } else if index.exists() {
         let names = shard_names(&index.display().to_string(), &read(&index)?)?;
         names
@@ -47,24 +41,14 @@ pub fn read_base(dir: &Path) -> Result<BaseInputs> {
             })
             .collect::<Result<Vec<_>>>()?
     } else {
-        return Err(bad_input(
-            dir.display(),
-            "has neither model.safetensors nor model.safetensors.index.json",
-        ));
+        return Err(bad_input(dir.display(), "has neither model.safetensors nor model.safetensors.index.json"));
     };
-    Ok(BaseInputs {
-        config,
-        weights: TensorStore::new(files)?,
-        tokenizer,
-    })
+    Ok(BaseInputs { config, weights: TensorStore::new(files)?, tokenizer })
 }
 
 pub fn read_adapter(dir: &Path) -> Result<Adapter> {
     if !dir.is_dir() {
-        return Err(bad_input(
-            dir.display(),
-            "is not a folder (expected a PEFT adapter folder)",
-        ));
+        return Err(bad_input(dir.display(), "is not a folder (expected a PEFT adapter folder)"));
     }
     let cfg = dir.join("adapter_config.json");
     let w = dir.join("adapter_model.safetensors");
@@ -72,53 +56,26 @@ pub fn read_adapter(dir: &Path) -> Result<Adapter> {
         return Err(bad_input(dir.display(), "has no adapter_model.safetensors"));
     }
     let weights = TensorFile::parse(w.display().to_string(), read(&w)?)?;
-    Adapter::parse(
-        &dir.display().to_string(),
-        &cfg.display().to_string(),
-        &read(&cfg)?,
-        &weights,
-    )
+    Adapter::parse(&dir.display().to_string(), &cfg.display().to_string(), &read(&cfg)?, &weights)
 }
 
 pub fn read_task(adapter: &Path, samples_file: &Path) -> Result<TaskInput> {
     let adapter = read_adapter(adapter)?;
     let name = samples_file.display().to_string();
     let samples = samples::parse(&name, &read(samples_file)?)?;
-    Ok(TaskInput {
-        adapter,
-        samples_name: name,
-        samples,
-    })
+    Ok(TaskInput { adapter, samples_name: name, samples })
 }
 
 /// Write `files` into `out` atomically: into a temporary sibling folder first, renamed at the end, so
 /// `out` is never left half-written. An existing `out` is replaced only with `force`.
 pub fn write_folder(out: &Path, files: &[(&str, &[u8])], force: bool) -> Result<()> {
-    if out.exists()
-        && !force
-        && std::fs::read_dir(out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        return Err(bad_input(
-            out.display(),
-            "already exists and is not empty (pass --force to replace it)",
-        ));
+    if out.exists() && !force && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(bad_input(out.display(), "already exists and is not empty (pass --force to replace it)"));
     }
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .map_err(|e| bad_input(parent.display(), format!("cannot create ({e})")))?;
-    let name = out
-        .file_name()
-        .ok_or_else(|| bad_input(out.display(), "is not a folder name"))?;
-    let tmp: PathBuf = parent.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| bad_input(parent.display(), format!("cannot create ({e})")))?;
+    let name = out.file_name().ok_or_else(|| bad_input(out.display(), "is not a folder name"))?;
+    let tmp: PathBuf = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     let io = |e: std::io::Error| Error::Io(format!("{}: {e}", tmp.display()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(io)?;

@@ -9,21 +9,12 @@ pub struct Mat {
 
 impl Mat {
     pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Mat {
-        assert_eq!(
-            rows * cols,
-            data.len(),
-            "Mat::new: {rows}x{cols} needs {} values",
-            rows * cols
-        );
+        assert_eq!(rows * cols, data.len(), "Mat::new: {rows}x{cols} needs {} values", rows * cols);
         Mat { rows, cols, data }
     }
 
     pub fn zeros(rows: usize, cols: usize) -> Mat {
-        Mat {
-            rows,
-            cols,
-            data: vec![0.0; rows * cols],
-        }
+        Mat { rows, cols, data: vec![0.0; rows * cols] }
     }
 
     pub fn transpose(&self) -> Mat {

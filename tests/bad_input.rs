@@ -22,22 +22,13 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn merge_args(d: &Path) -> Vec<String> {
-    let mut a: Vec<String> = vec![
-        "merge".into(),
-        "--backend".into(),
-        "cpu".into(),
-        "--base".into(),
-        d.join("base").display().to_string(),
-    ];
+    let mut a: Vec<String> =
+        vec!["merge".into(), "--backend".into(), "cpu".into(), "--base".into(), d.join("base").display().to_string()];
     for i in 0..3 {
         a.push("--adapter".into());
         a.push(d.join(format!("adapter{i}")).display().to_string());
         a.push("--samples".into());
-        a.push(
-            d.join(samples_path("gpt2", i).file_name().unwrap())
-                .display()
-                .to_string(),
-        );
+        a.push(d.join(samples_path("gpt2", i).file_name().unwrap()).display().to_string());
     }
     a.push("--out".into());
     a.push(d.join("out").display().to_string());
@@ -45,36 +36,20 @@ fn merge_args(d: &Path) -> Vec<String> {
 }
 
 fn run(args: &[String]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_iteris"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
+    let o = Command::new(env!("CARGO_BIN_EXE_iteris")).args(args).output().unwrap();
+    (o.status.success(), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
 }
 
 /// Run the merge in `d` and expect a one-line error mentioning every one of `words`.
 fn expect_error(d: &Path, args: &[String], words: &[&str]) {
     let (ok, _, err) = run(args);
     assert!(!ok, "expected failure; stderr: {err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_else(|| panic!("no error line in: {err}"));
+    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no error line in: {err}"));
     for w in words {
-        assert!(
-            line.contains(w),
-            "error line '{line}' does not mention '{w}'"
-        );
+        assert!(line.contains(w), "error line '{line}' does not mention '{w}'");
     }
     assert!(!err.contains("panicked"), "panic: {err}");
-    assert!(
-        !d.join("out").exists(),
-        "output folder written despite the error"
-    );
+    assert!(!d.join("out").exists(), "output folder written despite the error");
     let leftovers: Vec<_> = std::fs::read_dir(d)
         .unwrap()
         .filter_map(|e| e.ok())
@@ -91,8 +66,7 @@ fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_json
 
 fn rewrite_tensors(path: &Path, f: impl FnOnce(&mut BTreeMap<String, iteris::mat::Mat>)) {
     let tf = TensorFile::parse("x", std::fs::read(path).unwrap()).unwrap();
-    let mut m: BTreeMap<String, iteris::mat::Mat> =
-        tf.keys().map(|k| (k.clone(), tf.mat(k).unwrap())).collect();
+    let mut m: BTreeMap<String, iteris::mat::Mat> = tf.keys().map(|k| (k.clone(), tf.mat(k).unwrap())).collect();
     f(&mut m);
     std::fs::write(path, write(&m, false, None).unwrap()).unwrap();
 }
@@ -103,11 +77,7 @@ fn a_good_merge_succeeds() {
     let (ok, out, err) = run(&merge_args(&d));
     assert!(ok, "{err}");
     assert!(out.contains("wrote"), "{out}");
-    for f in [
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "merge_report.json",
-    ] {
+    for f in ["adapter_config.json", "adapter_model.safetensors", "merge_report.json"] {
         assert!(d.join("out").join(f).exists(), "{f} missing");
     }
 }
@@ -118,11 +88,7 @@ fn truncated_safetensors() {
     let p = d.join("adapter1/adapter_model.safetensors");
     let b = std::fs::read(&p).unwrap();
     std::fs::write(&p, &b[..b.len() / 2]).unwrap();
-    expect_error(
-        &d,
-        &merge_args(&d),
-        &["adapter1/adapter_model.safetensors", "truncated"],
-    );
+    expect_error(&d, &merge_args(&d), &["adapter1/adapter_model.safetensors", "truncated"]);
 }
 
 #[test]
@@ -144,11 +110,7 @@ fn corrupt_safetensors() {
         *x = b'#';
     }
     std::fs::write(&p, &b).unwrap();
-    expect_error(
-        &d,
-        &merge_args(&d),
-        &["adapter0/adapter_model.safetensors", "corrupt"],
-    );
+    expect_error(&d, &merge_args(&d), &["adapter0/adapter_model.safetensors", "corrupt"]);
 }
 
 #[test]
@@ -159,11 +121,7 @@ fn adapter_shapes_do_not_fit_base() {
         let a = m[k].clone();
         m.insert(k.into(), iteris::mat::Mat::zeros(a.rows, a.cols + 8));
     });
-    expect_error(
-        &d,
-        &merge_args(&d),
-        &["adapter0", "h.0.attn.c_attn", "wrong base model"],
-    );
+    expect_error(&d, &merge_args(&d), &["adapter0", "h.0.attn.c_attn", "wrong base model"]);
 }
 
 #[test]
@@ -180,11 +138,7 @@ fn unknown_architecture() {
     edit_json(&d.join("base/config.json"), |c| {
         c.insert("model_type".into(), "mamba".into());
     });
-    expect_error(
-        &d,
-        &merge_args(&d),
-        &["config.json", "mamba", "not supported"],
-    );
+    expect_error(&d, &merge_args(&d), &["config.json", "mamba", "not supported"]);
 }
 
 #[test]
@@ -192,12 +146,7 @@ fn refused_adapter_features() {
     let cases: [(&str, &str, serde_json::Value, &str); 3] = [
         ("dora", "use_dora", true.into(), "DoRA"),
         ("bias", "bias", "all".into(), "bias"),
-        (
-            "mts",
-            "modules_to_save",
-            serde_json::json!(["lm_head"]),
-            "modules_to_save",
-        ),
+        ("mts", "modules_to_save", serde_json::json!(["lm_head"]), "modules_to_save"),
     ];
     for (name, key, value, word) in cases {
         let d = scratch(name);
@@ -208,28 +157,16 @@ fn refused_adapter_features() {
     }
     let d = scratch("embedding");
     rewrite_tensors(&d.join("adapter2/adapter_model.safetensors"), |m| {
-        m.insert(
-            "base_model.model.transformer.wte.lora_embedding_A".into(),
-            iteris::mat::Mat::zeros(3, 300),
-        );
+        m.insert("base_model.model.transformer.wte.lora_embedding_A".into(), iteris::mat::Mat::zeros(3, 300));
     });
-    expect_error(
-        &d,
-        &merge_args(&d),
-        &["adapter2/adapter_model.safetensors", "embedding LoRA"],
-    );
+    expect_error(&d, &merge_args(&d), &["adapter2/adapter_model.safetensors", "embedding LoRA"]);
 }
 
 #[test]
 fn empty_or_missing_samples() {
     let d = scratch("empty");
     let args = merge_args(&d);
-    let s = PathBuf::from(
-        &args[args
-            .iter()
-            .position(|a| a.ends_with("samples0.txt"))
-            .unwrap()],
-    );
+    let s = PathBuf::from(&args[args.iter().position(|a| a.ends_with("samples0.txt")).unwrap()]);
     std::fs::write(&s, "\n  \n").unwrap();
     expect_error(&d, &args, &["samples0.txt", "no samples"]);
     std::fs::remove_file(&s).unwrap();
@@ -240,32 +177,16 @@ fn empty_or_missing_samples() {
 fn non_finite_weights() {
     let d = scratch("nan");
     rewrite_tensors(&d.join("base/model.safetensors"), |m| {
-        let k = m
-            .keys()
-            .find(|k| k.contains("h.1.mlp.c_fc.weight"))
-            .unwrap()
-            .clone();
+        let k = m.keys().find(|k| k.contains("h.1.mlp.c_fc.weight")).unwrap().clone();
         m.get_mut(&k).unwrap().data[5] = f32::NAN;
     });
-    expect_error(
-        &d,
-        &merge_args(&d),
-        &[
-            "base/model.safetensors",
-            "h.1.mlp.c_fc.weight",
-            "non-finite",
-        ],
-    );
+    expect_error(&d, &merge_args(&d), &["base/model.safetensors", "h.1.mlp.c_fc.weight", "non-finite"]);
     let d = scratch("inf");
     rewrite_tensors(&d.join("adapter1/adapter_model.safetensors"), |m| {
         let k = m.keys().next().unwrap().clone();
         m.get_mut(&k).unwrap().data[0] = f32::INFINITY;
     });
-    expect_error(
-        &d,
-        &merge_args(&d),
-        &["adapter1/adapter_model.safetensors", "non-finite"],
-    );
+    expect_error(&d, &merge_args(&d), &["adapter1/adapter_model.safetensors", "non-finite"]);
 }
 
 #[test]
@@ -275,10 +196,7 @@ fn sample_longer_than_positions_is_truncated_and_reported() {
     std::fs::write(d.join("samples0.txt"), format!("{long}\nthe dog ran\n")).unwrap();
     let (ok, _, err) = run(&merge_args(&d));
     assert!(ok, "{err}");
-    assert!(
-        err.contains("samples0.txt: 1 of 2 samples were longer than 64 tokens and were truncated"),
-        "{err}"
-    );
+    assert!(err.contains("samples0.txt: 1 of 2 samples were longer than 64 tokens and were truncated"), "{err}");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.join("out/merge_report.json")).unwrap()).unwrap();
     assert_eq!(report["tasks"][0]["truncated_samples"], 1);

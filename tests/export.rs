@@ -47,18 +47,9 @@ fn rank_reduction_is_the_truncated_svd() {
         s.sort_by(|a, b| b.partial_cmp(a).unwrap());
         let total: f64 = s.iter().map(|v| v * v).sum();
         let best: f64 = s[..k].iter().map(|v| v * v).sum::<f64>() / total;
-        assert!(
-            (energy - best).abs() < 1e-6,
-            "{}: energy {energy} vs dense SVD {best}",
-            t.name
-        );
+        assert!((energy - best).abs() < 1e-6, "{}: energy {energy} vs dense SVD {best}", t.name);
         let err = (to_f64(&dense(&red)) - &full).norm_squared() / total;
-        assert!(
-            (err - (1.0 - best)).abs() < 1e-5,
-            "{}: residual {err} vs {}",
-            t.name,
-            1.0 - best
-        );
+        assert!((err - (1.0 - best)).abs() < 1e-5, "{}: residual {err} vs {}", t.name, 1.0 - best);
     }
     let (same, e) = reduce_rank(&r.outcome.merged[0], 1000);
     assert_eq!((same.rank(), e), (r.outcome.merged[0].rank(), 1.0));
@@ -75,16 +66,7 @@ fn report_carries_metrics_and_solve_path() {
         assert_eq!(m["solve_path"], "cholesky_f64");
         assert_eq!(m["adaptive_weights"].as_array().unwrap().len(), 3);
         let errs = m["alignment_error"].as_array().unwrap();
-        assert!(errs
-            .iter()
-            .any(|e| e.as_f64().is_some_and(|e| e.is_finite() && e >= 0.0)));
+        assert!(errs.iter().any(|e| e.as_f64().is_some_and(|e| e.is_finite() && e >= 0.0)));
     }
-    assert!(
-        v["modules"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["module"] == "pooler.dense"),
-        "the pooler is merged"
-    );
+    assert!(v["modules"].as_array().unwrap().iter().any(|m| m["module"] == "pooler.dense"), "the pooler is merged");
 }

@@ -37,32 +37,18 @@ fn forward_matches_transformers() {
         let base = fsio::read_base(&fixture(arch).join("base")).unwrap();
         let model = models::load(&Cpu, &base.config, &base.weights).unwrap();
         let task = &tasks(arch)[0];
-        let targets = map_targets(
-            &model.modules(),
-            &[&task.adapter],
-            model.model_type(),
-            model.fan_in_fan_out(),
-        )
-        .unwrap();
+        let targets =
+            map_targets(&model.modules(), &[&task.adapter], model.model_type(), model.fan_in_fan_out()).unwrap();
         let loras = targets.iter().map(|t| {
             let l = t.loras[0].as_ref().unwrap();
             (t.name.clone(), (l.a.clone(), l.b.clone(), l.scale))
         });
-        let mut hook = Recorder {
-            loras: loras.collect(),
-            seen: BTreeMap::new(),
-        };
+        let mut hook = Recorder { loras: loras.collect(), seen: BTreeMap::new() };
         let (ids, _) = tokenize(&base.tokenizer, &task.samples[..3], 128, None, "samples").unwrap();
         let mut batch = Batch::default();
         batch.push_group(0, Stream::Adapter(0), &ids);
-        let out = if arch == "bert" {
-            Output::Hidden
-        } else {
-            Output::Logits
-        };
-        let y = models::run(model.as_ref(), &Cpu, &batch, &mut hook, out)
-            .unwrap()
-            .unwrap();
+        let out = if arch == "bert" { Output::Hidden } else { Output::Logits };
+        let y = models::run(model.as_ref(), &Cpu, &batch, &mut hook, out).unwrap().unwrap();
 
         let exp = expected(arch, "forward.safetensors");
         let e = rel(&Cpu.download(&y), &exp.mat("output").unwrap());
@@ -70,18 +56,12 @@ fn forward_matches_transformers() {
         let mut checked = 0;
         for key in exp.keys().filter(|k| k.starts_with("in.")) {
             let name = &key[3..];
-            let got = hook
-                .seen
-                .get(name)
-                .unwrap_or_else(|| panic!("{arch}: module {name} never ran"));
+            let got = hook.seen.get(name).unwrap_or_else(|| panic!("{arch}: module {name} never ran"));
             let e = rel(got, &exp.mat(key).unwrap());
             assert!(e < 1e-4, "{arch}: input of {name} differs by {e:.2e}");
             checked += 1;
         }
-        assert!(
-            checked >= model.modules().len() - 1,
-            "{arch}: only {checked} modules checked"
-        );
+        assert!(checked >= model.modules().len() - 1, "{arch}: only {checked} modules checked");
         eprintln!("{arch}: output and {checked} module inputs match");
     }
 }

@@ -7,92 +7,46 @@ use iteris::backend::gpu::Gpu;
 use iteris::fsio;
 use iteris::merge::export::dense;
 use iteris::merge::solve::SolvePath;
-use iteris::merge::{pipeline, Options, Schedule};
-
-fn gpu_merge(gpu: &Gpu, arch: &str, opts: &Options) -> pipeline::MergeResult {
-    let base = fsio::read_base(&fixture(arch).join("base")).unwrap();
-    pipeline::merge(gpu, &base, &tasks(arch), opts, false, &mut |_| {}).unwrap()
-}
+use iteris::merge::{Options, Schedule};
 
 #[test]
 fn gpu_merges_match_cpu_and_reference() {
     let gpu = Gpu::new().expect("a GPU adapter (CI installs Mesa lavapipe)");
     let cases = [
+        (Options::default(), "expected_sweep_a1e-4.safetensors", 1e-4, 1e-4),
         (
-            Options::default(),
-            "expected_sweep_a1e-4.safetensors",
-            1e-4,
-            1e-4,
-        ),
-        (
-            Options {
-                schedule: Schedule::Jacobi,
-                iters: 3,
-                ..Options::default()
-            },
+            Options { schedule: Schedule::Jacobi, iters: 3, ..Options::default() },
             "expected_jacobi3_a1e-4.safetensors",
             1e-4,
             1e-4,
         ),
-        (
-            Options {
-                alpha1: 1e-7,
-                alpha2: 1e-7,
-                ..Options::default()
-            },
-            "expected_sweep_a1e-7.safetensors",
-            1e-2,
-            1e-2,
-        ),
+        (Options { alpha1: 1e-7, alpha2: 1e-7, ..Options::default() }, "expected_sweep_a1e-7.safetensors", 1e-2, 1e-2),
     ];
     for arch in ARCHS {
         for (opts, file, tol_cpu, tol_ref) in &cases {
-            let g = gpu_merge(&gpu, arch, opts);
+            let g = merge_on(&gpu, &base(arch), arch, opts);
             let c = merge(arch, opts);
             let exp = expected(arch, file);
             let (mut worst_cpu, mut worst_ref): (f64, f64) = (0.0, 0.0);
-            for ((t, gm), cm) in g
-                .outcome
-                .targets
-                .iter()
-                .zip(&g.outcome.merged)
-                .zip(&c.outcome.merged)
-            {
+            for ((t, gm), cm) in g.outcome.targets.iter().zip(&g.outcome.merged).zip(&c.outcome.merged) {
                 let gd = dense(gm);
                 worst_cpu = worst_cpu.max(rel(&gd, &dense(cm)));
                 worst_ref = worst_ref.max(rel(&gd, &exp.mat(&t.name).unwrap()));
             }
-            assert!(
-                worst_cpu <= *tol_cpu,
-                "{arch} {file}: GPU vs CPU {worst_cpu:.2e}"
-            );
-            assert!(
-                worst_ref <= *tol_ref,
-                "{arch} {file}: GPU vs float64 reference {worst_ref:.2e}"
-            );
+            assert!(worst_cpu <= *tol_cpu, "{arch} {file}: GPU vs CPU {worst_cpu:.2e}");
+            assert!(worst_ref <= *tol_ref, "{arch} {file}: GPU vs float64 reference {worst_ref:.2e}");
             assert!(g.report.backend.starts_with("gpu"));
-            let refined = g
-                .report
-                .modules
-                .iter()
-                .filter(|m| m.solve_path == Some(SolvePath::GpuCholeskyF32Refined))
-                .count();
-            let fallback = g
-                .report
-                .modules
-                .iter()
-                .filter(|m| m.solve_path == Some(SolvePath::CholeskyF64AfterGpu))
-                .count();
+            let refined =
+                g.report.modules.iter().filter(|m| m.solve_path == Some(SolvePath::GpuCholeskyF32Refined)).count();
+            let fallback =
+                g.report.modules.iter().filter(|m| m.solve_path == Some(SolvePath::CholeskyF64AfterGpu)).count();
             assert_eq!(
                 refined + fallback,
                 g.report.modules.len(),
                 "{arch} {file}: every module solved through the GPU path or its fallback"
             );
             if opts.alpha2 >= 1e-4 {
-                assert_eq!(
-                    fallback, 0,
-                    "{arch} {file}: at a 1e-4 ridge the refined f32 solve converges"
-                );
+                assert_eq!(fallback, 0, "{arch} {file}: at a 1e-4 ridge the refined f32 solve converges");
             }
             eprintln!("{arch} {file}: GPU vs CPU {worst_cpu:.2e}, vs reference {worst_ref:.2e}; solves: {refined} refined f32, {fallback} f64 fallback");
         }
@@ -104,17 +58,8 @@ fn gpu_merges_match_cpu_and_reference() {
 #[test]
 fn two_readbacks_per_stage() {
     let gpu = Gpu::new().unwrap();
-    let base = fsio::read_base(&fixture("gpt2").join("base")).unwrap();
     let before = gpu.readbacks();
-    pipeline::merge(
-        &gpu,
-        &base,
-        &tasks("gpt2"),
-        &Options::default(),
-        false,
-        &mut |_| {},
-    )
-    .unwrap();
+    merge_on(&gpu, &base("gpt2"), "gpt2", &Options::default());
     let stages = 8; // c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 blocks: all targeted
     let n = gpu.readbacks() - before;
     assert!(n <= 2 * stages + 1, "{n} readbacks for {stages} stages");
@@ -131,26 +76,9 @@ fn f16_checkpoint_merges_like_the_cpu() {
     let tf = TensorFile::parse("x", std::fs::read(&p).unwrap()).unwrap();
     let m = tf.keys().map(|k| (k.clone(), tf.mat(k).unwrap())).collect();
     std::fs::write(&p, write(&m, true, None).unwrap()).unwrap();
-    let base = fsio::read_base(&d).unwrap();
-    let gpu = Gpu::new().unwrap();
-    let g = pipeline::merge(
-        &gpu,
-        &base,
-        &tasks("gpt2"),
-        &Options::default(),
-        false,
-        &mut |_| {},
-    )
-    .unwrap();
-    let c = pipeline::merge(
-        &iteris::backend::cpu::Cpu,
-        &base,
-        &tasks("gpt2"),
-        &Options::default(),
-        false,
-        &mut |_| {},
-    )
-    .unwrap();
+    let f16_base = fsio::read_base(&d).unwrap();
+    let g = merge_on(&Gpu::new().unwrap(), &f16_base, "gpt2", &Options::default());
+    let c = merge_on(&iteris::backend::cpu::Cpu, &f16_base, "gpt2", &Options::default());
     for (gm, cm) in g.outcome.merged.iter().zip(&c.outcome.merged) {
         let e = rel(&dense(gm), &dense(cm));
         assert!(e < 1e-4, "f16 checkpoint: GPU vs CPU {e:.2e}");

@@ -24,8 +24,7 @@ impl Rng {
 
 fn gpu() -> &'static Gpu {
     static G: OnceLock<GpuCell> = OnceLock::new();
-    &G.get_or_init(|| GpuCell(Gpu::new().expect("a GPU adapter (CI installs Mesa lavapipe)")))
-        .0
+    &G.get_or_init(|| GpuCell(Gpu::new().expect("a GPU adapter (CI installs Mesa lavapipe)"))).0
 }
 struct GpuCell(Gpu);
 // SAFETY: the tests of this file use the device from one thread at a time (the mutex below).
@@ -43,13 +42,7 @@ fn close(what: &str, g: &Mat, c: &Mat, tol: f64) {
 fn matmul_and_gram() {
     let _l = LOCK.lock().unwrap();
     let (g, mut r) = (gpu(), Rng(1));
-    for (n, k, m) in [
-        (1, 1, 1),
-        (37, 19, 23),
-        (64, 64, 64),
-        (130, 70, 65),
-        (5, 200, 3),
-    ] {
+    for (n, k, m) in [(1, 1, 1), (37, 19, 23), (64, 64, 64), (130, 70, 65), (5, 200, 3)] {
         let x = r.mat(n + 7, k);
         let w = r.mat(m, k);
         let rows = 3..3 + n;
@@ -60,10 +53,7 @@ fn matmul_and_gram() {
         let c = Cpu.gram(&x, 2..2 + n, &y, 4..4 + n);
         let gg = g.gram(&g.upload(&x), 2..2 + n, &g.upload(&y), 4..4 + n);
         let e = (&gg - &c).norm() / c.norm();
-        assert!(
-            e < 1e-7,
-            "gram {n}x{k}x{m}: GPU differs from CPU (f64) by {e:.2e}"
-        );
+        assert!(e < 1e-7, "gram {n}x{k}x{m}: GPU differs from CPU (f64) by {e:.2e}");
     }
 }
 
@@ -77,10 +67,7 @@ fn gram_accumulates_long_sums_accurately() {
     let c = Cpu.gram(&x, 0..4000, &x, 0..4000);
     let gg = g.gram(&g.upload(&x), 0..4000, &g.upload(&x), 0..4000);
     let e = (&gg - &c).norm() / c.norm();
-    assert!(
-        e < 2e-8,
-        "gram over 4000 rows: GPU (compensated f32) differs from CPU (f64) by {e:.2e}"
-    );
+    assert!(e < 2e-8, "gram over 4000 rows: GPU (compensated f32) differs from CPU (f64) by {e:.2e}");
 }
 
 #[test]
@@ -90,42 +77,18 @@ fn elementwise_ops() {
     let (a, b) = (r.mat(33, 17), r.mat(33, 17));
     let bias = r.mat(1, 17);
     let d = r.mat(5, 17);
-    let both = |f: &dyn Fn(&Cpu, &mut Mat),
-                h: &dyn Fn(&Gpu, &mut iteris::backend::gpu::GpuTensor),
-                what: &str| {
+    let both = |f: &dyn Fn(&Cpu, &mut Mat), h: &dyn Fn(&Gpu, &mut iteris::backend::gpu::GpuTensor), what: &str| {
         let mut c = a.clone();
         f(&Cpu, &mut c);
         let mut t = g.upload(&a);
         h(g, &mut t);
         close(what, &g.download(&t), &c, 1e-6);
     };
-    both(
-        &|be, y| be.add_rows(y, 4..9, &d, 0.7),
-        &|be, y| be.add_rows(y, 4..9, &be.upload(&d), 0.7),
-        "add_rows",
-    );
-    both(
-        &|be, y| be.add_bias(y, &bias),
-        &|be, y| be.add_bias(y, &be.upload(&bias)),
-        "add_bias",
-    );
-    both(
-        &|be, y| be.scale(y, -1.5),
-        &|be, y| be.scale(y, -1.5),
-        "scale",
-    );
-    both(
-        &|be, y| be.mul(y, &b),
-        &|be, y| be.mul(y, &be.upload(&b)),
-        "mul",
-    );
-    for act in [
-        Activation::GeluErf,
-        Activation::GeluTanh,
-        Activation::Silu,
-        Activation::Relu,
-        Activation::Tanh,
-    ] {
+    both(&|be, y| be.add_rows(y, 4..9, &d, 0.7), &|be, y| be.add_rows(y, 4..9, &be.upload(&d), 0.7), "add_rows");
+    both(&|be, y| be.add_bias(y, &bias), &|be, y| be.add_bias(y, &be.upload(&bias)), "add_bias");
+    both(&|be, y| be.scale(y, -1.5), &|be, y| be.scale(y, -1.5), "scale");
+    both(&|be, y| be.mul(y, &b), &|be, y| be.mul(y, &be.upload(&b)), "mul");
+    for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Silu, Activation::Relu, Activation::Tanh] {
         let mut big = a.clone();
         big.data.iter_mut().for_each(|v| *v *= 4.0);
         let mut c = big.clone();
@@ -149,47 +112,20 @@ fn rows_columns_norms_rope() {
     let (g, mut r) = (gpu(), Rng(4));
     let x = r.mat(29, 48);
     let idx: Vec<u32> = (0..13).map(|_| r.below(29) as u32).collect();
-    close(
-        "select_rows",
-        &g.download(&g.select_rows(&g.upload(&x), &idx)),
-        &Cpu.select_rows(&x, &idx),
-        0.0 + 1e-12,
-    );
-    close(
-        "slice_cols",
-        &g.download(&g.slice_cols(&g.upload(&x), 16..40)),
-        &Cpu.slice_cols(&x, 16..40),
-        1e-12,
-    );
+    close("select_rows", &g.download(&g.select_rows(&g.upload(&x), &idx)), &Cpu.select_rows(&x, &idx), 0.0 + 1e-12);
+    close("slice_cols", &g.download(&g.slice_cols(&g.upload(&x), 16..40)), &Cpu.slice_cols(&x, 16..40), 1e-12);
     let (gamma, beta) = (r.mat(1, 48), r.mat(1, 48));
     let mut shifted = x.clone();
     shifted.data.iter_mut().for_each(|v| *v += 30.0);
     let c = Cpu.layer_norm(&shifted, &gamma, Some(&beta), 1e-5);
-    let gg = g.download(&g.layer_norm(
-        &g.upload(&shifted),
-        &g.upload(&gamma),
-        Some(&g.upload(&beta)),
-        1e-5,
-    ));
+    let gg = g.download(&g.layer_norm(&g.upload(&shifted), &g.upload(&gamma), Some(&g.upload(&beta)), 1e-5));
     close("layer_norm", &gg, &c, 1e-5);
     let c = Cpu.layer_norm(&x, &gamma, None, 1e-12);
-    close(
-        "layer_norm (no beta)",
-        &g.download(&g.layer_norm(&g.upload(&x), &g.upload(&gamma), None, 1e-12)),
-        &c,
-        1e-5,
-    );
+    close("layer_norm (no beta)", &g.download(&g.layer_norm(&g.upload(&x), &g.upload(&gamma), None, 1e-12)), &c, 1e-5);
     let c = Cpu.rms_norm(&x, &gamma, 1e-6);
-    close(
-        "rms_norm",
-        &g.download(&g.rms_norm(&g.upload(&x), &g.upload(&gamma), 1e-6)),
-        &c,
-        1e-5,
-    );
+    close("rms_norm", &g.download(&g.rms_norm(&g.upload(&x), &g.upload(&gamma), 1e-6)), &c, 1e-5);
     let pos: Vec<u32> = (0..29).map(|i| (i * 7 % 61) as u32).collect();
-    let inv: Vec<f32> = (0..8)
-        .map(|k| 1.0 / 10000f32.powf(2.0 * k as f32 / 16.0))
-        .collect();
+    let inv: Vec<f32> = (0..8).map(|k| 1.0 / 10000f32.powf(2.0 * k as f32 / 16.0)).collect();
     let mut c = x.clone();
     Cpu.rope(&mut c, &pos, 16, &inv);
     let mut t = g.upload(&x);
@@ -204,34 +140,14 @@ fn attention_variants() {
     // One sequence longer than an attention chunk (512 keys) checks the online softmax.
     let seqs = vec![0..1, 1..40, 40..45, 45..115, 115..700];
     let rows = 700;
-    for (heads, kv, hd, causal, window) in [
-        (4, 4, 8, true, None),
-        (4, 2, 16, true, None),
-        (6, 1, 8, false, None),
-        (4, 2, 8, true, Some(5)),
-    ] {
-        let (q, k, v) = (
-            r.mat(rows, heads * hd),
-            r.mat(rows, kv * hd),
-            r.mat(rows, kv * hd),
-        );
-        let spec = AttentionSpec {
-            heads,
-            kv_heads: kv,
-            head_dim: hd,
-            causal,
-            window,
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
+    for (heads, kv, hd, causal, window) in
+        [(4, 4, 8, true, None), (4, 2, 16, true, None), (6, 1, 8, false, None), (4, 2, 8, true, Some(5))]
+    {
+        let (q, k, v) = (r.mat(rows, heads * hd), r.mat(rows, kv * hd), r.mat(rows, kv * hd));
+        let spec = AttentionSpec { heads, kv_heads: kv, head_dim: hd, causal, window, scale: 1.0 / (hd as f32).sqrt() };
         let c = Cpu.attention(&q, &k, &v, &spec, &seqs);
-        let gg =
-            g.download(&g.attention(&g.upload(&q), &g.upload(&k), &g.upload(&v), &spec, &seqs));
-        close(
-            &format!("attention h{heads} kv{kv} d{hd} causal {causal} window {window:?}"),
-            &gg,
-            &c,
-            1e-5,
-        );
+        let gg = g.download(&g.attention(&g.upload(&q), &g.upload(&k), &g.upload(&v), &spec, &seqs));
+        close(&format!("attention h{heads} kv{kv} d{hd} causal {causal} window {window:?}"), &gg, &c, 1e-5);
     }
 }
 
@@ -246,61 +162,29 @@ fn cholesky_and_refined_solve() {
     let x = r.mat(200, n);
     let gram = Cpu.gram(&x, 0..200, &x, 0..200);
     let m = &gram + DMatrix::identity(n, n) * (1e-4 * gram.norm());
-    let l = g
-        .cholesky_f32_many(&[&m])
-        .pop()
-        .flatten()
-        .expect("positive definite");
+    let l = g.cholesky_f32_many(&[&m]).pop().flatten().expect("positive definite");
     let e = (&l * l.transpose() - &m).norm() / m.norm();
     assert!(e < 1e-6, "L·Lᵀ differs from M by {e:.2e}");
     let neg = -&m;
     let both = g.cholesky_f32_many(&[&neg, &m]);
-    assert!(
-        both[0].is_none(),
-        "a negative definite matrix must be refused"
-    );
+    assert!(both[0].is_none(), "a negative definite matrix must be refused");
     assert!(both[1].is_some(), "and does not spoil the next one");
 
-    let lora = LoraModule {
-        path: "m".into(),
-        a: r.mat(3, n),
-        b: r.mat(5, 3),
-        scale: 2.0,
-    };
+    let lora = LoraModule { path: "m".into(), a: r.mat(3, n), b: r.mat(5, 3), scale: 2.0 };
     for alpha in [1e-4, 1e-7] {
         let ts = [
-            TaskStats {
-                cross: &gram,
-                gram: &gram,
-                c: 1.0,
-                lora: Some(&lora),
-            },
-            TaskStats {
-                cross: &gram,
-                gram: &gram,
-                c: 0.5,
-                lora: None,
-            },
+            TaskStats { cross: &gram, gram: &gram, c: 1.0, lora: Some(&lora) },
+            TaskStats { cross: &gram, gram: &gram, c: 0.5, lora: None },
         ];
         let (cpu, p_cpu) = solve(&Cpu, "m", &ts, alpha, alpha).unwrap();
         let (gpu_m, p_gpu) = solve(g, "m", &ts, alpha, alpha).unwrap();
         assert_eq!(p_cpu, SolvePath::CholeskyF64);
-        assert!(matches!(
-            p_gpu,
-            SolvePath::GpuCholeskyF32Refined | SolvePath::CholeskyF64AfterGpu
-        ));
+        assert!(matches!(p_gpu, SolvePath::GpuCholeskyF32Refined | SolvePath::CholeskyF64AfterGpu));
         if alpha == 1e-4 {
-            assert_eq!(
-                p_gpu,
-                SolvePath::GpuCholeskyF32Refined,
-                "refinement converges at a 1e-4 ridge"
-            );
+            assert_eq!(p_gpu, SolvePath::GpuCholeskyF32Refined, "refinement converges at a 1e-4 ridge");
         }
         let e = rel_err(&gpu_m.a.data, &cpu.a.data);
-        assert!(
-            e < 1e-6,
-            "alpha {alpha}: refined GPU solve differs from the f64 solve by {e:.2e} ({p_gpu:?})"
-        );
+        assert!(e < 1e-6, "alpha {alpha}: refined GPU solve differs from the f64 solve by {e:.2e} ({p_gpu:?})");
     }
 }
 
@@ -323,12 +207,7 @@ fn packed_half_precision_weights() {
         let gw = g.upload_weight(&w, dtype);
         assert_eq!(g.download(&gw), w, "{dtype:?}: download unpacks exactly");
         let c = Cpu.matmul_t(&x, 5..45, &w);
-        close(
-            &format!("{dtype:?} matmul_t"),
-            &g.download(&g.matmul_t(&g.upload(&x), 5..45, &gw)),
-            &c,
-            1e-6,
-        );
+        close(&format!("{dtype:?} matmul_t"), &g.download(&g.matmul_t(&g.upload(&x), 5..45, &gw)), &c, 1e-6);
         let idx = [36u32, 0, 17, 17, 5];
         close(
             &format!("{dtype:?} select_rows"),
@@ -349,14 +228,7 @@ fn weights_beyond_one_binding_are_split_by_rows() {
     for dtype in [WeightDtype::F32, WeightDtype::F16] {
         let w = r.mat(37, 23);
         let w = if dtype == WeightDtype::F16 {
-            Mat::new(
-                37,
-                23,
-                w.data
-                    .iter()
-                    .map(|v| half::f16::from_f32(*v).to_f32())
-                    .collect(),
-            )
+            Mat::new(37, 23, w.data.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect())
         } else {
             w
         };

@@ -11,17 +11,9 @@ fn check(arch: &str, opts: &Options, file: &str, tol: f64) -> f64 {
     let r = merge(arch, opts);
     let exp = expected(arch, file);
     let mut worst: f64 = 0.0;
-    assert_eq!(
-        r.outcome.targets.len(),
-        exp.keys().count(),
-        "{arch}: targeted modules differ from the reference"
-    );
+    assert_eq!(r.outcome.targets.len(), exp.keys().count(), "{arch}: targeted modules differ from the reference");
     for (t, m) in r.outcome.targets.iter().zip(&r.outcome.merged) {
-        let e = rel(
-            &dense(m),
-            &exp.mat(&t.name)
-                .unwrap_or_else(|_| panic!("{arch}: reference lacks {}", t.name)),
-        );
+        let e = rel(&dense(m), &exp.mat(&t.name).unwrap_or_else(|_| panic!("{arch}: reference lacks {}", t.name)));
         assert!(
             e <= tol,
             "{arch} {file}: module {} differs from the float64 reference by {e:.2e} (> {tol:.0e})",
@@ -36,23 +28,14 @@ fn check(arch: &str, opts: &Options, file: &str, tol: f64) -> f64 {
 #[test]
 fn sweep_matches_reference() {
     for arch in ARCHS {
-        check(
-            arch,
-            &Options::default(),
-            "expected_sweep_a1e-4.safetensors",
-            1e-4,
-        );
+        check(arch, &Options::default(), "expected_sweep_a1e-4.safetensors", 1e-4);
     }
 }
 
 #[test]
 fn jacobi_matches_reference() {
     for arch in ARCHS {
-        let opts = Options {
-            schedule: Schedule::Jacobi,
-            iters: 3,
-            ..Options::default()
-        };
+        let opts = Options { schedule: Schedule::Jacobi, iters: 3, ..Options::default() };
         check(arch, &opts, "expected_jacobi3_a1e-4.safetensors", 1e-4);
     }
 }
@@ -61,11 +44,7 @@ fn jacobi_matches_reference() {
 #[test]
 fn sweep_matches_reference_at_weak_ridge() {
     for arch in ARCHS {
-        let opts = Options {
-            alpha1: 1e-7,
-            alpha2: 1e-7,
-            ..Options::default()
-        };
+        let opts = Options { alpha1: 1e-7, alpha2: 1e-7, ..Options::default() };
         check(arch, &opts, "expected_sweep_a1e-7.safetensors", 1e-2);
     }
 }
@@ -75,32 +54,12 @@ fn sweep_matches_reference_at_weak_ridge() {
 fn sweep_equals_converged_jacobi() {
     for arch in ["gpt2", "llama"] {
         let sweep = merge(arch, &Options::default());
-        let jac = merge(
-            arch,
-            &Options {
-                schedule: Schedule::Jacobi,
-                iters: 12,
-                ..Options::default()
-            },
-        );
-        for (k, (a, b)) in sweep
-            .outcome
-            .merged
-            .iter()
-            .zip(&jac.outcome.merged)
-            .enumerate()
-        {
+        let jac = merge(arch, &Options { schedule: Schedule::Jacobi, iters: 12, ..Options::default() });
+        for (k, (a, b)) in sweep.outcome.merged.iter().zip(&jac.outcome.merged).enumerate() {
             let e = rel(&dense(b), &dense(a));
-            assert!(
-                e < 1e-5,
-                "{arch}: module {} jacobi(12) vs sweep {e:.2e}",
-                sweep.outcome.targets[k].name
-            );
+            assert!(e < 1e-5, "{arch}: module {} jacobi(12) vs sweep {e:.2e}", sweep.outcome.targets[k].name);
         }
         let last = *jac.report.jacobi_changes.last().unwrap();
-        assert!(
-            last < 1e-5,
-            "{arch}: jacobi did not converge (last change {last:.2e})"
-        );
+        assert!(last < 1e-5, "{arch}: jacobi did not converge (last change {last:.2e})");
     }
 }

@@ -17,9 +17,7 @@ fn for_rows(data: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync 
     #[cfg(not(target_arch = "wasm32"))]
     {
         use rayon::prelude::*;
-        data.par_chunks_mut(cols)
-            .enumerate()
-            .for_each(|(i, r)| f(i, r));
+        data.par_chunks_mut(cols).enumerate().for_each(|(i, r)| f(i, r));
     }
     #[cfg(target_arch = "wasm32")]
     data.chunks_mut(cols).enumerate().for_each(|(i, r)| f(i, r));
@@ -104,45 +102,25 @@ impl Backend for Cpu {
     }
 
     fn matmul_t(&self, x: &Mat, rows: Range<usize>, w: &Mat) -> Mat {
-        assert_eq!(
-            x.cols, w.cols,
-            "matmul_t: x has {} columns, w has {}",
-            x.cols, w.cols
-        );
+        assert_eq!(x.cols, w.cols, "matmul_t: x has {} columns, w has {}", x.cols, w.cols);
         let n = rows.len();
         let mut c = vec![0.0; n * w.rows];
         let a = &x.data[rows.start * x.cols..rows.end * x.cols];
-        sgemm(
-            n,
-            x.cols,
-            w.rows,
-            a,
-            x.cols as isize,
-            1,
-            &w.data,
-            1,
-            w.cols as isize,
-            &mut c,
-        );
+        sgemm(n, x.cols, w.rows, a, x.cols as isize, 1, &w.data, 1, w.cols as isize, &mut c);
         Mat::new(n, w.rows, c)
     }
 
     fn add_rows(&self, y: &mut Mat, rows: Range<usize>, d: &Mat, s: f32) {
         assert_eq!((rows.len(), y.cols), (d.rows, d.cols));
         let cols = y.cols;
-        for (o, v) in y.data[rows.start * cols..rows.end * cols]
-            .iter_mut()
-            .zip(&d.data)
-        {
+        for (o, v) in y.data[rows.start * cols..rows.end * cols].iter_mut().zip(&d.data) {
             *o += s * v;
         }
     }
 
     fn add_bias(&self, y: &mut Mat, b: &Mat) {
         assert_eq!(y.cols, b.data.len());
-        for_rows(&mut y.data, b.data.len(), |_, r| {
-            r.iter_mut().zip(&b.data).for_each(|(o, v)| *o += v)
-        });
+        for_rows(&mut y.data, b.data.len(), |_, r| r.iter_mut().zip(&b.data).for_each(|(o, v)| *o += v));
     }
 
     fn scale(&self, x: &mut Mat, s: f32) {
@@ -156,9 +134,7 @@ impl Backend for Cpu {
 
     fn activate(&self, x: &mut Mat, act: Activation) {
         let cols = x.cols;
-        for_rows(&mut x.data, cols, |_, r| {
-            r.iter_mut().for_each(|v| *v = act.apply(*v))
-        });
+        for_rows(&mut x.data, cols, |_, r| r.iter_mut().for_each(|v| *v = act.apply(*v)));
     }
 
     fn layer_norm(&self, x: &Mat, gamma: &Mat, beta: Option<&Mat>, eps: f32) -> Mat {
@@ -182,9 +158,7 @@ impl Backend for Cpu {
         for_rows(&mut out.data, x.cols, |_, r| {
             let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n;
             let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
-            r.iter_mut()
-                .zip(&gamma.data)
-                .for_each(|(v, g)| *v = *v * inv * g);
+            r.iter_mut().zip(&gamma.data).for_each(|(v, g)| *v = *v * inv * g);
         });
         out
     }
@@ -207,14 +181,7 @@ impl Backend for Cpu {
         });
     }
 
-    fn attention(
-        &self,
-        q: &Mat,
-        k: &Mat,
-        v: &Mat,
-        spec: &AttentionSpec,
-        seqs: &[Range<usize>],
-    ) -> Mat {
+    fn attention(&self, q: &Mat, k: &Mat, v: &Mat, spec: &AttentionSpec, seqs: &[Range<usize>]) -> Mat {
         let (hd, heads, group) = (spec.head_dim, spec.heads, spec.heads / spec.kv_heads);
         assert_eq!(q.cols, heads * hd);
         assert_eq!(k.cols, spec.kv_heads * hd);
@@ -224,10 +191,7 @@ impl Backend for Cpu {
         let mut rest: &mut [f32] = &mut out.data;
         let mut at = 0;
         for s in seqs {
-            assert_eq!(
-                s.start, at,
-                "attention: sequences must tile the rows in order"
-            );
+            assert_eq!(s.start, at, "attention: sequences must tile the rows in order");
             let (head, tail) = rest.split_at_mut(s.len() * q.cols);
             chunks.push((s.clone(), head));
             rest = tail;
@@ -243,57 +207,25 @@ impl Backend for Cpu {
                 let ks = &k.data[s.start * k.cols + kh * hd..];
                 let vs = &v.data[s.start * v.cols + kh * hd..];
                 // scores = Q_h · K_hᵀ, strided views straight into the projections.
-                sgemm(
-                    t,
-                    hd,
-                    t,
-                    qs,
-                    q.cols as isize,
-                    1,
-                    ks,
-                    1,
-                    k.cols as isize,
-                    &mut scores,
-                );
+                sgemm(t, hd, t, qs, q.cols as isize, 1, ks, 1, k.cols as isize, &mut scores);
                 for i in 0..t {
                     let row = &mut scores[i * t..(i + 1) * t];
                     let mut max = f32::NEG_INFINITY;
                     for (j, sc) in row.iter_mut().enumerate() {
-                        let visible = (!spec.causal || j <= i)
-                            && spec.window.is_none_or(|w| i < j + w || j > i);
-                        *sc = if visible {
-                            *sc * spec.scale
-                        } else {
-                            f32::NEG_INFINITY
-                        };
+                        let visible = (!spec.causal || j <= i) && spec.window.is_none_or(|w| i < j + w || j > i);
+                        *sc = if visible { *sc * spec.scale } else { f32::NEG_INFINITY };
                         max = max.max(*sc);
                     }
                     let mut sum = 0.0;
                     for sc in row.iter_mut() {
-                        *sc = if *sc == f32::NEG_INFINITY {
-                            0.0
-                        } else {
-                            (*sc - max).exp()
-                        };
+                        *sc = if *sc == f32::NEG_INFINITY { 0.0 } else { (*sc - max).exp() };
                         sum += *sc;
                     }
                     row.iter_mut().for_each(|sc| *sc /= sum);
                 }
-                sgemm(
-                    t,
-                    t,
-                    hd,
-                    &scores,
-                    t as isize,
-                    1,
-                    vs,
-                    v.cols as isize,
-                    1,
-                    &mut ctx,
-                );
+                sgemm(t, t, hd, &scores, t as isize, 1, vs, v.cols as isize, 1, &mut ctx);
                 for i in 0..t {
-                    o[i * q.cols + h * hd..i * q.cols + (h + 1) * hd]
-                        .copy_from_slice(&ctx[i * hd..(i + 1) * hd]);
+                    o[i * q.cols + h * hd..i * q.cols + (h + 1) * hd].copy_from_slice(&ctx[i * hd..(i + 1) * hd]);
                 }
             }
         };
@@ -307,40 +239,19 @@ impl Backend for Cpu {
         out
     }
 
-    fn mix_rows(
-        &self,
-        a: &Mat,
-        ar: Range<usize>,
-        wa: f32,
-        b: &Mat,
-        br: Range<usize>,
-        wb: f32,
-    ) -> Mat {
+    fn mix_rows(&self, a: &Mat, ar: Range<usize>, wa: f32, b: &Mat, br: Range<usize>, wb: f32) -> Mat {
         assert_eq!((ar.len(), a.cols), (br.len(), b.cols));
         let c = a.cols;
-        let (xa, xb) = (
-            &a.data[ar.start * c..ar.end * c],
-            &b.data[br.start * c..br.end * c],
-        );
-        Mat::new(
-            ar.len(),
-            c,
-            xa.iter().zip(xb).map(|(x, y)| wa * x + wb * y).collect(),
-        )
+        let (xa, xb) = (&a.data[ar.start * c..ar.end * c], &b.data[br.start * c..br.end * c]);
+        Mat::new(ar.len(), c, xa.iter().zip(xb).map(|(x, y)| wa * x + wb * y).collect())
     }
 
     fn defer_gram(&self, x: &Mat, xr: Range<usize>, y: &Mat, yr: Range<usize>) -> Fetched {
         assert_eq!(xr.len(), yr.len());
         // Accumulated in f64: the CPU path is the reference.
         let n = xr.len();
-        let a: Vec<f64> = x.data[xr.start * x.cols..xr.end * x.cols]
-            .iter()
-            .map(|&v| v as f64)
-            .collect();
-        let b: Vec<f64> = y.data[yr.start * y.cols..yr.end * y.cols]
-            .iter()
-            .map(|&v| v as f64)
-            .collect();
+        let a: Vec<f64> = x.data[xr.start * x.cols..xr.end * x.cols].iter().map(|&v| v as f64).collect();
+        let b: Vec<f64> = y.data[yr.start * y.cols..yr.end * y.cols].iter().map(|&v| v as f64).collect();
         let mut c = vec![0.0f64; x.cols * y.cols];
         if n > 0 && x.cols > 0 && y.cols > 0 {
             // SAFETY: a is (n, x.cols) and b is (n, y.cols), row-major; c is (x.cols, y.cols).
@@ -373,24 +284,12 @@ impl Backend for Cpu {
 
     fn defer_sq_dist(&self, a: &Mat, b: &Mat) -> Fetched {
         assert_eq!(a.shape(), b.shape());
-        Fetched::Scalar(
-            a.data
-                .iter()
-                .zip(&b.data)
-                .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-                .sum(),
-        )
+        Fetched::Scalar(a.data.iter().zip(&b.data).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum())
     }
 
     fn defer_dot(&self, a: &Mat, b: &Mat) -> Fetched {
         assert_eq!(a.shape(), b.shape());
-        Fetched::Scalar(
-            a.data
-                .iter()
-                .zip(&b.data)
-                .map(|(x, y)| *x as f64 * *y as f64)
-                .sum(),
-        )
+        Fetched::Scalar(a.data.iter().zip(&b.data).map(|(x, y)| *x as f64 * *y as f64).sum())
     }
 
     /// Everything was computed when deferred.

@@ -44,19 +44,9 @@ pub struct GpuTensor {
 impl GpuTensor {
     /// (first row, end row, buffer) of each row block.
     fn row_blocks(&self) -> Vec<(usize, usize, &wgpu::Buffer)> {
-        let starts: Vec<usize> = std::iter::once(0)
-            .chain(self.blocks.iter().map(|b| b.0))
-            .collect();
+        let starts: Vec<usize> = std::iter::once(0).chain(self.blocks.iter().map(|b| b.0)).collect();
         let bufs = std::iter::once(&self.buf).chain(self.blocks.iter().map(|b| &b.1));
-        bufs.enumerate()
-            .map(|(i, b)| {
-                (
-                    starts[i],
-                    starts.get(i + 1).copied().unwrap_or(self.rows),
-                    b,
-                )
-            })
-            .collect()
+        bufs.enumerate().map(|(i, b)| (starts[i], starts.get(i + 1).copied().unwrap_or(self.rows), b)).collect()
     }
 }
 
@@ -110,25 +100,8 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn new(
-        m: usize,
-        k: usize,
-        n: usize,
-        a: (usize, usize, usize),
-        b: (usize, usize, usize),
-    ) -> Geometry {
-        Geometry {
-            m,
-            k,
-            n,
-            a,
-            b,
-            c_off: 0,
-            ldc: n,
-            alpha: 1.0,
-            accumulate: false,
-            b_dtype: WeightDtype::F32,
-        }
+    fn new(m: usize, k: usize, n: usize, a: (usize, usize, usize), b: (usize, usize, usize)) -> Geometry {
+        Geometry { m, k, n, a, b, c_off: 0, ldc: n, alpha: 1.0, accumulate: false, b_dtype: WeightDtype::F32 }
     }
 }
 
@@ -176,16 +149,12 @@ impl Gpu {
                 ..Default::default()
             })
             .await
-            .map_err(|e| {
-                Error::Unsupported(format!("GPU adapter {} refused a device ({e})", info.name))
-            })?;
+            .map_err(|e| Error::Unsupported(format!("GPU adapter {} refused a device ({e})", info.name)))?;
         Ok(Gpu {
             device,
             queue,
             info,
-            max_binding: limits
-                .max_storage_buffer_binding_size
-                .min(limits.max_buffer_size),
+            max_binding: limits.max_storage_buffer_binding_size.min(limits.max_buffer_size),
             pipelines: RefCell::new(HashMap::new()),
             encoder: RefCell::new(None),
             pending: Cell::new(0),
@@ -202,9 +171,7 @@ impl Gpu {
     pub fn is_software(&self) -> bool {
         let n = self.info.name.to_lowercase();
         self.info.device_type == wgpu::DeviceType::Cpu
-            || ["llvmpipe", "lavapipe", "swiftshader", "warp"]
-                .iter()
-                .any(|s| n.contains(s))
+            || ["llvmpipe", "lavapipe", "swiftshader", "warp"].iter().any(|s| n.contains(s))
     }
 
     /// How many times the host has waited for GPU results so far.
@@ -227,34 +194,24 @@ impl Gpu {
         for (k, v) in subs {
             code = code.replace(&format!("{{{{{k}}}}}"), v);
         }
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(kernel),
-                source: wgpu::ShaderSource::Wgsl(code.into()),
-            });
-        let p = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(kernel),
-                layout: None,
-                module: &module,
-                entry_point: Some("main"),
-                compilation_options: Default::default(),
-                cache: None,
-            });
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(kernel),
+            source: wgpu::ShaderSource::Wgsl(code.into()),
+        });
+        let p = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(kernel),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
         self.pipelines.borrow_mut().insert(key, p.clone());
         p
     }
 
     /// Record one dispatch: `buffers` bind to 0..n-1 in order, the parameters to n.
-    fn dispatch(
-        &self,
-        p: &wgpu::ComputePipeline,
-        buffers: &[&wgpu::Buffer],
-        params: &[u32],
-        groups: (u32, u32, u32),
-    ) {
+    fn dispatch(&self, p: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer], params: &[u32], groups: (u32, u32, u32)) {
         self.dispatch_with(p, buffers, params, &[], groups)
     }
 
@@ -267,25 +224,17 @@ impl Gpu {
         after: &[&wgpu::Buffer],
         groups: (u32, u32, u32),
     ) {
-        let uniform = self
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: None,
-                contents: &words(params),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
+        let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: &words(params),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
         let mut entries: Vec<wgpu::BindGroupEntry> = buffers
             .iter()
             .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry {
-                binding: i as u32,
-                resource: b.as_entire_binding(),
-            })
+            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
             .collect();
-        entries.push(wgpu::BindGroupEntry {
-            binding: buffers.len() as u32,
-            resource: uniform.as_entire_binding(),
-        });
+        entries.push(wgpu::BindGroupEntry { binding: buffers.len() as u32, resource: uniform.as_entire_binding() });
         for (i, b) in after.iter().enumerate() {
             entries.push(wgpu::BindGroupEntry {
                 binding: (buffers.len() + 1 + i) as u32,
@@ -299,8 +248,7 @@ impl Gpu {
         });
         {
             let mut enc = self.encoder.borrow_mut();
-            let enc =
-                enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+            let enc = enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
             let mut pass = enc.begin_compute_pass(&Default::default());
             pass.set_pipeline(p);
             pass.set_bind_group(0, &bg, &[]);
@@ -321,42 +269,24 @@ impl Gpu {
 
     fn alloc(&self, rows: usize, cols: usize) -> GpuTensor {
         let bytes = ((rows * cols * 4) as u64).max(4);
-        assert!(
-            bytes <= self.max_binding,
-            "tensor of {bytes} bytes exceeds the GPU binding limit (checked on upload)"
-        );
+        assert!(bytes <= self.max_binding, "tensor of {bytes} bytes exceeds the GPU binding limit (checked on upload)");
         let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
             size: bytes.next_multiple_of(4),
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        GpuTensor {
-            buf,
-            rows,
-            cols,
-            dtype: WeightDtype::F32,
-            blocks: vec![],
-        }
+        GpuTensor { buf, rows, cols, dtype: WeightDtype::F32, blocks: vec![] }
     }
 
     fn storage<T: bytemuck::Pod>(&self, data: &[T]) -> wgpu::Buffer {
         let bytes: &[u8] = bytemuck::cast_slice(data);
-        let contents = if bytes.is_empty() {
-            &[0u8; 4][..]
-        } else {
-            bytes
-        };
-        self.device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: None,
-                contents,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
-            })
+        let contents = if bytes.is_empty() { &[0u8; 4][..] } else { bytes };
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        })
     }
 
     /// Copy the first n f32 of each buffer back to the host, in one submission and one map.
@@ -373,8 +303,7 @@ impl Gpu {
         });
         {
             let mut enc = self.encoder.borrow_mut();
-            let enc =
-                enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+            let enc = enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
             let mut at = 0;
             for (buf, n) in regions {
                 if *n > 0 {
@@ -387,11 +316,8 @@ impl Gpu {
         self.readbacks.set(self.readbacks.get() + 1);
         let slice = staging.slice(..);
         slice.map_async(wgpu::MapMode::Read, |r| r.expect("GPU readback failed"));
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .expect("GPU device lost");
-        let all: Vec<f32> =
-            bytemuck::cast_slice(&slice.get_mapped_range().expect("GPU readback failed")).to_vec();
+        self.device.poll(wgpu::PollType::wait_indefinitely()).expect("GPU device lost");
+        let all: Vec<f32> = bytemuck::cast_slice(&slice.get_mapped_range().expect("GPU readback failed")).to_vec();
         staging.unmap();
         let mut at = 0;
         regions
@@ -430,7 +356,9 @@ impl Gpu {
                 "y[i] = act(y[i]);",
                 match act.unwrap() {
                     Activation::GeluErf => "return 0.5 * v * (1.0 + erf(v * 0.70710678118654752));",
-                    Activation::GeluTanh => "let u = 0.7978845608028654 * (v + 0.044715 * v * v * v); return v / (1.0 + exp(-2.0 * u));",
+                    Activation::GeluTanh => {
+                        "let u = 0.7978845608028654 * (v + 0.044715 * v * v * v); return v / (1.0 + exp(-2.0 * u));"
+                    }
                     Activation::Silu => "return v / (1.0 + exp(-v));",
                     Activation::Relu => "return max(v, 0.0);",
                     Activation::Tanh => "return tanh(v);",
@@ -439,11 +367,7 @@ impl Gpu {
         };
         // Keep binding 1 statically used whatever the op, so every variant has the same layout.
         let expr = format!("{expr}\n    if (p.n == 0xffffffffu) {{ y[0] = x[0]; }}");
-        let p = self.pipeline(
-            "elementwise",
-            ELEMENTWISE,
-            &[("OP", expr), ("ACT", act_expr.to_string())],
-        );
+        let p = self.pipeline("elementwise", ELEMENTWISE, &[("OP", expr), ("ACT", act_expr.to_string())]);
         let dummy;
         let x = match x {
             Some(x) => x,
@@ -453,30 +377,11 @@ impl Gpu {
             }
         };
         let (gx, gy, stride) = grid_1d(n);
-        self.dispatch(
-            &p,
-            &[y, x],
-            &[
-                n as u32,
-                oy as u32,
-                ox as u32,
-                cols as u32,
-                s.to_bits(),
-                stride,
-            ],
-            (gx, gy, 1),
-        );
+        self.dispatch(&p, &[y, x], &[n as u32, oy as u32, ox as u32, cols as u32, s.to_bits(), stride], (gx, gy, 1));
     }
 
     /// C = alpha·A·B (+ C) through strides (see matmul.wgsl); with `lo`, also the compensation terms.
-    fn matmul(
-        &self,
-        a: &wgpu::Buffer,
-        b: &wgpu::Buffer,
-        c: &wgpu::Buffer,
-        lo: Option<&wgpu::Buffer>,
-        g: &Geometry,
-    ) {
+    fn matmul(&self, a: &wgpu::Buffer, b: &wgpu::Buffer, c: &wgpu::Buffer, lo: Option<&wgpu::Buffer>, g: &Geometry) {
         let (b_elem, b_load) = unpacked("b", g.b_dtype);
         let subs = [
             ("A_K_FAST", (g.a.2 == 1).to_string()),
@@ -510,32 +415,14 @@ impl Gpu {
                 &dummy
             }
         };
-        self.dispatch_with(
-            &p,
-            &[a, b, c],
-            &params,
-            &[lo],
-            (g.n.div_ceil(64) as u32, g.m.div_ceil(64) as u32, 1),
-        );
+        self.dispatch_with(&p, &[a, b, c], &params, &[lo], (g.n.div_ceil(64) as u32, g.m.div_ceil(64) as u32, 1));
     }
 
     /// A fresh (m, n) = A·B.
-    fn product(
-        &self,
-        a: &wgpu::Buffer,
-        b: &wgpu::Buffer,
-        g: Geometry,
-        lo: bool,
-    ) -> (GpuTensor, Option<GpuTensor>) {
+    fn product(&self, a: &wgpu::Buffer, b: &wgpu::Buffer, g: Geometry, lo: bool) -> (GpuTensor, Option<GpuTensor>) {
         let c = self.alloc(g.m, g.n);
         let c_lo = lo.then(|| self.alloc(g.m, g.n));
-        self.matmul(
-            a,
-            b,
-            &c.buf,
-            c_lo.as_ref().map(|t| &t.buf),
-            &Geometry { ldc: g.n, ..g },
-        );
+        self.matmul(a, b, &c.buf, c_lo.as_ref().map(|t| &t.buf), &Geometry { ldc: g.n, ..g });
         (c, c_lo)
     }
 
@@ -559,15 +446,7 @@ impl Gpu {
             _ => "return load_x(p.ox + i) * y[i];",
         };
         let (x_elem, x_load) = unpacked("x", x_dtype);
-        let p = self.pipeline(
-            "reduce",
-            REDUCE,
-            &[
-                ("MODE", term.to_string()),
-                ("X_ELEM", x_elem),
-                ("X_LOAD", x_load),
-            ],
-        );
+        let p = self.pipeline("reduce", REDUCE, &[("MODE", term.to_string()), ("X_ELEM", x_elem), ("X_LOAD", x_load)]);
         let dummy;
         let y = match y {
             Some(y) => y,
@@ -591,26 +470,11 @@ impl Backend for Gpu {
     type T = GpuTensor;
     type Pending = GpuPending;
 
-    fn defer_gram(
-        &self,
-        x: &GpuTensor,
-        xr: Range<usize>,
-        y: &GpuTensor,
-        yr: Range<usize>,
-    ) -> GpuPending {
+    fn defer_gram(&self, x: &GpuTensor, xr: Range<usize>, y: &GpuTensor, yr: Range<usize>) -> GpuPending {
         assert_eq!(xr.len(), yr.len());
-        let g = Geometry::new(
-            x.cols,
-            xr.len(),
-            y.cols,
-            (xr.start * x.cols, 1, x.cols),
-            (yr.start * y.cols, y.cols, 1),
-        );
+        let g = Geometry::new(x.cols, xr.len(), y.cols, (xr.start * x.cols, 1, x.cols), (yr.start * y.cols, y.cols, 1));
         let (hi, lo) = self.product(&x.buf, &y.buf, g, true);
-        GpuPending::Gram {
-            hi,
-            lo: lo.unwrap(),
-        }
+        GpuPending::Gram { hi, lo: lo.unwrap() }
     }
 
     fn defer_sq_norm(&self, x: &GpuTensor, rows: Range<usize>) -> GpuPending {
@@ -619,49 +483,20 @@ impl Backend for Gpu {
             .into_iter()
             .filter_map(|(r0, r1, buf)| {
                 let (a, b) = (rows.start.max(r0), rows.end.min(r1));
-                (a < b).then(|| {
-                    self.reduce(
-                        "norm",
-                        buf,
-                        x.dtype,
-                        (a - r0) * x.cols,
-                        None,
-                        (b - a) * x.cols,
-                    )
-                })
+                (a < b).then(|| self.reduce("norm", buf, x.dtype, (a - r0) * x.cols, None, (b - a) * x.cols))
             })
             .collect();
         GpuPending::Sum(parts)
     }
 
     fn defer_sq_dist(&self, a: &GpuTensor, b: &GpuTensor) -> GpuPending {
-        assert_eq!(
-            (a.rows, a.cols, a.dtype, b.dtype),
-            (b.rows, b.cols, WeightDtype::F32, WeightDtype::F32)
-        );
-        GpuPending::Sum(vec![self.reduce(
-            "dist",
-            &a.buf,
-            a.dtype,
-            0,
-            Some(&b.buf),
-            a.rows * a.cols,
-        )])
+        assert_eq!((a.rows, a.cols, a.dtype, b.dtype), (b.rows, b.cols, WeightDtype::F32, WeightDtype::F32));
+        GpuPending::Sum(vec![self.reduce("dist", &a.buf, a.dtype, 0, Some(&b.buf), a.rows * a.cols)])
     }
 
     fn defer_dot(&self, a: &GpuTensor, b: &GpuTensor) -> GpuPending {
-        assert_eq!(
-            (a.rows, a.cols, a.dtype, b.dtype),
-            (b.rows, b.cols, WeightDtype::F32, WeightDtype::F32)
-        );
-        GpuPending::Sum(vec![self.reduce(
-            "dot",
-            &a.buf,
-            a.dtype,
-            0,
-            Some(&b.buf),
-            a.rows * a.cols,
-        )])
+        assert_eq!((a.rows, a.cols, a.dtype, b.dtype), (b.rows, b.cols, WeightDtype::F32, WeightDtype::F32));
+        GpuPending::Sum(vec![self.reduce("dot", &a.buf, a.dtype, 0, Some(&b.buf), a.rows * a.cols)])
     }
 
     /// One staging buffer, one submission, one map for everything pending.
@@ -682,10 +517,7 @@ impl Backend for Gpu {
             .iter()
             .map(|p| match p {
                 GpuPending::Sum(parts) => Fetched::Scalar(
-                    parts
-                        .iter()
-                        .map(|_| at.next().unwrap().iter().map(|&v| v as f64).sum::<f64>())
-                        .sum(),
+                    parts.iter().map(|_| at.next().unwrap().iter().map(|&v| v as f64).sum::<f64>()).sum(),
                 ),
                 GpuPending::Gram { hi, .. } => {
                     let (h, l) = (at.next().unwrap(), at.next().unwrap());
@@ -704,13 +536,7 @@ impl Backend for Gpu {
     }
 
     fn upload(&self, m: &Mat) -> GpuTensor {
-        GpuTensor {
-            buf: self.storage(&m.data),
-            rows: m.rows,
-            cols: m.cols,
-            dtype: WeightDtype::F32,
-            blocks: vec![],
-        }
+        GpuTensor { buf: self.storage(&m.data), rows: m.rows, cols: m.cols, dtype: WeightDtype::F32, blocks: vec![] }
     }
 
     fn upload_weight(&self, m: &Mat, dtype: WeightDtype) -> GpuTensor {
@@ -722,32 +548,18 @@ impl Backend for Gpu {
                 WeightDtype::F32 => self.storage(part),
                 WeightDtype::F16 | WeightDtype::Bf16 => {
                     let bits: Vec<u16> = match dtype {
-                        WeightDtype::F16 => part
-                            .iter()
-                            .map(|v| half::f16::from_f32(*v).to_bits())
-                            .collect(),
-                        _ => part
-                            .iter()
-                            .map(|v| half::bf16::from_f32(*v).to_bits())
-                            .collect(),
+                        WeightDtype::F16 => part.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect(),
+                        _ => part.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect(),
                     };
-                    let words: Vec<u32> = bits
-                        .chunks(2)
-                        .map(|p| p[0] as u32 | (*p.get(1).unwrap_or(&0) as u32) << 16)
-                        .collect();
+                    let words: Vec<u32> =
+                        bits.chunks(2).map(|p| p[0] as u32 | (*p.get(1).unwrap_or(&0) as u32) << 16).collect();
                     self.storage(&words)
                 }
             };
             (r0, buf)
         });
         let (_, buf) = bufs.next().unwrap();
-        GpuTensor {
-            buf,
-            rows: m.rows,
-            cols: m.cols,
-            dtype,
-            blocks: bufs.collect(),
-        }
+        GpuTensor { buf, rows: m.rows, cols: m.cols, dtype, blocks: bufs.collect() }
     }
 
     fn download(&self, t: &GpuTensor) -> Mat {
@@ -757,11 +569,7 @@ impl Backend for Gpu {
             match t.dtype {
                 WeightDtype::F32 => data.extend(self.read(buf, n)),
                 packed => {
-                    let words: Vec<u32> = self
-                        .read(buf, n.div_ceil(2))
-                        .iter()
-                        .map(|w| w.to_bits())
-                        .collect();
+                    let words: Vec<u32> = self.read(buf, n.div_ceil(2)).iter().map(|w| w.to_bits()).collect();
                     data.extend((0..n).map(|e| {
                         let h = (words[e / 2] >> (16 * (e % 2))) as u16;
                         if packed == WeightDtype::F16 {
@@ -785,19 +593,9 @@ impl Backend for Gpu {
         let ib = self.storage(idx);
         let (gx, gy, stride) = grid_1d(idx.len() * x.cols);
         let (x_elem, x_load) = unpacked("x", x.dtype);
-        let p = self.pipeline(
-            "select_rows",
-            SELECT_ROWS,
-            &[("X_ELEM", x_elem), ("X_LOAD", x_load)],
-        );
+        let p = self.pipeline("select_rows", SELECT_ROWS, &[("X_ELEM", x_elem), ("X_LOAD", x_load)]);
         for (r0, r1, buf) in x.row_blocks() {
-            let params = [
-                idx.len() as u32,
-                x.cols as u32,
-                stride,
-                r0 as u32,
-                r1 as u32,
-            ];
+            let params = [idx.len() as u32, x.cols as u32, stride, r0 as u32, r1 as u32];
             self.dispatch(&p, &[buf, &ib, &out.buf], &params, (gx, gy, 1));
         }
         out
@@ -810,13 +608,7 @@ impl Backend for Gpu {
         self.dispatch(
             &p,
             &[&x.buf, &out.buf],
-            &[
-                x.rows as u32,
-                x.cols as u32,
-                cols.start as u32,
-                cols.len() as u32,
-                stride,
-            ],
+            &[x.rows as u32, x.cols as u32, cols.start as u32, cols.len() as u32, stride],
             (gx, gy, 1),
         );
         out
@@ -842,82 +634,26 @@ impl Backend for Gpu {
 
     fn add_rows(&self, y: &mut GpuTensor, rows: Range<usize>, d: &GpuTensor, s: f32) {
         assert_eq!((rows.len(), y.cols), (d.rows, d.cols));
-        self.elementwise(
-            "add",
-            None,
-            &y.buf,
-            Some(&d.buf),
-            rows.len() * y.cols,
-            rows.start * y.cols,
-            0,
-            y.cols,
-            s,
-        );
+        self.elementwise("add", None, &y.buf, Some(&d.buf), rows.len() * y.cols, rows.start * y.cols, 0, y.cols, s);
     }
 
     fn add_bias(&self, y: &mut GpuTensor, b: &GpuTensor) {
-        self.elementwise(
-            "bias",
-            None,
-            &y.buf,
-            Some(&b.buf),
-            y.rows * y.cols,
-            0,
-            0,
-            y.cols,
-            1.0,
-        );
+        self.elementwise("bias", None, &y.buf, Some(&b.buf), y.rows * y.cols, 0, 0, y.cols, 1.0);
     }
 
     fn scale(&self, x: &mut GpuTensor, s: f32) {
-        self.elementwise(
-            "scale",
-            None,
-            &x.buf,
-            None,
-            x.rows * x.cols,
-            0,
-            0,
-            x.cols,
-            s,
-        );
+        self.elementwise("scale", None, &x.buf, None, x.rows * x.cols, 0, 0, x.cols, s);
     }
 
     fn mul(&self, y: &mut GpuTensor, x: &GpuTensor) {
-        self.elementwise(
-            "mul",
-            None,
-            &y.buf,
-            Some(&x.buf),
-            y.rows * y.cols,
-            0,
-            0,
-            y.cols,
-            1.0,
-        );
+        self.elementwise("mul", None, &y.buf, Some(&x.buf), y.rows * y.cols, 0, 0, y.cols, 1.0);
     }
 
     fn activate(&self, x: &mut GpuTensor, act: Activation) {
-        self.elementwise(
-            "act",
-            Some(act),
-            &x.buf,
-            None,
-            x.rows * x.cols,
-            0,
-            0,
-            x.cols,
-            1.0,
-        );
+        self.elementwise("act", Some(act), &x.buf, None, x.rows * x.cols, 0, 0, x.cols, 1.0);
     }
 
-    fn layer_norm(
-        &self,
-        x: &GpuTensor,
-        gamma: &GpuTensor,
-        beta: Option<&GpuTensor>,
-        eps: f32,
-    ) -> GpuTensor {
+    fn layer_norm(&self, x: &GpuTensor, gamma: &GpuTensor, beta: Option<&GpuTensor>, eps: f32) -> GpuTensor {
         self.norm(x, gamma, beta, eps, false)
     }
 
@@ -930,12 +666,7 @@ impl Backend for Gpu {
         let fb = self.storage(inv_freq);
         let (gx, gy, stride) = grid_1d(x.rows * x.cols / 2);
         let p = self.pipeline("rope", ROPE, &[]);
-        self.dispatch(
-            &p,
-            &[&x.buf, &pb, &fb],
-            &[x.rows as u32, x.cols as u32, head_dim as u32, stride],
-            (gx, gy, 1),
-        );
+        self.dispatch(&p, &[&x.buf, &pb, &fb], &[x.rows as u32, x.cols as u32, head_dim as u32, stride], (gx, gy, 1));
     }
 
     fn attention(
@@ -946,10 +677,7 @@ impl Backend for Gpu {
         spec: &AttentionSpec,
         seqs: &[Range<usize>],
     ) -> GpuTensor {
-        assert!(
-            spec.head_dim <= 256,
-            "attention.wgsl handles head_dim up to 256"
-        );
+        assert!(spec.head_dim <= 256, "attention.wgsl handles head_dim up to 256");
         let mut span = Vec::with_capacity(q.rows * 2);
         for s in seqs {
             for _ in s.clone() {
@@ -970,12 +698,7 @@ impl Backend for Gpu {
             spec.scale.to_bits(),
         ];
         let (y, z) = (q.rows.min(65535), q.rows.div_ceil(65535));
-        self.dispatch(
-            &p,
-            &[&q.buf, &k.buf, &v.buf, &sb, &out.buf],
-            &params,
-            (spec.heads as u32, y as u32, z as u32),
-        );
+        self.dispatch(&p, &[&q.buf, &k.buf, &v.buf, &sb, &out.buf], &params, (spec.heads as u32, y as u32, z as u32));
         out
     }
 
@@ -990,38 +713,15 @@ impl Backend for Gpu {
     ) -> GpuTensor {
         let out = self.alloc(ar.len(), a.cols);
         let n = ar.len() * a.cols;
-        self.elementwise(
-            "set",
-            None,
-            &out.buf,
-            Some(&b.buf),
-            n,
-            0,
-            br.start * b.cols,
-            a.cols,
-            wb,
-        );
-        self.elementwise(
-            "add",
-            None,
-            &out.buf,
-            Some(&a.buf),
-            n,
-            0,
-            ar.start * a.cols,
-            a.cols,
-            wa,
-        );
+        self.elementwise("set", None, &out.buf, Some(&b.buf), n, 0, br.start * b.cols, a.cols, wb);
+        self.elementwise("add", None, &out.buf, Some(&a.buf), n, 0, ar.start * a.cols, a.cols, wa);
         out
     }
 
     /// Blocked right-looking Cholesky in f32: per 32-column step, factor the diagonal block
     /// (one workgroup), solve the panel below it (a thread per row), and update the trailing matrix
     /// with the tiled product (alpha = −1). All matrices are factored, then read back together.
-    fn cholesky_f32_many(
-        &self,
-        ms: &[&nalgebra::DMatrix<f64>],
-    ) -> Vec<Option<nalgebra::DMatrix<f64>>> {
+    fn cholesky_f32_many(&self, ms: &[&nalgebra::DMatrix<f64>]) -> Vec<Option<nalgebra::DMatrix<f64>>> {
         const NB: usize = 32;
         let block = self.pipeline("cholesky_block", CHOLESKY_BLOCK, &[]);
         let panel_p = self.pipeline("cholesky_panel", CHOLESKY_PANEL, &[]);
@@ -1044,12 +744,7 @@ impl Backend for Gpu {
                     break;
                 }
                 let panel = self.alloc(m2, kb);
-                self.dispatch(
-                    &panel_p,
-                    &[&a, &panel.buf],
-                    &params,
-                    (m2.div_ceil(64) as u32, 1, 1),
-                );
+                self.dispatch(&panel_p, &[&a, &panel.buf], &params, (m2.div_ceil(64) as u32, 1, 1));
                 let at = (k0 + kb) * n + k0 + kb;
                 let g = Geometry {
                     c_off: at,
@@ -1062,26 +757,16 @@ impl Backend for Gpu {
             }
             factored.push(Some((n, a, status)));
         }
-        let regions: Vec<(&wgpu::Buffer, usize)> = factored
-            .iter()
-            .flatten()
-            .flat_map(|(n, a, status)| [(status, 1), (a, n * n)])
-            .collect();
+        let regions: Vec<(&wgpu::Buffer, usize)> =
+            factored.iter().flatten().flat_map(|(n, a, status)| [(status, 1), (a, n * n)]).collect();
         let mut values = self.read_many(&regions).into_iter();
         factored
             .iter()
             .map(|f| {
                 let (n, _, _) = f.as_ref()?;
                 let (status, l) = (values.next().unwrap(), values.next().unwrap());
-                (status[0].to_bits() == 0).then(|| {
-                    nalgebra::DMatrix::from_fn(*n, *n, |i, j| {
-                        if j <= i {
-                            l[i * n + j] as f64
-                        } else {
-                            0.0
-                        }
-                    })
-                })
+                (status[0].to_bits() == 0)
+                    .then(|| nalgebra::DMatrix::from_fn(*n, *n, |i, j| if j <= i { l[i * n + j] as f64 } else { 0.0 }))
             })
             .collect()
     }
@@ -1096,14 +781,7 @@ impl Backend for Gpu {
 }
 
 impl Gpu {
-    fn norm(
-        &self,
-        x: &GpuTensor,
-        gamma: &GpuTensor,
-        beta: Option<&GpuTensor>,
-        eps: f32,
-        rms: bool,
-    ) -> GpuTensor {
+    fn norm(&self, x: &GpuTensor, gamma: &GpuTensor, beta: Option<&GpuTensor>, eps: f32, rms: bool) -> GpuTensor {
         let out = self.alloc(x.rows, x.cols);
         let p = self.pipeline("norm", NORM, &[("RMS", rms.to_string())]);
         let beta_buf = beta.map(|b| &b.buf).unwrap_or(&gamma.buf);
@@ -1111,12 +789,7 @@ impl Gpu {
         self.dispatch(
             &p,
             &[&x.buf, &gamma.buf, beta_buf, &out.buf],
-            &[
-                x.rows as u32,
-                x.cols as u32,
-                eps.to_bits(),
-                beta.is_some() as u32,
-            ],
+            &[x.rows as u32, x.cols as u32, eps.to_bits(), beta.is_some() as u32],
             (gx as u32, gy as u32, 1),
         );
         out

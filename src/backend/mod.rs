@@ -125,31 +125,15 @@ pub trait Backend {
     /// y ⊙= x
     fn mul(&self, y: &mut Self::T, x: &Self::T);
     fn activate(&self, x: &mut Self::T, act: Activation);
-    fn layer_norm(&self, x: &Self::T, gamma: &Self::T, beta: Option<&Self::T>, eps: f32)
-        -> Self::T;
+    fn layer_norm(&self, x: &Self::T, gamma: &Self::T, beta: Option<&Self::T>, eps: f32) -> Self::T;
     fn rms_norm(&self, x: &Self::T, gamma: &Self::T, eps: f32) -> Self::T;
     /// Rotary embedding, "rotate half" convention, on every head of x (rows, heads·head_dim), in place.
     /// Row t is rotated by angle positions[t]·inv_freq[k] on its pairs (k, k + head_dim/2).
     fn rope(&self, x: &mut Self::T, positions: &[u32], head_dim: usize, inv_freq: &[f32]);
     /// q (rows, heads·d), k/v (rows, kv_heads·d) → (rows, heads·d); `seqs` partitions the rows.
-    fn attention(
-        &self,
-        q: &Self::T,
-        k: &Self::T,
-        v: &Self::T,
-        spec: &AttentionSpec,
-        seqs: &[Range<usize>],
-    ) -> Self::T;
+    fn attention(&self, q: &Self::T, k: &Self::T, v: &Self::T, spec: &AttentionSpec, seqs: &[Range<usize>]) -> Self::T;
     /// wa · a[ar] + wb · b[br].
-    fn mix_rows(
-        &self,
-        a: &Self::T,
-        ar: Range<usize>,
-        wa: f32,
-        b: &Self::T,
-        br: Range<usize>,
-        wb: f32,
-    ) -> Self::T;
+    fn mix_rows(&self, a: &Self::T, ar: Range<usize>, wa: f32, b: &Self::T, br: Range<usize>, wb: f32) -> Self::T;
     // Results the host reads. Each `defer_*` records the work and returns a handle; `fetch` brings
     // all the handles' values back at once (on the GPU: one readback), so a stage of the merge costs
     // one round trip for all its statistics.
@@ -160,13 +144,7 @@ pub trait Backend {
     /// x[xr]ᵀ · y[yr]: (cols_x, cols_y), to the host in f64. The solve amplifies Gram rounding by up
     /// to 1/α, so backends accumulate with more than f32 precision (CPU: f64; GPU: compensated f32
     /// pairs).
-    fn defer_gram(
-        &self,
-        x: &Self::T,
-        xr: Range<usize>,
-        y: &Self::T,
-        yr: Range<usize>,
-    ) -> Self::Pending;
+    fn defer_gram(&self, x: &Self::T, xr: Range<usize>, y: &Self::T, yr: Range<usize>) -> Self::Pending;
     /// Σ x[rows]² (x may be a weight, in any stored precision), accumulated beyond f32.
     fn defer_sq_norm(&self, x: &Self::T, rows: Range<usize>) -> Self::Pending;
     /// Σ (a − b)² over two f32 tensors of one shape.
@@ -175,38 +153,20 @@ pub trait Backend {
     fn defer_dot(&self, a: &Self::T, b: &Self::T) -> Self::Pending;
     fn fetch(&self, pending: Vec<Self::Pending>) -> Vec<Fetched>;
 
-    fn gram(
-        &self,
-        x: &Self::T,
-        xr: Range<usize>,
-        y: &Self::T,
-        yr: Range<usize>,
-    ) -> nalgebra::DMatrix<f64> {
-        self.fetch(vec![self.defer_gram(x, xr, y, yr)])
-            .pop()
-            .unwrap()
-            .matrix()
+    fn gram(&self, x: &Self::T, xr: Range<usize>, y: &Self::T, yr: Range<usize>) -> nalgebra::DMatrix<f64> {
+        self.fetch(vec![self.defer_gram(x, xr, y, yr)]).pop().unwrap().matrix()
     }
     fn sq_norm(&self, x: &Self::T, rows: Range<usize>) -> f64 {
-        self.fetch(vec![self.defer_sq_norm(x, rows)])
-            .pop()
-            .unwrap()
-            .scalar()
+        self.fetch(vec![self.defer_sq_norm(x, rows)]).pop().unwrap().scalar()
     }
     fn sq_dist(&self, a: &Self::T, b: &Self::T) -> f64 {
-        self.fetch(vec![self.defer_sq_dist(a, b)])
-            .pop()
-            .unwrap()
-            .scalar()
+        self.fetch(vec![self.defer_sq_dist(a, b)]).pop().unwrap().scalar()
     }
 
     /// Lower Cholesky factors of symmetric matrices computed in f32, for the f64 iterative
     /// refinement in `merge::solve`, all read back together. None where the backend does not offer
     /// them (the CPU solves in f64 directly) or a pivot was not positive.
-    fn cholesky_f32_many(
-        &self,
-        ms: &[&nalgebra::DMatrix<f64>],
-    ) -> Vec<Option<nalgebra::DMatrix<f64>>> {
+    fn cholesky_f32_many(&self, ms: &[&nalgebra::DMatrix<f64>]) -> Vec<Option<nalgebra::DMatrix<f64>>> {
         ms.iter().map(|_| None).collect()
     }
 
@@ -221,14 +181,7 @@ pub trait Backend {
     }
 
     /// s · x[rows] · Aᵀ · Bᵀ: a LoRA delta's contribution, (n, out), never forming B·A.
-    fn lowrank(
-        &self,
-        x: &Self::T,
-        rows: Range<usize>,
-        a: &Self::T,
-        b: &Self::T,
-        s: f32,
-    ) -> Self::T {
+    fn lowrank(&self, x: &Self::T, rows: Range<usize>, a: &Self::T, b: &Self::T, s: f32) -> Self::T {
         let t = self.matmul_t(x, rows, a);
         let n = self.dims(&t).0;
         let mut y = self.matmul_t(&t, 0..n, b);

@@ -10,11 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "iteris",
-    version,
-    about = "Merge LoRA adapters with IterIS (CVPR 2025)"
-)]
+#[command(name = "iteris", version, about = "Merge LoRA adapters with IterIS (CVPR 2025)")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -100,13 +96,17 @@ fn main() -> ExitCode {
 fn merge(a: MergeArgs) -> iteris::Result<()> {
     use iteris::error::bad_input;
     if a.adapters.len() != a.samples.len() {
-        return Err(bad_input("arguments", format!("{} --adapter but {} --samples: give one samples file per adapter, in the same order", a.adapters.len(), a.samples.len())));
-    }
-    if a.adapters.len() < 2 {
         return Err(bad_input(
             "arguments",
-            "give at least two --adapter/--samples pairs",
+            format!(
+                "{} --adapter but {} --samples: give one samples file per adapter, in the same order",
+                a.adapters.len(),
+                a.samples.len()
+            ),
         ));
+    }
+    if a.adapters.len() < 2 {
+        return Err(bad_input("arguments", "give at least two --adapter/--samples pairs"));
     }
     if a.rank == Some(0) {
         return Err(bad_input("--rank", "must be at least 1"));
@@ -119,23 +119,18 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
             return Err(bad_input(k, "must be a non-negative number"));
         }
     }
-    if a.out.exists()
-        && !a.force
-        && std::fs::read_dir(&a.out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
-        return Err(bad_input(
-            a.out.display(),
-            "already exists and is not empty (pass --force to replace it)",
-        ));
+    if a.out.exists() && !a.force && std::fs::read_dir(&a.out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(bad_input(a.out.display(), "already exists and is not empty (pass --force to replace it)"));
     }
     let gpu = match a.backend {
         BackendArg::Cpu => None,
         BackendArg::Gpu => {
             let g = Gpu::new()?;
             if g.is_software() {
-                eprintln!("backend: gpu on {} (a CPU emulation: expect it to be slower than --backend cpu)", g.info.name);
+                eprintln!(
+                    "backend: gpu on {} (a CPU emulation: expect it to be slower than --backend cpu)",
+                    g.info.name
+                );
             } else {
                 eprintln!("backend: gpu on {}", g.info.name);
             }
@@ -148,10 +143,7 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
                 Some(g)
             }
             Ok(g) => {
-                eprintln!(
-                    "backend: cpu (auto: the only GPU adapter, {}, is a CPU emulation)",
-                    g.info.name
-                );
+                eprintln!("backend: cpu (auto: the only GPU adapter, {}, is a CPU emulation)", g.info.name);
                 None
             }
             Err(e) => {
@@ -161,12 +153,8 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
         },
     };
     let base = fsio::read_base(&a.base)?;
-    let tasks = a
-        .adapters
-        .iter()
-        .zip(&a.samples)
-        .map(|(ad, s)| fsio::read_task(ad, s))
-        .collect::<iteris::Result<Vec<_>>>()?;
+    let tasks =
+        a.adapters.iter().zip(&a.samples).map(|(ad, s)| fsio::read_task(ad, s)).collect::<iteris::Result<Vec<_>>>()?;
     let opts = Options {
         schedule: match a.schedule {
             ScheduleArg::Sweep => Schedule::Sweep,
@@ -188,11 +176,9 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
             }
             let b = ProgressBar::new(0);
             b.set_style(
-                ProgressStyle::with_template(
-                    "{prefix:>18} [{bar:30}] {pos}/{len} modules {elapsed}",
-                )
-                .unwrap()
-                .progress_chars("=> "),
+                ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos}/{len} modules {elapsed}")
+                    .unwrap()
+                    .progress_chars("=> "),
             );
             b.set_prefix(format!("pass {k}/{n} {label}"));
             bar = Some(b);
@@ -225,10 +211,7 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
     for w in &r.report.warnings {
         eprintln!("warning: {w}");
     }
-    println!(
-        "\n{:<28} {:>8} {:>8} {:>10} {:>14}",
-        "task (adapter)", "samples", "tokens", "truncated", "align error"
-    );
+    println!("\n{:<28} {:>8} {:>8} {:>10} {:>14}", "task (adapter)", "samples", "tokens", "truncated", "align error");
     for t in &r.report.tasks {
         println!(
             "{:<28} {:>8} {:>8} {:>10} {:>14.3e}",
@@ -240,33 +223,19 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
         );
     }
     let ranks: Vec<usize> = r.report.modules.iter().map(|m| m.rank).collect();
-    let min_energy = r
-        .report
-        .modules
-        .iter()
-        .map(|m| m.energy_kept)
-        .fold(1.0, f64::min);
+    let min_energy = r.report.modules.iter().map(|m| m.energy_kept).fold(1.0, f64::min);
     println!(
         "\n{} modules merged ({}), rank {}..{}{}; backend {}; passes {:.2}s",
         ranks.len(),
         r.report.method,
         ranks.iter().min().unwrap_or(&0),
         ranks.iter().max().unwrap_or(&0),
-        if opts.rank.is_some() {
-            format!(", lowest energy kept {min_energy:.4}")
-        } else {
-            String::new()
-        },
+        if opts.rank.is_some() { format!(", lowest energy kept {min_energy:.4}") } else { String::new() },
         r.report.backend,
         r.report.timings_s.passes
     );
     if !r.report.jacobi_changes.is_empty() {
-        let c: Vec<String> = r
-            .report
-            .jacobi_changes
-            .iter()
-            .map(|c| format!("{c:.2e}"))
-            .collect();
+        let c: Vec<String> = r.report.jacobi_changes.iter().map(|c| format!("{c:.2e}")).collect();
         println!("jacobi: relative change between solves {}", c.join(" → "));
     }
     println!("wrote {}", a.out.display());

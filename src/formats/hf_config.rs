@@ -12,8 +12,8 @@ pub struct HfConfig {
 impl HfConfig {
     pub fn parse(file: impl Into<String>, bytes: &[u8]) -> Result<HfConfig> {
         let file = file.into();
-        let raw: Value = serde_json::from_slice(bytes)
-            .map_err(|e| bad_input(&file, format!("not valid JSON ({e})")))?;
+        let raw: Value =
+            serde_json::from_slice(bytes).map_err(|e| bad_input(&file, format!("not valid JSON ({e})")))?;
         if !raw.is_object() {
             return Err(bad_input(&file, "must be a JSON object"));
         }
@@ -21,12 +21,8 @@ impl HfConfig {
     }
 
     pub fn model_type(&self) -> Result<String> {
-        self.str_opt("model_type").ok_or_else(|| {
-            bad_input(
-                &self.file,
-                "has no \"model_type\": cannot tell the architecture",
-            )
-        })
+        self.str_opt("model_type")
+            .ok_or_else(|| bad_input(&self.file, "has no \"model_type\": cannot tell the architecture"))
     }
 
     pub fn has(&self, key: &str) -> bool {
@@ -38,19 +34,16 @@ impl HfConfig {
     }
 
     pub fn usize(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?
-            .ok_or_else(|| bad_input(&self.file, format!("missing \"{key}\"")))
+        self.usize_opt(key)?.ok_or_else(|| bad_input(&self.file, format!("missing \"{key}\"")))
     }
 
     pub fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                bad_input(
-                    &self.file,
-                    format!("\"{key}\" must be a non-negative integer"),
-                )
-            }),
+            Some(v) => v
+                .as_u64()
+                .map(|x| Some(x as usize))
+                .ok_or_else(|| bad_input(&self.file, format!("\"{key}\" must be a non-negative integer"))),
         }
     }
 
@@ -61,18 +54,14 @@ impl HfConfig {
     pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| bad_input(&self.file, format!("\"{key}\" must be a number"))),
+            Some(v) => v.as_f64().ok_or_else(|| bad_input(&self.file, format!("\"{key}\" must be a number"))),
         }
     }
 
     pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| bad_input(&self.file, format!("\"{key}\" must be true or false"))),
+            Some(v) => v.as_bool().ok_or_else(|| bad_input(&self.file, format!("\"{key}\" must be true or false"))),
         }
     }
 

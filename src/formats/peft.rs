@@ -40,29 +40,15 @@ pub struct Adapter {
 
 impl Adapter {
     /// `config_name`/`weights.name` are used in messages.
-    pub fn parse(
-        name: &str,
-        config_name: &str,
-        config_bytes: &[u8],
-        weights: &TensorFile,
-    ) -> Result<Adapter> {
+    pub fn parse(name: &str, config_name: &str, config_bytes: &[u8], weights: &TensorFile) -> Result<Adapter> {
         let config: Value = serde_json::from_slice(config_bytes)
             .map_err(|e| bad_input(config_name, format!("not valid JSON ({e})")))?;
-        let config = config
-            .as_object()
-            .cloned()
-            .ok_or_else(|| bad_input(config_name, "must be a JSON object"))?;
+        let config = config.as_object().cloned().ok_or_else(|| bad_input(config_name, "must be a JSON object"))?;
         check_features(config_name, &config)?;
 
         let r = config.get("r").and_then(Value::as_u64).unwrap_or(8) as usize;
-        let alpha = config
-            .get("lora_alpha")
-            .and_then(Value::as_f64)
-            .unwrap_or(8.0);
-        let rslora = config
-            .get("use_rslora")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let alpha = config.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+        let rslora = config.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
         let rank_pattern = patterns(config_name, &config, "rank_pattern")?;
         let alpha_pattern = patterns(config_name, &config, "alpha_pattern")?;
 
@@ -70,7 +56,10 @@ impl Adapter {
         let mut paths: Vec<String> = Vec::new();
         for key in weights.keys() {
             let Some(rest) = key.strip_prefix(KEY_PREFIX) else {
-                return Err(bad_input(&weights.name, format!("tensor '{key}' does not start with '{KEY_PREFIX}': not a PEFT adapter file")));
+                return Err(bad_input(
+                    &weights.name,
+                    format!("tensor '{key}' does not start with '{KEY_PREFIX}': not a PEFT adapter file"),
+                ));
             };
             if rest.contains("lora_embedding_") {
                 return Err(bad_input(
@@ -79,20 +68,14 @@ impl Adapter {
                 ));
             }
             if rest.contains("lora_magnitude_vector") {
-                return Err(bad_input(
-                    &weights.name,
-                    format!("is a DoRA adapter ('{key}'); DoRA is not supported"),
-                ));
+                return Err(bad_input(&weights.name, format!("is a DoRA adapter ('{key}'); DoRA is not supported")));
             }
             if let Some(p) = rest.strip_suffix(".lora_A.weight") {
                 paths.push(p.to_string());
             } else if rest.ends_with(".lora_B.weight") {
                 continue;
             } else if rest.contains(".lora_B.") && rest.ends_with(".bias") {
-                return Err(bad_input(
-                    &weights.name,
-                    format!("has a LoRA bias ('{key}'); lora_bias is not supported"),
-                ));
+                return Err(bad_input(&weights.name, format!("has a LoRA bias ('{key}'); lora_bias is not supported")));
             } else {
                 return Err(bad_input(&weights.name, format!("has tensor '{key}', which is not a lora_A/lora_B weight (modules_to_save or another feature); not supported")));
             }
@@ -105,52 +88,32 @@ impl Adapter {
             let a = weights.mat(&format!("{KEY_PREFIX}{path}.lora_A.weight"))?;
             let bkey = format!("{KEY_PREFIX}{path}.lora_B.weight");
             if !weights.contains(&bkey) {
-                return Err(bad_input(
-                    &weights.name,
-                    format!("has lora_A but no lora_B for module '{path}'"),
-                ));
+                return Err(bad_input(&weights.name, format!("has lora_A but no lora_B for module '{path}'")));
             }
             let b = weights.mat(&bkey)?;
-            let r_m = match_pattern(&rank_pattern, &path)
-                .map(|v| v as usize)
-                .unwrap_or(r);
+            let r_m = match_pattern(&rank_pattern, &path).map(|v| v as usize).unwrap_or(r);
             let alpha_m = match_pattern(&alpha_pattern, &path).unwrap_or(alpha);
             if a.rows != r_m || b.cols != r_m {
                 return Err(bad_input(
                     &weights.name,
-                    format!("module '{path}': lora_A is {:?} and lora_B is {:?}, but {config_name} gives rank {r_m}", a.shape(), b.shape()),
+                    format!(
+                        "module '{path}': lora_A is {:?} and lora_B is {:?}, but {config_name} gives rank {r_m}",
+                        a.shape(),
+                        b.shape()
+                    ),
                 ));
             }
             if r_m == 0 {
-                return Err(bad_input(
-                    config_name,
-                    format!("rank 0 for module '{path}'"),
-                ));
+                return Err(bad_input(config_name, format!("rank 0 for module '{path}'")));
             }
-            let scale = if rslora {
-                alpha_m / (r_m as f64).sqrt()
-            } else {
-                alpha_m / r_m as f64
-            };
-            modules.push(LoraModule {
-                path,
-                a,
-                b,
-                scale: scale as f32,
-            });
+            let scale = if rslora { alpha_m / (r_m as f64).sqrt() } else { alpha_m / r_m as f64 };
+            modules.push(LoraModule { path, a, b, scale: scale as f32 });
         }
-        Ok(Adapter {
-            name: name.to_string(),
-            config,
-            modules,
-        })
+        Ok(Adapter { name: name.to_string(), config, modules })
     }
 
     pub fn fan_in_fan_out(&self) -> bool {
-        self.config
-            .get("fan_in_fan_out")
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
+        self.config.get("fan_in_fan_out").and_then(Value::as_bool).unwrap_or(false)
     }
 }
 
@@ -158,10 +121,7 @@ impl Adapter {
 fn check_features(file: &str, c: &Map<String, Value>) -> Result<()> {
     let peft_type = c.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
     if peft_type != "LORA" {
-        return Err(bad_input(
-            file,
-            format!("peft_type is {peft_type}; only LORA adapters can be merged"),
-        ));
+        return Err(bad_input(file, format!("peft_type is {peft_type}; only LORA adapters can be merged")));
     }
     let truthy = |k: &str| c.get(k).is_some_and(|v| v.as_bool() == Some(true));
     let nonempty = |k: &str| match c.get(k) {
@@ -172,24 +132,15 @@ fn check_features(file: &str, c: &Map<String, Value>) -> Result<()> {
         Some(_) => true,
     };
     if truthy("use_dora") {
-        return Err(bad_input(
-            file,
-            "uses DoRA (use_dora: true); DoRA adapters are not supported",
-        ));
+        return Err(bad_input(file, "uses DoRA (use_dora: true); DoRA adapters are not supported"));
     }
     if let Some(b) = c.get("bias").and_then(Value::as_str) {
         if b != "none" {
-            return Err(bad_input(
-                file,
-                format!("trains biases (bias: \"{b}\"); only bias \"none\" is supported"),
-            ));
+            return Err(bad_input(file, format!("trains biases (bias: \"{b}\"); only bias \"none\" is supported")));
         }
     }
     if truthy("lora_bias") {
-        return Err(bad_input(
-            file,
-            "uses lora_bias: true; LoRA biases are not supported",
-        ));
+        return Err(bad_input(file, "uses lora_bias: true; LoRA biases are not supported"));
     }
     if nonempty("modules_to_save") {
         return Err(bad_input(
@@ -200,11 +151,7 @@ fn check_features(file: &str, c: &Map<String, Value>) -> Result<()> {
             ),
         ));
     }
-    for k in [
-        "layer_replication",
-        "target_parameters",
-        "trainable_token_indices",
-    ] {
+    for k in ["layer_replication", "target_parameters", "trainable_token_indices"] {
         if nonempty(k) {
             return Err(bad_input(file, format!("uses {k}; not supported")));
         }
@@ -223,15 +170,9 @@ fn patterns(file: &str, c: &Map<String, Value>, key: &str) -> Result<Vec<(regex:
     };
     obj.iter()
         .map(|(k, v)| {
-            let re = regex::Regex::new(&format!(r"^(.*\.)?({k})$")).map_err(|e| {
-                bad_input(
-                    file,
-                    format!("{key} key '{k}' is not a valid pattern ({e})"),
-                )
-            })?;
-            let v = v
-                .as_f64()
-                .ok_or_else(|| bad_input(file, format!("{key}['{k}'] must be a number")))?;
+            let re = regex::Regex::new(&format!(r"^(.*\.)?({k})$"))
+                .map_err(|e| bad_input(file, format!("{key} key '{k}' is not a valid pattern ({e})")))?;
+            let v = v.as_f64().ok_or_else(|| bad_input(file, format!("{key}['{k}'] must be a number")))?;
             Ok((re, v))
         })
         .collect()

@@ -35,10 +35,7 @@ impl TensorFile {
         // Check the framing ourselves first: the crate's own errors do not say how the file is wrong
         // in words a user can act on.
         if bytes.len() < 8 {
-            return Err(bad_input(
-                &name,
-                format!("not a safetensors file: only {} bytes", bytes.len()),
-            ));
+            return Err(bad_input(&name, format!("not a safetensors file: only {} bytes", bytes.len())));
         }
         let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap());
         if header_len > (bytes.len() - 8) as u64 {
@@ -54,7 +51,10 @@ impl TensorFile {
             match data_needed(&bytes[8..8 + header_len as usize]) {
                 Some(need) if need > bytes.len() - 8 - header_len as usize => bad_input(
                     &name,
-                    format!("truncated: the header describes {need} bytes of tensor data but the file holds only {}", bytes.len() - 8 - header_len as usize),
+                    format!(
+                        "truncated: the header describes {need} bytes of tensor data but the file holds only {}",
+                        bytes.len() - 8 - header_len as usize
+                    ),
                 ),
                 _ => bad_input(&name, format!("corrupt safetensors file ({e})")),
             }
@@ -64,20 +64,12 @@ impl TensorFile {
         for (key, info) in meta.tensors() {
             let (s, e) = info.data_offsets;
             if data_start + e > bytes.len() {
-                return Err(bad_input(
-                    &name,
-                    format!("truncated: tensor '{key}' runs past the end of the file"),
-                ));
+                return Err(bad_input(&name, format!("truncated: tensor '{key}' runs past the end of the file")));
             }
             let _ = s;
             tensors.insert(key, info.clone());
         }
-        Ok(TensorFile {
-            name,
-            bytes,
-            data_start,
-            tensors,
-        })
+        Ok(TensorFile { name, bytes, data_start, tensors })
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &String> {
@@ -99,52 +91,31 @@ impl TensorFile {
 
     /// The tensor as a 2-D f32 matrix (1-D tensors become one row), checked for NaN/Inf.
     pub fn mat(&self, key: &str) -> Result<Mat> {
-        let info = self
-            .tensors
-            .get(key)
-            .ok_or_else(|| bad_input(&self.name, format!("has no tensor '{key}'")))?;
+        let info = self.tensors.get(key).ok_or_else(|| bad_input(&self.name, format!("has no tensor '{key}'")))?;
         let (s, e) = info.data_offsets;
         let raw = &self.bytes[self.data_start + s..self.data_start + e];
         let numel: usize = info.shape.iter().product();
         let data: Vec<f32> = match info.dtype {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+            Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             other => {
                 return Err(bad_input(
                     &self.name,
-                    format!(
-                        "tensor '{key}' has dtype {other:?}; only F32, F16 and BF16 are supported"
-                    ),
+                    format!("tensor '{key}' has dtype {other:?}; only F32, F16 and BF16 are supported"),
                 ))
             }
         };
         if data.len() != numel {
             return Err(bad_input(
                 &self.name,
-                format!(
-                    "tensor '{key}': {} values stored for shape {:?}",
-                    data.len(),
-                    info.shape
-                ),
+                format!("tensor '{key}': {} values stored for shape {:?}", data.len(), info.shape),
             ));
         }
         if let Some(i) = data.iter().position(|v| !v.is_finite()) {
             return Err(bad_input(
                 &self.name,
-                format!(
-                    "tensor '{key}' holds a non-finite value ({}) at index {i}",
-                    data[i]
-                ),
+                format!("tensor '{key}' holds a non-finite value ({}) at index {i}", data[i]),
             ));
         }
         let (rows, cols) = match info.shape.as_slice() {
@@ -175,10 +146,7 @@ impl TensorStore {
         for (i, f) in files.iter().enumerate() {
             for k in f.keys() {
                 if let Some(j) = index.insert(k.clone(), i) {
-                    return Err(bad_input(
-                        &f.name,
-                        format!("tensor '{k}' is also in {}", files[j].name),
-                    ));
+                    return Err(bad_input(&f.name, format!("tensor '{k}' is also in {}", files[j].name)));
                 }
             }
         }
@@ -202,10 +170,7 @@ impl TensorStore {
     }
 
     pub fn file_of(&self, key: &str) -> &str {
-        self.index
-            .get(key)
-            .map(|&i| self.files[i].name.as_str())
-            .unwrap_or("model")
+        self.index.get(key).map(|&i| self.files[i].name.as_str()).unwrap_or("model")
     }
 
     pub fn mat(&self, key: &str) -> Result<Mat> {
@@ -218,17 +183,15 @@ impl TensorStore {
 
 /// The shard file names listed by a `model.safetensors.index.json`, in first-seen order.
 pub fn shard_names(index_name: &str, index_json: &[u8]) -> Result<Vec<String>> {
-    let v: serde_json::Value = serde_json::from_slice(index_json)
-        .map_err(|e| bad_input(index_name, format!("not valid JSON ({e})")))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(index_json).map_err(|e| bad_input(index_name, format!("not valid JSON ({e})")))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| bad_input(index_name, "has no \"weight_map\" object"))?;
     let mut names: Vec<String> = Vec::new();
     for f in map.values() {
-        let f = f
-            .as_str()
-            .ok_or_else(|| bad_input(index_name, "weight_map values must be file names"))?;
+        let f = f.as_str().ok_or_else(|| bad_input(index_name, "weight_map values must be file names"))?;
         if !names.iter().any(|n| n == f) {
             names.push(f.to_string());
         }
@@ -246,10 +209,7 @@ pub fn write(
         .iter()
         .map(|(k, m)| {
             let bytes = if f16 {
-                m.data
-                    .iter()
-                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                    .collect()
+                m.data.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()
             } else {
                 m.data.iter().flat_map(|v| v.to_le_bytes()).collect()
             };
@@ -259,12 +219,7 @@ pub fn write(
     let dtype = if f16 { Dtype::F16 } else { Dtype::F32 };
     let views: Vec<(String, safetensors::tensor::TensorView)> = bufs
         .iter()
-        .map(|(k, s, b)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap(),
-            )
-        })
+        .map(|(k, s, b)| (k.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap()))
         .collect();
     safetensors::tensor::serialize(views, metadata)
         .map_err(|e| crate::error::Error::Io(format!("writing safetensors: {e}")))

@@ -14,9 +14,10 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<Vec<String>> {
         if jsonl {
             let v: serde_json::Value = serde_json::from_str(line)
                 .map_err(|e| bad_input(file, format!("line {}: not valid JSON ({e})", i + 1)))?;
-            let t = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
-                bad_input(file, format!("line {}: no string field \"text\"", i + 1))
-            })?;
+            let t = v
+                .get("text")
+                .and_then(|t| t.as_str())
+                .ok_or_else(|| bad_input(file, format!("line {}: no string field \"text\"", i + 1)))?;
             if !t.trim().is_empty() {
                 out.push(t.to_string());
             }

@@ -19,12 +19,10 @@ pub struct Encoded {
 impl TextTokenizer {
     pub fn parse(file: impl Into<String>, bytes: &[u8]) -> Result<TextTokenizer> {
         let file = file.into();
-        let mut inner = Tokenizer::from_bytes(bytes)
-            .map_err(|e| bad_input(&file, format!("cannot load tokenizer ({e})")))?;
+        let mut inner =
+            Tokenizer::from_bytes(bytes).map_err(|e| bad_input(&file, format!("cannot load tokenizer ({e})")))?;
         inner.with_padding(None);
-        inner
-            .with_truncation(None)
-            .map_err(|e| bad_input(&file, format!("cannot configure tokenizer ({e})")))?;
+        inner.with_truncation(None).map_err(|e| bad_input(&file, format!("cannot configure tokenizer ({e})")))?;
         Ok(TextTokenizer { file, inner })
     }
 
@@ -34,10 +32,7 @@ impl TextTokenizer {
             .encode(text, true)
             .map_err(|e| bad_input(&self.file, format!("cannot tokenize a sample ({e})")))?;
         if full.len() <= max_len {
-            return Ok(Encoded {
-                ids: full.get_ids().to_vec(),
-                truncated: false,
-            });
+            return Ok(Encoded { ids: full.get_ids().to_vec(), truncated: false });
         }
         let mut t = self.inner.clone();
         t.with_truncation(Some(TruncationParams {
@@ -46,19 +41,9 @@ impl TextTokenizer {
             stride: 0,
             direction: TruncationDirection::Right,
         }))
-        .map_err(|e| {
-            bad_input(
-                &self.file,
-                format!("cannot truncate to {max_len} tokens ({e})"),
-            )
-        })?;
-        let enc = t
-            .encode(text, true)
-            .map_err(|e| bad_input(&self.file, format!("cannot tokenize a sample ({e})")))?;
-        Ok(Encoded {
-            ids: enc.get_ids().to_vec(),
-            truncated: true,
-        })
+        .map_err(|e| bad_input(&self.file, format!("cannot truncate to {max_len} tokens ({e})")))?;
+        let enc = t.encode(text, true).map_err(|e| bad_input(&self.file, format!("cannot tokenize a sample ({e})")))?;
+        Ok(Encoded { ids: enc.get_ids().to_vec(), truncated: true })
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -40,13 +40,7 @@ pub fn reduce_rank(m: &Merged, rank: usize) -> (Merged, f64) {
     }
     let b = qb * us;
     let a = sv * qa.transpose();
-    (
-        Merged {
-            a: to_mat(&a),
-            b: to_mat(&b),
-        },
-        if total > 0.0 { kept / total } else { 1.0 },
-    )
+    (Merged { a: to_mat(&a), b: to_mat(&b) }, if total > 0.0 { kept / total } else { 1.0 })
 }
 
 /// The files of the merged adapter folder: name → bytes.
@@ -76,11 +70,7 @@ pub fn adapter_files(
     for d in deltas {
         *counts.entry(d.rank()).or_default() += 1;
     }
-    let r = counts
-        .iter()
-        .max_by_key(|(r, n)| (**n, **r))
-        .map(|(r, _)| *r)
-        .unwrap_or(1);
+    let r = counts.iter().max_by_key(|(r, n)| (**n, **r)).map(|(r, _)| *r).unwrap_or(1);
     let mut rank_pattern = Map::new();
     let mut alpha_pattern = Map::new();
     for (t, d) in targets.iter().zip(deltas) {
@@ -109,10 +99,7 @@ pub fn adapter_files(
         "init_lora_weights": true,
         "inference_mode": true,
     });
-    Ok(AdapterFiles {
-        config: serde_json::to_vec_pretty(&config).unwrap(),
-        weights,
-    })
+    Ok(AdapterFiles { config: serde_json::to_vec_pretty(&config).unwrap(), weights })
 }
 
 /// Dense ΔW* (out, in) of a merged delta: for tests and small checks only.

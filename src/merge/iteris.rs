@@ -115,11 +115,7 @@ impl<'a, B: Backend> IterisHook<'a, B> {
             .collect();
         IterisHook {
             targets,
-            index: targets
-                .iter()
-                .enumerate()
-                .map(|(i, t)| (t.name.as_str(), i))
-                .collect(),
+            index: targets.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect(),
             loras,
             w_norm2: vec![None; targets.len()],
             align_pending: Vec::new(),
@@ -141,11 +137,8 @@ impl<'a, B: Backend> IterisHook<'a, B> {
     pub fn begin_pass(&mut self, be: &B, mode: Mode, promote: bool) {
         if promote {
             self.merged = std::mem::replace(&mut self.solved, vec![None; self.targets.len()]);
-            self.merged_dev = self
-                .merged
-                .iter()
-                .map(|m| m.as_ref().map(|m| (be.upload(&m.a), be.upload(&m.b))))
-                .collect();
+            self.merged_dev =
+                self.merged.iter().map(|m| m.as_ref().map(|m| (be.upload(&m.a), be.upload(&m.b)))).collect();
         }
         self.mode = mode;
         self.seen = 0;
@@ -153,10 +146,7 @@ impl<'a, B: Backend> IterisHook<'a, B> {
 }
 
 /// Rows of the adapter-stream and merged-stream groups of each task.
-fn task_rows(
-    input: &StageInput<impl Backend>,
-    tasks: usize,
-) -> Vec<(Range<usize>, Option<Range<usize>>)> {
+fn task_rows(input: &StageInput<impl Backend>, tasks: usize) -> Vec<(Range<usize>, Option<Range<usize>>)> {
     let mut out = vec![(0..0, None); tasks];
     for (g, group) in input.batch.groups.iter().enumerate() {
         match group.stream {
@@ -174,12 +164,8 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
     }
 
     fn stage(&mut self, be: &B, input: &StageInput<B>, ys: &mut [B::T]) -> Result<()> {
-        let targeted: Vec<(usize, usize)> = input
-            .mods
-            .iter()
-            .enumerate()
-            .filter_map(|(j, m)| self.index.get(m.name).map(|&t| (j, t)))
-            .collect();
+        let targeted: Vec<(usize, usize)> =
+            input.mods.iter().enumerate().filter_map(|(j, m)| self.index.get(m.name).map(|&t| (j, t))).collect();
         if targeted.is_empty() {
             return Ok(());
         }
@@ -212,9 +198,7 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
         for &(j, t) in &targeted {
             let mut per_task = Vec::new();
             for (i, (ra, _)) in rows.iter().enumerate() {
-                let d = self.loras[t][i]
-                    .as_ref()
-                    .map(|l| be.lowrank(x, ra.clone(), &l.a, &l.b, l.scale));
+                let d = self.loras[t][i].as_ref().map(|l| be.lowrank(x, ra.clone(), &l.a, &l.b, l.scale));
                 if let Some(d) = &d {
                     be.add_rows(&mut ys[j], ra.clone(), d, 1.0);
                 }
@@ -245,20 +229,14 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
             }
         }
 
-        let mut stats: Vec<(Option<DMatrix<f64>>, Option<DMatrix<f64>>)> =
-            vec![(None, None); tasks];
+        let mut stats: Vec<(Option<DMatrix<f64>>, Option<DMatrix<f64>>)> = vec![(None, None); tasks];
         let mut denominators = vec![vec![0.0; tasks]; self.targets.len()];
         for (slot, value) in slots.into_iter().zip(be.fetch(pending)) {
             match slot {
                 Slot::WeightNorm(t) => {
                     let base = value.scalar();
-                    self.w_norm2[t] = Some(
-                        self.targets[t]
-                            .loras
-                            .iter()
-                            .map(|l| base + l.as_ref().map_or(0.0, lora_norm2))
-                            .collect(),
-                    );
+                    self.w_norm2[t] =
+                        Some(self.targets[t].loras.iter().map(|l| base + l.as_ref().map_or(0.0, lora_norm2)).collect());
                 }
                 Slot::WeightCross(t, i) => {
                     let s = self.targets[t].loras[i].as_ref().unwrap().scale as f64;
@@ -270,8 +248,7 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
                 Slot::AlignNorm(t, i) => self.records[t].align[i] = Some(value.scalar()),
                 Slot::AlignErr(t, i) => {
                     let norm = self.records[t].align[i].unwrap();
-                    self.records[t].align[i] =
-                        Some((value.scalar() / norm.max(f64::MIN_POSITIVE)).sqrt());
+                    self.records[t].align[i] = Some((value.scalar() / norm.max(f64::MIN_POSITIVE)).sqrt());
                 }
             }
         }
@@ -279,9 +256,7 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
             let rec = &mut self.records[t];
             rec.rows = rows.iter().map(|r| r.0.len()).collect();
             rec.c = (0..tasks)
-                .map(|i| {
-                    self.w_norm2[t].as_ref().unwrap()[i] / denominators[t][i].max(f64::MIN_POSITIVE)
-                })
+                .map(|i| self.w_norm2[t].as_ref().unwrap()[i] / denominators[t][i].max(f64::MIN_POSITIVE))
                 .collect();
         }
 
@@ -326,15 +301,12 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
             self.records[t].align = vec![None; tasks];
             for (i, (ra, rm)) in rows.iter().enumerate() {
                 let Some(rm) = rm else { continue };
-                let d = self.merged_dev[t]
-                    .as_ref()
-                    .map(|(a, b)| be.lowrank(x, rm.clone(), a, b, 1.0));
+                let d = self.merged_dev[t].as_ref().map(|(a, b)| be.lowrank(x, rm.clone(), a, b, 1.0));
                 if let Some(d) = &d {
                     be.add_rows(&mut ys[j], rm.clone(), d, 1.0);
                 }
                 if let Some(o) = &own[k][i] {
-                    self.align_pending
-                        .push((Slot::AlignNorm(t, i), be.defer_sq_norm(o, 0..ra.len())));
+                    self.align_pending.push((Slot::AlignNorm(t, i), be.defer_sq_norm(o, 0..ra.len())));
                     let err = match &d {
                         Some(d) => be.defer_sq_dist(o, d),
                         None => be.defer_sq_norm(o, 0..ra.len()),
@@ -356,8 +328,7 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
                 Slot::AlignNorm(t, i) => self.records[t].align[i] = Some(value.scalar()),
                 Slot::AlignErr(t, i) => {
                     let norm = self.records[t].align[i].unwrap();
-                    self.records[t].align[i] =
-                        Some((value.scalar() / norm.max(f64::MIN_POSITIVE)).sqrt());
+                    self.records[t].align[i] = Some((value.scalar() / norm.max(f64::MIN_POSITIVE)).sqrt());
                 }
                 _ => unreachable!("only alignment errors stay pending between stages"),
             }
@@ -388,8 +359,5 @@ enum Slot {
 /// s²‖B A‖²_F = s² tr((BᵀB)(AAᵀ)), from the small factors.
 fn lora_norm2(l: &LoraModule) -> f64 {
     let (a, b, s) = (to_f64(&l.a), to_f64(&l.b), l.scale as f64);
-    s * s
-        * (b.transpose() * &b)
-            .component_mul(&(&a * a.transpose()))
-            .sum()
+    s * s * (b.transpose() * &b).component_mul(&(&a * a.transpose())).sum()
 }

@@ -40,15 +40,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            schedule: Schedule::Sweep,
-            iters: 6,
-            alpha1: 1e-4,
-            alpha2: 1e-4,
-            rho: 0.0,
-            max_len: 128,
-            rank: None,
-        }
+        Options { schedule: Schedule::Sweep, iters: 6, alpha1: 1e-4, alpha2: 1e-4, rho: 0.0, max_len: 128, rank: None }
     }
 }
 
@@ -94,10 +86,8 @@ pub fn map_targets(
             return Err(bad_input(&ad.name, format!("adapter_config.json says fan_in_fan_out: true, but {model_type} stores weights as (out, in): is this adapter for another architecture?")));
         }
         for l in &ad.modules {
-            let hits: Vec<&models::ModuleInfo> = modules
-                .iter()
-                .filter(|m| l.path == m.name || l.path.ends_with(&format!(".{}", m.name)))
-                .collect();
+            let hits: Vec<&models::ModuleInfo> =
+                modules.iter().filter(|m| l.path == m.name || l.path.ends_with(&format!(".{}", m.name))).collect();
             let m = match hits.as_slice() {
                 [m] => *m,
                 [] => {
@@ -131,10 +121,7 @@ pub fn map_targets(
                 }
             };
             if targets[t].loras[ai].is_some() {
-                return Err(bad_input(
-                    &ad.name,
-                    format!("targets module '{}' twice", m.name),
-                ));
+                return Err(bad_input(&ad.name, format!("targets module '{}' twice", m.name)));
             }
             targets[t].loras[ai] = Some(l.clone());
         }
@@ -184,9 +171,7 @@ pub fn iteris<B: Backend>(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Outcome> {
     if ids.len() < 2 {
-        return Err(Error::Unsupported(
-            "merging needs at least two adapters".into(),
-        ));
+        return Err(Error::Unsupported("merging needs at least two adapters".into()));
     }
     if opts.schedule == Schedule::Jacobi && opts.iters == 0 {
         return Err(bad_input("--iters", "must be at least 1"));
@@ -212,12 +197,9 @@ pub fn iteris<B: Backend>(
     let merged: Vec<Merged>;
     {
         let pass_progress = std::cell::RefCell::new(&mut *progress);
-        let on_stage = Box::new(|done: usize, all: usize| {
-            (pass_progress.borrow_mut())(Progress::Modules(done, all))
-        });
+        let on_stage = Box::new(|done: usize, all: usize| (pass_progress.borrow_mut())(Progress::Modules(done, all)));
         let mut hook = IterisHook::new(be, &targets, opts.alpha1, opts.alpha2, opts.rho, on_stage);
-        let announce =
-            |k: usize, label: &str| (pass_progress.borrow_mut())(Progress::Pass(k, passes, label));
+        let announce = |k: usize, label: &str| (pass_progress.borrow_mut())(Progress::Pass(k, passes, label));
         match opts.schedule {
             Schedule::Sweep => {
                 announce(1, "sweep");
@@ -242,12 +224,7 @@ pub fn iteris<B: Backend>(
             }
         }
         records = hook.records.clone();
-        merged = hook
-            .merged
-            .iter()
-            .cloned()
-            .map(|m| m.expect("every target was solved"))
-            .collect();
+        merged = hook.merged.iter().cloned().map(|m| m.expect("every target was solved")).collect();
     }
     let mut warnings = Vec::new();
     for (t, r) in targets.iter().zip(&records) {
@@ -295,10 +272,7 @@ pub fn now() -> f64 {
     #[cfg(not(target_arch = "wasm32"))]
     {
         use std::time::{SystemTime, UNIX_EPOCH};
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0)
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
     }
     #[cfg(target_arch = "wasm32")]
     0.0

@@ -38,12 +38,7 @@ pub fn merge<B: Backend + 'static>(
     let t = now();
     let model = models::load(be, &base.config, &base.weights)?;
     let adapters: Vec<_> = tasks.iter().map(|t| &t.adapter).collect();
-    let targets = map_targets(
-        &model.modules(),
-        &adapters,
-        model.model_type(),
-        model.fan_in_fan_out(),
-    )?;
+    let targets = map_targets(&model.modules(), &adapters, model.model_type(), model.fan_in_fan_out())?;
     timings.load = now() - t;
 
     let t = now();
@@ -61,13 +56,7 @@ pub fn merge<B: Backend + 'static>(
     let mut ids = Vec::new();
     let mut cut = Vec::new();
     for task in tasks {
-        let (s, c) = tokenize(
-            &base.tokenizer,
-            &task.samples,
-            max_len,
-            vocab,
-            &task.samples_name,
-        )?;
+        let (s, c) = tokenize(&base.tokenizer, &task.samples, max_len, vocab, &task.samples_name)?;
         if c > 0 {
             warnings.push(format!(
                 "{}: {c} of {} samples were longer than {max_len} tokens and were truncated",
@@ -80,11 +69,7 @@ pub fn merge<B: Backend + 'static>(
     }
     timings.tokenize = now() - t;
 
-    check_batch_fits(
-        be,
-        &model.modules(),
-        ids.iter().flatten().map(Vec::len).sum::<usize>() * 2,
-    )?;
+    check_batch_fits(be, &model.modules(), ids.iter().flatten().map(Vec::len).sum::<usize>() * 2)?;
     let outcome = iteris(be, model.as_ref(), targets, &ids, opts, progress)?;
     timings.passes = outcome.seconds_passes;
 
@@ -97,13 +82,7 @@ pub fn merge<B: Backend + 'static>(
             None => (m.clone(), 1.0),
         })
         .unzip();
-    let files = adapter_files(
-        &outcome.targets,
-        &deltas,
-        &tasks[0].adapter,
-        model.fan_in_fan_out(),
-        f16_out,
-    )?;
+    let files = adapter_files(&outcome.targets, &deltas, &tasks[0].adapter, model.fan_in_fan_out(), f16_out)?;
     timings.export = now() - t;
 
     let means = task_means(&outcome.records, tasks.len());
@@ -132,21 +111,12 @@ pub fn merge<B: Backend + 'static>(
                 mean_alignment_error: means[i],
             })
             .collect(),
-        modules: module_reports(
-            &outcome,
-            &deltas.iter().map(|d| d.rank()).collect::<Vec<_>>(),
-            &energy,
-        ),
+        modules: module_reports(&outcome, &deltas.iter().map(|d| d.rank()).collect::<Vec<_>>(), &energy),
         jacobi_changes: outcome.changes.clone(),
         warnings,
         timings_s: timings,
     };
-    Ok(MergeResult {
-        adapter_config: files.config,
-        adapter_weights: files.weights,
-        report,
-        outcome,
-    })
+    Ok(MergeResult { adapter_config: files.config, adapter_weights: files.weights, report, outcome })
 }
 
 fn mib(b: u64) -> f64 {
@@ -157,12 +127,7 @@ fn mib(b: u64) -> f64 {
 /// one op (a GPU storage binding: 128 MiB on many adapters). Weights that large are split instead.
 fn check_batch_fits<B: Backend>(be: &B, modules: &[models::ModuleInfo], rows: usize) -> Result<()> {
     let (limit, advice) = (be.max_tensor_bytes(), "use --backend cpu");
-    let widest = modules
-        .iter()
-        .filter(|m| m.name != "lm_head")
-        .map(|m| m.out_dim.max(m.in_dim))
-        .max()
-        .unwrap_or(0);
+    let widest = modules.iter().filter(|m| m.name != "lm_head").map(|m| m.out_dim.max(m.in_dim)).max().unwrap_or(0);
     let bytes = (rows * widest * 4) as u64;
     if bytes > limit {
         return Err(crate::error::Error::Unsupported(format!(

@@ -56,10 +56,7 @@ pub struct Timings {
 pub fn task_means(records: &[ModuleRecord], tasks: usize) -> Vec<f64> {
     (0..tasks)
         .map(|i| {
-            let v: Vec<f64> = records
-                .iter()
-                .filter_map(|r| r.align.get(i).copied().flatten())
-                .collect();
+            let v: Vec<f64> = records.iter().filter_map(|r| r.align.get(i).copied().flatten()).collect();
             if v.is_empty() {
                 f64::NAN
             } else {

@@ -43,10 +43,7 @@ pub enum SolvePath {
 /// X ← X + L⁻ᵀL⁻¹(Zᵀ − M X), residuals in f64. Converged when the residual is at the level of an
 /// f64 solve (‖r‖ ≤ 1e-13·‖M‖‖X‖); None when it stops improving first.
 fn refine(m: &DMatrix<f64>, l: &DMatrix<f64>, zt: &DMatrix<f64>) -> Option<DMatrix<f64>> {
-    let apply = |r: &DMatrix<f64>| {
-        l.solve_lower_triangular(r)
-            .and_then(|y| l.tr_solve_lower_triangular(&y))
-    };
+    let apply = |r: &DMatrix<f64>| l.solve_lower_triangular(r).and_then(|y| l.tr_solve_lower_triangular(&y));
     let mnorm = m.norm();
     let mut x = apply(zt)?;
     let mut prev = f64::INFINITY;
@@ -104,12 +101,7 @@ pub struct System<'a> {
     b_blocks: Vec<&'a Mat>,
 }
 
-pub fn assemble<'a>(
-    module: &'a str,
-    tasks: &[TaskStats<'a>],
-    alpha1: f64,
-    alpha2: f64,
-) -> System<'a> {
+pub fn assemble<'a>(module: &'a str, tasks: &[TaskStats<'a>], alpha1: f64, alpha2: f64) -> System<'a> {
     let n = tasks[0].gram.nrows();
     let mut m = DMatrix::<f64>::zeros(n, n);
     let mut z_blocks: Vec<DMatrix<f64>> = Vec::new();
@@ -137,38 +129,19 @@ pub fn assemble<'a>(
     let mut zt = DMatrix::<f64>::zeros(n, rank);
     let mut at = 0;
     for z in &z_blocks {
-        zt.view_mut((0, at), (n, z.nrows()))
-            .copy_from(&z.transpose());
+        zt.view_mut((0, at), (n, z.nrows())).copy_from(&z.transpose());
         at += z.nrows();
     }
-    System {
-        module,
-        m,
-        zt,
-        b_blocks,
-    }
+    System { module, m, zt, b_blocks }
 }
 
 /// Solve a system, refining around `factor` (an f32 Cholesky factor of M from the backend) when
 /// given, else (or when refinement stalls) in f64 on the CPU. `gpu_offered`: whether the backend
 /// offers f32 factors, so an f64 solve is reported as a fallback.
-pub fn finish(
-    sys: System,
-    factor: Option<DMatrix<f64>>,
-    gpu_offered: bool,
-) -> Result<(Merged, SolvePath)> {
-    let System {
-        module,
-        m,
-        zt,
-        b_blocks,
-    } = sys;
+pub fn finish(sys: System, factor: Option<DMatrix<f64>>, gpu_offered: bool) -> Result<(Merged, SolvePath)> {
+    let System { module, m, zt, b_blocks } = sys;
     let refined = factor.and_then(|l| refine(&m, &l, &zt));
-    let f64_path = if gpu_offered {
-        SolvePath::CholeskyF64AfterGpu
-    } else {
-        SolvePath::CholeskyF64
-    };
+    let f64_path = if gpu_offered { SolvePath::CholeskyF64AfterGpu } else { SolvePath::CholeskyF64 };
     let (at_solved, path) = match refined {
         Some(x) => (x, SolvePath::GpuCholeskyF32Refined),
         None => match m.clone().cholesky() {
@@ -197,13 +170,7 @@ pub fn finish(
         }
         col += bb.cols;
     }
-    Ok((
-        Merged {
-            a: to_mat(&at_solved.transpose()),
-            b,
-        },
-        path,
-    ))
+    Ok((Merged { a: to_mat(&at_solved.transpose()), b }, path))
 }
 
 /// Solve one module's system on `be` (factor on the backend where it offers one).

@@ -51,19 +51,11 @@ impl<B: Backend> Model<B> for Bert<B::T> {
                 (&l.intermediate, ff, d),
                 (&l.output, d, ff),
             ] {
-                out.push(ModuleInfo {
-                    name: m.name.clone(),
-                    out_dim: o,
-                    in_dim: i,
-                });
+                out.push(ModuleInfo { name: m.name.clone(), out_dim: o, in_dim: i });
             }
         }
         if let Some(p) = &self.pooler {
-            out.push(ModuleInfo {
-                name: p.name.clone(),
-                out_dim: d,
-                in_dim: d,
-            });
+            out.push(ModuleInfo { name: p.name.clone(), out_dim: d, in_dim: d });
         }
         out
     }
@@ -81,8 +73,7 @@ impl<B: Backend> Model<B> for Bert<B::T> {
         be.add_bias(&mut e, &self.token_type0);
         let mut h = be.layer_norm(&e, &self.emb_norm.0, self.emb_norm.1.as_ref(), self.eps);
         for l in &self.layers {
-            let mut qkv =
-                pass.project(&h, Level::Tokens, &[l.query.r(), l.key.r(), l.value.r()])?;
+            let mut qkv = pass.project(&h, Level::Tokens, &[l.query.r(), l.key.r(), l.value.r()])?;
             let (v, k, q) = (qkv.pop().unwrap(), qkv.pop().unwrap(), qkv.pop().unwrap());
             let a = be.attention(&q, &k, &v, &self.attn, &batch.seqs);
             let mut o = pass.project1(&a, l.attn_out.r())?;
@@ -96,10 +87,7 @@ impl<B: Backend> Model<B> for Bert<B::T> {
         }
         if let Some(p) = &self.pooler {
             let first = be.select_rows(&h, &batch.first_tokens());
-            let mut pooled = pass
-                .project(&first, Level::Sequences, &[p.r()])?
-                .pop()
-                .unwrap();
+            let mut pooled = pass.project(&first, Level::Sequences, &[p.r()])?.pop().unwrap();
             be.activate(&mut pooled, Activation::Tanh);
         }
         Ok((pass.output != Output::Nothing).then_some(h))
@@ -129,20 +117,10 @@ impl<T> Bert<T> {
             ));
         }
         let act_name = c.str_or("hidden_act", "gelu");
-        let act = Activation::from_hf(&act_name).ok_or_else(|| {
-            bad_input(
-                &c.file,
-                format!("hidden_act \"{act_name}\" is not supported"),
-            )
-        })?;
+        let act = Activation::from_hf(&act_name)
+            .ok_or_else(|| bad_input(&c.file, format!("hidden_act \"{act_name}\" is not supported")))?;
         let eps = c.f64_or("layer_norm_eps", 1e-12)? as f32;
-        let w = WeightReader::new(
-            be,
-            store,
-            "embeddings.word_embeddings.weight",
-            &["", "bert."],
-            "BERT",
-        )?;
+        let w = WeightReader::new(be, store, "embeddings.word_embeddings.weight", &["", "bert."], "BERT")?;
         let mut layers = Vec::new();
         for i in 0..layers_n {
             let p = format!("encoder.layer.{i}");
@@ -158,11 +136,7 @@ impl<T> Bert<T> {
             });
         }
         let tt = w.mat("embeddings.token_type_embeddings.weight", (types, d))?;
-        let pooler = if w.has("pooler.dense.weight") {
-            Some(w.linear("pooler.dense", d, d, false)?)
-        } else {
-            None
-        };
+        let pooler = if w.has("pooler.dense.weight") { Some(w.linear("pooler.dense", d, d, false)?) } else { None };
         Ok(Bert {
             d,
             ff,

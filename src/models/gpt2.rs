@@ -39,32 +39,12 @@ impl<B: Backend> Model<B> for Gpt2<B::T> {
         let (d, ff) = (self.d, self.ff);
         let mut out = Vec::new();
         for i in 0..self.blocks.len() {
-            out.push(ModuleInfo {
-                name: format!("h.{i}.attn.c_attn"),
-                out_dim: 3 * d,
-                in_dim: d,
-            });
-            out.push(ModuleInfo {
-                name: format!("h.{i}.attn.c_proj"),
-                out_dim: d,
-                in_dim: d,
-            });
-            out.push(ModuleInfo {
-                name: format!("h.{i}.mlp.c_fc"),
-                out_dim: ff,
-                in_dim: d,
-            });
-            out.push(ModuleInfo {
-                name: format!("h.{i}.mlp.c_proj"),
-                out_dim: d,
-                in_dim: ff,
-            });
+            out.push(ModuleInfo { name: format!("h.{i}.attn.c_attn"), out_dim: 3 * d, in_dim: d });
+            out.push(ModuleInfo { name: format!("h.{i}.attn.c_proj"), out_dim: d, in_dim: d });
+            out.push(ModuleInfo { name: format!("h.{i}.mlp.c_fc"), out_dim: ff, in_dim: d });
+            out.push(ModuleInfo { name: format!("h.{i}.mlp.c_proj"), out_dim: d, in_dim: ff });
         }
-        out.push(ModuleInfo {
-            name: "lm_head".into(),
-            out_dim: self.vocab,
-            in_dim: d,
-        });
+        out.push(ModuleInfo { name: "lm_head".into(), out_dim: self.vocab, in_dim: d });
         out
     }
 
@@ -87,11 +67,8 @@ impl<B: Backend> Model<B> for Gpt2<B::T> {
             let qkv = pass.project1(&x, b.c_attn.r())?;
             let n = batch.tokens();
             let d = self.d;
-            let (q, k, v) = (
-                be.slice_cols(&qkv, 0..d),
-                be.slice_cols(&qkv, d..2 * d),
-                be.slice_cols(&qkv, 2 * d..3 * d),
-            );
+            let (q, k, v) =
+                (be.slice_cols(&qkv, 0..d), be.slice_cols(&qkv, d..2 * d), be.slice_cols(&qkv, 2 * d..3 * d));
             let a = be.attention(&q, &k, &v, &b.attn, &batch.seqs);
             let o = pass.project1(&a, b.c_proj.r())?;
             be.add_rows(&mut h, 0..n, &o, 1.0);
@@ -105,11 +82,7 @@ impl<B: Backend> Model<B> for Gpt2<B::T> {
         match pass.output {
             Output::Hidden => Ok(Some(h)),
             _ => {
-                let head = LinearRef {
-                    name: "lm_head",
-                    w: &self.wte,
-                    b: None,
-                };
+                let head = LinearRef { name: "lm_head", w: &self.wte, b: None };
                 let logits = pass.project(&h, Level::Tokens, &[head])?.pop().unwrap();
                 Ok((pass.output == Output::Logits).then_some(logits))
             }
@@ -126,17 +99,10 @@ impl<T> Gpt2<T> {
         let n_positions = c.usize_or("n_positions", 1024)?;
         let ff = c.usize_opt("n_inner")?.unwrap_or(4 * d);
         let act_name = c.str_or("activation_function", "gelu_new");
-        let act = Activation::from_hf(&act_name).ok_or_else(|| {
-            bad_input(
-                &c.file,
-                format!("activation_function \"{act_name}\" is not supported"),
-            )
-        })?;
+        let act = Activation::from_hf(&act_name)
+            .ok_or_else(|| bad_input(&c.file, format!("activation_function \"{act_name}\" is not supported")))?;
         if heads == 0 || d % heads != 0 {
-            return Err(bad_input(
-                &c.file,
-                format!("n_embd {d} is not a multiple of n_head {heads}"),
-            ));
+            return Err(bad_input(&c.file, format!("n_embd {d} is not a multiple of n_head {heads}")));
         }
         let hd = d / heads;
         let scale_attn = c.bool_or("scale_attn_weights", true)?;
@@ -146,11 +112,7 @@ impl<T> Gpt2<T> {
         let mut blocks = Vec::new();
         for i in 0..layers {
             let p = format!("h.{i}");
-            let mut scale = if scale_attn {
-                1.0 / (hd as f32).sqrt()
-            } else {
-                1.0
-            };
+            let mut scale = if scale_attn { 1.0 / (hd as f32).sqrt() } else { 1.0 };
             if by_layer {
                 scale /= (i + 1) as f32;
             }
@@ -161,14 +123,7 @@ impl<T> Gpt2<T> {
                 ln_2: w.norm(&format!("{p}.ln_2"), d, true)?,
                 c_fc: w.linear(&format!("{p}.mlp.c_fc"), d, ff, true)?,
                 mlp_proj: w.linear(&format!("{p}.mlp.c_proj"), ff, d, true)?,
-                attn: AttentionSpec {
-                    heads,
-                    kv_heads: heads,
-                    head_dim: hd,
-                    causal: true,
-                    window: None,
-                    scale,
-                },
+                attn: AttentionSpec { heads, kv_heads: heads, head_dim: hd, causal: true, window: None, scale },
             });
         }
         Ok(Gpt2 {

@@ -47,39 +47,15 @@ impl<B: Backend> Model<B> for Llama<B::T> {
     fn modules(&self) -> Vec<ModuleInfo> {
         let mut out = Vec::new();
         for l in &self.layers {
-            let (qd, kvd) = (
-                l.attn.heads * l.attn.head_dim,
-                l.attn.kv_heads * l.attn.head_dim,
-            );
-            for (m, o, i) in [
-                (&l.q, qd, self.d),
-                (&l.k, kvd, self.d),
-                (&l.v, kvd, self.d),
-                (&l.o, self.d, qd),
-            ] {
-                out.push(ModuleInfo {
-                    name: m.name.clone(),
-                    out_dim: o,
-                    in_dim: i,
-                });
+            let (qd, kvd) = (l.attn.heads * l.attn.head_dim, l.attn.kv_heads * l.attn.head_dim);
+            for (m, o, i) in [(&l.q, qd, self.d), (&l.k, kvd, self.d), (&l.v, kvd, self.d), (&l.o, self.d, qd)] {
+                out.push(ModuleInfo { name: m.name.clone(), out_dim: o, in_dim: i });
             }
-            for (m, o, i) in [
-                (&l.gate, self.ff, self.d),
-                (&l.up, self.ff, self.d),
-                (&l.down, self.d, self.ff),
-            ] {
-                out.push(ModuleInfo {
-                    name: m.name.clone(),
-                    out_dim: o,
-                    in_dim: i,
-                });
+            for (m, o, i) in [(&l.gate, self.ff, self.d), (&l.up, self.ff, self.d), (&l.down, self.d, self.ff)] {
+                out.push(ModuleInfo { name: m.name.clone(), out_dim: o, in_dim: i });
             }
         }
-        out.push(ModuleInfo {
-            name: "lm_head".into(),
-            out_dim: self.vocab,
-            in_dim: self.d,
-        });
+        out.push(ModuleInfo { name: "lm_head".into(), out_dim: self.vocab, in_dim: self.d });
         out
     }
 
@@ -117,11 +93,7 @@ impl<B: Backend> Model<B> for Llama<B::T> {
             _ => {
                 let head = match &self.lm_head {
                     Some(l) => l.r(),
-                    None => LinearRef {
-                        name: "lm_head",
-                        w: &self.embed,
-                        b: None,
-                    },
+                    None => LinearRef { name: "lm_head", w: &self.embed, b: None },
                 };
                 let logits = pass.project(&h, Level::Tokens, &[head])?.pop().unwrap();
                 Ok((pass.output == Output::Logits).then_some(logits))
@@ -133,35 +105,22 @@ impl<B: Backend> Model<B> for Llama<B::T> {
 /// `rope_theta` and the scaling dict, from the old keys or the newer `rope_parameters`.
 fn rope_params(c: &HfConfig) -> Result<(f64, Option<serde_json::Map<String, Value>>)> {
     let params = c.get("rope_parameters").and_then(Value::as_object);
-    let theta = match params
-        .and_then(|p| p.get("rope_theta"))
-        .and_then(Value::as_f64)
-    {
+    let theta = match params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64) {
         Some(t) => t,
         None => c.f64_or("rope_theta", 10000.0)?,
     };
-    let scaling = c
-        .get("rope_scaling")
-        .and_then(Value::as_object)
-        .or(params)
-        .cloned();
+    let scaling = c.get("rope_scaling").and_then(Value::as_object).or(params).cloned();
     Ok((theta, scaling))
 }
 
 /// Inverse frequencies of the rotary embedding, with the rope scaling the config asks for.
 fn inv_freq(c: &HfConfig, head_dim: usize) -> Result<Vec<f32>> {
     let (theta, scaling) = rope_params(c)?;
-    let mut f: Vec<f64> = (0..head_dim / 2)
-        .map(|k| 1.0 / theta.powf((2 * k) as f64 / head_dim as f64))
-        .collect();
+    let mut f: Vec<f64> = (0..head_dim / 2).map(|k| 1.0 / theta.powf((2 * k) as f64 / head_dim as f64)).collect();
     let Some(s) = scaling else {
         return Ok(f.into_iter().map(|x| x as f32).collect());
     };
-    let kind = s
-        .get("rope_type")
-        .or_else(|| s.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
     let num = |k: &str, d: f64| s.get(k).and_then(Value::as_f64).unwrap_or(d);
     match kind {
         // "dynamic" only changes frequencies past max_position_embeddings, which we never reach.
@@ -185,9 +144,7 @@ fn inv_freq(c: &HfConfig, head_dim: usize) -> Result<Vec<f32>> {
         other => {
             return Err(bad_input(
                 &c.file,
-                format!(
-                "rope scaling \"{other}\" is not supported (supported: linear, llama3, dynamic)"
-            ),
+                format!("rope scaling \"{other}\" is not supported (supported: linear, llama3, dynamic)"),
             ))
         }
     }
@@ -204,19 +161,18 @@ impl<T> Llama<T> {
         let ff = c.usize("intermediate_size")?;
         let vocab = c.usize("vocab_size")?;
         if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
-            return Err(bad_input(&c.file, format!("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")));
+            return Err(bad_input(
+                &c.file,
+                format!("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"),
+            ));
         }
         let hd = c.usize_opt("head_dim")?.unwrap_or(d / heads.max(1));
         if hd % 2 != 0 || hd == 0 {
             return Err(bad_input(&c.file, format!("head_dim {hd} must be even")));
         }
         let act_name = c.str_or("hidden_act", "silu");
-        let act = Activation::from_hf(&act_name).ok_or_else(|| {
-            bad_input(
-                &c.file,
-                format!("hidden_act \"{act_name}\" is not supported"),
-            )
-        })?;
+        let act = Activation::from_hf(&act_name)
+            .ok_or_else(|| bad_input(&c.file, format!("hidden_act \"{act_name}\" is not supported")))?;
         let eps = c.f64_or("rms_norm_eps", 1e-6)? as f32;
         let max_pos = c.usize_or("max_position_embeddings", 2048)?;
         let window_for = |i: usize| -> Result<Option<usize>> {
@@ -226,10 +182,7 @@ impl<T> Llama<T> {
                 "qwen2" => {
                     let sliding = match c.get("layer_types").and_then(Value::as_array) {
                         Some(t) => t.get(i).and_then(Value::as_str) == Some("sliding_attention"),
-                        None => {
-                            c.bool_or("use_sliding_window", false)?
-                                && i >= c.usize_or("max_window_layers", 0)?
-                        }
+                        None => c.bool_or("use_sliding_window", false)? && i >= c.usize_or("max_window_layers", 0)?,
                     };
                     if sliding {
                         w
@@ -240,13 +193,7 @@ impl<T> Llama<T> {
                 _ => None,
             })
         };
-        let w = WeightReader::new(
-            be,
-            store,
-            "embed_tokens.weight",
-            &["model.", ""],
-            "Llama-family",
-        )?;
+        let w = WeightReader::new(be, store, "embed_tokens.weight", &["model.", ""], "Llama-family")?;
         let mut layers = Vec::new();
         for i in 0..layers_n {
             let p = format!("layers.{i}");
@@ -271,17 +218,12 @@ impl<T> Llama<T> {
             });
         }
         // The LM head lives outside the `model.` prefix.
-        let lm_head =
-            if store.contains("lm_head.weight") && !c.bool_or("tie_word_embeddings", false)? {
-                let head = WeightReader {
-                    be,
-                    store,
-                    prefix: String::new(),
-                };
-                Some(head.linear("lm_head", d, vocab, false)?)
-            } else {
-                None
-            };
+        let lm_head = if store.contains("lm_head.weight") && !c.bool_or("tie_word_embeddings", false)? {
+            let head = WeightReader { be, store, prefix: String::new() };
+            Some(head.linear("lm_head", d, vocab, false)?)
+        } else {
+            None
+        };
         Ok(Llama {
             inv_freq: inv_freq(c, hd)?,
             model_type,

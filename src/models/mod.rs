@@ -31,11 +31,7 @@ pub struct Linear<T> {
 
 impl<T> Linear<T> {
     pub fn r(&self) -> LinearRef<'_, T> {
-        LinearRef {
-            name: &self.name,
-            w: &self.w,
-            b: self.b.as_ref(),
-        }
+        LinearRef { name: &self.name, w: &self.w, b: self.b.as_ref() }
     }
 }
 
@@ -102,11 +98,7 @@ impl Batch {
             self.positions.extend(0..s.len() as u32);
             self.seqs.push(start..self.ids.len());
         }
-        self.groups.push(Group {
-            task,
-            stream,
-            seqs: first..self.seqs.len(),
-        });
+        self.groups.push(Group { task, stream, seqs: first..self.seqs.len() });
     }
 
     /// Rows of group `g` at the given level.
@@ -180,30 +172,13 @@ pub struct Pass<'a, B: Backend> {
 
 impl<B: Backend> Pass<'_, B> {
     /// Run the linear modules of one stage on `x` (all of them read it).
-    pub fn project(
-        &mut self,
-        x: &B::T,
-        level: Level,
-        mods: &[LinearRef<B::T>],
-    ) -> Result<Vec<B::T>> {
+    pub fn project(&mut self, x: &B::T, level: Level, mods: &[LinearRef<B::T>]) -> Result<Vec<B::T>> {
         if self.hook.finished() {
             return Err(Error::Stop);
         }
         let n = self.be.dims(x).0;
-        let mut ys: Vec<B::T> = mods
-            .iter()
-            .map(|m| self.be.matmul_t(x, 0..n, m.w))
-            .collect();
-        self.hook.stage(
-            self.be,
-            &StageInput {
-                batch: self.batch,
-                level,
-                x,
-                mods,
-            },
-            &mut ys,
-        )?;
+        let mut ys: Vec<B::T> = mods.iter().map(|m| self.be.matmul_t(x, 0..n, m.w)).collect();
+        self.hook.stage(self.be, &StageInput { batch: self.batch, level, x, mods }, &mut ys)?;
         for (y, m) in ys.iter_mut().zip(mods) {
             if let Some(b) = m.b {
                 self.be.add_bias(y, b);
@@ -241,12 +216,7 @@ pub fn run<B: Backend>(
     hook: &mut dyn Hook<B>,
     output: Output,
 ) -> Result<Option<B::T>> {
-    let mut pass = Pass {
-        be,
-        batch,
-        hook,
-        output,
-    };
+    let mut pass = Pass { be, batch, hook, output };
     let out = match model.forward(&mut pass) {
         Err(Error::Stop) => None,
         r => r?,
@@ -256,11 +226,7 @@ pub fn run<B: Backend>(
 }
 
 /// Load the model a `config.json` describes from its weights.
-pub fn load<B: Backend + 'static>(
-    be: &B,
-    config: &HfConfig,
-    weights: &TensorStore,
-) -> Result<Box<dyn Model<B>>> {
+pub fn load<B: Backend + 'static>(be: &B, config: &HfConfig, weights: &TensorStore) -> Result<Box<dyn Model<B>>> {
     let mt = config.model_type()?;
     Ok(match mt.as_str() {
         "gpt2" => Box::new(gpt2::Gpt2::load(be, config, weights)?),
@@ -285,37 +251,16 @@ pub struct WeightReader<'a, B: Backend> {
 
 impl<'a, B: Backend> WeightReader<'a, B> {
     /// Find which of `prefixes` the checkpoint uses, by looking for `probe`.
-    pub fn new(
-        be: &'a B,
-        store: &'a TensorStore,
-        probe: &str,
-        prefixes: &[&str],
-        arch: &str,
-    ) -> Result<Self> {
-        let found: Vec<&&str> = prefixes
-            .iter()
-            .filter(|p| store.contains(&format!("{p}{probe}")))
-            .collect();
+    pub fn new(be: &'a B, store: &'a TensorStore, probe: &str, prefixes: &[&str], arch: &str) -> Result<Self> {
+        let found: Vec<&&str> = prefixes.iter().filter(|p| store.contains(&format!("{p}{probe}"))).collect();
         match found.as_slice() {
-            [p] => Ok(WeightReader {
-                be,
-                store,
-                prefix: p.to_string(),
-            }),
+            [p] => Ok(WeightReader { be, store, prefix: p.to_string() }),
             [] => Err(bad_input(
-                store
-                    .files
-                    .first()
-                    .map_or("model weights", |f| f.name.as_str()),
-                format!(
-                    "has no '{probe}' (under any of the prefixes {prefixes:?}): not {arch} weights"
-                ),
+                store.files.first().map_or("model weights", |f| f.name.as_str()),
+                format!("has no '{probe}' (under any of the prefixes {prefixes:?}): not {arch} weights"),
             )),
             _ => Err(bad_input(
-                store
-                    .files
-                    .first()
-                    .map_or("model weights", |f| f.name.as_str()),
+                store.files.first().map_or("model weights", |f| f.name.as_str()),
                 format!("holds '{probe}' under several prefixes {found:?}: ambiguous"),
             )),
         }
@@ -333,20 +278,13 @@ impl<'a, B: Backend> WeightReader<'a, B> {
     pub fn mat(&self, name: &str, shape: (usize, usize)) -> Result<Mat> {
         let key = self.key(name);
         if !self.store.contains(&key) {
-            return Err(bad_input(
-                self.store.files[0].name.as_str(),
-                format!("missing tensor '{key}'"),
-            ));
+            return Err(bad_input(self.store.files[0].name.as_str(), format!("missing tensor '{key}'")));
         }
         let m = self.store.mat(&key)?;
         if m.shape() != shape {
             return Err(bad_input(
                 self.store.file_of(&key),
-                format!(
-                    "tensor '{key}' has shape {:?}, but config.json implies {:?}",
-                    m.shape(),
-                    shape
-                ),
+                format!("tensor '{key}' has shape {:?}, but config.json implies {:?}", m.shape(), shape),
             ));
         }
         Ok(m)
@@ -356,11 +294,7 @@ impl<'a, B: Backend> WeightReader<'a, B> {
     /// (weights are most of the memory); vectors (norms, biases) are f32.
     pub fn tensor(&self, name: &str, shape: (usize, usize)) -> Result<B::T> {
         let m = self.mat(name, shape)?;
-        Ok(if shape.0 > 1 {
-            self.be.upload_weight(&m, self.dtype(name))
-        } else {
-            self.be.upload(&m)
-        })
+        Ok(if shape.0 > 1 { self.be.upload_weight(&m, self.dtype(name)) } else { self.be.upload(&m) })
     }
 
     fn dtype(&self, name: &str) -> WeightDtype {
@@ -373,47 +307,22 @@ impl<'a, B: Backend> WeightReader<'a, B> {
 
     /// `name.weight` (and `name.bias` when present) as a linear layer of shape (out, in). With
     /// `conv1d` the stored weight is (in, out), as in GPT-2, and is transposed here.
-    pub fn linear(
-        &self,
-        name: &str,
-        in_dim: usize,
-        out_dim: usize,
-        conv1d: bool,
-    ) -> Result<Linear<B::T>> {
+    pub fn linear(&self, name: &str, in_dim: usize, out_dim: usize, conv1d: bool) -> Result<Linear<B::T>> {
         let w = if conv1d {
-            self.mat(&format!("{name}.weight"), (in_dim, out_dim))?
-                .transpose()
+            self.mat(&format!("{name}.weight"), (in_dim, out_dim))?.transpose()
         } else {
             self.mat(&format!("{name}.weight"), (out_dim, in_dim))?
         };
         let bname = format!("{name}.bias");
-        let b = if self.has(&bname) {
-            Some(self.tensor(&bname, (1, out_dim))?)
-        } else {
-            None
-        };
-        Ok(Linear {
-            name: name.to_string(),
-            w: self
-                .be
-                .upload_weight(&w, self.dtype(&format!("{name}.weight"))),
-            b,
-        })
+        let b = if self.has(&bname) { Some(self.tensor(&bname, (1, out_dim))?) } else { None };
+        Ok(Linear { name: name.to_string(), w: self.be.upload_weight(&w, self.dtype(&format!("{name}.weight"))), b })
     }
 
     /// A LayerNorm's (weight, bias), accepting the old `gamma`/`beta` names.
     pub fn norm(&self, name: &str, dim: usize, bias: bool) -> Result<(B::T, Option<B::T>)> {
-        let (w, b) = if self.has(&format!("{name}.gamma")) {
-            ("gamma", "beta")
-        } else {
-            ("weight", "bias")
-        };
+        let (w, b) = if self.has(&format!("{name}.gamma")) { ("gamma", "beta") } else { ("weight", "bias") };
         let g = self.tensor(&format!("{name}.{w}"), (1, dim))?;
-        let bb = if bias {
-            Some(self.tensor(&format!("{name}.{b}"), (1, dim))?)
-        } else {
-            None
-        };
+        let bb = if bias { Some(self.tensor(&format!("{name}.{b}"), (1, dim))?) } else { None };
         Ok((g, bb))
     }
 }

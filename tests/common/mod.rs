@@ -11,9 +11,7 @@ use std::path::{Path, PathBuf};
 pub const ARCHS: [&str; 5] = ["gpt2", "llama", "qwen2", "mistral", "bert"];
 
 pub fn fixture(arch: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(arch)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(arch)
 }
 
 pub fn samples_path(arch: &str, i: usize) -> PathBuf {
@@ -28,13 +26,7 @@ pub fn samples_path(arch: &str, i: usize) -> PathBuf {
 
 pub fn tasks(arch: &str) -> Vec<TaskInput> {
     (0..3)
-        .map(|i| {
-            fsio::read_task(
-                &fixture(arch).join(format!("adapter{i}")),
-                &samples_path(arch, i),
-            )
-            .unwrap()
-        })
+        .map(|i| fsio::read_task(&fixture(arch).join(format!("adapter{i}")), &samples_path(arch, i)).unwrap())
         .collect()
 }
 
@@ -43,9 +35,23 @@ pub fn expected(arch: &str, file: &str) -> TensorFile {
     TensorFile::parse(p.display().to_string(), std::fs::read(&p).unwrap()).unwrap()
 }
 
+pub fn base(arch: &str) -> pipeline::BaseInputs {
+    fsio::read_base(&fixture(arch).join("base")).unwrap()
+}
+
+/// Merge `arch`'s three fixture adapters onto `base` with backend `be`.
+pub fn merge_on<B: iteris::backend::Backend + 'static>(
+    be: &B,
+    base: &pipeline::BaseInputs,
+    arch: &str,
+    opts: &Options,
+) -> pipeline::MergeResult {
+    pipeline::merge(be, base, &tasks(arch), opts, false, &mut |_| {}).unwrap()
+}
+
+/// Merge `arch`'s fixture on the CPU.
 pub fn merge(arch: &str, opts: &Options) -> pipeline::MergeResult {
-    let base = fsio::read_base(&fixture(arch).join("base")).unwrap();
-    pipeline::merge(&Cpu, &base, &tasks(arch), opts, false, &mut |_| {}).unwrap()
+    merge_on(&Cpu, &base(arch), arch, opts)
 }
 
 pub fn rel(a: &Mat, b: &Mat) -> f64 {
