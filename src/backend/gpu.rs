@@ -11,6 +11,7 @@ use crate::mat::Mat;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ops::Range;
+use std::rc::Rc;
 use wgpu::util::DeviceExt;
 
 const MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
@@ -39,6 +40,43 @@ pub struct GpuTensor {
     /// adapters bind at most 128 MiB) is split by rows: `buf` holds rows [0, first), and each
     /// (start row, buffer) here holds the next block. The kernels that read weights run per block.
     blocks: Vec<(usize, wgpu::Buffer)>,
+    /// Where `buf` goes back when the tensor is dropped (results of ops; not uploads).
+    pool: Option<Rc<RefCell<Pool>>>,
+}
+
+impl Drop for GpuTensor {
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            pool.borrow_mut().give(self.buf.clone());
+        }
+    }
+}
+
+/// Buffers of dropped results, by size, for reuse: a merge allocates the same few activation sizes
+/// layer after layer. Commands run in recording order, so a reused buffer is written only after
+/// every earlier recorded read of its old contents.
+#[derive(Default)]
+struct Pool {
+    free: HashMap<u64, Vec<wgpu::Buffer>>,
+    bytes: u64,
+}
+
+impl Pool {
+    /// Keep at most this much idle memory.
+    const MAX_BYTES: u64 = 1 << 30;
+
+    fn give(&mut self, buf: wgpu::Buffer) {
+        if self.bytes + buf.size() <= Self::MAX_BYTES {
+            self.bytes += buf.size();
+            self.free.entry(buf.size()).or_default().push(buf);
+        }
+    }
+
+    fn take(&mut self, size: u64) -> Option<wgpu::Buffer> {
+        let buf = self.free.get_mut(&size)?.pop()?;
+        self.bytes -= size;
+        Some(buf)
+    }
 }
 
 impl GpuTensor {
@@ -52,8 +90,8 @@ impl GpuTensor {
 
 /// A result recorded on the GPU, read back by `fetch`.
 pub enum GpuPending {
-    /// Buffers of partial sums (and their lengths) to add up in f64.
-    Sum(Vec<(wgpu::Buffer, usize)>),
+    /// Partial sums to add up in f64.
+    Sum(Vec<GpuTensor>),
     /// A Gram matrix as compensated f32 pairs: the value is hi + lo.
     Gram { hi: GpuTensor, lo: GpuTensor },
 }
@@ -80,6 +118,7 @@ pub struct Gpu {
     encoder: RefCell<Option<wgpu::CommandEncoder>>,
     pending: Cell<usize>,
     readbacks: Cell<usize>,
+    pool: Rc<RefCell<Pool>>,
 }
 
 /// Shape and strides of one product C (m, n) = alpha · A (m, k) · B (k, n): operands as
@@ -159,6 +198,7 @@ impl Gpu {
             encoder: RefCell::new(None),
             pending: Cell::new(0),
             readbacks: Cell::new(0),
+            pool: Rc::default(),
         })
     }
 
@@ -269,14 +309,20 @@ impl Gpu {
 
     fn alloc(&self, rows: usize, cols: usize) -> GpuTensor {
         let bytes = ((rows * cols * 4) as u64).max(4);
-        assert!(bytes <= self.max_binding, "tensor of {bytes} bytes exceeds the GPU binding limit (checked on upload)");
-        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: bytes.next_multiple_of(4),
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
+        assert!(
+            bytes <= self.max_binding,
+            "tensor of {bytes} bytes exceeds the GPU binding limit (checked before the merge)"
+        );
+        let reused = self.pool.borrow_mut().take(bytes);
+        let buf = reused.unwrap_or_else(|| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: bytes,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
         });
-        GpuTensor { buf, rows, cols, dtype: WeightDtype::F32, blocks: vec![] }
+        GpuTensor { buf, rows, cols, dtype: WeightDtype::F32, blocks: vec![], pool: Some(self.pool.clone()) }
     }
 
     fn storage<T: bytemuck::Pod>(&self, data: &[T]) -> wgpu::Buffer {
@@ -426,8 +472,8 @@ impl Gpu {
         (c, c_lo)
     }
 
-    /// Record a reduction of n elements of x (from element ox) against y; returns the buffer of
-    /// per-workgroup partial sums and their count.
+    /// Record a reduction of n elements of x (from element ox) against y; returns the
+    /// per-workgroup partial sums, (1, workgroups).
     fn reduce(
         &self,
         mode: &str,
@@ -436,7 +482,7 @@ impl Gpu {
         ox: usize,
         y: Option<&wgpu::Buffer>,
         n: usize,
-    ) -> (wgpu::Buffer, usize) {
+    ) -> GpuTensor {
         let chunk = 256 * 16;
         let groups = n.div_ceil(chunk).max(1);
         let partial = self.alloc(1, groups);
@@ -462,7 +508,7 @@ impl Gpu {
             &[n as u32, ox as u32, chunk as u32],
             (gx as u32, groups.div_ceil(gx) as u32, 1),
         );
-        (partial.buf, groups)
+        partial
     }
 }
 
@@ -504,7 +550,7 @@ impl Backend for Gpu {
         let mut regions: Vec<(&wgpu::Buffer, usize)> = Vec::new();
         for p in &pending {
             match p {
-                GpuPending::Sum(parts) => regions.extend(parts.iter().map(|(b, n)| (b, *n))),
+                GpuPending::Sum(parts) => regions.extend(parts.iter().map(|t| (&t.buf, t.cols))),
                 GpuPending::Gram { hi, lo } => {
                     regions.push((&hi.buf, hi.rows * hi.cols));
                     regions.push((&lo.buf, lo.rows * lo.cols));
@@ -536,7 +582,14 @@ impl Backend for Gpu {
     }
 
     fn upload(&self, m: &Mat) -> GpuTensor {
-        GpuTensor { buf: self.storage(&m.data), rows: m.rows, cols: m.cols, dtype: WeightDtype::F32, blocks: vec![] }
+        GpuTensor {
+            buf: self.storage(&m.data),
+            rows: m.rows,
+            cols: m.cols,
+            dtype: WeightDtype::F32,
+            blocks: vec![],
+            pool: None,
+        }
     }
 
     fn upload_weight(&self, m: &Mat, dtype: WeightDtype) -> GpuTensor {
@@ -559,7 +612,7 @@ impl Backend for Gpu {
             (r0, buf)
         });
         let (_, buf) = bufs.next().unwrap();
-        GpuTensor { buf, rows: m.rows, cols: m.cols, dtype, blocks: bufs.collect() }
+        GpuTensor { buf, rows: m.rows, cols: m.cols, dtype, blocks: bufs.collect(), pool: None }
     }
 
     fn download(&self, t: &GpuTensor) -> Mat {
