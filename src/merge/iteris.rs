@@ -13,7 +13,7 @@
 //! next pass (the published schedule). `Evaluate` solves nothing and only measures.
 
 use super::solve::{assemble, finish, Merged, SolvePath, TaskStats};
-use crate::backend::Backend;
+use crate::backend::{Backend, Fetched};
 use crate::error::Result;
 use crate::formats::peft::LoraModule;
 use crate::merge::solve::to_f64;
@@ -145,6 +145,20 @@ impl<'a, B: Backend> IterisHook<'a, B> {
     }
 }
 
+impl<B: Backend> IterisHook<'_, B> {
+    /// Record a fetched alignment statistic: ‖X_i ΔW_iᵀ‖² first, then the error relative to it.
+    fn settle_align(&mut self, slot: Slot, value: Fetched) {
+        match slot {
+            Slot::AlignNorm(t, i) => self.records[t].align[i] = Some(value.scalar()),
+            Slot::AlignErr(t, i) => {
+                let norm = self.records[t].align[i].unwrap();
+                self.records[t].align[i] = Some((value.scalar() / norm.max(f64::MIN_POSITIVE)).sqrt());
+            }
+            other => unreachable!("{other:?} is not an alignment statistic"),
+        }
+    }
+}
+
 /// Rows of the adapter-stream and merged-stream groups of each task.
 fn task_rows(input: &StageInput<impl Backend>, tasks: usize) -> Vec<(Range<usize>, Option<Range<usize>>)> {
     let mut out = vec![(0..0, None); tasks];
@@ -245,11 +259,7 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
                 Slot::Denominator(t, i) => denominators[t][i] = value.scalar(),
                 Slot::Cross(i) => stats[i].0 = Some(value.matrix()),
                 Slot::Gram(i) => stats[i].1 = Some(value.matrix()),
-                Slot::AlignNorm(t, i) => self.records[t].align[i] = Some(value.scalar()),
-                Slot::AlignErr(t, i) => {
-                    let norm = self.records[t].align[i].unwrap();
-                    self.records[t].align[i] = Some((value.scalar() / norm.max(f64::MIN_POSITIVE)).sqrt());
-                }
+                align => self.settle_align(align, value),
             }
         }
         for &(_, t) in &targeted {
@@ -324,14 +334,7 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
         let (slots, pending): (Vec<Slot>, Vec<B::Pending>) =
             std::mem::take(&mut self.align_pending).into_iter().unzip();
         for (slot, value) in slots.into_iter().zip(be.fetch(pending)) {
-            match slot {
-                Slot::AlignNorm(t, i) => self.records[t].align[i] = Some(value.scalar()),
-                Slot::AlignErr(t, i) => {
-                    let norm = self.records[t].align[i].unwrap();
-                    self.records[t].align[i] = Some((value.scalar() / norm.max(f64::MIN_POSITIVE)).sqrt());
-                }
-                _ => unreachable!("only alignment errors stay pending between stages"),
-            }
+            self.settle_align(slot, value);
         }
         Ok(())
     }
