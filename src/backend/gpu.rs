@@ -119,6 +119,9 @@ pub struct Gpu {
     pending: Cell<usize>,
     readbacks: Cell<usize>,
     pool: Rc<RefCell<Pool>>,
+    /// Bound where a kernel variant declares a binding it does not use (every variant of a kernel
+    /// keeps one layout), so no dispatch allocates a placeholder.
+    unused: wgpu::Buffer,
 }
 
 /// Shape and strides of one product C (m, n) = alpha · A (m, k) · B (k, n): operands as
@@ -189,7 +192,14 @@ impl Gpu {
             })
             .await
             .map_err(|e| Error::Unsupported(format!("GPU adapter {} refused a device ({e})", info.name)))?;
+        let unused = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("unused binding"),
+            size: 4,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
         Ok(Gpu {
+            unused,
             device,
             queue,
             info,
@@ -414,14 +424,7 @@ impl Gpu {
         // Keep binding 1 statically used whatever the op, so every variant has the same layout.
         let expr = format!("{expr}\n    if (p.n == 0xffffffffu) {{ y[0] = x[0]; }}");
         let p = self.pipeline("elementwise", ELEMENTWISE, &[("OP", expr), ("ACT", act_expr.to_string())]);
-        let dummy;
-        let x = match x {
-            Some(x) => x,
-            None => {
-                dummy = self.storage(&[0f32]);
-                &dummy
-            }
-        };
+        let x = x.unwrap_or(&self.unused);
         let (gx, gy, stride) = grid_1d(n);
         self.dispatch(&p, &[y, x], &[n as u32, oy as u32, ox as u32, cols as u32, s.to_bits(), stride], (gx, gy, 1));
     }
@@ -453,14 +456,7 @@ impl Gpu {
             g.alpha.to_bits(),
             1f32.to_bits(),
         ];
-        let dummy;
-        let lo = match lo {
-            Some(b) => b,
-            None => {
-                dummy = self.storage(&[0f32]);
-                &dummy
-            }
-        };
+        let lo = lo.unwrap_or(&self.unused);
         self.dispatch_with(&p, &[a, b, c], &params, &[lo], (g.n.div_ceil(64) as u32, g.m.div_ceil(64) as u32, 1));
     }
 
@@ -493,14 +489,7 @@ impl Gpu {
         };
         let (x_elem, x_load) = unpacked("x", x_dtype);
         let p = self.pipeline("reduce", REDUCE, &[("MODE", term.to_string()), ("X_ELEM", x_elem), ("X_LOAD", x_load)]);
-        let dummy;
-        let y = match y {
-            Some(y) => y,
-            None => {
-                dummy = self.storage(&[0f32]);
-                &dummy
-            }
-        };
+        let y = y.unwrap_or(&self.unused);
         let gx = groups.min(65535);
         self.dispatch(
             &p,
