@@ -17,6 +17,11 @@ use iteris::models;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+#[path = "../tests/common/rng.rs"]
+#[allow(dead_code)]
+mod rng;
+use rng::Rng;
+
 const D: usize = 768;
 const LAYERS: usize = 12;
 const VOCAB: usize = 50257;
@@ -25,20 +30,6 @@ const R: usize = 8;
 const TASKS: usize = 3;
 const SAMPLES: usize = 32;
 const TOKENS: usize = 128;
-
-/// xorshift: deterministic, dependency-free noise in [-scale, scale).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-    fn mat(&mut self, r: usize, c: usize, scale: f32) -> Mat {
-        Mat::new(r, c, (0..r * c).map(|_| self.next() * scale).collect())
-    }
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
@@ -55,15 +46,15 @@ fn main() {
 fn run<B: Backend + 'static>(be: &B, backend: &str, which: &[String]) {
     let mut rng = Rng(0x9E3779B97F4A7C15);
     let mut w = BTreeMap::new();
-    w.insert("wte.weight".to_string(), rng.mat(VOCAB, D, 0.05));
-    w.insert("wpe.weight".to_string(), rng.mat(POS, D, 0.02));
+    w.insert("wte.weight".to_string(), rng.scaled(VOCAB, D, 0.05));
+    w.insert("wpe.weight".to_string(), rng.scaled(POS, D, 0.02));
     for l in 0..LAYERS {
         let p = format!("h.{l}");
         for (n, r, c) in
             [("attn.c_attn", D, 3 * D), ("attn.c_proj", D, D), ("mlp.c_fc", D, 4 * D), ("mlp.c_proj", 4 * D, D)]
         {
-            w.insert(format!("{p}.{n}.weight"), rng.mat(r, c, 0.04));
-            w.insert(format!("{p}.{n}.bias"), rng.mat(1, c, 0.02));
+            w.insert(format!("{p}.{n}.weight"), rng.scaled(r, c, 0.04));
+            w.insert(format!("{p}.{n}.bias"), rng.scaled(1, c, 0.02));
         }
         for n in ["ln_1", "ln_2"] {
             w.insert(format!("{p}.{n}.weight"), Mat::new(1, D, vec![1.0; D]));
@@ -89,8 +80,8 @@ fn run<B: Backend + 'static>(be: &B, backend: &str, which: &[String]) {
                     .map(|_| {
                         Some(LoraModule {
                             path: String::new(),
-                            a: rng.mat(R, D, 0.05),
-                            b: rng.mat(3 * D, R, 0.05),
+                            a: rng.scaled(R, D, 0.05),
+                            b: rng.scaled(3 * D, R, 0.05),
                             scale: 2.0,
                         })
                     })
@@ -100,11 +91,7 @@ fn run<B: Backend + 'static>(be: &B, backend: &str, which: &[String]) {
     };
     let mut rng = Rng(11);
     let ids: Vec<Vec<Vec<u32>>> = (0..TASKS)
-        .map(|_| {
-            (0..SAMPLES)
-                .map(|_| (0..TOKENS).map(|_| ((rng.next() + 1.0) * 0.5 * (VOCAB - 1) as f32) as u32).collect())
-                .collect()
-        })
+        .map(|_| (0..SAMPLES).map(|_| (0..TOKENS).map(|_| rng.below(VOCAB) as u32).collect()).collect())
         .collect();
 
     for (label, opts) in [

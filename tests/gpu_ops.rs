@@ -6,21 +6,8 @@ use iteris::backend::{cpu::Cpu, gpu::Gpu, Activation, AttentionSpec, Backend};
 use iteris::mat::{rel_err, Mat};
 use std::sync::OnceLock;
 
-struct Rng(u64);
-impl Rng {
-    fn f(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-    fn mat(&mut self, r: usize, c: usize) -> Mat {
-        Mat::new(r, c, (0..r * c).map(|_| self.f()).collect())
-    }
-    fn below(&mut self, n: usize) -> usize {
-        ((self.f() + 1.0) * 0.5 * n as f32) as usize % n.max(1)
-    }
-}
+mod common;
+use common::rng::Rng;
 
 fn gpu() -> &'static Gpu {
     static G: OnceLock<GpuCell> = OnceLock::new();
@@ -38,6 +25,12 @@ fn close(what: &str, g: &Mat, c: &Mat, tol: f64) {
     assert!(e < tol, "{what}: GPU differs from CPU by {e:.2e}");
 }
 
+/// `close` for the f64 matrices the host reads back (Gram matrices).
+fn close64(what: &str, g: &nalgebra::DMatrix<f64>, c: &nalgebra::DMatrix<f64>, tol: f64) {
+    let e = (g - c).norm() / c.norm();
+    assert!(e < tol, "{what}: GPU differs from CPU (f64) by {e:.2e}");
+}
+
 #[test]
 fn matmul_and_gram() {
     let _l = LOCK.lock().unwrap();
@@ -52,8 +45,7 @@ fn matmul_and_gram() {
         let y = r.mat(n + 4, m);
         let c = Cpu.gram(&x, 2..2 + n, &y, 4..4 + n);
         let gg = g.gram(&g.upload(&x), 2..2 + n, &g.upload(&y), 4..4 + n);
-        let e = (&gg - &c).norm() / c.norm();
-        assert!(e < 1e-7, "gram {n}x{k}x{m}: GPU differs from CPU (f64) by {e:.2e}");
+        close64(&format!("gram {n}x{k}x{m}"), &gg, &c, 1e-7);
     }
 }
 
@@ -66,8 +58,7 @@ fn gram_accumulates_long_sums_accurately() {
     x.data.iter_mut().for_each(|v| *v = 1.0 + 0.5 * *v);
     let c = Cpu.gram(&x, 0..4000, &x, 0..4000);
     let gg = g.gram(&g.upload(&x), 0..4000, &g.upload(&x), 0..4000);
-    let e = (&gg - &c).norm() / c.norm();
-    assert!(e < 2e-8, "gram over 4000 rows: GPU (compensated f32) differs from CPU (f64) by {e:.2e}");
+    close64("gram over 4000 rows (compensated f32)", &gg, &c, 2e-8);
 }
 
 #[test]

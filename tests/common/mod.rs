@@ -1,6 +1,8 @@
 #![allow(dead_code)]
 //! Shared test helpers: fixture paths, reading expected tensors, running merges.
 
+pub mod rng;
+
 use iteris::backend::cpu::Cpu;
 use iteris::formats::safetensors::TensorFile;
 use iteris::fsio;
