@@ -66,12 +66,19 @@ pub fn read_task(adapter: &Path, samples_file: &Path) -> Result<TaskInput> {
     Ok(TaskInput { adapter, samples_name: name, samples })
 }
 
-/// Write `files` into `out` atomically: into a temporary sibling folder first, renamed at the end, so
-/// `out` is never left half-written. An existing `out` is replaced only with `force`.
-pub fn write_folder(out: &Path, files: &[(&str, &[u8])], force: bool) -> Result<()> {
+/// Refuse an output folder that exists and is not empty, unless `force`. Faces call this before
+/// any work, and `write_folder` again before writing.
+pub fn check_out(out: &Path, force: bool) -> Result<()> {
     if out.exists() && !force && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return Err(bad_input(out.display(), "already exists and is not empty (pass --force to replace it)"));
     }
+    Ok(())
+}
+
+/// Write `files` into `out` atomically: into a temporary sibling folder first, renamed at the end, so
+/// `out` is never left half-written. An existing `out` is replaced only with `force`.
+pub fn write_folder(out: &Path, files: &[(&str, &[u8])], force: bool) -> Result<()> {
+    check_out(out, force)?;
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| bad_input(parent.display(), format!("cannot create ({e})")))?;
     let name = out.file_name().ok_or_else(|| bad_input(out.display(), "is not a folder name"))?;

@@ -119,9 +119,7 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
             return Err(bad_input(k, "must be a non-negative number"));
         }
     }
-    if a.out.exists() && !a.force && std::fs::read_dir(&a.out).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        return Err(bad_input(a.out.display(), "already exists and is not empty (pass --force to replace it)"));
-    }
+    fsio::check_out(&a.out, a.force)?;
     let gpu = match a.backend {
         BackendArg::Cpu => None,
         BackendArg::Gpu => {
