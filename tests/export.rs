@@ -70,3 +70,15 @@ fn report_carries_metrics_and_solve_path() {
     }
     assert!(v["modules"].as_array().unwrap().iter().any(|m| m["module"] == "pooler.dense"), "the pooler is merged");
 }
+
+/// BERT's pooler sees one row per sample (5–7 here) against 32 input features: at a weak ridge
+/// every task gets one warning, naming the first such module.
+#[test]
+fn weak_ridge_with_few_rows_warns_once_per_task() {
+    let r = merge("bert", &Options { alpha1: 1e-7, alpha2: 1e-7, ..Options::default() });
+    assert_eq!(r.outcome.warnings.len(), 3, "{:?}", r.outcome.warnings);
+    for (i, w) in r.outcome.warnings.iter().enumerate() {
+        assert!(w.starts_with(&format!("task {} has", i + 1)) && w.contains("pooler.dense"), "{w}");
+    }
+    assert!(merge("bert", &Options::default()).outcome.warnings.is_empty(), "no warning at the default ridge");
+}

@@ -226,19 +226,19 @@ pub fn iteris<B: Backend>(
         records = hook.records.clone();
         merged = hook.merged.iter().cloned().map(|m| m.expect("every target was solved")).collect();
     }
+    // One warning per task, at the first module where it has fewer token rows than input features.
     let mut warnings = Vec::new();
-    for (t, r) in targets.iter().zip(&records) {
-        for (i, &n) in r.rows.iter().enumerate() {
-            if n < t.in_dim && opts.alpha2 < 1e-5 {
+    if opts.alpha2 < 1e-5 {
+        for i in 0..ids.len() {
+            let thin = targets.iter().zip(&records).find(|(t, r)| r.rows.get(i).is_some_and(|&n| n < t.in_dim));
+            if let Some((t, r)) = thin {
                 warnings.push(format!(
-                    "task {} has {n} token rows at {} (input width {}), and the ridge alpha2={:e} is weak: the solve is ill-conditioned; use more samples or alpha ≈ 1e-4",
-                    i + 1, t.name, t.in_dim, opts.alpha2
+                    "task {} has {} token rows at {} (input width {}), and the ridge alpha2={:e} is weak: the solve is ill-conditioned; use more samples or alpha ≈ 1e-4",
+                    i + 1, r.rows[i], t.name, t.in_dim, opts.alpha2
                 ));
-                break;
             }
         }
     }
-    warnings.dedup_by(|a, b| a.split(" at ").next() == b.split(" at ").next());
     Ok(Outcome {
         merged,
         records,
