@@ -102,7 +102,7 @@ fn run<B: Backend + 'static>(be: &B, backend: &str, which: &[String]) {
             continue;
         }
         let t = Instant::now();
-        let out = run_iteris(be, model.as_ref(), targets(), &ids, &opts, &mut |_| {}).unwrap();
+        let out = pollster::block_on(run_iteris(be, &model, targets(), &ids, &opts, &mut |_| {})).unwrap();
         println!(
             "{backend} {label:8} GPT-2-small shape (d={D}, {LAYERS} layers, r={R} on c_attn, {TASKS}x{SAMPLES}x{TOKENS} tokens): {:.2} s, {} modules",
             t.elapsed().as_secs_f64(),

@@ -16,6 +16,9 @@ pub enum Error {
     Numeric(String),
     #[error("{0}")]
     Io(String),
+    /// The GPU failed while working (device lost, out of memory, a readback refused).
+    #[error("{0}")]
+    Gpu(String),
     /// Not a failure: a forward pass unwinds with this once its hook has seen every module it needs,
     /// so nothing downstream of the last targeted module is computed.
     #[error("forward pass stopped early")]

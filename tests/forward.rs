@@ -9,6 +9,7 @@ use iteris::fsio;
 use iteris::mat::Mat;
 use iteris::merge::{map_targets, tokenize};
 use iteris::models::{self, Batch, Hook, Output, StageInput, Stream};
+use pollster::FutureExt;
 use std::collections::BTreeMap;
 
 /// Applies one adapter's deltas and records every stage input by module name.
@@ -18,7 +19,7 @@ struct Recorder {
 }
 
 impl Hook<Cpu> for Recorder {
-    fn stage(&mut self, be: &Cpu, input: &StageInput<Cpu>, ys: &mut [Mat]) -> iteris::Result<()> {
+    async fn stage(&mut self, be: &Cpu, input: &StageInput<'_, Cpu>, ys: &mut [Mat]) -> iteris::Result<()> {
         let n = input.x.rows;
         for (m, y) in input.mods.iter().zip(ys.iter_mut()) {
             self.seen.insert(m.name.to_string(), input.x.clone());
@@ -48,10 +49,10 @@ fn forward_matches_transformers() {
         let mut batch = Batch::default();
         batch.push_group(0, Stream::Adapter(0), &ids);
         let out = if arch == "bert" { Output::Hidden } else { Output::Logits };
-        let y = models::run(model.as_ref(), &Cpu, &batch, &mut hook, out).unwrap().unwrap();
+        let y = models::run(&model, &Cpu, &batch, &mut hook, out).block_on().unwrap().unwrap();
 
         let exp = expected(arch, "forward.safetensors");
-        let e = rel(&Cpu.download(&y), &exp.mat("output").unwrap());
+        let e = rel(&Cpu.download(&y).block_on().unwrap(), &exp.mat("output").unwrap());
         assert!(e < 1e-4, "{arch}: output differs by {e:.2e}");
         let mut checked = 0;
         for key in exp.keys().filter(|k| k.starts_with("in.")) {

@@ -4,6 +4,7 @@
 
 use iteris::backend::{cpu::Cpu, gpu::Gpu, Activation, AttentionSpec, Backend};
 use iteris::mat::{rel_err, Mat};
+use pollster::FutureExt;
 use std::sync::OnceLock;
 
 mod common;
@@ -40,11 +41,11 @@ fn matmul_and_gram() {
         let w = r.mat(m, k);
         let rows = 3..3 + n;
         let c = Cpu.matmul_t(&x, rows.clone(), &w);
-        let gg = g.download(&g.matmul_t(&g.upload(&x), rows, &g.upload(&w)));
+        let gg = g.download(&g.matmul_t(&g.upload(&x), rows, &g.upload(&w))).block_on().unwrap();
         close(&format!("matmul_t {n}x{k}x{m}"), &gg, &c, 1e-5);
         let y = r.mat(n + 4, m);
-        let c = Cpu.gram(&x, 2..2 + n, &y, 4..4 + n);
-        let gg = g.gram(&g.upload(&x), 2..2 + n, &g.upload(&y), 4..4 + n);
+        let c = Cpu.gram(&x, 2..2 + n, &y, 4..4 + n).block_on().unwrap();
+        let gg = g.gram(&g.upload(&x), 2..2 + n, &g.upload(&y), 4..4 + n).block_on().unwrap();
         close64(&format!("gram {n}x{k}x{m}"), &gg, &c, 1e-7);
     }
 }
@@ -56,8 +57,8 @@ fn gram_accumulates_long_sums_accurately() {
     // Many rows of same-signed values: plain f32 accumulation drifts; the kernel compensates.
     let mut x = r.mat(4000, 8);
     x.data.iter_mut().for_each(|v| *v = 1.0 + 0.5 * *v);
-    let c = Cpu.gram(&x, 0..4000, &x, 0..4000);
-    let gg = g.gram(&g.upload(&x), 0..4000, &g.upload(&x), 0..4000);
+    let c = Cpu.gram(&x, 0..4000, &x, 0..4000).block_on().unwrap();
+    let gg = g.gram(&g.upload(&x), 0..4000, &g.upload(&x), 0..4000).block_on().unwrap();
     close64("gram over 4000 rows (compensated f32)", &gg, &c, 2e-8);
 }
 
@@ -73,7 +74,7 @@ fn elementwise_ops() {
         f(&Cpu, &mut c);
         let mut t = g.upload(&a);
         h(g, &mut t);
-        close(what, &g.download(&t), &c, 1e-6);
+        close(what, &g.download(&t).block_on().unwrap(), &c, 1e-6);
     };
     both(&|be, y| be.add_rows(y, 4..9, &d, 0.7), &|be, y| be.add_rows(y, 4..9, &be.upload(&d), 0.7), "add_rows");
     both(&|be, y| be.add_bias(y, &bias), &|be, y| be.add_bias(y, &be.upload(&bias)), "add_bias");
@@ -86,14 +87,15 @@ fn elementwise_ops() {
         Cpu.activate(&mut c, act);
         let mut t = g.upload(&big);
         g.activate(&mut t, act);
-        close(&format!("{act:?}"), &g.download(&t), &c, 1e-6);
+        close(&format!("{act:?}"), &g.download(&t).block_on().unwrap(), &c, 1e-6);
     }
     let c = Cpu.mix_rows(&a, 2..12, 0.3, &b, 20..30, 0.7);
-    let gg = g.download(&g.mix_rows(&g.upload(&a), 2..12, 0.3, &g.upload(&b), 20..30, 0.7));
+    let gg = g.download(&g.mix_rows(&g.upload(&a), 2..12, 0.3, &g.upload(&b), 20..30, 0.7)).block_on().unwrap();
     close("mix_rows", &gg, &c, 1e-6);
-    let (ca, cb) = (Cpu.sq_norm(&a, 3..30), g.sq_norm(&g.upload(&a), 3..30));
+    let (ca, cb) = (Cpu.sq_norm(&a, 3..30).block_on().unwrap(), g.sq_norm(&g.upload(&a), 3..30).block_on().unwrap());
     assert!(((ca - cb) / ca).abs() < 1e-6, "sq_norm {ca} vs {cb}");
-    let (ca, cb) = (Cpu.sq_dist(&a, &b), g.sq_dist(&g.upload(&a), &g.upload(&b)));
+    let (ca, cb) =
+        (Cpu.sq_dist(&a, &b).block_on().unwrap(), g.sq_dist(&g.upload(&a), &g.upload(&b)).block_on().unwrap());
     assert!(((ca - cb) / ca).abs() < 1e-6, "sq_dist {ca} vs {cb}");
 }
 
@@ -103,25 +105,43 @@ fn rows_columns_norms_rope() {
     let (g, mut r) = (gpu(), Rng(4));
     let x = r.mat(29, 48);
     let idx: Vec<u32> = (0..13).map(|_| r.below(29) as u32).collect();
-    close("select_rows", &g.download(&g.select_rows(&g.upload(&x), &idx)), &Cpu.select_rows(&x, &idx), 0.0 + 1e-12);
-    close("slice_cols", &g.download(&g.slice_cols(&g.upload(&x), 16..40)), &Cpu.slice_cols(&x, 16..40), 1e-12);
+    close(
+        "select_rows",
+        &g.download(&g.select_rows(&g.upload(&x), &idx)).block_on().unwrap(),
+        &Cpu.select_rows(&x, &idx),
+        0.0 + 1e-12,
+    );
+    close(
+        "slice_cols",
+        &g.download(&g.slice_cols(&g.upload(&x), 16..40)).block_on().unwrap(),
+        &Cpu.slice_cols(&x, 16..40),
+        1e-12,
+    );
     let (gamma, beta) = (r.mat(1, 48), r.mat(1, 48));
     let mut shifted = x.clone();
     shifted.data.iter_mut().for_each(|v| *v += 30.0);
     let c = Cpu.layer_norm(&shifted, &gamma, Some(&beta), 1e-5);
-    let gg = g.download(&g.layer_norm(&g.upload(&shifted), &g.upload(&gamma), Some(&g.upload(&beta)), 1e-5));
+    let gg = g
+        .download(&g.layer_norm(&g.upload(&shifted), &g.upload(&gamma), Some(&g.upload(&beta)), 1e-5))
+        .block_on()
+        .unwrap();
     close("layer_norm", &gg, &c, 1e-5);
     let c = Cpu.layer_norm(&x, &gamma, None, 1e-12);
-    close("layer_norm (no beta)", &g.download(&g.layer_norm(&g.upload(&x), &g.upload(&gamma), None, 1e-12)), &c, 1e-5);
+    close(
+        "layer_norm (no beta)",
+        &g.download(&g.layer_norm(&g.upload(&x), &g.upload(&gamma), None, 1e-12)).block_on().unwrap(),
+        &c,
+        1e-5,
+    );
     let c = Cpu.rms_norm(&x, &gamma, 1e-6);
-    close("rms_norm", &g.download(&g.rms_norm(&g.upload(&x), &g.upload(&gamma), 1e-6)), &c, 1e-5);
+    close("rms_norm", &g.download(&g.rms_norm(&g.upload(&x), &g.upload(&gamma), 1e-6)).block_on().unwrap(), &c, 1e-5);
     let pos: Vec<u32> = (0..29).map(|i| (i * 7 % 61) as u32).collect();
     let inv: Vec<f32> = (0..8).map(|k| 1.0 / 10000f32.powf(2.0 * k as f32 / 16.0)).collect();
     let mut c = x.clone();
     Cpu.rope(&mut c, &pos, 16, &inv);
     let mut t = g.upload(&x);
     g.rope(&mut t, &pos, 16, &inv);
-    close("rope", &g.download(&t), &c, 1e-5);
+    close("rope", &g.download(&t).block_on().unwrap(), &c, 1e-5);
 }
 
 #[test]
@@ -137,7 +157,8 @@ fn attention_variants() {
         let (q, k, v) = (r.mat(rows, heads * hd), r.mat(rows, kv * hd), r.mat(rows, kv * hd));
         let spec = AttentionSpec { heads, kv_heads: kv, head_dim: hd, causal, window, scale: 1.0 / (hd as f32).sqrt() };
         let c = Cpu.attention(&q, &k, &v, &spec, &seqs);
-        let gg = g.download(&g.attention(&g.upload(&q), &g.upload(&k), &g.upload(&v), &spec, &seqs));
+        let gg =
+            g.download(&g.attention(&g.upload(&q), &g.upload(&k), &g.upload(&v), &spec, &seqs)).block_on().unwrap();
         close(&format!("attention h{heads} kv{kv} d{hd} causal {causal} window {window:?}"), &gg, &c, 1e-5);
     }
 }
@@ -151,13 +172,13 @@ fn cholesky_and_refined_solve() {
     let (g, mut r) = (gpu(), Rng(6));
     let n = 70;
     let x = r.mat(200, n);
-    let gram = Cpu.gram(&x, 0..200, &x, 0..200);
+    let gram = Cpu.gram(&x, 0..200, &x, 0..200).block_on().unwrap();
     let m = &gram + DMatrix::identity(n, n) * (1e-4 * gram.norm());
-    let l = g.cholesky_f32_many(&[&m]).pop().flatten().expect("positive definite");
+    let l = g.cholesky_f32_many(&[&m]).block_on().unwrap().pop().flatten().expect("positive definite");
     let e = (&l * l.transpose() - &m).norm() / m.norm();
     assert!(e < 1e-6, "L·Lᵀ differs from M by {e:.2e}");
     let neg = -&m;
-    let both = g.cholesky_f32_many(&[&neg, &m]);
+    let both = g.cholesky_f32_many(&[&neg, &m]).block_on().unwrap();
     assert!(both[0].is_none(), "a negative definite matrix must be refused");
     assert!(both[1].is_some(), "and does not spoil the next one");
 
@@ -167,8 +188,8 @@ fn cholesky_and_refined_solve() {
             TaskStats { cross: &gram, gram: &gram, c: 1.0, lora: Some(&lora) },
             TaskStats { cross: &gram, gram: &gram, c: 0.5, lora: None },
         ];
-        let (cpu, p_cpu) = solve(&Cpu, "m", &ts, alpha, alpha).unwrap();
-        let (gpu_m, p_gpu) = solve(g, "m", &ts, alpha, alpha).unwrap();
+        let (cpu, p_cpu) = solve(&Cpu, "m", &ts, alpha, alpha).block_on().unwrap();
+        let (gpu_m, p_gpu) = solve(g, "m", &ts, alpha, alpha).block_on().unwrap();
         assert_eq!(p_cpu, SolvePath::CholeskyF64);
         assert!(matches!(p_gpu, SolvePath::GpuCholeskyF32Refined | SolvePath::CholeskyF64AfterGpu));
         if alpha == 1e-4 {
@@ -196,13 +217,18 @@ fn packed_half_precision_weights() {
         let w = round(r.mat(37, 23)); // odd element count: the last word is half used
         let x = r.mat(50, 23);
         let gw = g.upload_weight(&w, dtype);
-        assert_eq!(g.download(&gw), w, "{dtype:?}: download unpacks exactly");
+        assert_eq!(g.download(&gw).block_on().unwrap(), w, "{dtype:?}: download unpacks exactly");
         let c = Cpu.matmul_t(&x, 5..45, &w);
-        close(&format!("{dtype:?} matmul_t"), &g.download(&g.matmul_t(&g.upload(&x), 5..45, &gw)), &c, 1e-6);
+        close(
+            &format!("{dtype:?} matmul_t"),
+            &g.download(&g.matmul_t(&g.upload(&x), 5..45, &gw)).block_on().unwrap(),
+            &c,
+            1e-6,
+        );
         let idx = [36u32, 0, 17, 17, 5];
         close(
             &format!("{dtype:?} select_rows"),
-            &g.download(&g.select_rows(&gw, &idx)),
+            &g.download(&g.select_rows(&gw, &idx)).block_on().unwrap(),
             &Cpu.select_rows(&w, &idx),
             1e-12,
         );
@@ -225,17 +251,17 @@ fn weights_beyond_one_binding_are_split_by_rows() {
         };
         let x = r.mat(9, 23);
         let gw = g.upload_weight(&w, dtype);
-        assert_eq!(g.download(&gw), w, "{dtype:?}: blocks reassemble");
+        assert_eq!(g.download(&gw).block_on().unwrap(), w, "{dtype:?}: blocks reassemble");
         close(
             &format!("{dtype:?} split matmul_t"),
-            &g.download(&g.matmul_t(&g.upload(&x), 0..9, &gw)),
+            &g.download(&g.matmul_t(&g.upload(&x), 0..9, &gw)).block_on().unwrap(),
             &Cpu.matmul_t(&x, 0..9, &w),
             1e-6,
         );
         let idx = [36u32, 0, 9, 10, 29, 30, 5];
         close(
             &format!("{dtype:?} split select_rows"),
-            &g.download(&g.select_rows(&gw, &idx)),
+            &g.download(&g.select_rows(&gw, &idx)).block_on().unwrap(),
             &Cpu.select_rows(&w, &idx),
             1e-12,
         );

@@ -12,6 +12,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
 const MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
@@ -118,6 +119,8 @@ pub struct Gpu {
     encoder: RefCell<Option<wgpu::CommandEncoder>>,
     pending: Cell<usize>,
     readbacks: Cell<usize>,
+    /// The first error the device reported outside a readback; every readback checks it.
+    failure: Arc<Mutex<Option<String>>>,
     pool: Rc<RefCell<Pool>>,
     /// Bound where a kernel variant declares a binding it does not use (every variant of a kernel
     /// keeps one layout), so no dispatch allocates a placeholder.
@@ -192,6 +195,25 @@ impl Gpu {
             })
             .await
             .map_err(|e| Error::Unsupported(format!("GPU adapter {} refused a device ({e})", info.name)))?;
+        let failure: Arc<Mutex<Option<String>>> = Arc::default();
+        let first = failure.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let msg = match &e {
+                wgpu::Error::OutOfMemory { .. } => {
+                    "the GPU ran out of memory: use fewer or shorter samples, or the CPU backend".to_string()
+                }
+                other => format!("the GPU reported an error: {other}"),
+            };
+            first.lock().unwrap().get_or_insert(msg);
+        }));
+        let first = failure.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            if reason != wgpu::DeviceLostReason::Destroyed {
+                first.lock().unwrap().get_or_insert(format!(
+                    "the GPU device was lost ({msg}); the driver may have reset it after a long dispatch: try again or use the CPU backend"
+                ));
+            }
+        });
         let unused = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("unused binding"),
             size: 4,
@@ -208,6 +230,7 @@ impl Gpu {
             encoder: RefCell::new(None),
             pending: Cell::new(0),
             readbacks: Cell::new(0),
+            failure,
             pool: Rc::default(),
         })
     }
@@ -346,10 +369,10 @@ impl Gpu {
     }
 
     /// Copy the first n f32 of each buffer back to the host, in one submission and one map.
-    fn read_many(&self, regions: &[(&wgpu::Buffer, usize)]) -> Vec<Vec<f32>> {
+    async fn read_many(&self, regions: &[(&wgpu::Buffer, usize)]) -> Result<Vec<Vec<f32>>> {
         let total: usize = regions.iter().map(|r| r.1).sum();
         if total == 0 {
-            return regions.iter().map(|_| Vec::new()).collect();
+            return Ok(regions.iter().map(|_| Vec::new()).collect());
         }
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
@@ -371,23 +394,43 @@ impl Gpu {
         self.flush();
         self.readbacks.set(self.readbacks.get() + 1);
         let slice = staging.slice(..);
-        slice.map_async(wgpu::MapMode::Read, |r| r.expect("GPU readback failed"));
-        self.device.poll(wgpu::PollType::wait_indefinitely()).expect("GPU device lost");
-        let all: Vec<f32> = bytemuck::cast_slice(&slice.get_mapped_range().expect("GPU readback failed")).to_vec();
+        let (tx, rx) = futures_channel::oneshot::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        // Natively the host drives the device; in a browser the page's event loop does, and the
+        // callback fires while this future is suspended.
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Err(e) = self.device.poll(wgpu::PollType::wait_indefinitely()) {
+            return Err(self.failure().unwrap_or_else(|| Error::Gpu(format!("the GPU stopped responding ({e})"))));
+        }
+        let mapped = rx.await.map_err(|_| ()).and_then(|r| r.map_err(|_| ()));
+        if let Some(e) = self.failure() {
+            return Err(e);
+        }
+        mapped.map_err(|_| Error::Gpu("the GPU refused to return results (device lost?)".into()))?;
+        let range = slice.get_mapped_range().map_err(|e| Error::Gpu(format!("GPU readback failed ({e})")))?;
+        let all: Vec<f32> = bytemuck::cast_slice(&range).to_vec();
+        drop(range);
         staging.unmap();
         let mut at = 0;
-        regions
+        Ok(regions
             .iter()
             .map(|(_, n)| {
                 at += n;
                 all[at - n..at].to_vec()
             })
-            .collect()
+            .collect())
     }
 
     /// Copy `n` f32 of `buf` back to the host (submits everything recorded so far).
-    fn read(&self, buf: &wgpu::Buffer, n: usize) -> Vec<f32> {
-        self.read_many(&[(buf, n)]).pop().unwrap()
+    async fn read(&self, buf: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
+        Ok(self.read_many(&[(buf, n)]).await?.pop().unwrap())
+    }
+
+    /// The first error the device reported on its own (out of memory, lost, invalid work).
+    fn failure(&self) -> Option<Error> {
+        self.failure.lock().ok()?.clone().map(Error::Gpu)
     }
 
     fn elementwise(
@@ -535,7 +578,7 @@ impl Backend for Gpu {
     }
 
     /// One staging buffer, one submission, one map for everything pending.
-    fn fetch(&self, pending: Vec<GpuPending>) -> Vec<Fetched> {
+    async fn fetch(&self, pending: Vec<GpuPending>) -> Result<Vec<Fetched>> {
         let mut regions: Vec<(&wgpu::Buffer, usize)> = Vec::new();
         for p in &pending {
             match p {
@@ -546,9 +589,9 @@ impl Backend for Gpu {
                 }
             }
         }
-        let values = self.read_many(&regions);
+        let values = self.read_many(&regions).await?;
         let mut at = values.into_iter();
-        pending
+        Ok(pending
             .iter()
             .map(|p| match p {
                 GpuPending::Sum(parts) => Fetched::Scalar(
@@ -563,7 +606,7 @@ impl Backend for Gpu {
                     ))
                 }
             })
-            .collect()
+            .collect())
     }
 
     fn name(&self) -> String {
@@ -604,14 +647,14 @@ impl Backend for Gpu {
         GpuTensor { buf, rows: m.rows, cols: m.cols, dtype, blocks: bufs.collect(), pool: None }
     }
 
-    fn download(&self, t: &GpuTensor) -> Mat {
+    async fn download(&self, t: &GpuTensor) -> Result<Mat> {
         let mut data = Vec::with_capacity(t.rows * t.cols);
         for (r0, r1, buf) in t.row_blocks() {
             let n = (r1 - r0) * t.cols;
             match t.dtype {
-                WeightDtype::F32 => data.extend(self.read(buf, n)),
+                WeightDtype::F32 => data.extend(self.read(buf, n).await?),
                 packed => {
-                    let words: Vec<u32> = self.read(buf, n.div_ceil(2)).iter().map(|w| w.to_bits()).collect();
+                    let words: Vec<u32> = self.read(buf, n.div_ceil(2)).await?.iter().map(|w| w.to_bits()).collect();
                     data.extend((0..n).map(|e| {
                         let h = (words[e / 2] >> (16 * (e % 2))) as u16;
                         if packed == WeightDtype::F16 {
@@ -623,7 +666,7 @@ impl Backend for Gpu {
                 }
             }
         }
-        Mat::new(t.rows, t.cols, data)
+        Ok(Mat::new(t.rows, t.cols, data))
     }
 
     fn dims(&self, t: &GpuTensor) -> (usize, usize) {
@@ -763,7 +806,7 @@ impl Backend for Gpu {
     /// Blocked right-looking Cholesky in f32: per 32-column step, factor the diagonal block
     /// (one workgroup), solve the panel below it (a thread per row), and update the trailing matrix
     /// with the tiled product (alpha = −1). All matrices are factored, then read back together.
-    fn cholesky_f32_many(&self, ms: &[&nalgebra::DMatrix<f64>]) -> Vec<Option<nalgebra::DMatrix<f64>>> {
+    async fn cholesky_f32_many(&self, ms: &[&nalgebra::DMatrix<f64>]) -> Result<Vec<Option<nalgebra::DMatrix<f64>>>> {
         const NB: usize = 32;
         let block = self.pipeline("cholesky_block", CHOLESKY_BLOCK, &[]);
         let panel_p = self.pipeline("cholesky_panel", CHOLESKY_PANEL, &[]);
@@ -801,8 +844,8 @@ impl Backend for Gpu {
         }
         let regions: Vec<(&wgpu::Buffer, usize)> =
             factored.iter().flatten().flat_map(|(n, a, status)| [(status, 1), (a, n * n)]).collect();
-        let mut values = self.read_many(&regions).into_iter();
-        factored
+        let mut values = self.read_many(&regions).await?.into_iter();
+        Ok(factored
             .iter()
             .map(|f| {
                 let (n, _, _) = f.as_ref()?;
@@ -810,7 +853,7 @@ impl Backend for Gpu {
                 (status[0].to_bits() == 0)
                     .then(|| nalgebra::DMatrix::from_fn(*n, *n, |i, j| if j <= i { l[i * n + j] as f64 } else { 0.0 }))
             })
-            .collect()
+            .collect())
     }
 
     fn offers_cholesky_f32(&self) -> bool {

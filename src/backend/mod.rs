@@ -8,6 +8,7 @@
 pub mod cpu;
 pub mod gpu;
 
+use crate::error::Result;
 use crate::mat::Mat;
 use std::ops::Range;
 
@@ -102,7 +103,8 @@ pub trait Backend {
     /// What ran, for reports ("cpu", or the GPU adapter's name).
     fn name(&self) -> String;
     fn upload(&self, m: &Mat) -> Self::T;
-    fn download(&self, t: &Self::T) -> Mat;
+    /// Bring a tensor back to the host (on the GPU: waits for everything recorded so far).
+    async fn download(&self, t: &Self::T) -> Result<Mat>;
     /// A weight matrix, kept in `dtype` where the backend supports it. Only `select_rows`
     /// (as the table), `matmul_t` (as w) and `download` ever read weights.
     fn upload_weight(&self, m: &Mat, _dtype: WeightDtype) -> Self::T {
@@ -151,23 +153,32 @@ pub trait Backend {
     fn defer_sq_dist(&self, a: &Self::T, b: &Self::T) -> Self::Pending;
     /// Σ a ⊙ b over two f32 tensors of one shape.
     fn defer_dot(&self, a: &Self::T, b: &Self::T) -> Self::Pending;
-    fn fetch(&self, pending: Vec<Self::Pending>) -> Vec<Fetched>;
+    /// The values of `pending`, in order. The only place (with `download` and `cholesky_f32_many`)
+    /// where the host waits for the device: asynchronous, because a browser delivers GPU results
+    /// through its event loop.
+    async fn fetch(&self, pending: Vec<Self::Pending>) -> Result<Vec<Fetched>>;
 
-    fn gram(&self, x: &Self::T, xr: Range<usize>, y: &Self::T, yr: Range<usize>) -> nalgebra::DMatrix<f64> {
-        self.fetch(vec![self.defer_gram(x, xr, y, yr)]).pop().unwrap().matrix()
+    async fn gram(
+        &self,
+        x: &Self::T,
+        xr: Range<usize>,
+        y: &Self::T,
+        yr: Range<usize>,
+    ) -> Result<nalgebra::DMatrix<f64>> {
+        Ok(self.fetch(vec![self.defer_gram(x, xr, y, yr)]).await?.pop().unwrap().matrix())
     }
-    fn sq_norm(&self, x: &Self::T, rows: Range<usize>) -> f64 {
-        self.fetch(vec![self.defer_sq_norm(x, rows)]).pop().unwrap().scalar()
+    async fn sq_norm(&self, x: &Self::T, rows: Range<usize>) -> Result<f64> {
+        Ok(self.fetch(vec![self.defer_sq_norm(x, rows)]).await?.pop().unwrap().scalar())
     }
-    fn sq_dist(&self, a: &Self::T, b: &Self::T) -> f64 {
-        self.fetch(vec![self.defer_sq_dist(a, b)]).pop().unwrap().scalar()
+    async fn sq_dist(&self, a: &Self::T, b: &Self::T) -> Result<f64> {
+        Ok(self.fetch(vec![self.defer_sq_dist(a, b)]).await?.pop().unwrap().scalar())
     }
 
     /// Lower Cholesky factors of symmetric matrices computed in f32, for the f64 iterative
     /// refinement in `merge::solve`, all read back together. None where the backend does not offer
     /// them (the CPU solves in f64 directly) or a pivot was not positive.
-    fn cholesky_f32_many(&self, ms: &[&nalgebra::DMatrix<f64>]) -> Vec<Option<nalgebra::DMatrix<f64>>> {
-        ms.iter().map(|_| None).collect()
+    async fn cholesky_f32_many(&self, ms: &[&nalgebra::DMatrix<f64>]) -> Result<Vec<Option<nalgebra::DMatrix<f64>>>> {
+        Ok(ms.iter().map(|_| None).collect())
     }
 
     /// The largest tensor, in bytes, one op can read or write (a GPU storage binding limit).

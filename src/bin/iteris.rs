@@ -189,8 +189,8 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
         }
     };
     let r = match &gpu {
-        Some(g) => pipeline::merge(g, &base, &tasks, &opts, a.f16, &mut progress)?,
-        None => pipeline::merge(&Cpu, &base, &tasks, &opts, a.f16, &mut progress)?,
+        Some(g) => pollster::block_on(pipeline::merge(g, &base, &tasks, &opts, a.f16, &mut progress))?,
+        None => pollster::block_on(pipeline::merge(&Cpu, &base, &tasks, &opts, a.f16, &mut progress))?,
     };
     if let Some(b) = bar.take() {
         b.finish();

@@ -177,7 +177,7 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
         self.seen == self.targets.len()
     }
 
-    fn stage(&mut self, be: &B, input: &StageInput<B>, ys: &mut [B::T]) -> Result<()> {
+    async fn stage(&mut self, be: &B, input: &StageInput<'_, B>, ys: &mut [B::T]) -> Result<()> {
         let targeted: Vec<(usize, usize)> =
             input.mods.iter().enumerate().filter_map(|(j, m)| self.index.get(m.name).map(|&t| (j, t))).collect();
         if targeted.is_empty() {
@@ -245,7 +245,7 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
 
         let mut stats: Vec<(Option<DMatrix<f64>>, Option<DMatrix<f64>>)> = vec![(None, None); tasks];
         let mut denominators = vec![vec![0.0; tasks]; self.targets.len()];
-        for (slot, value) in slots.into_iter().zip(be.fetch(pending)) {
+        for (slot, value) in slots.into_iter().zip(be.fetch(pending).await?) {
             match slot {
                 Slot::WeightNorm(t) => {
                     let base = value.scalar();
@@ -293,7 +293,7 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
                     assemble(&self.targets[t].name, &ts, self.alpha1, self.alpha2)
                 })
                 .collect();
-            let factors = be.cholesky_f32_many(&systems.iter().map(|s| &s.m).collect::<Vec<_>>());
+            let factors = be.cholesky_f32_many(&systems.iter().map(|s| &s.m).collect::<Vec<_>>()).await?;
             for ((&(_, t), sys), factor) in targeted.iter().zip(systems).zip(factors) {
                 let (m, path) = finish(sys, factor, be.offers_cholesky_f32())?;
                 self.records[t].solve_path = Some(path);
@@ -330,10 +330,10 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
         Ok(())
     }
 
-    fn end_pass(&mut self, be: &B) -> Result<()> {
+    async fn end_pass(&mut self, be: &B) -> Result<()> {
         let (slots, pending): (Vec<Slot>, Vec<B::Pending>) =
             std::mem::take(&mut self.align_pending).into_iter().unzip();
-        for (slot, value) in slots.into_iter().zip(be.fetch(pending)) {
+        for (slot, value) in slots.into_iter().zip(be.fetch(pending).await?) {
             self.settle_align(slot, value);
         }
         Ok(())

@@ -162,9 +162,9 @@ pub fn tokenize(
 }
 
 /// Run IterIS. `ids[i]` are task i's tokenized samples.
-pub fn iteris<B: Backend>(
+pub async fn iteris<B: Backend>(
     be: &B,
-    model: &dyn Model<B>,
+    model: &Model<B::T>,
     targets: Vec<Target>,
     ids: &[Vec<Vec<u32>>],
     opts: &Options,
@@ -204,23 +204,23 @@ pub fn iteris<B: Backend>(
             Schedule::Sweep => {
                 announce(1, "sweep");
                 hook.begin_pass(be, Mode::Sweep, false);
-                models::run(model, be, &both, &mut hook, Output::Nothing)?;
+                models::run(model, be, &both, &mut hook, Output::Nothing).await?;
             }
             Schedule::Jacobi => {
                 // Solve 1: X̃ = X (RegMean with ridge and adaptive weights); the merged stream is not run.
                 announce(1, "jacobi solve 1");
                 hook.begin_pass(be, Mode::Jacobi, false);
-                models::run(model, be, &batch(false), &mut hook, Output::Nothing)?;
+                models::run(model, be, &batch(false), &mut hook, Output::Nothing).await?;
                 for k in 2..=opts.iters {
                     announce(k, &format!("jacobi solve {k}"));
                     hook.begin_pass(be, Mode::Jacobi, true);
-                    models::run(model, be, &both, &mut hook, Output::Nothing)?;
+                    models::run(model, be, &both, &mut hook, Output::Nothing).await?;
                     changes.push(relative_change(&hook.merged, &hook.solved));
                 }
                 // One more pass measures the final deltas on their own features.
                 announce(passes, "evaluate");
                 hook.begin_pass(be, Mode::Evaluate, true);
-                models::run(model, be, &both, &mut hook, Output::Nothing)?;
+                models::run(model, be, &both, &mut hook, Output::Nothing).await?;
             }
         }
         records = hook.records.clone();

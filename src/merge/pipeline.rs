@@ -26,7 +26,7 @@ pub struct MergeResult {
     pub outcome: super::Outcome,
 }
 
-pub fn merge<B: Backend + 'static>(
+pub async fn merge<B: Backend>(
     be: &B,
     base: &BaseInputs,
     tasks: &[TaskInput],
@@ -70,7 +70,7 @@ pub fn merge<B: Backend + 'static>(
     timings.tokenize = now() - t;
 
     check_batch_fits(be, &model.modules(), ids.iter().flatten().map(Vec::len).sum::<usize>() * 2)?;
-    let outcome = iteris(be, model.as_ref(), targets, &ids, opts, progress)?;
+    let outcome = iteris(be, &model, targets, &ids, opts, progress).await?;
     timings.passes = outcome.seconds_passes;
 
     let t = now();

@@ -174,14 +174,14 @@ pub fn finish(sys: System, factor: Option<DMatrix<f64>>, gpu_offered: bool) -> R
 }
 
 /// Solve one module's system on `be` (factor on the backend where it offers one).
-pub fn solve<B: Backend>(
+pub async fn solve<B: Backend>(
     be: &B,
     module: &str,
-    tasks: &[TaskStats],
+    tasks: &[TaskStats<'_>],
     alpha1: f64,
     alpha2: f64,
 ) -> Result<(Merged, SolvePath)> {
     let sys = assemble(module, tasks, alpha1, alpha2);
-    let factor = be.cholesky_f32_many(&[&sys.m]).pop().flatten();
+    let factor = be.cholesky_f32_many(&[&sys.m]).await?.pop().flatten();
     finish(sys, factor, be.offers_cholesky_f32())
 }

@@ -1,7 +1,7 @@
 //! The BERT family (BERT, MiniLM): absolute positions, token type 0, post-LayerNorm blocks, GELU,
 //! bidirectional attention, and the pooler (`pooler.dense` + tanh on each sequence's first token).
 
-use super::{Level, Linear, Model, ModuleInfo, Output, Pass, WeightReader};
+use super::{Hook, Level, Linear, ModuleInfo, Output, Pass, WeightReader};
 use crate::backend::{Activation, AttentionSpec, Backend};
 use crate::error::{bad_input, Result};
 use crate::formats::hf_config::HfConfig;
@@ -34,12 +34,12 @@ pub struct Bert<T> {
     pooler: Option<Linear<T>>,
 }
 
-impl<B: Backend> Model<B> for Bert<B::T> {
-    fn model_type(&self) -> &str {
+impl<T> Bert<T> {
+    pub fn model_type(&self) -> &str {
         "bert"
     }
 
-    fn modules(&self) -> Vec<ModuleInfo> {
+    pub fn modules(&self) -> Vec<ModuleInfo> {
         let (d, ff) = (self.d, self.ff);
         let mut out = Vec::new();
         for l in &self.layers {
@@ -60,11 +60,11 @@ impl<B: Backend> Model<B> for Bert<B::T> {
         out
     }
 
-    fn max_positions(&self) -> usize {
+    pub fn max_positions(&self) -> usize {
         self.max_pos
     }
 
-    fn forward(&self, pass: &mut Pass<B>) -> Result<Option<B::T>> {
+    pub async fn forward<B: Backend<T = T>, H: Hook<B>>(&self, pass: &mut Pass<'_, B, H>) -> Result<Option<T>> {
         let (be, batch) = (pass.be, pass.batch);
         let n = batch.tokens();
         let mut e = be.select_rows(&self.word, &batch.ids);
@@ -73,21 +73,21 @@ impl<B: Backend> Model<B> for Bert<B::T> {
         be.add_bias(&mut e, &self.token_type0);
         let mut h = be.layer_norm(&e, &self.emb_norm.0, self.emb_norm.1.as_ref(), self.eps);
         for l in &self.layers {
-            let mut qkv = pass.project(&h, Level::Tokens, &[l.query.r(), l.key.r(), l.value.r()])?;
+            let mut qkv = pass.project(&h, Level::Tokens, &[l.query.r(), l.key.r(), l.value.r()]).await?;
             let (v, k, q) = (qkv.pop().unwrap(), qkv.pop().unwrap(), qkv.pop().unwrap());
             let a = be.attention(&q, &k, &v, &self.attn, &batch.seqs);
-            let mut o = pass.project1(&a, l.attn_out.r())?;
+            let mut o = pass.project1(&a, l.attn_out.r()).await?;
             be.add_rows(&mut o, 0..n, &h, 1.0);
             h = be.layer_norm(&o, &l.attn_norm.0, l.attn_norm.1.as_ref(), self.eps);
-            let mut f = pass.project1(&h, l.intermediate.r())?;
+            let mut f = pass.project1(&h, l.intermediate.r()).await?;
             be.activate(&mut f, self.act);
-            let mut o = pass.project1(&f, l.output.r())?;
+            let mut o = pass.project1(&f, l.output.r()).await?;
             be.add_rows(&mut o, 0..n, &h, 1.0);
             h = be.layer_norm(&o, &l.out_norm.0, l.out_norm.1.as_ref(), self.eps);
         }
         if let Some(p) = &self.pooler {
             let first = be.select_rows(&h, &batch.first_tokens());
-            let mut pooled = pass.project(&first, Level::Sequences, &[p.r()])?.pop().unwrap();
+            let mut pooled = pass.project(&first, Level::Sequences, &[p.r()]).await?.pop().unwrap();
             be.activate(&mut pooled, Activation::Tanh);
         }
         Ok((pass.output != Output::Nothing).then_some(h))

@@ -1,7 +1,7 @@
 //! GPT-2: learned positions, pre-LayerNorm blocks, fused q/k/v (`c_attn`), `Conv1D` weights stored
 //! (in, out), GELU (tanh), LM head tied to the token embedding.
 
-use super::{Level, Linear, LinearRef, Model, ModuleInfo, Output, Pass, WeightReader};
+use super::{Hook, Level, Linear, LinearRef, ModuleInfo, Output, Pass, WeightReader};
 use crate::backend::{Activation, AttentionSpec, Backend};
 use crate::error::{bad_input, Result};
 use crate::formats::hf_config::HfConfig;
@@ -30,12 +30,12 @@ pub struct Gpt2<T> {
     ln_f: (T, Option<T>),
 }
 
-impl<B: Backend> Model<B> for Gpt2<B::T> {
-    fn model_type(&self) -> &str {
+impl<T> Gpt2<T> {
+    pub fn model_type(&self) -> &str {
         "gpt2"
     }
 
-    fn modules(&self) -> Vec<ModuleInfo> {
+    pub fn modules(&self) -> Vec<ModuleInfo> {
         let (d, ff) = (self.d, self.ff);
         let mut out = Vec::new();
         for i in 0..self.blocks.len() {
@@ -48,15 +48,15 @@ impl<B: Backend> Model<B> for Gpt2<B::T> {
         out
     }
 
-    fn max_positions(&self) -> usize {
+    pub fn max_positions(&self) -> usize {
         self.n_positions
     }
 
-    fn fan_in_fan_out(&self) -> bool {
+    pub fn fan_in_fan_out(&self) -> bool {
         true
     }
 
-    fn forward(&self, pass: &mut Pass<B>) -> Result<Option<B::T>> {
+    pub async fn forward<B: Backend<T = T>, H: Hook<B>>(&self, pass: &mut Pass<'_, B, H>) -> Result<Option<T>> {
         let be = pass.be;
         let batch = pass.batch;
         let mut h = be.select_rows(&self.wte, &batch.ids);
@@ -64,18 +64,18 @@ impl<B: Backend> Model<B> for Gpt2<B::T> {
         be.add_rows(&mut h, 0..batch.tokens(), &pos, 1.0);
         for b in &self.blocks {
             let x = be.layer_norm(&h, &b.ln_1.0, b.ln_1.1.as_ref(), self.eps);
-            let qkv = pass.project1(&x, b.c_attn.r())?;
+            let qkv = pass.project1(&x, b.c_attn.r()).await?;
             let n = batch.tokens();
             let d = self.d;
             let (q, k, v) =
                 (be.slice_cols(&qkv, 0..d), be.slice_cols(&qkv, d..2 * d), be.slice_cols(&qkv, 2 * d..3 * d));
             let a = be.attention(&q, &k, &v, &b.attn, &batch.seqs);
-            let o = pass.project1(&a, b.c_proj.r())?;
+            let o = pass.project1(&a, b.c_proj.r()).await?;
             be.add_rows(&mut h, 0..n, &o, 1.0);
             let x = be.layer_norm(&h, &b.ln_2.0, b.ln_2.1.as_ref(), self.eps);
-            let mut f = pass.project1(&x, b.c_fc.r())?;
+            let mut f = pass.project1(&x, b.c_fc.r()).await?;
             be.activate(&mut f, self.act);
-            let o = pass.project1(&f, b.mlp_proj.r())?;
+            let o = pass.project1(&f, b.mlp_proj.r()).await?;
             be.add_rows(&mut h, 0..n, &o, 1.0);
         }
         let h = be.layer_norm(&h, &self.ln_f.0, self.ln_f.1.as_ref(), self.eps);
@@ -83,7 +83,7 @@ impl<B: Backend> Model<B> for Gpt2<B::T> {
             Output::Hidden => Ok(Some(h)),
             _ => {
                 let head = LinearRef { name: "lm_head", w: &self.wte, b: None };
-                let logits = pass.project(&h, Level::Tokens, &[head])?.pop().unwrap();
+                let logits = pass.project(&h, Level::Tokens, &[head]).await?.pop().unwrap();
                 Ok((pass.output == Output::Logits).then_some(logits))
             }
         }

@@ -3,7 +3,7 @@
 //! biases (Qwen2 has q/k/v bias; a bias is used wherever the checkpoint has one), sliding windows
 //! (Mistral; Qwen2 when `use_sliding_window`), tied or untied LM head.
 
-use super::{Level, Linear, LinearRef, Model, ModuleInfo, Output, Pass, WeightReader};
+use super::{Hook, Level, Linear, LinearRef, ModuleInfo, Output, Pass, WeightReader};
 use crate::backend::{Activation, AttentionSpec, Backend};
 use crate::error::{bad_input, Result};
 use crate::formats::hf_config::HfConfig;
@@ -39,12 +39,12 @@ pub struct Llama<T> {
     lm_head: Option<Linear<T>>,
 }
 
-impl<B: Backend> Model<B> for Llama<B::T> {
-    fn model_type(&self) -> &str {
+impl<T> Llama<T> {
+    pub fn model_type(&self) -> &str {
         &self.model_type
     }
 
-    fn modules(&self) -> Vec<ModuleInfo> {
+    pub fn modules(&self) -> Vec<ModuleInfo> {
         let mut out = Vec::new();
         for l in &self.layers {
             let (qd, kvd) = (l.attn.heads * l.attn.head_dim, l.attn.kv_heads * l.attn.head_dim);
@@ -59,32 +59,32 @@ impl<B: Backend> Model<B> for Llama<B::T> {
         out
     }
 
-    fn max_positions(&self) -> usize {
+    pub fn max_positions(&self) -> usize {
         self.max_pos
     }
 
-    fn forward(&self, pass: &mut Pass<B>) -> Result<Option<B::T>> {
+    pub async fn forward<B: Backend<T = T>, H: Hook<B>>(&self, pass: &mut Pass<'_, B, H>) -> Result<Option<T>> {
         let (be, batch) = (pass.be, pass.batch);
         let n = batch.tokens();
         let mut h = be.select_rows(&self.embed, &batch.ids);
         for l in &self.layers {
             let x = be.rms_norm(&h, &l.input_norm, self.eps);
-            let mut qkv = pass.project(&x, Level::Tokens, &[l.q.r(), l.k.r(), l.v.r()])?;
+            let mut qkv = pass.project(&x, Level::Tokens, &[l.q.r(), l.k.r(), l.v.r()]).await?;
             let v = qkv.pop().unwrap();
             let mut k = qkv.pop().unwrap();
             let mut q = qkv.pop().unwrap();
             be.rope(&mut q, &batch.positions, l.attn.head_dim, &self.inv_freq);
             be.rope(&mut k, &batch.positions, l.attn.head_dim, &self.inv_freq);
             let a = be.attention(&q, &k, &v, &l.attn, &batch.seqs);
-            let o = pass.project1(&a, l.o.r())?;
+            let o = pass.project1(&a, l.o.r()).await?;
             be.add_rows(&mut h, 0..n, &o, 1.0);
             let x = be.rms_norm(&h, &l.post_norm, self.eps);
-            let mut gu = pass.project(&x, Level::Tokens, &[l.gate.r(), l.up.r()])?;
+            let mut gu = pass.project(&x, Level::Tokens, &[l.gate.r(), l.up.r()]).await?;
             let up = gu.pop().unwrap();
             let mut gate = gu.pop().unwrap();
             be.activate(&mut gate, self.act);
             be.mul(&mut gate, &up);
-            let o = pass.project1(&gate, l.down.r())?;
+            let o = pass.project1(&gate, l.down.r()).await?;
             be.add_rows(&mut h, 0..n, &o, 1.0);
         }
         let h = be.rms_norm(&h, &self.norm, self.eps);
@@ -95,7 +95,7 @@ impl<B: Backend> Model<B> for Llama<B::T> {
                     Some(l) => l.r(),
                     None => LinearRef { name: "lm_head", w: &self.embed, b: None },
                 };
-                let logits = pass.project(&h, Level::Tokens, &[head])?.pop().unwrap();
+                let logits = pass.project(&h, Level::Tokens, &[head]).await?.pop().unwrap();
                 Ok((pass.output == Output::Logits).then_some(logits))
             }
         }

@@ -131,14 +131,15 @@ pub struct StageInput<'a, B: Backend> {
 }
 
 pub trait Hook<B: Backend> {
-    /// `ys[j] = x · W0ᵀ` (bias not yet added) for `mods[j]`; add deltas in place.
-    fn stage(&mut self, be: &B, input: &StageInput<B>, ys: &mut [B::T]) -> Result<()>;
+    /// `ys[j] = x · W0ᵀ` (bias not yet added) for `mods[j]`; add deltas in place. Asynchronous
+    /// because a hook may read results back from the device.
+    async fn stage(&mut self, be: &B, input: &StageInput<'_, B>, ys: &mut [B::T]) -> Result<()>;
     /// True once nothing further down the network is needed: the pass stops before the next stage.
     fn finished(&self) -> bool {
         false
     }
     /// Called once the pass is over (run to the end or stopped), to settle anything left pending.
-    fn end_pass(&mut self, _be: &B) -> Result<()> {
+    async fn end_pass(&mut self, _be: &B) -> Result<()> {
         Ok(())
     }
 }
@@ -146,7 +147,7 @@ pub trait Hook<B: Backend> {
 /// A hook that changes nothing: the base model.
 pub struct NoHook;
 impl<B: Backend> Hook<B> for NoHook {
-    fn stage(&mut self, _: &B, _: &StageInput<B>, _: &mut [B::T]) -> Result<()> {
+    async fn stage(&mut self, _: &B, _: &StageInput<'_, B>, _: &mut [B::T]) -> Result<()> {
         Ok(())
     }
 }
@@ -163,22 +164,22 @@ pub enum Output {
 }
 
 /// One forward pass in progress.
-pub struct Pass<'a, B: Backend> {
+pub struct Pass<'a, B: Backend, H: Hook<B>> {
     pub be: &'a B,
     pub batch: &'a Batch,
-    pub hook: &'a mut dyn Hook<B>,
+    pub hook: &'a mut H,
     pub output: Output,
 }
 
-impl<B: Backend> Pass<'_, B> {
+impl<B: Backend, H: Hook<B>> Pass<'_, B, H> {
     /// Run the linear modules of one stage on `x` (all of them read it).
-    pub fn project(&mut self, x: &B::T, level: Level, mods: &[LinearRef<B::T>]) -> Result<Vec<B::T>> {
+    pub async fn project(&mut self, x: &B::T, level: Level, mods: &[LinearRef<'_, B::T>]) -> Result<Vec<B::T>> {
         if self.hook.finished() {
             return Err(Error::Stop);
         }
         let n = self.be.dims(x).0;
         let mut ys: Vec<B::T> = mods.iter().map(|m| self.be.matmul_t(x, 0..n, m.w)).collect();
-        self.hook.stage(self.be, &StageInput { batch: self.batch, level, x, mods }, &mut ys)?;
+        self.hook.stage(self.be, &StageInput { batch: self.batch, level, x, mods }, &mut ys).await?;
         for (y, m) in ys.iter_mut().zip(mods) {
             if let Some(b) = m.b {
                 self.be.add_bias(y, b);
@@ -188,50 +189,86 @@ impl<B: Backend> Pass<'_, B> {
     }
 
     /// `project` for a stage of one module.
-    pub fn project1(&mut self, x: &B::T, m: LinearRef<B::T>) -> Result<B::T> {
-        Ok(self.project(x, Level::Tokens, &[m])?.pop().unwrap())
+    pub async fn project1(&mut self, x: &B::T, m: LinearRef<'_, B::T>) -> Result<B::T> {
+        Ok(self.project(x, Level::Tokens, &[m]).await?.pop().unwrap())
     }
 }
 
-pub trait Model<B: Backend> {
+/// A loaded model of any supported architecture. An enum rather than a trait object: the forward
+/// pass is generic over its hook and asynchronous, which a trait object cannot express.
+pub enum Model<T> {
+    Gpt2(gpt2::Gpt2<T>),
+    Llama(llama::Llama<T>),
+    Bert(bert::Bert<T>),
+}
+
+impl<T> Model<T> {
     /// The Hugging Face `model_type`.
-    fn model_type(&self) -> &str;
+    pub fn model_type(&self) -> &str {
+        match self {
+            Model::Gpt2(m) => m.model_type(),
+            Model::Llama(m) => m.model_type(),
+            Model::Bert(m) => m.model_type(),
+        }
+    }
+
     /// Every linear module the forward pass runs, in forward order.
-    fn modules(&self) -> Vec<ModuleInfo>;
+    pub fn modules(&self) -> Vec<ModuleInfo> {
+        match self {
+            Model::Gpt2(m) => m.modules(),
+            Model::Llama(m) => m.modules(),
+            Model::Bert(m) => m.modules(),
+        }
+    }
+
     /// Longest sequence the model accepts.
-    fn max_positions(&self) -> usize;
+    pub fn max_positions(&self) -> usize {
+        match self {
+            Model::Gpt2(m) => m.max_positions(),
+            Model::Llama(m) => m.max_positions(),
+            Model::Bert(m) => m.max_positions(),
+        }
+    }
+
     /// Whether the model stores linear weights as (in, out) (GPT-2 `Conv1D`); adapters for it
     /// carry `fan_in_fan_out: true`.
-    fn fan_in_fan_out(&self) -> bool {
-        false
+    pub fn fan_in_fan_out(&self) -> bool {
+        matches!(self, Model::Gpt2(_))
     }
-    fn forward(&self, pass: &mut Pass<B>) -> Result<Option<B::T>>;
+
+    pub async fn forward<B: Backend<T = T>, H: Hook<B>>(&self, pass: &mut Pass<'_, B, H>) -> Result<Option<T>> {
+        match self {
+            Model::Gpt2(m) => m.forward(pass).await,
+            Model::Llama(m) => m.forward(pass).await,
+            Model::Bert(m) => m.forward(pass).await,
+        }
+    }
 }
 
 /// Run `model` on `batch` with `hook`. A pass its hook stopped early returns `None`.
-pub fn run<B: Backend>(
-    model: &dyn Model<B>,
+pub async fn run<B: Backend, H: Hook<B>>(
+    model: &Model<B::T>,
     be: &B,
     batch: &Batch,
-    hook: &mut dyn Hook<B>,
+    hook: &mut H,
     output: Output,
 ) -> Result<Option<B::T>> {
     let mut pass = Pass { be, batch, hook, output };
-    let out = match model.forward(&mut pass) {
+    let out = match model.forward(&mut pass).await {
         Err(Error::Stop) => None,
         r => r?,
     };
-    pass.hook.end_pass(be)?;
+    pass.hook.end_pass(be).await?;
     Ok(out)
 }
 
 /// Load the model a `config.json` describes from its weights.
-pub fn load<B: Backend + 'static>(be: &B, config: &HfConfig, weights: &TensorStore) -> Result<Box<dyn Model<B>>> {
+pub fn load<B: Backend>(be: &B, config: &HfConfig, weights: &TensorStore) -> Result<Model<B::T>> {
     let mt = config.model_type()?;
     Ok(match mt.as_str() {
-        "gpt2" => Box::new(gpt2::Gpt2::load(be, config, weights)?),
-        "llama" | "mistral" | "qwen2" => Box::new(llama::Llama::load(be, config, weights)?),
-        "bert" => Box::new(bert::Bert::load(be, config, weights)?),
+        "gpt2" => Model::Gpt2(gpt2::Gpt2::load(be, config, weights)?),
+        "llama" | "mistral" | "qwen2" => Model::Llama(llama::Llama::load(be, config, weights)?),
+        "bert" => Model::Bert(bert::Bert::load(be, config, weights)?),
         other => {
             return Err(bad_input(
                 &config.file,

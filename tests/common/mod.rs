@@ -8,6 +8,7 @@ use iteris::formats::safetensors::TensorFile;
 use iteris::fsio;
 use iteris::mat::Mat;
 use iteris::merge::{pipeline, Options, TaskInput};
+use pollster::FutureExt;
 use std::path::{Path, PathBuf};
 
 pub const ARCHS: [&str; 5] = ["gpt2", "llama", "qwen2", "mistral", "bert"];
@@ -48,7 +49,7 @@ pub fn merge_on<B: iteris::backend::Backend + 'static>(
     arch: &str,
     opts: &Options,
 ) -> pipeline::MergeResult {
-    pipeline::merge(be, base, &tasks(arch), opts, false, &mut |_| {}).unwrap()
+    pipeline::merge(be, base, &tasks(arch), opts, false, &mut |_| {}).block_on().unwrap()
 }
 
 /// Merge `arch`'s fixture on the CPU.
