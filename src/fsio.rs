@@ -1,11 +1,9 @@
-//! Reading input folders and writing the output folder on a native file system. The page gets the
-//! same bytes from dropped files and calls the same parsers.
+//! Input folders and the output folder on a native file system (the page reads dropped files
+//! through the same `inputs` functions).
 
 use crate::error::{bad_input, Error, Result};
-use crate::formats::hf_config::HfConfig;
 use crate::formats::peft::Adapter;
-use crate::formats::safetensors::{shard_names, TensorFile, TensorStore};
-use crate::formats::{samples, tokenizer::TextTokenizer};
+use crate::inputs::{self, Folder};
 use crate::merge::pipeline::BaseInputs;
 use crate::merge::TaskInput;
 use std::path::{Path, PathBuf};
@@ -14,56 +12,44 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| bad_input(path.display(), format!("cannot read ({e})")))
 }
 
-/// `config.json`, `tokenizer.json`, and `model.safetensors` or the shards of
-/// `model.safetensors.index.json`.
-pub fn read_base(dir: &Path) -> Result<BaseInputs> {
-    if !dir.is_dir() {
-        return Err(bad_input(dir.display(), "is not a folder (expected a Hugging Face model folder)"));
+/// A directory on disk as an input folder.
+struct Dir<'a>(&'a Path);
+
+impl Folder for Dir<'_> {
+    fn name(&self) -> String {
+        self.0.display().to_string()
     }
-    let cfg_path = dir.join("config.json");
-    let config = HfConfig::parse(cfg_path.display().to_string(), &read(&cfg_path)?)?;
-    let tok_path = dir.join("tokenizer.json");
-    if !tok_path.exists() {
-        return Err(bad_input(dir.display(), "has no tokenizer.json"));
+    fn path(&self, file: &str) -> String {
+        self.0.join(file).display().to_string()
     }
-    let tokenizer = TextTokenizer::parse(tok_path.display().to_string(), &read(&tok_path)?)?;
-    let single = dir.join("model.safetensors");
-    let index = dir.join("model.safetensors.index.json");
-    let files = if single.exists() {
-        vec![TensorFile::parse(single.display().to_string(), read(&single)?)?]
-    } else if index.exists() {
-        let names = shard_names(&index.display().to_string(), &read(&index)?)?;
-        names
-            .iter()
-            .map(|n| {
-                let p = dir.join(n);
-                TensorFile::parse(p.display().to_string(), read(&p)?)
-            })
-            .collect::<Result<Vec<_>>>()?
-    } else {
-        return Err(bad_input(dir.display(), "has neither model.safetensors nor model.safetensors.index.json"));
-    };
-    Ok(BaseInputs { config, weights: TensorStore::new(files)?, tokenizer })
+    fn take(&mut self, file: &str) -> Result<Option<Vec<u8>>> {
+        let p = self.0.join(file);
+        if p.exists() {
+            read(&p).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
 }
 
-pub fn read_adapter(dir: &Path) -> Result<Adapter> {
-    if !dir.is_dir() {
-        return Err(bad_input(dir.display(), "is not a folder (expected a PEFT adapter folder)"));
+fn dir<'a>(path: &'a Path, what: &str) -> Result<Dir<'a>> {
+    if !path.is_dir() {
+        return Err(bad_input(path.display(), format!("is not a folder (expected {what})")));
     }
-    let cfg = dir.join("adapter_config.json");
-    let w = dir.join("adapter_model.safetensors");
-    if !w.exists() {
-        return Err(bad_input(dir.display(), "has no adapter_model.safetensors"));
-    }
-    let weights = TensorFile::parse(w.display().to_string(), read(&w)?)?;
-    Adapter::parse(&dir.display().to_string(), &cfg.display().to_string(), &read(&cfg)?, &weights)
+    Ok(Dir(path))
+}
+
+pub fn read_base(path: &Path) -> Result<BaseInputs> {
+    inputs::read_base(&mut dir(path, "a Hugging Face model folder")?)
+}
+
+pub fn read_adapter(path: &Path) -> Result<Adapter> {
+    inputs::read_adapter(&mut dir(path, "a PEFT adapter folder")?)
 }
 
 pub fn read_task(adapter: &Path, samples_file: &Path) -> Result<TaskInput> {
-    let adapter = read_adapter(adapter)?;
     let name = samples_file.display().to_string();
-    let samples = samples::parse(&name, &read(samples_file)?)?;
-    Ok(TaskInput { adapter, samples_name: name, samples })
+    inputs::read_task(&mut dir(adapter, "a PEFT adapter folder")?, &name, &read(samples_file)?)
 }
 
 /// Refuse an output folder that exists and is not empty, unless `force`. Faces call this before

@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod error;
 pub mod formats;
+pub mod inputs;
 pub mod mat;
 pub mod merge;
 pub mod models;

@@ -1,0 +1,92 @@
+//! The input folders of a merge — a base model folder, adapter folders, sample files — read the
+//! same way from a directory (the CLI, `fsio`) and from files dropped onto the page (`wasm`).
+//! Everything here checks what it reads and names the file when something is wrong.
+
+use crate::error::{bad_input, Result};
+use crate::formats::hf_config::HfConfig;
+use crate::formats::peft::Adapter;
+use crate::formats::safetensors::{shard_names, TensorFile, TensorStore};
+use crate::formats::{samples, tokenizer::TextTokenizer};
+use crate::merge::pipeline::BaseInputs;
+use crate::merge::TaskInput;
+use std::collections::BTreeMap;
+
+/// A folder of input files.
+pub trait Folder {
+    /// What to call the folder in messages.
+    fn name(&self) -> String;
+    /// What to call `file` of the folder in messages.
+    fn path(&self, file: &str) -> String;
+    /// The bytes of `file`, or None when the folder has no such file. Each file is read once (an
+    /// in-memory folder hands its bytes over rather than copying them).
+    fn take(&mut self, file: &str) -> Result<Option<Vec<u8>>>;
+}
+
+/// Files held in memory, by file name (the page's dropped files; any leading folders of a dropped
+/// directory are ignored).
+pub struct MemFolder {
+    pub name: String,
+    pub files: BTreeMap<String, Vec<u8>>,
+}
+
+impl MemFolder {
+    pub fn new(name: impl Into<String>, files: impl IntoIterator<Item = (String, Vec<u8>)>) -> MemFolder {
+        let files = files.into_iter().map(|(n, b)| (n.rsplit('/').next().unwrap_or(&n).to_string(), b)).collect();
+        MemFolder { name: name.into(), files }
+    }
+}
+
+impl Folder for MemFolder {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn path(&self, file: &str) -> String {
+        format!("{}/{file}", self.name)
+    }
+    fn take(&mut self, file: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.files.remove(file))
+    }
+}
+
+fn need(f: &mut dyn Folder, file: &str, what: &str) -> Result<Vec<u8>> {
+    f.take(file)?.ok_or_else(|| bad_input(f.name(), format!("has no {file} ({what})")))
+}
+
+/// `config.json`, `tokenizer.json`, and `model.safetensors` or the shards that
+/// `model.safetensors.index.json` lists.
+pub fn read_base(f: &mut dyn Folder) -> Result<BaseInputs> {
+    let config = HfConfig::parse(f.path("config.json"), &need(f, "config.json", "a Hugging Face model folder")?)?;
+    let tokenizer = TextTokenizer::parse(f.path("tokenizer.json"), &need(f, "tokenizer.json", "the model's tokenizer")?)?;
+    let files = if let Some(bytes) = f.take("model.safetensors")? {
+        vec![TensorFile::parse(f.path("model.safetensors"), bytes)?]
+    } else if let Some(index) = f.take("model.safetensors.index.json")? {
+        let names = shard_names(&f.path("model.safetensors.index.json"), &index)?;
+        names
+            .iter()
+            .map(|n| {
+                let bytes = f.take(n)?.ok_or_else(|| {
+                    bad_input(f.path("model.safetensors.index.json"), format!("lists the shard {n}, which is missing"))
+                })?;
+                TensorFile::parse(f.path(n), bytes)
+            })
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        return Err(bad_input(f.name(), "has neither model.safetensors nor model.safetensors.index.json"));
+    };
+    Ok(BaseInputs { config, weights: TensorStore::new(files)?, tokenizer })
+}
+
+/// `adapter_config.json` + `adapter_model.safetensors` (PEFT).
+pub fn read_adapter(f: &mut dyn Folder) -> Result<Adapter> {
+    let weights = need(f, "adapter_model.safetensors", "a PEFT adapter folder")?;
+    let weights = TensorFile::parse(f.path("adapter_model.safetensors"), weights)?;
+    let config = need(f, "adapter_config.json", "a PEFT adapter folder")?;
+    Adapter::parse(&f.name(), &f.path("adapter_config.json"), &config, &weights)
+}
+
+/// An adapter folder and its calibration samples (`.txt` or `.jsonl`).
+pub fn read_task(adapter: &mut dyn Folder, samples_name: &str, samples_bytes: &[u8]) -> Result<TaskInput> {
+    let adapter = read_adapter(adapter)?;
+    let samples = samples::parse(samples_name, samples_bytes)?;
+    Ok(TaskInput { adapter, samples_name: samples_name.to_string(), samples })
+}
