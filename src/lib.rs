@@ -19,3 +19,5 @@ pub mod models;
 pub use error::{Error, Result};
 #[cfg(not(target_arch = "wasm32"))]
 pub mod fsio;
+#[cfg(target_arch = "wasm32")]
+pub mod wasm;

@@ -610,7 +610,9 @@ impl Backend for Gpu {
     }
 
     fn name(&self) -> String {
-        format!("gpu ({}, {:?})", self.info.name, self.info.backend)
+        let name = if self.info.name.is_empty() { "unnamed adapter" } else { &self.info.name };
+        let emulated = if self.is_software() { ", CPU emulation" } else { "" };
+        format!("gpu ({name}, {:?}{emulated})", self.info.backend)
     }
 
     fn upload(&self, m: &Mat) -> GpuTensor {

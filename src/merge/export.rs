@@ -106,3 +106,16 @@ pub fn adapter_files(
 pub fn dense(m: &Merged) -> Mat {
     to_mat(&(to_f64(&m.b) * to_f64(&m.a)))
 }
+
+/// A `.zip` of `files` (name, bytes) under the folder `folder`, deflated: what the page downloads.
+pub fn zip_folder(folder: &str, files: &[(&str, &[u8])]) -> Result<Vec<u8>> {
+    use std::io::Write;
+    let fail = |e: &dyn std::fmt::Display| crate::error::Error::Io(format!("cannot write the .zip ({e})"));
+    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    for (name, bytes) in files {
+        z.start_file(format!("{folder}/{name}"), opts).map_err(|e| fail(&e))?;
+        z.write_all(bytes).map_err(|e| fail(&e))?;
+    }
+    Ok(z.finish().map_err(|e| fail(&e))?.into_inner())
+}

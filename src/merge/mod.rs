@@ -15,7 +15,7 @@ use crate::models::{self, Batch, Model, Output, Stream};
 use iteris::{IterisHook, Mode, ModuleRecord, Target};
 use solve::Merged;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Schedule {
     /// Exact fixed point in one pass over the stages (default).
@@ -24,7 +24,9 @@ pub enum Schedule {
     Jacobi,
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+/// The settings of a merge. Deserialized from the page's settings (missing fields: defaults).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Options {
     pub schedule: Schedule,
     /// Solves in all (Jacobi only).
@@ -275,5 +277,7 @@ pub fn now() -> f64 {
         SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
     }
     #[cfg(target_arch = "wasm32")]
-    0.0
+    {
+        js_sys::Date::now() / 1000.0
+    }
 }

@@ -46,7 +46,7 @@ pub async fn merge<B: Backend>(
     let mut warnings = Vec::new();
     if opts.max_len > model.max_positions() {
         warnings.push(format!(
-            "--max-len {} exceeds the model's {} positions: samples are cut to {}",
+            "max length (--max-len) {} exceeds the model's {} positions: samples are cut to {}",
             opts.max_len,
             model.max_positions(),
             max_len

@@ -1,0 +1,185 @@
+//! The engine's face in the browser: wasm-bindgen exports the page's worker (`www/worker.js`)
+//! calls. Files arrive as bytes (the page never uploads them anywhere); results go back as bytes
+//! and JSON. Errors become JS `Error`s whose `kind` tells the page what to say and offer.
+
+use crate::backend::{cpu::Cpu, gpu::Gpu};
+use crate::error::Error;
+use crate::inputs::{self, MemFolder};
+use crate::merge::export::zip_folder;
+use crate::merge::pipeline::{self, BaseInputs, MergeResult};
+use crate::merge::{Options, Progress, TaskInput};
+use js_sys::{Array, Object, Reflect, Uint8Array};
+use wasm_bindgen::prelude::*;
+
+thread_local! {
+    static LAST_PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+#[wasm_bindgen(start)]
+fn start() {
+    // A panic aborts (a WebAssembly trap, like a failed allocation): remember its message so the
+    // worker can tell a bug from the browser's memory running out.
+    std::panic::set_hook(Box::new(|info| {
+        LAST_PANIC.with(|p| *p.borrow_mut() = Some(info.to_string()));
+        console_error_panic_hook::hook(info);
+    }));
+}
+
+/// The message of the panic that stopped the engine, if one did.
+#[wasm_bindgen]
+pub fn last_panic() -> Option<String> {
+    LAST_PANIC.with(|p| p.borrow().clone())
+}
+
+/// The crate version, shown by the page.
+#[wasm_bindgen]
+pub fn version() -> String {
+    env!("CARGO_PKG_VERSION").to_string()
+}
+
+fn get(o: &JsValue, key: &str) -> Result<JsValue, JsValue> {
+    Reflect::get(o, &JsValue::from_str(key))
+}
+
+fn string(o: &JsValue, key: &str) -> Result<String, JsValue> {
+    get(o, key)?.as_string().ok_or_else(|| js_error("bug", &format!("missing string field '{key}'")))
+}
+
+fn bytes(o: &JsValue, key: &str) -> Result<Vec<u8>, JsValue> {
+    Ok(get(o, key)?.dyn_into::<Uint8Array>()?.to_vec())
+}
+
+/// `{ name, files: [{ name, bytes }] }` → a folder.
+fn folder(o: &JsValue) -> Result<MemFolder, JsValue> {
+    let files = Array::from(&get(o, "files")?);
+    let mut out = Vec::new();
+    for f in files.iter() {
+        out.push((string(&f, "name")?, bytes(&f, "bytes")?));
+    }
+    Ok(MemFolder::new(string(o, "name")?, out))
+}
+
+fn set(o: &Object, key: &str, v: impl Into<JsValue>) {
+    Reflect::set(o, &JsValue::from_str(key), &v.into()).expect("setting a field of a fresh object");
+}
+
+fn js_error(kind: &str, message: &str) -> JsValue {
+    let e = js_sys::Error::new(message);
+    set(&e, "kind", kind);
+    e.into()
+}
+
+fn to_js(e: Error) -> JsValue {
+    let kind = match &e {
+        Error::Input { .. } => "input",
+        Error::Unsupported(_) => "unsupported",
+        Error::Numeric(_) => "numeric",
+        Error::Gpu(_) => "gpu",
+        Error::Io(_) | Error::Stop => "io",
+    };
+    js_error(kind, &e.to_string())
+}
+
+/// Check every input file before any work: `input` is
+/// `{ base: folder, tasks: [{ adapter: folder, samples: { name, bytes } }] }` with
+/// `folder = { name, files: [{ name, bytes }] }`.
+fn read_inputs(input: &JsValue) -> Result<(BaseInputs, Vec<TaskInput>), JsValue> {
+    let base = inputs::read_base(&mut folder(&get(input, "base")?)?).map_err(to_js)?;
+    let mut tasks = Vec::new();
+    for t in Array::from(&get(input, "tasks")?).iter() {
+        let samples = get(&t, "samples")?;
+        let mut adapter = folder(&get(&t, "adapter")?)?;
+        tasks.push(
+            inputs::read_task(&mut adapter, &string(&samples, "name")?, &bytes(&samples, "bytes")?).map_err(to_js)?,
+        );
+    }
+    Ok((base, tasks))
+}
+
+/// Merge the adapters of `input` (see `read_inputs`) with `options` (JSON: the fields of
+/// `Options`, plus `backend`: "auto" | "gpu" | "cpu", and `f16`). `progress(pass, passes, label,
+/// done, all)` is called as the merge goes. Resolves to
+/// `{ zip, report (JSON text), backend, notes: [..] }`.
+#[wasm_bindgen]
+pub async fn merge(input: JsValue, options: String, progress: js_sys::Function) -> Result<JsValue, JsValue> {
+    let settings: serde_json::Value =
+        serde_json::from_str(&options).map_err(|e| js_error("input", &format!("settings: {e}")))?;
+    let opts: Options =
+        serde_json::from_value(settings.clone()).map_err(|e| js_error("input", &format!("settings: {e}")))?;
+    let backend = settings.get("backend").and_then(|b| b.as_str()).unwrap_or("auto").to_string();
+    let f16 = settings.get("f16").and_then(|b| b.as_bool()).unwrap_or(false);
+    let (base, tasks) = read_inputs(&input)?;
+
+    let (mut pass, mut passes, mut label) = (0, 0, String::new());
+    let mut report = |p: Progress| {
+        let (done, all) = match p {
+            Progress::Pass(k, n, l) => {
+                (pass, passes, label) = (k, n, l.to_string());
+                (0, 0)
+            }
+            Progress::Modules(d, a) => (d, a),
+        };
+        let args = Array::of5(
+            &(pass as u32).into(),
+            &(passes as u32).into(),
+            &label.as_str().into(),
+            &(done as u32).into(),
+            &(all as u32).into(),
+        );
+        let _ = progress.apply(&JsValue::NULL, &args);
+    };
+
+    let mut notes: Vec<String> = Vec::new();
+    let gpu = match backend.as_str() {
+        "cpu" => None,
+        wanted => match Gpu::new_async().await {
+            Ok(g) if wanted == "auto" && g.is_software() => {
+                notes.push(format!(
+                    "WebGPU runs on {}, a CPU emulation slower than the CPU path here: merged on the CPU",
+                    g.info.name
+                ));
+                None
+            }
+            Ok(g) => Some(g),
+            Err(e) if wanted == "gpu" => {
+                return Err(js_error(
+                    "no-webgpu",
+                    &format!("WebGPU is not available in this browser ({e}); choose the CPU backend, or a browser with WebGPU"),
+                ))
+            }
+            Err(e) => {
+                notes.push(format!("WebGPU is not available ({e}): merged on the CPU"));
+                None
+            }
+        },
+    };
+    let result: MergeResult = match &gpu {
+        Some(g) => match pipeline::merge(g, &base, &tasks, &opts, f16, &mut report).await {
+            Err(Error::Gpu(msg)) => {
+                notes.push(format!("{msg}; the CPU path took over"));
+                pipeline::merge(&Cpu, &base, &tasks, &opts, f16, &mut report).await.map_err(to_js)?
+            }
+            r => r.map_err(to_js)?,
+        },
+        None => pipeline::merge(&Cpu, &base, &tasks, &opts, f16, &mut report).await.map_err(to_js)?,
+    };
+    let mut rep = serde_json::to_value(&result.report).map_err(|e| js_error("bug", &e.to_string()))?;
+    rep["notes"] = serde_json::json!(notes);
+    let rep = serde_json::to_vec_pretty(&rep).map_err(|e| js_error("bug", &e.to_string()))?;
+    let zip = zip_folder(
+        "merged_adapter",
+        &[
+            ("adapter_config.json", &result.adapter_config),
+            ("adapter_model.safetensors", &result.adapter_weights),
+            ("merge_report.json", &rep),
+        ],
+    )
+    .map_err(to_js)?;
+
+    let out = Object::new();
+    set(&out, "zip", Uint8Array::from(&zip[..]));
+    set(&out, "report", String::from_utf8_lossy(&rep).into_owned());
+    set(&out, "backend", result.report.backend.clone());
+    set(&out, "notes", notes.iter().map(|n| JsValue::from_str(n)).collect::<Array>());
+    Ok(out.into())
+}

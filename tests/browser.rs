@@ -1,0 +1,85 @@
+//! The page, end to end, in headless Chromium: builds dist/ (tools/build_web.sh), drives the page
+//! with tests/browser/e2e.mjs (demo, WebGPU and CPU merges through the file inputs, a corrupt file,
+//! every request to the page's own origin), then checks that each adapter the page downloaded
+//! equals the CLI's for the same inputs. Screenshots and downloads are kept in target/browser/.
+//! Needs what tools/setup.sh installs (Chromium, Node packages, the wasm-bindgen CLI).
+
+mod common;
+
+use common::{fixture, samples_path};
+use iteris::fsio;
+use iteris::merge::solve::to_f64;
+use nalgebra::DMatrix;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(cmd: &mut Command, what: &str) {
+    let status = cmd.current_dir(root()).status().unwrap_or_else(|e| panic!("{what}: cannot start ({e})"));
+    assert!(status.success(), "{what} failed ({status}); tools/setup.sh installs what the browser tests need");
+}
+
+/// The CLI's merge of the GPT-2 fixture into `out`, with `extra` arguments.
+fn cli_merge(out: &Path, extra: &[&str]) {
+    let mut args: Vec<String> = vec!["merge".into(), "--backend".into(), "cpu".into(), "--force".into()];
+    args.extend(["--base".into(), fixture("gpt2").join("base").display().to_string()]);
+    for i in 0..3 {
+        args.extend(["--adapter".into(), fixture("gpt2").join(format!("adapter{i}")).display().to_string()]);
+        args.extend(["--samples".into(), samples_path("gpt2", i).display().to_string()]);
+    }
+    args.extend(["--out".into(), out.display().to_string()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    run(Command::new(env!("CARGO_BIN_EXE_iteris")).args(&args), "iteris merge");
+}
+
+/// Unpack the page's zip (a `merged_adapter/` folder) into `dir`.
+fn unzip(zip: &Path, dir: &Path) -> PathBuf {
+    let mut z = zip::ZipArchive::new(std::fs::File::open(zip).unwrap()).unwrap();
+    z.extract(dir).unwrap();
+    dir.join("merged_adapter")
+}
+
+/// Each module's dense ΔW = s·B·A.
+fn deltas(dir: &Path) -> BTreeMap<String, DMatrix<f64>> {
+    let a = fsio::read_adapter(dir).unwrap();
+    a.modules.iter().map(|m| (m.path.clone(), to_f64(&m.b) * to_f64(&m.a) * m.scale as f64)).collect()
+}
+
+fn max_rel_diff(page: &Path, cli: &Path) -> f64 {
+    let (p, c) = (deltas(page), deltas(cli));
+    assert_eq!(p.keys().collect::<Vec<_>>(), c.keys().collect::<Vec<_>>(), "same modules");
+    p.iter().map(|(k, d)| (d - &c[k]).norm() / c[k].norm()).fold(0.0, f64::max)
+}
+
+#[test]
+fn page_merges_like_the_cli() {
+    run(Command::new("bash").arg("tools/build_web.sh"), "tools/build_web.sh");
+    let out = root().join("target/browser");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    run(Command::new("node").arg("tests/browser/e2e.mjs").arg(&out), "the browser tests (tests/browser/e2e.mjs)");
+
+    let (sweep, jacobi) = (out.join("cli-sweep"), out.join("cli-jacobi"));
+    cli_merge(&sweep, &[]);
+    cli_merge(&jacobi, &["--schedule", "jacobi", "--iters", "4"]);
+    for (zip, cli, tol) in [("demo", &sweep, 1e-4), ("gpu", &sweep, 1e-4), ("cpu", &sweep, 1e-4), ("cpu-jacobi", &jacobi, 1e-4)]
+    {
+        let dir = unzip(&out.join(format!("{zip}.zip")), &out.join(zip));
+        let e = max_rel_diff(&dir, cli);
+        println!("{zip}: worst module relative difference from the CLI: {e:.2e}");
+        assert!(e <= tol, "{zip}: the page's adapter differs from the CLI's by {e:.2e}");
+        let same_config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
+        let cli_config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(cli.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(same_config, cli_config, "{zip}: adapter_config.json");
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("merge_report.json")).unwrap()).unwrap();
+        assert_eq!(report["tasks"].as_array().unwrap().len(), 3, "{zip}: merge_report.json is complete");
+    }
+    assert!(out.join("results.png").exists(), "a screenshot of the results view is kept");
+}

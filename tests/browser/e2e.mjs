@@ -1,0 +1,131 @@
+// End-to-end tests of the page in headless Chromium (Debian's chromium, driven by playwright-core).
+// Run by tests/browser.rs, which builds dist/ first and then checks the downloaded adapters
+// against the CLI's. Usage: node tests/browser/e2e.mjs OUT_DIR
+// Writes OUT_DIR/{demo,gpu,cpu}.zip, OUT_DIR/results.png and OUT_DIR/summary.json; exits non-zero
+// (with the reason) when a check fails.
+import { chromium } from 'playwright-core';
+import fs from 'node:fs';
+import path from 'node:path';
+import assert from 'node:assert/strict';
+import { serve } from '../../tools/serve.mjs';
+
+const out = path.resolve(process.argv[2] || 'target/browser');
+fs.mkdirSync(out, { recursive: true });
+const fixture = (p) => path.resolve('tests/fixtures/gpt2', p);
+const server = await serve('dist');
+const origin = `http://127.0.0.1:${server.address().port}`;
+
+// WebGPU in headless Chromium without a GPU: SwiftShader's Vulkan, through Dawn.
+// --disable-background-networking etc.: Chromium's own calls home would fail on a closed network
+// (and are not the page's requests).
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--no-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update',
+    '--disable-sync', '--enable-unsafe-webgpu', '--enable-features=Vulkan', '--use-webgpu-adapter=swiftshader'],
+});
+const summary = { origin, requests: [], runs: {} };
+
+async function newPage() {
+  const context = await browser.newContext({ acceptDownloads: true, viewport: { width: 1100, height: 1400 } });
+  const page = await context.newPage();
+  page.on('request', (r) => summary.requests.push(r.url()));
+  page.on('console', (m) => { if (m.type() === 'error') console.error(`[page] ${m.text()}`); });
+  page.on('pageerror', (e) => console.error(`[page error] ${e.message}`));
+  const t0 = Date.now();
+  await page.goto(`${origin}/`);
+  await page.waitForLoadState('load');
+  summary.pageLoadSeconds = (Date.now() - t0) / 1000;
+  return { context, page };
+}
+
+async function giveFixtureFiles(page) {
+  await page.setInputFiles('#base-files', ['config.json', 'tokenizer.json', 'model.safetensors'].map((f) => fixture(`base/${f}`)));
+  await page.click('#add-task');
+  for (const [k, s] of ['samples0.txt', 'samples1.jsonl', 'samples2.txt'].entries()) {
+    await page.setInputFiles(`#task-${k}-adapter`, ['adapter_config.json', 'adapter_model.safetensors'].map((f) => fixture(`adapter${k}/${f}`)));
+    await page.setInputFiles(`#task-${k}-samples`, fixture(s));
+  }
+}
+
+async function mergeAndDownload(page, name, clickId = '#merge') {
+  await page.click(clickId);
+  await page.waitForSelector('#results:not([hidden]), #message:not([hidden]):not(.info)', { timeout: 300_000 });
+  const message = await page.locator('#message').textContent();
+  assert.ok(await page.locator('#results').isVisible(), `${name}: no results; the page said: ${message}`);
+  const [download] = await Promise.all([page.waitForEvent('download'), page.click('#download')]);
+  await download.saveAs(path.join(out, `${name}.zip`));
+  const ran = page.locator('#ran');
+  const run = {
+    text: await ran.textContent(),
+    seconds: Number(await ran.getAttribute('data-seconds')),
+    engineSeconds: Number(await ran.getAttribute('data-engine-seconds')),
+  };
+  summary.runs[name] = run;
+  console.log(`${name}: ${run.text}`);
+  return run;
+}
+
+try {
+  // 1. The demo, in one click, with whatever backend auto picks (here: SwiftShader is a CPU
+  // emulation, so the CPU path).
+  {
+    const { context, page } = await newPage();
+    await mergeAndDownload(page, 'demo', '#demo');
+    await context.close();
+  }
+  // 2. Fixture files through the file inputs, on WebGPU.
+  {
+    const { context, page } = await newPage();
+    await giveFixtureFiles(page);
+    await page.selectOption('#backend', 'gpu');
+    const run = await mergeAndDownload(page, 'gpu');
+    assert.match(run.text, /on gpu \(/, 'the WebGPU run says it ran on the GPU');
+    await page.locator('#results').screenshot({ path: path.join(out, 'results.png') });
+    await context.close();
+  }
+  // 3. The same on the CPU path, with the Jacobi schedule shown too.
+  {
+    const { context, page } = await newPage();
+    await giveFixtureFiles(page);
+    await page.selectOption('#backend', 'cpu');
+    const run = await mergeAndDownload(page, 'cpu');
+    assert.match(run.text, /on cpu/, 'the CPU run says it ran on the CPU');
+    await page.selectOption('#schedule', 'jacobi');
+    await page.fill('#iters', '4');
+    await mergeAndDownload(page, 'cpu-jacobi');
+    assert.ok(await page.locator('#convergence-box').isVisible(), 'the Jacobi run shows its convergence plot');
+    assert.equal(await page.locator('#convergence circle').count(), 3, 'one point per solve after the first');
+    await page.locator('#results').screenshot({ path: path.join(out, 'results-jacobi.png') });
+    await context.close();
+  }
+  // 4. A corrupt (truncated) model file gets a message naming it, and no results.
+  {
+    const { context, page } = await newPage();
+    await giveFixtureFiles(page);
+    const whole = fs.readFileSync(fixture('base/model.safetensors'));
+    await page.setInputFiles('#base-files', [
+      { name: 'config.json', mimeType: 'application/json', buffer: fs.readFileSync(fixture('base/config.json')) },
+      { name: 'tokenizer.json', mimeType: 'application/json', buffer: fs.readFileSync(fixture('base/tokenizer.json')) },
+      { name: 'model.safetensors', mimeType: 'application/octet-stream', buffer: whole.subarray(0, whole.length / 2) },
+    ]);
+    await page.click('#merge');
+    await page.waitForSelector('#message:not([hidden]):not(.info)', { timeout: 120_000 });
+    const text = await page.locator('#message').textContent();
+    console.log(`corrupt file: ${text}`);
+    assert.match(text, /model\.safetensors/, 'the message names the file');
+    assert.ok(!(await page.locator('#results').isVisible()), 'no results for a corrupt file');
+    summary.corruptMessage = text;
+    // 5. One adapter is not a merge: said before any work.
+    await page.click('#add-task');
+    await context.close();
+  }
+  // Privacy: every request of every run went to the page's own origin.
+  const foreign = summary.requests.filter((u) => !u.startsWith(`${origin}/`) && !u.startsWith('blob:') && !u.startsWith('data:'));
+  assert.deepEqual(foreign, [], 'requests beyond the page\'s own files');
+  assert.ok(summary.requests.some((u) => u.endsWith('/pkg/iteris_bg.wasm')), 'the worker\'s requests are seen too');
+  fs.writeFileSync(path.join(out, 'summary.json'), JSON.stringify(summary, null, 2));
+  console.log(`browser tests passed; ${summary.requests.length} requests, all to ${origin}`);
+} finally {
+  await browser.close();
+  server.close();
+}

@@ -1,0 +1,45 @@
+// A static file server for dist/ on localhost, sending the page's Content-Security-Policy as a
+// header too (a <meta> policy does not cover the worker). Used by tools/serve.sh and the browser
+// tests. Usage: node tools/serve.mjs [dir] [port]
+import http from 'node:http';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const CSP = "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self'; connect-src 'self'; " +
+  "img-src 'self' data: blob:; style-src 'self'; base-uri 'none'; form-action 'none'";
+
+const TYPES = {
+  '.html': 'text/html; charset=utf-8', '.js': 'text/javascript; charset=utf-8', '.mjs': 'text/javascript; charset=utf-8',
+  '.css': 'text/css; charset=utf-8', '.wasm': 'application/wasm', '.json': 'application/json',
+  '.txt': 'text/plain; charset=utf-8', '.jsonl': 'text/plain; charset=utf-8', '.svg': 'image/svg+xml',
+};
+
+/** Serve `dir` on 127.0.0.1:`port` (0: any free port); resolves to the listening server. */
+export function serve(dir, port = 0) {
+  const root = path.resolve(dir);
+  const server = http.createServer((req, res) => {
+    const url = new URL(req.url, 'http://localhost');
+    let file = path.join(root, decodeURIComponent(url.pathname));
+    if (!file.startsWith(root)) { res.writeHead(403).end(); return; }
+    if (fs.existsSync(file) && fs.statSync(file).isDirectory()) file = path.join(file, 'index.html');
+    fs.readFile(file, (err, data) => {
+      if (err) { res.writeHead(404, { 'Content-Type': 'text/plain' }).end('not found'); return; }
+      res.writeHead(200, {
+        'Content-Type': TYPES[path.extname(file)] || 'application/octet-stream',
+        'Content-Security-Policy': CSP,
+        'Referrer-Policy': 'no-referrer',
+        'X-Content-Type-Options': 'nosniff',
+        'Cache-Control': 'no-cache',
+      });
+      res.end(data);
+    });
+  });
+  return new Promise((ok) => server.listen(port, '127.0.0.1', () => ok(server)));
+}
+
+if (process.argv[1] && fileURLToPath(import.meta.url) === path.resolve(process.argv[1])) {
+  const [dir = 'dist', port = '8080'] = process.argv.slice(2);
+  const server = await serve(dir, Number(port));
+  console.log(`iteris page: http://127.0.0.1:${server.address().port}/  (serving ${dir}; Ctrl-C stops)`);
+}

@@ -1,0 +1,374 @@
+// The page: collects files and settings, runs the merge in a worker (worker.js), shows progress,
+// results and errors, and offers the merged adapter as a .zip. Files are read here only to hand
+// their bytes to the worker; nothing is sent anywhere (see the Content-Security-Policy).
+
+// The engine copies every input into WebAssembly memory (at most 4 GiB, and browsers often grant
+// less) and works on f32 copies of the weights: beyond this much input a merge would fail midway.
+const MAX_INPUT_BYTES = 1024 * 1024 * 1024;
+
+const $ = (id) => document.getElementById(id);
+const state = { base: [], tasks: [], worker: null, zipUrl: null };
+
+// ---------- files ----------
+
+function fileList(ul, files) {
+  ul.replaceChildren(...files.map((f) => {
+    const li = document.createElement('li');
+    li.textContent = `${f.webkitRelativePath || f.name} (${size(f.size)})`;
+    return li;
+  }));
+}
+
+function size(bytes) {
+  if (bytes < 1024) return `${bytes} B`;
+  if (bytes < 1024 ** 2) return `${(bytes / 1024).toFixed(1)} KB`;
+  if (bytes < 1024 ** 3) return `${(bytes / 1024 ** 2).toFixed(1)} MB`;
+  return `${(bytes / 1024 ** 3).toFixed(2)} GB`;
+}
+
+// Every file of a drop, descending into dropped folders.
+async function droppedFiles(event) {
+  const items = [...(event.dataTransfer.items || [])];
+  const entries = items.map((i) => i.webkitGetAsEntry && i.webkitGetAsEntry()).filter(Boolean);
+  if (!entries.length) return [...event.dataTransfer.files];
+  const out = [];
+  const walk = async (entry) => {
+    if (entry.isFile) {
+      out.push(await new Promise((ok, fail) => entry.file(ok, fail)));
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      for (;;) {
+        const batch = await new Promise((ok, fail) => reader.readEntries(ok, fail));
+        if (!batch.length) break;
+        for (const e of batch) await walk(e);
+      }
+    }
+  };
+  for (const e of entries) await walk(e);
+  return out;
+}
+
+function dropZone(zone, onFiles) {
+  zone.addEventListener('dragover', (e) => { e.preventDefault(); zone.classList.add('over'); });
+  zone.addEventListener('dragleave', () => zone.classList.remove('over'));
+  zone.addEventListener('drop', async (e) => {
+    e.preventDefault();
+    zone.classList.remove('over');
+    onFiles(await droppedFiles(e));
+  });
+}
+
+// Hidden files and editor leftovers in a dropped folder are not part of it.
+const visible = (files) => files.filter((f) => !f.name.startsWith('.'));
+
+function setBase(files) {
+  state.base = visible(files);
+  fileList($('base-list'), state.base);
+}
+
+// ---------- adapters ----------
+
+function addTask() {
+  const k = state.tasks.length;
+  const task = { adapter: [], samples: null, el: document.createElement('div') };
+  task.el.className = 'task';
+  task.el.innerHTML = `
+    <h4>Adapter ${k + 1}</h4>
+    <div class="drop">
+      <span class="drop-label">Adapter folder:</span>
+      <label class="button">files<input type="file" id="task-${k}-adapter" multiple></label>
+      <label class="button">folder<input type="file" id="task-${k}-adapter-dir" webkitdirectory></label>
+      <ul class="files"></ul>
+    </div>
+    <div class="drop">
+      <span class="drop-label">Samples (.txt, .jsonl):</span>
+      <label class="button">file<input type="file" id="task-${k}-samples" accept=".txt,.jsonl,text/plain"></label>
+      <ul class="files"></ul>
+    </div>
+    <button type="button" class="remove" title="Remove this adapter">✕</button>`;
+  const [adapterZone, samplesZone] = task.el.querySelectorAll('.drop');
+  const setAdapter = (files) => {
+    task.adapter = visible(files);
+    fileList(adapterZone.querySelector('ul'), task.adapter);
+  };
+  const setSamples = (files) => {
+    task.samples = files[0] || null;
+    fileList(samplesZone.querySelector('ul'), files.slice(0, 1));
+  };
+  task.setAdapter = setAdapter;
+  task.setSamples = setSamples;
+  adapterZone.querySelectorAll('input').forEach((i) => i.addEventListener('change', () => setAdapter([...i.files])));
+  samplesZone.querySelector('input').addEventListener('change', (e) => setSamples([...e.target.files]));
+  dropZone(adapterZone, setAdapter);
+  dropZone(samplesZone, setSamples);
+  task.el.querySelector('.remove').addEventListener('click', () => {
+    if (state.tasks.length <= 2) return;
+    state.tasks.splice(state.tasks.indexOf(task), 1);
+    task.el.remove();
+  });
+  state.tasks.push(task);
+  $('tasks').append(task.el);
+  return task;
+}
+
+// ---------- settings ----------
+
+function options() {
+  const num = (id, what, min) => {
+    const v = Number($(id).value);
+    if (!Number.isFinite(v) || v < min) throw new UserError(`${what}: "${$(id).value}" is not a number ≥ ${min}`);
+    return v;
+  };
+  const rank = $('rank').value.trim();
+  return {
+    schedule: $('schedule').value,
+    iters: Math.round(num('iters', 'Solves', 1)),
+    alpha1: num('alpha1', 'α1', 0),
+    alpha2: num('alpha2', 'α2', 0),
+    max_len: Math.round(num('max-len', 'Max length', 1)),
+    rank: rank === '' ? null : Math.round(num('rank', 'Output rank', 1)),
+    backend: $('backend').value,
+  };
+}
+
+class UserError extends Error {}
+
+// ---------- messages ----------
+
+// What to tell a person for each kind of failure (kinds come from src/wasm.rs and worker.js).
+const ADVICE = {
+  input: 'Check that each drop zone holds the right files.',
+  unsupported: '',
+  numeric: '',
+  gpu: 'Try again, or choose the CPU backend.',
+  'no-webgpu': 'Choose the auto or CPU backend, or open the page in a browser with WebGPU (recent Chrome or Edge, Safari 26, Firefox 141 on Windows).',
+  memory: 'The browser ran out of memory for this merge. Use fewer or shorter samples (Max length), or the command-line tool (iteris merge) for large models.',
+  'too-large': 'Use the command-line tool (iteris merge) for models this large: it has no such limit.',
+  engine: 'This browser cannot run the engine (WebAssembly). Use a recent Chrome, Edge, Firefox or Safari.',
+  bug: 'This is a bug in iteris; please report it with the message above.',
+};
+
+function showMessage(text, kind) {
+  const m = $('message');
+  m.hidden = !text;
+  m.className = kind === 'info' ? 'info' : '';
+  const said = text || '';
+  m.textContent = kind && ADVICE[kind] ? `${said}${/[.!?]$/.test(said) ? '' : '.'} ${ADVICE[kind]}` : said;
+}
+
+// ---------- merge ----------
+
+function checkInputs() {
+  if (!state.base.length) throw new UserError('Base model: drop the model folder (config.json, tokenizer.json, model.safetensors).');
+  const tasks = state.tasks.filter((t) => t.adapter.length || t.samples);
+  if (tasks.length < 2) throw new UserError('Merging needs at least two adapters, each with its samples.');
+  tasks.forEach((t, k) => {
+    if (!t.adapter.length) throw new UserError(`Adapter ${k + 1}: drop its folder (adapter_config.json, adapter_model.safetensors).`);
+    if (!t.samples) throw new UserError(`Adapter ${k + 1}: drop a samples file (.txt or .jsonl).`);
+  });
+  const all = [...state.base, ...tasks.flatMap((t) => [...t.adapter, t.samples])];
+  const total = all.reduce((s, f) => s + f.size, 0);
+  if (total > MAX_INPUT_BYTES) {
+    const big = all.reduce((a, b) => (b.size > a.size ? b : a));
+    const e = new UserError(`${big.name}: ${size(big.size)}; with the other files ${size(total)}, more than the ${size(MAX_INPUT_BYTES)} this page can hold in browser memory.`);
+    e.kind = 'too-large';
+    throw e;
+  }
+  return tasks;
+}
+
+async function bytesOf(file) {
+  try {
+    return new Uint8Array(await file.arrayBuffer());
+  } catch (e) {
+    throw new UserError(`${file.name}: the browser could not read it (${e.message})`);
+  }
+}
+
+async function folder(name, files) {
+  const out = [];
+  for (const f of files) out.push({ name: f.name, bytes: await bytesOf(f) });
+  return { name, files: out };
+}
+
+async function startMerge() {
+  let tasks, opts;
+  try {
+    tasks = checkInputs();
+    opts = options();
+  } catch (e) {
+    showMessage(e.message, e.kind || 'input-local');
+    return;
+  }
+  showMessage('');
+  $('results').hidden = true;
+  setBusy(true);
+  let input;
+  try {
+    const baseName = (state.base[0].webkitRelativePath || '').split('/')[0] || 'base model';
+    input = { base: await folder(baseName, state.base), tasks: [] };
+    for (const [k, t] of tasks.entries()) {
+      const name = (t.adapter[0].webkitRelativePath || '').split('/')[0] || `adapter ${k + 1}`;
+      input.tasks.push({ adapter: await folder(name, t.adapter), samples: { name: t.samples.name, bytes: await bytesOf(t.samples) } });
+    }
+  } catch (e) {
+    setBusy(false);
+    showMessage(e.message, 'input');
+    return;
+  }
+  const transfer = [...input.base.files, ...input.tasks.flatMap((t) => [...t.adapter.files, t.samples])].map((f) => f.bytes.buffer);
+  const started = performance.now();
+  const worker = new Worker('worker.js', { type: 'module' });
+  state.worker = worker;
+  worker.onmessage = (e) => {
+    const m = e.data;
+    if (m.type === 'version') {
+      $('version').textContent = `v${m.version}`;
+      state.engineSeconds = (performance.now() - started) / 1000;
+    }
+    else if (m.type === 'progress') showProgress(m, started);
+    else if (m.type === 'done') { finish(); showResults(m, (performance.now() - started) / 1000); }
+    else if (m.type === 'error') { finish(); showMessage(m.message, m.kind); }
+  };
+  worker.onerror = (e) => {
+    finish();
+    showMessage(`The engine could not start (${e.message || 'worker error'}).`, 'engine');
+  };
+  worker.postMessage({ input, options: opts }, transfer);
+}
+
+function finish() {
+  if (state.worker) state.worker.terminate();
+  state.worker = null;
+  setBusy(false);
+}
+
+function cancel() {
+  finish();
+  showMessage('Merge cancelled.', 'info');
+}
+
+function setBusy(busy) {
+  $('merge').disabled = busy;
+  $('demo').disabled = busy;
+  $('cancel').disabled = !busy;
+  $('progress').hidden = !busy;
+  if (busy) {
+    $('bar').value = 0;
+    $('progress-text').textContent = 'Reading files…';
+  }
+}
+
+function showProgress(m, started) {
+  const frac = m.passes ? Math.min(1, (m.pass - 1 + (m.all ? m.done / m.all : 0)) / m.passes) : 0;
+  $('bar').value = frac;
+  const elapsed = (performance.now() - started) / 1000;
+  const left = frac > 0.02 ? ` · about ${Math.ceil((elapsed * (1 - frac)) / frac)} s left` : '';
+  const modules = m.all ? ` · module ${m.done} of ${m.all}` : '';
+  $('progress-text').textContent = `Pass ${m.pass} of ${m.passes} (${m.label})${modules}${left}`;
+}
+
+// ---------- results ----------
+
+function showResults(m, seconds) {
+  const report = JSON.parse(m.report);
+  $('ran').textContent = `Merged ${report.tasks.length} adapters of a ${report.model_type} model in ${seconds.toFixed(1)} s ` +
+    `(engine loaded in ${state.engineSeconds.toFixed(2)} s) on ${m.backend}, ${report.method}.`;
+  $('ran').dataset.seconds = seconds;
+  $('ran').dataset.engineSeconds = state.engineSeconds;
+  $('notes').replaceChildren(...[...m.notes, ...report.warnings].map((t) => {
+    const li = document.createElement('li');
+    li.textContent = t;
+    return li;
+  }));
+  if (state.zipUrl) URL.revokeObjectURL(state.zipUrl);
+  state.zipUrl = URL.createObjectURL(new Blob([m.zip], { type: 'application/zip' }));
+  $('download').href = state.zipUrl;
+
+  const fmt = (v) => (v === null || v === undefined || Number.isNaN(v) ? '—' : v.toExponential(2));
+  table($('task-table'), ['adapter', 'samples file', 'samples', 'tokens', 'mean alignment error'],
+    report.tasks.map((t) => [t.adapter, t.samples_file, t.samples, t.tokens, fmt(t.mean_alignment_error)]));
+  table($('module-table'), ['module', 'rank', 'solve', ...report.tasks.map((_, i) => `error ${i + 1}`), ...report.tasks.map((_, i) => `weight ${i + 1}`)],
+    report.modules.map((r) => [r.module, r.rank, r.solve_path || '—', ...r.alignment_error.map(fmt), ...r.adaptive_weights.map((c) => c.toPrecision(3))]));
+  $('convergence-box').hidden = !report.jacobi_changes.length;
+  if (report.jacobi_changes.length) plot($('convergence'), report.jacobi_changes);
+  $('results').hidden = false;
+}
+
+function table(el, head, rows) {
+  const tr = (cells, tag) => {
+    const r = document.createElement('tr');
+    for (const c of cells) {
+      const td = document.createElement(tag);
+      td.textContent = c;
+      if (typeof c === 'number' || /^[-\d.e+]+$/.test(String(c))) td.className = 'num';
+      r.append(td);
+    }
+    return r;
+  };
+  el.replaceChildren(tr(head, 'th'), ...rows.map((r) => tr(r, 'td')));
+}
+
+// Log-scale line plot of the Jacobi changes (solve k+1 vs solve k), drawn as SVG elements.
+function plot(svg, ys) {
+  const NS = 'http://www.w3.org/2000/svg';
+  const el = (tag, attrs, text) => {
+    const e = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    if (text !== undefined) e.textContent = text;
+    return e;
+  };
+  const [W, H, L, R, T, B] = [480, 200, 56, 12, 12, 30];
+  const logs = ys.map((y) => Math.log10(Math.max(y, 1e-16)));
+  let lo = Math.floor(Math.min(...logs));
+  let hi = Math.ceil(Math.max(...logs));
+  if (hi === lo) hi = lo + 1;
+  const x = (i) => L + (ys.length === 1 ? (W - L - R) / 2 : (i * (W - L - R)) / (ys.length - 1));
+  const y = (v) => T + ((hi - v) * (H - T - B)) / (hi - lo);
+  const parts = [el('line', { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: '#888' }), el('line', { x1: L, y1: T, x2: L, y2: H - B, stroke: '#888' })];
+  for (let p = lo; p <= hi; p++) {
+    parts.push(el('line', { x1: L, y1: y(p), x2: W - R, y2: y(p), stroke: '#e3e6eb' }));
+    parts.push(el('text', { x: L - 6, y: y(p) + 4, 'text-anchor': 'end', 'font-size': 11, fill: '#555' }, `1e${p}`));
+  }
+  ys.forEach((_, i) => parts.push(el('text', { x: x(i), y: H - B + 16, 'text-anchor': 'middle', 'font-size': 11, fill: '#555' }, `${i + 2}`)));
+  parts.push(el('text', { x: (L + W) / 2, y: H - 2, 'text-anchor': 'middle', 'font-size': 11, fill: '#555' }, 'solve'));
+  parts.push(el('polyline', { points: logs.map((v, i) => `${x(i)},${y(v)}`).join(' '), fill: 'none', stroke: '#2450b2', 'stroke-width': 2 }));
+  logs.forEach((v, i) => parts.push(el('circle', { cx: x(i), cy: y(v), r: 3, fill: '#2450b2' })));
+  svg.replaceChildren(...parts);
+}
+
+// ---------- demo ----------
+
+async function loadDemo() {
+  showMessage('Loading the demo files…', 'info');
+  try {
+    const get = async (path) => {
+      const r = await fetch(`demo/${path}`);
+      if (!r.ok) throw new Error(`demo/${path}: ${r.status}`);
+      return new File([await r.blob()], path.split('/').pop());
+    };
+    const manifest = await (await fetch('demo/manifest.json')).json();
+    setBase(await Promise.all(manifest.base.files.map((f) => get(`${manifest.base.folder}/${f}`))));
+    while (state.tasks.length < manifest.tasks.length) addTask();
+    for (const [k, t] of manifest.tasks.entries()) {
+      state.tasks[k].setAdapter(await Promise.all(t.files.map((f) => get(`${t.adapter}/${f}`))));
+      state.tasks[k].setSamples([await get(t.samples)]);
+    }
+  } catch (e) {
+    showMessage(`The demo files could not be loaded (${e.message}).`, 'bug');
+    return;
+  }
+  showMessage('');
+  startMerge();
+}
+
+// ---------- wiring ----------
+
+for (const id of ['base-files', 'base-dir']) $(id).addEventListener('change', (e) => setBase([...e.target.files]));
+dropZone($('base-drop'), setBase);
+addTask();
+addTask();
+$('add-task').addEventListener('click', addTask);
+$('merge').addEventListener('click', startMerge);
+$('cancel').addEventListener('click', cancel);
+$('demo').addEventListener('click', loadDemo);

@@ -1,0 +1,36 @@
+// The engine runs here, off the page's thread, so the page stays responsive during a merge.
+// Messages in: { input, options } (see app.js). Messages out: { type: 'progress' | 'done' | 'error' }.
+// One worker serves one merge; the page terminates it to cancel.
+import init, { merge, version, last_panic } from './pkg/iteris.js';
+
+const ready = init();
+
+self.onmessage = async (event) => {
+  const { input, options } = event.data;
+  try {
+    await ready;
+    postMessage({ type: 'version', version: version() });
+    const progress = (pass, passes, label, done, all) => postMessage({ type: 'progress', pass, passes, label, done, all });
+    const r = await merge(input, JSON.stringify(options), progress);
+    postMessage({ type: 'done', zip: r.zip, report: r.report, backend: r.backend, notes: Array.from(r.notes) }, [r.zip.buffer]);
+  } catch (err) {
+    postMessage({ type: 'error', ...describe(err) });
+  }
+};
+
+// Errors from the engine carry a `kind` (see src/wasm.rs). A trap of the WebAssembly module
+// (RuntimeError) is a panic (a bug: its message was recorded) or an allocation that failed (the
+// browser's memory ran out).
+function describe(err) {
+  if (err && err.kind) return { kind: err.kind, message: err.message };
+  if (err instanceof WebAssembly.RuntimeError || err instanceof RangeError) {
+    let panic = null;
+    try { panic = last_panic(); } catch (_) { /* the module is unusable */ }
+    if (panic) return { kind: 'bug', message: panic };
+    return { kind: 'memory', message: String(err.message || err) };
+  }
+  if (err instanceof WebAssembly.CompileError || err instanceof WebAssembly.LinkError) {
+    return { kind: 'engine', message: String(err.message || err) };
+  }
+  return { kind: 'bug', message: String((err && err.message) || err) };
+}
