@@ -141,14 +141,10 @@ pub async fn merge(input: JsValue, options: String, progress: js_sys::Function) 
                 None
             }
             Ok(g) => Some(g),
-            Err(e) if wanted == "gpu" => {
-                return Err(js_error(
-                    "no-webgpu",
-                    &format!("WebGPU is not available in this browser ({e}); choose the CPU backend, or a browser with WebGPU"),
-                ))
-            }
-            Err(e) => {
-                notes.push(format!("WebGPU is not available ({e}): merged on the CPU"));
+            // wgpu's message lists the native backends it was built without: not useful here.
+            Err(_) if wanted == "gpu" => return Err(js_error("no-webgpu", "WebGPU is not available in this browser")),
+            Err(_) => {
+                notes.push("WebGPU is not available in this browser: merged on the CPU".into());
                 None
             }
         },

@@ -25,8 +25,8 @@ const browser = await chromium.launch({
 });
 const summary = { origin, requests: [], runs: {} };
 
-async function newPage() {
-  const context = await browser.newContext({ acceptDownloads: true, viewport: { width: 1100, height: 1400 } });
+async function newPage(on = browser) {
+  const context = await on.newContext({ acceptDownloads: true, viewport: { width: 1100, height: 1400 } });
   const page = await context.newPage();
   page.on('request', (r) => summary.requests.push(r.url()));
   page.on('console', (m) => { if (m.type() === 'error') console.error(`[page] ${m.text()}`); });
@@ -115,9 +115,38 @@ try {
     assert.match(text, /model\.safetensors/, 'the message names the file');
     assert.ok(!(await page.locator('#results').isVisible()), 'no results for a corrupt file');
     summary.corruptMessage = text;
-    // 5. One adapter is not a merge: said before any work.
-    await page.click('#add-task');
     await context.close();
+  }
+  // 5. One adapter is not a merge: said before any work.
+  {
+    const { context, page } = await newPage();
+    await page.setInputFiles('#base-files', fixture('base/config.json'));
+    await page.setInputFiles('#task-0-adapter', fixture('adapter0/adapter_config.json'));
+    await page.setInputFiles('#task-0-samples', fixture('samples0.txt'));
+    await page.click('#merge');
+    assert.match(await page.locator('#message').textContent(), /at least two adapters/);
+    await context.close();
+  }
+  // 6. A browser without WebGPU: asking for it explains what to do; auto merges on the CPU and says so.
+  {
+    const plain = await chromium.launch({ executablePath: process.env.CHROMIUM || '/usr/bin/chromium', args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-gpu'] });
+    try {
+      const { page } = await newPage(plain);
+      await giveFixtureFiles(page);
+      await page.selectOption('#backend', 'gpu');
+      await page.click('#merge');
+      await page.waitForSelector('#message:not([hidden]):not(.info)', { timeout: 120_000 });
+      const text = await page.locator('#message').textContent();
+      console.log(`no WebGPU, backend gpu: ${text}`);
+      assert.match(text, /WebGPU is not available/);
+      assert.match(text, /CPU backend/);
+      await page.selectOption('#backend', 'auto');
+      const run = await mergeAndDownload(page, 'no-webgpu-auto');
+      assert.match(run.text, /on cpu/);
+      assert.match(await page.locator('#notes').textContent(), /WebGPU is not available/);
+    } finally {
+      await plain.close();
+    }
   }
   // Privacy: every request of every run went to the page's own origin.
   const foreign = summary.requests.filter((u) => !u.startsWith(`${origin}/`) && !u.startsWith('blob:') && !u.startsWith('data:'));
