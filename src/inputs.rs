@@ -56,7 +56,8 @@ fn need(f: &mut dyn Folder, file: &str, what: &str) -> Result<Vec<u8>> {
 /// `model.safetensors.index.json` lists.
 pub fn read_base(f: &mut dyn Folder) -> Result<BaseInputs> {
     let config = HfConfig::parse(f.path("config.json"), &need(f, "config.json", "a Hugging Face model folder")?)?;
-    let tokenizer = TextTokenizer::parse(f.path("tokenizer.json"), &need(f, "tokenizer.json", "the model's tokenizer")?)?;
+    let tokenizer =
+        TextTokenizer::parse(f.path("tokenizer.json"), &need(f, "tokenizer.json", "the model's tokenizer")?)?;
     let files = if let Some(bytes) = f.take("model.safetensors")? {
         vec![TensorFile::parse(f.path("model.safetensors"), bytes)?]
     } else if let Some(index) = f.take("model.safetensors.index.json")? {

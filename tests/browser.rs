@@ -66,7 +66,8 @@ fn page_merges_like_the_cli() {
     let (sweep, jacobi) = (out.join("cli-sweep"), out.join("cli-jacobi"));
     cli_merge(&sweep, &[]);
     cli_merge(&jacobi, &["--schedule", "jacobi", "--iters", "4"]);
-    for (zip, cli, tol) in [("demo", &sweep, 1e-4), ("gpu", &sweep, 1e-4), ("cpu", &sweep, 1e-4), ("cpu-jacobi", &jacobi, 1e-4)]
+    for (zip, cli, tol) in
+        [("demo", &sweep, 1e-4), ("gpu", &sweep, 1e-4), ("cpu", &sweep, 1e-4), ("cpu-jacobi", &jacobi, 1e-4)]
     {
         let dir = unzip(&out.join(format!("{zip}.zip")), &out.join(zip));
         let e = max_rel_diff(&dir, cli);

@@ -127,7 +127,25 @@ try {
     assert.match(await page.locator('#message').textContent(), /at least two adapters/);
     await context.close();
   }
-  // 6. A browser without WebGPU: asking for it explains what to do; auto merges on the CPU and says so.
+  // 6. Files too large for the browser are refused before they are read (a sparse 1.1 GiB file:
+  // no disk, no memory).
+  {
+    const big = path.join(out, 'big', 'model.safetensors');
+    fs.mkdirSync(path.dirname(big), { recursive: true });
+    fs.closeSync(fs.openSync(big, 'w'));
+    fs.truncateSync(big, Math.round(1.1 * 1024 ** 3));
+    const { context, page } = await newPage();
+    await giveFixtureFiles(page);
+    await page.setInputFiles('#base-files', [fixture('base/config.json'), fixture('base/tokenizer.json'), big]);
+    await page.click('#merge');
+    const text = await page.locator('#message').textContent();
+    console.log(`too large: ${text}`);
+    assert.match(text, /model\.safetensors: 1\.10 GB/);
+    assert.match(text, /command-line tool/);
+    fs.rmSync(path.dirname(big), { recursive: true });
+    await context.close();
+  }
+  // 7. A browser without WebGPU: asking for it explains what to do; auto merges on the CPU and says so.
   {
     const plain = await chromium.launch({ executablePath: process.env.CHROMIUM || '/usr/bin/chromium', args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-gpu'] });
     try {
