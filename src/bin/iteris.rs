@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use iteris::backend::{cpu::Cpu, gpu::Gpu};
 use iteris::fsio;
-use iteris::merge::{pipeline, Options, Progress, Schedule};
+use iteris::merge::{pipeline, Method, Options, Progress, Schedule};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -26,6 +26,17 @@ enum Cmd {
 enum ScheduleArg {
     Sweep,
     Jacobi,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MethodArg {
+    Iteris,
+    Regmean,
+    Linear,
+    Cat,
+    Ties,
+    Dare,
+    Svd,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -49,6 +60,23 @@ struct MergeArgs {
     /// Output folder for the merged adapter (written atomically).
     #[arg(long)]
     out: PathBuf,
+    /// iteris (default); baselines: regmean (X̃ = X, no adaptive weights, --regmean-scale),
+    /// linear (weighted average, weights 1/N), cat (PEFT's exact sum), ties and dare (--density,
+    /// --seed), svd (the summed delta truncated to --rank, default the largest adapter rank).
+    #[arg(long, value_enum, default_value = "iteris")]
+    method: MethodArg,
+    /// Baselines: one weight per adapter, comma-separated (default 1/N for linear, 1 otherwise).
+    #[arg(long, value_delimiter = ',')]
+    weights: Option<Vec<f64>>,
+    /// ties: fraction of each delta's entries kept; dare: probability an entry is kept.
+    #[arg(long, default_value_t = 0.5)]
+    density: f64,
+    /// dare: random seed of the drops.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// regmean: factor on the Gram matrices' off-diagonal entries (1: plain RegMean).
+    #[arg(long, default_value_t = 0.9)]
+    regmean_scale: f64,
     /// sweep: exact fixed point in one pass (default); jacobi: the published schedule.
     #[arg(long, value_enum, default_value = "sweep")]
     schedule: ScheduleArg,
@@ -154,6 +182,19 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
     let tasks =
         a.adapters.iter().zip(&a.samples).map(|(ad, s)| fsio::read_task(ad, s)).collect::<iteris::Result<Vec<_>>>()?;
     let opts = Options {
+        method: match a.method {
+            MethodArg::Iteris => Method::Iteris,
+            MethodArg::Regmean => Method::Regmean,
+            MethodArg::Linear => Method::Linear,
+            MethodArg::Cat => Method::Cat,
+            MethodArg::Ties => Method::Ties,
+            MethodArg::Dare => Method::Dare,
+            MethodArg::Svd => Method::Svd,
+        },
+        weights: a.weights.clone(),
+        density: a.density,
+        seed: a.seed,
+        regmean_scale: a.regmean_scale,
         schedule: match a.schedule {
             ScheduleArg::Sweep => Schedule::Sweep,
             ScheduleArg::Jacobi => Schedule::Jacobi,

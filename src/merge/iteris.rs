@@ -84,6 +84,9 @@ pub struct IterisHook<'a, B: Backend> {
     pub alpha2: f64,
     /// Feature mixing of the released code: X̃ ← (1 − ρ) X̃ + ρ X.
     pub rho: f32,
+    /// RegMean instead of IterIS: no adaptive weights, no ridge, and each Gram's off-diagonal
+    /// entries scaled by this factor (the merged stream is not run: X̃ = X).
+    pub regmean: Option<f64>,
     seen: usize,
     on_stage: Box<dyn FnMut(usize, usize) + 'a>,
 }
@@ -127,6 +130,7 @@ impl<'a, B: Backend> IterisHook<'a, B> {
             alpha1,
             alpha2,
             rho,
+            regmean: None,
             seen: 0,
             on_stage,
         }
@@ -142,6 +146,12 @@ impl<'a, B: Backend> IterisHook<'a, B> {
         }
         self.mode = mode;
         self.seen = 0;
+    }
+
+    /// Run the merged rows with `merged` (deltas computed elsewhere: a data-free baseline).
+    pub fn set_merged(&mut self, be: &B, merged: &[Merged]) {
+        self.merged = merged.iter().cloned().map(Some).collect();
+        self.merged_dev = merged.iter().map(|m| Some((be.upload(&m.a), be.upload(&m.b)))).collect();
     }
 }
 
@@ -266,17 +276,27 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
             let rec = &mut self.records[t];
             rec.rows = rows.iter().map(|r| r.0.len()).collect();
             rec.c = (0..tasks)
-                .map(|i| self.w_norm2[t].as_ref().unwrap()[i] / denominators[t][i].max(f64::MIN_POSITIVE))
+                .map(|i| match self.regmean {
+                    Some(_) => 1.0,
+                    None => self.w_norm2[t].as_ref().unwrap()[i] / denominators[t][i].max(f64::MIN_POSITIVE),
+                })
                 .collect();
         }
 
         // 4. One solve per module.
         if self.mode != Mode::Evaluate {
             for s in stats.iter_mut() {
+                if let (Some(scale), Some(g)) = (self.regmean, s.0.as_mut()) {
+                    // RegMean: G ← scale·G + (1 − scale)·diag(G).
+                    let d = g.diagonal();
+                    *g *= scale;
+                    g.set_diagonal(&d);
+                }
                 if s.1.is_none() {
                     s.1 = s.0.clone(); // X̃ = X: the Gram is the cross term
                 }
             }
+            let (alpha1, alpha2) = if self.regmean.is_some() { (0.0, 0.0) } else { (self.alpha1, self.alpha2) };
             // Assemble every module's system, factor them all on the backend (one readback on the
             // GPU), then refine and finish each.
             let systems: Vec<_> = targeted
@@ -290,7 +310,7 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
                             lora: self.targets[t].loras[i].as_ref(),
                         })
                         .collect();
-                    assemble(&self.targets[t].name, &ts, self.alpha1, self.alpha2)
+                    assemble(&self.targets[t].name, &ts, alpha1, alpha2)
                 })
                 .collect();
             let factors = be.cholesky_f32_many(&systems.iter().map(|s| &s.m).collect::<Vec<_>>()).await?;

@@ -1,6 +1,7 @@
 //! The merge: map adapters onto the model, tokenize samples, run IterIS (sweep or Jacobi), export.
 //! Knows models and backends only through their traits.
 
+pub mod baselines;
 pub mod export;
 pub mod iteris;
 pub mod pipeline;
@@ -12,6 +13,7 @@ use crate::error::{bad_input, Error, Result};
 use crate::formats::peft::Adapter;
 use crate::formats::tokenizer::TextTokenizer;
 use crate::models::{self, Batch, Model, Output, Stream};
+pub use baselines::Method;
 use iteris::{IterisHook, Mode, ModuleRecord, Target};
 use solve::Merged;
 
@@ -28,6 +30,7 @@ pub enum Schedule {
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct Options {
+    pub method: Method,
     pub schedule: Schedule,
     /// Solves in all (Jacobi only).
     pub iters: usize,
@@ -38,11 +41,32 @@ pub struct Options {
     pub max_len: usize,
     /// Reduce the exported adapter to this rank (None: lossless rank Σr).
     pub rank: Option<usize>,
+    /// Baselines: weight per adapter (None: the method's default).
+    pub weights: Option<Vec<f64>>,
+    /// TIES: fraction of entries kept; DARE: keep probability.
+    pub density: f64,
+    /// DARE's seed.
+    pub seed: u64,
+    /// RegMean: factor on the Grams' off-diagonal entries (1: plain RegMean).
+    pub regmean_scale: f64,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { schedule: Schedule::Sweep, iters: 6, alpha1: 1e-4, alpha2: 1e-4, rho: 0.0, max_len: 128, rank: None }
+        Options {
+            method: Method::Iteris,
+            schedule: Schedule::Sweep,
+            iters: 6,
+            alpha1: 1e-4,
+            alpha2: 1e-4,
+            rho: 0.0,
+            max_len: 128,
+            rank: None,
+            weights: None,
+            density: 0.5,
+            seed: 0,
+            regmean_scale: 0.9,
+        }
     }
 }
 
@@ -64,6 +88,9 @@ pub enum Progress<'a> {
 pub struct Outcome {
     pub targets: Vec<Target>,
     pub merged: Vec<Merged>,
+    /// Fraction of each module's merged delta the method's own rank reduction kept (svd, ties,
+    /// dare; 1 for the exact methods).
+    pub energy: Vec<f64>,
     pub records: Vec<ModuleRecord>,
     /// Jacobi: relative change of the merged deltas between consecutive solves.
     pub changes: Vec<f64>,
@@ -178,6 +205,17 @@ pub async fn iteris<B: Backend>(
     if opts.schedule == Schedule::Jacobi && opts.iters == 0 {
         return Err(bad_input("--iters", "must be at least 1"));
     }
+    if let Some(w) = &opts.weights {
+        if w.len() != ids.len() || w.iter().any(|v| !v.is_finite()) {
+            return Err(bad_input("--weights", format!("needs one finite weight per adapter ({} adapters, {} weights)", ids.len(), w.len())));
+        }
+    }
+    if !(opts.density > 0.0 && opts.density <= 1.0) {
+        return Err(bad_input("--density", format!("{} is not in (0, 1]", opts.density)));
+    }
+    if !(0.0..=1.0).contains(&opts.regmean_scale) {
+        return Err(bad_input("--regmean-scale", format!("{} is not in [0, 1]", opts.regmean_scale)));
+    }
     let t0 = now();
     let batch = |with_merged: bool| {
         let mut b = Batch::default();
@@ -190,25 +228,28 @@ pub async fn iteris<B: Backend>(
         b
     };
     let both = batch(true);
-    let passes = match opts.schedule {
-        Schedule::Sweep => 1,
-        Schedule::Jacobi => opts.iters + 1,
+    let passes = match (opts.method, opts.schedule) {
+        (Method::Iteris, Schedule::Sweep) => 1,
+        (Method::Iteris, Schedule::Jacobi) => opts.iters + 1,
+        (Method::Regmean, _) => 2,
+        _ => 1,
     };
     let mut changes = Vec::new();
     let records;
     let merged: Vec<Merged>;
+    let mut energy = vec![1.0; targets.len()];
     {
         let pass_progress = std::cell::RefCell::new(&mut *progress);
         let on_stage = Box::new(|done: usize, all: usize| (pass_progress.borrow_mut())(Progress::Modules(done, all)));
         let mut hook = IterisHook::new(be, &targets, opts.alpha1, opts.alpha2, opts.rho, on_stage);
         let announce = |k: usize, label: &str| (pass_progress.borrow_mut())(Progress::Pass(k, passes, label));
-        match opts.schedule {
-            Schedule::Sweep => {
+        match (opts.method, opts.schedule) {
+            (Method::Iteris, Schedule::Sweep) => {
                 announce(1, "sweep");
                 hook.begin_pass(be, Mode::Sweep, false);
                 models::run(model, be, &both, &mut hook, Output::Nothing).await?;
             }
-            Schedule::Jacobi => {
+            (Method::Iteris, Schedule::Jacobi) => {
                 // Solve 1: X̃ = X (RegMean with ridge and adaptive weights); the merged stream is not run.
                 announce(1, "jacobi solve 1");
                 hook.begin_pass(be, Mode::Jacobi, false);
@@ -222,6 +263,30 @@ pub async fn iteris<B: Backend>(
                 // One more pass measures the final deltas on their own features.
                 announce(passes, "evaluate");
                 hook.begin_pass(be, Mode::Evaluate, true);
+                models::run(model, be, &both, &mut hook, Output::Nothing).await?;
+            }
+            (Method::Regmean, _) => {
+                announce(1, "regmean solve");
+                hook.regmean = Some(opts.regmean_scale);
+                hook.begin_pass(be, Mode::Jacobi, false);
+                models::run(model, be, &batch(false), &mut hook, Output::Nothing).await?;
+                announce(2, "evaluate");
+                hook.begin_pass(be, Mode::Evaluate, true);
+                models::run(model, be, &both, &mut hook, Output::Nothing).await?;
+            }
+            (method, _) => {
+                let settings = baselines::BaselineSettings {
+                    weights: opts.weights.clone(),
+                    density: opts.density,
+                    seed: opts.seed,
+                    rank: opts.rank,
+                };
+                let (m, e): (Vec<Merged>, Vec<f64>) =
+                    baselines::merge_data_free(method, &targets, &settings).into_iter().unzip();
+                energy = e;
+                announce(1, "evaluate");
+                hook.set_merged(be, &m);
+                hook.begin_pass(be, Mode::Evaluate, false);
                 models::run(model, be, &both, &mut hook, Output::Nothing).await?;
             }
         }
@@ -243,6 +308,7 @@ pub async fn iteris<B: Backend>(
     }
     Ok(Outcome {
         merged,
+        energy,
         records,
         changes,
         warnings,

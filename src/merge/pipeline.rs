@@ -77,9 +77,13 @@ pub async fn merge<B: Backend>(
     let (deltas, energy): (Vec<_>, Vec<_>) = outcome
         .merged
         .iter()
-        .map(|m| match opts.rank {
-            Some(r) => reduce_rank(m, r),
-            None => (m.clone(), 1.0),
+        .zip(&outcome.energy)
+        .map(|(m, e)| match opts.rank {
+            Some(r) => {
+                let (m, kept) = reduce_rank(m, r);
+                (m, e * kept)
+            }
+            None => (m.clone(), *e),
         })
         .unzip();
     let files = adapter_files(&outcome.targets, &deltas, &tasks[0].adapter, model.fan_in_fan_out(), f16_out)?;
@@ -89,13 +93,11 @@ pub async fn merge<B: Backend>(
     warnings.extend(outcome.warnings.iter().cloned());
     let report = Report {
         tool: format!("iteris {}", env!("CARGO_PKG_VERSION")),
-        method: format!(
-            "iteris-{}",
-            match opts.schedule {
-                super::Schedule::Sweep => "sweep",
-                super::Schedule::Jacobi => "jacobi",
-            }
-        ),
+        method: match (opts.method, opts.schedule) {
+            (super::Method::Iteris, super::Schedule::Sweep) => "iteris-sweep".to_string(),
+            (super::Method::Iteris, super::Schedule::Jacobi) => "iteris-jacobi".to_string(),
+            (m, _) => m.name().to_string(),
+        },
         options: opts.clone(),
         backend: be.name(),
         model_type: model.model_type().to_string(),
