@@ -52,6 +52,11 @@ pub fn read_task(adapter: &Path, samples_file: &Path) -> Result<TaskInput> {
     inputs::read_task(&mut dir(adapter, "a PEFT adapter folder")?, &name, &read(samples_file)?)
 }
 
+/// Held-out evaluation samples (`merge::evaluate::EvalSet::parse`).
+pub fn read_eval(path: &Path) -> Result<crate::merge::evaluate::EvalSet> {
+    crate::merge::evaluate::EvalSet::parse(&path.display().to_string(), &read(path)?)
+}
+
 /// Refuse an output folder that exists and is not empty, unless `force`. Faces call this before
 /// any work, and `write_folder` again before writing.
 pub fn check_out(out: &Path, force: bool) -> Result<()> {

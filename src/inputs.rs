@@ -89,5 +89,5 @@ pub fn read_adapter(f: &mut dyn Folder) -> Result<Adapter> {
 pub fn read_task(adapter: &mut dyn Folder, samples_name: &str, samples_bytes: &[u8]) -> Result<TaskInput> {
     let adapter = read_adapter(adapter)?;
     let samples = samples::parse(samples_name, samples_bytes)?;
-    Ok(TaskInput { adapter, samples_name: samples_name.to_string(), samples })
+    Ok(TaskInput { adapter, samples_name: samples_name.to_string(), samples, eval: None })
 }

@@ -98,8 +98,8 @@ fn ties_trims_elects_and_averages() {
     let a = DMatrix::from_row_slice(2, 2, &[3.0, -1.0, 0.5, -4.0]); // keeps 3, -4
     let b = DMatrix::from_row_slice(2, 2, &[-2.0, 5.0, 0.1, -1.0]); // keeps -2, 5
     let c = DMatrix::from_row_slice(2, 2, &[1.0, -6.0, 2.0, 0.2]); // keeps -6, 2
-    // Trimmed sums: [3-2, 5-6; 2, -4] = [1, -1; 2, -4] → signs [+, -; +, -].
-    // Disjoint means: [3 (only +), -6 (only -); 2, -4].
+                                                                   // Trimmed sums: [3-2, 5-6; 2, -4] = [1, -1; 2, -4] → signs [+, -; +, -].
+                                                                   // Disjoint means: [3 (only +), -6 (only -); 2, -4].
     let got = ties(&[a, b, c], 0.5);
     assert_eq!(got, DMatrix::from_row_slice(2, 2, &[3.0, -6.0, 2.0, -4.0]));
     // Through the method: weights scale each delta before trimming, and the export is the SVD at

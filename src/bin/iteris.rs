@@ -20,6 +20,18 @@ struct Cli {
 enum Cmd {
     /// Merge two or more PEFT LoRA adapters of one base model into one adapter.
     Merge(MergeArgs),
+    /// Merge with every method (IterIS and the baselines) and compare their quality on held-out
+    /// samples (--eval); --out writes the table as JSON.
+    Compare(CompareArgs),
+}
+
+#[derive(clap::Args)]
+struct CompareArgs {
+    #[command(flatten)]
+    merge: MergeArgs,
+    /// Methods to compare, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    methods: Option<Vec<String>>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -57,9 +69,13 @@ struct MergeArgs {
     /// Calibration samples of the adapter given in the same position (.txt: one per line; .jsonl: "text").
     #[arg(long = "samples", required = true)]
     samples: Vec<PathBuf>,
-    /// Output folder for the merged adapter (written atomically).
+    /// Held-out samples of the adapter in the same position, to measure the merge's quality:
+    /// .jsonl with {"prompt", "answer"} (KL and greedy accuracy) or {"text"}, or .txt (KL only).
+    #[arg(long = "eval")]
+    evals: Vec<PathBuf>,
+    /// Output folder for the merged adapter (written atomically); for compare, a JSON file.
     #[arg(long)]
-    out: PathBuf,
+    out: Option<PathBuf>,
     /// iteris (default); baselines: regmean (X̃ = X, no adaptive weights, --regmean-scale),
     /// linear (weighted average, weights 1/N), cat (PEFT's exact sum), ties and dare (--density,
     /// --seed), svd (the summed delta truncated to --rank, default the largest adapter rank).
@@ -111,8 +127,11 @@ struct MergeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Cmd::Merge(args) = cli.cmd;
-    match merge(args) {
+    let result = match cli.cmd {
+        Cmd::Merge(a) => merge(a),
+        Cmd::Compare(a) => compare(a),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -121,8 +140,26 @@ fn main() -> ExitCode {
     }
 }
 
-fn merge(a: MergeArgs) -> iteris::Result<()> {
+/// Checked inputs and settings of a merge, and the GPU if one is used.
+struct Prepared {
+    gpu: Option<Gpu>,
+    base: pipeline::BaseInputs,
+    tasks: Vec<iteris::merge::TaskInput>,
+    opts: Options,
+}
+
+fn prepare(a: &MergeArgs) -> iteris::Result<Prepared> {
     use iteris::error::bad_input;
+    if !a.evals.is_empty() && a.evals.len() != a.adapters.len() {
+        return Err(bad_input(
+            "arguments",
+            format!(
+                "{} --adapter but {} --eval: give one evaluation file per adapter, or none",
+                a.adapters.len(),
+                a.evals.len()
+            ),
+        ));
+    }
     if a.adapters.len() != a.samples.len() {
         return Err(bad_input(
             "arguments",
@@ -147,7 +184,6 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
             return Err(bad_input(k, "must be a non-negative number"));
         }
     }
-    fsio::check_out(&a.out, a.force)?;
     let gpu = match a.backend {
         BackendArg::Cpu => None,
         BackendArg::Gpu => {
@@ -179,8 +215,11 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
         },
     };
     let base = fsio::read_base(&a.base)?;
-    let tasks =
+    let mut tasks =
         a.adapters.iter().zip(&a.samples).map(|(ad, s)| fsio::read_task(ad, s)).collect::<iteris::Result<Vec<_>>>()?;
+    for (t, e) in tasks.iter_mut().zip(&a.evals) {
+        t.eval = Some(fsio::read_eval(e)?);
+    }
     let opts = Options {
         method: match a.method {
             MethodArg::Iteris => Method::Iteris,
@@ -206,7 +245,11 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
         max_len: a.max_len,
         rank: a.rank,
     };
+    Ok(Prepared { gpu, base, tasks, opts })
+}
 
+/// Merge with progress bars.
+fn run(p: &Prepared, opts: &Options, f16: bool) -> iteris::Result<pipeline::MergeResult> {
     let mut bar: Option<ProgressBar> = None;
     let mut progress = |p: Progress| match p {
         Progress::Pass(k, n, label) => {
@@ -229,16 +272,32 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
             }
         }
     };
-    let r = match &gpu {
-        Some(g) => pollster::block_on(pipeline::merge(g, &base, &tasks, &opts, a.f16, &mut progress))?,
-        None => pollster::block_on(pipeline::merge(&Cpu, &base, &tasks, &opts, a.f16, &mut progress))?,
+    let r = match &p.gpu {
+        Some(g) => pollster::block_on(pipeline::merge(g, &p.base, &p.tasks, opts, f16, &mut progress)),
+        None => pollster::block_on(pipeline::merge(&Cpu, &p.base, &p.tasks, opts, f16, &mut progress)),
     };
     if let Some(b) = bar.take() {
         b.finish();
     }
+    r
+}
+
+fn alone(p: &Prepared) -> iteris::Result<Vec<Vec<Option<f64>>>> {
+    match &p.gpu {
+        Some(g) => pollster::block_on(pipeline::accuracy_alone(g, &p.base, &p.tasks)),
+        None => pollster::block_on(pipeline::accuracy_alone(&Cpu, &p.base, &p.tasks)),
+    }
+}
+
+fn merge(a: MergeArgs) -> iteris::Result<()> {
+    let out = a.out.clone().ok_or_else(|| iteris::error::bad_input("arguments", "--out is required"))?;
+    fsio::check_out(&out, a.force)?;
+    let p = prepare(&a)?;
+    let opts = &p.opts;
+    let r = run(&p, opts, a.f16)?;
     let report = serde_json::to_vec_pretty(&r.report).unwrap();
     fsio::write_folder(
-        &a.out,
+        &out,
         &[
             ("adapter_config.json", &r.adapter_config),
             ("adapter_model.safetensors", &r.adapter_weights),
@@ -277,7 +336,85 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
         let c: Vec<String> = r.report.jacobi_changes.iter().map(|c| format!("{c:.2e}")).collect();
         println!("jacobi: relative change between solves {}", c.join(" → "));
     }
-    println!("wrote {}", a.out.display());
+    if let Some(q) = &r.quality {
+        let alone = alone(&p)?;
+        println!("\nquality on held-out samples (KL: adapter ‖ merged, nats/token; accuracy: greedy, exact answer)");
+        print!("{:<12}", "");
+        for t in &p.tasks {
+            print!(" {:>22}", shorten(t.eval.as_ref().map_or("-", |e| e.name.as_str()), 22));
+        }
+        println!();
+        let acc = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.1}%", 100.0 * v));
+        for (k, row) in alone.iter().enumerate() {
+            let label = if k == 0 { "base".to_string() } else { format!("adapter {k}") };
+            print!("{label:<12}");
+            row.iter().for_each(|v| print!(" {:>22}", acc(*v)));
+            println!();
+        }
+        print!("{:<12}", "merged");
+        q.iter().for_each(|t| print!(" {:>22}", format!("{} KL {:.3}", acc(t.accuracy), t.kl)));
+        println!();
+    }
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// Every method on the same inputs: a table of accuracy, KL and alignment error per task.
+fn compare(a: CompareArgs) -> iteris::Result<()> {
+    use iteris::error::bad_input;
+    let p = prepare(&a.merge)?;
+    let methods: Vec<Method> = match &a.methods {
+        None => Method::ALL.to_vec(),
+        Some(names) => names
+            .iter()
+            .map(|n| Method::parse(n).ok_or_else(|| bad_input("--methods", format!("unknown method '{n}'"))))
+            .collect::<iteris::Result<_>>()?,
+    };
+    let alone = if p.tasks.iter().any(|t| t.eval.is_some()) { Some(alone(&p)?) } else { None };
+    let mut rows = Vec::new();
+    for &m in &methods {
+        let r = run(&p, &Options { method: m, ..p.opts.clone() }, false)?;
+        rows.push(serde_json::json!({
+            "method": r.report.method,
+            "alignment_error": r.report.tasks.iter().map(|t| t.mean_alignment_error).collect::<Vec<_>>(),
+            "quality": r.quality,
+            "seconds": r.report.timings_s.passes,
+        }));
+    }
+    let names: Vec<String> =
+        p.tasks.iter().map(|t| t.eval.as_ref().map_or(t.samples_name.clone(), |e| e.name.clone())).collect();
+    println!("\nper task: accuracy (greedy, exact) / KL(adapter ‖ merged) / alignment error");
+    print!("{:<14}", "");
+    names.iter().for_each(|n| print!(" {:>26}", shorten(n, 26)));
+    println!();
+    let pct = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |v| format!("{:.1}%", 100.0 * v));
+    if let Some(alone) = &alone {
+        for (k, row) in alone.iter().enumerate() {
+            print!("{:<14}", if k == 0 { "base".to_string() } else { format!("adapter {k} only") });
+            row.iter().for_each(|v| print!(" {:>26}", pct(&serde_json::json!(v))));
+            println!();
+        }
+    }
+    for row in &rows {
+        print!("{:<14}", row["method"].as_str().unwrap_or(""));
+        for (i, _) in names.iter().enumerate() {
+            let q = &row["quality"][i];
+            let cell = format!(
+                "{} / {} / {:.3}",
+                pct(&q["accuracy"]),
+                q["kl"].as_f64().map_or("-".to_string(), |v| format!("{v:.3}")),
+                row["alignment_error"][i].as_f64().unwrap_or(f64::NAN)
+            );
+            print!(" {cell:>26}");
+        }
+        println!();
+    }
+    if let Some(out) = &a.merge.out {
+        let table = serde_json::json!({ "tasks": names, "alone": alone, "methods": rows });
+        std::fs::write(out, serde_json::to_vec_pretty(&table).unwrap())
+            .map_err(|e| bad_input(out.display(), format!("cannot write ({e})")))?;
+        println!("wrote {}", out.display());
+    }
     Ok(())
 }
 

@@ -46,6 +46,11 @@ impl TextTokenizer {
         Ok(Encoded { ids: enc.get_ids().to_vec(), truncated: true })
     }
 
+    /// Text of `ids`, special tokens skipped (the tokenizer's own decoder).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| bad_input(&self.file, format!("cannot decode tokens ({e})")))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -73,10 +73,8 @@ pub struct BaselineSettings {
 /// fraction of the merged delta's energy the export keeps (1 where exact).
 pub fn merge_data_free(method: Method, targets: &[Target], s: &BaselineSettings) -> Vec<(Merged, f64)> {
     let n = targets.first().map_or(0, |t| t.loras.len());
-    let weights: Vec<f64> = s
-        .weights
-        .clone()
-        .unwrap_or_else(|| vec![if method == Method::Linear { 1.0 / n as f64 } else { 1.0 }; n]);
+    let weights: Vec<f64> =
+        s.weights.clone().unwrap_or_else(|| vec![if method == Method::Linear { 1.0 / n as f64 } else { 1.0 }; n]);
     targets
         .iter()
         .enumerate()
@@ -87,7 +85,8 @@ pub fn merge_data_free(method: Method, targets: &[Target], s: &BaselineSettings)
                 super::export::reduce_rank(&weighted_cat(t, &weights), r)
             }
             Method::Ties | Method::Dare => {
-                let deltas: Vec<DMatrix<f64>> = t.loras.iter().zip(&weights).map(|(l, &w)| dense(t, l.as_ref()) * w).collect();
+                let deltas: Vec<DMatrix<f64>> =
+                    t.loras.iter().zip(&weights).map(|(l, &w)| dense(t, l.as_ref()) * w).collect();
                 let merged = if method == Method::Ties {
                     ties(&deltas, s.density)
                 } else {

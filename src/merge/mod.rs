@@ -2,6 +2,7 @@
 //! Knows models and backends only through their traits.
 
 pub mod baselines;
+pub mod evaluate;
 pub mod export;
 pub mod iteris;
 pub mod pipeline;
@@ -75,6 +76,8 @@ pub struct TaskInput {
     pub adapter: Adapter,
     pub samples_name: String,
     pub samples: Vec<String>,
+    /// Held-out samples to measure the merge's quality on (optional).
+    pub eval: Option<evaluate::EvalSet>,
 }
 
 /// Progress events for faces (CLI bars, the page).
@@ -207,7 +210,10 @@ pub async fn iteris<B: Backend>(
     }
     if let Some(w) = &opts.weights {
         if w.len() != ids.len() || w.iter().any(|v| !v.is_finite()) {
-            return Err(bad_input("--weights", format!("needs one finite weight per adapter ({} adapters, {} weights)", ids.len(), w.len())));
+            return Err(bad_input(
+                "--weights",
+                format!("needs one finite weight per adapter ({} adapters, {} weights)", ids.len(), w.len()),
+            ));
         }
     }
     if !(opts.density > 0.0 && opts.density <= 1.0) {

@@ -1,6 +1,7 @@
 //! From checked inputs to the merged adapter's files: the one entry point the CLI, the tests and
 //! (later) the wasm bindings call.
 
+use super::evaluate::{self, DeltaHook, EvalSet, TaskQuality};
 use super::export::{adapter_files, reduce_rank};
 use super::report::{module_reports, task_means, Report, TaskReport, Timings};
 use super::{iteris, map_targets, now, tokenize, Options, Progress, TaskInput};
@@ -10,6 +11,7 @@ use crate::formats::hf_config::HfConfig;
 use crate::formats::safetensors::TensorStore;
 use crate::formats::tokenizer::TextTokenizer;
 use crate::models;
+use crate::models::Stream;
 
 /// A base model folder, parsed.
 pub struct BaseInputs {
@@ -20,6 +22,8 @@ pub struct BaseInputs {
 
 /// Everything a merge produces.
 pub struct MergeResult {
+    /// Quality on the tasks' held-out samples, where they were given.
+    pub quality: Option<Vec<super::evaluate::TaskQuality>>,
     pub adapter_config: Vec<u8>,
     pub adapter_weights: Vec<u8>,
     pub report: Report,
@@ -89,6 +93,14 @@ pub async fn merge<B: Backend>(
     let files = adapter_files(&outcome.targets, &deltas, &tasks[0].adapter, model.fan_in_fan_out(), f16_out)?;
     timings.export = now() - t;
 
+    let t = now();
+    let quality = if tasks.iter().any(|t| t.eval.is_some()) {
+        Some(merged_quality(be, base, &model, &outcome.targets, &deltas, tasks).await?)
+    } else {
+        None
+    };
+    timings.quality = now() - t;
+
     let means = task_means(&outcome.records, tasks.len());
     warnings.extend(outcome.warnings.iter().cloned());
     let report = Report {
@@ -115,10 +127,88 @@ pub async fn merge<B: Backend>(
             .collect(),
         modules: module_reports(&outcome, &deltas.iter().map(|d| d.rank()).collect::<Vec<_>>(), &energy),
         jacobi_changes: outcome.changes.clone(),
+        quality: quality.clone(),
         warnings,
         timings_s: timings,
     };
-    Ok(MergeResult { adapter_config: files.config, adapter_weights: files.weights, report, outcome })
+    Ok(MergeResult { quality, adapter_config: files.config, adapter_weights: files.weights, report, outcome })
+}
+
+/// The model's end-of-sequence token, if config.json names one.
+fn eos(config: &HfConfig) -> Option<u32> {
+    match config.get("eos_token_id")? {
+        serde_json::Value::Number(n) => n.as_u64().map(|v| v as u32),
+        serde_json::Value::Array(a) => a.first()?.as_u64().map(|v| v as u32),
+        _ => None,
+    }
+}
+
+fn eval_ids(base: &BaseInputs, set: &EvalSet, max_len: usize) -> Result<Vec<Vec<u32>>> {
+    let texts: Vec<String> = set.items.iter().map(|(p, a)| format!("{p}{}", a.as_deref().unwrap_or(""))).collect();
+    Ok(super::tokenize(&base.tokenizer, &texts, max_len, None, &set.name)?.0)
+}
+
+/// KL and (labeled sets) accuracy of the merged deltas on each task's held-out samples.
+async fn merged_quality<B: Backend>(
+    be: &B,
+    base: &BaseInputs,
+    model: &models::Model<B::T>,
+    targets: &[super::iteris::Target],
+    deltas: &[super::solve::Merged],
+    tasks: &[TaskInput],
+) -> Result<Vec<TaskQuality>> {
+    let mut hook = DeltaHook::new(be, targets, Some(deltas));
+    let mut out = Vec::new();
+    for (i, t) in tasks.iter().enumerate() {
+        let Some(set) = &t.eval else {
+            out.push(TaskQuality { eval_file: String::new(), samples: 0, kl: f64::NAN, accuracy: None });
+            continue;
+        };
+        let ids = eval_ids(base, set, model.max_positions())?;
+        let kl = evaluate::mean_kl(be, model, &mut hook, &ids, i).await?;
+        let labeled = set.labeled();
+        let accuracy = if labeled.is_empty() {
+            None
+        } else {
+            Some(
+                evaluate::accuracy(be, model, &base.tokenizer, &mut hook, &labeled, Stream::Merged, eos(&base.config))
+                    .await?,
+            )
+        };
+        out.push(TaskQuality { eval_file: set.name.clone(), samples: set.items.len(), kl, accuracy });
+    }
+    Ok(out)
+}
+
+/// Accuracy of the base model (row 0) and of each adapter alone (row 1 + j) on every task's
+/// labeled held-out samples (None where a task has none): the reference a merge is judged by.
+pub async fn accuracy_alone<B: Backend>(
+    be: &B,
+    base: &BaseInputs,
+    tasks: &[TaskInput],
+) -> Result<Vec<Vec<Option<f64>>>> {
+    let model = models::load(be, &base.config, &base.weights)?;
+    let adapters: Vec<_> = tasks.iter().map(|t| &t.adapter).collect();
+    let targets = map_targets(&model.modules(), &adapters, model.model_type(), model.fan_in_fan_out())?;
+    let mut hook = DeltaHook::new(be, &targets, None);
+    let streams = std::iter::once(Stream::Base).chain((0..tasks.len()).map(Stream::Adapter));
+    let mut rows = Vec::new();
+    for stream in streams {
+        let mut row = Vec::new();
+        for t in tasks {
+            let labeled = t.eval.as_ref().map(|s| s.labeled()).unwrap_or_default();
+            row.push(if labeled.is_empty() {
+                None
+            } else {
+                Some(
+                    evaluate::accuracy(be, &model, &base.tokenizer, &mut hook, &labeled, stream, eos(&base.config))
+                        .await?,
+                )
+            });
+        }
+        rows.push(row);
+    }
+    Ok(rows)
 }
 
 fn mib(b: u64) -> f64 {

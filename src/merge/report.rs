@@ -40,6 +40,9 @@ pub struct Report {
     pub modules: Vec<ModuleReport>,
     /// Jacobi: relative change of the merged deltas between consecutive solves.
     pub jacobi_changes: Vec<f64>,
+    /// Per task, on its held-out samples (when given): KL(adapter ‖ merged) and accuracy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quality: Option<Vec<super::evaluate::TaskQuality>>,
     pub warnings: Vec<String>,
     pub timings_s: Timings,
 }
@@ -50,6 +53,7 @@ pub struct Timings {
     pub tokenize: f64,
     pub passes: f64,
     pub export: f64,
+    pub quality: f64,
 }
 
 /// Mean over modules of each task's alignment error.

@@ -1,0 +1,203 @@
+//! How well a merged adapter keeps each adapter's skill, measured on held-out samples:
+//! - label-free: per task, the mean over token positions of KL(p_i ‖ p*) between the next-token
+//!   distributions of the adapter's own model (base + ΔW_i) and the merged model (base + ΔW*);
+//! - with labels (`{"prompt", "answer"}` lines): task accuracy by greedy generation, for the merged
+//!   model, each adapter alone and the base model, an answer counting when the generated text up to
+//!   the first newline (or end-of-sequence token) equals the answer exactly (surrounding spaces
+//!   ignored).
+//! Decoder models only (the KL is over next-token distributions).
+
+use super::iteris::Target;
+use super::solve::Merged;
+use crate::backend::Backend;
+use crate::error::{bad_input, Error, Result};
+use crate::formats::tokenizer::TextTokenizer;
+use crate::models::{self, Batch, Hook, Model, Output, StageInput, Stream};
+use std::collections::HashMap;
+
+/// Held-out samples of one task.
+#[derive(Clone, Debug, Default)]
+pub struct EvalSet {
+    pub name: String,
+    /// (prompt, answer); the answer is None for unlabeled samples.
+    pub items: Vec<(String, Option<String>)>,
+}
+
+impl EvalSet {
+    /// `.jsonl` with `{"prompt", "answer"}` (labeled) or `{"text"}` lines, or `.txt` (one sample
+    /// per line, unlabeled).
+    pub fn parse(name: &str, bytes: &[u8]) -> Result<EvalSet> {
+        let text = std::str::from_utf8(bytes).map_err(|_| bad_input(name, "is not UTF-8 text"))?;
+        let jsonl = name.to_ascii_lowercase().ends_with(".jsonl");
+        let mut items = Vec::new();
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            if !jsonl {
+                items.push((line.to_string(), None));
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| bad_input(name, format!("line {}: not valid JSON ({e})", i + 1)))?;
+            let field = |k: &str| v.get(k).and_then(|t| t.as_str()).map(str::to_string);
+            match (field("prompt"), field("answer"), field("text")) {
+                (Some(p), Some(a), _) => items.push((p, Some(a))),
+                (_, _, Some(t)) => items.push((t, None)),
+                _ => {
+                    return Err(bad_input(
+                        name,
+                        format!("line {}: needs \"prompt\" and \"answer\", or \"text\"", i + 1),
+                    ))
+                }
+            }
+        }
+        if items.is_empty() {
+            return Err(bad_input(name, "holds no evaluation samples"));
+        }
+        Ok(EvalSet { name: name.to_string(), items })
+    }
+
+    pub fn labeled(&self) -> Vec<(&str, &str)> {
+        self.items.iter().filter_map(|(p, a)| a.as_deref().map(|a| (p.as_str(), a))).collect()
+    }
+}
+
+/// The quality of a merge on one task.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TaskQuality {
+    pub eval_file: String,
+    pub samples: usize,
+    /// Mean KL(adapter ‖ merged) per token position, in nats.
+    pub kl: f64,
+    /// Greedy-generation accuracy of the merged model (labeled sets only).
+    pub accuracy: Option<f64>,
+}
+
+/// Adds each row group's deltas at every targeted module: LoRA i on `Adapter(i)` rows, the merged
+/// delta on `Merged` rows, nothing on `Base` rows.
+pub struct DeltaHook<T> {
+    index: HashMap<String, usize>,
+    /// Per target: per adapter (A, B, scale), and the merged (A, B).
+    loras: Vec<Vec<Option<(T, T, f32)>>>,
+    merged: Vec<Option<(T, T)>>,
+}
+
+impl<T> DeltaHook<T> {
+    pub fn new<B: Backend<T = T>>(be: &B, targets: &[Target], merged: Option<&[Merged]>) -> DeltaHook<T> {
+        DeltaHook {
+            index: targets.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect(),
+            loras: targets
+                .iter()
+                .map(|t| {
+                    t.loras.iter().map(|l| l.as_ref().map(|l| (be.upload(&l.a), be.upload(&l.b), l.scale))).collect()
+                })
+                .collect(),
+            merged: (0..targets.len()).map(|k| merged.map(|m| (be.upload(&m[k].a), be.upload(&m[k].b)))).collect(),
+        }
+    }
+}
+
+impl<B: Backend> Hook<B> for DeltaHook<B::T> {
+    async fn stage(&mut self, be: &B, input: &StageInput<'_, B>, ys: &mut [B::T]) -> Result<()> {
+        for (j, m) in input.mods.iter().enumerate() {
+            let Some(&t) = self.index.get(m.name) else { continue };
+            for (g, group) in input.batch.groups.iter().enumerate() {
+                let rows = input.batch.rows(g, input.level);
+                let delta = match group.stream {
+                    Stream::Base => None,
+                    Stream::Adapter(i) => self.loras[t][i].as_ref().map(|(a, b, s)| (a, b, *s)),
+                    Stream::Merged => self.merged[t].as_ref().map(|(a, b)| (a, b, 1.0)),
+                };
+                if let (Some((a, b, s)), false) = (delta, rows.is_empty()) {
+                    let d = be.lowrank(input.x, rows.clone(), a, b, s);
+                    be.add_rows(&mut ys[j], rows, &d, 1.0);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let lse = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+    row.iter().map(|&v| v as f64 - lse).collect()
+}
+
+fn check_decoder<T>(model: &Model<T>) -> Result<()> {
+    if model.model_type() == "bert" {
+        return Err(Error::Unsupported(
+            "quality evaluation needs a decoder model (next-token distributions); bert has none".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Mean KL(adapter i ‖ merged) per token over `texts` (task `i`).
+pub async fn mean_kl<B: Backend>(
+    be: &B,
+    model: &Model<B::T>,
+    hook: &mut DeltaHook<B::T>,
+    ids: &[Vec<u32>],
+    task: usize,
+) -> Result<f64> {
+    check_decoder(model)?;
+    let mut batch = Batch::default();
+    batch.push_group(task, Stream::Adapter(task), ids);
+    batch.push_group(task, Stream::Merged, ids);
+    let logits = models::run(model, be, &batch, hook, Output::Logits).await?.expect("a full pass");
+    let logits = be.download(&logits).await?;
+    let n = batch.rows(0, models::Level::Tokens).len();
+    let mut total = 0.0;
+    for r in 0..n {
+        let (p, q) = (log_softmax(logits.row(r)), log_softmax(logits.row(n + r)));
+        total += p.iter().zip(&q).map(|(lp, lq)| lp.exp() * (lp - lq)).sum::<f64>();
+    }
+    Ok(total / n.max(1) as f64)
+}
+
+/// Greedy-generation accuracy of `stream` on labeled `items`: every prompt decoded together, one
+/// token per forward pass, until each has produced a newline or the end-of-sequence token, or
+/// more tokens than its answer has plus two.
+pub async fn accuracy<B: Backend>(
+    be: &B,
+    model: &Model<B::T>,
+    tok: &TextTokenizer,
+    hook: &mut DeltaHook<B::T>,
+    items: &[(&str, &str)],
+    stream: Stream,
+    eos: Option<u32>,
+) -> Result<f64> {
+    check_decoder(model)?;
+    let max_pos = model.max_positions();
+    let mut seqs: Vec<Vec<u32>> = Vec::new();
+    let mut budget = Vec::new();
+    for (p, a) in items {
+        seqs.push(tok.encode(p, max_pos)?.ids);
+        budget.push(tok.encode(a, max_pos)?.ids.len() + 2);
+    }
+    let starts: Vec<usize> = seqs.iter().map(Vec::len).collect();
+    let mut done: Vec<bool> = seqs.iter().map(|s| s.len() >= max_pos).collect();
+    while done.iter().any(|d| !d) {
+        let live: Vec<usize> = (0..seqs.len()).filter(|&i| !done[i]).collect();
+        let mut batch = Batch::default();
+        batch.push_group(0, stream, &live.iter().map(|&i| seqs[i].clone()).collect::<Vec<_>>());
+        let logits = models::run(model, be, &batch, hook, Output::Logits).await?.expect("a full pass");
+        let logits = be.download(&logits).await?;
+        for (k, &i) in live.iter().enumerate() {
+            let row = logits.row(batch.seqs[k].end - 1);
+            let next = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0) as u32;
+            let text = tok.decode(&[next])?;
+            if Some(next) == eos || text.contains('\n') {
+                done[i] = true;
+                continue;
+            }
+            seqs[i].push(next);
+            done[i] = seqs[i].len() - starts[i] >= budget[i] || seqs[i].len() >= max_pos;
+        }
+    }
+    let mut right = 0;
+    for (k, (_, answer)) in items.iter().enumerate() {
+        let text = tok.decode(&seqs[k][starts[k]..])?;
+        right += (text.trim() == answer.trim()) as usize;
+    }
+    Ok(right as f64 / items.len().max(1) as f64)
+}
