@@ -154,9 +154,7 @@ pub async fn mean_kl<B: Backend>(
     Ok(total / n.max(1) as f64)
 }
 
-/// Greedy-generation accuracy of `stream` on labeled `items`: every prompt decoded together, one
-/// token per forward pass, until each has produced a newline or the end-of-sequence token, or
-/// more tokens than its answer has plus two.
+/// Greedy-generation accuracy of `stream` on labeled `items` (see `generate`).
 pub async fn accuracy<B: Backend>(
     be: &B,
     model: &Model<B::T>,
@@ -166,6 +164,23 @@ pub async fn accuracy<B: Backend>(
     stream: Stream,
     eos: Option<u32>,
 ) -> Result<f64> {
+    let texts = generate(be, model, tok, hook, items, stream, eos).await?;
+    let right = texts.iter().zip(items).filter(|(t, (_, a))| t.trim() == a.trim()).count();
+    Ok(right as f64 / items.len().max(1) as f64)
+}
+
+/// Greedy continuations of the prompts of `items` by `stream`: every prompt decoded together, one
+/// token per forward pass, until each has produced a newline or the end-of-sequence token (not
+/// part of the text), or as many tokens as its answer has plus two.
+pub async fn generate<B: Backend>(
+    be: &B,
+    model: &Model<B::T>,
+    tok: &TextTokenizer,
+    hook: &mut DeltaHook<B::T>,
+    items: &[(&str, &str)],
+    stream: Stream,
+    eos: Option<u32>,
+) -> Result<Vec<String>> {
     check_decoder(model)?;
     let max_pos = model.max_positions();
     let mut seqs: Vec<Vec<u32>> = Vec::new();
@@ -194,10 +209,5 @@ pub async fn accuracy<B: Backend>(
             done[i] = seqs[i].len() - starts[i] >= budget[i] || seqs[i].len() >= max_pos;
         }
     }
-    let mut right = 0;
-    for (k, (_, answer)) in items.iter().enumerate() {
-        let text = tok.decode(&seqs[k][starts[k]..])?;
-        right += (text.trim() == answer.trim()) as usize;
-    }
-    Ok(right as f64 / items.len().max(1) as f64)
+    (0..items.len()).map(|k| tok.decode(&seqs[k][starts[k]..])).collect()
 }

@@ -1,0 +1,131 @@
+//! The quality report against direct computations on the GPT-2 fixture: the KL from two separate
+//! forward passes (adapter model, merged model with its dense deltas folded into the weights), and
+//! greedy generation one prompt at a time with the merged weights folded in.
+
+mod common;
+
+use common::{base, fixture, merge_on, tasks};
+use iteris::backend::cpu::Cpu;
+use iteris::backend::Backend;
+use iteris::mat::Mat;
+use iteris::merge::evaluate::{generate, DeltaHook, EvalSet};
+use iteris::merge::{map_targets, Options};
+use iteris::models::{self, Batch, Hook, Output, StageInput, Stream};
+use pollster::FutureExt;
+use std::collections::HashMap;
+
+/// Adds fixed dense deltas (out, in) to every row, by module name.
+struct Dense(HashMap<String, Mat>);
+impl Hook<Cpu> for Dense {
+    async fn stage(&mut self, be: &Cpu, input: &StageInput<'_, Cpu>, ys: &mut [Mat]) -> iteris::Result<()> {
+        for (m, y) in input.mods.iter().zip(ys.iter_mut()) {
+            if let Some(d) = self.0.get(m.name) {
+                let n = input.x.rows;
+                let add = be.matmul_t(input.x, 0..n, d);
+                be.add_rows(y, 0..n, &add, 1.0);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let m = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+    let z: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
+    row.iter().map(|&v| v as f64 - z).collect()
+}
+
+fn eval_set() -> EvalSet {
+    // Prompts from the fixture's samples; answers are set by the test.
+    let text = std::fs::read_to_string(fixture("gpt2").join("samples0.txt")).unwrap();
+    let items =
+        text.lines().map(|l| (l.split(' ').take(3).collect::<Vec<_>>().join(" "), Some(String::new()))).collect();
+    EvalSet { name: "eval.jsonl".into(), items }
+}
+
+#[test]
+fn kl_and_generation_match_direct_computations() {
+    let base = base("gpt2");
+    let mut tasks = tasks("gpt2");
+    let model = models::load(&Cpu, &base.config, &base.weights).unwrap();
+    let adapters: Vec<_> = tasks.iter().map(|t| &t.adapter).collect();
+    let targets = map_targets(&model.modules(), &adapters, model.model_type(), true).unwrap();
+
+    // The merged model's greedy continuations, one prompt at a time, with dense deltas.
+    let merged = merge_on(&Cpu, &base, "gpt2", &Options::default());
+    let dense_of = |m: &iteris::merge::solve::Merged| {
+        let (a, b) = (iteris::merge::solve::to_f64(&m.a), iteris::merge::solve::to_f64(&m.b));
+        iteris::merge::solve::to_mat(&(b * a))
+    };
+    let merged_dense: HashMap<String, Mat> =
+        targets.iter().zip(&merged.outcome.merged).map(|(t, m)| (t.name.clone(), dense_of(m))).collect();
+    // Answers of two lengths; the stopping rule is the same for both decoders (a newline, or the
+    // answer's token count plus two). A random model gets them wrong: the accuracy arithmetic is
+    // checked on the demo (tests/demo.rs), the decoding here.
+    let mut set = eval_set();
+    for (k, item) in set.items.iter_mut().enumerate() {
+        item.1 = Some(if k % 2 == 0 { "abcd".into() } else { "no such answer here".into() });
+    }
+    let mut direct = Vec::new();
+    for (prompt, answer) in &set.items {
+        let budget = base.tokenizer.encode(answer.as_deref().unwrap(), 64).unwrap().ids.len() + 2;
+        let mut ids = base.tokenizer.encode(prompt, 64).unwrap().ids;
+        let start = ids.len();
+        for _ in 0..budget {
+            let mut batch = Batch::default();
+            batch.push_group(0, Stream::Base, &[ids.clone()]);
+            let mut hook = Dense(merged_dense.clone());
+            let y = models::run(&model, &Cpu, &batch, &mut hook, Output::Logits).block_on().unwrap().unwrap();
+            let row = y.row(y.rows - 1);
+            let next = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap() as u32;
+            if base.tokenizer.decode(&[next]).unwrap().contains('\n') {
+                break;
+            }
+            ids.push(next);
+        }
+        direct.push(base.tokenizer.decode(&ids[start..]).unwrap());
+    }
+    let labeled = set.labeled();
+    let mut hook = DeltaHook::new(&Cpu, &targets, Some(&merged.outcome.merged));
+    let batched =
+        generate(&Cpu, &model, &base.tokenizer, &mut hook, &labeled, Stream::Merged, None).block_on().unwrap();
+    assert_eq!(batched, direct, "batched and one-at-a-time greedy decoding agree");
+
+    // The report: accuracy = exact matches of those continuations; KL below.
+    tasks[0].eval = Some(set.clone());
+    let r = iteris::merge::pipeline::merge(&Cpu, &base, &tasks, &Options::default(), false, &mut |_| {})
+        .block_on()
+        .unwrap();
+    let q = &r.quality.as_ref().unwrap()[0];
+    let want_acc = direct.iter().zip(&set.items).filter(|(d, (_, a))| d.trim() == a.as_deref().unwrap().trim()).count()
+        as f64
+        / set.items.len() as f64;
+    assert!((q.accuracy.unwrap() - want_acc).abs() < 1e-12, "accuracy {:?} vs {want_acc}", q.accuracy);
+
+    // KL directly: two separate passes, adapter 0's deltas and the merged deltas folded in.
+    let lora0: HashMap<String, Mat> = targets
+        .iter()
+        .filter_map(|t| {
+            let l = t.loras[0].as_ref()?;
+            let d = iteris::merge::solve::to_f64(&l.b) * iteris::merge::solve::to_f64(&l.a) * l.scale as f64;
+            Some((t.name.clone(), iteris::merge::solve::to_mat(&d)))
+        })
+        .collect();
+    let texts: Vec<String> = set.items.iter().map(|(p, a)| format!("{p}{}", a.as_deref().unwrap())).collect();
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| base.tokenizer.encode(t, 64).unwrap().ids).collect();
+    let logits = |deltas: &HashMap<String, Mat>| {
+        let mut batch = Batch::default();
+        batch.push_group(0, Stream::Base, &ids);
+        models::run(&model, &Cpu, &batch, &mut Dense(deltas.clone()), Output::Logits).block_on().unwrap().unwrap()
+    };
+    let (p, m) = (logits(&lora0), logits(&merged_dense));
+    let mut kl = 0.0;
+    for r in 0..p.rows {
+        let (lp, lq) = (log_softmax(p.row(r)), log_softmax(m.row(r)));
+        kl += lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+    }
+    kl /= p.rows as f64;
+    println!("KL: report {:.6e}, direct {kl:.6e}; accuracy {:?}", q.kl, q.accuracy);
+    assert!((q.kl - kl).abs() <= 1e-4 * kl.abs() + 1e-9, "KL {} vs direct {kl}", q.kl);
+    assert!(kl > 0.0);
+}
