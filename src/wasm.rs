@@ -5,9 +5,10 @@
 use crate::backend::{cpu::Cpu, gpu::Gpu};
 use crate::error::Error;
 use crate::inputs::{self, MemFolder};
+use crate::merge::evaluate::EvalSet;
 use crate::merge::export::zip_folder;
 use crate::merge::pipeline::{self, BaseInputs, MergeResult};
-use crate::merge::{Options, Progress, TaskInput};
+use crate::merge::{Method, Options, Progress, TaskInput};
 use js_sys::{Array, Object, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 
@@ -81,7 +82,7 @@ fn to_js(e: Error) -> JsValue {
 }
 
 /// Check every input file before any work: `input` is
-/// `{ base: folder, tasks: [{ adapter: folder, samples: { name, bytes } }] }` with
+/// `{ base: folder, tasks: [{ adapter: folder, samples: file, eval?: file }] }` with `file = { name, bytes }` and
 /// `folder = { name, files: [{ name, bytes }] }`.
 fn read_inputs(input: &JsValue) -> Result<(BaseInputs, Vec<TaskInput>), JsValue> {
     let base = inputs::read_base(&mut folder(&get(input, "base")?)?).map_err(to_js)?;
@@ -89,9 +90,13 @@ fn read_inputs(input: &JsValue) -> Result<(BaseInputs, Vec<TaskInput>), JsValue>
     for t in Array::from(&get(input, "tasks")?).iter() {
         let samples = get(&t, "samples")?;
         let mut adapter = folder(&get(&t, "adapter")?)?;
-        tasks.push(
-            inputs::read_task(&mut adapter, &string(&samples, "name")?, &bytes(&samples, "bytes")?).map_err(to_js)?,
-        );
+        let mut task =
+            inputs::read_task(&mut adapter, &string(&samples, "name")?, &bytes(&samples, "bytes")?).map_err(to_js)?;
+        let eval = get(&t, "eval")?;
+        if !eval.is_undefined() && !eval.is_null() {
+            task.eval = Some(EvalSet::parse(&string(&eval, "name")?, &bytes(&eval, "bytes")?).map_err(to_js)?);
+        }
+        tasks.push(task);
     }
     Ok((base, tasks))
 }
@@ -100,21 +105,51 @@ fn read_inputs(input: &JsValue) -> Result<(BaseInputs, Vec<TaskInput>), JsValue>
 /// `Options`, plus `backend`: "auto" | "gpu" | "cpu", and `f16`). `progress(pass, passes, label,
 /// done, all)` is called as the merge goes. Resolves to
 /// `{ zip, report (JSON text), backend, notes: [..] }`.
-#[wasm_bindgen]
-pub async fn merge(input: JsValue, options: String, progress: js_sys::Function) -> Result<JsValue, JsValue> {
-    let settings: serde_json::Value =
-        serde_json::from_str(&options).map_err(|e| js_error("input", &format!("settings: {e}")))?;
-    let opts: Options =
-        serde_json::from_value(settings.clone()).map_err(|e| js_error("input", &format!("settings: {e}")))?;
-    let backend = settings.get("backend").and_then(|b| b.as_str()).unwrap_or("auto").to_string();
-    let f16 = settings.get("f16").and_then(|b| b.as_bool()).unwrap_or(false);
-    let (base, tasks) = read_inputs(&input)?;
+struct Settings {
+    opts: Options,
+    backend: String,
+    f16: bool,
+}
 
+fn settings(options: &str) -> Result<Settings, JsValue> {
+    let v: serde_json::Value =
+        serde_json::from_str(options).map_err(|e| js_error("input", &format!("settings: {e}")))?;
+    let opts: Options = serde_json::from_value(v.clone()).map_err(|e| js_error("input", &format!("settings: {e}")))?;
+    let backend = v.get("backend").and_then(|b| b.as_str()).unwrap_or("auto").to_string();
+    let f16 = v.get("f16").and_then(|b| b.as_bool()).unwrap_or(false);
+    Ok(Settings { opts, backend, f16 })
+}
+
+/// The GPU to use, if any, by the `backend` setting; what was decided goes into `notes`.
+async fn choose_gpu(backend: &str, notes: &mut Vec<String>) -> Result<Option<Gpu>, JsValue> {
+    if backend == "cpu" {
+        return Ok(None);
+    }
+    Ok(match Gpu::new_async().await {
+        Ok(g) if backend == "auto" && g.is_software() => {
+            notes.push(format!(
+                "WebGPU runs on {}, a CPU emulation slower than the CPU path here: merged on the CPU",
+                if g.info.name.is_empty() { "a software adapter" } else { &g.info.name }
+            ));
+            None
+        }
+        Ok(g) => Some(g),
+        // wgpu's message lists the native backends it was built without: not useful here.
+        Err(_) if backend == "gpu" => return Err(js_error("no-webgpu", "WebGPU is not available in this browser")),
+        Err(_) => {
+            notes.push("WebGPU is not available in this browser: merged on the CPU".into());
+            None
+        }
+    })
+}
+
+/// `progress(pass, passes, label, done, all)` as a `Progress` sink; `prefix` goes before labels.
+fn progress_sink<'a>(progress: &'a js_sys::Function, prefix: &'a str) -> impl FnMut(Progress) + 'a {
     let (mut pass, mut passes, mut label) = (0, 0, String::new());
-    let mut report = |p: Progress| {
+    move |p: Progress| {
         let (done, all) = match p {
             Progress::Pass(k, n, l) => {
-                (pass, passes, label) = (k, n, l.to_string());
+                (pass, passes, label) = (k, n, format!("{prefix}{l}"));
                 (0, 0)
             }
             Progress::Modules(d, a) => (d, a),
@@ -127,38 +162,43 @@ pub async fn merge(input: JsValue, options: String, progress: js_sys::Function) 
             &(all as u32).into(),
         );
         let _ = progress.apply(&JsValue::NULL, &args);
-    };
+    }
+}
 
-    let mut notes: Vec<String> = Vec::new();
-    let gpu = match backend.as_str() {
-        "cpu" => None,
-        wanted => match Gpu::new_async().await {
-            Ok(g) if wanted == "auto" && g.is_software() => {
-                notes.push(format!(
-                    "WebGPU runs on {}, a CPU emulation slower than the CPU path here: merged on the CPU",
-                    g.info.name
-                ));
-                None
-            }
-            Ok(g) => Some(g),
-            // wgpu's message lists the native backends it was built without: not useful here.
-            Err(_) if wanted == "gpu" => return Err(js_error("no-webgpu", "WebGPU is not available in this browser")),
-            Err(_) => {
-                notes.push("WebGPU is not available in this browser: merged on the CPU".into());
-                None
-            }
-        },
-    };
-    let result: MergeResult = match &gpu {
-        Some(g) => match pipeline::merge(g, &base, &tasks, &opts, f16, &mut report).await {
+/// One merge on the GPU when there is one; a GPU failure midway hands over to the CPU (noted).
+async fn merge_once(
+    gpu: &Option<Gpu>,
+    base: &BaseInputs,
+    tasks: &[TaskInput],
+    opts: &Options,
+    f16: bool,
+    report: &mut dyn FnMut(Progress),
+    notes: &mut Vec<String>,
+) -> Result<MergeResult, JsValue> {
+    match gpu {
+        Some(g) => match pipeline::merge(g, base, tasks, opts, f16, report).await {
             Err(Error::Gpu(msg)) => {
                 notes.push(format!("{msg}; the CPU path took over"));
-                pipeline::merge(&Cpu, &base, &tasks, &opts, f16, &mut report).await.map_err(to_js)?
+                pipeline::merge(&Cpu, base, tasks, opts, f16, report).await.map_err(to_js)
             }
-            r => r.map_err(to_js)?,
+            r => r.map_err(to_js),
         },
-        None => pipeline::merge(&Cpu, &base, &tasks, &opts, f16, &mut report).await.map_err(to_js)?,
-    };
+        None => pipeline::merge(&Cpu, base, tasks, opts, f16, report).await.map_err(to_js),
+    }
+}
+
+/// Merge the adapters of `input` (see `read_inputs`) with `options` (JSON: the fields of
+/// `Options`, plus `backend`: "auto" | "gpu" | "cpu", and `f16`). `progress(pass, passes, label,
+/// done, all)` is called as the merge goes. Resolves to
+/// `{ zip, report (JSON text), backend, notes: [..] }`.
+#[wasm_bindgen]
+pub async fn merge(input: JsValue, options: String, progress: js_sys::Function) -> Result<JsValue, JsValue> {
+    let s = settings(&options)?;
+    let (base, tasks) = read_inputs(&input)?;
+    let mut notes: Vec<String> = Vec::new();
+    let gpu = choose_gpu(&s.backend, &mut notes).await?;
+    let mut report = progress_sink(&progress, "");
+    let result = merge_once(&gpu, &base, &tasks, &s.opts, s.f16, &mut report, &mut notes).await?;
     let mut rep = serde_json::to_value(&result.report).map_err(|e| js_error("bug", &e.to_string()))?;
     rep["notes"] = serde_json::json!(notes);
     let rep = serde_json::to_vec_pretty(&rep).map_err(|e| js_error("bug", &e.to_string()))?;
@@ -178,4 +218,44 @@ pub async fn merge(input: JsValue, options: String, progress: js_sys::Function) 
     set(&out, "backend", result.report.backend.clone());
     set(&out, "notes", notes.iter().map(|n| JsValue::from_str(n)).collect::<Array>());
     Ok(out.into())
+}
+
+/// Every method on the same inputs (as `iteris compare`): resolves to JSON text
+/// `{ tasks, alone: [[accuracy per task] for base, adapter 1, …], methods: [{ method,
+/// alignment_error, quality, seconds }], backend, notes }`.
+#[wasm_bindgen]
+pub async fn compare(input: JsValue, options: String, progress: js_sys::Function) -> Result<String, JsValue> {
+    let s = settings(&options)?;
+    let (base, tasks) = read_inputs(&input)?;
+    let mut notes: Vec<String> = Vec::new();
+    let gpu = choose_gpu(&s.backend, &mut notes).await?;
+    let alone = if tasks.iter().any(|t| t.eval.is_some()) {
+        let r = match &gpu {
+            Some(g) => pipeline::accuracy_alone(g, &base, &tasks, s.opts.eval_limit).await,
+            None => pipeline::accuracy_alone(&Cpu, &base, &tasks, s.opts.eval_limit).await,
+        };
+        Some(r.map_err(to_js)?)
+    } else {
+        None
+    };
+    let mut rows = Vec::new();
+    let mut backend = String::new();
+    for (k, m) in Method::ALL.into_iter().enumerate() {
+        let prefix = format!("method {}/{} {}: ", k + 1, Method::ALL.len(), m.name());
+        let mut report = progress_sink(&progress, &prefix);
+        let opts = Options { method: m, ..s.opts.clone() };
+        let r = merge_once(&gpu, &base, &tasks, &opts, false, &mut report, &mut notes).await?;
+        backend = r.report.backend.clone();
+        rows.push(serde_json::json!({
+            "method": r.report.method,
+            "alignment_error": r.report.tasks.iter().map(|t| t.mean_alignment_error).collect::<Vec<_>>(),
+            "quality": r.quality,
+            "seconds": r.report.timings_s.passes + r.report.timings_s.quality,
+        }));
+    }
+    let names: Vec<String> =
+        tasks.iter().map(|t| t.eval.as_ref().map_or(t.samples_name.clone(), |e| e.name.clone())).collect();
+    let table =
+        serde_json::json!({ "tasks": names, "alone": alone, "methods": rows, "backend": backend, "notes": notes });
+    serde_json::to_string(&table).map_err(|e| js_error("bug", &e.to_string()))
 }

@@ -21,7 +21,7 @@ import json, os, random, shutil, sys, time
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, decoders, models
 import transformers
 from peft import LoraConfig, get_peft_model
 
@@ -83,6 +83,7 @@ def make_tokenizer():
     vocab = {c: i for i, c in enumerate(CHARS)}
     vocab["<unk>"] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()  # characters back to text without separators
     return tok
 
 

@@ -6,6 +6,8 @@
 // less) and works on f32 copies of the weights: beyond this much input a merge would fail midway.
 const MAX_INPUT_BYTES = 1024 * 1024 * 1024;
 
+const EVAL_LIMIT = 50;
+
 const $ = (id) => document.getElementById(id);
 const state = { base: [], tasks: [], worker: null, zipUrl: null };
 
@@ -70,7 +72,7 @@ function setBase(files) {
 
 function addTask() {
   const k = state.tasks.length;
-  const task = { adapter: [], samples: null, el: document.createElement('div') };
+  const task = { adapter: [], samples: null, eval: null, el: document.createElement('div') };
   task.el.className = 'task';
   task.el.innerHTML = `
     <h4>Adapter ${k + 1}</h4>
@@ -85,8 +87,13 @@ function addTask() {
       <label class="button">file<input type="file" id="task-${k}-samples" accept=".txt,.jsonl,text/plain"></label>
       <ul class="files"></ul>
     </div>
+    <div class="drop">
+      <span class="drop-label">Held-out (optional):</span>
+      <label class="button">file<input type="file" id="task-${k}-eval" accept=".txt,.jsonl,text/plain"></label>
+      <ul class="files"></ul>
+    </div>
     <button type="button" class="remove" title="Remove this adapter">✕</button>`;
-  const [adapterZone, samplesZone] = task.el.querySelectorAll('.drop');
+  const [adapterZone, samplesZone, evalZone] = task.el.querySelectorAll('.drop');
   const setAdapter = (files) => {
     task.adapter = visible(files);
     fileList(adapterZone.querySelector('ul'), task.adapter);
@@ -95,8 +102,15 @@ function addTask() {
     task.samples = files[0] || null;
     fileList(samplesZone.querySelector('ul'), files.slice(0, 1));
   };
+  const setEval = (files) => {
+    task.eval = files[0] || null;
+    fileList(evalZone.querySelector('ul'), files.slice(0, 1));
+  };
   task.setAdapter = setAdapter;
   task.setSamples = setSamples;
+  task.setEval = setEval;
+  evalZone.querySelector('input').addEventListener('change', (e) => setEval([...e.target.files]));
+  dropZone(evalZone, setEval);
   adapterZone.querySelectorAll('input').forEach((i) => i.addEventListener('change', () => setAdapter([...i.files])));
   samplesZone.querySelector('input').addEventListener('change', (e) => setSamples([...e.target.files]));
   dropZone(adapterZone, setAdapter);
@@ -120,7 +134,15 @@ function options() {
     return v;
   };
   const rank = $('rank').value.trim();
+  const weights = $('weights').value.trim();
+  const w = weights === '' ? null : weights.split(',').map((v) => Number(v.trim()));
+  if (w && w.some((v) => !Number.isFinite(v))) throw new UserError(`Weights: "${weights}" is not a comma-separated list of numbers`);
   return {
+    method: $('method').value,
+    weights: w,
+    density: num('density', 'Density', 0),
+    seed: Math.round(num('seed', 'Seed', 0)),
+    regmean_scale: num('regmean-scale', 'RegMean off-diagonal', 0),
     schedule: $('schedule').value,
     iters: Math.round(num('iters', 'Solves', 1)),
     alpha1: num('alpha1', 'α1', 0),
@@ -128,6 +150,9 @@ function options() {
     max_len: Math.round(num('max-len', 'Max length', 1)),
     rank: rank === '' ? null : Math.round(num('rank', 'Output rank', 1)),
     backend: $('backend').value,
+    // Greedy generation re-runs the whole prompt per token: a sample of the held-out set keeps
+    // the page's quality check to seconds (the CLI uses every sample).
+    eval_limit: EVAL_LIMIT,
   };
 }
 
@@ -166,7 +191,7 @@ function checkInputs() {
     if (!t.adapter.length) throw new UserError(`Adapter ${k + 1}: drop its folder (adapter_config.json, adapter_model.safetensors).`);
     if (!t.samples) throw new UserError(`Adapter ${k + 1}: drop a samples file (.txt or .jsonl).`);
   });
-  const all = [...state.base, ...tasks.flatMap((t) => [...t.adapter, t.samples])];
+  const all = [...state.base, ...tasks.flatMap((t) => [...t.adapter, t.samples, ...(t.eval ? [t.eval] : [])])];
   const total = all.reduce((s, f) => s + f.size, 0);
   if (total > MAX_INPUT_BYTES) {
     const big = all.reduce((a, b) => (b.size > a.size ? b : a));
@@ -191,7 +216,7 @@ async function folder(name, files) {
   return { name, files: out };
 }
 
-async function startMerge() {
+async function startMerge(cmd = 'merge') {
   let tasks, opts;
   try {
     tasks = checkInputs();
@@ -209,14 +234,19 @@ async function startMerge() {
     input = { base: await folder(baseName, state.base), tasks: [] };
     for (const [k, t] of tasks.entries()) {
       const name = (t.adapter[0].webkitRelativePath || '').split('/')[0] || `adapter ${k + 1}`;
-      input.tasks.push({ adapter: await folder(name, t.adapter), samples: { name: t.samples.name, bytes: await bytesOf(t.samples) } });
+      input.tasks.push({
+        adapter: await folder(name, t.adapter),
+        samples: { name: t.samples.name, bytes: await bytesOf(t.samples) },
+        eval: t.eval ? { name: t.eval.name, bytes: await bytesOf(t.eval) } : null,
+      });
     }
   } catch (e) {
     setBusy(false);
     showMessage(e.message, 'input');
     return;
   }
-  const transfer = [...input.base.files, ...input.tasks.flatMap((t) => [...t.adapter.files, t.samples])].map((f) => f.bytes.buffer);
+  const transfer = [...input.base.files, ...input.tasks.flatMap((t) => [...t.adapter.files, t.samples, ...(t.eval ? [t.eval] : [])])]
+    .map((f) => f.bytes.buffer);
   const started = performance.now();
   const worker = new Worker('worker.js', { type: 'module' });
   state.worker = worker;
@@ -228,13 +258,15 @@ async function startMerge() {
     }
     else if (m.type === 'progress') showProgress(m, started);
     else if (m.type === 'done') { finish(); showResults(m, (performance.now() - started) / 1000); }
+    else if (m.type === 'compared') { finish(); showComparison(JSON.parse(m.table), (performance.now() - started) / 1000); }
     else if (m.type === 'error') { finish(); showMessage(m.message, m.kind); }
   };
   worker.onerror = (e) => {
     finish();
     showMessage(`The engine could not start (${e.message || 'worker error'}).`, 'engine');
   };
-  worker.postMessage({ input, options: opts }, transfer);
+  $('comparison').hidden = true;
+  worker.postMessage({ cmd, input, options: opts }, transfer);
 }
 
 function finish() {
@@ -250,6 +282,7 @@ function cancel() {
 
 function setBusy(busy) {
   $('merge').disabled = busy;
+  $('compare').disabled = busy;
   $('demo').disabled = busy;
   $('cancel').disabled = !busy;
   $('progress').hidden = !busy;
@@ -290,23 +323,69 @@ function showResults(m, seconds) {
     report.tasks.map((t) => [t.adapter, t.samples_file, t.samples, t.tokens, fmt(t.mean_alignment_error)]));
   table($('module-table'), ['module', 'rank', 'solve', ...report.tasks.map((_, i) => `error ${i + 1}`), ...report.tasks.map((_, i) => `weight ${i + 1}`)],
     report.modules.map((r) => [r.module, r.rank, r.solve_path || '—', ...r.alignment_error.map(fmt), ...r.adaptive_weights.map((c) => c.toPrecision(3))]));
+  $('quality-box').hidden = !report.quality;
+  if (report.quality) {
+    table($('quality-table'), ['task (held-out file)', 'samples', 'accuracy', 'KL (nats/token)'],
+      report.quality.map((q, i) => [q.eval_file || `task ${i + 1}: none`, q.samples, accuracyCell(q.accuracy), q.kl === null ? '—' : q.kl.toFixed(4)]));
+  }
   $('convergence-box').hidden = !report.jacobi_changes.length;
   if (report.jacobi_changes.length) plot($('convergence'), report.jacobi_changes);
   $('results').hidden = false;
 }
 
+// A cell: text, or a DOM node (bars).
 function table(el, head, rows) {
   const tr = (cells, tag) => {
     const r = document.createElement('tr');
     for (const c of cells) {
       const td = document.createElement(tag);
-      td.textContent = c;
-      if (typeof c === 'number' || /^[-\d.e+]+$/.test(String(c))) td.className = 'num';
+      if (c instanceof Node) {
+        td.append(c);
+        td.className = 'cell';
+      } else {
+        td.textContent = c;
+        if (typeof c === 'number' || /^[-\d.e+]+$/.test(String(c))) td.className = 'num';
+      }
       r.append(td);
     }
     return r;
   };
   el.replaceChildren(tr(head, 'th'), ...rows.map((r) => tr(r, 'td')));
+}
+
+// An accuracy as a bar and a percentage (— where there are no labels); `extra` follows in small text.
+function accuracyCell(acc, extra = '', ref = false) {
+  const span = document.createElement('span');
+  if (acc === null || acc === undefined) {
+    span.textContent = '—';
+  } else {
+    const bar = document.createElement('span');
+    bar.className = ref ? 'bar ref' : 'bar';
+    bar.style.width = `${Math.round(acc * 80)}px`;
+    span.append(bar, `${(acc * 100).toFixed(1)}%`);
+  }
+  if (extra) {
+    const small = document.createElement('small');
+    small.textContent = extra;
+    span.append(small);
+  }
+  return span;
+}
+
+function showComparison(t, seconds) {
+  $('compare-ran').textContent = `${t.methods.length} methods on ${t.tasks.length} tasks in ${seconds.toFixed(1)} s on ${t.backend}.` +
+    (t.notes.length ? ` ${[...new Set(t.notes)].join('; ')}.` : '');
+  const rows = [];
+  (t.alone || []).forEach((row, k) => rows.push([k === 0 ? 'base model' : `adapter ${k} alone`, ...row.map((a) => accuracyCell(a, '', true))]));
+  for (const m of t.methods) {
+    rows.push([m.method, ...t.tasks.map((_, i) => {
+      const q = m.quality ? m.quality[i] : null;
+      const kl = q && q.kl !== null ? `KL ${q.kl.toFixed(3)}` : '';
+      return accuracyCell(q ? q.accuracy : null, `${kl} · align ${m.alignment_error[i].toFixed(2)}`);
+    })]);
+  }
+  table($('compare-table'), ['', ...t.tasks.map((n) => n.split('/').pop())], rows);
+  $('comparison').hidden = false;
 }
 
 // Log-scale line plot of the Jacobi changes (solve k+1 vs solve k), drawn as SVG elements.
@@ -353,6 +432,7 @@ async function loadDemo() {
     for (const [k, t] of manifest.tasks.entries()) {
       state.tasks[k].setAdapter(await Promise.all(t.files.map((f) => get(`${t.adapter}/${f}`))));
       state.tasks[k].setSamples([await get(t.samples)]);
+      if (t.eval) state.tasks[k].setEval([await get(t.eval)]);
     }
   } catch (e) {
     showMessage(`The demo files could not be loaded (${e.message}).`, 'bug');
@@ -369,6 +449,7 @@ dropZone($('base-drop'), setBase);
 addTask();
 addTask();
 $('add-task').addEventListener('click', addTask);
-$('merge').addEventListener('click', startMerge);
+$('merge').addEventListener('click', () => startMerge('merge'));
+$('compare').addEventListener('click', () => startMerge('compare'));
 $('cancel').addEventListener('click', cancel);
 $('demo').addEventListener('click', loadDemo);

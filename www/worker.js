@@ -1,16 +1,21 @@
 // The engine runs here, off the page's thread, so the page stays responsive during a merge.
-// Messages in: { input, options } (see app.js). Messages out: { type: 'progress' | 'done' | 'error' }.
+// Messages in: { cmd: 'merge' | 'compare', input, options } (see app.js). Messages out: { type: 'version' | 'progress' | 'done' | 'compared' | 'error' }.
 // One worker serves one merge; the page terminates it to cancel.
-import init, { merge, version, last_panic } from './pkg/iteris.js';
+import init, { merge, compare, version, last_panic } from './pkg/iteris.js';
 
 const ready = init();
 
 self.onmessage = async (event) => {
-  const { input, options } = event.data;
+  const { cmd, input, options } = event.data;
   try {
     await ready;
     postMessage({ type: 'version', version: version() });
     const progress = (pass, passes, label, done, all) => postMessage({ type: 'progress', pass, passes, label, done, all });
+    if (cmd === 'compare') {
+      const table = await compare(input, JSON.stringify(options), progress);
+      postMessage({ type: 'compared', table });
+      return;
+    }
     const r = await merge(input, JSON.stringify(options), progress);
     postMessage({ type: 'done', zip: r.zip, report: r.report, backend: r.backend, notes: Array.from(r.notes) }, [r.zip.buffer]);
   } catch (err) {

@@ -234,6 +234,7 @@ fn prepare(a: &MergeArgs) -> iteris::Result<Prepared> {
         density: a.density,
         seed: a.seed,
         regmean_scale: a.regmean_scale,
+        eval_limit: None,
         schedule: match a.schedule {
             ScheduleArg::Sweep => Schedule::Sweep,
             ScheduleArg::Jacobi => Schedule::Jacobi,
@@ -284,8 +285,8 @@ fn run(p: &Prepared, opts: &Options, f16: bool) -> iteris::Result<pipeline::Merg
 
 fn alone(p: &Prepared) -> iteris::Result<Vec<Vec<Option<f64>>>> {
     match &p.gpu {
-        Some(g) => pollster::block_on(pipeline::accuracy_alone(g, &p.base, &p.tasks)),
-        None => pollster::block_on(pipeline::accuracy_alone(&Cpu, &p.base, &p.tasks)),
+        Some(g) => pollster::block_on(pipeline::accuracy_alone(g, &p.base, &p.tasks, None)),
+        None => pollster::block_on(pipeline::accuracy_alone(&Cpu, &p.base, &p.tasks, None)),
     }
 }
 

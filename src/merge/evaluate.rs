@@ -55,6 +55,12 @@ impl EvalSet {
         Ok(EvalSet { name: name.to_string(), items })
     }
 
+    /// The first `limit` samples (all when None).
+    pub fn first(&self, limit: Option<usize>) -> EvalSet {
+        let n = limit.unwrap_or(usize::MAX).min(self.items.len());
+        EvalSet { name: self.name.clone(), items: self.items[..n].to_vec() }
+    }
+
     pub fn labeled(&self) -> Vec<(&str, &str)> {
         self.items.iter().filter_map(|(p, a)| a.as_deref().map(|a| (p.as_str(), a))).collect()
     }

@@ -50,6 +50,8 @@ pub struct Options {
     pub seed: u64,
     /// RegMean: factor on the Grams' off-diagonal entries (1: plain RegMean).
     pub regmean_scale: f64,
+    /// Quality: use at most this many held-out samples per task (None: all).
+    pub eval_limit: Option<usize>,
 }
 
 impl Default for Options {
@@ -67,6 +69,7 @@ impl Default for Options {
             density: 0.5,
             seed: 0,
             regmean_scale: 0.9,
+            eval_limit: None,
         }
     }
 }

@@ -95,7 +95,7 @@ pub async fn merge<B: Backend>(
 
     let t = now();
     let quality = if tasks.iter().any(|t| t.eval.is_some()) {
-        Some(merged_quality(be, base, &model, &outcome.targets, &deltas, tasks).await?)
+        Some(merged_quality(be, base, &model, &outcome.targets, &deltas, tasks, opts.eval_limit).await?)
     } else {
         None
     };
@@ -156,15 +156,16 @@ async fn merged_quality<B: Backend>(
     targets: &[super::iteris::Target],
     deltas: &[super::solve::Merged],
     tasks: &[TaskInput],
+    limit: Option<usize>,
 ) -> Result<Vec<TaskQuality>> {
     let mut hook = DeltaHook::new(be, targets, Some(deltas));
     let mut out = Vec::new();
     for (i, t) in tasks.iter().enumerate() {
-        let Some(set) = &t.eval else {
+        let Some(set) = t.eval.as_ref().map(|e| e.first(limit)) else {
             out.push(TaskQuality { eval_file: String::new(), samples: 0, kl: f64::NAN, accuracy: None });
             continue;
         };
-        let ids = eval_ids(base, set, model.max_positions())?;
+        let ids = eval_ids(base, &set, model.max_positions())?;
         let kl = evaluate::mean_kl(be, model, &mut hook, &ids, i).await?;
         let labeled = set.labeled();
         let accuracy = if labeled.is_empty() {
@@ -186,6 +187,7 @@ pub async fn accuracy_alone<B: Backend>(
     be: &B,
     base: &BaseInputs,
     tasks: &[TaskInput],
+    limit: Option<usize>,
 ) -> Result<Vec<Vec<Option<f64>>>> {
     let model = models::load(be, &base.config, &base.weights)?;
     let adapters: Vec<_> = tasks.iter().map(|t| &t.adapter).collect();
@@ -196,7 +198,8 @@ pub async fn accuracy_alone<B: Backend>(
     for stream in streams {
         let mut row = Vec::new();
         for t in tasks {
-            let labeled = t.eval.as_ref().map(|s| s.labeled()).unwrap_or_default();
+            let set = t.eval.as_ref().map(|s| s.first(limit));
+            let labeled = set.as_ref().map(|s| s.labeled()).unwrap_or_default();
             row.push(if labeled.is_empty() {
                 None
             } else {
