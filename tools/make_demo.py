@@ -4,13 +4,15 @@ adapters trained with PEFT, each on a task whose answers can be checked exactly:
 
   rev   reverse a word           "rev stone>enots"
   sort  sort digits              "sort 50713>01357"
-  add   add two numbers          "add 23+58>81"
+  add   add two digits           "add 7+5>12"
   kind  map a word to its kind   "kind apple>fruit"
 
 The base model learns the alphabet, words, numbers and the "prefix input>output" format from copy
 lines ("copy stone>stone") and free text, never a task line; each adapter learns one task. Per task
-the demo holds 50 unlabeled calibration prompts ("rev stone>": what IterIS merges with) and 200
+the demo holds 50 unlabeled calibration samples (what IterIS merges with) and up to 200
 held-out labeled examples (eval/*.jsonl: prompt and answer, for greedy-generation accuracy and KL).
+The calibration samples carry each adapter's own greedy answer after the prompt (no labels: the
+adapter wrote them), so the merge also aligns the positions where answers are produced.
 
 Char-level tokenizer (BPE without merges over the characters), so the tasks are learnable by a
 model of under a million parameters in minutes on two CPU cores. Seeded; rerun to regenerate:
@@ -21,7 +23,7 @@ import json, os, random, shutil, sys, time
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models
+from tokenizers import Tokenizer, models
 import transformers
 from peft import LoraConfig, get_peft_model
 
@@ -56,7 +58,7 @@ def example(task, rng):
         d = "".join(rng.choice("0123456789") for _ in range(rng.randint(4, 7)))
         return f"sort {d}>", "".join(sorted(d))
     if task == "add":
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
         return f"add {a}+{b}>", str(a + b)
     if task == "kind":
         k = rng.choice(list(KINDS))
@@ -83,7 +85,6 @@ def make_tokenizer():
     vocab = {c: i for i, c in enumerate(CHARS)}
     vocab["<unk>"] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.decoder = decoders.Fuse()  # characters back to text without separators
     return tok
 
 
@@ -156,6 +157,13 @@ def accuracy(model, tok, items):
 
 
 def main():
+    only = os.environ.get("ONLY")  # retrain these adapters (comma-separated) on the saved base
+    if os.environ.get("REEVALUATE"):
+        return reevaluate()
+    if os.environ.get("CALIBRATE"):
+        return self_calibrate()
+    if only:
+        return retrain(only.split(","))
     shutil.rmtree(OUT, ignore_errors=True)
     for d in ["base", "adapters", "samples", "eval"]:
         os.makedirs(os.path.join(OUT, d))
@@ -180,9 +188,13 @@ def main():
     evals, results = {}, {}
     erng = random.Random(1)
     for t in TASKS:
-        if t == "kind":
-            # A lookup table: every word is evaluated; the calibration prompts are 50 of them.
-            items = [(f"kind {w}>", k) for k, ws in KINDS.items() for w in ws]
+        if t in ("kind", "add"):
+            # Lookup tables (60 words, 100 digit pairs): every entry is evaluated; the calibration
+            # prompts are 50 of them.
+            if t == "kind":
+                items = [(f"kind {w}>", k) for k, ws in KINDS.items() for w in ws]
+            else:
+                items = [(f"add {a}+{b}>", str(a + b)) for a in range(10) for b in range(10)]
             calib, held = erng.sample(items, 50), items
         else:
             seen, items = set(), []
@@ -209,8 +221,117 @@ def main():
         train(peft_model, task_batches(t, tok, 64, random.Random(100 + k)), int(os.environ.get("LORA_STEPS", 800)), 4e-3, f"lora {t}")
         results[t] = {u: accuracy(peft_model, tok, evals[u][:100]) for u in TASKS}
         print(f"adapter {t} accuracy", results[t], flush=True)
-        peft_model.save_pretrained(os.path.join(OUT, "adapters", t))
+        save_adapter(peft_model, t)
         model = peft_model.unload()
+    with open(os.path.join(OUT, "training_accuracy.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    self_calibrate()
+    # The decoder (characters joined without separators) is added last: training only encodes.
+    path = os.path.join(OUT, "base", "tokenizer.json")
+    with open(path) as f:
+        tj = json.load(f)
+    tj["decoder"] = {"type": "Fuse"}
+    with open(path, "w") as f:
+        json.dump(tj, f, ensure_ascii=False, indent=2)
+
+
+@torch.no_grad()
+def greedy(model, tok, prompt, max_new=10):
+    nl = tok.token_to_id("\n")
+    ids = torch.tensor([tok.encode(prompt).ids])
+    out = []
+    for _ in range(max_new):
+        nxt = model(input_ids=ids).logits[0, -1].argmax().item()
+        if nxt == nl:
+            break
+        out.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return "".join(tok.id_to_token(i) for i in out)
+
+
+def self_calibrate():
+    """Calibration samples: each prompt followed by the adapter's own greedy answer. Still no
+    labels (the adapter wrote them), and the merge then also aligns the positions where the
+    answer is produced; prompts alone leave those out (measured: mean merged accuracy 7.5% with
+    prompts alone, 27% with the adapters' own answers)."""
+    from peft import PeftModel
+    tok = Tokenizer.from_file(os.path.join(OUT, "base", "tokenizer.json"))
+    for t in TASKS:
+        path = os.path.join(OUT, "samples", f"{t}.txt")
+        prompts = [l.split(">")[0] + ">" for l in open(path).read().splitlines() if l]
+        m = PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(os.path.join(OUT, "base")),
+                                      os.path.join(OUT, "adapters", t)).eval()
+        with open(path, "w") as f:
+            f.write("".join(p + greedy(m, tok, p) + "\n" for p in prompts))
+
+
+def save_adapter(peft_model, t):
+    """The PEFT folder, without the model card and without the path the base was loaded from."""
+    d = os.path.join(OUT, "adapters", t)
+    peft_model.save_pretrained(d)
+    os.remove(os.path.join(d, "README.md"))
+    with open(os.path.join(d, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    cfg["base_model_name_or_path"] = None
+    with open(os.path.join(d, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def read_eval(t):
+    with open(os.path.join(OUT, "eval", f"{t}.jsonl")) as f:
+        return [(d["prompt"], d["answer"]) for d in map(json.loads, f)]
+
+
+def retrain(names):
+    """Retrain the adapters `names` on the saved base model (same seeds as a full run), rewriting
+    their calibration and evaluation files when the task's data changed."""
+    tok = Tokenizer.from_file(os.path.join(OUT, "base", "tokenizer.json"))
+    model = transformers.LlamaForCausalLM.from_pretrained(os.path.join(OUT, "base"))
+    model.eval()
+    with open(os.path.join(OUT, "training_accuracy.json")) as f:
+        results = json.load(f)
+    erng = random.Random(1)
+    for t in names:
+        if t == "add":
+            items = [(f"add {a}+{b}>", str(a + b)) for a in range(10) for b in range(10)]
+            calib = erng.sample(items, 50)
+            with open(os.path.join(OUT, "samples", "add.txt"), "w") as f:
+                f.write("".join(p + "\n" for p, _ in calib))
+            with open(os.path.join(OUT, "eval", "add.jsonl"), "w") as f:
+                f.write("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in items))
+    evals = {t: read_eval(t) for t in TASKS}
+    results["base"] = {t: accuracy(model, tok, evals[t][:100]) for t in TASKS}
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    for t in names:
+        k = TASKS.index(t)
+        model.load_state_dict(base_state)
+        lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        peft_model = get_peft_model(model, lcfg)
+        torch.manual_seed(10 + k)
+        train(peft_model, task_batches(t, tok, 64, random.Random(100 + k)), int(os.environ.get("LORA_STEPS", 800)), 4e-3, f"lora {t}")
+        results[t] = {u: accuracy(peft_model, tok, evals[u][:100]) for u in TASKS}
+        print(f"adapter {t} accuracy", results[t], flush=True)
+        shutil.rmtree(os.path.join(OUT, "adapters", t), ignore_errors=True)
+        save_adapter(peft_model, t)
+        model = peft_model.unload()
+    with open(os.path.join(OUT, "training_accuracy.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    reevaluate()
+
+
+def reevaluate():
+    """Accuracy of the base and of every saved adapter on every task's current evaluation set."""
+    from peft import PeftModel
+    tok = Tokenizer.from_file(os.path.join(OUT, "base", "tokenizer.json"))
+    evals = {t: read_eval(t) for t in TASKS}
+    model = transformers.LlamaForCausalLM.from_pretrained(os.path.join(OUT, "base")).eval()
+    results = {"base": {t: accuracy(model, tok, evals[t][:100]) for t in TASKS}}
+    for t in TASKS:
+        m = PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(os.path.join(OUT, "base")),
+                                      os.path.join(OUT, "adapters", t)).eval()
+        results[t] = {u: accuracy(m, tok, evals[u][:100]) for u in TASKS}
+        print(f"adapter {t} accuracy", results[t], flush=True)
     with open(os.path.join(OUT, "training_accuracy.json"), "w") as f:
         json.dump(results, f, indent=1)
 

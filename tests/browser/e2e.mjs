@@ -67,10 +67,21 @@ async function mergeAndDownload(page, name, clickId = '#merge') {
 
 try {
   // 1. The demo, in one click, with whatever backend auto picks (here: SwiftShader is a CPU
-  // emulation, so the CPU path).
+  // emulation, so the CPU path), with its quality table.
   {
     const { context, page } = await newPage();
     await mergeAndDownload(page, 'demo', '#demo');
+    assert.ok(await page.locator('#quality-box').isVisible(), 'the demo shows its quality on held-out samples');
+    summary.demoQuality = await page.locator('#quality-table').innerText();
+    console.log(`demo quality:\n${summary.demoQuality}`);
+    await page.locator('#results').screenshot({ path: path.join(out, 'results-demo.png') });
+    await context.close();
+  }
+  // 1b. (Measurement only, E2E_DEMO_GPU=1: slow on a software GPU.) The demo on WebGPU.
+  if (process.env.E2E_DEMO_GPU) {
+    const { context, page } = await newPage();
+    await page.selectOption('#backend', 'gpu');
+    await mergeAndDownload(page, 'demo-gpu', '#demo');
     await context.close();
   }
   // 2. Fixture files through the file inputs, on WebGPU.
@@ -96,6 +107,27 @@ try {
     assert.ok(await page.locator('#convergence-box').isVisible(), 'the Jacobi run shows its convergence plot');
     assert.equal(await page.locator('#convergence circle').count(), 3, 'one point per solve after the first');
     await page.locator('#results').screenshot({ path: path.join(out, 'results-jacobi.png') });
+    await context.close();
+  }
+  // 3b. Every method compared, with small labeled held-out sets.
+  {
+    const { context, page } = await newPage();
+    await giveFixtureFiles(page);
+    await page.selectOption('#backend', 'cpu');
+    for (const k of [0, 1, 2]) {
+      await page.setInputFiles(`#task-${k}-eval`, {
+        name: `eval${k}.jsonl`, mimeType: 'text/plain',
+        buffer: Buffer.from('{"prompt":"the cat","answer":" sat"}\n{"prompt":"a red","answer":" fish"}\n'),
+      });
+    }
+    const t0 = Date.now();
+    await page.click('#compare');
+    await page.waitForSelector('#comparison:not([hidden]), #message:not([hidden]):not(.info)', { timeout: 300_000 });
+    assert.ok(await page.locator('#comparison').isVisible(), `no comparison: ${await page.locator('#message').textContent()}`);
+    const rows = await page.locator('#compare-table tr').count();
+    assert.equal(rows, 1 + 4 + 7, 'header, base and three adapters alone, seven methods');
+    summary.compareSeconds = (Date.now() - t0) / 1000;
+    await page.locator('#comparison').screenshot({ path: path.join(out, 'comparison.png') });
     await context.close();
   }
   // 4. A corrupt (truncated) model file gets a message naming it, and no results.
