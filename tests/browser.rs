@@ -72,11 +72,12 @@ fn page_merges_like_the_cli() {
     std::fs::create_dir_all(&out).unwrap();
     run(Command::new("node").arg("tests/browser/e2e.mjs").arg(&out), "the browser tests (tests/browser/e2e.mjs)");
 
-    let (sweep, jacobi) = (out.join("cli-sweep"), out.join("cli-jacobi"));
-    cli_merge(&sweep, &[]);
-    cli_merge(&jacobi, &["--schedule", "jacobi", "--iters", "4"]);
+    let (sweep, jacobi, demo) = (out.join("cli-sweep"), out.join("cli-jacobi"), out.join("cli-demo"));
+    cli_merge(&sweep, false, &[]);
+    cli_merge(&jacobi, false, &["--schedule", "jacobi", "--iters", "4"]);
+    cli_merge(&demo, true, &[]);
     for (zip, cli, tol) in
-        [("demo", &sweep, 1e-4), ("gpu", &sweep, 1e-4), ("cpu", &sweep, 1e-4), ("cpu-jacobi", &jacobi, 1e-4)]
+        [("demo", &demo, 1e-4), ("gpu", &sweep, 1e-4), ("cpu", &sweep, 1e-4), ("cpu-jacobi", &jacobi, 1e-4)]
     {
         let dir = unzip(&out.join(format!("{zip}.zip")), &out.join(zip));
         let e = max_rel_diff(&dir, cli);

@@ -388,8 +388,9 @@ function showComparison(t, seconds) {
   $('comparison').hidden = false;
 }
 
-// Log-scale line plot of the Jacobi changes (solve k+1 vs solve k), drawn as SVG elements.
-function plot(svg, ys) {
+// A line plot drawn as SVG elements: `series` = [{ name, ys, color }] over `xs`; `log` plots
+// log10(y). Missing values (null) break nothing: they are skipped.
+function lines(svg, xs, series, { log = false, xLabel = '', yFormat = (v) => v } = {}) {
   const NS = 'http://www.w3.org/2000/svg';
   const el = (tag, attrs, text) => {
     const e = document.createElementNS(NS, tag);
@@ -397,23 +398,53 @@ function plot(svg, ys) {
     if (text !== undefined) e.textContent = text;
     return e;
   };
-  const [W, H, L, R, T, B] = [480, 200, 56, 12, 12, 30];
-  const logs = ys.map((y) => Math.log10(Math.max(y, 1e-16)));
-  let lo = Math.floor(Math.min(...logs));
-  let hi = Math.ceil(Math.max(...logs));
+  const [W, H, L, R, T, B] = [480, 200, 56, 90, 12, 30];
+  const f = (y) => (log ? Math.log10(Math.max(y, 1e-16)) : y);
+  const vals = series.flatMap((s) => s.ys.filter((y) => y !== null).map(f));
+  let lo = log ? Math.floor(Math.min(...vals)) : 0;
+  let hi = log ? Math.ceil(Math.max(...vals)) : Math.max(...vals, 1e-9) * 1.1;
   if (hi === lo) hi = lo + 1;
-  const x = (i) => L + (ys.length === 1 ? (W - L - R) / 2 : (i * (W - L - R)) / (ys.length - 1));
+  const x = (i) => L + (xs.length === 1 ? (W - L - R) / 2 : (i * (W - L - R)) / (xs.length - 1));
   const y = (v) => T + ((hi - v) * (H - T - B)) / (hi - lo);
   const parts = [el('line', { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: '#888' }), el('line', { x1: L, y1: T, x2: L, y2: H - B, stroke: '#888' })];
-  for (let p = lo; p <= hi; p++) {
+  const ticks = log ? Array.from({ length: hi - lo + 1 }, (_, k) => lo + k) : [0, 0.25, 0.5, 0.75, 1].map((t) => lo + t * (hi - lo));
+  for (const p of ticks) {
     parts.push(el('line', { x1: L, y1: y(p), x2: W - R, y2: y(p), stroke: '#e3e6eb' }));
-    parts.push(el('text', { x: L - 6, y: y(p) + 4, 'text-anchor': 'end', 'font-size': 11, fill: '#555' }, `1e${p}`));
+    parts.push(el('text', { x: L - 6, y: y(p) + 4, 'text-anchor': 'end', 'font-size': 11, fill: '#555' }, log ? `1e${p}` : yFormat(p)));
   }
-  ys.forEach((_, i) => parts.push(el('text', { x: x(i), y: H - B + 16, 'text-anchor': 'middle', 'font-size': 11, fill: '#555' }, `${i + 2}`)));
-  parts.push(el('text', { x: (L + W) / 2, y: H - 2, 'text-anchor': 'middle', 'font-size': 11, fill: '#555' }, 'solve'));
-  parts.push(el('polyline', { points: logs.map((v, i) => `${x(i)},${y(v)}`).join(' '), fill: 'none', stroke: '#2450b2', 'stroke-width': 2 }));
-  logs.forEach((v, i) => parts.push(el('circle', { cx: x(i), cy: y(v), r: 3, fill: '#2450b2' })));
+  xs.forEach((v, i) => parts.push(el('text', { x: x(i), y: H - B + 16, 'text-anchor': 'middle', 'font-size': 11, fill: '#555' }, `${v}`)));
+  parts.push(el('text', { x: (L + W - R) / 2, y: H - 2, 'text-anchor': 'middle', 'font-size': 11, fill: '#555' }, xLabel));
+  series.forEach((s, k) => {
+    const pts = s.ys.map((v, i) => (v === null ? null : [x(i), y(f(v))])).filter(Boolean);
+    parts.push(el('polyline', { points: pts.map((p) => p.join(',')).join(' '), fill: 'none', stroke: s.color, 'stroke-width': 2 }));
+    pts.forEach(([cx, cy]) => parts.push(el('circle', { cx, cy, r: 3, fill: s.color })));
+    parts.push(el('text', { x: W - R + 8, y: T + 12 + 16 * k, 'font-size': 12, fill: s.color }, s.name));
+  });
   svg.replaceChildren(...parts);
+}
+
+// Jacobi: relative change from solve k to k+1 (for k+1 = 2, 3, …).
+function plot(svg, ys) {
+  lines(svg, ys.map((_, i) => i + 2), [{ name: 'change', ys, color: '#2450b2' }], { log: true, xLabel: 'solve' });
+}
+
+// The study of the demo (iteris study, demo/study.json): convergence and sample efficiency.
+async function showStudy() {
+  let study;
+  try {
+    const r = await fetch('demo/study.json');
+    if (!r.ok) return;
+    study = await r.json();
+  } catch (_) {
+    return;
+  }
+  const c = study.convergence;
+  lines($('study-convergence'), c.solves, [{ name: 'jacobi', ys: c.distance_to_sweep, color: '#2450b2' }], { log: true, xLabel: 'solves' });
+  const e = study.sample_efficiency;
+  const colors = { iteris: '#2450b2', regmean: '#c0392b', linear: '#7f8c8d' };
+  lines($('study-samples'), e.samples, Object.entries(e.methods).map(([name, m]) => ({ name, ys: m.accuracy, color: colors[name] || '#333' })),
+    { xLabel: 'calibration samples per task', yFormat: (v) => `${Math.round(v * 100)}%` });
+  $('study').hidden = false;
 }
 
 // ---------- demo ----------
@@ -439,6 +470,7 @@ async function loadDemo() {
     return;
   }
   showMessage('');
+  showStudy();
   startMerge();
 }
 

@@ -23,6 +23,9 @@ enum Cmd {
     /// Merge with every method (IterIS and the baselines) and compare their quality on held-out
     /// samples (--eval); --out writes the table as JSON.
     Compare(CompareArgs),
+    /// Study IterIS on the inputs: Jacobi convergence to the sweep's fixed point, and quality
+    /// against the number of calibration samples per task; --out writes JSON (the page plots it).
+    Study(MergeArgs),
 }
 
 #[derive(clap::Args)]
@@ -130,6 +133,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Merge(a) => merge(a),
         Cmd::Compare(a) => compare(a),
+        Cmd::Study(a) => study(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -357,6 +361,87 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
         println!();
     }
     println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// ‖ΔW_a − ΔW_b‖ / ‖ΔW_b‖ over all modules (dense; for studies on small models).
+fn distance(a: &[iteris::merge::solve::Merged], b: &[iteris::merge::solve::Merged]) -> f64 {
+    use iteris::merge::solve::to_f64;
+    let (mut num, mut den) = (0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        let (dx, dy) = (to_f64(&x.b) * to_f64(&x.a), to_f64(&y.b) * to_f64(&y.a));
+        num += (&dx - &dy).norm_squared();
+        den += dy.norm_squared();
+    }
+    (num / den).sqrt()
+}
+
+fn study(a: MergeArgs) -> iteris::Result<()> {
+    use iteris::error::bad_input;
+    let mut p = prepare(&a)?;
+    let mean = |v: Vec<Option<f64>>| {
+        let v: Vec<f64> = v.into_iter().flatten().collect();
+        if v.is_empty() {
+            None
+        } else {
+            Some(v.iter().sum::<f64>() / v.len() as f64)
+        }
+    };
+    // Convergence: Jacobi with k solves against the sweep's exact fixed point.
+    let sweep = run(
+        &p,
+        &Options { method: Method::Iteris, schedule: Schedule::Sweep, eval_limit: Some(0), ..p.opts.clone() },
+        false,
+    )?;
+    let mut errors = Vec::new();
+    for k in 1..=8 {
+        let opts = Options {
+            method: Method::Iteris,
+            schedule: Schedule::Jacobi,
+            iters: k,
+            eval_limit: Some(0),
+            ..p.opts.clone()
+        };
+        let r = run(&p, &opts, false)?;
+        errors.push(distance(&r.outcome.merged, &sweep.outcome.merged));
+    }
+    println!(
+        "jacobi solves 1..8, distance to the sweep's fixed point: {}",
+        errors.iter().map(|e| format!("{e:.2e}")).collect::<Vec<_>>().join(" ")
+    );
+    // Sample efficiency: the first n calibration samples of every task.
+    let all: Vec<Vec<String>> = p.tasks.iter().map(|t| t.samples.clone()).collect();
+    let counts: Vec<usize> = [2, 5, 10, 20, 50].into_iter().filter(|&n| all.iter().all(|s| s.len() >= n)).collect();
+    let mut curves = serde_json::Map::new();
+    for m in [Method::Iteris, Method::Regmean, Method::Linear] {
+        let (mut acc, mut kl) = (Vec::new(), Vec::new());
+        for &n in &counts {
+            for (t, s) in p.tasks.iter_mut().zip(&all) {
+                t.samples = s[..n].to_vec();
+            }
+            let r = run(&p, &Options { method: m, ..p.opts.clone() }, false)?;
+            let q = r
+                .quality
+                .ok_or_else(|| bad_input("--eval", "the study needs held-out samples (--eval) for every adapter"))?;
+            acc.push(mean(q.iter().map(|t| t.accuracy).collect()));
+            kl.push(mean(q.iter().map(|t| Some(t.kl)).collect()));
+        }
+        println!(
+            "{:>8}: mean accuracy by samples per task {counts:?}: {}",
+            m.name(),
+            acc.iter().map(|a| a.map_or("-".into(), |a| format!("{:.1}%", 100.0 * a))).collect::<Vec<_>>().join(" ")
+        );
+        curves.insert(m.name().into(), serde_json::json!({ "accuracy": acc, "kl": kl }));
+    }
+    let out = serde_json::json!({
+        "convergence": { "solves": (1..=8).collect::<Vec<_>>(), "distance_to_sweep": errors },
+        "sample_efficiency": { "samples": counts, "methods": curves },
+    });
+    if let Some(path) = &a.out {
+        std::fs::write(path, serde_json::to_vec_pretty(&out).unwrap())
+            .map_err(|e| bad_input(path.display(), format!("cannot write ({e})")))?;
+        println!("wrote {}", path.display());
+    }
     Ok(())
 }
 
