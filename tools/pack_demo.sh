@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 out=${1:-dist/demo}
 src=demo
 rm -rf "$out" && mkdir -p "$out"
-cp -r $src/base $src/adapters $src/samples $src/eval "$out/"
+cp -r $src/base $src/adapters $src/samples $src/eval $src/study.json "$out/"
 rm -f "$out"/base/generation_config.json "$out"/adapters/*/README.md
 tasks=""
 for a in $src/adapters/*/; do

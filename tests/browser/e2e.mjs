@@ -72,6 +72,8 @@ try {
     const { context, page } = await newPage();
     await mergeAndDownload(page, 'demo', '#demo');
     assert.ok(await page.locator('#quality-box').isVisible(), 'the demo shows its quality on held-out samples');
+    assert.ok(await page.locator('#study').isVisible(), 'the demo shows its study plots');
+    await page.locator('#study').screenshot({ path: path.join(out, 'study.png') });
     summary.demoQuality = await page.locator('#quality-table').innerText();
     console.log(`demo quality:\n${summary.demoQuality}`);
     await page.locator('#results').screenshot({ path: path.join(out, 'results-demo.png') });
