@@ -18,5 +18,6 @@ done
 cat > "$out/manifest.json" <<JSON
 {"title":"a tiny Llama and four LoRA adapters: reverse a word, sort digits, add two numbers, name a word's kind",
  "base":{"folder":"base","files":["config.json","tokenizer.json","model.safetensors"]},
+ "settings":{"max-len":64},
  "tasks":[$tasks]}
 JSON

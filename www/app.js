@@ -458,6 +458,8 @@ async function loadDemo() {
       return new File([await r.blob()], path.split('/').pop());
     };
     const manifest = await (await fetch('demo/manifest.json')).json();
+    // The demo's own settings (its model has 64 positions), by the id of their input.
+    for (const [id, value] of Object.entries(manifest.settings || {})) $(id).value = value;
     setBase(await Promise.all(manifest.base.files.map((f) => get(`${manifest.base.folder}/${f}`))));
     while (state.tasks.length < manifest.tasks.length) addTask();
     for (const [k, t] of manifest.tasks.entries()) {
