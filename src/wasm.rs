@@ -246,12 +246,7 @@ pub async fn compare(input: JsValue, options: String, progress: js_sys::Function
         let opts = Options { method: m, ..s.opts.clone() };
         let r = merge_once(&gpu, &base, &tasks, &opts, false, &mut report, &mut notes).await?;
         backend = r.report.backend.clone();
-        rows.push(serde_json::json!({
-            "method": r.report.method,
-            "alignment_error": r.report.tasks.iter().map(|t| t.mean_alignment_error).collect::<Vec<_>>(),
-            "quality": r.quality,
-            "seconds": r.report.timings_s.passes + r.report.timings_s.quality,
-        }));
+        rows.push(r.comparison_row());
     }
     let names: Vec<String> =
         tasks.iter().map(|t| t.eval.as_ref().map_or(t.samples_name.clone(), |e| e.name.clone())).collect();

@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use iteris::backend::{cpu::Cpu, gpu::Gpu};
 use iteris::fsio;
-use iteris::merge::{pipeline, Method, Options, Progress, Schedule};
+use iteris::merge::{pipeline, relative_change, Method, Options, Progress, Schedule};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -43,17 +43,6 @@ enum ScheduleArg {
     Jacobi,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum MethodArg {
-    Iteris,
-    Regmean,
-    Linear,
-    Cat,
-    Ties,
-    Dare,
-    Svd,
-}
-
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum BackendArg {
     Cpu,
@@ -82,8 +71,8 @@ struct MergeArgs {
     /// iteris (default); baselines: regmean (X̃ = X, no adaptive weights, --regmean-scale),
     /// linear (weighted average, weights 1/N), cat (PEFT's exact sum), ties and dare (--density,
     /// --seed), svd (the summed delta truncated to --rank, default the largest adapter rank).
-    #[arg(long, value_enum, default_value = "iteris")]
-    method: MethodArg,
+    #[arg(long, default_value = "iteris", value_parser = parse_method)]
+    method: Method,
     /// Baselines: one weight per adapter, comma-separated (default 1/N for linear, 1 otherwise).
     #[arg(long, value_delimiter = ',')]
     weights: Option<Vec<f64>>,
@@ -225,15 +214,7 @@ fn prepare(a: &MergeArgs) -> iteris::Result<Prepared> {
         t.eval = Some(fsio::read_eval(e)?);
     }
     let opts = Options {
-        method: match a.method {
-            MethodArg::Iteris => Method::Iteris,
-            MethodArg::Regmean => Method::Regmean,
-            MethodArg::Linear => Method::Linear,
-            MethodArg::Cat => Method::Cat,
-            MethodArg::Ties => Method::Ties,
-            MethodArg::Dare => Method::Dare,
-            MethodArg::Svd => Method::Svd,
-        },
+        method: a.method,
         weights: a.weights.clone(),
         density: a.density,
         seed: a.seed,
@@ -364,18 +345,6 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
     Ok(())
 }
 
-/// ‖ΔW_a − ΔW_b‖ / ‖ΔW_b‖ over all modules (dense; for studies on small models).
-fn distance(a: &[iteris::merge::solve::Merged], b: &[iteris::merge::solve::Merged]) -> f64 {
-    use iteris::merge::solve::to_f64;
-    let (mut num, mut den) = (0.0, 0.0);
-    for (x, y) in a.iter().zip(b) {
-        let (dx, dy) = (to_f64(&x.b) * to_f64(&x.a), to_f64(&y.b) * to_f64(&y.a));
-        num += (&dx - &dy).norm_squared();
-        den += dy.norm_squared();
-    }
-    (num / den).sqrt()
-}
-
 fn study(a: MergeArgs) -> iteris::Result<()> {
     use iteris::error::bad_input;
     let mut p = prepare(&a)?;
@@ -403,7 +372,7 @@ fn study(a: MergeArgs) -> iteris::Result<()> {
             ..p.opts.clone()
         };
         let r = run(&p, &opts, false)?;
-        errors.push(distance(&r.outcome.merged, &sweep.outcome.merged));
+        errors.push(relative_change(r.outcome.merged.iter().zip(&sweep.outcome.merged)));
     }
     println!(
         "jacobi solves 1..8, distance to the sweep's fixed point: {}",
@@ -460,12 +429,7 @@ fn compare(a: CompareArgs) -> iteris::Result<()> {
     let mut rows = Vec::new();
     for &m in &methods {
         let r = run(&p, &Options { method: m, ..p.opts.clone() }, false)?;
-        rows.push(serde_json::json!({
-            "method": r.report.method,
-            "alignment_error": r.report.tasks.iter().map(|t| t.mean_alignment_error).collect::<Vec<_>>(),
-            "quality": r.quality,
-            "seconds": r.report.timings_s.passes,
-        }));
+        rows.push(r.comparison_row());
     }
     let names: Vec<String> =
         p.tasks.iter().map(|t| t.eval.as_ref().map_or(t.samples_name.clone(), |e| e.name.clone())).collect();
@@ -502,6 +466,13 @@ fn compare(a: CompareArgs) -> iteris::Result<()> {
         println!("wrote {}", out.display());
     }
     Ok(())
+}
+
+fn parse_method(s: &str) -> Result<Method, String> {
+    Method::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
+        format!("unknown method '{s}' (one of {})", names.join(", "))
+    })
 }
 
 fn shorten(s: &str, n: usize) -> String {

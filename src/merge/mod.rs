@@ -267,7 +267,9 @@ pub async fn iteris<B: Backend>(
                     announce(k, &format!("jacobi solve {k}"));
                     hook.begin_pass(be, Mode::Jacobi, true);
                     models::run(model, be, &both, &mut hook, Output::Nothing).await?;
-                    changes.push(relative_change(&hook.merged, &hook.solved));
+                    let pairs =
+                        hook.merged.iter().zip(&hook.solved).filter_map(|(o, n)| Some((o.as_ref()?, n.as_ref()?)));
+                    changes.push(relative_change(pairs));
                 }
                 // One more pass measures the final deltas on their own features.
                 announce(passes, "evaluate");
@@ -328,12 +330,12 @@ pub async fn iteris<B: Backend>(
     })
 }
 
-/// ‖ΔW_new − ΔW_old‖ / ‖ΔW_new‖ over all modules. Both share B* = [B_1 … B_N], so the
-/// difference is B*(A_new − A_old), measured through the small Gram B*ᵀB*.
-fn relative_change(old: &[Option<Merged>], new: &[Option<Merged>]) -> f64 {
+/// ‖ΔW_new − ΔW_old‖ / ‖ΔW_new‖ over all modules, from (old, new) pairs of IterIS deltas. Both
+/// share B* = [B_1 … B_N], so the difference is B*(A_new − A_old), measured through the small Gram
+/// B*ᵀB*.
+pub fn relative_change<'a>(pairs: impl IntoIterator<Item = (&'a Merged, &'a Merged)>) -> f64 {
     let (mut num, mut den) = (0.0, 0.0);
-    for (o, n) in old.iter().zip(new) {
-        let (Some(o), Some(n)) = (o, n) else { continue };
+    for (o, n) in pairs {
         let bb = solve::to_f64(&n.b);
         let btb = bb.transpose() * &bb;
         let an = solve::to_f64(&n.a);

@@ -30,6 +30,21 @@ pub struct MergeResult {
     pub outcome: super::Outcome,
 }
 
+impl MergeResult {
+    /// One row of a comparison of methods (`iteris compare`, the page's Compare): the method, each
+    /// task's mean alignment error, the quality on held-out samples, and the seconds the passes
+    /// and the quality evaluation took.
+    pub fn comparison_row(&self) -> serde_json::Value {
+        let r = &self.report;
+        serde_json::json!({
+            "method": r.method,
+            "alignment_error": r.tasks.iter().map(|t| t.mean_alignment_error).collect::<Vec<_>>(),
+            "quality": self.quality,
+            "seconds": r.timings_s.passes + r.timings_s.quality,
+        })
+    }
+}
+
 pub async fn merge<B: Backend>(
     be: &B,
     base: &BaseInputs,
