@@ -139,21 +139,30 @@ def train(model, data, steps, lr, label):
     model.eval()
 
 
-@torch.no_grad()
 def accuracy(model, tok, items):
-    nl = tok.token_to_id("\n")
-    ok = 0
-    for prompt, answer in items:
-        ids = torch.tensor([tok.encode(prompt).ids])
-        out = []
-        for _ in range(len(answer) + 2):
-            nxt = model(input_ids=ids).logits[0, -1].argmax().item()
-            if nxt == nl:
-                break
-            out.append(nxt)
-            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-        ok += "".join(tok.id_to_token(i) for i in out) == answer
-    return ok / len(items)
+    return sum(greedy(model, tok, p, len(a) + 2) == a for p, a in items) / len(items)
+
+
+def table(t):
+    """The whole input space of a lookup-table task (kind: 60 words; add: 100 digit pairs)."""
+    if t == "kind":
+        return [(f"kind {w}>", k) for k, ws in KINDS.items() for w in ws]
+    return [(f"add {a}+{b}>", str(a + b)) for a in range(10) for b in range(10)]
+
+
+def train_adapter(model, tok, t, base_state):
+    """Train task t's LoRA on the base weights (seeded by the task's index), save it, and return
+    the base model again."""
+    k = TASKS.index(t)
+    model.load_state_dict(base_state)
+    lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(model, lcfg)
+    torch.manual_seed(10 + k)
+    train(peft_model, task_batches(t, tok, 64, random.Random(100 + k)), int(os.environ.get("LORA_STEPS", 800)), 4e-3, f"lora {t}")
+    shutil.rmtree(os.path.join(OUT, "adapters", t), ignore_errors=True)
+    save_adapter(peft_model, t)
+    return peft_model.unload()
 
 
 def main():
@@ -185,16 +194,11 @@ def main():
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     # Held-out evaluation sets and unlabeled calibration prompts, disjoint from each other.
-    evals, results = {}, {}
     erng = random.Random(1)
     for t in TASKS:
         if t in ("kind", "add"):
-            # Lookup tables (60 words, 100 digit pairs): every entry is evaluated; the calibration
-            # prompts are 50 of them.
-            if t == "kind":
-                items = [(f"kind {w}>", k) for k, ws in KINDS.items() for w in ws]
-            else:
-                items = [(f"add {a}+{b}>", str(a + b)) for a in range(10) for b in range(10)]
+            # Lookup tables: every entry is evaluated; the calibration prompts are 50 of them.
+            items = table(t)
             calib, held = erng.sample(items, 50), items
         else:
             seen, items = set(), []
@@ -204,27 +208,13 @@ def main():
                     seen.add(p)
                     items.append((p, a))
             calib, held = items[:50], items[50:]
-        evals[t] = held
         with open(os.path.join(OUT, "samples", f"{t}.txt"), "w") as f:
             f.write("".join(p + "\n" for p, _ in calib))
         with open(os.path.join(OUT, "eval", f"{t}.jsonl"), "w") as f:
             f.write("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in held))
-    results["base"] = {t: accuracy(model, tok, evals[t][:100]) for t in TASKS}
-    print("base accuracy", results["base"], flush=True)
-
-    for k, t in enumerate(TASKS):
-        model.load_state_dict(base_state)
-        lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-        peft_model = get_peft_model(model, lcfg)
-        torch.manual_seed(10 + k)
-        train(peft_model, task_batches(t, tok, 64, random.Random(100 + k)), int(os.environ.get("LORA_STEPS", 800)), 4e-3, f"lora {t}")
-        results[t] = {u: accuracy(peft_model, tok, evals[u][:100]) for u in TASKS}
-        print(f"adapter {t} accuracy", results[t], flush=True)
-        save_adapter(peft_model, t)
-        model = peft_model.unload()
-    with open(os.path.join(OUT, "training_accuracy.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    for t in TASKS:
+        model = train_adapter(model, tok, t, base_state)
+    reevaluate()
     self_calibrate()
     # The decoder (characters joined without separators) is added last: training only encodes.
     path = os.path.join(OUT, "base", "tokenizer.json")
@@ -284,39 +274,20 @@ def read_eval(t):
 
 def retrain(names):
     """Retrain the adapters `names` on the saved base model (same seeds as a full run), rewriting
-    their calibration and evaluation files when the task's data changed."""
+    the add task's calibration and evaluation files (its data changed once), then re-measure every
+    accuracy."""
     tok = Tokenizer.from_file(os.path.join(OUT, "base", "tokenizer.json"))
     model = transformers.LlamaForCausalLM.from_pretrained(os.path.join(OUT, "base"))
-    model.eval()
-    with open(os.path.join(OUT, "training_accuracy.json")) as f:
-        results = json.load(f)
-    erng = random.Random(1)
-    for t in names:
-        if t == "add":
-            items = [(f"add {a}+{b}>", str(a + b)) for a in range(10) for b in range(10)]
-            calib = erng.sample(items, 50)
-            with open(os.path.join(OUT, "samples", "add.txt"), "w") as f:
-                f.write("".join(p + "\n" for p, _ in calib))
-            with open(os.path.join(OUT, "eval", "add.jsonl"), "w") as f:
-                f.write("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in items))
-    evals = {t: read_eval(t) for t in TASKS}
-    results["base"] = {t: accuracy(model, tok, evals[t][:100]) for t in TASKS}
+    if "add" in names:
+        items = table("add")
+        calib = random.Random(1).sample(items, 50)
+        with open(os.path.join(OUT, "samples", "add.txt"), "w") as f:
+            f.write("".join(p + "\n" for p, _ in calib))
+        with open(os.path.join(OUT, "eval", "add.jsonl"), "w") as f:
+            f.write("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in items))
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     for t in names:
-        k = TASKS.index(t)
-        model.load_state_dict(base_state)
-        lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-        peft_model = get_peft_model(model, lcfg)
-        torch.manual_seed(10 + k)
-        train(peft_model, task_batches(t, tok, 64, random.Random(100 + k)), int(os.environ.get("LORA_STEPS", 800)), 4e-3, f"lora {t}")
-        results[t] = {u: accuracy(peft_model, tok, evals[u][:100]) for u in TASKS}
-        print(f"adapter {t} accuracy", results[t], flush=True)
-        shutil.rmtree(os.path.join(OUT, "adapters", t), ignore_errors=True)
-        save_adapter(peft_model, t)
-        model = peft_model.unload()
-    with open(os.path.join(OUT, "training_accuracy.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        model = train_adapter(model, tok, t, base_state)
     reevaluate()
 
 
