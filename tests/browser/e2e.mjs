@@ -79,12 +79,24 @@ try {
     await page.locator('#results').screenshot({ path: path.join(out, 'results-demo.png') });
     await context.close();
   }
-  // 1b. (Measurement only, E2E_DEMO_GPU=1: slow on a software GPU.) The demo on WebGPU.
+  // 1b. (Measurement only, E2E_DEMO_GPU=1: slow on a software GPU.) The demo's merge alone (no
+  // held-out files, so no quality evaluation) through the file inputs, on the CPU path and WebGPU.
   if (process.env.E2E_DEMO_GPU) {
-    const { context, page } = await newPage();
-    await page.selectOption('#backend', 'gpu');
-    await mergeAndDownload(page, 'demo-gpu', '#demo');
-    await context.close();
+    const d = (p) => path.resolve('demo', p);
+    for (const backend of ['cpu', 'gpu']) {
+      const { context, page } = await newPage();
+      await page.setInputFiles('#base-files', ['config.json', 'tokenizer.json', 'model.safetensors'].map((f) => d(`base/${f}`)));
+      await page.click('#add-task');
+      await page.click('#add-task');
+      for (const [k, t] of ['add', 'kind', 'rev', 'sort'].entries()) {
+        await page.setInputFiles(`#task-${k}-adapter`, ['adapter_config.json', 'adapter_model.safetensors'].map((f) => d(`adapters/${t}/${f}`)));
+        await page.setInputFiles(`#task-${k}-samples`, d(`samples/${t}.txt`));
+      }
+      await page.fill('#max-len', '64');
+      await page.selectOption('#backend', backend);
+      await mergeAndDownload(page, `demo-merge-${backend}`);
+      await context.close();
+    }
   }
   // 2. Fixture files through the file inputs, on WebGPU.
   {
