@@ -267,3 +267,56 @@ fn weights_beyond_one_binding_are_split_by_rows() {
         );
     }
 }
+
+/// A module's system assembled on the GPU from statistics that were never read back (Gram
+/// matrices, adaptive weights from pending norms, ridge from ‖G‖_F, RegMean's off-diagonal
+/// scaling), then factored: L·Lᵀ equals the same M assembled on the host from the CPU's values.
+#[test]
+fn system_assembled_and_factored_from_pending_statistics() {
+    use iteris::backend::FactorTerm;
+    use nalgebra::DMatrix;
+    let _l = LOCK.lock().unwrap();
+    let (g, mut r) = (gpu(), Rng(9));
+    let n = 45;
+    let (x1, x2) = (r.mat(120, n), r.mat(90, n));
+    let (w, a, b) = (r.mat(30, 17), r.mat(30, 17), r.mat(70, 33));
+    let (gx1, gx2, gw, ga, gb) = (g.upload(&x1), g.upload(&x2), g.upload(&w), g.upload(&a), g.upload(&b));
+    for (ridge, off_diagonal) in [(1e-4, 1.0), (0.0, 0.9), (1e-7, 1.0)] {
+        // Device: term 1's weight is (3 + ‖W‖² − 0.5⟨W, A⟩) / ‖B‖²; term 2's is 0.25 / 1.
+        let pending = vec![
+            g.defer_gram(&gx1, 0..120, &gx1, 0..120),
+            g.defer_gram(&gx2, 10..90, &gx2, 10..90),
+            g.defer_sq_norm(&gw, 0..30),
+            g.defer_dot(&gw, &ga),
+            g.defer_sq_norm(&gb, 0..70),
+        ];
+        let terms = [
+            FactorTerm {
+                gram: &pending[0],
+                num: 3.0,
+                num_terms: vec![(1.0, &pending[2]), (-0.5, &pending[3])],
+                den: Some(&pending[4]),
+                ridge,
+                off_diagonal,
+            },
+            FactorTerm { gram: &pending[1], num: 0.25, num_terms: vec![], den: None, ridge, off_diagonal },
+        ];
+        let factor = g.defer_cholesky(&terms).expect("the GPU offers factors");
+        let l = g.fetch(vec![factor]).block_on().unwrap().pop().unwrap().factor().expect("positive definite");
+
+        // Host: the same M from the CPU backend's values.
+        let gram = |x: &Mat, rows: std::ops::Range<usize>| Cpu.gram(x, rows.clone(), x, rows).block_on().unwrap();
+        let (g1, g2) = (gram(&x1, 0..120), gram(&x2, 10..90));
+        let sq = |m: &Mat| m.data.iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
+        let dot: f64 = w.data.iter().zip(&a.data).map(|(p, q)| *p as f64 * *q as f64).sum();
+        let c1 = (3.0 + sq(&w) - 0.5 * dot) / sq(&b);
+        let mut m = DMatrix::<f64>::zeros(n, n);
+        for (gm, c) in [(g1, c1), (g2, 0.25)] {
+            let mut t = (&gm + gm.transpose()) * (0.5 * off_diagonal);
+            t.set_diagonal(&(gm.diagonal().add_scalar(ridge * gm.norm())));
+            m += t * c;
+        }
+        let e = (&l * l.transpose() - &m).norm() / m.norm();
+        assert!(e < 2e-6, "ridge {ridge}, off-diagonal {off_diagonal}: L·Lᵀ differs from M by {e:.2e}");
+    }
+}

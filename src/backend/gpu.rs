@@ -5,7 +5,7 @@
 //! Commands are recorded into one open encoder and submitted only when the host needs a result
 //! (a Gram matrix, a norm, a download) or after many dispatches, so a stage costs one submission.
 
-use super::{Activation, AttentionSpec, Backend, Fetched, WeightDtype};
+use super::{Activation, AttentionSpec, Backend, FactorTerm, Fetched, WeightDtype};
 use crate::error::{Error, Result};
 use crate::mat::Mat;
 use std::cell::{Cell, RefCell};
@@ -25,6 +25,8 @@ const ATTENTION: &str = include_str!("../../shaders/attention.wgsl");
 const REDUCE: &str = include_str!("../../shaders/reduce.wgsl");
 const CHOLESKY_BLOCK: &str = include_str!("../../shaders/cholesky_block.wgsl");
 const CHOLESKY_PANEL: &str = include_str!("../../shaders/cholesky_panel.wgsl");
+const SYSTEM_SCALARS: &str = include_str!("../../shaders/system_scalars.wgsl");
+const SYSTEM_ASSEMBLE: &str = include_str!("../../shaders/system_assemble.wgsl");
 
 /// Submit after this many recorded dispatches even without a readback, to bound the memory held
 /// by buffers that are dropped on the host but still referenced by recorded commands.
@@ -95,6 +97,8 @@ pub enum GpuPending {
     Sum(Vec<GpuTensor>),
     /// A Gram matrix as compensated f32 pairs: the value is hi + lo.
     Gram { hi: GpuTensor, lo: GpuTensor },
+    /// A Cholesky factor (n, n) in the lower triangle of `l`; status 0 when every pivot was positive.
+    Factor { l: GpuTensor, status: wgpu::Buffer },
 }
 
 /// (element type, load expression) substituted into a kernel reading `name` in `dtype`:
@@ -587,6 +591,10 @@ impl Backend for Gpu {
                     regions.push((&hi.buf, hi.rows * hi.cols));
                     regions.push((&lo.buf, lo.rows * lo.cols));
                 }
+                GpuPending::Factor { l, status } => {
+                    regions.push((status, 1));
+                    regions.push((&l.buf, l.rows * l.cols));
+                }
             }
         }
         let values = self.read_many(&regions).await?;
@@ -604,6 +612,10 @@ impl Backend for Gpu {
                         hi.cols,
                         h.iter().zip(&l).map(|(a, b)| *a as f64 + *b as f64),
                     ))
+                }
+                GpuPending::Factor { l, .. } => {
+                    let (status, values) = (at.next().unwrap(), at.next().unwrap());
+                    Fetched::Factor((status[0].to_bits() == 0).then(|| lower(l.rows, &values)))
                 }
             })
             .collect())
@@ -805,13 +817,85 @@ impl Backend for Gpu {
         out
     }
 
-    /// Blocked right-looking Cholesky in f32: per 32-column step, factor the diagonal block
-    /// (one workgroup), solve the panel below it (a thread per row), and update the trailing matrix
-    /// with the tiled product (alpha = −1). All matrices are factored, then read back together.
+    /// Assemble M from the pending statistics (`system_scalars.wgsl` reduces the partial sums c
+    /// and the ridge need, `system_assemble.wgsl` adds each term) and factor it in place.
+    fn defer_cholesky(&self, terms: &[FactorTerm<'_, GpuPending>]) -> Option<GpuPending> {
+        let grams: Vec<&GpuTensor> = terms
+            .iter()
+            .map(|t| match t.gram {
+                GpuPending::Gram { hi, .. } => hi,
+                _ => panic!("a system term's Gram must be a pending Gram matrix"),
+            })
+            .collect();
+        let n = grams.first()?.rows;
+        if (n * n * 4) as u64 > self.max_binding {
+            return None;
+        }
+        // Scalars 3t, 3t+1, 3t+2 of term t: c's numerator, its denominator, ‖G‖²_F.
+        let norms: Vec<GpuTensor> =
+            grams.iter().map(|g| self.reduce("norm", &g.buf, WeightDtype::F32, 0, None, n * n)).collect();
+        let mut base = Vec::new();
+        let mut sources: Vec<(usize, f32, &GpuTensor)> = Vec::new();
+        fn sums(p: &GpuPending) -> &[GpuTensor] {
+            match p {
+                GpuPending::Sum(parts) => parts,
+                _ => panic!("a system term's scalars must be pending sums"),
+            }
+        }
+        for (t, (term, norm)) in terms.iter().zip(&norms).enumerate() {
+            base.extend([term.num as f32, if term.den.is_some() { 0.0 } else { 1.0 }, 0.0]);
+            for (k, p) in &term.num_terms {
+                sources.extend(sums(p).iter().map(|part| (3 * t, *k as f32, part)));
+            }
+            if let Some(p) = term.den {
+                sources.extend(sums(p).iter().map(|part| (3 * t + 1, 1.0, part)));
+            }
+            sources.push((3 * t + 2, 1.0, norm));
+        }
+        // Pack every partial into one buffer (a kernel binds a fixed number of buffers).
+        let total: usize = sources.iter().map(|s| s.2.cols).sum();
+        let packed = self.alloc(1, total);
+        let mut segments: Vec<u32> = Vec::new();
+        {
+            let mut enc = self.encoder.borrow_mut();
+            let enc = enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+            let mut at = 0;
+            for (slot, k, part) in &sources {
+                enc.copy_buffer_to_buffer(&part.buf, 0, &packed.buf, (at * 4) as u64, (part.cols * 4) as u64);
+                segments.extend([*slot as u32, at as u32, part.cols as u32, k.to_bits()]);
+                at += part.cols;
+            }
+        }
+        let scalars = self.alloc(1, base.len());
+        let p = self.pipeline("system_scalars", SYSTEM_SCALARS, &[]);
+        let (seg_buf, base_buf) = (self.storage(&segments), self.storage(&base));
+        self.dispatch(
+            &p,
+            &[&packed.buf, &seg_buf, &base_buf, &scalars.buf],
+            &[sources.len() as u32],
+            (base.len() as u32, 1, 1),
+        );
+
+        let m = self.alloc(n, n);
+        let p = self.pipeline("system_assemble", SYSTEM_ASSEMBLE, &[]);
+        let (gx, gy, stride) = grid_1d(n * n);
+        for (t, (term, g)) in terms.iter().zip(&grams).enumerate() {
+            let params = [
+                n as u32,
+                t as u32,
+                (t == 0) as u32,
+                (term.ridge as f32).to_bits(),
+                (term.off_diagonal as f32).to_bits(),
+                stride,
+            ];
+            self.dispatch(&p, &[&m.buf, &g.buf, &scalars.buf], &params, (gx, gy, 1));
+        }
+        let status = self.factor_in_place(&m.buf, n);
+        Some(GpuPending::Factor { l: m, status })
+    }
+
+    /// `defer_cholesky` of matrices the host already has: upload, factor, read back together.
     async fn cholesky_f32_many(&self, ms: &[&nalgebra::DMatrix<f64>]) -> Result<Vec<Option<nalgebra::DMatrix<f64>>>> {
-        const NB: usize = 32;
-        let block = self.pipeline("cholesky_block", CHOLESKY_BLOCK, &[]);
-        let panel_p = self.pipeline("cholesky_panel", CHOLESKY_PANEL, &[]);
         let mut factored = Vec::new();
         for m in ms {
             let n = m.nrows();
@@ -820,40 +904,17 @@ impl Backend for Gpu {
                 continue;
             }
             let rows: Vec<f32> = (0..n * n).map(|e| m[(e / n, e % n)] as f32).collect();
-            let a = self.storage(&rows);
-            let status = self.storage(&[0u32]);
-            for k0 in (0..n).step_by(NB) {
-                let kb = NB.min(n - k0);
-                let params = [n as u32, k0 as u32, kb as u32];
-                self.dispatch(&block, &[&a, &status], &params, (1, 1, 1));
-                let m2 = n - k0 - kb;
-                if m2 == 0 {
-                    break;
-                }
-                let panel = self.alloc(m2, kb);
-                self.dispatch(&panel_p, &[&a, &panel.buf], &params, (m2.div_ceil(64) as u32, 1, 1));
-                let at = (k0 + kb) * n + k0 + kb;
-                let g = Geometry {
-                    c_off: at,
-                    ldc: n,
-                    alpha: -1.0,
-                    accumulate: true,
-                    ..Geometry::new(m2, kb, m2, (0, kb, 1), (0, 1, kb))
-                };
-                self.matmul(&panel.buf, &panel.buf, &a, None, &g);
-            }
-            factored.push(Some((n, a, status)));
+            let l = self.upload(&Mat::new(n, n, rows));
+            let status = self.factor_in_place(&l.buf, n);
+            factored.push(Some(GpuPending::Factor { l, status }));
         }
-        let regions: Vec<(&wgpu::Buffer, usize)> =
-            factored.iter().flatten().flat_map(|(n, a, status)| [(status, 1), (a, n * n)]).collect();
-        let mut values = self.read_many(&regions).await?.into_iter();
-        Ok(factored
+        let mut fetched = self.fetch(factored.iter_mut().filter_map(Option::take).collect()).await?.into_iter();
+        Ok(ms
             .iter()
-            .map(|f| {
-                let (n, _, _) = f.as_ref()?;
-                let (status, l) = (values.next().unwrap(), values.next().unwrap());
-                (status[0].to_bits() == 0)
-                    .then(|| nalgebra::DMatrix::from_fn(*n, *n, |i, j| if j <= i { l[i * n + j] as f64 } else { 0.0 }))
+            .map(|m| {
+                ((m.nrows() * m.nrows() * 4) as u64 <= self.max_binding)
+                    .then(|| fetched.next().unwrap().factor())
+                    .flatten()
             })
             .collect())
     }
@@ -867,7 +928,43 @@ impl Backend for Gpu {
     }
 }
 
+/// The lower triangle of a row-major (n, n) f32 matrix.
+fn lower(n: usize, values: &[f32]) -> nalgebra::DMatrix<f64> {
+    nalgebra::DMatrix::from_fn(n, n, |i, j| if j <= i { values[i * n + j] as f64 } else { 0.0 })
+}
+
 impl Gpu {
+    /// Blocked right-looking Cholesky in f32, in place on a row-major (n, n) buffer: per 32-column
+    /// step, factor the diagonal block (one workgroup), solve the panel below it (a thread per row),
+    /// and update the trailing matrix with the tiled product (alpha = −1). Returns the status word
+    /// (0: every pivot positive).
+    fn factor_in_place(&self, a: &wgpu::Buffer, n: usize) -> wgpu::Buffer {
+        const NB: usize = 32;
+        let block = self.pipeline("cholesky_block", CHOLESKY_BLOCK, &[]);
+        let panel_p = self.pipeline("cholesky_panel", CHOLESKY_PANEL, &[]);
+        let status = self.storage(&[0u32]);
+        for k0 in (0..n).step_by(NB) {
+            let kb = NB.min(n - k0);
+            let params = [n as u32, k0 as u32, kb as u32];
+            self.dispatch(&block, &[a, &status], &params, (1, 1, 1));
+            let m2 = n - k0 - kb;
+            if m2 == 0 {
+                break;
+            }
+            let panel = self.alloc(m2, kb);
+            self.dispatch(&panel_p, &[a, &panel.buf], &params, (m2.div_ceil(64) as u32, 1, 1));
+            let g = Geometry {
+                c_off: (k0 + kb) * n + k0 + kb,
+                ldc: n,
+                alpha: -1.0,
+                accumulate: true,
+                ..Geometry::new(m2, kb, m2, (0, kb, 1), (0, 1, kb))
+            };
+            self.matmul(&panel.buf, &panel.buf, a, None, &g);
+        }
+        status
+    }
+
     fn norm(&self, x: &GpuTensor, gamma: &GpuTensor, beta: Option<&GpuTensor>, eps: f32, rms: bool) -> GpuTensor {
         let out = self.alloc(x.rows, x.cols);
         let p = self.pipeline("norm", NORM, &[("RMS", rms.to_string())]);

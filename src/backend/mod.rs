@@ -56,22 +56,47 @@ impl Activation {
 pub enum Fetched {
     Scalar(f64),
     Matrix(nalgebra::DMatrix<f64>),
+    /// A lower Cholesky factor computed in f32; None where a pivot was not positive.
+    Factor(Option<nalgebra::DMatrix<f64>>),
 }
 
 impl Fetched {
     pub fn scalar(self) -> f64 {
         match self {
             Fetched::Scalar(v) => v,
-            Fetched::Matrix(_) => panic!("expected a scalar"),
+            _ => panic!("expected a scalar"),
         }
     }
 
     pub fn matrix(self) -> nalgebra::DMatrix<f64> {
         match self {
             Fetched::Matrix(m) => m,
-            Fetched::Scalar(_) => panic!("expected a matrix"),
+            _ => panic!("expected a matrix"),
         }
     }
+
+    pub fn factor(self) -> Option<nalgebra::DMatrix<f64>> {
+        match self {
+            Fetched::Factor(l) => l,
+            _ => panic!("expected a factor"),
+        }
+    }
+}
+
+/// One task's share of a module's system matrix, built on the backend from values that are still
+/// pending there: c · (sym(G) + ridge·‖G‖_F·I), where c = (num + Σ k·value) / den and sym(G) has
+/// its off-diagonal entries scaled by `off_diagonal` (RegMean; 1 otherwise).
+pub struct FactorTerm<'a, P> {
+    /// The Gram matrix (a pending `defer_gram`).
+    pub gram: &'a P,
+    /// The constant part of c's numerator.
+    pub num: f64,
+    /// Pending scalars added to the numerator, each times its factor.
+    pub num_terms: Vec<(f64, &'a P)>,
+    /// A pending scalar c's numerator is divided by (None: 1).
+    pub den: Option<&'a P>,
+    pub ridge: f64,
+    pub off_diagonal: f64,
 }
 
 /// The precision a weight matrix is kept in on the backend (its file precision where the backend
@@ -172,6 +197,14 @@ pub trait Backend {
     }
     async fn sq_dist(&self, a: &Self::T, b: &Self::T) -> Result<f64> {
         Ok(self.fetch(vec![self.defer_sq_dist(a, b)]).await?.pop().unwrap().scalar())
+    }
+
+    /// Record the f32 Cholesky factor of M = Σ terms, assembled from pending statistics without
+    /// reading them first, so a stage's statistics and the factors that precondition its f64
+    /// solve come back in one `fetch` (`Fetched::Factor`). None where the backend does not offer
+    /// factors (the CPU solves in f64 directly) or M would not fit.
+    fn defer_cholesky(&self, _terms: &[FactorTerm<'_, Self::Pending>]) -> Option<Self::Pending> {
+        None
     }
 
     /// Lower Cholesky factors of symmetric matrices computed in f32, for the f64 iterative

@@ -4,16 +4,18 @@
 //! merged delta exists, the same samples run by the merged model (rows X̃_i). At each stage the hook
 //! 1. adds each adapter's delta to its own rows and measures ‖X_i (W0+ΔW_i)ᵀ‖ for the adaptive weight,
 //! 2. accumulates X_iᵀX̃_i and X̃_iᵀX̃_i once for all modules of the stage (they share the input),
-//! 3. solves every targeted module of the stage (f64, `solve.rs`),
-//! 4. adds the merged delta to the merged rows and measures the alignment error.
+//! 3. has the backend assemble and factor (f32) every targeted module's system from those pending
+//!    statistics, so statistics and factors come back in one readback,
+//! 4. solves each system in f64 (`solve.rs`), refined around the factor where there is one,
+//! 5. adds the merged delta to the merged rows and measures the alignment error.
 //!
-//! The two schedules differ only in which delta step 4 uses. `Sweep` uses the one just solved:
+//! The two schedules differ only in which delta step 5 uses. `Sweep` uses the one just solved:
 //! merged rows downstream then see final upstream deltas, so one pass reaches the fixed point of
 //! the iteration exactly. `Jacobi` keeps the previous pass's deltas and stores the new ones for the
 //! next pass (the published schedule). `Evaluate` solves nothing and only measures.
 
 use super::solve::{assemble, finish, Merged, SolvePath, TaskStats};
-use crate::backend::{Backend, Fetched};
+use crate::backend::{Backend, FactorTerm, Fetched};
 use crate::error::Result;
 use crate::formats::peft::LoraModule;
 use crate::merge::solve::to_f64;
@@ -202,16 +204,21 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
             std::mem::take(&mut self.align_pending).into_iter().unzip();
 
         // 1. Weight norms ‖W0‖² and ⟨W0, B_i A_i⟩ = Σ (A_i W0ᵀ) ⊙ B_iᵀ, at a module's first visit.
+        // at[slot] = index of the slot's value in `pending`, for the systems assembled below.
+        let mut at: HashMap<Slot, usize> = HashMap::new();
+        let mut defer = |slot: Slot, p: B::Pending, slots: &mut Vec<Slot>, pending: &mut Vec<B::Pending>| {
+            at.insert(slot, pending.len());
+            slots.push(slot);
+            pending.push(p);
+        };
         for &(j, t) in &targeted {
             if self.w_norm2[t].is_none() {
                 let w = input.mods[j].w;
-                slots.push(Slot::WeightNorm(t));
-                pending.push(be.defer_sq_norm(w, 0..be.dims(w).0));
+                defer(Slot::WeightNorm(t), be.defer_sq_norm(w, 0..be.dims(w).0), &mut slots, &mut pending);
                 for (i, l) in self.loras[t].iter().enumerate() {
                     if let Some(l) = l {
                         let aw = be.matmul_t(&l.a, 0..be.dims(&l.a).0, w);
-                        slots.push(Slot::WeightCross(t, i));
-                        pending.push(be.defer_dot(&aw, &l.bt));
+                        defer(Slot::WeightCross(t, i), be.defer_dot(&aw, &l.bt), &mut slots, &mut pending);
                     }
                 }
             }
@@ -226,14 +233,14 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
                 if let Some(d) = &d {
                     be.add_rows(&mut ys[j], ra.clone(), d, 1.0);
                 }
-                slots.push(Slot::Denominator(t, i));
-                pending.push(be.defer_sq_norm(&ys[j], ra.clone()));
+                defer(Slot::Denominator(t, i), be.defer_sq_norm(&ys[j], ra.clone()), &mut slots, &mut pending);
                 per_task.push(d);
             }
             own.push(per_task);
         }
         // 3. X_iᵀX̃_i and X̃_iᵀX̃_i, shared by the stage's modules (X̃ = X before any merged delta).
-        if self.mode != Mode::Evaluate {
+        let solving = self.mode != Mode::Evaluate;
+        if solving {
             for (i, (ra, rm)) in rows.iter().enumerate() {
                 let mixed;
                 let (xt, rt) = match rm {
@@ -244,17 +251,56 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
                     }
                     Some(rm) => (x, rm.clone()),
                 };
-                slots.push(Slot::Cross(i));
-                pending.push(be.defer_gram(x, ra.clone(), xt, rt.clone()));
+                defer(Slot::Cross(i), be.defer_gram(x, ra.clone(), xt, rt.clone()), &mut slots, &mut pending);
                 if rm.is_some() {
-                    slots.push(Slot::Gram(i));
-                    pending.push(be.defer_gram(xt, rt.clone(), xt, rt));
+                    defer(Slot::Gram(i), be.defer_gram(xt, rt.clone(), xt, rt), &mut slots, &mut pending);
                 }
+            }
+        }
+        let (alpha1, alpha2) = if self.regmean.is_some() { (0.0, 0.0) } else { (self.alpha1, self.alpha2) };
+        // 4. Each module's system matrix, assembled and factored in f32 on the backend from the
+        // statistics still pending there, so statistics and factors come back in one readback.
+        if solving {
+            let mut factors = Vec::new();
+            for &(_, t) in &targeted {
+                let terms: Vec<_> = (0..tasks)
+                    .map(|i| {
+                        let gram = at.get(&Slot::Gram(i)).unwrap_or(&at[&Slot::Cross(i)]);
+                        let (num, num_terms, den) = match (self.regmean, &self.w_norm2[t]) {
+                            (Some(_), _) => (1.0, vec![], None),
+                            (None, Some(w)) => (w[i], vec![], Some(&pending[at[&Slot::Denominator(t, i)]])),
+                            (None, None) => {
+                                let l = self.targets[t].loras[i].as_ref();
+                                let mut terms = vec![(1.0, &pending[at[&Slot::WeightNorm(t)]])];
+                                if let Some(l) = l {
+                                    terms.push((2.0 * l.scale as f64, &pending[at[&Slot::WeightCross(t, i)]]));
+                                }
+                                (l.map_or(0.0, lora_norm2), terms, Some(&pending[at[&Slot::Denominator(t, i)]]))
+                            }
+                        };
+                        FactorTerm {
+                            gram: &pending[*gram],
+                            num,
+                            num_terms,
+                            den,
+                            ridge: alpha2,
+                            off_diagonal: self.regmean.unwrap_or(1.0),
+                        }
+                    })
+                    .collect();
+                if let Some(f) = be.defer_cholesky(&terms) {
+                    factors.push((Slot::Factor(t), f));
+                }
+            }
+            for (slot, f) in factors {
+                slots.push(slot);
+                pending.push(f);
             }
         }
 
         let mut stats: Vec<(Option<DMatrix<f64>>, Option<DMatrix<f64>>)> = vec![(None, None); tasks];
         let mut denominators = vec![vec![0.0; tasks]; self.targets.len()];
+        let mut factors: HashMap<usize, DMatrix<f64>> = HashMap::new();
         for (slot, value) in slots.into_iter().zip(be.fetch(pending).await?) {
             match slot {
                 Slot::WeightNorm(t) => {
@@ -269,6 +315,11 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
                 Slot::Denominator(t, i) => denominators[t][i] = value.scalar(),
                 Slot::Cross(i) => stats[i].0 = Some(value.matrix()),
                 Slot::Gram(i) => stats[i].1 = Some(value.matrix()),
+                Slot::Factor(t) => {
+                    if let Some(l) = value.factor() {
+                        factors.insert(t, l);
+                    }
+                }
                 align => self.settle_align(align, value),
             }
         }
@@ -283,8 +334,8 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
                 .collect();
         }
 
-        // 4. One solve per module.
-        if self.mode != Mode::Evaluate {
+        // 5. One solve per module, in f64 on the host, refined around the backend's factor.
+        if solving {
             for s in stats.iter_mut() {
                 if let (Some(scale), Some(g)) = (self.regmean, s.0.as_mut()) {
                     // RegMean: G ← scale·G + (1 − scale)·diag(G).
@@ -296,26 +347,17 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
                     s.1 = s.0.clone(); // X̃ = X: the Gram is the cross term
                 }
             }
-            let (alpha1, alpha2) = if self.regmean.is_some() { (0.0, 0.0) } else { (self.alpha1, self.alpha2) };
-            // Assemble every module's system, factor them all on the backend (one readback on the
-            // GPU), then refine and finish each.
-            let systems: Vec<_> = targeted
-                .iter()
-                .map(|&(_, t)| {
-                    let ts: Vec<TaskStats> = (0..tasks)
-                        .map(|i| TaskStats {
-                            cross: stats[i].0.as_ref().unwrap(),
-                            gram: stats[i].1.as_ref().unwrap(),
-                            c: self.records[t].c[i],
-                            lora: self.targets[t].loras[i].as_ref(),
-                        })
-                        .collect();
-                    assemble(&self.targets[t].name, &ts, alpha1, alpha2)
-                })
-                .collect();
-            let factors = be.cholesky_f32_many(&systems.iter().map(|s| &s.m).collect::<Vec<_>>()).await?;
-            for ((&(_, t), sys), factor) in targeted.iter().zip(systems).zip(factors) {
-                let (m, path) = finish(sys, factor, be.offers_cholesky_f32())?;
+            for &(_, t) in &targeted {
+                let ts: Vec<TaskStats> = (0..tasks)
+                    .map(|i| TaskStats {
+                        cross: stats[i].0.as_ref().unwrap(),
+                        gram: stats[i].1.as_ref().unwrap(),
+                        c: self.records[t].c[i],
+                        lora: self.targets[t].loras[i].as_ref(),
+                    })
+                    .collect();
+                let sys = assemble(&self.targets[t].name, &ts, alpha1, alpha2);
+                let (m, path) = finish(sys, factors.remove(&t), be.offers_cholesky_f32())?;
                 self.records[t].solve_path = Some(path);
                 if self.mode == Mode::Sweep {
                     self.merged_dev[t] = Some((be.upload(&m.a), be.upload(&m.b)));
@@ -325,7 +367,7 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
             }
         }
 
-        // 5. Merged rows: W0 + ΔW*, and the alignment error against each adapter's own output
+        // 6. Merged rows: W0 + ΔW*, and the alignment error against each adapter's own output
         // (read with the next fetch).
         for (k, &(j, t)) in targeted.iter().enumerate() {
             self.records[t].align = vec![None; tasks];
@@ -361,7 +403,7 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
 }
 
 /// What a fetched value is for.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Slot {
     /// ‖W0‖² of target t.
     WeightNorm(usize),
@@ -377,6 +419,8 @@ enum Slot {
     AlignNorm(usize, usize),
     /// ‖X_i ΔW_iᵀ − X̃_i ΔW*ᵀ‖² of target t, task i.
     AlignErr(usize, usize),
+    /// The f32 Cholesky factor of target t's system matrix.
+    Factor(usize),
 }
 
 /// s²‖B A‖²_F = s² tr((BᵀB)(AAᵀ)), from the small factors.
