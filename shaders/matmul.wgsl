@@ -5,9 +5,14 @@
 // x·Wᵀ (B = Wᵀ read in place), Xᵀ·Y (the Gram matrices, A = Xᵀ read in place) and plain products,
 // and a row range of a batched tensor costs only an offset.
 //
-// Tiling: a 16×16 workgroup computes a 64×64 tile of C, each thread a 4×4 block, stepping through K in
-// slices of 16 staged in workgroup memory. A_K_FAST / B_K_FAST (substituted) choose the order in
-// which threads load each tile so that consecutive threads read consecutive addresses.
+// Tiling: a 16×16 workgroup computes a (16·TM)×(16·TN) tile of C, each thread TM×TN outputs held in
+// registers, stepping through K in slices of 16 staged in workgroup memory. TM = TN = 8 (128×128
+// tiles, 64 products per 16 workgroup-memory reads) for large products; 4 (64×64 tiles) for small
+// ones, where bigger tiles would leave most of the GPU idle, and for the compensated Grams, whose
+// second accumulator doubles the registers. A thread's rows and columns are interleaved (row
+// lid.y + 16r, column lid.x + 16s): neighbouring threads read neighbouring workgroup-memory words
+// (no bank conflicts) and write neighbouring words of C. A_K_FAST / B_K_FAST (substituted) choose
+// the order in which threads load each tile so that consecutive threads read consecutive addresses.
 //
 // Accumulation: plain f32 for activations. With WITH_LO (the Gram matrices) every product is added
 // with Kahan compensation and the compensation is written to c_lo: c + c_lo, added in f64 on the
@@ -41,71 +46,74 @@ fn load_b(e: u32) -> f32 {
     {{B_LOAD}}
 }
 
-var<workgroup> ta: array<f32, 1024>;  // [kk * 64 + i]
-var<workgroup> tb: array<f32, 1024>;  // [kk * 64 + j]
+const TM: u32 = {{TM}}u;
+const TN: u32 = {{TN}}u;
+const BM: u32 = 16u * TM;  // tile rows
+const BN: u32 = 16u * TN;  // tile columns
+
+var<workgroup> ta: array<f32, {{TA_LEN}}>;  // (16, BM): [kk * BM + i]
+var<workgroup> tb: array<f32, {{TB_LEN}}>;  // (16, BN): [kk * BN + j]
 
 @compute @workgroup_size(16, 16)
 fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let row0 = wid.y * 64u;
-    let col0 = wid.x * 64u;
+    let row0 = wid.y * BM;
+    let col0 = wid.x * BN;
     let tid = lid.y * 16u + lid.x;
-    var acc: array<f32, 16>;
-    var comp: array<f32, 16>;
+    var acc: array<f32, {{ACC_LEN}}>;
+    var comp: array<f32, {{COMP_LEN}}>;
     for (var k0 = 0u; k0 < p.k; k0 += 16u) {
-        for (var e = 0u; e < 4u; e++) {
+        for (var e = 0u; e < TM; e++) {
             let idx = tid + e * 256u;
             var i: u32; var kk: u32;
-            if (A_K_FAST) { i = idx / 16u; kk = idx % 16u; } else { kk = idx / 64u; i = idx % 64u; }
+            if (A_K_FAST) { i = idx / 16u; kk = idx % 16u; } else { kk = idx / BM; i = idx % BM; }
             var va = 0.0;
             if (row0 + i < p.m && k0 + kk < p.k) { va = a[p.a_off + (row0 + i) * p.a_rs + (k0 + kk) * p.a_cs]; }
-            ta[kk * 64u + i] = va;
+            ta[kk * BM + i] = va;
+        }
+        for (var e = 0u; e < TN; e++) {
+            let idx = tid + e * 256u;
             var j: u32; var kb: u32;
-            if (B_K_FAST) { j = idx / 16u; kb = idx % 16u; } else { kb = idx / 64u; j = idx % 64u; }
+            if (B_K_FAST) { j = idx / 16u; kb = idx % 16u; } else { kb = idx / BN; j = idx % BN; }
             var vb = 0.0;
             if (col0 + j < p.n && k0 + kb < p.k) { vb = load_b(p.b_off + (k0 + kb) * p.b_rs + (col0 + j) * p.b_cs); }
-            tb[kb * 64u + j] = vb;
+            tb[kb * BN + j] = vb;
         }
         workgroupBarrier();
-        if (WITH_LO) {
-            // Compensate every addition, and recover each product's rounding error with an fma:
-            // f32 rounding anywhere here is of the order of a weak ridge, which then amplifies it.
-            for (var kk = 0u; kk < 16u; kk++) {
-                for (var r = 0u; r < 4u; r++) {
-                    let av = ta[kk * 64u + lid.y * 4u + r];
-                    for (var s = 0u; s < 4u; s++) {
-                        let q = r * 4u + s;
-                        let bv = tb[kk * 64u + lid.x * 4u + s];
-                        let prod = av * bv * p.one;
-                        let y = prod - (comp[q] - fma(av, bv, -prod));
+        for (var kk = 0u; kk < 16u; kk++) {
+            var av: array<f32, {{TM}}>;
+            var bv: array<f32, {{TN}}>;
+            for (var r = 0u; r < TM; r++) { av[r] = ta[kk * BM + lid.y + 16u * r]; }
+            for (var s = 0u; s < TN; s++) { bv[s] = tb[kk * BN + lid.x + 16u * s]; }
+            for (var r = 0u; r < TM; r++) {
+                for (var s = 0u; s < TN; s++) {
+                    let q = r * TN + s;
+                    if (WITH_LO) {
+                        // Compensate every addition, and recover each product's rounding error with
+                        // an fma: f32 rounding anywhere here is of the order of a weak ridge, which
+                        // then amplifies it.
+                        let prod = av[r] * bv[s] * p.one;
+                        let y = prod - (comp[q] - fma(av[r], bv[s], -prod));
                         let t = (acc[q] + y) * p.one;
                         comp[q] = (t - acc[q]) - y;
                         acc[q] = t;
+                    } else {
+                        acc[q] = fma(av[r], bv[s], acc[q]);
                     }
-                }
-            }
-        } else {
-            for (var kk = 0u; kk < 16u; kk++) {
-                let av = vec4<f32>(ta[kk * 64u + lid.y * 4u], ta[kk * 64u + lid.y * 4u + 1u], ta[kk * 64u + lid.y * 4u + 2u], ta[kk * 64u + lid.y * 4u + 3u]);
-                let bv = vec4<f32>(tb[kk * 64u + lid.x * 4u], tb[kk * 64u + lid.x * 4u + 1u], tb[kk * 64u + lid.x * 4u + 2u], tb[kk * 64u + lid.x * 4u + 3u]);
-                for (var r = 0u; r < 4u; r++) {
-                    acc[r * 4u + 0u] += av[r] * bv.x;
-                    acc[r * 4u + 1u] += av[r] * bv.y;
-                    acc[r * 4u + 2u] += av[r] * bv.z;
-                    acc[r * 4u + 3u] += av[r] * bv.w;
                 }
             }
         }
         workgroupBarrier();
     }
-    for (var r = 0u; r < 4u; r++) {
-        let gi = row0 + lid.y * 4u + r;
+    for (var r = 0u; r < TM; r++) {
+        let gi = row0 + lid.y + 16u * r;
         if (gi >= p.m) { continue; }
-        for (var s = 0u; s < 4u; s++) {
-            let gj = col0 + lid.x * 4u + s;
+        for (var s = 0u; s < TN; s++) {
+            let gj = col0 + lid.x + 16u * s;
             if (gj >= p.n) { continue; }
             let o = p.c_off + gi * p.ldc + gj;
-            if (p.accumulate != 0u) { c[o] = c[o] + p.alpha * acc[r * 4u + s]; } else { c[o] = p.alpha * acc[r * 4u + s]; }
-            if (WITH_LO) { c_lo[o] = -comp[r * 4u + s]; }
+            let q = r * TN + s;
+            if (p.accumulate != 0u) { c[o] = c[o] + p.alpha * acc[q]; } else { c[o] = p.alpha * acc[q]; }
+            if (WITH_LO) { c_lo[o] = -comp[q]; }
         }
     }
 }

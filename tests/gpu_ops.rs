@@ -36,7 +36,9 @@ fn close64(what: &str, g: &nalgebra::DMatrix<f64>, c: &nalgebra::DMatrix<f64>, t
 fn matmul_and_gram() {
     let _l = LOCK.lock().unwrap();
     let (g, mut r) = (gpu(), Rng(1));
-    for (n, k, m) in [(1, 1, 1), (37, 19, 23), (64, 64, 64), (130, 70, 65), (5, 200, 3)] {
+    // The last two use the 128×128 tiles (from 512 rows and columns), one not a multiple of them.
+    for (n, k, m) in [(1, 1, 1), (37, 19, 23), (64, 64, 64), (130, 70, 65), (5, 200, 3), (512, 16, 512), (600, 37, 530)]
+    {
         let x = r.mat(n + 7, k);
         let w = r.mat(m, k);
         let rows = 3..3 + n;

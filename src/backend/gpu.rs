@@ -28,6 +28,10 @@ const CHOLESKY_PANEL: &str = include_str!("../../shaders/cholesky_panel.wgsl");
 const SYSTEM_SCALARS: &str = include_str!("../../shaders/system_scalars.wgsl");
 const SYSTEM_ASSEMBLE: &str = include_str!("../../shaders/system_assemble.wgsl");
 
+/// Products with at least this many rows and columns use 128×128 tiles (8×8 outputs per thread);
+/// smaller ones 64×64, so that a product still spreads over many workgroups.
+const BIG_TILE_FROM: usize = 512;
+
 /// Submit after this many recorded dispatches even without a readback, to bound the memory held
 /// by buffers that are dropped on the host but still referenced by recorded commands.
 const MAX_PENDING: usize = 256;
@@ -479,12 +483,20 @@ impl Gpu {
     /// C = alpha·A·B (+ C) through strides (see matmul.wgsl); with `lo`, also the compensation terms.
     fn matmul(&self, a: &wgpu::Buffer, b: &wgpu::Buffer, c: &wgpu::Buffer, lo: Option<&wgpu::Buffer>, g: &Geometry) {
         let (b_elem, b_load) = unpacked("b", g.b_dtype);
+        // 8×8 outputs per thread (128×128 tiles) once there are enough tiles to fill a GPU.
+        let t = if lo.is_none() && g.m >= BIG_TILE_FROM && g.n >= BIG_TILE_FROM { 8 } else { 4 };
         let subs = [
             ("A_K_FAST", (g.a.2 == 1).to_string()),
             ("B_K_FAST", (g.b.1 == 1).to_string()),
             ("WITH_LO", lo.is_some().to_string()),
             ("B_ELEM", b_elem),
             ("B_LOAD", b_load),
+            ("TM", t.to_string()),
+            ("TN", t.to_string()),
+            ("TA_LEN", (256 * t).to_string()),
+            ("TB_LEN", (256 * t).to_string()),
+            ("ACC_LEN", (t * t).to_string()),
+            ("COMP_LEN", if lo.is_some() { t * t } else { 1 }.to_string()),
         ];
         let p = self.pipeline("matmul", MATMUL, &subs);
         let params = [
@@ -504,7 +516,9 @@ impl Gpu {
             1f32.to_bits(),
         ];
         let lo = lo.unwrap_or(&self.unused);
-        self.dispatch_with(&p, &[a, b, c], &params, &[lo], (g.n.div_ceil(64) as u32, g.m.div_ceil(64) as u32, 1));
+        let tile = 16 * t;
+        let groups = (g.n.div_ceil(tile) as u32, g.m.div_ceil(tile) as u32, 1);
+        self.dispatch_with(&p, &[a, b, c], &params, &[lo], groups);
     }
 
     /// A fresh (m, n) = A·B.
