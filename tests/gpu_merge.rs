@@ -83,6 +83,24 @@ fn one_readback_per_stage() {
     }
 }
 
+/// Passes after the first re-record the dispatches of the one before and reuse their bind groups
+/// (`BindCache` in gpu.rs): with more Jacobi passes the merge creates no more bind groups.
+#[test]
+fn bind_groups_reused_across_passes() {
+    let gpu = Gpu::new().unwrap();
+    let mut created = Vec::new();
+    for iters in [2, 4, 8] {
+        let (c0, r0) = gpu.bind_groups();
+        merge_on(&gpu, &base("llama"), "llama", &Options { schedule: Schedule::Jacobi, iters, ..Options::default() });
+        let (c1, r1) = gpu.bind_groups();
+        eprintln!("jacobi {iters}: {} bind groups created, {} reused", c1 - c0, r1 - r0);
+        created.push(c1 - c0);
+    }
+    // Each merge loads the model afresh (new weight buffers), so its first passes create bind
+    // groups; passes 3 to 9 of the last merge create none.
+    assert!(created[2] <= created[0], "bind groups created by 2, 4, 8 solves: {created:?}");
+}
+
 /// A half-precision checkpoint: the GPU keeps the weights packed (half the memory) and merges
 /// exactly as the CPU does from the same values.
 #[test]

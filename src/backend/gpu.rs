@@ -1,6 +1,7 @@
 //! The GPU backend: the `Backend` contract in WGSL compute shaders through `wgpu` (Vulkan, Metal,
 //! DX12 natively; WebGPU in the browser). Kernels are plain files under `shaders/`, specialised by
-//! small textual substitutions (`{{NAME}}`); pipelines are cached by (kernel, substitutions).
+//! small textual substitutions (`{{NAME}}`); pipelines are cached by (kernel, substitutions), bind
+//! groups by (pipeline, buffers, parameters).
 //!
 //! Commands are recorded into one open encoder and submitted only when the host needs a result
 //! (a Gram matrix, a norm, a download) or after many dispatches, so a stage costs one submission.
@@ -66,6 +67,8 @@ impl Drop for GpuTensor {
 struct Pool {
     free: HashMap<u64, Vec<wgpu::Buffer>>,
     bytes: u64,
+    /// A buffer was let go since the last look: the dispatch cache may be all that keeps it alive.
+    released: bool,
 }
 
 impl Pool {
@@ -76,6 +79,8 @@ impl Pool {
         if self.bytes + buf.size() <= Self::MAX_BYTES {
             self.bytes += buf.size();
             self.free.entry(buf.size()).or_default().push(buf);
+        } else {
+            self.released = true;
         }
     }
 
@@ -95,6 +100,35 @@ impl GpuTensor {
     }
 }
 
+/// One dispatch's bindings: a pipeline, its buffers in binding order, and its parameters.
+#[derive(PartialEq, Eq, Hash)]
+struct DispatchKey {
+    pipeline: wgpu::ComputePipeline,
+    buffers: Vec<wgpu::Buffer>,
+    params: Vec<u32>,
+}
+
+/// Bind groups (with their parameter buffers) by what they bind. Buffers come back from the pool in
+/// the same order pass after pass, so a Jacobi pass, an evaluation pass or a generated token
+/// re-records mostly the dispatches of the one before: those reuse their bind group instead of
+/// creating a uniform buffer and a bind group (costly in a browser, where each is a call into
+/// JavaScript). The small index tables the forward pass uploads (token ids, positions, sequence
+/// spans) are kept by content for the same reason, so the dispatches that read them match too.
+#[derive(Default)]
+struct BindCache {
+    groups: HashMap<DispatchKey, wgpu::BindGroup>,
+    tables: HashMap<Vec<u32>, wgpu::Buffer>,
+    created: usize,
+    reused: usize,
+}
+
+impl BindCache {
+    /// Entries kept before the cache starts over (each holds its buffers alive).
+    const MAX_ENTRIES: usize = 4096;
+    /// Index tables up to this many words are kept by content.
+    const MAX_TABLE_WORDS: usize = 1 << 16;
+}
+
 /// A result recorded on the GPU, read back by `fetch`.
 pub enum GpuPending {
     /// Partial sums to add up in f64.
@@ -102,7 +136,7 @@ pub enum GpuPending {
     /// A Gram matrix as compensated f32 pairs: the value is hi + lo.
     Gram { hi: GpuTensor, lo: GpuTensor },
     /// A Cholesky factor (n, n) in the lower triangle of `l`; status 0 when every pivot was positive.
-    Factor { l: GpuTensor, status: wgpu::Buffer },
+    Factor { l: GpuTensor, status: GpuTensor },
 }
 
 /// (element type, load expression) substituted into a kernel reading `name` in `dtype`:
@@ -130,6 +164,7 @@ pub struct Gpu {
     /// The first error the device reported outside a readback; every readback checks it.
     failure: Arc<Mutex<Option<String>>>,
     pool: Rc<RefCell<Pool>>,
+    cache: RefCell<BindCache>,
     /// Bound where a kernel variant declares a binding it does not use (every variant of a kernel
     /// keeps one layout), so no dispatch allocates a placeholder.
     unused: wgpu::Buffer,
@@ -240,6 +275,7 @@ impl Gpu {
             readbacks: Cell::new(0),
             failure,
             pool: Rc::default(),
+            cache: RefCell::default(),
         })
     }
 
@@ -253,6 +289,12 @@ impl Gpu {
         let n = self.info.name.to_lowercase();
         self.info.device_type == wgpu::DeviceType::Cpu
             || ["llvmpipe", "lavapipe", "swiftshader", "warp"].iter().any(|s| n.contains(s))
+    }
+
+    /// Bind groups created and reused so far (see `BindCache`).
+    pub fn bind_groups(&self) -> (usize, usize) {
+        let c = self.cache.borrow();
+        (c.created, c.reused)
     }
 
     /// How many times the host has waited for GPU results so far.
@@ -305,6 +347,51 @@ impl Gpu {
         after: &[&wgpu::Buffer],
         groups: (u32, u32, u32),
     ) {
+        let key = DispatchKey {
+            pipeline: p.clone(),
+            buffers: buffers.iter().chain(after).map(|b| (*b).clone()).collect(),
+            params: params.to_vec(),
+        };
+        let bg = {
+            let mut cache = self.cache.borrow_mut();
+            if std::mem::take(&mut self.pool.borrow_mut().released) || cache.groups.len() >= BindCache::MAX_ENTRIES {
+                cache.groups.clear();
+            }
+            match cache.groups.get(&key).cloned() {
+                Some(bg) => {
+                    cache.reused += 1;
+                    bg
+                }
+                None => {
+                    cache.created += 1;
+                    let bg = self.bind_group(p, buffers, params, after);
+                    cache.groups.insert(key, bg.clone());
+                    bg
+                }
+            }
+        };
+        {
+            let mut enc = self.encoder.borrow_mut();
+            let enc = enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(p);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+        }
+        self.pending.set(self.pending.get() + 1);
+        if self.pending.get() >= MAX_PENDING {
+            self.flush();
+        }
+    }
+
+    /// A bind group for `dispatch_with`, with a fresh uniform buffer holding `params`.
+    fn bind_group(
+        &self,
+        p: &wgpu::ComputePipeline,
+        buffers: &[&wgpu::Buffer],
+        params: &[u32],
+        after: &[&wgpu::Buffer],
+    ) -> wgpu::BindGroup {
         let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: None,
             contents: &words(params),
@@ -322,23 +409,28 @@ impl Gpu {
                 resource: b.as_entire_binding(),
             });
         }
-        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
             layout: &p.get_bind_group_layout(0),
             entries: &entries,
-        });
-        {
-            let mut enc = self.encoder.borrow_mut();
-            let enc = enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
-            let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(p);
-            pass.set_bind_group(0, &bg, &[]);
-            pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+        })
+    }
+
+    /// A read-only index table (token ids, positions, spans), uploaded once per content.
+    fn table(&self, data: &[u32]) -> wgpu::Buffer {
+        if data.len() > BindCache::MAX_TABLE_WORDS {
+            return self.storage(data);
         }
-        self.pending.set(self.pending.get() + 1);
-        if self.pending.get() >= MAX_PENDING {
-            self.flush();
+        let mut cache = self.cache.borrow_mut();
+        if let Some(b) = cache.tables.get(data) {
+            return b.clone();
         }
+        if cache.tables.len() >= BindCache::MAX_ENTRIES {
+            cache.tables.clear();
+        }
+        let b = self.storage(data);
+        cache.tables.insert(data.to_vec(), b.clone());
+        b
     }
 
     fn flush(&self) {
@@ -606,7 +698,7 @@ impl Backend for Gpu {
                     regions.push((&lo.buf, lo.rows * lo.cols));
                 }
                 GpuPending::Factor { l, status } => {
-                    regions.push((status, 1));
+                    regions.push((&status.buf, 1));
                     regions.push((&l.buf, l.rows * l.cols));
                 }
             }
@@ -650,6 +742,19 @@ impl Backend for Gpu {
             blocks: vec![],
             pool: None,
         }
+    }
+
+    /// Copy through a staging buffer, recorded in the open encoder: commands recorded earlier
+    /// still read the old contents (a queue write would land before them).
+    fn overwrite(&self, t: &mut GpuTensor, m: &Mat) {
+        if (t.rows, t.cols, t.dtype) != (m.rows, m.cols, WeightDtype::F32) || m.data.is_empty() {
+            *t = self.upload(m);
+            return;
+        }
+        let staging = self.storage(&m.data);
+        let mut enc = self.encoder.borrow_mut();
+        let enc = enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+        enc.copy_buffer_to_buffer(&staging, 0, &t.buf, 0, staging.size());
     }
 
     fn upload_weight(&self, m: &Mat, dtype: WeightDtype) -> GpuTensor {
@@ -703,7 +808,7 @@ impl Backend for Gpu {
 
     fn select_rows(&self, x: &GpuTensor, idx: &[u32]) -> GpuTensor {
         let out = self.alloc(idx.len(), x.cols);
-        let ib = self.storage(idx);
+        let ib = self.table(idx);
         let (gx, gy, stride) = grid_1d(idx.len() * x.cols);
         let (x_elem, x_load) = unpacked("x", x.dtype);
         let p = self.pipeline("select_rows", SELECT_ROWS, &[("X_ELEM", x_elem), ("X_LOAD", x_load)]);
@@ -775,8 +880,8 @@ impl Backend for Gpu {
     }
 
     fn rope(&self, x: &mut GpuTensor, positions: &[u32], head_dim: usize, inv_freq: &[f32]) {
-        let pb = self.storage(positions);
-        let fb = self.storage(inv_freq);
+        let pb = self.table(positions);
+        let fb = self.table(bytemuck::cast_slice(inv_freq));
         let (gx, gy, stride) = grid_1d(x.rows * x.cols / 2);
         let p = self.pipeline("rope", ROPE, &[]);
         self.dispatch(&p, &[&x.buf, &pb, &fb], &[x.rows as u32, x.cols as u32, head_dim as u32, stride], (gx, gy, 1));
@@ -798,7 +903,7 @@ impl Backend for Gpu {
                 span.push(s.end as u32);
             }
         }
-        let sb = self.storage(&span);
+        let sb = self.table(&span);
         let out = self.alloc(q.rows, q.cols);
         let p = self.pipeline("attention", ATTENTION, &[]);
         let params = [
@@ -882,7 +987,7 @@ impl Backend for Gpu {
         }
         let scalars = self.alloc(1, base.len());
         let p = self.pipeline("system_scalars", SYSTEM_SCALARS, &[]);
-        let (seg_buf, base_buf) = (self.storage(&segments), self.storage(&base));
+        let (seg_buf, base_buf) = (self.table(&segments), self.table(bytemuck::cast_slice(&base)));
         self.dispatch(
             &p,
             &[&packed.buf, &seg_buf, &base_buf, &scalars.buf],
@@ -952,15 +1057,19 @@ impl Gpu {
     /// step, factor the diagonal block (one workgroup), solve the panel below it (a thread per row),
     /// and update the trailing matrix with the tiled product (alpha = −1). Returns the status word
     /// (0: every pivot positive).
-    fn factor_in_place(&self, a: &wgpu::Buffer, n: usize) -> wgpu::Buffer {
+    fn factor_in_place(&self, a: &wgpu::Buffer, n: usize) -> GpuTensor {
         const NB: usize = 32;
         let block = self.pipeline("cholesky_block", CHOLESKY_BLOCK, &[]);
         let panel_p = self.pipeline("cholesky_panel", CHOLESKY_PANEL, &[]);
-        let status = self.storage(&[0u32]);
+        let status = self.alloc(1, 1);
+        self.encoder
+            .borrow_mut()
+            .get_or_insert_with(|| self.device.create_command_encoder(&Default::default()))
+            .clear_buffer(&status.buf, 0, None);
         for k0 in (0..n).step_by(NB) {
             let kb = NB.min(n - k0);
             let params = [n as u32, k0 as u32, kb as u32];
-            self.dispatch(&block, &[a, &status], &params, (1, 1, 1));
+            self.dispatch(&block, &[a, &status.buf], &params, (1, 1, 1));
             let m2 = n - k0 - kb;
             if m2 == 0 {
                 break;

@@ -128,6 +128,11 @@ pub trait Backend {
     /// What ran, for reports ("cpu", or the GPU adapter's name).
     fn name(&self) -> String;
     fn upload(&self, m: &Mat) -> Self::T;
+    /// `*t = upload(m)`, reusing t's storage where the shape allows (on the GPU the buffer stays
+    /// the same, so dispatches that bind it keep their bind groups).
+    fn overwrite(&self, t: &mut Self::T, m: &Mat) {
+        *t = self.upload(m);
+    }
     /// Bring a tensor back to the host (on the GPU: waits for everything recorded so far).
     async fn download(&self, t: &Self::T) -> Result<Mat>;
     /// A weight matrix, kept in `dtype` where the backend supports it. Only `select_rows`

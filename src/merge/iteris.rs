@@ -143,8 +143,9 @@ impl<'a, B: Backend> IterisHook<'a, B> {
     pub fn begin_pass(&mut self, be: &B, mode: Mode, promote: bool) {
         if promote {
             self.merged = std::mem::replace(&mut self.solved, vec![None; self.targets.len()]);
-            self.merged_dev =
-                self.merged.iter().map(|m| m.as_ref().map(|m| (be.upload(&m.a), be.upload(&m.b)))).collect();
+            for (dev, m) in self.merged_dev.iter_mut().zip(&self.merged) {
+                set_device_delta(be, dev, m.as_ref());
+            }
         }
         self.mode = mode;
         self.seen = 0;
@@ -360,7 +361,7 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
                 let (m, path) = finish(sys, factors.remove(&t), be.offers_cholesky_f32())?;
                 self.records[t].solve_path = Some(path);
                 if self.mode == Mode::Sweep {
-                    self.merged_dev[t] = Some((be.upload(&m.a), be.upload(&m.b)));
+                    set_device_delta(be, &mut self.merged_dev[t], Some(&m));
                     self.merged[t] = Some(m.clone());
                 }
                 self.solved[t] = Some(m);
@@ -421,6 +422,17 @@ enum Slot {
     AlignErr(usize, usize),
     /// The f32 Cholesky factor of target t's system matrix.
     Factor(usize),
+}
+
+/// Put a merged delta on the backend, into the buffers of the previous one where there is one.
+fn set_device_delta<B: Backend>(be: &B, dev: &mut Option<(B::T, B::T)>, m: Option<&Merged>) {
+    match (dev.as_mut(), m) {
+        (Some((a, b)), Some(m)) => {
+            be.overwrite(a, &m.a);
+            be.overwrite(b, &m.b);
+        }
+        (_, m) => *dev = m.map(|m| (be.upload(&m.a), be.upload(&m.b))),
+    }
 }
 
 /// s²‖B A‖²_F = s² tr((BᵀB)(AAᵀ)), from the small factors.
