@@ -48,14 +48,19 @@ pub struct GpuTensor {
     /// adapters bind at most 128 MiB) is split by rows: `buf` holds rows [0, first), and each
     /// (start row, buffer) here holds the next block. The kernels that read weights run per block.
     blocks: Vec<(usize, wgpu::Buffer)>,
-    /// Where `buf` goes back when the tensor is dropped (results of ops; not uploads).
-    pool: Option<Rc<RefCell<Pool>>>,
+    /// The pool `buf` goes back to when the tensor is dropped (results of ops), or that is told it
+    /// was let go (uploads: a model's weights must not outlive it in the bind-group cache).
+    pool: Rc<RefCell<Pool>>,
+    pooled: bool,
 }
 
 impl Drop for GpuTensor {
     fn drop(&mut self) {
-        if let Some(pool) = &self.pool {
-            pool.borrow_mut().give(self.buf.clone());
+        let mut pool = self.pool.borrow_mut();
+        if self.pooled {
+            pool.give(self.buf.clone());
+        } else {
+            pool.released = true;
         }
     }
 }
@@ -455,7 +460,7 @@ impl Gpu {
                 mapped_at_creation: false,
             })
         });
-        GpuTensor { buf, rows, cols, dtype: WeightDtype::F32, blocks: vec![], pool: Some(self.pool.clone()) }
+        GpuTensor { buf, rows, cols, dtype: WeightDtype::F32, blocks: vec![], pool: self.pool.clone(), pooled: true }
     }
 
     fn storage<T: bytemuck::Pod>(&self, data: &[T]) -> wgpu::Buffer {
@@ -740,7 +745,8 @@ impl Backend for Gpu {
             cols: m.cols,
             dtype: WeightDtype::F32,
             blocks: vec![],
-            pool: None,
+            pool: self.pool.clone(),
+            pooled: false,
         }
     }
 
@@ -777,7 +783,15 @@ impl Backend for Gpu {
             (r0, buf)
         });
         let (_, buf) = bufs.next().unwrap();
-        GpuTensor { buf, rows: m.rows, cols: m.cols, dtype, blocks: bufs.collect(), pool: None }
+        GpuTensor {
+            buf,
+            rows: m.rows,
+            cols: m.cols,
+            dtype,
+            blocks: bufs.collect(),
+            pool: self.pool.clone(),
+            pooled: false,
+        }
     }
 
     async fn download(&self, t: &GpuTensor) -> Result<Mat> {
