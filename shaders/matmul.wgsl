@@ -14,10 +14,11 @@
 // (no bank conflicts) and write neighbouring words of C. A_K_FAST / B_K_FAST (substituted) choose
 // the order in which threads load each tile so that consecutive threads read consecutive addresses.
 //
-// Accumulation: plain f32 for activations. With WITH_LO (the Gram matrices) every product is added
-// with Kahan compensation and the compensation is written to c_lo: c + c_lo, added in f64 on the
-// host, is the Gram matrix to well beyond f32 precision, as the solve needs (it amplifies Gram
-// rounding by up to 1/α).
+// Accumulation: plain f32 (fma) for activations. With WITH_LO (the Gram matrices) the exact
+// rounding error of every product and every addition is gathered in a second accumulator written
+// to c_lo (Dot2): c + c_lo, added in f64 on the host, is the Gram matrix as if accumulated in twice
+// f32 precision (1e-14 relative, not f32's 1e-8), as the solve needs: it amplifies Gram rounding by
+// up to 1/α. (Kahan's compensation alone is not enough: it keeps the sum to f32 precision only.)
 
 struct Params {
     m: u32, n: u32, k: u32,
@@ -25,9 +26,11 @@ struct Params {
     b_off: u32, b_rs: u32, b_cs: u32,
     accumulate: u32,
     c_off: u32, ldc: u32, alpha: f32,
-    // Always 1.0. Compilers that reassociate floating point (LLVM in lavapipe does) would simplify
-    // the Kahan step ((acc + y) − acc) − y to 0; a factor only known at run time in t keeps it.
+    // Always 1.0. Compilers that reassociate floating point would simplify the error terms (e.g.
+    // (a − (s − (s − a))) to 0); a factor only known at run time keeps them.
     one: f32,
+    // Always 0 (see `rounded`).
+    zero: u32,
 }
 
 @group(0) @binding(0) var<storage, read> a: array<f32>;        // (M, K) through strides
@@ -45,6 +48,8 @@ const WITH_LO: bool = {{WITH_LO}};
 fn load_b(e: u32) -> f32 {
     {{B_LOAD}}
 }
+
+{{EXACT}}
 
 const TM: u32 = {{TM}}u;
 const TN: u32 = {{TN}}u;
@@ -88,14 +93,14 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
                 for (var s = 0u; s < TN; s++) {
                     let q = r * TN + s;
                     if (WITH_LO) {
-                        // Compensate every addition, and recover each product's rounding error with
-                        // an fma: f32 rounding anywhere here is of the order of a weak ridge, which
-                        // then amplifies it.
-                        let prod = av[r] * bv[s] * p.one;
-                        let y = prod - (comp[q] - fma(av[r], bv[s], -prod));
-                        let t = (acc[q] + y) * p.one;
-                        comp[q] = (t - acc[q]) - y;
-                        acc[q] = t;
+                        // Dot2 (Ogita, Rump, Oishi 2005): acc + comp is the sum as if computed in
+                        // twice f32 precision. sum_error gives the exact rounding error of each
+                        // addition, product_error that of each product (exact.wgsl); both gather
+                        // in comp.
+                        let prod = rounded(av[r] * bv[s]);
+                        let sum = (acc[q] + prod) * p.one;
+                        comp[q] = comp[q] + (sum_error(acc[q], prod, sum) + product_error(av[r], bv[s], prod));
+                        acc[q] = sum;
                     } else {
                         acc[q] = fma(av[r], bv[s], acc[q]);
                     }
@@ -113,7 +118,7 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
             let o = p.c_off + gi * p.ldc + gj;
             let q = r * TN + s;
             if (p.accumulate != 0u) { c[o] = c[o] + p.alpha * acc[q]; } else { c[o] = p.alpha * acc[q]; }
-            if (WITH_LO) { c_lo[o] = -comp[q]; }
+            if (WITH_LO) { c_lo[o] = p.alpha * comp[q]; }
         }
     }
 }

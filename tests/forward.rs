@@ -13,16 +13,16 @@ use pollster::FutureExt;
 use std::collections::BTreeMap;
 
 /// Applies one adapter's deltas and records every stage input by module name.
-struct Recorder {
-    loras: BTreeMap<String, (Mat, Mat, f32)>,
+struct Recorder<T> {
+    loras: BTreeMap<String, (T, T, f32)>,
     seen: BTreeMap<String, Mat>,
 }
 
-impl Hook<Cpu> for Recorder {
-    async fn stage(&mut self, be: &Cpu, input: &StageInput<'_, Cpu>, ys: &mut [Mat]) -> iteris::Result<()> {
-        let n = input.x.rows;
+impl<B: Backend> Hook<B> for Recorder<B::T> {
+    async fn stage(&mut self, be: &B, input: &StageInput<'_, B>, ys: &mut [B::T]) -> iteris::Result<()> {
+        let n = be.dims(input.x).0;
         for (m, y) in input.mods.iter().zip(ys.iter_mut()) {
-            self.seen.insert(m.name.to_string(), input.x.clone());
+            self.seen.insert(m.name.to_string(), be.download(input.x).await?);
             if let Some((a, b, s)) = self.loras.get(m.name) {
                 let d = be.lowrank(input.x, 0..n, a, b, *s);
                 be.add_rows(y, 0..n, &d, 1.0);
@@ -34,35 +34,46 @@ impl Hook<Cpu> for Recorder {
 
 #[test]
 fn forward_matches_transformers() {
+    check_forward(&Cpu, 1e-4);
+}
+
+/// The GPU backend's forward pass (software Vulkan in CI) against the same float64 reference.
+#[test]
+fn gpu_forward_matches_transformers() {
+    check_forward(&iteris::backend::gpu::Gpu::new().expect("a GPU adapter (CI installs Mesa lavapipe)"), 1e-4);
+}
+
+fn check_forward<B: Backend>(be: &B, tol: f64) {
     for arch in ARCHS {
         let base = fsio::read_base(&fixture(arch).join("base")).unwrap();
-        let model = models::load(&Cpu, &base.config, &base.weights).unwrap();
+        let model = models::load(be, &base.config, &base.weights).unwrap();
         let task = &tasks(arch)[0];
         let targets =
             map_targets(&model.modules(), &[&task.adapter], model.model_type(), model.fan_in_fan_out()).unwrap();
         let loras = targets.iter().map(|t| {
             let l = t.loras[0].as_ref().unwrap();
-            (t.name.clone(), (l.a.clone(), l.b.clone(), l.scale))
+            (t.name.clone(), (be.upload(&l.a), be.upload(&l.b), l.scale))
         });
         let mut hook = Recorder { loras: loras.collect(), seen: BTreeMap::new() };
         let (ids, _) = tokenize(&base.tokenizer, &task.samples[..3], 128, None, "samples").unwrap();
         let mut batch = Batch::default();
         batch.push_group(0, Stream::Adapter(0), &ids);
         let out = if arch == "bert" { Output::Hidden } else { Output::Logits };
-        let y = models::run(&model, &Cpu, &batch, &mut hook, out).block_on().unwrap().unwrap();
+        let y = models::run(&model, be, &batch, &mut hook, out).block_on().unwrap().unwrap();
 
         let exp = expected(arch, "forward.safetensors");
-        let e = rel(&Cpu.download(&y).block_on().unwrap(), &exp.mat("output").unwrap());
-        assert!(e < 1e-4, "{arch}: output differs by {e:.2e}");
-        let mut checked = 0;
+        let e = rel(&be.download(&y).block_on().unwrap(), &exp.mat("output").unwrap());
+        assert!(e < tol, "{arch}: output differs by {e:.2e}");
+        let (mut checked, mut worst) = (0, 0.0f64);
         for key in exp.keys().filter(|k| k.starts_with("in.")) {
             let name = &key[3..];
             let got = hook.seen.get(name).unwrap_or_else(|| panic!("{arch}: module {name} never ran"));
             let e = rel(got, &exp.mat(key).unwrap());
-            assert!(e < 1e-4, "{arch}: input of {name} differs by {e:.2e}");
+            assert!(e < tol, "{arch}: input of {name} differs by {e:.2e}");
+            worst = worst.max(e);
             checked += 1;
         }
         assert!(checked >= model.modules().len() - 1, "{arch}: only {checked} modules checked");
-        eprintln!("{arch}: output and {checked} module inputs match");
+        eprintln!("{} {arch}: output ({e:.1e}) and {checked} module inputs (worst {worst:.1e}) match", be.name());
     }
 }

@@ -26,6 +26,7 @@ const ATTENTION: &str = include_str!("../../shaders/attention.wgsl");
 const REDUCE: &str = include_str!("../../shaders/reduce.wgsl");
 const CHOLESKY_BLOCK: &str = include_str!("../../shaders/cholesky_block.wgsl");
 const CHOLESKY_PANEL: &str = include_str!("../../shaders/cholesky_panel.wgsl");
+const EXACT: &str = include_str!("../../shaders/exact.wgsl");
 const SYSTEM_SCALARS: &str = include_str!("../../shaders/system_scalars.wgsl");
 const SYSTEM_ASSEMBLE: &str = include_str!("../../shaders/system_assemble.wgsl");
 
@@ -318,7 +319,8 @@ impl Gpu {
         if let Some(p) = self.pipelines.borrow().get(&key) {
             return p.clone();
         }
-        let mut code = src.to_string();
+        // exact.wgsl goes wherever a kernel asks for it (WGSL has no includes).
+        let mut code = src.replace("{{EXACT}}", EXACT);
         for (k, v) in subs {
             code = code.replace(&format!("{{{{{k}}}}}"), v);
         }
@@ -611,6 +613,7 @@ impl Gpu {
             g.ldc as u32,
             g.alpha.to_bits(),
             1f32.to_bits(),
+            0,
         ];
         let lo = lo.unwrap_or(&self.unused);
         let tile = 16 * t;
@@ -627,7 +630,7 @@ impl Gpu {
     }
 
     /// Record a reduction of n elements of x (from element ox) against y; returns the
-    /// per-workgroup partial sums, (1, workgroups).
+    /// per-workgroup partial sums as (hi, lo) pairs, (1, 2·workgroups): their f64 sum is the total.
     fn reduce(
         &self,
         mode: &str,
@@ -639,11 +642,12 @@ impl Gpu {
     ) -> GpuTensor {
         let chunk = 256 * 16;
         let groups = n.div_ceil(chunk).max(1);
-        let partial = self.alloc(1, groups);
+        let partial = self.alloc(1, 2 * groups);
         let term = match mode {
-            "norm" => "let v = load_x(p.ox + i); return v * v;",
-            "dist" => "let d = load_x(p.ox + i) - y[i]; return d * d;",
-            _ => "return load_x(p.ox + i) * y[i];",
+            "norm" => "let v = load_x(p.ox + i); return product(v, v);",
+            // The difference rounds too; its error is second order in an alignment error.
+            "dist" => "let d = load_x(p.ox + i) - y[i]; return product(d, d);",
+            _ => "return product(load_x(p.ox + i), y[i]);",
         };
         let (x_elem, x_load) = unpacked("x", x_dtype);
         let p = self.pipeline("reduce", REDUCE, &[("MODE", term.to_string()), ("X_ELEM", x_elem), ("X_LOAD", x_load)]);
@@ -652,7 +656,7 @@ impl Gpu {
         self.dispatch(
             &p,
             &[x, y, &partial.buf],
-            &[n as u32, ox as u32, chunk as u32],
+            &[n as u32, ox as u32, chunk as u32, 1f32.to_bits(), 0],
             (gx as u32, groups.div_ceil(gx) as u32, 1),
         );
         partial
