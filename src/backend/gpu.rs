@@ -139,7 +139,7 @@ impl BindCache {
 pub enum GpuPending {
     /// Partial sums to add up in f64.
     Sum(Vec<GpuTensor>),
-    /// A Gram matrix as compensated f32 pairs: the value is hi + lo.
+    /// A Gram matrix as (hi, lo) f32 pairs accumulated in twice f32 precision: the value is hi + lo.
     Gram { hi: GpuTensor, lo: GpuTensor },
     /// A Cholesky factor (n, n) in the lower triangle of `l`; status 0 when every pivot was positive.
     Factor { l: GpuTensor, status: GpuTensor },
@@ -579,7 +579,7 @@ impl Gpu {
         self.dispatch(&p, &[y, x], &[n as u32, oy as u32, ox as u32, cols as u32, s.to_bits(), stride], (gx, gy, 1));
     }
 
-    /// C = alpha·A·B (+ C) through strides (see matmul.wgsl); with `lo`, also the compensation terms.
+    /// C = alpha·A·B (+ C) through strides (see matmul.wgsl); with `lo`, the Dot2 error terms.
     fn matmul(&self, a: &wgpu::Buffer, b: &wgpu::Buffer, c: &wgpu::Buffer, lo: Option<&wgpu::Buffer>, g: &Geometry) {
         let (b_elem, b_load) = unpacked("b", g.b_dtype);
         // 8×8 outputs per thread (128×128 tiles) once there are enough tiles to fill a GPU.

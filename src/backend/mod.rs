@@ -174,7 +174,7 @@ pub trait Backend {
     type Pending;
 
     /// x[xr]ᵀ · y[yr]: (cols_x, cols_y), to the host in f64. The solve amplifies Gram rounding by up
-    /// to 1/α, so backends accumulate with more than f32 precision (CPU: f64; GPU: compensated f32
+    /// to 1/α, so backends accumulate with more than f32 precision (CPU: f64; GPU: Dot2, twice-f32
     /// pairs).
     fn defer_gram(&self, x: &Self::T, xr: Range<usize>, y: &Self::T, yr: Range<usize>) -> Self::Pending;
     /// Σ x[rows]² (x may be a weight, in any stored precision), accumulated beyond f32.
