@@ -21,10 +21,10 @@ fn gpu_merges_match_cpu_and_reference() {
             1e-4,
         ),
         // At a 1e-7 ridge the solve amplifies every rounding of the statistics by up to 1e7: the
-        // Grams and norms come back in twice f32 precision (Dot2), which keeps the GPU within
-        // 1e-3 of the float64 reference (6e-4 worst, BERT; f32 Grams gave 7e-3). The bound the
-        // issue sets is 1e-2.
-        (Options { alpha1: 1e-7, alpha2: 1e-7, ..Options::default() }, "expected_sweep_a1e-7.safetensors", 2e-3, 2e-3),
+        // Grams and norms come back in twice f32 precision (Dot2) and LayerNorm's row statistics
+        // are taken to that precision, which keeps the GPU within 3e-4 of the float64 reference
+        // (BERT; f32 Grams gave 7e-3 on Llama). The bound the issue sets is 1e-2.
+        (Options { alpha1: 1e-7, alpha2: 1e-7, ..Options::default() }, "expected_sweep_a1e-7.safetensors", 1e-3, 1e-3),
     ];
     for arch in ARCHS {
         for (opts, file, tol_cpu, tol_ref) in &cases {

@@ -1114,7 +1114,7 @@ impl Gpu {
         self.dispatch(
             &p,
             &[&x.buf, &gamma.buf, beta_buf, &out.buf],
-            &[x.rows as u32, x.cols as u32, eps.to_bits(), beta.is_some() as u32],
+            &[x.rows as u32, x.cols as u32, eps.to_bits(), beta.is_some() as u32, 1f32.to_bits(), 0],
             (gx as u32, gy as u32, 1),
         );
         out
