@@ -67,6 +67,28 @@ fn refine(m: &DMatrix<f64>, l: &DMatrix<f64>, zt: &DMatrix<f64>) -> Option<DMatr
     None
 }
 
+fn to_faer(m: &DMatrix<f64>) -> faer::Mat<f64> {
+    faer::Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)])
+}
+
+fn from_faer(m: faer::Mat<f64>) -> DMatrix<f64> {
+    DMatrix::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)])
+}
+
+/// M X = B by an f64 Cholesky factorisation; None when M is not positive definite.
+fn cholesky_solve(m: &DMatrix<f64>, b: &DMatrix<f64>) -> Option<DMatrix<f64>> {
+    use faer::linalg::solvers::Solve;
+    let llt = to_faer(m).llt(faer::Side::Lower).ok()?;
+    Some(from_faer(llt.solve(to_faer(b))))
+}
+
+/// M X = B by LU with partial pivoting; None when M is singular (the solution is not finite).
+fn lu_solve(m: &DMatrix<f64>, b: &DMatrix<f64>) -> Option<DMatrix<f64>> {
+    use faer::linalg::solvers::Solve;
+    let x = from_faer(to_faer(m).partial_piv_lu().solve(to_faer(b)));
+    x.iter().all(|v| v.is_finite()).then_some(x)
+}
+
 /// The merged LoRA of one module: ΔW* = b · a, scale 1.
 #[derive(Clone, Debug)]
 pub struct Merged {
@@ -149,9 +171,9 @@ pub fn finish(sys: System, factor: Option<DMatrix<f64>>, gpu_offered: bool) -> R
     let f64_path = if gpu_offered { SolvePath::CholeskyF64AfterGpu } else { SolvePath::CholeskyF64 };
     let (at_solved, path) = match refined {
         Some(x) => (x, SolvePath::GpuCholeskyF32Refined),
-        None => match m.clone().cholesky() {
-            Some(ch) => (ch.solve(&zt), f64_path),
-            None => match m.lu().solve(&zt) {
+        None => match cholesky_solve(&m, &zt) {
+            Some(x) => (x, f64_path),
+            None => match lu_solve(&m, &zt) {
                 Some(x) => (x, SolvePath::LuF64),
                 None => {
                     return Err(Error::Numeric(format!(
