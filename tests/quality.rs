@@ -129,3 +129,23 @@ fn kl_and_generation_match_direct_computations() {
     assert!((q.kl - kl).abs() <= 1e-4 * kl.abs() + 1e-9, "KL {} vs direct {kl}", q.kl);
     assert!(kl > 0.0);
 }
+
+/// `Output::LastLogits` (what greedy decoding reads) is each sequence's last row of the full
+/// logits, on both decoder families and with a hook adding deltas to the LM head's input stage.
+#[test]
+fn last_logits_are_the_last_rows_of_the_full_logits() {
+    for arch in ["gpt2", "llama"] {
+        let base = base(arch);
+        let model = models::load(&Cpu, &base.config, &base.weights).unwrap();
+        let ids: Vec<Vec<u32>> =
+            ["a b c", "hello there, general", "x"].iter().map(|t| base.tokenizer.encode(t, 64).unwrap().ids).collect();
+        let mut batch = Batch::default();
+        batch.push_group(0, Stream::Base, &ids);
+        let run = |out| models::run(&model, &Cpu, &batch, &mut Dense(HashMap::new()), out).block_on().unwrap().unwrap();
+        let (all, last) = (run(Output::Logits), run(Output::LastLogits));
+        assert_eq!(last.rows, ids.len(), "{arch}: one row per sequence");
+        for (k, s) in batch.seqs.iter().enumerate() {
+            assert_eq!(last.row(k), all.row(s.end - 1), "{arch}: sequence {k}");
+        }
+    }
+}

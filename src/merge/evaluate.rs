@@ -201,10 +201,10 @@ pub async fn generate<B: Backend>(
         let live: Vec<usize> = (0..seqs.len()).filter(|&i| !done[i]).collect();
         let mut batch = Batch::default();
         batch.push_group(0, stream, &live.iter().map(|&i| seqs[i].clone()).collect::<Vec<_>>());
-        let logits = models::run(model, be, &batch, hook, Output::Logits).await?.expect("a full pass");
+        let logits = models::run(model, be, &batch, hook, Output::LastLogits).await?.expect("a full pass");
         let logits = be.download(&logits).await?;
         for (k, &i) in live.iter().enumerate() {
-            let row = logits.row(batch.seqs[k].end - 1);
+            let row = logits.row(k);
             let next = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0) as u32;
             let text = tok.decode(&[next])?;
             if Some(next) == eos || text.contains('\n') {

@@ -83,8 +83,12 @@ impl<T> Gpt2<T> {
             Output::Hidden => Ok(Some(h)),
             _ => {
                 let head = LinearRef { name: "lm_head", w: &self.wte, b: None };
-                let logits = pass.project(&h, Level::Tokens, &[head]).await?.pop().unwrap();
-                Ok((pass.output == Output::Logits).then_some(logits))
+                let (h, level) = match pass.output {
+                    Output::LastLogits => (be.select_rows(&h, &batch.last_tokens()), Level::Sequences),
+                    _ => (h, Level::Tokens),
+                };
+                let logits = pass.project(&h, level, &[head]).await?.pop().unwrap();
+                Ok(pass.output.logits().then_some(logits))
             }
         }
     }

@@ -111,6 +111,11 @@ impl Batch {
         }
     }
 
+    /// Row index of each sequence's last token.
+    pub fn last_tokens(&self) -> Vec<u32> {
+        self.seqs.iter().map(|s| s.end as u32 - 1).collect()
+    }
+
     /// Row index of each sequence's first token.
     pub fn first_tokens(&self) -> Vec<u32> {
         self.seqs.iter().map(|s| s.start as u32).collect()
@@ -159,8 +164,17 @@ pub enum Output {
     Nothing,
     /// The final hidden states (after the final norm for decoders).
     Hidden,
-    /// Next-token logits (decoders only).
+    /// Next-token logits at every token (decoders only), (tokens, vocab).
     Logits,
+    /// Next-token logits at each sequence's last token only, (sequences, vocab): what greedy
+    /// decoding needs, without the LM head's product and readback for every prompt token.
+    LastLogits,
+}
+
+impl Output {
+    pub fn logits(self) -> bool {
+        matches!(self, Output::Logits | Output::LastLogits)
+    }
 }
 
 /// One forward pass in progress.
