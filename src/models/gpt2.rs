@@ -1,7 +1,7 @@
 //! GPT-2: learned positions, pre-LayerNorm blocks, fused q/k/v (`c_attn`), `Conv1D` weights stored
 //! (in, out), GELU (tanh), LM head tied to the token embedding.
 
-use super::{Hook, Level, Linear, LinearRef, ModuleInfo, Output, Pass, WeightReader};
+use super::{Hook, Linear, LinearRef, ModuleInfo, Output, Pass, WeightReader};
 use crate::backend::{Activation, AttentionSpec, Backend};
 use crate::error::{bad_input, Result};
 use crate::formats::hf_config::HfConfig;
@@ -83,12 +83,7 @@ impl<T> Gpt2<T> {
             Output::Hidden => Ok(Some(h)),
             _ => {
                 let head = LinearRef { name: "lm_head", w: &self.wte, b: None };
-                let (h, level) = match pass.output {
-                    Output::LastLogits => (be.select_rows(&h, &batch.last_tokens()), Level::Sequences),
-                    _ => (h, Level::Tokens),
-                };
-                let logits = pass.project(&h, level, &[head]).await?.pop().unwrap();
-                Ok(pass.output.logits().then_some(logits))
+                pass.lm_head(h, head).await
             }
         }
     }

@@ -95,12 +95,7 @@ impl<T> Llama<T> {
                     Some(l) => l.r(),
                     None => LinearRef { name: "lm_head", w: &self.embed, b: None },
                 };
-                let (h, level) = match pass.output {
-                    Output::LastLogits => (be.select_rows(&h, &batch.last_tokens()), Level::Sequences),
-                    _ => (h, Level::Tokens),
-                };
-                let logits = pass.project(&h, level, &[head]).await?.pop().unwrap();
-                Ok(pass.output.logits().then_some(logits))
+                pass.lm_head(h, head).await
             }
         }
     }

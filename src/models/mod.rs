@@ -202,6 +202,17 @@ impl<B: Backend, H: Hook<B>> Pass<'_, B, H> {
         Ok(ys)
     }
 
+    /// The LM head on the final hidden states `h`, as the pass's output asks: logits at every
+    /// token, or at each sequence's last token only (`LastLogits`); None when no logits are wanted.
+    pub async fn lm_head(&mut self, h: B::T, head: LinearRef<'_, B::T>) -> Result<Option<B::T>> {
+        let (h, level) = match self.output {
+            Output::LastLogits => (self.be.select_rows(&h, &self.batch.last_tokens()), Level::Sequences),
+            _ => (h, Level::Tokens),
+        };
+        let logits = self.project(&h, level, &[head]).await?.pop().unwrap();
+        Ok(self.output.logits().then_some(logits))
+    }
+
     /// `project` for a stage of one module.
     pub async fn project1(&mut self, x: &B::T, m: LinearRef<'_, B::T>) -> Result<B::T> {
         Ok(self.project(x, Level::Tokens, &[m]).await?.pop().unwrap())
