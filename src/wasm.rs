@@ -248,8 +248,7 @@ pub async fn compare(input: JsValue, options: String, progress: js_sys::Function
         backend = r.report.backend.clone();
         rows.push(r.comparison_row());
     }
-    let names: Vec<String> =
-        tasks.iter().map(|t| t.eval.as_ref().map_or(t.samples_name.clone(), |e| e.name.clone())).collect();
+    let names: Vec<String> = tasks.iter().map(TaskInput::quality_name).collect();
     let table =
         serde_json::json!({ "tasks": names, "alone": alone, "methods": rows, "backend": backend, "notes": notes });
     serde_json::to_string(&table).map_err(|e| js_error("bug", &e.to_string()))

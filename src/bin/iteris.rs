@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use iteris::backend::{cpu::Cpu, gpu::Gpu};
 use iteris::fsio;
-use iteris::merge::{pipeline, relative_change, Method, Options, Progress, Schedule};
+use iteris::merge::{pipeline, relative_change, Method, Options, Progress, Schedule, TaskInput};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -431,8 +431,7 @@ fn compare(a: CompareArgs) -> iteris::Result<()> {
         let r = run(&p, &Options { method: m, ..p.opts.clone() }, false)?;
         rows.push(r.comparison_row());
     }
-    let names: Vec<String> =
-        p.tasks.iter().map(|t| t.eval.as_ref().map_or(t.samples_name.clone(), |e| e.name.clone())).collect();
+    let names: Vec<String> = p.tasks.iter().map(TaskInput::quality_name).collect();
     println!("\nper task: accuracy (greedy, exact) / KL(adapter ‖ merged) / alignment error");
     print!("{:<14}", "");
     names.iter().for_each(|n| print!(" {:>26}", shorten(n, 26)));

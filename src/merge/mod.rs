@@ -83,6 +83,13 @@ pub struct TaskInput {
     pub eval: Option<evaluate::EvalSet>,
 }
 
+impl TaskInput {
+    /// The task's name in quality tables: its held-out file, else its samples file.
+    pub fn quality_name(&self) -> String {
+        self.eval.as_ref().map_or(self.samples_name.clone(), |e| e.name.clone())
+    }
+}
+
 /// Progress events for faces (CLI bars, the page).
 pub enum Progress<'a> {
     /// A pass over the network begins: (pass index from 1, passes in all, label).
