@@ -377,14 +377,12 @@ impl Gpu {
                 }
             }
         };
-        {
-            let mut enc = self.encoder.borrow_mut();
-            let enc = enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+        self.record(|enc| {
             let mut pass = enc.begin_compute_pass(&Default::default());
             pass.set_pipeline(p);
             pass.set_bind_group(0, &bg, &[]);
             pass.dispatch_workgroups(groups.0, groups.1, groups.2);
-        }
+        });
         self.pending.set(self.pending.get() + 1);
         if self.pending.get() >= MAX_PENDING {
             self.flush();
@@ -440,6 +438,18 @@ impl Gpu {
         b
     }
 
+    /// Record into the open command encoder (opened on first use), so the work runs in order with
+    /// every dispatch recorded before it.
+    fn record<R>(&self, f: impl FnOnce(&mut wgpu::CommandEncoder) -> R) -> R {
+        let mut enc = self.encoder.borrow_mut();
+        f(enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default())))
+    }
+
+    /// Whether an (n, n) f32 matrix fits one storage binding (a system matrix to factor).
+    fn fits_square(&self, n: usize) -> bool {
+        (n * n * 4) as u64 <= self.max_binding
+    }
+
     fn flush(&self) {
         if let Some(enc) = self.encoder.borrow_mut().take() {
             self.queue.submit([enc.finish()]);
@@ -487,9 +497,7 @@ impl Gpu {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        {
-            let mut enc = self.encoder.borrow_mut();
-            let enc = enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+        self.record(|enc| {
             let mut at = 0;
             for (buf, n) in regions {
                 if *n > 0 {
@@ -497,7 +505,7 @@ impl Gpu {
                 }
                 at += n;
             }
-        }
+        });
         self.flush();
         self.readbacks.set(self.readbacks.get() + 1);
         let slice = staging.slice(..);
@@ -762,9 +770,7 @@ impl Backend for Gpu {
             return;
         }
         let staging = self.storage(&m.data);
-        let mut enc = self.encoder.borrow_mut();
-        let enc = enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
-        enc.copy_buffer_to_buffer(&staging, 0, &t.buf, 0, staging.size());
+        self.record(|enc| enc.copy_buffer_to_buffer(&staging, 0, &t.buf, 0, staging.size()));
     }
 
     fn upload_weight(&self, m: &Mat, dtype: WeightDtype) -> GpuTensor {
@@ -965,7 +971,7 @@ impl Backend for Gpu {
             })
             .collect();
         let n = grams.first()?.rows;
-        if (n * n * 4) as u64 > self.max_binding {
+        if !self.fits_square(n) {
             return None;
         }
         // Scalars 3t, 3t+1, 3t+2 of term t: c's numerator, its denominator, ‖G‖²_F.
@@ -993,16 +999,14 @@ impl Backend for Gpu {
         let total: usize = sources.iter().map(|s| s.2.cols).sum();
         let packed = self.alloc(1, total);
         let mut segments: Vec<u32> = Vec::new();
-        {
-            let mut enc = self.encoder.borrow_mut();
-            let enc = enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+        self.record(|enc| {
             let mut at = 0;
             for (slot, k, part) in &sources {
                 enc.copy_buffer_to_buffer(&part.buf, 0, &packed.buf, (at * 4) as u64, (part.cols * 4) as u64);
                 segments.extend([*slot as u32, at as u32, part.cols as u32, k.to_bits()]);
                 at += part.cols;
             }
-        }
+        });
         let scalars = self.alloc(1, base.len());
         let p = self.pipeline("system_scalars", SYSTEM_SCALARS, &[]);
         let (seg_buf, base_buf) = (self.table(&segments), self.table(bytemuck::cast_slice(&base)));
@@ -1033,27 +1037,21 @@ impl Backend for Gpu {
 
     /// `defer_cholesky` of matrices the host already has: upload, factor, read back together.
     async fn cholesky_f32_many(&self, ms: &[&nalgebra::DMatrix<f64>]) -> Result<Vec<Option<nalgebra::DMatrix<f64>>>> {
-        let mut factored = Vec::new();
-        for m in ms {
-            let n = m.nrows();
-            if (n * n * 4) as u64 > self.max_binding {
-                factored.push(None);
-                continue;
-            }
-            let rows: Vec<f32> = (0..n * n).map(|e| m[(e / n, e % n)] as f32).collect();
-            let l = self.upload(&Mat::new(n, n, rows));
-            let status = self.factor_in_place(&l.buf, n);
-            factored.push(Some(GpuPending::Factor { l, status }));
-        }
-        let mut fetched = self.fetch(factored.iter_mut().filter_map(Option::take).collect()).await?.into_iter();
-        Ok(ms
+        let factored: Vec<Option<GpuPending>> = ms
             .iter()
             .map(|m| {
-                ((m.nrows() * m.nrows() * 4) as u64 <= self.max_binding)
-                    .then(|| fetched.next().unwrap().factor())
-                    .flatten()
+                let n = m.nrows();
+                self.fits_square(n).then(|| {
+                    let rows: Vec<f32> = (0..n * n).map(|e| m[(e / n, e % n)] as f32).collect();
+                    let l = self.upload(&Mat::new(n, n, rows));
+                    let status = self.factor_in_place(&l.buf, n);
+                    GpuPending::Factor { l, status }
+                })
             })
-            .collect())
+            .collect();
+        let fits: Vec<bool> = factored.iter().map(Option::is_some).collect();
+        let mut fetched = self.fetch(factored.into_iter().flatten().collect()).await?.into_iter();
+        Ok(fits.into_iter().map(|f| f.then(|| fetched.next().unwrap().factor()).flatten()).collect())
     }
 
     fn offers_cholesky_f32(&self) -> bool {
@@ -1080,10 +1078,7 @@ impl Gpu {
         let block = self.pipeline("cholesky_block", CHOLESKY_BLOCK, &[]);
         let panel_p = self.pipeline("cholesky_panel", CHOLESKY_PANEL, &[]);
         let status = self.alloc(1, 1);
-        self.encoder
-            .borrow_mut()
-            .get_or_insert_with(|| self.device.create_command_encoder(&Default::default()))
-            .clear_buffer(&status.buf, 0, None);
+        self.record(|enc| enc.clear_buffer(&status.buf, 0, None));
         for k0 in (0..n).step_by(NB) {
             let kb = NB.min(n - k0);
             let params = [n as u32, k0 as u32, kb as u32];
