@@ -15,36 +15,9 @@ struct Params { rows: u32, cols: u32, eps: f32, has_beta: u32, one: f32, zero: u
 @group(0) @binding(4) var<uniform> p: Params;
 
 const RMS: bool = {{RMS}};
-var<workgroup> red_hi: array<f32, 256>;
-var<workgroup> red_lo: array<f32, 256>;
-
 {{EXACT}}
 
-// acc + v + v_err, as an unnormalised (hi, lo) pair.
-fn add2(acc: vec2<f32>, v: f32, v_err: f32) -> vec2<f32> {
-    let s = (acc.x + v) * p.one;
-    return vec2<f32>(s, acc.y + (sum_error(acc.x, v, s) + v_err));
-}
-
-// The workgroup's sum of its threads' pairs.
-fn reduce2(lid: u32, v: vec2<f32>) -> vec2<f32> {
-    red_hi[lid] = v.x;
-    red_lo[lid] = v.y;
-    workgroupBarrier();
-    for (var st = 128u; st > 0u; st >>= 1u) {
-        if (lid < st) {
-            let a = red_hi[lid];
-            let b = red_hi[lid + st];
-            let s = (a + b) * p.one;
-            red_lo[lid] += red_lo[lid + st] + sum_error(a, b, s);
-            red_hi[lid] = s;
-        }
-        workgroupBarrier();
-    }
-    let r = vec2<f32>(red_hi[0], red_lo[0]);
-    workgroupBarrier();
-    return r;
-}
+{{PAIR_SUM}}
 
 // (s.hi + s.lo) / n as a pair: q = s.hi / n, then the exact remainder s.hi − q·n (Sterbenz) + s.lo.
 fn div2(s: vec2<f32>, n: f32) -> vec2<f32> {

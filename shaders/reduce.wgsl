@@ -14,10 +14,9 @@ struct Params { n: u32, ox: u32, chunk: u32, one: f32, zero: u32 }
 @group(0) @binding(2) var<storage, read_write> partial: array<f32>;  // (2 · workgroups): hi, lo
 @group(0) @binding(3) var<uniform> p: Params;
 
-var<workgroup> red_hi: array<f32, 256>;
-var<workgroup> red_lo: array<f32, 256>;
-
 {{EXACT}}
+
+{{PAIR_SUM}}
 
 fn load_x(e: u32) -> f32 {
     {{X_LOAD}}
@@ -37,30 +36,15 @@ fn term(i: u32) -> vec2<f32> {
 fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let g = wid.x + wid.y * 65535u;
     let start = g * p.chunk;
-    var hi = 0.0;
-    var lo = 0.0;
+    var acc = vec2<f32>(0.0, 0.0);
     for (var i = start + l.x; i < min(start + p.chunk, p.n); i += 256u) {
         let t = term(i);
-        let s = (hi + t.x) * p.one;
-        lo += sum_error(hi, t.x, s) + t.y;
-        hi = s;
+        acc = add2(acc, t.x, t.y);
     }
-    red_hi[l.x] = hi;
-    red_lo[l.x] = lo;
-    workgroupBarrier();
-    for (var st = 128u; st > 0u; st >>= 1u) {
-        if (l.x < st) {
-            let a = red_hi[l.x];
-            let b = red_hi[l.x + st];
-            let s = (a + b) * p.one;
-            red_lo[l.x] += red_lo[l.x + st] + sum_error(a, b, s);
-            red_hi[l.x] = s;
-        }
-        workgroupBarrier();
-    }
+    let sum = reduce2(l.x, acc);
     if (l.x == 0u) {
-        partial[2u * g] = red_hi[0];
-        partial[2u * g + 1u] = red_lo[0];
+        partial[2u * g] = sum.x;
+        partial[2u * g + 1u] = sum.y;
     }
     // Keep `y` statically used in every MODE, so all variants share one binding layout.
     if (p.n == 0xffffffffu) { partial[0] = y[0]; }

@@ -27,6 +27,7 @@ const REDUCE: &str = include_str!("../../shaders/reduce.wgsl");
 const CHOLESKY_BLOCK: &str = include_str!("../../shaders/cholesky_block.wgsl");
 const CHOLESKY_PANEL: &str = include_str!("../../shaders/cholesky_panel.wgsl");
 const EXACT: &str = include_str!("../../shaders/exact.wgsl");
+const PAIR_SUM: &str = include_str!("../../shaders/pair_sum.wgsl");
 const SYSTEM_SCALARS: &str = include_str!("../../shaders/system_scalars.wgsl");
 const SYSTEM_ASSEMBLE: &str = include_str!("../../shaders/system_assemble.wgsl");
 
@@ -319,8 +320,8 @@ impl Gpu {
         if let Some(p) = self.pipelines.borrow().get(&key) {
             return p.clone();
         }
-        // exact.wgsl goes wherever a kernel asks for it (WGSL has no includes).
-        let mut code = src.replace("{{EXACT}}", EXACT);
+        // exact.wgsl and pair_sum.wgsl go wherever a kernel asks for them (WGSL has no includes).
+        let mut code = src.replace("{{EXACT}}", EXACT).replace("{{PAIR_SUM}}", PAIR_SUM);
         for (k, v) in subs {
             code = code.replace(&format!("{{{{{k}}}}}"), v);
         }
