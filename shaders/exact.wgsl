@@ -1,7 +1,7 @@
 // Error-free transformations of f32 arithmetic, substituted for {{EXACT}} into kernels that need
-// sums beyond f32 precision (matmul.wgsl's Gram matrices, reduce.wgsl's norms). The kernel's
-// uniform `p` must have `one: f32` (always 1.0) and `zero: u32` (always 0): values the compiler
-// cannot know, which keep it from simplifying the error terms away.
+// sums beyond f32 precision (matmul.wgsl's Gram matrices, reduce.wgsl's norms, norm.wgsl's row
+// statistics). The kernel's uniform `p` must have `one: f32` (always 1.0) and `zero: u32` (always
+// 0): values the compiler cannot know, which keep it from simplifying the error terms away.
 
 // x as a rounded f32. Drivers may contract a product into the addition that uses it (one fma, one
 // rounding: WGSL allows it, and Mesa's compiler does it), which breaks error-free transformations
