@@ -165,6 +165,24 @@ fn progress_sink<'a>(progress: &'a js_sys::Function, prefix: &'a str) -> impl Fn
     }
 }
 
+/// What `merge` and `compare` start from: the settings and every input checked (settings first),
+/// the GPU chosen, and the notes on that choice.
+struct Job {
+    s: Settings,
+    base: BaseInputs,
+    tasks: Vec<TaskInput>,
+    gpu: Option<Gpu>,
+    notes: Vec<String>,
+}
+
+async fn begin(input: &JsValue, options: &str) -> Result<Job, JsValue> {
+    let s = settings(options)?;
+    let (base, tasks) = read_inputs(input)?;
+    let mut notes = Vec::new();
+    let gpu = choose_gpu(&s.backend, &mut notes).await?;
+    Ok(Job { s, base, tasks, gpu, notes })
+}
+
 /// One merge on the GPU when there is one; a GPU failure midway hands over to the CPU (noted).
 async fn merge_once(
     gpu: &Option<Gpu>,
@@ -193,10 +211,7 @@ async fn merge_once(
 /// `{ zip, report (JSON text), backend, notes: [..] }`.
 #[wasm_bindgen]
 pub async fn merge(input: JsValue, options: String, progress: js_sys::Function) -> Result<JsValue, JsValue> {
-    let s = settings(&options)?;
-    let (base, tasks) = read_inputs(&input)?;
-    let mut notes: Vec<String> = Vec::new();
-    let gpu = choose_gpu(&s.backend, &mut notes).await?;
+    let Job { s, base, tasks, gpu, mut notes } = begin(&input, &options).await?;
     let mut report = progress_sink(&progress, "");
     let result = merge_once(&gpu, &base, &tasks, &s.opts, s.f16, &mut report, &mut notes).await?;
     let mut rep = serde_json::to_value(&result.report).map_err(|e| js_error("bug", &e.to_string()))?;
@@ -225,10 +240,7 @@ pub async fn merge(input: JsValue, options: String, progress: js_sys::Function) 
 /// alignment_error, quality, seconds }], backend, notes }`.
 #[wasm_bindgen]
 pub async fn compare(input: JsValue, options: String, progress: js_sys::Function) -> Result<String, JsValue> {
-    let s = settings(&options)?;
-    let (base, tasks) = read_inputs(&input)?;
-    let mut notes: Vec<String> = Vec::new();
-    let gpu = choose_gpu(&s.backend, &mut notes).await?;
+    let Job { s, base, tasks, gpu, mut notes } = begin(&input, &options).await?;
     let alone = if tasks.iter().any(|t| t.eval.is_some()) {
         let r = match &gpu {
             Some(g) => pipeline::accuracy_alone(g, &base, &tasks, s.opts.eval_limit).await,
