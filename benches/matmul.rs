@@ -8,6 +8,8 @@ use iteris::mat::Mat;
 use pollster::FutureExt;
 use std::time::Instant;
 
+mod common;
+
 fn bench<B: Backend>(be: &B, label: &str, n: usize) {
     let a = Mat::new(n, n, (0..n * n).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect());
     let (x, w) = (be.upload(&a), be.upload(&a));
@@ -26,12 +28,7 @@ fn bench<B: Backend>(be: &B, label: &str, n: usize) {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let want = |b: &str| !args.iter().any(|a| a == "cpu" || a == "gpu") || args.iter().any(|a| a == b);
-    let sizes: Vec<usize> = args
-        .iter()
-        .position(|a| a == "--sizes")
-        .and_then(|i| args.get(i + 1))
-        .map(|s| s.split(',').filter_map(|v| v.parse().ok()).collect())
-        .unwrap_or_else(|| vec![1024, 2048, 4096]);
+    let sizes = common::sizes(&args, &[1024, 2048, 4096]);
     if want("cpu") {
         for &n in &sizes {
             bench(&Cpu, "cpu (matrixmultiply)", n);

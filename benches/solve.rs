@@ -10,6 +10,8 @@ use iteris::merge::solve::{solve, TaskStats};
 use nalgebra::DMatrix;
 use std::time::Instant;
 
+mod common;
+
 #[path = "../tests/common/rng.rs"]
 #[allow(dead_code)]
 mod rng;
@@ -17,12 +19,7 @@ use rng::Rng;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let sizes: Vec<usize> = args
-        .iter()
-        .position(|a| a == "--sizes")
-        .and_then(|i| args.get(i + 1))
-        .map(|s| s.split(',').filter_map(|v| v.parse().ok()).collect())
-        .unwrap_or_else(|| vec![768, 3072, 4096]);
+    let sizes = common::sizes(&args, &[768, 3072, 4096]);
     let mut r = Rng(3);
     for n in sizes {
         // A well-spread positive semi-definite Gram: XᵀX of 2n random rows (built in f64 directly).
