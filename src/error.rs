@@ -16,6 +16,10 @@ pub enum Error {
     Numeric(String),
     #[error("{0}")]
     Io(String),
+    /// The forward pass produced NaN or ±∞ in the inputs of `module` (task `task`, from 0): raised
+    /// by the merge, turned by the pipeline into an `Input` error naming config.json.
+    #[error("the inputs of module {module} are not finite numbers (task {})", task + 1)]
+    NonFinite { module: String, task: usize },
     /// The GPU failed while working (device lost, out of memory, a readback refused).
     #[error("{0}")]
     Gpu(String),

@@ -1,15 +1,42 @@
 //! Input folders and the output folder on a native file system (the page reads dropped files
 //! through the same `inputs` functions).
+//!
+//! Inputs: only regular files are read (a FIFO or a device would be read forever), each within its
+//! kind's size cap. Output: never an input, checked before any work; written into a temporary
+//! sibling and put in place atomically, so a crash at any moment leaves the complete old output
+//! or the complete new one; temporary folders a crashed run left are cleaned by the next.
 
 use crate::error::{bad_input, Error, Result};
 use crate::formats::peft::Adapter;
-use crate::inputs::{self, Folder};
+use crate::inputs::{self, FileKind, Folder};
+use crate::merge::evaluate::EvalSet;
 use crate::merge::pipeline::BaseInputs;
 use crate::merge::TaskInput;
-use std::path::{Path, PathBuf};
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
 
-fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| bad_input(path.display(), format!("cannot read ({e})")))
+/// The bytes of a regular file within `kind`'s cap; None when there is no such file.
+fn read_file(path: &Path, kind: FileKind) -> Result<Option<Vec<u8>>> {
+    let name = path.display().to_string();
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(bad_input(&name, format!("cannot read ({e})"))),
+    };
+    if !meta.is_file() {
+        return Err(bad_input(&name, "is not a regular file (a folder, FIFO or device): refusing to read it"));
+    }
+    kind.check_len(&name, meta.len())?;
+    let file = std::fs::File::open(path).map_err(|e| bad_input(&name, format!("cannot read ({e})")))?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // Read at most one byte past the cap: a file that grows while it is read is still bounded.
+    file.take(kind.cap() + 1).read_to_end(&mut bytes).map_err(|e| bad_input(&name, format!("cannot read ({e})")))?;
+    kind.check_len(&name, bytes.len() as u64)?;
+    Ok(Some(bytes))
+}
+
+fn need_file(path: &Path, kind: FileKind) -> Result<Vec<u8>> {
+    read_file(path, kind)?.ok_or_else(|| bad_input(path.display(), "cannot read (no such file)"))
 }
 
 /// A directory on disk as an input folder.
@@ -22,13 +49,8 @@ impl Folder for Dir<'_> {
     fn path(&self, file: &str) -> String {
         self.0.join(file).display().to_string()
     }
-    fn take(&mut self, file: &str) -> Result<Option<Vec<u8>>> {
-        let p = self.0.join(file);
-        if p.exists() {
-            read(&p).map(Some)
-        } else {
-            Ok(None)
-        }
+    fn take(&mut self, file: &str, kind: FileKind) -> Result<Option<Vec<u8>>> {
+        read_file(&self.0.join(file), kind)
     }
 }
 
@@ -49,46 +71,217 @@ pub fn read_adapter(path: &Path) -> Result<Adapter> {
 
 pub fn read_task(adapter: &Path, samples_file: &Path) -> Result<TaskInput> {
     let name = samples_file.display().to_string();
-    inputs::read_task(&mut dir(adapter, "a PEFT adapter folder")?, &name, &read(samples_file)?)
+    let mut adapter = dir(adapter, "a PEFT adapter folder")?;
+    inputs::read_task(&mut adapter, &name, &need_file(samples_file, FileKind::Samples)?)
 }
 
 /// Held-out evaluation samples (`merge::evaluate::EvalSet::parse`).
-pub fn read_eval(path: &Path) -> Result<crate::merge::evaluate::EvalSet> {
-    crate::merge::evaluate::EvalSet::parse(&path.display().to_string(), &read(path)?)
+pub fn read_eval(path: &Path) -> Result<EvalSet> {
+    EvalSet::parse(&path.display().to_string(), &need_file(path, FileKind::Samples)?)
 }
 
-/// Refuse an output folder that exists and is not empty, unless `force`. Faces call this before
-/// any work, and `write_folder` again before writing.
-pub fn check_out(out: &Path, force: bool) -> Result<()> {
-    if out.exists() && !force && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        return Err(bad_input(out.display(), "already exists and is not empty (pass --force to replace it)"));
+/// `path` made absolute with every link resolved, also when it does not exist yet (its nearest
+/// existing ancestor is resolved, the rest appended).
+fn resolved(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut rest = Vec::new();
+    let mut p = abs.as_path();
+    loop {
+        if let Ok(c) = p.canonicalize() {
+            let mut out = c;
+            for part in rest.iter().rev() {
+                out.push(part);
+            }
+            return out;
+        }
+        match (p.parent(), p.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                p = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
+/// Every path an input stands for: itself and, for a folder, each of its entries, links resolved
+/// (a Hugging Face cache folder links its files to blobs elsewhere).
+fn input_paths(inputs: &[&Path]) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    for &p in inputs {
+        out.push((resolved(p), p.display().to_string()));
+        if let Ok(entries) = std::fs::read_dir(p) {
+            for e in entries.flatten() {
+                out.push((resolved(&e.path()), e.path().display().to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// Refuse an output that is, contains or lies inside any input (compared with links resolved),
+/// and one that exists and is not empty unless `force`. Faces call this before any work (and
+/// `write_folder` / `write_file` check again before writing).
+pub fn check_out(out: &Path, force: bool, inputs: &[&Path]) -> Result<()> {
+    let o = resolved(out);
+    for (p, shown) in input_paths(inputs) {
+        if o == p || o.starts_with(&p) || p.starts_with(&o) {
+            let how = if o == p {
+                "is"
+            } else if o.starts_with(&p) {
+                "lies inside"
+            } else {
+                "contains"
+            };
+            return Err(bad_input(
+                out.display(),
+                format!("{how} the input {shown}: the output must be a separate folder (nothing was written)"),
+            ));
+        }
+    }
+    if out.exists() && !force {
+        let empty_dir = std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
+        if !empty_dir {
+            return Err(bad_input(out.display(), "already exists and is not empty (pass --force to replace it)"));
+        }
     }
     Ok(())
 }
 
-/// Write `files` into `out` atomically: into a temporary sibling folder first, renamed at the end, so
-/// `out` is never left half-written. An existing `out` is replaced only with `force`.
-pub fn write_folder(out: &Path, files: &[(&str, &[u8])], force: bool) -> Result<()> {
-    check_out(out, force)?;
+/// The temporary and old-output names this tool gives siblings of `out`, with `pid`.
+fn scratch_name(out_name: &str, what: &str, pid: u32) -> String {
+    format!(".{out_name}.iteris-{what}-{pid}")
+}
+
+/// Whether process `pid` may still be running (it may be writing its scratch folder).
+fn alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        false
+    }
+}
+
+/// Remove the scratch folders of `out` that crashed runs left (their process is gone); an old
+/// output whose replacement never arrived is put back first.
+pub fn clean_scratch(out: &Path) {
+    let (Some(parent), Some(name)) = (out.parent(), out.file_name()) else { return };
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let name = name.to_string_lossy();
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        // `.{name}.tmp-PID` is what earlier versions of this tool left behind.
+        for (what, prefix) in [
+            ("tmp", format!(".{name}.iteris-tmp-")),
+            ("old", format!(".{name}.iteris-old-")),
+            ("tmp", format!(".{name}.tmp-")),
+        ] {
+            let Some(pid) = file.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else { continue };
+            if alive(pid) {
+                continue;
+            }
+            if what == "old" && !out.exists() {
+                let _ = std::fs::rename(e.path(), out);
+            } else if e.path().is_dir() {
+                let _ = std::fs::remove_dir_all(e.path());
+            } else {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Where a test may abort the process on purpose (`ITERIS_TEST_ABORT_AT=before-swap` or
+/// `after-swap`), to check that a crash at the swap loses nothing.
+fn test_abort(at: &str) {
+    if std::env::var("ITERIS_TEST_ABORT_AT").is_ok_and(|v| v == at) {
+        std::process::abort();
+    }
+}
+
+/// Put the finished `tmp` in the place of `out`, atomically where the system allows: Linux swaps
+/// the two names in one step (renameat2 RENAME_EXCHANGE); elsewhere the old output is first moved
+/// to an `old` scratch name, which `clean_scratch` puts back if the process dies before the new
+/// one is in place.
+fn swap_into_place(tmp: &Path, out: &Path, old: &Path) -> std::io::Result<()> {
+    if !out.exists() {
+        return std::fs::rename(tmp, out);
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+        let (a, b) = (c(tmp)?, c(out)?);
+        // SAFETY: both are NUL-terminated paths that live across the call.
+        let r =
+            unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+        if r == 0 {
+            test_abort("after-swap");
+            // `tmp` now holds the old output.
+            let _ = std::fs::remove_dir_all(tmp).or_else(|_| std::fs::remove_file(tmp));
+            return Ok(());
+        }
+        // Not supported by this file system: fall through to the two-step swap.
+    }
+    std::fs::rename(out, old)?;
+    std::fs::rename(tmp, out)?;
+    test_abort("after-swap");
+    let _ = std::fs::remove_dir_all(old).or_else(|_| std::fs::remove_file(old));
+    Ok(())
+}
+
+/// Write `out` (a folder of `files`, or one file) atomically through a scratch sibling.
+fn write_atomic(
+    out: &Path,
+    force: bool,
+    inputs: &[&Path],
+    fill: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<()> {
+    check_out(out, force, inputs)?;
+    clean_scratch(out);
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| bad_input(parent.display(), format!("cannot create ({e})")))?;
-    let name = out.file_name().ok_or_else(|| bad_input(out.display(), "is not a folder name"))?;
-    let tmp: PathBuf = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let io = |e: std::io::Error| Error::Io(format!("{}: {e}", tmp.display()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).map_err(io)?;
+    let name = out.file_name().filter(|_| !out.components().any(|c| c == Component::ParentDir));
+    let name = name.ok_or_else(|| bad_input(out.display(), "is not a plain output name"))?.to_string_lossy();
+    let pid = std::process::id();
+    let tmp = parent.join(scratch_name(&name, "tmp", pid));
+    let old = parent.join(scratch_name(&name, "old", pid));
+    let _ = std::fs::remove_dir_all(&tmp).or_else(|_| std::fs::remove_file(&tmp));
     let written = (|| {
-        for (n, bytes) in files {
-            std::fs::write(tmp.join(n), bytes)?;
-        }
-        if out.exists() {
-            std::fs::remove_dir_all(out)?;
-        }
-        std::fs::rename(&tmp, out)
+        fill(&tmp)?;
+        test_abort("before-swap");
+        swap_into_place(&tmp, out, &old)
     })();
     if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
+        let _ = std::fs::remove_dir_all(&tmp).or_else(|_| std::fs::remove_file(&tmp));
         return Err(Error::Io(format!("{}: cannot write ({e})", out.display())));
     }
     Ok(())
+}
+
+/// Write `files` into the folder `out` atomically. An existing `out` is replaced only with
+/// `force`; `inputs` are the merge's input paths, which `out` must stay clear of.
+pub fn write_folder(out: &Path, files: &[(&str, &[u8])], force: bool, inputs: &[&Path]) -> Result<()> {
+    if out.exists() && !out.is_dir() {
+        return Err(bad_input(out.display(), "is a file, not a folder: choose another --out"));
+    }
+    write_atomic(out, force, inputs, |tmp| {
+        std::fs::create_dir(tmp)?;
+        for (n, bytes) in files {
+            std::fs::write(tmp.join(n), bytes)?;
+        }
+        Ok(())
+    })
+}
+
+/// Write the single file `out` atomically (e.g. `iteris compare --out table.json`).
+pub fn write_file(out: &Path, bytes: &[u8], force: bool, inputs: &[&Path]) -> Result<()> {
+    if out.is_dir() {
+        return Err(bad_input(out.display(), "is a folder, not a file: choose another --out"));
+    }
+    write_atomic(out, force, inputs, |tmp| std::fs::write(tmp, bytes))
 }

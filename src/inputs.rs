@@ -11,15 +11,67 @@ use crate::merge::pipeline::BaseInputs;
 use crate::merge::TaskInput;
 use std::collections::BTreeMap;
 
+/// What an input file is, and so the most bytes it may have: a size is checked before a file
+/// is read, so a huge or endless input (a device, a runaway file) costs nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    /// config.json, adapter_config.json, model.safetensors.index.json.
+    Json,
+    Tokenizer,
+    /// A safetensors file.
+    Weights,
+    /// Calibration or held-out samples.
+    Samples,
+}
+
+impl FileKind {
+    pub fn cap(self) -> u64 {
+        match self {
+            FileKind::Json => 64 << 20,
+            FileKind::Tokenizer => 256 << 20,
+            FileKind::Samples => 256 << 20,
+            // The page holds every input in WebAssembly memory (at most 4 GiB).
+            FileKind::Weights if cfg!(target_arch = "wasm32") => 3 << 30,
+            FileKind::Weights => 256 << 30,
+        }
+    }
+
+    pub fn what(self) -> &'static str {
+        match self {
+            FileKind::Json => "a JSON settings file",
+            FileKind::Tokenizer => "a tokenizer.json",
+            FileKind::Weights => "a safetensors file",
+            FileKind::Samples => "a samples file",
+        }
+    }
+
+    /// Refuse `len` bytes when over the cap.
+    pub fn check_len(self, name: &str, len: u64) -> Result<()> {
+        if len > self.cap() {
+            return Err(bad_input(
+                name,
+                format!(
+                    "is {} MiB, more than the {} MiB {} may have here",
+                    len.div_ceil(1 << 20),
+                    self.cap() >> 20,
+                    self.what()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A folder of input files.
 pub trait Folder {
     /// What to call the folder in messages.
     fn name(&self) -> String;
     /// What to call `file` of the folder in messages.
     fn path(&self, file: &str) -> String;
-    /// The bytes of `file`, or None when the folder has no such file. Each file is read once (an
-    /// in-memory folder hands its bytes over rather than copying them).
-    fn take(&mut self, file: &str) -> Result<Option<Vec<u8>>>;
+    /// The bytes of `file` (a file name inside the folder), or None when the folder has no such
+    /// file; refused when it is larger than `kind` allows or not a regular file. Each file is read
+    /// once (an in-memory folder hands its bytes over rather than copying them).
+    fn take(&mut self, file: &str, kind: FileKind) -> Result<Option<Vec<u8>>>;
 }
 
 /// Files held in memory, by file name (the page's dropped files; any leading folders of a dropped
@@ -43,29 +95,37 @@ impl Folder for MemFolder {
     fn path(&self, file: &str) -> String {
         format!("{}/{file}", self.name)
     }
-    fn take(&mut self, file: &str) -> Result<Option<Vec<u8>>> {
+    fn take(&mut self, file: &str, kind: FileKind) -> Result<Option<Vec<u8>>> {
+        if let Some(b) = self.files.get(file) {
+            kind.check_len(&self.path(file), b.len() as u64)?;
+        }
         Ok(self.files.remove(file))
     }
 }
 
-fn need(f: &mut dyn Folder, file: &str, what: &str) -> Result<Vec<u8>> {
-    f.take(file)?.ok_or_else(|| bad_input(f.name(), format!("has no {file} ({what})")))
+fn need(f: &mut dyn Folder, file: &str, kind: FileKind, what: &str) -> Result<Vec<u8>> {
+    f.take(file, kind)?.ok_or_else(|| bad_input(f.name(), format!("has no {file} ({what})")))
 }
 
 /// `config.json`, `tokenizer.json`, and `model.safetensors` or the shards that
 /// `model.safetensors.index.json` lists.
 pub fn read_base(f: &mut dyn Folder) -> Result<BaseInputs> {
-    let config = HfConfig::parse(f.path("config.json"), &need(f, "config.json", "a Hugging Face model folder")?)?;
-    let tokenizer =
-        TextTokenizer::parse(f.path("tokenizer.json"), &need(f, "tokenizer.json", "the model's tokenizer")?)?;
-    let files = if let Some(bytes) = f.take("model.safetensors")? {
+    let config = HfConfig::parse(
+        f.path("config.json"),
+        &need(f, "config.json", FileKind::Json, "a Hugging Face model folder")?,
+    )?;
+    let tokenizer = TextTokenizer::parse(
+        f.path("tokenizer.json"),
+        &need(f, "tokenizer.json", FileKind::Tokenizer, "the model's tokenizer")?,
+    )?;
+    let files = if let Some(bytes) = f.take("model.safetensors", FileKind::Weights)? {
         vec![TensorFile::parse(f.path("model.safetensors"), bytes)?]
-    } else if let Some(index) = f.take("model.safetensors.index.json")? {
+    } else if let Some(index) = f.take("model.safetensors.index.json", FileKind::Json)? {
         let names = shard_names(&f.path("model.safetensors.index.json"), &index)?;
         names
             .iter()
             .map(|n| {
-                let bytes = f.take(n)?.ok_or_else(|| {
+                let bytes = f.take(n, FileKind::Weights)?.ok_or_else(|| {
                     bad_input(f.path("model.safetensors.index.json"), format!("lists the shard {n}, which is missing"))
                 })?;
                 TensorFile::parse(f.path(n), bytes)
@@ -79,14 +139,15 @@ pub fn read_base(f: &mut dyn Folder) -> Result<BaseInputs> {
 
 /// `adapter_config.json` + `adapter_model.safetensors` (PEFT).
 pub fn read_adapter(f: &mut dyn Folder) -> Result<Adapter> {
-    let weights = need(f, "adapter_model.safetensors", "a PEFT adapter folder")?;
+    let weights = need(f, "adapter_model.safetensors", FileKind::Weights, "a PEFT adapter folder")?;
     let weights = TensorFile::parse(f.path("adapter_model.safetensors"), weights)?;
-    let config = need(f, "adapter_config.json", "a PEFT adapter folder")?;
+    let config = need(f, "adapter_config.json", FileKind::Json, "a PEFT adapter folder")?;
     Adapter::parse(&f.name(), &f.path("adapter_config.json"), &config, &weights)
 }
 
 /// An adapter folder and its calibration samples (`.txt` or `.jsonl`).
 pub fn read_task(adapter: &mut dyn Folder, samples_name: &str, samples_bytes: &[u8]) -> Result<TaskInput> {
+    FileKind::Samples.check_len(samples_name, samples_bytes.len() as u64)?;
     let adapter = read_adapter(adapter)?;
     let samples = samples::parse(samples_name, samples_bytes)?;
     Ok(TaskInput { adapter, samples_name: samples_name.to_string(), samples, eval: None })

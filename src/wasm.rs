@@ -22,8 +22,20 @@ fn start() {
     // worker can tell a bug from the browser's memory running out.
     std::panic::set_hook(Box::new(|info| {
         LAST_PANIC.with(|p| *p.borrow_mut() = Some(info.to_string()));
+        PANIC_FILE.with(|p| *p.borrow_mut() = crate::formats::contain::current_file());
         console_error_panic_hook::hook(info);
     }));
+}
+
+thread_local! {
+    static PANIC_FILE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The input file a third-party parser was reading when the engine panicked, if it was (the page
+/// then names that file as malformed instead of reporting a bug; see `formats::contain`).
+#[wasm_bindgen]
+pub fn panic_file() -> Option<String> {
+    PANIC_FILE.with(|p| p.borrow().clone())
 }
 
 /// The message of the panic that stopped the engine, if one did.
@@ -72,7 +84,7 @@ fn js_error(kind: &str, message: &str) -> JsValue {
 
 fn to_js(e: Error) -> JsValue {
     let kind = match &e {
-        Error::Input { .. } => "input",
+        Error::Input { .. } | Error::NonFinite { .. } => "input",
         Error::Unsupported(_) => "unsupported",
         Error::Numeric(_) => "numeric",
         Error::Gpu(_) => "gpu",
@@ -94,7 +106,9 @@ fn read_inputs(input: &JsValue) -> Result<(BaseInputs, Vec<TaskInput>), JsValue>
             inputs::read_task(&mut adapter, &string(&samples, "name")?, &bytes(&samples, "bytes")?).map_err(to_js)?;
         let eval = get(&t, "eval")?;
         if !eval.is_undefined() && !eval.is_null() {
-            task.eval = Some(EvalSet::parse(&string(&eval, "name")?, &bytes(&eval, "bytes")?).map_err(to_js)?);
+            let (name, b) = (string(&eval, "name")?, bytes(&eval, "bytes")?);
+            inputs::FileKind::Samples.check_len(&name, b.len() as u64).map_err(to_js)?;
+            task.eval = Some(EvalSet::parse(&name, &b).map_err(to_js)?);
         }
         tasks.push(task);
     }
@@ -177,6 +191,8 @@ struct Job {
 
 async fn begin(input: &JsValue, options: &str) -> Result<Job, JsValue> {
     let s = settings(options)?;
+    // The library's one check of the settings, before any file is parsed.
+    s.opts.validate(Array::from(&get(input, "tasks")?).length() as usize).map_err(to_js)?;
     let (base, tasks) = read_inputs(input)?;
     let mut notes = Vec::new();
     let gpu = choose_gpu(&s.backend, &mut notes).await?;

@@ -64,13 +64,56 @@ fn max_rel_diff(page: &Path, cli: &Path) -> f64 {
     p.iter().map(|(k, d)| (d - &c[k]).norm() / c[k].norm()).fold(0.0, f64::max)
 }
 
+/// The hostile-input cases that apply to the page, materialised for e2e.mjs; returns how many.
+fn write_hostile_manifest(out: &Path) -> usize {
+    use common::hostile::*;
+    let mut manifest = Vec::new();
+    for (k, case) in cases().iter().enumerate().filter(|(_, c)| c.page) {
+        let d = scratch(case.arch, &format!("page-{k}"));
+        let mut args = merge_args(&d);
+        (case.setup)(&d, &mut args);
+        manifest.push(page_case(case, &d, &args));
+    }
+    std::fs::write(out.join("hostile-manifest.json"), serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    manifest.len()
+}
+
+/// Each page case was refused as an input problem (never a trap or a result), with a message that
+/// names what the CLI's does.
+fn check_hostile_results(out: &Path, cases: usize) {
+    let results: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(out.join("hostile-results.json")).unwrap()).unwrap();
+    assert_eq!(results.len(), cases, "every page case ran");
+    let mut failures = Vec::new();
+    for r in &results {
+        let (name, message) = (r["name"].as_str().unwrap(), r["message"].as_str().unwrap_or(""));
+        let kind = r["kind"].as_str().unwrap_or("");
+        let mut problems = Vec::new();
+        if r["type"] != "error" || !["input", "unsupported", "numeric"].contains(&kind) {
+            problems.push(format!("{} of kind '{kind}'", r["type"]));
+        }
+        for w in r["words"].as_array().unwrap() {
+            if !message.contains(w.as_str().unwrap()) {
+                problems.push(format!("the message does not mention {w}"));
+            }
+        }
+        if !problems.is_empty() {
+            failures.push(format!("{name}: {} ({message})", problems.join("; ")));
+        }
+    }
+    println!("hostile inputs through the page: {} cases, {} failed", results.len(), failures.len());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 #[test]
 fn page_merges_like_the_cli() {
     run(Command::new("bash").arg("tools/build_web.sh"), "tools/build_web.sh");
     let out = root().join("target/browser");
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out).unwrap();
+    let page_cases = write_hostile_manifest(&out);
     run(Command::new("node").arg("tests/browser/e2e.mjs").arg(&out), "the browser tests (tests/browser/e2e.mjs)");
+    check_hostile_results(&out, page_cases);
 
     let (sweep, jacobi, demo) = (out.join("cli-sweep"), out.join("cli-jacobi"), out.join("cli-demo"));
     cli_merge(&sweep, false, &[]);

@@ -303,12 +303,27 @@ function showProgress(m, started) {
 
 // ---------- results ----------
 
+// The memory plan the engine made before the merge (src/merge/plan.rs), in one line.
+function memoryLine(p) {
+  if (!p) return '';
+  const mib = (b) => `${Math.ceil(b / 2 ** 20)} MiB`;
+  const parts = [`Memory plan: ${mib(p.host_bytes)} in this page`];
+  if (p.host_available_bytes != null) parts[0] += ` (of ${mib(p.host_available_bytes)} available)`;
+  if (p.device_bytes) parts.push(`${mib(p.device_bytes)} on the GPU`);
+  parts.push(`weights ${mib(p.weights_bytes)}, activations ${mib(p.activations_bytes)}, statistics ${mib(p.statistics_bytes)}`);
+  let largest = `largest tensor ${mib(p.largest_tensor_bytes)} (${p.largest_tensor})`;
+  if (p.tensor_limit_bytes != null) largest += ` of ${mib(p.tensor_limit_bytes)} one binding holds`;
+  parts.push(largest);
+  return `${parts.join('; ')}.`;
+}
+
 function showResults(m, seconds) {
   const report = JSON.parse(m.report);
   $('ran').textContent = `Merged ${report.tasks.length} adapters of a ${report.model_type} model in ${seconds.toFixed(1)} s ` +
     `(engine loaded in ${state.engineSeconds.toFixed(2)} s) on ${m.backend}, ${report.method}.`;
   $('ran').dataset.seconds = seconds;
   $('ran').dataset.engineSeconds = state.engineSeconds;
+  $('memory').textContent = memoryLine(report.memory_plan);
   $('notes').replaceChildren(...[...m.notes, ...report.warnings].map((t) => {
     const li = document.createElement('li');
     li.textContent = t;

@@ -1,7 +1,7 @@
 // The engine runs here, off the page's thread, so the page stays responsive during a merge.
 // Messages in: { cmd: 'merge' | 'compare', input, options } (see app.js). Messages out: { type: 'version' | 'progress' | 'done' | 'compared' | 'error' }.
 // One worker serves one merge; the page terminates it to cancel.
-import init, { merge, compare, version, last_panic } from './pkg/iteris.js';
+import init, { merge, compare, version, last_panic, panic_file } from './pkg/iteris.js';
 
 const ready = init();
 
@@ -29,8 +29,11 @@ self.onmessage = async (event) => {
 function describe(err) {
   if (err && err.kind) return { kind: err.kind, message: err.message };
   if (err instanceof WebAssembly.RuntimeError || err instanceof RangeError) {
-    let panic = null;
-    try { panic = last_panic(); } catch (_) { /* the module is unusable */ }
+    let panic = null, file = null;
+    try { panic = last_panic(); file = panic_file(); } catch (_) { /* the module is unusable */ }
+    // A panic inside a third-party parser (the tokenizers crate) while it read an input file:
+    // that file is malformed, which is the person's to fix, not a bug of ours.
+    if (panic && file) return { kind: 'input', message: `${file}: the tokenizer library failed on this file, which is malformed (${panic})` };
     if (panic) return { kind: 'bug', message: panic };
     return { kind: 'memory', message: String(err.message || err) };
   }

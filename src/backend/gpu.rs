@@ -458,12 +458,37 @@ impl Gpu {
         self.pending.set(0);
     }
 
+    /// Remember the first failure; `fetch` and `download` report it (as wgpu's own errors are).
+    fn fail(&self, msg: String) {
+        if let Ok(mut f) = self.failure.lock() {
+            f.get_or_insert(msg);
+        }
+    }
+
+    /// A (rows, cols) f32 result buffer, or why there cannot be one.
+    fn try_alloc(&self, rows: usize, cols: usize) -> Result<GpuTensor> {
+        let bytes = rows.checked_mul(cols).and_then(|n| n.checked_mul(4)).map_or(u64::MAX, |b| (b as u64).max(4));
+        if bytes > self.max_binding {
+            return Err(Error::Gpu(format!(
+                "a ({rows} × {cols}) tensor of {:.0} MiB exceeds the {:.0} MiB the GPU can bind at once (the memory plan should have refused this merge)",
+                bytes as f64 / (1u64 << 20) as f64,
+                self.max_binding as f64 / (1u64 << 20) as f64
+            )));
+        }
+        Ok(self.alloc_bytes(rows, cols, bytes))
+    }
+
+    /// `try_alloc` for the tensor ops, which cannot fail: a refused allocation is remembered
+    /// (`fail`) and reported by the next readback, and a one-word stand-in keeps the shapes
+    /// consistent until then (robust buffer access keeps its dispatches in bounds).
     fn alloc(&self, rows: usize, cols: usize) -> GpuTensor {
-        let bytes = ((rows * cols * 4) as u64).max(4);
-        assert!(
-            bytes <= self.max_binding,
-            "tensor of {bytes} bytes exceeds the GPU binding limit (checked before the merge)"
-        );
+        self.try_alloc(rows, cols).unwrap_or_else(|e| {
+            self.fail(e.to_string());
+            self.alloc_bytes(rows, cols, 4)
+        })
+    }
+
+    fn alloc_bytes(&self, rows: usize, cols: usize, bytes: u64) -> GpuTensor {
         let reused = self.pool.borrow_mut().take(bytes);
         let buf = reused.unwrap_or_else(|| {
             self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -920,7 +945,9 @@ impl Backend for Gpu {
         spec: &AttentionSpec,
         seqs: &[Range<usize>],
     ) -> GpuTensor {
-        assert!(spec.head_dim <= 256, "attention.wgsl handles head_dim up to 256");
+        if spec.head_dim > 256 {
+            self.fail(format!("attention.wgsl handles head_dim up to 256, not {}: use the CPU backend", spec.head_dim));
+        }
         let mut span = Vec::with_capacity(q.rows * 2);
         for s in seqs {
             for _ in s.clone() {
@@ -1059,6 +1086,12 @@ impl Backend for Gpu {
         true
     }
 
+    fn on_device(&self) -> bool {
+        true
+    }
+    fn keeps_file_precision(&self) -> bool {
+        true
+    }
     fn max_tensor_bytes(&self) -> u64 {
         self.max_binding
     }

@@ -224,6 +224,14 @@ pub trait Backend {
         u64::MAX
     }
 
+    /// Whether tensors live in device memory, apart from the host's (the memory plan).
+    fn on_device(&self) -> bool {
+        false
+    }
+    /// Whether weights are kept in their file precision (else as f32; the memory plan).
+    fn keeps_file_precision(&self) -> bool {
+        false
+    }
     /// Whether `cholesky_f32_many` is implemented (so an f64 solve is a fallback, reported as such).
     fn offers_cholesky_f32(&self) -> bool {
         false

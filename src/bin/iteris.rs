@@ -6,7 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use iteris::backend::{cpu::Cpu, gpu::Gpu};
 use iteris::fsio;
 use iteris::merge::{pipeline, relative_change, Method, Options, Progress, Schedule, TaskInput};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -106,18 +106,26 @@ struct MergeArgs {
     /// Reduce the merged adapter to this rank (default: lossless, rank = Σ r_i).
     #[arg(long)]
     rank: Option<usize>,
+    /// Plan the merge for at most this much memory, in MiB (default: what the system has
+    /// available); a merge that would need more is refused before it starts.
+    #[arg(long)]
+    max_memory: Option<u64>,
     /// Where the heavy work runs.
     #[arg(long, value_enum, default_value = "auto")]
     backend: BackendArg,
     /// Write the merged weights as F16 instead of F32.
     #[arg(long)]
     f16: bool,
-    /// Replace --out if it exists.
+    /// Replace --out if it exists (atomically; --out may never be or hold an input).
     #[arg(long)]
     force: bool,
 }
 
 fn main() -> ExitCode {
+    // A third-party parser's panic on a malformed file is caught and reported as one error line
+    // naming the file (formats::contain); it must not also print a panic message.
+    iteris::formats::contain::install_quiet_panic_hook();
+    quiet_vulkan_loader();
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Merge(a) => merge(a),
@@ -127,8 +135,26 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // One line, whatever a dependency's message holds.
+            eprintln!("error: {}", e.to_string().split_whitespace().collect::<Vec<_>>().join(" "));
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Mesa's Vulkan drivers print `error: XDG_RUNTIME_DIR is invalid or not set in the environment.`
+/// (twice) when that variable is missing, which reads as our error on a successful run. Give them
+/// a private runtime folder, as a login session would; before any thread starts.
+fn quiet_vulkan_loader() {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let usable = std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| Path::new(&d).is_dir());
+        // SAFETY: getuid has no preconditions.
+        let dir = std::env::temp_dir().join(format!("iteris-runtime-{}", unsafe { libc::getuid() }));
+        if !usable && std::fs::create_dir_all(&dir).is_ok() {
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+            std::env::set_var("XDG_RUNTIME_DIR", &dir);
         }
     }
 }
@@ -141,42 +167,64 @@ struct Prepared {
     opts: Options,
 }
 
-fn prepare(a: &MergeArgs) -> iteris::Result<Prepared> {
-    use iteris::error::bad_input;
-    if !a.evals.is_empty() && a.evals.len() != a.adapters.len() {
-        return Err(bad_input(
-            "arguments",
-            format!(
-                "{} --adapter but {} --eval: give one evaluation file per adapter, or none",
-                a.adapters.len(),
-                a.evals.len()
-            ),
-        ));
+impl MergeArgs {
+    /// The settings, checked by the library's one validation.
+    fn options(&self) -> iteris::Result<Options> {
+        let opts = Options {
+            method: self.method,
+            weights: self.weights.clone(),
+            density: self.density,
+            seed: self.seed,
+            regmean_scale: self.regmean_scale,
+            eval_limit: None,
+            max_memory_mib: self.max_memory,
+            schedule: match self.schedule {
+                ScheduleArg::Sweep => Schedule::Sweep,
+                ScheduleArg::Jacobi => Schedule::Jacobi,
+            },
+            iters: self.iters,
+            alpha1: self.alpha1,
+            alpha2: self.alpha2,
+            rho: self.rho,
+            max_len: self.max_len,
+            rank: self.rank,
+        };
+        opts.validate(self.adapters.len())?;
+        Ok(opts)
     }
-    if a.adapters.len() != a.samples.len() {
-        return Err(bad_input(
-            "arguments",
-            format!(
-                "{} --adapter but {} --samples: give one samples file per adapter, in the same order",
-                a.adapters.len(),
-                a.samples.len()
-            ),
-        ));
+
+    /// Every input path, which --out must stay clear of.
+    fn inputs(&self) -> Vec<&Path> {
+        let mut v: Vec<&Path> = vec![&self.base];
+        v.extend(self.adapters.iter().chain(&self.samples).chain(&self.evals).map(PathBuf::as_path));
+        v
     }
-    if a.adapters.len() < 2 {
-        return Err(bad_input("arguments", "give at least two --adapter/--samples pairs"));
-    }
-    if a.rank == Some(0) {
-        return Err(bad_input("--rank", "must be at least 1"));
-    }
-    if a.max_len == 0 {
-        return Err(bad_input("--max-len", "must be at least 1"));
-    }
-    for (k, v) in [("--alpha1", a.alpha1), ("--alpha2", a.alpha2)] {
-        if !(v.is_finite() && v >= 0.0) {
-            return Err(bad_input(k, "must be a non-negative number"));
+
+    /// Settings and --out checked before anything is read (`None`: no --out).
+    fn check(&self) -> iteris::Result<Options> {
+        use iteris::error::bad_input;
+        let counts = [
+            ("--samples", self.samples.len(), false, "one samples file per adapter, in the same order"),
+            ("--eval", self.evals.len(), true, "one evaluation file per adapter, or none"),
+        ];
+        for (flag, n, optional, what) in counts {
+            if n != self.adapters.len() && !(optional && n == 0) {
+                return Err(bad_input(
+                    "arguments",
+                    format!("{} --adapter but {n} {flag}: give {what}", self.adapters.len()),
+                ));
+            }
         }
+        let opts = self.options()?;
+        if let Some(out) = &self.out {
+            fsio::check_out(out, self.force, &self.inputs())?;
+        }
+        Ok(opts)
     }
+}
+
+fn prepare(a: &MergeArgs) -> iteris::Result<Prepared> {
+    let opts = a.check()?;
     let gpu = match a.backend {
         BackendArg::Cpu => None,
         BackendArg::Gpu => {
@@ -213,24 +261,6 @@ fn prepare(a: &MergeArgs) -> iteris::Result<Prepared> {
     for (t, e) in tasks.iter_mut().zip(&a.evals) {
         t.eval = Some(fsio::read_eval(e)?);
     }
-    let opts = Options {
-        method: a.method,
-        weights: a.weights.clone(),
-        density: a.density,
-        seed: a.seed,
-        regmean_scale: a.regmean_scale,
-        eval_limit: None,
-        schedule: match a.schedule {
-            ScheduleArg::Sweep => Schedule::Sweep,
-            ScheduleArg::Jacobi => Schedule::Jacobi,
-        },
-        iters: a.iters,
-        alpha1: a.alpha1,
-        alpha2: a.alpha2,
-        rho: a.rho,
-        max_len: a.max_len,
-        rank: a.rank,
-    };
     Ok(Prepared { gpu, base, tasks, opts })
 }
 
@@ -277,7 +307,6 @@ fn alone(p: &Prepared) -> iteris::Result<Vec<Vec<Option<f64>>>> {
 
 fn merge(a: MergeArgs) -> iteris::Result<()> {
     let out = a.out.clone().ok_or_else(|| iteris::error::bad_input("arguments", "--out is required"))?;
-    fsio::check_out(&out, a.force)?;
     let p = prepare(&a)?;
     let opts = &p.opts;
     let r = run(&p, opts, a.f16)?;
@@ -290,6 +319,7 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
             ("merge_report.json", &report),
         ],
         a.force,
+        &a.inputs(),
     )?;
 
     for w in &r.report.warnings {
@@ -407,8 +437,7 @@ fn study(a: MergeArgs) -> iteris::Result<()> {
         "sample_efficiency": { "samples": counts, "methods": curves },
     });
     if let Some(path) = &a.out {
-        std::fs::write(path, serde_json::to_vec_pretty(&out).unwrap())
-            .map_err(|e| bad_input(path.display(), format!("cannot write ({e})")))?;
+        fsio::write_file(path, &serde_json::to_vec_pretty(&out).unwrap(), a.force, &a.inputs())?;
         println!("wrote {}", path.display());
     }
     Ok(())
@@ -460,8 +489,7 @@ fn compare(a: CompareArgs) -> iteris::Result<()> {
     }
     if let Some(out) = &a.merge.out {
         let table = serde_json::json!({ "tasks": names, "alone": alone, "methods": rows });
-        std::fs::write(out, serde_json::to_vec_pretty(&table).unwrap())
-            .map_err(|e| bad_input(out.display(), format!("cannot write ({e})")))?;
+        fsio::write_file(out, &serde_json::to_vec_pretty(&table).unwrap(), a.merge.force, &a.merge.inputs())?;
         println!("wrote {}", out.display());
     }
     Ok(())

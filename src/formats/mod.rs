@@ -1,6 +1,7 @@
 //! File formats. Nothing here knows a model architecture: these modules turn bytes into checked,
 //! typed values (tensors, configs, token ids) and back.
 
+pub mod contain;
 pub mod hf_config;
 pub mod peft;
 pub mod safetensors;

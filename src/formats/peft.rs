@@ -46,9 +46,10 @@ impl Adapter {
         let config = config.as_object().cloned().ok_or_else(|| bad_input(config_name, "must be a JSON object"))?;
         check_features(config_name, &config)?;
 
-        let r = config.get("r").and_then(Value::as_u64).unwrap_or(8) as usize;
-        let alpha = config.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
-        let rslora = config.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
+        let r = field(config_name, &config, "r", rank)?.unwrap_or(8);
+        let alpha = field(config_name, &config, "lora_alpha", number)?.unwrap_or(8.0);
+        let rslora = field(config_name, &config, "use_rslora", boolean)?.unwrap_or(false);
+        field(config_name, &config, "fan_in_fan_out", boolean)?;
         let rank_pattern = patterns(config_name, &config, "rank_pattern")?;
         let alpha_pattern = patterns(config_name, &config, "alpha_pattern")?;
 
@@ -72,8 +73,10 @@ impl Adapter {
             }
             if let Some(p) = rest.strip_suffix(".lora_A.weight") {
                 paths.push(p.to_string());
-            } else if rest.ends_with(".lora_B.weight") {
-                continue;
+            } else if let Some(p) = rest.strip_suffix(".lora_B.weight") {
+                if !weights.contains(&format!("{KEY_PREFIX}{p}.lora_A.weight")) {
+                    return Err(bad_input(&weights.name, format!("has lora_B but no lora_A for module '{p}'")));
+                }
             } else if rest.contains(".lora_B.") && rest.ends_with(".bias") {
                 return Err(bad_input(&weights.name, format!("has a LoRA bias ('{key}'); lora_bias is not supported")));
             } else {
@@ -92,6 +95,9 @@ impl Adapter {
             }
             let b = weights.mat(&bkey)?;
             let r_m = match_pattern(&rank_pattern, &path).map(|v| v as usize).unwrap_or(r);
+            if a.rows == 0 || b.cols == 0 {
+                return Err(bad_input(&weights.name, format!("module '{path}': lora_A or lora_B is empty")));
+            }
             let alpha_m = match_pattern(&alpha_pattern, &path).unwrap_or(alpha);
             if a.rows != r_m || b.cols != r_m {
                 return Err(bad_input(
@@ -112,6 +118,7 @@ impl Adapter {
         Ok(Adapter { name: name.to_string(), config, modules })
     }
 
+    /// Checked to be a boolean by `parse`.
     pub fn fan_in_fan_out(&self) -> bool {
         self.config.get("fan_in_fan_out").and_then(Value::as_bool).unwrap_or(false)
     }
@@ -119,11 +126,11 @@ impl Adapter {
 
 /// Refuse, by name, the PEFT features whose delta is not s·B·A on a Linear/Conv1D weight.
 fn check_features(file: &str, c: &Map<String, Value>) -> Result<()> {
-    let peft_type = c.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
+    let peft_type = field(file, c, "peft_type", string)?.unwrap_or("LORA");
     if peft_type != "LORA" {
         return Err(bad_input(file, format!("peft_type is {peft_type}; only LORA adapters can be merged")));
     }
-    let truthy = |k: &str| c.get(k).is_some_and(|v| v.as_bool() == Some(true));
+    let truthy = |k: &str| -> Result<bool> { Ok(field(file, c, k, boolean)?.unwrap_or(false)) };
     let nonempty = |k: &str| match c.get(k) {
         None | Some(Value::Null) => false,
         Some(Value::Array(a)) => !a.is_empty(),
@@ -131,15 +138,15 @@ fn check_features(file: &str, c: &Map<String, Value>) -> Result<()> {
         Some(Value::String(s)) => !s.is_empty(),
         Some(_) => true,
     };
-    if truthy("use_dora") {
+    if truthy("use_dora")? {
         return Err(bad_input(file, "uses DoRA (use_dora: true); DoRA adapters are not supported"));
     }
-    if let Some(b) = c.get("bias").and_then(Value::as_str) {
+    if let Some(b) = field(file, c, "bias", string)? {
         if b != "none" {
             return Err(bad_input(file, format!("trains biases (bias: \"{b}\"); only bias \"none\" is supported")));
         }
     }
-    if truthy("lora_bias") {
+    if truthy("lora_bias")? {
         return Err(bad_input(file, "uses lora_bias: true; LoRA biases are not supported"));
     }
     if nonempty("modules_to_save") {
@@ -157,22 +164,58 @@ fn check_features(file: &str, c: &Map<String, Value>) -> Result<()> {
         }
     }
     for k in ["use_qalora", "use_bdlora"] {
-        if truthy(k) {
+        if truthy(k)? {
             return Err(bad_input(file, format!("uses {k}; not supported")));
         }
     }
     Ok(())
 }
 
+/// `c[key]` read by `read` (None when missing or null), or an error naming the field, the file and
+/// the type it must have: a wrong type is never silently replaced by a default.
+fn field<'a, T>(
+    file: &str,
+    c: &'a Map<String, Value>,
+    key: &str,
+    read: fn(&'a Value) -> std::result::Result<T, &'static str>,
+) -> Result<Option<T>> {
+    match c.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => read(v).map(Some).map_err(|want| bad_input(file, format!("\"{key}\" must be {want}, not {v}"))),
+    }
+}
+
+fn rank(v: &Value) -> std::result::Result<usize, &'static str> {
+    const WANT: &str = "a positive integer (up to 65536)";
+    v.as_u64().filter(|&r| (1..=65536).contains(&r)).map(|r| r as usize).ok_or(WANT)
+}
+
+fn number(v: &Value) -> std::result::Result<f64, &'static str> {
+    v.as_f64().filter(|x| x.is_finite()).ok_or("a finite number")
+}
+
+fn boolean(v: &Value) -> std::result::Result<bool, &'static str> {
+    v.as_bool().ok_or("true or false")
+}
+
+fn string(v: &Value) -> std::result::Result<&str, &'static str> {
+    v.as_str().ok_or("a string")
+}
+
 fn patterns(file: &str, c: &Map<String, Value>, key: &str) -> Result<Vec<(regex::Regex, f64)>> {
-    let Some(obj) = c.get(key).and_then(Value::as_object) else {
+    let Some(obj) = field(file, c, key, |v| v.as_object().ok_or("an object of pattern → value"))? else {
         return Ok(vec![]);
     };
+    let read: fn(&Value) -> std::result::Result<f64, &'static str> =
+        if key == "rank_pattern" { |v| rank(v).map(|r| r as f64) } else { number };
     obj.iter()
         .map(|(k, v)| {
-            let re = regex::Regex::new(&format!(r"^(.*\.)?({k})$"))
-                .map_err(|e| bad_input(file, format!("{key} key '{k}' is not a valid pattern ({e})")))?;
-            let v = v.as_f64().ok_or_else(|| bad_input(file, format!("{key}['{k}'] must be a number")))?;
+            let re = regex::Regex::new(&format!(r"^(.*\.)?({k})$")).map_err(|e| {
+                // The regex crate's message spans lines (the pattern, a caret, the cause): keep the cause.
+                let cause = e.to_string().lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+                bad_input(file, format!("{key} key '{k}' is not a valid pattern ({cause})"))
+            })?;
+            let v = read(v).map_err(|want| bad_input(file, format!("{key}['{k}'] must be {want}, not {v}")))?;
             Ok((re, v))
         })
         .collect()

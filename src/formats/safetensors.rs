@@ -76,6 +76,11 @@ impl TensorFile {
         self.tensors.keys()
     }
 
+    /// Size of the file in bytes (all of it is held in memory).
+    pub fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
+
     pub fn contains(&self, key: &str) -> bool {
         self.tensors.contains_key(key)
     }
@@ -169,6 +174,17 @@ impl TensorStore {
         self.index.get(key).and_then(|&i| self.files[i].dtype(key))
     }
 
+    /// Bytes the tensors take as f32 (`as_f32`) or in their stored precision.
+    pub fn stored_bytes(&self, as_f32: bool) -> u64 {
+        let files = self.files.iter().flat_map(|f| f.tensors.values());
+        files
+            .map(|t| {
+                t.shape.iter().map(|&d| d as u64).product::<u64>()
+                    * if as_f32 { 4 } else { (t.dtype.bitsize() as u64).div_ceil(8) }
+            })
+            .sum()
+    }
+
     pub fn file_of(&self, key: &str) -> &str {
         self.index.get(key).map(|&i| self.files[i].name.as_str()).unwrap_or("model")
     }
@@ -192,6 +208,18 @@ pub fn shard_names(index_name: &str, index_json: &[u8]) -> Result<Vec<String>> {
     let mut names: Vec<String> = Vec::new();
     for f in map.values() {
         let f = f.as_str().ok_or_else(|| bad_input(index_name, "weight_map values must be file names"))?;
+        // A shard is a file of the model folder: never a path that leaves it.
+        let plain = !f.is_empty()
+            && f != "."
+            && f != ".."
+            && !f.contains(['/', '\\', '\0'])
+            && !(f.len() >= 2 && f.as_bytes()[1] == b':');
+        if !plain {
+            return Err(bad_input(
+                index_name,
+                format!("names the shard '{f}', which is not a file name inside the model folder"),
+            ));
+        }
         if !names.iter().any(|n| n == f) {
             names.push(f.to_string());
         }
@@ -205,22 +233,42 @@ pub fn write(
     f16: bool,
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
-    let bufs: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(k, m)| {
-            let bytes = if f16 {
-                m.data.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()
+    // Only finite numbers leave the tool: each value is checked as it will be stored (an f32 past
+    // ±65504 becomes ±∞ in F16).
+    let non_finite = |k: &str, i: usize, v: f32| {
+        crate::error::Error::Numeric(format!(
+            "the merged tensor '{k}' would hold a non-finite value at index {i} ({v}{}); nothing was written",
+            if f16 && v.is_finite() { ", beyond F16's range of ±65504: write F32 (without --f16)" } else { "" }
+        ))
+    };
+    let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (k, m) in tensors {
+        let mut bytes = Vec::with_capacity(m.data.len() * if f16 { 2 } else { 4 });
+        for (i, &v) in m.data.iter().enumerate() {
+            if f16 {
+                let h = half::f16::from_f32(v);
+                if !h.is_finite() {
+                    return Err(non_finite(k, i, v));
+                }
+                bytes.extend(h.to_le_bytes());
             } else {
-                m.data.iter().flat_map(|v| v.to_le_bytes()).collect()
-            };
-            (k.clone(), vec![m.rows, m.cols], bytes)
-        })
-        .collect();
+                if !v.is_finite() {
+                    return Err(non_finite(k, i, v));
+                }
+                bytes.extend(v.to_le_bytes());
+            }
+        }
+        bufs.push((k.clone(), vec![m.rows, m.cols], bytes));
+    }
     let dtype = if f16 { Dtype::F16 } else { Dtype::F32 };
     let views: Vec<(String, safetensors::tensor::TensorView)> = bufs
         .iter()
-        .map(|(k, s, b)| (k.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap()))
-        .collect();
+        .map(|(k, s, b)| {
+            safetensors::tensor::TensorView::new(dtype, s.clone(), b)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| crate::error::Error::Io(format!("writing safetensors: tensor '{k}': {e}")))
+        })
+        .collect::<Result<_>>()?;
     safetensors::tensor::serialize(views, metadata)
         .map_err(|e| crate::error::Error::Io(format!("writing safetensors: {e}")))
 }

@@ -3,6 +3,19 @@
 
 use crate::error::{bad_input, Result};
 
+/// Characters of one sample kept (more than the longest `--max-len` can use: 65536 tokens of 64
+/// characters each); the tokenizer cuts further to its own budget for `--max-len`. So a huge line
+/// costs its bytes in the file, never a second copy.
+pub const MAX_SAMPLE_CHARS: usize = 1 << 22;
+
+/// `text` cut to `MAX_SAMPLE_CHARS` characters.
+pub fn cut(text: &str) -> &str {
+    match text.char_indices().nth(MAX_SAMPLE_CHARS) {
+        Some((at, _)) => &text[..at],
+        None => text,
+    }
+}
+
 pub fn parse(file: &str, bytes: &[u8]) -> Result<Vec<String>> {
     let text = std::str::from_utf8(bytes).map_err(|_| bad_input(file, "is not UTF-8 text"))?;
     let jsonl = file.to_ascii_lowercase().ends_with(".jsonl");
@@ -19,10 +32,10 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<Vec<String>> {
                 .and_then(|t| t.as_str())
                 .ok_or_else(|| bad_input(file, format!("line {}: no string field \"text\"", i + 1)))?;
             if !t.trim().is_empty() {
-                out.push(t.to_string());
+                out.push(cut(t).to_string());
             }
         } else {
-            out.push(line.to_string());
+            out.push(cut(line).to_string());
         }
     }
     if out.is_empty() {

@@ -37,8 +37,12 @@ impl EvalSet {
             }
             let v: serde_json::Value = serde_json::from_str(line)
                 .map_err(|e| bad_input(name, format!("line {}: not valid JSON ({e})", i + 1)))?;
-            let field = |k: &str| v.get(k).and_then(|t| t.as_str()).map(str::to_string);
-            match (field("prompt"), field("answer"), field("text")) {
+            let field = |k: &str| match v.get(k) {
+                None => Ok(None),
+                Some(serde_json::Value::String(t)) => Ok(Some(t.clone())),
+                Some(other) => Err(bad_input(name, format!("line {}: \"{k}\" must be a string, not {other}", i + 1))),
+            };
+            match (field("prompt")?, field("answer")?, field("text")?) {
                 (Some(p), Some(a), _) => items.push((p, Some(a))),
                 (_, _, Some(t)) => items.push((t, None)),
                 _ => {
@@ -146,18 +150,50 @@ pub async fn mean_kl<B: Backend>(
     task: usize,
 ) -> Result<f64> {
     check_decoder(model)?;
-    let mut batch = Batch::default();
-    batch.push_group(task, Stream::Adapter(task), ids);
-    batch.push_group(task, Stream::Merged, ids);
-    let logits = models::run(model, be, &batch, hook, Output::Logits).await?.expect("a full pass");
-    let logits = be.download(&logits).await?;
-    let n = batch.rows(0, models::Level::Tokens).len();
-    let mut total = 0.0;
-    for r in 0..n {
-        let (p, q) = (log_softmax(logits.row(r)), log_softmax(logits.row(n + r)));
-        total += p.iter().zip(&q).map(|(lp, lq)| lp.exp() * (lp - lq)).sum::<f64>();
+    let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
+    let (mut total, mut rows) = (0.0, 0);
+    // Both streams' logits of a run of samples at once, within the evaluation budget.
+    for run in runs(&lens, eval_rows(be, model) / 2) {
+        let mut batch = Batch::default();
+        batch.push_group(task, Stream::Adapter(task), &ids[run.clone()]);
+        batch.push_group(task, Stream::Merged, &ids[run]);
+        let logits = models::run(model, be, &batch, hook, Output::Logits).await?.ok_or(Error::Stop)?;
+        let logits = be.download(&logits).await?;
+        let n = batch.rows(0, models::Level::Tokens).len();
+        for r in 0..n {
+            let (p, q) = (log_softmax(logits.row(r)), log_softmax(logits.row(n + r)));
+            total += p.iter().zip(&q).map(|(lp, lq)| lp.exp() * (lp - lq)).sum::<f64>();
+        }
+        rows += n;
     }
-    Ok(total / n.max(1) as f64)
+    Ok(total / rows.max(1) as f64)
+}
+
+/// Token rows one evaluation pass may hold: its logits and its widest activations stay within
+/// `plan::EVAL_LOGITS_BYTES` and the backend's largest tensor (at least one row).
+fn eval_rows<B: Backend>(be: &B, model: &Model<B::T>) -> usize {
+    let modules = model.modules();
+    let width = modules.iter().map(|m| m.out_dim.max(m.in_dim)).max().unwrap_or(1).max(1) as u64;
+    let budget = super::plan::EVAL_LOGITS_BYTES.min(be.max_tensor_bytes());
+    ((budget / (width * 4)) as usize).max(1)
+}
+
+/// Consecutive runs of items whose `lens` add up to at most `max_rows` (an item longer than that
+/// runs alone).
+fn runs(lens: &[usize], max_rows: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut sum) = (0, 0);
+    for (i, &n) in lens.iter().enumerate() {
+        if i > start && sum + n > max_rows {
+            out.push(start..i);
+            (start, sum) = (i, 0);
+        }
+        sum += n;
+    }
+    if start < lens.len() {
+        out.push(start..lens.len());
+    }
+    out
 }
 
 /// Greedy-generation accuracy of `stream` on labeled `items` (see `generate`).
@@ -197,22 +233,26 @@ pub async fn generate<B: Backend>(
     }
     let starts: Vec<usize> = seqs.iter().map(Vec::len).collect();
     let mut done: Vec<bool> = seqs.iter().map(|s| s.len() >= max_pos).collect();
-    while done.iter().any(|d| !d) {
-        let live: Vec<usize> = (0..seqs.len()).filter(|&i| !done[i]).collect();
-        let mut batch = Batch::default();
-        batch.push_group(0, stream, &live.iter().map(|&i| seqs[i].clone()).collect::<Vec<_>>());
-        let logits = models::run(model, be, &batch, hook, Output::LastLogits).await?.expect("a full pass");
-        let logits = be.download(&logits).await?;
-        for (k, &i) in live.iter().enumerate() {
-            let row = logits.row(k);
-            let next = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0) as u32;
-            let text = tok.decode(&[next])?;
-            if Some(next) == eos || text.contains('\n') {
-                done[i] = true;
-                continue;
+    // Runs of prompts decoded together, sized by their longest possible sequences.
+    let longest: Vec<usize> = starts.iter().zip(&budget).map(|(s, b)| (s + b).min(max_pos)).collect();
+    for run in runs(&longest, eval_rows(be, model)) {
+        while run.clone().any(|i| !done[i]) {
+            let live: Vec<usize> = run.clone().filter(|&i| !done[i]).collect();
+            let mut batch = Batch::default();
+            batch.push_group(0, stream, &live.iter().map(|&i| seqs[i].clone()).collect::<Vec<_>>());
+            let logits = models::run(model, be, &batch, hook, Output::LastLogits).await?.ok_or(Error::Stop)?;
+            let logits = be.download(&logits).await?;
+            for (k, &i) in live.iter().enumerate() {
+                let row = logits.row(k);
+                let next = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0) as u32;
+                let text = tok.decode(&[next])?;
+                if Some(next) == eos || text.contains('\n') {
+                    done[i] = true;
+                    continue;
+                }
+                seqs[i].push(next);
+                done[i] = seqs[i].len() - starts[i] >= budget[i] || seqs[i].len() >= max_pos;
             }
-            seqs[i].push(next);
-            done[i] = seqs[i].len() - starts[i] >= budget[i] || seqs[i].len() >= max_pos;
         }
     }
     (0..items.len()).map(|k| tok.decode(&seqs[k][starts[k]..])).collect()

@@ -27,7 +27,7 @@ pub fn reduce_rank(m: &Merged, rank: usize) -> (Merged, f64) {
     let (u, vt, s) = (svd.u.unwrap(), svd.v_t.unwrap(), svd.singular_values);
     // nalgebra does not promise sorted singular values: order them.
     let mut order: Vec<usize> = (0..s.len()).collect();
-    order.sort_by(|&i, &j| s[j].partial_cmp(&s[i]).unwrap());
+    order.sort_by(|&i, &j| s[j].total_cmp(&s[i]));
     let total: f64 = s.iter().map(|v| v * v).sum();
     let keep = &order[..rank];
     let kept: f64 = keep.iter().map(|&i| s[i] * s[i]).sum();

@@ -16,7 +16,7 @@
 
 use super::solve::{assemble, finish, Merged, SolvePath, TaskStats};
 use crate::backend::{Backend, FactorTerm, Fetched};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::formats::peft::LoraModule;
 use crate::merge::solve::to_f64;
 use crate::models::{Hook, StageInput, Stream};
@@ -323,6 +323,17 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
                 }
                 align => self.settle_align(align, value),
             }
+        }
+        // Non-finite features (an overflow or a division by zero upstream) would end as a
+        // "singular" solve or a NaN adapter: stop here, at the first module they reach.
+        let finite = |m: &Option<DMatrix<f64>>| m.as_ref().is_none_or(|m| m.iter().all(|v| v.is_finite()));
+        let bad_task = (0..tasks).find(|&i| {
+            !finite(&stats[i].0)
+                || !finite(&stats[i].1)
+                || targeted.iter().any(|&(_, t)| !denominators[t][i].is_finite())
+        });
+        if let Some(i) = bad_task {
+            return Err(Error::NonFinite { module: self.targets[targeted[0].1].name.clone(), task: i });
         }
         for &(_, t) in &targeted {
             let rec = &mut self.records[t];

@@ -6,6 +6,7 @@ pub mod evaluate;
 pub mod export;
 pub mod iteris;
 pub mod pipeline;
+pub mod plan;
 pub mod report;
 pub mod solve;
 
@@ -52,6 +53,8 @@ pub struct Options {
     pub regmean_scale: f64,
     /// Quality: use at most this many held-out samples per task (None: all).
     pub eval_limit: Option<usize>,
+    /// Plan the merge for at most this much host memory, MiB (None: what the system has).
+    pub max_memory_mib: Option<u64>,
 }
 
 impl Default for Options {
@@ -70,9 +73,63 @@ impl Default for Options {
             seed: 0,
             regmean_scale: 0.9,
             eval_limit: None,
+            max_memory_mib: None,
         }
     }
 }
+
+impl Options {
+    /// Check every setting, for `tasks` adapters: the one check the CLI, the page and the library
+    /// share, made before any work. Errors name the CLI option (the page shows the same names).
+    pub fn validate(&self, tasks: usize) -> Result<()> {
+        if tasks < 2 {
+            return Err(bad_input("arguments", format!("merging needs at least two adapters, not {tasks}")));
+        }
+        if self.schedule == Schedule::Jacobi && !(1..=1000).contains(&self.iters) {
+            return Err(bad_input("--iters", format!("{} is not in 1..=1000", self.iters)));
+        }
+        for (k, v) in [("--alpha1", self.alpha1), ("--alpha2", self.alpha2)] {
+            if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
+                return Err(bad_input(k, format!("{v} is not a number in [0, 1]")));
+            }
+        }
+        if !(self.rho.is_finite() && (0.0..=1.0).contains(&self.rho)) {
+            return Err(bad_input("--rho", format!("{} is not in [0, 1]", self.rho)));
+        }
+        if !(1..=MAX_LEN).contains(&self.max_len) {
+            return Err(bad_input("--max-len", format!("{} is not in 1..={MAX_LEN}", self.max_len)));
+        }
+        if let Some(r) = self.rank {
+            if !(1..=65536).contains(&r) {
+                return Err(bad_input("--rank", format!("{r} is not in 1..=65536")));
+            }
+        }
+        if let Some(w) = &self.weights {
+            if w.len() != tasks || w.iter().any(|v| !v.is_finite() || v.abs() > 1e6) {
+                return Err(bad_input(
+                    "--weights",
+                    format!(
+                        "needs one finite weight (at most 1e6 in size) per adapter ({tasks} adapters, {} weights)",
+                        w.len()
+                    ),
+                ));
+            }
+        }
+        if !(self.density > 0.0 && self.density <= 1.0) {
+            return Err(bad_input("--density", format!("{} is not in (0, 1]", self.density)));
+        }
+        if !(0.0..=1.0).contains(&self.regmean_scale) {
+            return Err(bad_input("--regmean-scale", format!("{} is not in [0, 1]", self.regmean_scale)));
+        }
+        if self.max_memory_mib == Some(0) {
+            return Err(bad_input("--max-memory", "must be at least 1 (MiB)"));
+        }
+        Ok(())
+    }
+}
+
+/// The longest `--max-len` accepted (tokens per sample).
+pub const MAX_LEN: usize = 1 << 16;
 
 /// One adapter and its calibration samples.
 pub struct TaskInput {
@@ -215,23 +272,7 @@ pub async fn iteris<B: Backend>(
     if ids.len() < 2 {
         return Err(Error::Unsupported("merging needs at least two adapters".into()));
     }
-    if opts.schedule == Schedule::Jacobi && opts.iters == 0 {
-        return Err(bad_input("--iters", "must be at least 1"));
-    }
-    if let Some(w) = &opts.weights {
-        if w.len() != ids.len() || w.iter().any(|v| !v.is_finite()) {
-            return Err(bad_input(
-                "--weights",
-                format!("needs one finite weight per adapter ({} adapters, {} weights)", ids.len(), w.len()),
-            ));
-        }
-    }
-    if !(opts.density > 0.0 && opts.density <= 1.0) {
-        return Err(bad_input("--density", format!("{} is not in (0, 1]", opts.density)));
-    }
-    if !(0.0..=1.0).contains(&opts.regmean_scale) {
-        return Err(bad_input("--regmean-scale", format!("{} is not in [0, 1]", opts.regmean_scale)));
-    }
+    opts.validate(ids.len())?;
     let t0 = now();
     let batch = |with_merged: bool| {
         let mut b = Batch::default();

@@ -4,7 +4,7 @@
 use super::evaluate::{self, DeltaHook, EvalSet, TaskQuality};
 use super::export::{adapter_files, reduce_rank};
 use super::report::{module_reports, task_means, Report, TaskReport, Timings};
-use super::{iteris, map_targets, now, tokenize, Options, Progress, TaskInput};
+use super::{iteris, map_targets, now, plan, tokenize, Options, Progress, TaskInput};
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::formats::hf_config::HfConfig;
@@ -53,8 +53,10 @@ pub async fn merge<B: Backend>(
     f16_out: bool,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<MergeResult> {
+    opts.validate(tasks.len())?;
     let mut timings = Timings::default();
     let t = now();
+    plan::weights_plan(be, &base.weights, opts.max_memory_mib).check(&be.name())?;
     let model = models::load(be, &base.config, &base.weights)?;
     let adapters: Vec<_> = tasks.iter().map(|t| &t.adapter).collect();
     let targets = map_targets(&model.modules(), &adapters, model.model_type(), model.fan_in_fan_out())?;
@@ -88,8 +90,13 @@ pub async fn merge<B: Backend>(
     }
     timings.tokenize = now() - t;
 
-    check_batch_fits(be, &model.modules(), ids.iter().flatten().map(Vec::len).sum::<usize>() * 2)?;
-    let outcome = iteris(be, &model, targets, &ids, opts, progress).await?;
+    let rows = ids.iter().flatten().map(Vec::len).sum::<usize>() * 2;
+    let memory =
+        plan::merge_plan(be, &base.weights, &model.modules(), &targets, rows, tasks.len(), opts.max_memory_mib);
+    memory.check(&be.name())?;
+    let outcome =
+        iteris(be, &model, targets, &ids, opts, progress).await.map_err(|e| non_finite(e, &base.config, tasks))?;
+    check_finite(&outcome)?;
     timings.passes = outcome.seconds_passes;
 
     let t = now();
@@ -143,6 +150,7 @@ pub async fn merge<B: Backend>(
         modules: module_reports(&outcome, &deltas.iter().map(|d| d.rank()).collect::<Vec<_>>(), &energy),
         jacobi_changes: outcome.changes.clone(),
         quality: quality.clone(),
+        memory_plan: memory,
         warnings,
         timings_s: timings,
     };
@@ -204,6 +212,7 @@ pub async fn accuracy_alone<B: Backend>(
     tasks: &[TaskInput],
     limit: Option<usize>,
 ) -> Result<Vec<Vec<Option<f64>>>> {
+    plan::weights_plan(be, &base.weights, None).check(&be.name())?;
     let model = models::load(be, &base.config, &base.weights)?;
     let adapters: Vec<_> = tasks.iter().map(|t| &t.adapter).collect();
     let targets = map_targets(&model.modules(), &adapters, model.model_type(), model.fan_in_fan_out())?;
@@ -229,21 +238,36 @@ pub async fn accuracy_alone<B: Backend>(
     Ok(rows)
 }
 
-fn mib(b: u64) -> f64 {
-    b as f64 / (1 << 20) as f64
+/// `Error::NonFinite` as an input error naming config.json, the fields that can make a forward
+/// pass overflow or divide by zero, and the task's adapter (its deltas run in that stream).
+fn non_finite(e: crate::error::Error, config: &HfConfig, tasks: &[TaskInput]) -> crate::error::Error {
+    let crate::error::Error::NonFinite { module, task } = e else { return e };
+    let keys: Vec<&str> =
+        ["rope_theta", "rope_parameters", "rope_scaling", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"]
+            .into_iter()
+            .filter(|k| config.has(k))
+            .collect();
+    crate::error::bad_input(
+        &config.file,
+        format!(
+            "the forward pass produced non-finite values (NaN or ±∞) before module {module} on the samples of task {} (adapter {}): check {}, and the scale of the base model's and that adapter's weights",
+            task + 1,
+            tasks.get(task).map_or("?", |t| t.adapter.name.as_str()),
+            if keys.is_empty() { "the model's sizes".to_string() } else { keys.join(", ") }
+        ),
+    )
 }
 
-/// Refuse, before any work, a batch whose widest activation is larger than the backend can hold in
-/// one op (a GPU storage binding: 128 MiB on many adapters). Weights that large are split instead.
-fn check_batch_fits<B: Backend>(be: &B, modules: &[models::ModuleInfo], rows: usize) -> Result<()> {
-    let (limit, advice) = (be.max_tensor_bytes(), "use --backend cpu");
-    let widest = modules.iter().filter(|m| m.name != "lm_head").map(|m| m.out_dim.max(m.in_dim)).max().unwrap_or(0);
-    let bytes = (rows * widest * 4) as u64;
-    if bytes > limit {
-        return Err(crate::error::Error::Unsupported(format!(
-            "the batch ({rows} token rows × {widest} features = {:.0} MiB) exceeds the {:.0} MiB one {} op can address: use fewer or shorter samples (--max-len), or {advice}",
-            mib(bytes), mib(limit), be.name()
-        )));
+/// Refuse merged deltas that are not finite (a baseline's huge weights, an overflowing solve)
+/// before they reach a rank reduction or a file.
+fn check_finite(outcome: &super::Outcome) -> Result<()> {
+    for (t, m) in outcome.targets.iter().zip(&outcome.merged) {
+        if m.a.data.iter().chain(&m.b.data).any(|v| !v.is_finite()) {
+            return Err(crate::error::Error::Numeric(format!(
+                "the merged delta of module {} is not finite (it overflowed f32): lower --weights or raise --alpha1/--alpha2",
+                t.name
+            )));
+        }
     }
     Ok(())
 }

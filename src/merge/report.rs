@@ -43,6 +43,8 @@ pub struct Report {
     /// Per task, on its held-out samples (when given): KL(adapter ‖ merged) and accuracy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quality: Option<Vec<super::evaluate::TaskQuality>>,
+    /// What the merge was planned to take, against the limits it had to fit.
+    pub memory_plan: super::plan::MemoryPlan,
     pub warnings: Vec<String>,
     pub timings_s: Timings,
 }

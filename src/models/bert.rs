@@ -96,14 +96,14 @@ impl<T> Bert<T> {
 
 impl<T> Bert<T> {
     pub fn load<B: Backend<T = T>>(be: &B, c: &HfConfig, store: &TensorStore) -> Result<Bert<T>> {
-        let d = c.usize("hidden_size")?;
-        let heads = c.usize("num_attention_heads")?;
-        let layers_n = c.usize("num_hidden_layers")?;
-        let ff = c.usize("intermediate_size")?;
-        let vocab = c.usize("vocab_size")?;
-        let max_pos = c.usize_or("max_position_embeddings", 512)?;
-        let types = c.usize_or("type_vocab_size", 2)?;
-        let pet = c.str_or("position_embedding_type", "absolute");
+        let d = c.dim("hidden_size")?;
+        let heads = c.dim("num_attention_heads")?;
+        let layers_n = c.dim("num_hidden_layers")?;
+        let ff = c.dim("intermediate_size")?;
+        let vocab = c.dim("vocab_size")?;
+        let max_pos = c.dim_or("max_position_embeddings", 512)?;
+        let types = c.dim_or("type_vocab_size", 2)?;
+        let pet = c.str_or("position_embedding_type", "absolute")?;
         if pet != "absolute" {
             return Err(bad_input(
                 &c.file,
@@ -116,7 +116,7 @@ impl<T> Bert<T> {
                 format!("hidden_size {d} is not a multiple of num_attention_heads {heads}"),
             ));
         }
-        let act_name = c.str_or("hidden_act", "gelu");
+        let act_name = c.str_or("hidden_act", "gelu")?;
         let act = Activation::from_hf(&act_name)
             .ok_or_else(|| bad_input(&c.file, format!("hidden_act \"{act_name}\" is not supported")))?;
         let eps = c.f64_or("layer_norm_eps", 1e-12)? as f32;

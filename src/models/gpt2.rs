@@ -91,13 +91,14 @@ impl<T> Gpt2<T> {
 
 impl<T> Gpt2<T> {
     pub fn load<B: Backend<T = T>>(be: &B, c: &HfConfig, store: &TensorStore) -> Result<Gpt2<T>> {
-        let d = c.usize("n_embd")?;
-        let heads = c.usize("n_head")?;
-        let layers = c.usize("n_layer")?;
-        let vocab = c.usize("vocab_size")?;
-        let n_positions = c.usize_or("n_positions", 1024)?;
-        let ff = c.usize_opt("n_inner")?.unwrap_or(4 * d);
-        let act_name = c.str_or("activation_function", "gelu_new");
+        let d = c.dim("n_embd")?;
+        let heads = c.dim("n_head")?;
+        let layers = c.dim("n_layer")?;
+        let vocab = c.dim("vocab_size")?;
+        let n_positions = c.dim_or("n_positions", 1024)?;
+        let ff = c.dim_or("n_inner", c.product("4 × n_embd", 4, d)?)?;
+        let qkv = c.product("3 × n_embd", 3, d)?;
+        let act_name = c.str_or("activation_function", "gelu_new")?;
         let act = Activation::from_hf(&act_name)
             .ok_or_else(|| bad_input(&c.file, format!("activation_function \"{act_name}\" is not supported")))?;
         if heads == 0 || d % heads != 0 {
@@ -117,7 +118,7 @@ impl<T> Gpt2<T> {
             }
             blocks.push(Block {
                 ln_1: w.norm(&format!("{p}.ln_1"), d, true)?,
-                c_attn: w.linear(&format!("{p}.attn.c_attn"), d, 3 * d, true)?,
+                c_attn: w.linear(&format!("{p}.attn.c_attn"), d, qkv, true)?,
                 c_proj: w.linear(&format!("{p}.attn.c_proj"), d, d, true)?,
                 ln_2: w.norm(&format!("{p}.ln_2"), d, true)?,
                 c_fc: w.linear(&format!("{p}.mlp.c_fc"), d, ff, true)?,

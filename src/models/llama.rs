@@ -106,8 +106,11 @@ fn rope_params(c: &HfConfig) -> Result<(f64, Option<serde_json::Map<String, Valu
     let params = c.get("rope_parameters").and_then(Value::as_object);
     let theta = match params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64) {
         Some(t) => t,
-        None => c.f64_or("rope_theta", 10000.0)?,
+        None => c.positive_or("rope_theta", 10000.0)?,
     };
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(bad_input(&c.file, format!("rope_parameters.rope_theta is {theta}; it must be greater than 0")));
+    }
     let scaling = c.get("rope_scaling").and_then(Value::as_object).or(params).cloned();
     Ok((theta, scaling))
 }
@@ -120,15 +123,32 @@ fn inv_freq(c: &HfConfig, head_dim: usize) -> Result<Vec<f32>> {
         return Ok(f.into_iter().map(|x| x as f32).collect());
     };
     let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
-    let num = |k: &str, d: f64| s.get(k).and_then(Value::as_f64).unwrap_or(d);
+    // Every number here divides or scales frequencies: it must be finite and positive.
+    let num = |k: &str, d: f64| -> Result<f64> {
+        match s.get(k) {
+            None | Some(Value::Null) => Ok(d),
+            Some(v) => v.as_f64().filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| {
+                bad_input(&c.file, format!("rope scaling \"{k}\" must be a number greater than 0, not {v}"))
+            }),
+        }
+    };
     match kind {
         // "dynamic" only changes frequencies past max_position_embeddings, which we never reach.
         "default" | "dynamic" => {}
-        "linear" => f.iter_mut().for_each(|x| *x /= num("factor", 1.0)),
+        "linear" => {
+            let factor = num("factor", 1.0)?;
+            f.iter_mut().for_each(|x| *x /= factor)
+        }
         "llama3" => {
-            let factor = num("factor", 8.0);
-            let (lo, hi) = (num("low_freq_factor", 1.0), num("high_freq_factor", 4.0));
-            let old = num("original_max_position_embeddings", 8192.0);
+            let factor = num("factor", 8.0)?;
+            let (lo, hi) = (num("low_freq_factor", 1.0)?, num("high_freq_factor", 4.0)?);
+            if hi <= lo {
+                return Err(bad_input(
+                    &c.file,
+                    format!("rope scaling high_freq_factor {hi} must exceed low_freq_factor {lo}"),
+                ));
+            }
+            let old = num("original_max_position_embeddings", 8192.0)?;
             let (lo_wave, hi_wave) = (old / lo, old / hi);
             for x in f.iter_mut() {
                 let wave = 2.0 * std::f64::consts::PI / *x;
@@ -153,27 +173,34 @@ fn inv_freq(c: &HfConfig, head_dim: usize) -> Result<Vec<f32>> {
 impl<T> Llama<T> {
     pub fn load<B: Backend<T = T>>(be: &B, c: &HfConfig, store: &TensorStore) -> Result<Llama<T>> {
         let model_type = c.model_type()?;
-        let d = c.usize("hidden_size")?;
-        let heads = c.usize("num_attention_heads")?;
-        let kv_heads = c.usize_or("num_key_value_heads", heads)?;
-        let layers_n = c.usize("num_hidden_layers")?;
-        let ff = c.usize("intermediate_size")?;
-        let vocab = c.usize("vocab_size")?;
+        let d = c.dim("hidden_size")?;
+        let heads = c.dim("num_attention_heads")?;
+        let kv_heads = c.dim_or("num_key_value_heads", heads)?;
+        let layers_n = c.dim("num_hidden_layers")?;
+        let ff = c.dim("intermediate_size")?;
+        let vocab = c.dim("vocab_size")?;
         if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
             return Err(bad_input(
                 &c.file,
                 format!("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"),
             ));
         }
-        let hd = c.usize_opt("head_dim")?.unwrap_or(d / heads.max(1));
-        if hd % 2 != 0 || hd == 0 {
+        let hd = c.dim_or("head_dim", d / heads)?;
+        let (qd, kvd) = (
+            c.product("num_attention_heads × head_dim", heads, hd)?,
+            c.product("num_key_value_heads × head_dim", kv_heads, hd)?,
+        );
+        if hd % 2 != 0 {
             return Err(bad_input(&c.file, format!("head_dim {hd} must be even")));
         }
-        let act_name = c.str_or("hidden_act", "silu");
+        let act_name = c.str_or("hidden_act", "silu")?;
         let act = Activation::from_hf(&act_name)
             .ok_or_else(|| bad_input(&c.file, format!("hidden_act \"{act_name}\" is not supported")))?;
         let eps = c.f64_or("rms_norm_eps", 1e-6)? as f32;
-        let max_pos = c.usize_or("max_position_embeddings", 2048)?;
+        if eps < 0.0 {
+            return Err(bad_input(&c.file, format!("rms_norm_eps is {eps}; it must not be negative")));
+        }
+        let max_pos = c.dim_or("max_position_embeddings", 2048)?;
         let window_for = |i: usize| -> Result<Option<usize>> {
             let w = c.usize_opt("sliding_window")?;
             Ok(match model_type.as_str() {
@@ -198,10 +225,10 @@ impl<T> Llama<T> {
             let p = format!("layers.{i}");
             layers.push(Layer {
                 input_norm: w.tensor(&format!("{p}.input_layernorm.weight"), (1, d))?,
-                q: w.linear(&format!("{p}.self_attn.q_proj"), d, heads * hd, false)?,
-                k: w.linear(&format!("{p}.self_attn.k_proj"), d, kv_heads * hd, false)?,
-                v: w.linear(&format!("{p}.self_attn.v_proj"), d, kv_heads * hd, false)?,
-                o: w.linear(&format!("{p}.self_attn.o_proj"), heads * hd, d, false)?,
+                q: w.linear(&format!("{p}.self_attn.q_proj"), d, qd, false)?,
+                k: w.linear(&format!("{p}.self_attn.k_proj"), d, kvd, false)?,
+                v: w.linear(&format!("{p}.self_attn.v_proj"), d, kvd, false)?,
+                o: w.linear(&format!("{p}.self_attn.o_proj"), qd, d, false)?,
                 post_norm: w.tensor(&format!("{p}.post_attention_layernorm.weight"), (1, d))?,
                 gate: w.linear(&format!("{p}.mlp.gate_proj"), d, ff, false)?,
                 up: w.linear(&format!("{p}.mlp.up_proj"), d, ff, false)?,

@@ -212,6 +212,47 @@ try {
       await plain.close();
     }
   }
+  // 8. The hostile-input cases that apply to the page (tests/common/hostile.rs, written out by
+  // tests/browser.rs), each through the worker and the wasm entry point as the page runs them:
+  // the outcome of each goes to OUT_DIR/hostile-results.json for tests/browser.rs to judge.
+  const manifestFile = path.join(out, 'hostile-manifest.json');
+  if (fs.existsSync(manifestFile)) {
+    const { context, page } = await newPage();
+    const b64 = (f) => fs.readFileSync(f).toString('base64');
+    const folder = (dir) => ({
+      name: path.basename(dir),
+      files: fs.readdirSync(dir).filter((f) => fs.statSync(path.join(dir, f)).isFile()).map((f) => ({ name: f, bytes: b64(path.join(dir, f)) })),
+    });
+    const file = (f) => ({ name: path.basename(f), bytes: b64(f) });
+    const results = [];
+    for (const c of JSON.parse(fs.readFileSync(manifestFile, 'utf8'))) {
+      const input = {
+        base: folder(c.base),
+        tasks: c.tasks.map((t) => ({ adapter: folder(t.adapter), samples: file(t.samples), eval: t.eval ? file(t.eval) : undefined })),
+      };
+      const r = await page.evaluate(async ({ input, options }) => {
+        const bytes = (s) => Uint8Array.from(atob(s), (ch) => ch.charCodeAt(0));
+        const files = (f) => ({ name: f.name, files: f.files.map((x) => ({ name: x.name, bytes: bytes(x.bytes) })) });
+        const one = (f) => f && { name: f.name, bytes: bytes(f.bytes) };
+        const inp = { base: files(input.base), tasks: input.tasks.map((t) => ({ adapter: files(t.adapter), samples: one(t.samples), eval: one(t.eval) })) };
+        const w = new Worker('worker.js', { type: 'module' });
+        return new Promise((resolve) => {
+          w.onmessage = (e) => {
+            if (e.data.type === 'error' || e.data.type === 'done') {
+              w.terminate();
+              resolve({ type: e.data.type, kind: e.data.kind || null, message: e.data.message || null });
+            }
+          };
+          w.onerror = (e) => resolve({ type: 'error', kind: 'worker', message: String(e.message) });
+          w.postMessage({ cmd: 'merge', input: inp, options });
+        });
+      }, { input, options: c.options });
+      results.push({ name: c.name, words: c.words, ...r });
+      console.log(`hostile (page) ${c.name}: ${r.type} ${r.kind}: ${r.message}`);
+    }
+    fs.writeFileSync(path.join(out, 'hostile-results.json'), JSON.stringify(results, null, 2));
+    await context.close();
+  }
   // Privacy: every request of every run went to the page's own origin.
   const foreign = summary.requests.filter((u) => !u.startsWith(`${origin}/`) && !u.startsWith('blob:') && !u.startsWith('data:'));
   assert.deepEqual(foreign, [], 'requests beyond the page\'s own files');

@@ -1,6 +1,7 @@
 #![allow(dead_code)]
 //! Shared test helpers: fixture paths, reading expected tensors, running merges.
 
+pub mod hostile;
 pub mod rng;
 
 use iteris::backend::cpu::Cpu;

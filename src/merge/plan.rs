@@ -1,0 +1,167 @@
+//! The memory plan of a merge, made before any pass runs: what the weights, the activations of
+//! one batched forward pass and one stage's statistics will take on the host and on the device,
+//! the largest single tensor (a GPU storage binding), and the limits they must fit. A merge that
+//! cannot fit is refused with what to change, instead of failing (or being killed) midway.
+//!
+//! The figures are estimates from shapes, meant to be safe rather than tight: activations count
+//! `LIVE_ACTIVATIONS` tensors of the widest layer width per token row (residual stream, normed
+//! input, q/k/v, attention output, gate and up at most are alive at once).
+
+use super::iteris::Target;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::formats::safetensors::TensorStore;
+use crate::models::ModuleInfo;
+
+/// Tensors of the widest layer width alive at once per token row in a forward pass.
+pub const LIVE_ACTIVATIONS: u64 = 8;
+
+/// Logits one evaluation pass may produce at most (`merge::evaluate` splits its batches to stay
+/// under this and under the backend's largest tensor).
+pub const EVAL_LOGITS_BYTES: u64 = 256 << 20;
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct MemoryPlan {
+    /// The input files kept in memory (safetensors bytes).
+    pub files_bytes: u64,
+    /// The model's weights as the backend holds them (f32 on the CPU, file precision on a GPU).
+    pub weights_bytes: u64,
+    /// One batched forward pass over every task's samples (both streams).
+    pub activations_bytes: u64,
+    /// One stage's statistics: Gram matrices per task, the system matrices and their factors.
+    pub statistics_bytes: u64,
+    /// The largest single tensor, and what it is.
+    pub largest_tensor_bytes: u64,
+    pub largest_tensor: String,
+    /// All of it on the host (wasm memory in the page).
+    pub host_bytes: u64,
+    /// On the GPU (0 for the CPU backend).
+    pub device_bytes: u64,
+    /// The backend's largest tensor (a GPU storage binding; none for the CPU).
+    pub tensor_limit_bytes: Option<u64>,
+    /// Host memory available when the plan was made (None: unknown).
+    pub host_available_bytes: Option<u64>,
+    /// The part of `host_bytes` not yet allocated when the plan was made (what must fit in
+    /// `host_available_bytes`).
+    pub host_to_allocate_bytes: u64,
+}
+
+fn mib(b: u64) -> String {
+    if b >= 10 << 30 {
+        format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.0} MiB", (b as f64 / (1u64 << 20) as f64).ceil())
+    }
+}
+
+/// Host memory this process can still use (the plan uses the smaller of this and
+/// `Options::max_memory_mib`): the system's available memory natively (Linux), what
+/// is left of WebAssembly's 4 GiB in the page; None where neither can be known.
+pub fn host_available() -> Option<u64> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        let used = core::arch::wasm32::memory_size(0) as u64 * 65536;
+        Some((4u64 << 30).saturating_sub(used))
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+}
+
+/// The weights alone, before the model is loaded: a model whose weights cannot fit is refused
+/// before its tensors are copied.
+pub fn weights_plan<B: Backend>(be: &B, store: &TensorStore, max_memory_mib: Option<u64>) -> MemoryPlan {
+    let files_bytes: u64 = store.files.iter().map(|f| f.byte_len() as u64).sum();
+    let weights_bytes = store.stored_bytes(!be.keeps_file_precision());
+    let device = be.on_device();
+    MemoryPlan {
+        files_bytes,
+        weights_bytes,
+        host_bytes: files_bytes + if device { 0 } else { weights_bytes },
+        host_to_allocate_bytes: if device { 0 } else { weights_bytes },
+        device_bytes: if device { weights_bytes } else { 0 },
+        tensor_limit_bytes: (be.max_tensor_bytes() < u64::MAX).then(|| be.max_tensor_bytes()),
+        host_available_bytes: match (host_available(), max_memory_mib.map(|m| m << 20)) {
+            (Some(a), Some(m)) => Some(a.min(m)),
+            (a, m) => a.or(m),
+        },
+        ..Default::default()
+    }
+}
+
+/// The whole merge: `rows` token rows in the batched pass (both streams), `tasks` adapters.
+pub fn merge_plan<B: Backend>(
+    be: &B,
+    store: &TensorStore,
+    modules: &[ModuleInfo],
+    targets: &[Target],
+    rows: usize,
+    tasks: usize,
+    max_memory_mib: Option<u64>,
+) -> MemoryPlan {
+    let mut p = weights_plan(be, store, max_memory_mib);
+    let (widest, wide_name) = modules
+        .iter()
+        .filter(|m| m.name != "lm_head")
+        .map(|m| (m.out_dim.max(m.in_dim), m.name.as_str()))
+        .max()
+        .unwrap_or((0, ""));
+    let rows = rows as u64;
+    let row_tensor = rows * widest as u64 * 4;
+    p.activations_bytes = row_tensor * LIVE_ACTIVATIONS;
+    let (width, gram_name) = targets.iter().map(|t| (t.in_dim, t.name.as_str())).max().unwrap_or((0, ""));
+    let square = (width * width) as u64;
+    // Per task XᵀX̃ and X̃ᵀX̃; per module of a stage (at most three: q/k/v) a system and a factor.
+    let host_stats = (2 * tasks as u64 + 2 * 3) * square * 8;
+    let device_stats = (2 * tasks as u64 * 2 + 3) * square * 4;
+    p.statistics_bytes = host_stats + if be.on_device() { device_stats } else { 0 };
+    (p.largest_tensor_bytes, p.largest_tensor) = if row_tensor >= square * 4 {
+        (row_tensor, format!("{rows} token rows × {widest} features at {wide_name}"))
+    } else {
+        (square * 4, format!("a {width} × {width} Gram matrix at {gram_name}"))
+    };
+    p.host_to_allocate_bytes = if be.on_device() {
+        p.device_bytes += p.activations_bytes + device_stats;
+        host_stats
+    } else {
+        p.activations_bytes + host_stats
+    };
+    p.host_bytes += p.host_to_allocate_bytes;
+    p
+}
+
+impl MemoryPlan {
+    /// Refuse the plan if it cannot fit, naming what to change.
+    pub fn check(&self, backend: &str) -> Result<()> {
+        let advice = "use fewer samples per task, a shorter --max-len (the page: Max length), target fewer modules";
+        if let Some(limit) = self.tensor_limit_bytes {
+            if self.largest_tensor_bytes > limit {
+                return Err(Error::Unsupported(format!(
+                    "memory plan: the largest tensor ({}, {}) exceeds the {} one {backend} op can address: {advice}, or use the CPU backend",
+                    self.largest_tensor,
+                    mib(self.largest_tensor_bytes),
+                    mib(limit)
+                )));
+            }
+        }
+        if let Some(avail) = self.host_available_bytes {
+            if self.host_to_allocate_bytes > avail {
+                return Err(Error::Unsupported(format!(
+                    "memory plan: the merge needs about {} of memory (input files {}, weights {}, activations {}, statistics {}), {} more than is in use, but only {} is available: {advice}, or run the command-line tool on a larger machine",
+                    mib(self.host_bytes),
+                    mib(self.files_bytes),
+                    mib(self.weights_bytes),
+                    mib(self.activations_bytes),
+                    mib(self.statistics_bytes),
+                    mib(self.host_to_allocate_bytes),
+                    mib(avail)
+                )));
+            }
+        }
+        Ok(())
+    }
+}
