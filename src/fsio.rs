@@ -27,6 +27,19 @@ fn read_file(path: &Path, kind: FileKind) -> Result<Option<Vec<u8>>> {
         return Err(bad_input(&name, "is not a regular file (a folder, FIFO or device): refusing to read it"));
     }
     kind.check_len(&name, meta.len())?;
+    // Files are held in memory: one that cannot fit is refused, not allocated (an abort).
+    if let Some(avail) = crate::merge::plan::host_available() {
+        if meta.len() > avail {
+            return Err(bad_input(
+                &name,
+                format!(
+                    "is {} MiB, more than the {} MiB of memory available: free memory or use a larger machine",
+                    meta.len() >> 20,
+                    avail >> 20
+                ),
+            ));
+        }
+    }
     let file = std::fs::File::open(path).map_err(|e| bad_input(&name, format!("cannot read ({e})")))?;
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     // Read at most one byte past the cap: a file that grows while it is read is still bounded.

@@ -165,11 +165,16 @@ fn targets() -> Vec<Target> {
         TensorFile::parse(p.display().to_string(), read(&p)).unwrap()
     };
     let (gw, lw) = (adapter_weights("gpt2"), adapter_weights("llama"));
+    // Every safetensors file of a fixture's base folder (the Llama fixture is sharded).
     let store = |arch: &str| {
-        let p = fixture(arch).join("base/model.safetensors");
-        TensorStore::new(vec![TensorFile::parse("model.safetensors", read(&p)).unwrap()]).unwrap()
+        let mut files: Vec<_> =
+            std::fs::read_dir(fixture(arch).join("base")).unwrap().flatten().map(|e| e.path()).collect();
+        files.retain(|p| p.extension().is_some_and(|e| e == "safetensors"));
+        files.sort();
+        TensorStore::new(files.iter().map(|p| TensorFile::parse(p.display().to_string(), read(p)).unwrap()).collect())
+            .unwrap()
     };
-    let (gpt2_store, bert_store, no_weights) = (store("gpt2"), store("bert"), TensorStore::new(vec![]).unwrap());
+    let stores = [store("gpt2"), store("bert"), store("llama"), TensorStore::new(vec![]).unwrap()];
     vec![
         Target {
             name: "safetensors",
@@ -203,10 +208,10 @@ fn targets() -> Vec<Target> {
                 .collect(),
             json: true,
             run: Box::new(move |b| {
-                // With real weights of two architectures, and with none (sizes and the rotary
-                // setup are checked before any tensor is looked for).
+                // With real weights of three architectures (so a mutated config gets through to
+                // the rotary setup), and with none (sizes are checked before any tensor is read).
                 if let Ok(c) = HfConfig::parse("config.json", b) {
-                    for store in [&gpt2_store, &bert_store, &no_weights] {
+                    for store in &stores {
                         let _ = iteris::models::load(&Cpu, &c, store);
                     }
                 }

@@ -124,3 +124,43 @@ fn f16_checkpoint_merges_like_the_cpu() {
         assert!(e < 1e-4, "f16 checkpoint: GPU vs CPU {e:.2e}");
     }
 }
+
+/// A batch whose widest activation exceeds the GPU's binding limit is refused by the memory plan
+/// before any work (it used to reach an `assert!`), and held-out evaluation splits its logits into
+/// runs that fit: the same KL as with no limit.
+#[test]
+fn binding_limits_refuse_or_split_instead_of_failing() {
+    use iteris::merge::evaluate::EvalSet;
+    use pollster::FutureExt;
+    let mut small = Gpu::new().expect("a GPU adapter (CI installs Mesa lavapipe)");
+    small.limit_bindings(64 << 10);
+    let b = base("gpt2");
+    let refused = iteris::merge::pipeline::merge(&small, &b, &tasks("gpt2"), &Options::default(), false, &mut |_| {})
+        .block_on()
+        .err()
+        .expect("the plan refuses the merge");
+    assert!(refused.to_string().starts_with("memory plan: the largest tensor"), "{refused}");
+
+    let lines: String =
+        (0..40).map(|k| format!("the cat sat on the mat number {k} and the dog ran far away\n")).collect();
+    let with_eval = || {
+        let mut t = tasks("gpt2");
+        for x in &mut t {
+            x.eval = Some(EvalSet::parse("held_out.txt", lines.as_bytes()).unwrap());
+        }
+        t
+    };
+    let kl = |gpu: &Gpu| {
+        let r = iteris::merge::pipeline::merge(gpu, &b, &with_eval(), &Options::default(), false, &mut |_| {})
+            .block_on()
+            .unwrap();
+        r.quality.unwrap().iter().map(|q| q.kl).collect::<Vec<_>>()
+    };
+    let mut limited = Gpu::new().unwrap();
+    // The merge's batch fits; all 40 held-out samples' logits (2 × ~600 rows × 300) do not.
+    limited.limit_bindings(1 << 20);
+    let (whole, split) = (kl(&Gpu::new().unwrap()), kl(&limited));
+    for (w, s) in whole.iter().zip(&split) {
+        assert!((w - s).abs() <= 1e-6 * w.abs().max(1e-12), "KL {w} vs {s} with split evaluation");
+    }
+}

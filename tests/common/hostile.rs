@@ -588,6 +588,15 @@ pub fn cases() -> Vec<Case> {
             },
             &["memory plan", "64 MiB", "fewer samples"],
         ),
+        cli(c(
+            "memory",
+            "weights larger than the memory available",
+            |d, _| {
+                let f = std::fs::File::create(d.join("base/model.safetensors")).unwrap();
+                f.set_len(200 << 30).unwrap(); // sparse: no disk used
+            },
+            &["base/model.safetensors", "memory available"],
+        )),
         // Paths and data loss.
         llama(c(
             "paths",
