@@ -22,13 +22,16 @@ use iteris::merge::evaluate::EvalSet;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
+/// What a target does with one input.
+type Parse = Box<dyn Fn(&[u8])>;
+
 /// One parser under test: seeds to mutate, and what to run on an input.
 struct Target {
     name: &'static str,
     seeds: Vec<Vec<u8>>,
     /// JSON inputs are also mutated structurally (a value replaced, removed or duplicated).
     json: bool,
-    run: Box<dyn Fn(&[u8])>,
+    run: Parse,
 }
 
 thread_local! {

@@ -21,6 +21,8 @@ struct Run {
 }
 
 /// Run the CLI and measure its peak memory (wait4's rusage, for this child alone).
+// wait4 reaps the child (std's `wait` would not return its rusage).
+#[allow(clippy::zombie_processes)]
 fn run_env(args: &[String], env: &[(&str, &str)]) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_iteris"));
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
