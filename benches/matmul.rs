@@ -1,5 +1,5 @@
-//! Matrix-product throughput of each backend at square sizes (DESIGN.md §5 anchors: a simple
-//! 16×16-tiled WGSL kernel reached 2.7 TFLOP/s at 4096³ on an H200).
+//! Matrix-product throughput of each backend at square sizes (for scale: a simple 16×16-tiled
+//! WGSL kernel reached 2.7 TFLOP/s at 4096³ on an NVIDIA H200).
 //!
 //!     cargo bench --bench matmul [-- cpu|gpu] [-- --sizes 1024,2048,4096]
 

@@ -1,5 +1,6 @@
-//! Whole-merge benchmark on the GPT-2-small shape of DESIGN.md §6: random weights, d=768, 12 layers,
-//! LoRA r=8 on c_attn, 3 tasks × 32 samples × 128 tokens.
+//! Whole-merge benchmark on the GPT-2-small shape that the PyTorch reference
+//! (tools/bench_reference.py) also runs: random weights, d=768, 12 layers, LoRA r=8 on c_attn,
+//! 3 tasks × 32 samples × 128 tokens.
 //!
 //!     cargo bench --bench merge [-- sweep|jacobi5 ...] [-- gpu]
 //!

@@ -40,7 +40,7 @@ fn jacobi_matches_reference() {
     }
 }
 
-/// At a weak ridge the f32 features alone move the answer by ~1e-3 (DESIGN.md §2).
+/// At a weak ridge the f32 features alone move the answer by ~1e-3 (measured on the fixtures: f32 against f64 features).
 #[test]
 fn sweep_matches_reference_at_weak_ridge() {
     for arch in ARCHS {

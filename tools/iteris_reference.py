@@ -1,4 +1,4 @@
-"""An independent float64 IterIS reference (DESIGN.md §2), written densely and plainly: PEFT merges
+"""An independent float64 IterIS reference (ARCHITECTURE.md, "The algorithm"), written densely and plainly: PEFT merges
 each adapter into its own copy of the base model, forward hooks collect the inputs of the targeted
 modules, and the solve is a dense float64 `torch.linalg.solve`. Shares no code with the Rust engine.
 

@@ -6,7 +6,7 @@ the expected outputs the Rust tests compare against:
   forward.safetensors   the inputs of every linear module and the final output of the base model
                         with adapter 0 applied (PEFT `merge_and_unload`), float64 forward
   expected_*.safetensors  ΔW* per targeted module from an independent float64 IterIS reference
-                        (forward hooks on the targeted modules, DESIGN.md §2 written out densely)
+                        (forward hooks on the targeted modules; ARCHITECTURE.md's algorithm, densely)
 
 Needs torch, transformers, peft, tokenizers (pip). Seeded; rerun to regenerate.
     python3 tools/make_fixtures.py [out_dir]   (default tests/fixtures)

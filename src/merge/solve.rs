@@ -1,4 +1,4 @@
-//! The IterIS solve for one module, in f64 on the CPU (DESIGN.md §2):
+//! The IterIS solve for one module, in f64 on the CPU (ARCHITECTURE.md, "The algorithm"):
 //!
 //!   C_i = X_iᵀ X̃_i + α1 ‖X_iᵀ X̃_i‖_F I,   G_i = X̃_iᵀ X̃_i + α2 ‖X̃_iᵀ X̃_i‖_F I,
 //!   ΔW* = (Σ_i c_i ΔW_i C_i)(Σ_i c_i G_i)⁻¹ = Σ_i B_i [c_i s_i A_i C_i M⁻¹],  M = Σ_i c_i G_i.
