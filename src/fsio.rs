@@ -8,10 +8,8 @@
 
 use crate::error::{bad_input, Error, Result};
 use crate::formats::peft::Adapter;
-use crate::inputs::{self, FileKind, Folder};
-use crate::merge::evaluate::EvalSet;
-use crate::merge::pipeline::BaseInputs;
-use crate::merge::TaskInput;
+use crate::formats::samples::EvalSet;
+use crate::inputs::{self, BaseInputs, FileKind, Folder, TaskInput};
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
@@ -28,7 +26,7 @@ fn read_file(path: &Path, kind: FileKind) -> Result<Option<Vec<u8>>> {
     }
     kind.check_len(&name, meta.len())?;
     // Files are held in memory: one that cannot fit is refused, not allocated (an abort).
-    if let Some(avail) = crate::merge::plan::host_available() {
+    if let Some(avail) = inputs::host_available() {
         if meta.len() > avail {
             return Err(bad_input(
                 &name,
@@ -88,7 +86,7 @@ pub fn read_task(adapter: &Path, samples_file: &Path) -> Result<TaskInput> {
     inputs::read_task(&mut adapter, &name, &need_file(samples_file, FileKind::Samples)?)
 }
 
-/// Held-out evaluation samples (`merge::evaluate::EvalSet::parse`).
+/// Held-out evaluation samples (`formats::samples::EvalSet`).
 pub fn read_eval(path: &Path) -> Result<EvalSet> {
     EvalSet::parse(&path.display().to_string(), &need_file(path, FileKind::Samples)?)
 }

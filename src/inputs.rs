@@ -6,10 +6,32 @@ use crate::error::{bad_input, Result};
 use crate::formats::hf_config::HfConfig;
 use crate::formats::peft::Adapter;
 use crate::formats::safetensors::{shard_names, TensorFile, TensorStore};
+use crate::formats::samples::EvalSet;
 use crate::formats::{samples, tokenizer::TextTokenizer};
-use crate::merge::pipeline::BaseInputs;
-use crate::merge::TaskInput;
 use std::collections::BTreeMap;
+
+/// A base model folder, parsed.
+pub struct BaseInputs {
+    pub config: HfConfig,
+    pub weights: TensorStore,
+    pub tokenizer: TextTokenizer,
+}
+
+/// One adapter and its calibration samples.
+pub struct TaskInput {
+    pub adapter: Adapter,
+    pub samples_name: String,
+    pub samples: Vec<String>,
+    /// Held-out samples to measure the merge's quality on (optional).
+    pub eval: Option<EvalSet>,
+}
+
+impl TaskInput {
+    /// The task's name in quality tables: its held-out file, else its samples file.
+    pub fn quality_name(&self) -> String {
+        self.eval.as_ref().map_or(self.samples_name.clone(), |e| e.name.clone())
+    }
+}
 
 /// What an input file is, and so the most bytes it may have: a size is checked before a file
 /// is read, so a huge or endless input (a device, a runaway file) costs nothing.
@@ -59,6 +81,24 @@ impl FileKind {
             ));
         }
         Ok(())
+    }
+}
+
+/// Host memory this process can still use (input files larger than this are not read;
+/// `merge::plan` uses the smaller of this and `Options::max_memory_mib`): the system's available memory natively (Linux), what
+/// is left of WebAssembly's 4 GiB in the page; None where neither can be known.
+pub fn host_available() -> Option<u64> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        let used = core::arch::wasm32::memory_size(0) as u64 * 65536;
+        Some((4u64 << 30).saturating_sub(used))
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
     }
 }
 

@@ -4,11 +4,11 @@
 
 use crate::backend::{cpu::Cpu, gpu::Gpu};
 use crate::error::Error;
-use crate::inputs::{self, MemFolder};
-use crate::merge::evaluate::EvalSet;
+use crate::formats::samples::EvalSet;
+use crate::inputs::{self, BaseInputs, MemFolder, TaskInput};
 use crate::merge::export::zip_folder;
-use crate::merge::pipeline::{self, BaseInputs, MergeResult};
-use crate::merge::{Method, Options, Progress, TaskInput};
+use crate::merge::pipeline::{self, MergeResult};
+use crate::merge::{Method, Options, Progress};
 use js_sys::{Array, Object, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 

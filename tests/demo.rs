@@ -5,7 +5,8 @@
 
 use iteris::backend::cpu::Cpu;
 use iteris::fsio;
-use iteris::merge::{pipeline, Method, Options, TaskInput};
+use iteris::inputs::TaskInput;
+use iteris::merge::{pipeline, Method, Options};
 use pollster::FutureExt;
 use std::path::{Path, PathBuf};
 

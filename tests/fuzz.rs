@@ -17,8 +17,8 @@ use iteris::formats::hf_config::HfConfig;
 use iteris::formats::peft::Adapter;
 use iteris::formats::safetensors::{shard_names, TensorFile, TensorStore};
 use iteris::formats::samples;
+use iteris::formats::samples::EvalSet;
 use iteris::formats::tokenizer::TextTokenizer;
-use iteris::merge::evaluate::EvalSet;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 

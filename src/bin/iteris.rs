@@ -5,7 +5,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use iteris::backend::{cpu::Cpu, gpu::Gpu};
 use iteris::fsio;
-use iteris::merge::{pipeline, relative_change, Method, Options, Progress, Schedule, TaskInput};
+use iteris::inputs::{BaseInputs, TaskInput};
+use iteris::merge::{pipeline, relative_change, Method, Options, Progress, Schedule};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -162,8 +163,8 @@ fn quiet_vulkan_loader() {
 /// Checked inputs and settings of a merge, and the GPU if one is used.
 struct Prepared {
     gpu: Option<Gpu>,
-    base: pipeline::BaseInputs,
-    tasks: Vec<iteris::merge::TaskInput>,
+    base: BaseInputs,
+    tasks: Vec<TaskInput>,
     opts: Options,
 }
 

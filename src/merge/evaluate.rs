@@ -10,65 +10,10 @@
 use super::iteris::Target;
 use super::solve::Merged;
 use crate::backend::Backend;
-use crate::error::{bad_input, Error, Result};
+use crate::error::{Error, Result};
 use crate::formats::tokenizer::TextTokenizer;
 use crate::models::{self, Batch, Hook, Model, Output, StageInput, Stream};
 use std::collections::HashMap;
-
-/// Held-out samples of one task.
-#[derive(Clone, Debug, Default)]
-pub struct EvalSet {
-    pub name: String,
-    /// (prompt, answer); the answer is None for unlabeled samples.
-    pub items: Vec<(String, Option<String>)>,
-}
-
-impl EvalSet {
-    /// `.jsonl` with `{"prompt", "answer"}` (labeled) or `{"text"}` lines, or `.txt` (one sample
-    /// per line, unlabeled).
-    pub fn parse(name: &str, bytes: &[u8]) -> Result<EvalSet> {
-        let text = std::str::from_utf8(bytes).map_err(|_| bad_input(name, "is not UTF-8 text"))?;
-        let jsonl = name.to_ascii_lowercase().ends_with(".jsonl");
-        let mut items = Vec::new();
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            if !jsonl {
-                items.push((line.to_string(), None));
-                continue;
-            }
-            let v: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| bad_input(name, format!("line {}: not valid JSON ({e})", i + 1)))?;
-            let field = |k: &str| match v.get(k) {
-                None => Ok(None),
-                Some(serde_json::Value::String(t)) => Ok(Some(t.clone())),
-                Some(other) => Err(bad_input(name, format!("line {}: \"{k}\" must be a string, not {other}", i + 1))),
-            };
-            match (field("prompt")?, field("answer")?, field("text")?) {
-                (Some(p), Some(a), _) => items.push((p, Some(a))),
-                (_, _, Some(t)) => items.push((t, None)),
-                _ => {
-                    return Err(bad_input(
-                        name,
-                        format!("line {}: needs \"prompt\" and \"answer\", or \"text\"", i + 1),
-                    ))
-                }
-            }
-        }
-        if items.is_empty() {
-            return Err(bad_input(name, "holds no evaluation samples"));
-        }
-        Ok(EvalSet { name: name.to_string(), items })
-    }
-
-    /// The first `limit` samples (all when None).
-    pub fn first(&self, limit: Option<usize>) -> EvalSet {
-        let n = limit.unwrap_or(usize::MAX).min(self.items.len());
-        EvalSet { name: self.name.clone(), items: self.items[..n].to_vec() }
-    }
-
-    pub fn labeled(&self) -> Vec<(&str, &str)> {
-        self.items.iter().filter_map(|(p, a)| a.as_deref().map(|a| (p.as_str(), a))).collect()
-    }
-}
 
 /// The quality of a merge on one task.
 #[derive(Clone, Debug, serde::Serialize)]

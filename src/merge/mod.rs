@@ -131,22 +131,6 @@ impl Options {
 /// The longest `--max-len` accepted (tokens per sample).
 pub const MAX_LEN: usize = 1 << 16;
 
-/// One adapter and its calibration samples.
-pub struct TaskInput {
-    pub adapter: Adapter,
-    pub samples_name: String,
-    pub samples: Vec<String>,
-    /// Held-out samples to measure the merge's quality on (optional).
-    pub eval: Option<evaluate::EvalSet>,
-}
-
-impl TaskInput {
-    /// The task's name in quality tables: its held-out file, else its samples file.
-    pub fn quality_name(&self) -> String {
-        self.eval.as_ref().map_or(self.samples_name.clone(), |e| e.name.clone())
-    }
-}
-
 /// Progress events for faces (CLI bars, the page).
 pub enum Progress<'a> {
     /// A pass over the network begins: (pass index from 1, passes in all, label).

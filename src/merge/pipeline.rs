@@ -1,24 +1,17 @@
 //! From checked inputs to the merged adapter's files: the one entry point the CLI, the tests and
 //! (later) the wasm bindings call.
 
-use super::evaluate::{self, DeltaHook, EvalSet, TaskQuality};
+use super::evaluate::{self, DeltaHook, TaskQuality};
 use super::export::{adapter_files, reduce_rank};
 use super::report::{module_reports, task_means, Report, TaskReport, Timings};
-use super::{iteris, map_targets, now, plan, tokenize, Options, Progress, TaskInput};
+use super::{iteris, map_targets, now, plan, tokenize, Options, Progress};
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::formats::hf_config::HfConfig;
-use crate::formats::safetensors::TensorStore;
-use crate::formats::tokenizer::TextTokenizer;
+use crate::formats::samples::EvalSet;
+use crate::inputs::{BaseInputs, TaskInput};
 use crate::models;
 use crate::models::Stream;
-
-/// A base model folder, parsed.
-pub struct BaseInputs {
-    pub config: HfConfig,
-    pub weights: TensorStore,
-    pub tokenizer: TextTokenizer,
-}
 
 /// Everything a merge produces.
 pub struct MergeResult {

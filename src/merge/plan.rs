@@ -54,24 +54,6 @@ fn mib(b: u64) -> String {
     }
 }
 
-/// Host memory this process can still use (the plan uses the smaller of this and
-/// `Options::max_memory_mib`): the system's available memory natively (Linux), what
-/// is left of WebAssembly's 4 GiB in the page; None where neither can be known.
-pub fn host_available() -> Option<u64> {
-    #[cfg(target_arch = "wasm32")]
-    {
-        let used = core::arch::wasm32::memory_size(0) as u64 * 65536;
-        Some((4u64 << 30).saturating_sub(used))
-    }
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-        let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
-    }
-}
-
 /// The weights alone, before the model is loaded: a model whose weights cannot fit is refused
 /// before its tensors are copied.
 pub fn weights_plan<B: Backend>(be: &B, store: &TensorStore, max_memory_mib: Option<u64>) -> MemoryPlan {
@@ -85,7 +67,7 @@ pub fn weights_plan<B: Backend>(be: &B, store: &TensorStore, max_memory_mib: Opt
         host_to_allocate_bytes: if device { 0 } else { weights_bytes },
         device_bytes: if device { weights_bytes } else { 0 },
         tensor_limit_bytes: (be.max_tensor_bytes() < u64::MAX).then(|| be.max_tensor_bytes()),
-        host_available_bytes: match (host_available(), max_memory_mib.map(|m| m << 20)) {
+        host_available_bytes: match (crate::inputs::host_available(), max_memory_mib.map(|m| m << 20)) {
             (Some(a), Some(m)) => Some(a.min(m)),
             (a, m) => a.or(m),
         },

@@ -7,8 +7,9 @@ pub mod rng;
 use iteris::backend::cpu::Cpu;
 use iteris::formats::safetensors::TensorFile;
 use iteris::fsio;
+use iteris::inputs::{BaseInputs, TaskInput};
 use iteris::mat::Mat;
-use iteris::merge::{pipeline, Options, TaskInput};
+use iteris::merge::{pipeline, Options};
 use pollster::FutureExt;
 use std::path::{Path, PathBuf};
 
@@ -39,14 +40,14 @@ pub fn expected(arch: &str, file: &str) -> TensorFile {
     TensorFile::parse(p.display().to_string(), std::fs::read(&p).unwrap()).unwrap()
 }
 
-pub fn base(arch: &str) -> pipeline::BaseInputs {
+pub fn base(arch: &str) -> BaseInputs {
     fsio::read_base(&fixture(arch).join("base")).unwrap()
 }
 
 /// Merge `arch`'s three fixture adapters onto `base` with backend `be`.
 pub fn merge_on<B: iteris::backend::Backend + 'static>(
     be: &B,
-    base: &pipeline::BaseInputs,
+    base: &BaseInputs,
     arch: &str,
     opts: &Options,
 ) -> pipeline::MergeResult {
@@ -61,6 +62,26 @@ pub fn merge(arch: &str, opts: &Options) -> pipeline::MergeResult {
 pub fn rel(a: &Mat, b: &Mat) -> f64 {
     assert_eq!(a.shape(), b.shape());
     iteris::mat::rel_err(&a.data, &b.data)
+}
+
+/// Whether a test that needs `what` (a GPU adapter, Chromium) must fail without it: `.ci/run`
+/// sets ITERIS_REQUIRE_ALL=1; elsewhere such a test says plainly that it skipped.
+pub fn skip_without(test: &str, what: &str, why: impl std::fmt::Display) {
+    if std::env::var_os("ITERIS_REQUIRE_ALL").is_some() {
+        panic!("{test}: no {what} ({why}), and ITERIS_REQUIRE_ALL is set; tools/setup.sh installs it");
+    }
+    eprintln!("SKIPPED {test}: no {what} ({why}); tools/setup.sh installs it");
+}
+
+/// A GPU adapter for `test`, or None after saying that it skipped (see `skip_without`).
+pub fn gpu_or_skip(test: &str) -> Option<iteris::backend::gpu::Gpu> {
+    match iteris::backend::gpu::Gpu::new() {
+        Ok(g) => Some(g),
+        Err(e) => {
+            skip_without(test, "GPU adapter (Mesa lavapipe will do)", e);
+            None
+        }
+    }
 }
 
 /// A fresh empty folder for one test.
