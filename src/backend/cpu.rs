@@ -24,7 +24,9 @@ fn for_rows(data: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync 
     data.chunks_mut(cols).enumerate().for_each(|(i, r)| f(i, r));
 }
 
-/// c (m, n) = a · b, with a and b given as (pointer, row stride, column stride).
+/// c (m, n) = a · b, with a (m, k) and b (k, n) given as (slice, row stride, column stride).
+/// Safe for every argument: views that do not lie inside their slices are a panic, never a read
+/// out of bounds.
 #[allow(clippy::too_many_arguments)]
 fn sgemm(
     m: usize,
@@ -45,7 +47,15 @@ fn sgemm(
         c.fill(0.0);
         return;
     }
-    // SAFETY: the strides describe views that lie inside `a`, `b` and `c` (checked by callers' shapes).
+    // The last element each view reaches, for non-negative strides.
+    let last = |rows: usize, cols: usize, rs: isize, cs: isize| -> Option<usize> {
+        let (rs, cs) = (usize::try_from(rs).ok()?, usize::try_from(cs).ok()?);
+        (rows - 1).checked_mul(rs)?.checked_add((cols - 1).checked_mul(cs)?)
+    };
+    assert!(last(m, k, rsa, csa).is_some_and(|l| l < a.len()), "sgemm: a's view leaves its slice");
+    assert!(last(k, n, rsb, csb).is_some_and(|l| l < b.len()), "sgemm: b's view leaves its slice");
+    assert!(m.checked_mul(n).is_some_and(|l| l <= c.len()), "sgemm: c is smaller than (m, n)");
+    // SAFETY: the asserts above keep every element of the three views inside its slice.
     unsafe {
         matrixmultiply::sgemm(
             m,
@@ -185,7 +195,9 @@ impl Backend for Cpu {
     fn attention(&self, q: &Mat, k: &Mat, v: &Mat, spec: &AttentionSpec, seqs: &[Range<usize>]) -> Mat {
         let (hd, heads, group) = (spec.head_dim, spec.heads, spec.heads / spec.kv_heads);
         assert_eq!(q.cols, heads * hd);
-        assert_eq!(k.cols, spec.kv_heads * hd);
+        assert_eq!((k.rows, k.cols), (q.rows, spec.kv_heads * hd), "attention: k's shape");
+        assert_eq!((v.rows, v.cols), (k.rows, k.cols), "attention: v's shape");
+        assert!(seqs.last().is_none_or(|s| s.end == q.rows), "attention: sequences must cover the rows");
         let mut out = Mat::zeros(q.rows, q.cols);
         // Split the output by sequence so each sequence is computed independently (in parallel).
         let mut chunks: Vec<(Range<usize>, &mut [f32])> = Vec::with_capacity(seqs.len());
