@@ -6,8 +6,13 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-export const CSP = "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self'; connect-src 'self'; " +
-  "img-src 'self' data: blob:; style-src 'self'; base-uri 'none'; form-action 'none'";
+/** The page's own policy, from its <meta> tag in index.html: one definition, also sent as a header. */
+function policyOf(root) {
+  const html = fs.readFileSync(path.join(root, 'index.html'), 'utf8');
+  const m = html.match(/http-equiv="Content-Security-Policy"\s+content="([^"]+)"/);
+  if (!m) throw new Error(`${root}/index.html has no Content-Security-Policy <meta> tag`);
+  return m[1];
+}
 
 const TYPES = {
   '.html': 'text/html; charset=utf-8', '.js': 'text/javascript; charset=utf-8', '.mjs': 'text/javascript; charset=utf-8',
@@ -18,16 +23,17 @@ const TYPES = {
 /** Serve `dir` on 127.0.0.1:`port` (0: any free port); resolves to the listening server. */
 export function serve(dir, port = 0) {
   const root = path.resolve(dir);
+  const csp = policyOf(root);
   const server = http.createServer((req, res) => {
     const url = new URL(req.url, 'http://localhost');
     let file = path.join(root, decodeURIComponent(url.pathname));
-    if (!file.startsWith(root)) { res.writeHead(403).end(); return; }
+    if (file !== root && !file.startsWith(root + path.sep)) { res.writeHead(403).end(); return; }
     if (fs.existsSync(file) && fs.statSync(file).isDirectory()) file = path.join(file, 'index.html');
     fs.readFile(file, (err, data) => {
       if (err) { res.writeHead(404, { 'Content-Type': 'text/plain' }).end('not found'); return; }
       res.writeHead(200, {
         'Content-Type': TYPES[path.extname(file)] || 'application/octet-stream',
-        'Content-Security-Policy': CSP,
+        'Content-Security-Policy': csp,
         'Referrer-Policy': 'no-referrer',
         'X-Content-Type-Options': 'nosniff',
         'Cache-Control': 'no-cache',
