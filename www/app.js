@@ -9,7 +9,9 @@ const MAX_INPUT_BYTES = 1024 * 1024 * 1024;
 const EVAL_LIMIT = 50;
 
 const $ = (id) => document.getElementById(id);
-const state = { base: [], tasks: [], worker: null, zipUrl: null };
+// Tasks keep the id they were made with (element ids stay unique after a removal); their
+// headings and labels follow their position.
+const state = { base: [], tasks: [], worker: null, zipUrl: null, nextTaskId: 0 };
 
 // ---------- files ----------
 
@@ -70,29 +72,37 @@ function setBase(files) {
 
 // ---------- adapters ----------
 
+// Headings and accessible names by position: "Adapter 2", "Adapter 2: samples file", …
+function renumber() {
+  state.tasks.forEach((t, i) => {
+    t.el.querySelector('h4').textContent = `Adapter ${i + 1}`;
+    t.el.querySelectorAll('[data-label]').forEach((e) => e.setAttribute('aria-label', `Adapter ${i + 1}: ${e.dataset.label}`));
+  });
+}
+
 function addTask() {
-  const k = state.tasks.length;
+  const k = state.nextTaskId++;
   const task = { adapter: [], samples: null, eval: null, el: document.createElement('div') };
   task.el.className = 'task';
   task.el.innerHTML = `
-    <h4>Adapter ${k + 1}</h4>
+    <h4></h4>
     <div class="drop">
       <span class="drop-label">Adapter folder:</span>
-      <label class="button">files<input type="file" id="task-${k}-adapter" multiple></label>
-      <label class="button">folder<input type="file" id="task-${k}-adapter-dir" webkitdirectory></label>
+      <label class="button">files<input type="file" id="task-${k}-adapter" multiple data-label="choose adapter files"></label>
+      <label class="button">folder<input type="file" id="task-${k}-adapter-dir" webkitdirectory data-label="choose the adapter folder"></label>
       <ul class="files"></ul>
     </div>
     <div class="drop">
       <span class="drop-label">Samples (.txt, .jsonl):</span>
-      <label class="button">file<input type="file" id="task-${k}-samples" accept=".txt,.jsonl,text/plain"></label>
+      <label class="button">file<input type="file" id="task-${k}-samples" accept=".txt,.jsonl,text/plain" data-label="choose the samples file"></label>
       <ul class="files"></ul>
     </div>
     <div class="drop">
       <span class="drop-label">Held-out (optional):</span>
-      <label class="button">file<input type="file" id="task-${k}-eval" accept=".txt,.jsonl,text/plain"></label>
+      <label class="button">file<input type="file" id="task-${k}-eval" accept=".txt,.jsonl,text/plain" data-label="choose the held-out file (optional)"></label>
       <ul class="files"></ul>
     </div>
-    <button type="button" class="remove" title="Remove this adapter">✕</button>`;
+    <button type="button" class="remove" title="Remove this adapter" data-label="remove">✕</button>`;
   const [adapterZone, samplesZone, evalZone] = task.el.querySelectorAll('.drop');
   const setAdapter = (files) => {
     task.adapter = visible(files);
@@ -119,9 +129,11 @@ function addTask() {
     if (state.tasks.length <= 2) return;
     state.tasks.splice(state.tasks.indexOf(task), 1);
     task.el.remove();
+    renumber();
   });
   state.tasks.push(task);
   $('tasks').append(task.el);
+  renumber();
   return task;
 }
 

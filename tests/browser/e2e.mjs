@@ -253,6 +253,32 @@ try {
     fs.writeFileSync(path.join(out, 'hostile-results.json'), JSON.stringify(results, null, 2));
     await context.close();
   }
+  // 9. Keyboard and screen readers: the file pickers are in the tab order and named by task, the
+  // progress bar is labelled with a live status, task ids stay unique after a removal (headings
+  // follow position), and a narrow screen gets one column.
+  {
+    const { context, page } = await newPage();
+    const focused = await page.evaluate(() => {
+      const i = document.getElementById('base-files');
+      i.focus();
+      return document.activeElement === i && getComputedStyle(i).display !== 'none';
+    });
+    assert.ok(focused, 'the base model picker takes keyboard focus');
+    assert.equal(await page.getAttribute('#task-0-samples', 'aria-label'), 'Adapter 1: choose the samples file');
+    assert.equal(await page.getAttribute('#bar', 'aria-label'), 'Merge progress');
+    assert.equal(await page.getAttribute('#progress-text', 'role'), 'status');
+    await page.click('#add-task');
+    await page.click('.task:first-child .remove');
+    await page.click('#add-task');
+    const ids = await page.$$eval('.task input[id$="-adapter"]', (es) => es.map((e) => e.id));
+    assert.deepEqual(ids, ['task-1-adapter', 'task-2-adapter', 'task-3-adapter'], 'task ids stay unique');
+    assert.deepEqual(await page.$$eval('.task h4', (es) => es.map((e) => e.textContent)), ['Adapter 1', 'Adapter 2', 'Adapter 3']);
+    assert.equal(await page.getAttribute('#task-3-adapter', 'aria-label'), 'Adapter 3: choose adapter files');
+    await page.setViewportSize({ width: 480, height: 900 });
+    const columns = await page.$eval('.task', (e) => getComputedStyle(e).gridTemplateColumns.split(' ').length);
+    assert.equal(columns, 1, 'one column on a narrow screen');
+    await context.close();
+  }
   // Privacy: every request of every run went to the page's own origin.
   const foreign = summary.requests.filter((u) => !u.startsWith(`${origin}/`) && !u.startsWith('blob:') && !u.startsWith('data:'));
   assert.deepEqual(foreign, [], 'requests beyond the page\'s own files');
