@@ -12,22 +12,31 @@ use iteris::merge::{Options, Schedule};
 #[test]
 fn gpu_merges_match_cpu_and_reference() {
     let Some(gpu) = gpu_or_skip("gpu_merges_match_cpu_and_reference") else { return };
+    // Bounds: about 3× the worst figure measured on lavapipe (ARCHITECTURE.md, Numerics), so a
+    // regression shows. At α = 1e-4 every architecture: 1.2e-5 vs the CPU, 1.1e-5 vs the float64
+    // reference (BERT). At a 1e-7 ridge the solve amplifies every rounding of the statistics by up
+    // to 1e7: the Grams and norms come back in twice f32 precision (Dot2) and LayerNorm's row
+    // statistics are taken to that precision; measured vs CPU / reference: BERT 1.7e-4 / 2.4e-4
+    // (its erf GELU is a 1.2e-7 series on the GPU), GPT-2 1.4e-4 / 9e-5, Llama family 1.5e-5 /
+    // 1e-5 (f32 Grams gave 7e-3 on Llama).
+    // (vs the CPU, vs the reference)
+    let weak = |arch: &str| match arch {
+        "bert" => (5e-4, 7e-4),
+        "gpt2" => (4e-4, 2.5e-4),
+        _ => (4.5e-5, 3e-5),
+    };
     let cases = [
-        (Options::default(), "expected_sweep_a1e-4.safetensors", 1e-4, 1e-4),
+        (Options::default(), "expected_sweep_a1e-4.safetensors", None),
         (
             Options { schedule: Schedule::Jacobi, iters: 3, ..Options::default() },
             "expected_jacobi3_a1e-4.safetensors",
-            1e-4,
-            1e-4,
+            None,
         ),
-        // At a 1e-7 ridge the solve amplifies every rounding of the statistics by up to 1e7: the
-        // Grams and norms come back in twice f32 precision (Dot2) and LayerNorm's row statistics
-        // are taken to that precision, which keeps the GPU within 3e-4 of the float64 reference
-        // (BERT; f32 Grams gave 7e-3 on Llama). The bound the issue sets is 1e-2.
-        (Options { alpha1: 1e-7, alpha2: 1e-7, ..Options::default() }, "expected_sweep_a1e-7.safetensors", 1e-3, 1e-3),
+        (Options { alpha1: 1e-7, alpha2: 1e-7, ..Options::default() }, "expected_sweep_a1e-7.safetensors", Some(())),
     ];
     for arch in ARCHS {
-        for (opts, file, tol_cpu, tol_ref) in &cases {
+        for (opts, file, weak_ridge) in &cases {
+            let (tol_cpu, tol_ref) = &if weak_ridge.is_some() { weak(arch) } else { (3e-5, 3e-5) };
             let g = merge_on(&gpu, &base(arch), arch, opts);
             let c = merge(arch, opts);
             let exp = expected(arch, file);

@@ -25,10 +25,15 @@ fn check(arch: &str, opts: &Options, file: &str, tol: f64) -> f64 {
     worst
 }
 
+// Bounds: about 3× the worst figure measured (ARCHITECTURE.md, Numerics): at α = 1e-4, 8.9e-6
+// (BERT); at α = 1e-7, 9.5e-5 (BERT; GPT-2 5.8e-5, the Llama family ≤ 1.4e-5).
+const STRONG: f64 = 2.5e-5;
+const WEAK: f64 = 2.5e-4;
+
 #[test]
 fn sweep_matches_reference() {
     for arch in ARCHS {
-        check(arch, &Options::default(), "expected_sweep_a1e-4.safetensors", 1e-4);
+        check(arch, &Options::default(), "expected_sweep_a1e-4.safetensors", STRONG);
     }
 }
 
@@ -36,16 +41,17 @@ fn sweep_matches_reference() {
 fn jacobi_matches_reference() {
     for arch in ARCHS {
         let opts = Options { schedule: Schedule::Jacobi, iters: 3, ..Options::default() };
-        check(arch, &opts, "expected_jacobi3_a1e-4.safetensors", 1e-4);
+        check(arch, &opts, "expected_jacobi3_a1e-4.safetensors", STRONG);
     }
 }
 
-/// At a weak ridge the f32 features alone move the answer by ~1e-3 (measured on the fixtures: f32 against f64 features).
+/// At a weak ridge the solve amplifies the f32 features' rounding by up to 1/α: the statistics are
+/// f64, which keeps the answer within 1e-4 of the float64 reference.
 #[test]
 fn sweep_matches_reference_at_weak_ridge() {
     for arch in ARCHS {
         let opts = Options { alpha1: 1e-7, alpha2: 1e-7, ..Options::default() };
-        check(arch, &opts, "expected_sweep_a1e-7.safetensors", 1e-2);
+        check(arch, &opts, "expected_sweep_a1e-7.safetensors", WEAK);
     }
 }
 
