@@ -60,19 +60,33 @@ fn kl_and_generation_match_direct_computations() {
     };
     let merged_dense: HashMap<String, Mat> =
         targets.iter().zip(&merged.outcome.merged).map(|(t, m)| (t.name.clone(), dense_of(m))).collect();
-    // Answers of two lengths; the stopping rule is the same for both decoders (a newline, or the
-    // answer's token count plus two). A random model gets them wrong: the accuracy arithmetic is
-    // checked on the demo (tests/demo.rs), the decoding here.
+    // Answers of two lengths; the stopping rule is the same for both decoders (a newline, the
+    // answer's token count plus two, or the model's last position). A random model gets short
+    // prompts wrong; one prompt two tokens short of the model's positions stops there, whatever
+    // its answer, so its own continuation becomes its answer and the accuracy is not 0 by
+    // construction.
+    let max_pos = model.max_positions();
     let mut set = eval_set();
     for (k, item) in set.items.iter_mut().enumerate() {
         item.1 = Some(if k % 2 == 0 { "abcd".into() } else { "no such answer here".into() });
     }
+    let text = std::fs::read_to_string(fixture("gpt2").join("samples0.txt")).unwrap().replace('\n', " ");
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let tokens = |p: &str| base.tokenizer.encode(p, usize::MAX).unwrap().ids.len();
+    let long_prompt = (1..=words.len())
+        .map(|n| words[..n].join(" "))
+        .find(|p| (max_pos - 2..max_pos).contains(&tokens(p)))
+        .expect("a prompt of the fixture's words one or two tokens short of the model's positions");
+    set.items.push((long_prompt, Some("abcd".into())));
     let mut direct = Vec::new();
     for (prompt, answer) in &set.items {
         let budget = base.tokenizer.encode(answer.as_deref().unwrap(), 64).unwrap().ids.len() + 2;
         let mut ids = base.tokenizer.encode(prompt, 64).unwrap().ids;
         let start = ids.len();
         for _ in 0..budget {
+            if ids.len() >= max_pos {
+                break;
+            }
             let mut batch = Batch::default();
             batch.push_group(0, Stream::Base, &[ids.clone()]);
             let mut hook = Dense(merged_dense.clone());
@@ -86,6 +100,7 @@ fn kl_and_generation_match_direct_computations() {
         }
         direct.push(base.tokenizer.decode(&ids[start..]).unwrap());
     }
+    set.items.last_mut().unwrap().1 = Some(direct.last().unwrap().clone());
     let labeled = set.labeled();
     let mut hook = DeltaHook::new(&Cpu, &targets, Some(&merged.outcome.merged));
     let batched =
@@ -101,6 +116,7 @@ fn kl_and_generation_match_direct_computations() {
     let want_acc = direct.iter().zip(&set.items).filter(|(d, (_, a))| d.trim() == a.as_deref().unwrap().trim()).count()
         as f64
         / set.items.len() as f64;
+    assert!(want_acc > 0.0, "at least the long prompt's answer is right");
     assert!((q.accuracy.unwrap() - want_acc).abs() < 1e-12, "accuracy {:?} vs {want_acc}", q.accuracy);
 
     // KL directly: two separate passes, adapter 0's deltas and the merged deltas folded in.
