@@ -37,10 +37,6 @@ impl HfConfig {
         self.raw.get(key).filter(|v| !v.is_null())
     }
 
-    pub fn usize(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?.ok_or_else(|| bad_input(&self.file, format!("missing \"{key}\"")))
-    }
-
     /// A count or size. Every one is bounded by `MAX_COUNT`, so that sizes built from them (with
     /// checked products where they multiply) can never ask for an absurd allocation.
     pub fn usize_opt(&self, key: &str) -> Result<Option<usize>> {

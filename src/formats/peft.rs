@@ -95,9 +95,6 @@ impl Adapter {
             }
             let b = weights.mat(&bkey)?;
             let r_m = match_pattern(&rank_pattern, &path).map(|v| v as usize).unwrap_or(r);
-            if a.rows == 0 || b.cols == 0 {
-                return Err(bad_input(&weights.name, format!("module '{path}': lora_A or lora_B is empty")));
-            }
             let alpha_m = match_pattern(&alpha_pattern, &path).unwrap_or(alpha);
             if a.rows != r_m || b.cols != r_m {
                 return Err(bad_input(
@@ -109,9 +106,7 @@ impl Adapter {
                     ),
                 ));
             }
-            if r_m == 0 {
-                return Err(bad_input(config_name, format!("rank 0 for module '{path}'")));
-            }
+            // r_m ≥ 1: `rank` refuses 0 in `r` and in rank_pattern, so the scale below is finite.
             let scale = if rslora { alpha_m / (r_m as f64).sqrt() } else { alpha_m / r_m as f64 };
             modules.push(LoraModule { path, a, b, scale: scale as f32 });
         }

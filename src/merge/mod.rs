@@ -11,7 +11,7 @@ pub mod report;
 pub mod solve;
 
 use crate::backend::Backend;
-use crate::error::{bad_input, Error, Result};
+use crate::error::{bad_input, Result};
 use crate::formats::peft::Adapter;
 use crate::formats::tokenizer::TextTokenizer;
 use crate::models::{self, Batch, Model, Output, Stream};
@@ -253,9 +253,6 @@ pub async fn iteris<B: Backend>(
     opts: &Options,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Outcome> {
-    if ids.len() < 2 {
-        return Err(Error::Unsupported("merging needs at least two adapters".into()));
-    }
     opts.validate(ids.len())?;
     let t0 = now();
     let batch = |with_merged: bool| {

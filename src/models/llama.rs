@@ -105,12 +105,12 @@ impl<T> Llama<T> {
 fn rope_params(c: &HfConfig) -> Result<(f64, Option<serde_json::Map<String, Value>>)> {
     let params = c.get("rope_parameters").and_then(Value::as_object);
     let theta = match params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64) {
-        Some(t) => t,
+        Some(t) if t.is_finite() && t > 0.0 => t,
+        Some(t) => {
+            return Err(bad_input(&c.file, format!("rope_parameters.rope_theta is {t}; it must be greater than 0")))
+        }
         None => c.positive_or("rope_theta", 10000.0)?,
     };
-    if !(theta.is_finite() && theta > 0.0) {
-        return Err(bad_input(&c.file, format!("rope_parameters.rope_theta is {theta}; it must be greater than 0")));
-    }
     let scaling = c.get("rope_scaling").and_then(Value::as_object).or(params).cloned();
     Ok((theta, scaling))
 }
