@@ -159,9 +159,15 @@ pub fn check_out(out: &Path, force: bool, inputs: &[&Path]) -> Result<()> {
     Ok(())
 }
 
-/// The temporary and old-output names this tool gives siblings of `out`, with `pid`.
-fn scratch_name(out_name: &str, what: &str, pid: u32) -> String {
-    format!(".{out_name}.iteris-{what}-{pid}")
+/// The start of the scratch names this tool gives siblings of `out` (`what`: "tmp", the output
+/// being written; "old", the output being replaced), followed by the writing process's id.
+fn scratch_prefix(out_name: &str, what: &str) -> String {
+    format!(".{out_name}.iteris-{what}-")
+}
+
+/// Remove `p`, a folder or a file; a failure leaves it for `clean_scratch`.
+fn remove(p: &Path) {
+    let _ = std::fs::remove_dir_all(p).or_else(|_| std::fs::remove_file(p));
 }
 
 /// Whether process `pid` may still be running (it may be writing its scratch folder).
@@ -187,8 +193,8 @@ pub fn clean_scratch(out: &Path) {
         let file = e.file_name().to_string_lossy().into_owned();
         // `.{name}.tmp-PID` is what earlier versions of this tool left behind.
         for (what, prefix) in [
-            ("tmp", format!(".{name}.iteris-tmp-")),
-            ("old", format!(".{name}.iteris-old-")),
+            ("tmp", scratch_prefix(&name, "tmp")),
+            ("old", scratch_prefix(&name, "old")),
             ("tmp", format!(".{name}.tmp-")),
         ] {
             let Some(pid) = file.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else { continue };
@@ -197,10 +203,8 @@ pub fn clean_scratch(out: &Path) {
             }
             if what == "old" && !out.exists() {
                 let _ = std::fs::rename(e.path(), out);
-            } else if e.path().is_dir() {
-                let _ = std::fs::remove_dir_all(e.path());
             } else {
-                let _ = std::fs::remove_file(e.path());
+                remove(&e.path());
             }
         }
     }
@@ -233,7 +237,7 @@ fn swap_into_place(tmp: &Path, out: &Path, old: &Path) -> std::io::Result<()> {
         if r == 0 {
             test_abort("after-swap");
             // `tmp` now holds the old output.
-            let _ = std::fs::remove_dir_all(tmp).or_else(|_| std::fs::remove_file(tmp));
+            remove(tmp);
             return Ok(());
         }
         // Not supported by this file system: fall through to the two-step swap.
@@ -241,7 +245,7 @@ fn swap_into_place(tmp: &Path, out: &Path, old: &Path) -> std::io::Result<()> {
     std::fs::rename(out, old)?;
     std::fs::rename(tmp, out)?;
     test_abort("after-swap");
-    let _ = std::fs::remove_dir_all(old).or_else(|_| std::fs::remove_file(old));
+    remove(old);
     Ok(())
 }
 
@@ -259,16 +263,16 @@ fn write_atomic(
     let name = out.file_name().filter(|_| !out.components().any(|c| c == Component::ParentDir));
     let name = name.ok_or_else(|| bad_input(out.display(), "is not a plain output name"))?.to_string_lossy();
     let pid = std::process::id();
-    let tmp = parent.join(scratch_name(&name, "tmp", pid));
-    let old = parent.join(scratch_name(&name, "old", pid));
-    let _ = std::fs::remove_dir_all(&tmp).or_else(|_| std::fs::remove_file(&tmp));
+    let tmp = parent.join(format!("{}{pid}", scratch_prefix(&name, "tmp")));
+    let old = parent.join(format!("{}{pid}", scratch_prefix(&name, "old")));
+    remove(&tmp);
     let written = (|| {
         fill(&tmp)?;
         test_abort("before-swap");
         swap_into_place(&tmp, out, &old)
     })();
     if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp).or_else(|_| std::fs::remove_file(&tmp));
+        remove(&tmp);
         return Err(Error::Io(format!("{}: cannot write ({e})", out.display())));
     }
     Ok(())
