@@ -27,6 +27,9 @@ pub struct Encoded {
     pub truncated: bool,
 }
 
+/// What a contained panic names as having failed.
+const LIBRARY: &str = "the tokenizer library";
+
 /// The text the load-time probe encodes and decodes.
 const PROBE: &str = "Hello, world! 0123 ÄÖü — 漢字 \t end.";
 
@@ -105,16 +108,17 @@ impl TextTokenizer {
         if let Some(m) = json.get("model") {
             check_bpe(&file, m)?;
         }
-        let t = contained(&file, "the tokenizer library", || {
-            let mut inner =
-                Tokenizer::from_bytes(bytes).map_err(|e| bad_input(&file, format!("cannot load tokenizer ({e})")))?;
+        // The checked JSON becomes the tokenizer: the file is parsed once.
+        let t = contained(&file, LIBRARY, || {
+            let mut inner: Tokenizer =
+                serde_json::from_value(json).map_err(|e| bad_input(&file, format!("cannot load tokenizer ({e})")))?;
             inner.with_padding(None);
             inner.with_truncation(None).map_err(|e| bad_input(&file, format!("cannot configure tokenizer ({e})")))?;
             let token_chars = inner.get_vocab(true).keys().map(|k| k.chars().count()).max().unwrap_or(0).max(4);
             Ok(TextTokenizer { file: file.clone(), inner, token_chars })
         })?;
         // Only a panic counts: a tokenizer may refuse the probe's characters and be fine for text.
-        contained(&t.file, "the tokenizer library", || {
+        contained(&t.file, LIBRARY, || {
             if let Ok(e) = t.inner.encode(PROBE, true) {
                 let _ = t.inner.decode(e.get_ids(), true);
             }
@@ -143,7 +147,7 @@ impl TextTokenizer {
     }
 
     fn encode_raw(&self, text: &str, max_len: Option<usize>) -> Result<Vec<u32>> {
-        contained(&self.file, "the tokenizer library", || {
+        contained(&self.file, LIBRARY, || {
             let mut t = std::borrow::Cow::Borrowed(&self.inner);
             if let Some(max_length) = max_len {
                 t.to_mut()
@@ -163,7 +167,7 @@ impl TextTokenizer {
 
     /// Text of `ids`, special tokens skipped (the tokenizer's own decoder).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        contained(&self.file, "the tokenizer library", || {
+        contained(&self.file, LIBRARY, || {
             self.inner.decode(ids, true).map_err(|e| bad_input(&self.file, format!("cannot decode tokens ({e})")))
         })
     }
