@@ -5,8 +5,9 @@
 //!     cargo bench --bench solve [-- --sizes 768,3072]
 
 use iteris::backend::cpu::Cpu;
+use iteris::backend::{SystemSpec, SystemTerm, Weight};
 use iteris::formats::peft::LoraModule;
-use iteris::merge::solve::{solve, TaskStats};
+use iteris::merge::solve::solve;
 use nalgebra::DMatrix;
 use std::time::Instant;
 
@@ -28,10 +29,12 @@ fn main() {
         let gram = x.transpose() * &x;
         let loras: Vec<LoraModule> =
             (0..3).map(|_| LoraModule { path: "m".into(), a: r.mat(8, n), b: r.mat(n, 8), scale: 2.0 }).collect();
-        let ts: Vec<TaskStats> =
-            loras.iter().map(|l| TaskStats { cross: &gram, gram: &gram, c: 1.0, lora: Some(l) }).collect();
+        let term = || SystemTerm { gram: &gram, cross: &gram, weight: Weight::constant(1.0) };
+        let spec =
+            SystemSpec { terms: (0..3).map(|_| term()).collect(), alpha1: 1e-4, alpha2: 1e-4, off_diagonal: 1.0 };
         let t = Instant::now();
-        let (_, path) = pollster::block_on(solve(&Cpu, "m", &ts, 1e-4, 1e-4)).unwrap();
+        let (_, path) =
+            pollster::block_on(solve(&Cpu, "m", &spec, &loras.iter().map(Some).collect::<Vec<_>>())).unwrap();
         println!("cpu solve n={n:5} (3 tasks, rank 24): {:.3} s, {path:?}", t.elapsed().as_secs_f64());
     }
 }

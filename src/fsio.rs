@@ -88,7 +88,7 @@ pub fn read_task(adapter: &Path, samples_file: &Path) -> Result<TaskInput> {
 
 /// Held-out evaluation samples (`formats::samples::EvalSet`).
 pub fn read_eval(path: &Path) -> Result<EvalSet> {
-    EvalSet::parse(&path.display().to_string(), &need_file(path, FileKind::Samples)?)
+    inputs::read_eval(&path.display().to_string(), &need_file(path, FileKind::Samples)?)
 }
 
 /// `path` made absolute with every link resolved, also when it does not exist yet (its nearest

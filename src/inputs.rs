@@ -192,3 +192,9 @@ pub fn read_task(adapter: &mut dyn Folder, samples_name: &str, samples_bytes: &[
     let samples = samples::parse(samples_name, samples_bytes)?;
     Ok(TaskInput { adapter, samples_name: samples_name.to_string(), samples, eval: None })
 }
+
+/// Held-out evaluation samples (`formats::samples::EvalSet`), within the samples cap.
+pub fn read_eval(name: &str, bytes: &[u8]) -> Result<EvalSet> {
+    FileKind::Samples.check_len(name, bytes.len() as u64)?;
+    EvalSet::parse(name, bytes)
+}

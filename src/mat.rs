@@ -46,3 +46,19 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     }
     (num / den.max(1e-300)).sqrt()
 }
+
+/// A row-major f64 matrix: statistics and factors as a backend returns them to the host (the merge
+/// does its dense f64 algebra in its own types; see `merge::solve`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mat64 {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f64>,
+}
+
+impl Mat64 {
+    pub fn new(rows: usize, cols: usize, data: Vec<f64>) -> Mat64 {
+        assert_eq!(rows * cols, data.len(), "Mat64::new: {rows}x{cols} needs {} values", rows * cols);
+        Mat64 { rows, cols, data }
+    }
+}

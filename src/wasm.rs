@@ -4,7 +4,6 @@
 
 use crate::backend::{cpu::Cpu, gpu::Gpu};
 use crate::error::Error;
-use crate::formats::samples::EvalSet;
 use crate::inputs::{self, BaseInputs, MemFolder, TaskInput};
 use crate::merge::export::zip_folder;
 use crate::merge::pipeline::{self, MergeResult};
@@ -106,9 +105,7 @@ fn read_inputs(input: &JsValue) -> Result<(BaseInputs, Vec<TaskInput>), JsValue>
             inputs::read_task(&mut adapter, &string(&samples, "name")?, &bytes(&samples, "bytes")?).map_err(to_js)?;
         let eval = get(&t, "eval")?;
         if !eval.is_undefined() && !eval.is_null() {
-            let (name, b) = (string(&eval, "name")?, bytes(&eval, "bytes")?);
-            inputs::FileKind::Samples.check_len(&name, b.len() as u64).map_err(to_js)?;
-            task.eval = Some(EvalSet::parse(&name, &b).map_err(to_js)?);
+            task.eval = Some(inputs::read_eval(&string(&eval, "name")?, &bytes(&eval, "bytes")?).map_err(to_js)?);
         }
         tasks.push(task);
     }

@@ -4,6 +4,7 @@
 
 use iteris::backend::{cpu::Cpu, gpu::Gpu, Activation, AttentionSpec, Backend};
 use iteris::mat::{rel_err, Mat};
+use iteris::merge::solve::host;
 use pollster::FutureExt;
 use std::sync::OnceLock;
 
@@ -53,8 +54,8 @@ fn matmul_and_gram() {
         let gg = g.download(&g.matmul_t(&g.upload(&x), rows, &g.upload(&w))).block_on().unwrap();
         close(&format!("matmul_t {n}x{k}x{m}"), &gg, &c, 1e-5);
         let y = r.mat(n + 4, m);
-        let c = Cpu.gram(&x, 2..2 + n, &y, 4..4 + n).block_on().unwrap();
-        let gg = g.gram(&g.upload(&x), 2..2 + n, &g.upload(&y), 4..4 + n).block_on().unwrap();
+        let c = host(&Cpu.gram(&x, 2..2 + n, &y, 4..4 + n).block_on().unwrap());
+        let gg = host(&g.gram(&g.upload(&x), 2..2 + n, &g.upload(&y), 4..4 + n).block_on().unwrap());
         close64(&format!("gram {n}x{k}x{m}"), &gg, &c, 1e-12);
     }
 }
@@ -81,8 +82,8 @@ fn gram_accumulates_in_twice_f32_precision() {
             "4000 rows" => x.data.iter_mut().for_each(|v| *v = 1.0 + 0.5 * *v),
             _ => {}
         }
-        let c = Cpu.gram(&x, 0..rows, &x, 0..rows).block_on().unwrap();
-        let gg = g.gram(&g.upload(&x), 0..rows, &g.upload(&x), 0..rows).block_on().unwrap();
+        let c = common::gram_of(&Cpu, &x, 0..rows);
+        let gg = common::gram_of(g, &g.upload(&x), 0..rows);
         close64(&format!("gram of {what} ({rows}×{cols})"), &gg, &c, tol);
     }
 }
@@ -194,31 +195,30 @@ fn attention_variants() {
 #[test]
 fn cholesky_and_refined_solve() {
     use iteris::formats::peft::LoraModule;
-    use iteris::merge::solve::{solve, SolvePath, TaskStats};
+    use iteris::merge::solve::{device, solve, SolvePath};
     use nalgebra::DMatrix;
     let _l = LOCK.lock().unwrap();
     let Some(g) = gpu("cholesky_and_refined_solve") else { return };
     let mut r = Rng(6);
     let n = 70;
     let x = r.mat(200, n);
-    let gram = Cpu.gram(&x, 0..200, &x, 0..200).block_on().unwrap();
+    let gram = common::gram_of(&Cpu, &x, 0..200);
     let m = &gram + DMatrix::identity(n, n) * (1e-4 * gram.norm());
-    let l = g.cholesky_f32_many(&[&m]).block_on().unwrap().pop().flatten().expect("positive definite");
+    let l = g.cholesky_f32_many(&[&device(&m)]).block_on().unwrap().pop().flatten().expect("positive definite");
+    let l = host(&l);
     let e = (&l * l.transpose() - &m).norm() / m.norm();
     assert!(e < 1e-6, "L·Lᵀ differs from M by {e:.2e}");
     let neg = -&m;
-    let both = g.cholesky_f32_many(&[&neg, &m]).block_on().unwrap();
+    let both = g.cholesky_f32_many(&[&device(&neg), &device(&m)]).block_on().unwrap();
     assert!(both[0].is_none(), "a negative definite matrix must be refused");
     assert!(both[1].is_some(), "and does not spoil the next one");
 
     let lora = LoraModule { path: "m".into(), a: r.mat(3, n), b: r.mat(5, 3), scale: 2.0 };
     for alpha in [1e-4, 1e-7] {
-        let ts = [
-            TaskStats { cross: &gram, gram: &gram, c: 1.0, lora: Some(&lora) },
-            TaskStats { cross: &gram, gram: &gram, c: 0.5, lora: None },
-        ];
-        let (cpu, p_cpu) = solve(&Cpu, "m", &ts, alpha, alpha).block_on().unwrap();
-        let (gpu_m, p_gpu) = solve(g, "m", &ts, alpha, alpha).block_on().unwrap();
+        let spec = common::known_system(&[(&gram, 1.0), (&gram, 0.5)], alpha, alpha);
+        let loras = [Some(&lora), None];
+        let (cpu, p_cpu) = solve(&Cpu, "m", &spec, &loras).block_on().unwrap();
+        let (gpu_m, p_gpu) = solve(g, "m", &spec, &loras).block_on().unwrap();
         assert_eq!(p_cpu, SolvePath::CholeskyF64);
         assert!(matches!(p_gpu, SolvePath::GpuCholeskyF32Refined | SolvePath::CholeskyF64AfterGpu));
         if alpha == 1e-4 {
@@ -300,54 +300,64 @@ fn weights_beyond_one_binding_are_split_by_rows() {
 
 /// A module's system assembled on the GPU from statistics that were never read back (Gram
 /// matrices, adaptive weights from pending norms, ridge from ‖G‖_F, RegMean's off-diagonal
-/// scaling), then factored: L·Lᵀ equals the same M assembled on the host from the CPU's values.
+/// scaling) equals the same `SystemSpec` assembled on the host from the fetched values, to f32
+/// rounding; and its f32 factor L satisfies L·Lᵀ = M to the same level.
 #[test]
-fn system_assembled_and_factored_from_pending_statistics() {
-    use iteris::backend::FactorTerm;
-    use nalgebra::DMatrix;
+fn system_assembled_from_pending_statistics_equals_the_host_system() {
+    use iteris::backend::{Reads, SystemSpec, SystemTerm, Weight};
+    use iteris::merge::solve::assemble;
     let _l = LOCK.lock().unwrap();
-    let Some(g) = gpu("system_assembled_and_factored_from_pending_statistics") else { return };
+    let Some(g) = gpu("system_assembled_from_pending_statistics_equals_the_host_system") else { return };
     let mut r = Rng(9);
     let n = 45;
     let (x1, x2) = (r.mat(120, n), r.mat(90, n));
     let (w, a, b) = (r.mat(30, 17), r.mat(30, 17), r.mat(70, 33));
     let (gx1, gx2, gw, ga, gb) = (g.upload(&x1), g.upload(&x2), g.upload(&w), g.upload(&a), g.upload(&b));
-    for (ridge, off_diagonal) in [(1e-4, 1.0), (0.0, 0.9), (1e-7, 1.0)] {
-        // Device: term 1's weight is (3 + ‖W‖² − 0.5⟨W, A⟩) / ‖B‖²; term 2's is 0.25 / 1.
-        let pending = vec![
-            g.defer_gram(&gx1, 0..120, &gx1, 0..120),
-            g.defer_gram(&gx2, 10..90, &gx2, 10..90),
-            g.defer_sq_norm(&gw, 0..30),
-            g.defer_dot(&gw, &ga),
-            g.defer_sq_norm(&gb, 0..70),
-        ];
-        let terms = [
-            FactorTerm {
-                gram: &pending[0],
-                num: 3.0,
-                num_terms: vec![(1.0, &pending[2]), (-0.5, &pending[3])],
-                den: Some(&pending[4]),
-                ridge,
-                off_diagonal,
-            },
-            FactorTerm { gram: &pending[1], num: 0.25, num_terms: vec![], den: None, ridge, off_diagonal },
-        ];
-        let factor = g.defer_cholesky(&terms).expect("the GPU offers factors");
-        let l = g.fetch(vec![factor]).block_on().unwrap().pop().unwrap().factor().expect("positive definite");
+    // IterIS at the default and a weak ridge (adaptive weights from pending norms), RegMean
+    // (off-diagonal factor 0.9, constant weights, no ridge).
+    for (method, alpha, off_diagonal) in [("iteris", 1e-4, 1.0), ("iteris", 1e-7, 1.0), ("regmean", 0.0, 0.9)] {
+        let mut reads = Reads::new();
+        let g1 = reads.gram(g.defer_gram(&gx1, 0..120, &gx1, 0..120));
+        let g2 = reads.gram(g.defer_gram(&gx2, 10..90, &gx2, 10..90));
+        let (wn, wa, bn) = (
+            reads.scalar(g.defer_sq_norm(&gw, 0..30)),
+            reads.scalar(g.defer_dot(&gw, &ga)),
+            reads.scalar(g.defer_sq_norm(&gb, 0..70)),
+        );
+        // Term 1's weight is (3 + ‖W‖² − 0.5⟨W, A⟩) / ‖B‖², term 2's 0.25 (RegMean: 1 and 1).
+        let weight1 = Weight { num: 3.0, num_terms: vec![(1.0, wn), (-0.5, wa)], den: Some(bn) };
+        let (w1, w2) = if method == "regmean" {
+            (Weight::constant(1.0), Weight::constant(1.0))
+        } else {
+            (weight1, Weight::constant(0.25))
+        };
+        let spec = SystemSpec {
+            terms: vec![SystemTerm { gram: g1, cross: g1, weight: w1 }, SystemTerm { gram: g2, cross: g2, weight: w2 }],
+            alpha1: alpha,
+            alpha2: alpha,
+            off_diagonal,
+        };
+        let on_device = spec.map(|&s| reads.pending_scalar(s), |&id| reads.pending_gram(id));
+        let m_id = reads.gram(g.defer_system_matrix(&on_device).expect("fits"));
+        let on_device = spec.map(|&s| reads.pending_scalar(s), |&id| reads.pending_gram(id));
+        let f_id = reads.factor(g.defer_factor(&on_device).expect("the GPU offers factors"));
+        let mut values = g.fetch(reads).block_on().unwrap();
 
-        // Host: the same M from the CPU backend's values.
-        let gram = |x: &Mat, rows: std::ops::Range<usize>| Cpu.gram(x, rows.clone(), x, rows).block_on().unwrap();
-        let (g1, g2) = (gram(&x1, 0..120), gram(&x2, 10..90));
+        // Host: the same spec from the CPU backend's values.
+        let (h1, h2) = (common::gram_of(&Cpu, &x1, 0..120), common::gram_of(&Cpu, &x2, 10..90));
         let sq = |m: &Mat| m.data.iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
         let dot: f64 = w.data.iter().zip(&a.data).map(|(p, q)| *p as f64 * *q as f64).sum();
-        let c1 = (3.0 + sq(&w) - 0.5 * dot) / sq(&b);
-        let mut m = DMatrix::<f64>::zeros(n, n);
-        for (gm, c) in [(g1, c1), (g2, 0.25)] {
-            let mut t = (&gm + gm.transpose()) * (0.5 * off_diagonal);
-            t.set_diagonal(&(gm.diagonal().add_scalar(ridge * gm.norm())));
-            m += t * c;
-        }
-        let e = (&l * l.transpose() - &m).norm() / m.norm();
-        assert!(e < 2e-6, "ridge {ridge}, off-diagonal {off_diagonal}: L·Lᵀ differs from M by {e:.2e}");
+        let cpu_scalars = [(wn, sq(&w)), (wa, dot), (bn, sq(&b))];
+        let host_spec =
+            spec.map(|s| cpu_scalars.iter().find(|(id, _)| id == s).unwrap().1, |&id| if id == g1 { &h1 } else { &h2 });
+        let want = assemble("m", &host_spec, &[None, None]).m;
+
+        let got = host(&values.take_gram(m_id));
+        let e = (&got - &want).norm() / want.norm();
+        eprintln!("{method} α {alpha}: GPU-assembled M vs host M {e:.2e}");
+        assert!(e < 1e-6, "{method} α {alpha}: the GPU's M differs from the host's by {e:.2e}");
+        let l = host(&values.take_factor(f_id).expect("positive definite"));
+        let e = (&l * l.transpose() - &want).norm() / want.norm();
+        assert!(e < 2e-6, "{method} α {alpha}: L·Lᵀ differs from the host's M by {e:.2e}");
     }
 }

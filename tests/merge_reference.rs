@@ -76,14 +76,14 @@ fn sweep_equals_converged_jacobi() {
 #[test]
 fn f64_solve_paths() {
     use common::rng::Rng;
-    use iteris::backend::{cpu::Cpu, Backend};
+    use iteris::backend::cpu::Cpu;
     use iteris::formats::peft::LoraModule;
-    use iteris::merge::solve::{solve, SolvePath, TaskStats};
+    use iteris::merge::solve::{solve, SolvePath};
     use pollster::FutureExt;
     let mut r = Rng(31);
     let n = 40;
     let x = r.mat(120, n);
-    let gram = Cpu.gram(&x, 0..120, &x, 0..120).block_on().unwrap();
+    let gram = common::gram_of(&Cpu, &x, 0..120);
     let lora = LoraModule { path: "m".into(), a: r.mat(4, n), b: r.mat(6, 4), scale: 1.5 };
     let residual = |c: &[f64], a: &iteris::mat::Mat| {
         // M A*ᵀ = Zᵀ with M = Σ c_i G_i (no ridge) and Zᵀ = c_0 s G A_0ᵀ.
@@ -93,11 +93,8 @@ fn f64_solve_paths() {
         (&m * &at - &zt).norm() / zt.norm()
     };
     for (c, path) in [([1.0, 0.5], SolvePath::CholeskyF64), ([1.0, -2.0], SolvePath::LuF64)] {
-        let ts = [
-            TaskStats { cross: &gram, gram: &gram, c: c[0], lora: Some(&lora) },
-            TaskStats { cross: &gram, gram: &gram, c: c[1], lora: None },
-        ];
-        let (m, p) = solve(&Cpu, "m", &ts, 0.0, 0.0).block_on().unwrap();
+        let spec = common::known_system(&[(&gram, c[0]), (&gram, c[1])], 0.0, 0.0);
+        let (m, p) = solve(&Cpu, "m", &spec, &[Some(&lora), None]).block_on().unwrap();
         assert_eq!(p, path, "weights {c:?}");
         // The merged factors are stored in f32: the residual is at that level.
         let e = residual(&c, &m.a);
@@ -106,7 +103,7 @@ fn f64_solve_paths() {
     let mut zero = gram.clone();
     zero.row_mut(7).fill(0.0);
     zero.column_mut(7).fill(0.0);
-    let ts = [TaskStats { cross: &zero, gram: &zero, c: 1.0, lora: Some(&lora) }];
-    let e = solve(&Cpu, "h.0.attn.c_attn", &ts, 0.0, 0.0).block_on().unwrap_err().to_string();
+    let spec = common::known_system(&[(&zero, 1.0)], 0.0, 0.0);
+    let e = solve(&Cpu, "h.0.attn.c_attn", &spec, &[Some(&lora)]).block_on().unwrap_err().to_string();
     assert!(e.contains("h.0.attn.c_attn") && e.contains("singular"), "{e}");
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Demo until the page exists: build the CLI and merge the bundled GPT-2 fixture (three real PEFT
+# The CLI on a real PEFT fixture: build it and merge the bundled GPT-2 fixture (three real PEFT
 # adapters of different ranks, with their samples) into ./demo-out, then show the report.
 set -euo pipefail
 cd "$(dirname "$0")/.."

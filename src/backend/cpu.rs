@@ -2,9 +2,9 @@
 //! is available. Matrix products go through `matrixmultiply` (packed, SIMD, threaded natively);
 //! row-wise ops run in parallel with rayon natively and sequentially in wasm.
 
-use super::{Activation, AttentionSpec, Backend, Fetched};
+use super::{Activation, AttentionSpec, Backend, Reads, Values};
 use crate::error::Result;
-use crate::mat::Mat;
+use crate::mat::{Mat, Mat64};
 use std::ops::Range;
 
 #[derive(Default)]
@@ -78,7 +78,11 @@ fn sgemm(
 
 impl Backend for Cpu {
     type T = Mat;
-    type Pending = Fetched;
+    // Computed when deferred: a pending value is its value.
+    type Scalar = f64;
+    type Gram = Mat64;
+    /// The CPU solves in f64 directly and offers no factors.
+    type Factor = std::convert::Infallible;
 
     fn name(&self) -> String {
         "cpu".into()
@@ -259,7 +263,7 @@ impl Backend for Cpu {
         Mat::new(ar.len(), c, xa.iter().zip(xb).map(|(x, y)| wa * x + wb * y).collect())
     }
 
-    fn defer_gram(&self, x: &Mat, xr: Range<usize>, y: &Mat, yr: Range<usize>) -> Fetched {
+    fn defer_gram(&self, x: &Mat, xr: Range<usize>, y: &Mat, yr: Range<usize>) -> Mat64 {
         assert_eq!(xr.len(), yr.len());
         // Accumulated in f64: the CPU path is the reference.
         let n = xr.len();
@@ -287,26 +291,26 @@ impl Backend for Cpu {
                 );
             }
         }
-        Fetched::Matrix(nalgebra::DMatrix::from_row_slice(x.cols, y.cols, &c))
+        Mat64::new(x.cols, y.cols, c)
     }
 
-    fn defer_sq_norm(&self, x: &Mat, rows: Range<usize>) -> Fetched {
+    fn defer_sq_norm(&self, x: &Mat, rows: Range<usize>) -> f64 {
         let v = &x.data[rows.start * x.cols..rows.end * x.cols];
-        Fetched::Scalar(v.iter().map(|&v| (v as f64) * (v as f64)).sum())
+        v.iter().map(|&v| (v as f64) * (v as f64)).sum()
     }
 
-    fn defer_sq_dist(&self, a: &Mat, b: &Mat) -> Fetched {
+    fn defer_sq_dist(&self, a: &Mat, b: &Mat) -> f64 {
         assert_eq!(a.shape(), b.shape());
-        Fetched::Scalar(a.data.iter().zip(&b.data).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum())
+        a.data.iter().zip(&b.data).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum()
     }
 
-    fn defer_dot(&self, a: &Mat, b: &Mat) -> Fetched {
+    fn defer_dot(&self, a: &Mat, b: &Mat) -> f64 {
         assert_eq!(a.shape(), b.shape());
-        Fetched::Scalar(a.data.iter().zip(&b.data).map(|(x, y)| *x as f64 * *y as f64).sum())
+        a.data.iter().zip(&b.data).map(|(x, y)| *x as f64 * *y as f64).sum()
     }
 
     /// Everything was computed when deferred.
-    async fn fetch(&self, pending: Vec<Fetched>) -> Result<Vec<Fetched>> {
-        Ok(pending)
+    async fn fetch(&self, reads: Reads<Cpu>) -> Result<Values> {
+        Ok(Values { scalars: reads.scalars, grams: reads.grams, factors: Vec::new() })
     }
 }

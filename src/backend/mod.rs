@@ -7,10 +7,15 @@
 
 pub mod cpu;
 pub mod gpu;
+pub mod reads;
+pub mod system;
 
 use crate::error::Result;
-use crate::mat::Mat;
+use crate::mat::{Mat, Mat64};
 use std::ops::Range;
+
+pub use reads::{FactorId, GramId, Reads, ScalarId, Values};
+pub use system::{SystemSpec, SystemTerm, Weight};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
@@ -51,54 +56,6 @@ impl Activation {
     }
 }
 
-/// A value read back from a backend.
-#[derive(Clone, Debug)]
-pub enum Fetched {
-    Scalar(f64),
-    Matrix(nalgebra::DMatrix<f64>),
-    /// A lower Cholesky factor computed in f32; None where a pivot was not positive.
-    Factor(Option<nalgebra::DMatrix<f64>>),
-}
-
-impl Fetched {
-    pub fn scalar(self) -> f64 {
-        match self {
-            Fetched::Scalar(v) => v,
-            _ => panic!("expected a scalar"),
-        }
-    }
-
-    pub fn matrix(self) -> nalgebra::DMatrix<f64> {
-        match self {
-            Fetched::Matrix(m) => m,
-            _ => panic!("expected a matrix"),
-        }
-    }
-
-    pub fn factor(self) -> Option<nalgebra::DMatrix<f64>> {
-        match self {
-            Fetched::Factor(l) => l,
-            _ => panic!("expected a factor"),
-        }
-    }
-}
-
-/// One task's share of a module's system matrix, built on the backend from values that are still
-/// pending there: c · (sym(G) + ridge·‖G‖_F·I), where c = (num + Σ k·value) / den and sym(G) has
-/// its off-diagonal entries scaled by `off_diagonal` (RegMean; 1 otherwise).
-pub struct FactorTerm<'a, P> {
-    /// The Gram matrix (a pending `defer_gram`).
-    pub gram: &'a P,
-    /// The constant part of c's numerator.
-    pub num: f64,
-    /// Pending scalars added to the numerator, each times its factor.
-    pub num_terms: Vec<(f64, &'a P)>,
-    /// A pending scalar c's numerator is divided by (None: 1).
-    pub den: Option<&'a P>,
-    pub ridge: f64,
-    pub off_diagonal: f64,
-}
-
 /// The precision a weight matrix is kept in on the backend (its file precision where the backend
 /// can compute from it; the CPU backend keeps everything in f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -121,7 +78,7 @@ pub struct AttentionSpec {
     pub scale: f32,
 }
 
-pub trait Backend {
+pub trait Backend: Sized {
     /// A (rows, cols) f32 matrix held by the backend.
     type T;
 
@@ -166,56 +123,59 @@ pub trait Backend {
     fn attention(&self, q: &Self::T, k: &Self::T, v: &Self::T, spec: &AttentionSpec, seqs: &[Range<usize>]) -> Self::T;
     /// wa · a[ar] + wb · b[br].
     fn mix_rows(&self, a: &Self::T, ar: Range<usize>, wa: f32, b: &Self::T, br: Range<usize>, wb: f32) -> Self::T;
-    // Results the host reads. Each `defer_*` records the work and returns a handle; `fetch` brings
-    // all the handles' values back at once (on the GPU: one readback), so a stage of the merge costs
-    // one round trip for all its statistics.
+    // Results the host reads. Each `defer_*` records the work and returns a pending value of its
+    // own kind; a stage pushes them into one `Reads` batch, and `fetch` brings the whole batch back
+    // at once (on the GPU: one readback), so a stage of the merge costs one round trip.
 
-    /// A value `fetch` will return.
-    type Pending;
+    /// A pending f64 scalar.
+    type Scalar;
+    /// A pending f64 matrix (a Gram matrix, to the host as `Mat64`).
+    type Gram;
+    /// A pending lower Cholesky factor (None once fetched where a pivot was not positive).
+    type Factor;
 
     /// x[xr]ᵀ · y[yr]: (cols_x, cols_y), to the host in f64. The solve amplifies Gram rounding by up
     /// to 1/α, so backends accumulate with more than f32 precision (CPU: f64; GPU: Dot2, twice-f32
     /// pairs).
-    fn defer_gram(&self, x: &Self::T, xr: Range<usize>, y: &Self::T, yr: Range<usize>) -> Self::Pending;
+    fn defer_gram(&self, x: &Self::T, xr: Range<usize>, y: &Self::T, yr: Range<usize>) -> Self::Gram;
     /// Σ x[rows]² (x may be a weight, in any stored precision), accumulated beyond f32.
-    fn defer_sq_norm(&self, x: &Self::T, rows: Range<usize>) -> Self::Pending;
+    fn defer_sq_norm(&self, x: &Self::T, rows: Range<usize>) -> Self::Scalar;
     /// Σ (a − b)² over two f32 tensors of one shape.
-    fn defer_sq_dist(&self, a: &Self::T, b: &Self::T) -> Self::Pending;
+    fn defer_sq_dist(&self, a: &Self::T, b: &Self::T) -> Self::Scalar;
     /// Σ a ⊙ b over two f32 tensors of one shape.
-    fn defer_dot(&self, a: &Self::T, b: &Self::T) -> Self::Pending;
-    /// The values of `pending`, in order. The only place (with `download` and `cholesky_f32_many`)
-    /// where the host waits for the device: asynchronous, because a browser delivers GPU results
-    /// through its event loop.
-    async fn fetch(&self, pending: Vec<Self::Pending>) -> Result<Vec<Fetched>>;
+    fn defer_dot(&self, a: &Self::T, b: &Self::T) -> Self::Scalar;
+    /// The f32 Cholesky factor of a module's system matrix M (`SystemSpec`), assembled from
+    /// pending statistics without reading them first, so a stage's statistics and the factors that
+    /// precondition its f64 solves come back in one `fetch`. None where the backend does not offer
+    /// factors (the CPU solves in f64 directly) or M would not fit.
+    fn defer_factor(&self, _system: &SystemSpec<&Self::Scalar, &Self::Gram>) -> Option<Self::Factor> {
+        None
+    }
+    /// The values of a batch. The only place (with `download` and `cholesky_f32_many`) where the
+    /// host waits for the device: asynchronous, because a browser delivers GPU results through its
+    /// event loop.
+    async fn fetch(&self, reads: Reads<Self>) -> Result<Values>;
 
-    async fn gram(
-        &self,
-        x: &Self::T,
-        xr: Range<usize>,
-        y: &Self::T,
-        yr: Range<usize>,
-    ) -> Result<nalgebra::DMatrix<f64>> {
-        Ok(self.fetch(vec![self.defer_gram(x, xr, y, yr)]).await?.pop().unwrap().matrix())
+    async fn gram(&self, x: &Self::T, xr: Range<usize>, y: &Self::T, yr: Range<usize>) -> Result<Mat64> {
+        let mut reads = Reads::new();
+        let g = reads.gram(self.defer_gram(x, xr, y, yr));
+        Ok(self.fetch(reads).await?.take_gram(g))
     }
     async fn sq_norm(&self, x: &Self::T, rows: Range<usize>) -> Result<f64> {
-        Ok(self.fetch(vec![self.defer_sq_norm(x, rows)]).await?.pop().unwrap().scalar())
+        let mut reads = Reads::new();
+        let s = reads.scalar(self.defer_sq_norm(x, rows));
+        Ok(self.fetch(reads).await?[s])
     }
     async fn sq_dist(&self, a: &Self::T, b: &Self::T) -> Result<f64> {
-        Ok(self.fetch(vec![self.defer_sq_dist(a, b)]).await?.pop().unwrap().scalar())
-    }
-
-    /// Record the f32 Cholesky factor of M = Σ terms, assembled from pending statistics without
-    /// reading them first, so a stage's statistics and the factors that precondition its f64
-    /// solve come back in one `fetch` (`Fetched::Factor`). None where the backend does not offer
-    /// factors (the CPU solves in f64 directly) or M would not fit.
-    fn defer_cholesky(&self, _terms: &[FactorTerm<'_, Self::Pending>]) -> Option<Self::Pending> {
-        None
+        let mut reads = Reads::new();
+        let s = reads.scalar(self.defer_sq_dist(a, b));
+        Ok(self.fetch(reads).await?[s])
     }
 
     /// Lower Cholesky factors of symmetric matrices computed in f32, for the f64 iterative
     /// refinement in `merge::solve`, all read back together. None where the backend does not offer
     /// them (the CPU solves in f64 directly) or a pivot was not positive.
-    async fn cholesky_f32_many(&self, ms: &[&nalgebra::DMatrix<f64>]) -> Result<Vec<Option<nalgebra::DMatrix<f64>>>> {
+    async fn cholesky_f32_many(&self, ms: &[&Mat64]) -> Result<Vec<Option<Mat64>>> {
         Ok(ms.iter().map(|_| None).collect())
     }
 

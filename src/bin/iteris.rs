@@ -6,7 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use iteris::backend::{cpu::Cpu, gpu::Gpu};
 use iteris::fsio;
 use iteris::inputs::{BaseInputs, TaskInput};
-use iteris::merge::{pipeline, relative_change, Method, Options, Progress, Schedule};
+use iteris::merge::{pipeline, Method, Options, Progress, Schedule};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -265,10 +265,10 @@ fn prepare(a: &MergeArgs) -> iteris::Result<Prepared> {
     Ok(Prepared { gpu, base, tasks, opts })
 }
 
-/// Merge with progress bars.
-fn run(p: &Prepared, opts: &Options, f16: bool) -> iteris::Result<pipeline::MergeResult> {
+/// A progress callback drawing one bar per pass.
+fn bars() -> impl FnMut(Progress) {
     let mut bar: Option<ProgressBar> = None;
-    let mut progress = |p: Progress| match p {
+    move |p: Progress| match p {
         Progress::Pass(k, n, label) => {
             if let Some(b) = bar.take() {
                 b.finish();
@@ -288,15 +288,16 @@ fn run(p: &Prepared, opts: &Options, f16: bool) -> iteris::Result<pipeline::Merg
                 b.set_position(done as u64);
             }
         }
-    };
-    let r = match &p.gpu {
+    }
+}
+
+/// Merge with progress bars.
+fn run(p: &Prepared, opts: &Options, f16: bool) -> iteris::Result<pipeline::MergeResult> {
+    let mut progress = bars();
+    match &p.gpu {
         Some(g) => pollster::block_on(pipeline::merge(g, &p.base, &p.tasks, opts, f16, &mut progress)),
         None => pollster::block_on(pipeline::merge(&Cpu, &p.base, &p.tasks, opts, f16, &mut progress)),
-    };
-    if let Some(b) = bar.take() {
-        b.finish();
     }
-    r
 }
 
 fn alone(p: &Prepared) -> iteris::Result<Vec<Vec<Option<f64>>>> {
@@ -377,68 +378,27 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
 }
 
 fn study(a: MergeArgs) -> iteris::Result<()> {
-    use iteris::error::bad_input;
     let mut p = prepare(&a)?;
-    let mean = |v: Vec<Option<f64>>| {
-        let v: Vec<f64> = v.into_iter().flatten().collect();
-        if v.is_empty() {
-            None
-        } else {
-            Some(v.iter().sum::<f64>() / v.len() as f64)
-        }
-    };
-    // Convergence: Jacobi with k solves against the sweep's exact fixed point.
-    let sweep = run(
-        &p,
-        &Options { method: Method::Iteris, schedule: Schedule::Sweep, eval_limit: Some(0), ..p.opts.clone() },
-        false,
-    )?;
-    let mut errors = Vec::new();
-    for k in 1..=8 {
-        let opts = Options {
-            method: Method::Iteris,
-            schedule: Schedule::Jacobi,
-            iters: k,
-            eval_limit: Some(0),
-            ..p.opts.clone()
-        };
-        let r = run(&p, &opts, false)?;
-        errors.push(relative_change(r.outcome.merged.iter().zip(&sweep.outcome.merged)));
-    }
+    let mut progress = bars();
+    let s = match &p.gpu {
+        Some(g) => pollster::block_on(iteris::merge::study::study(g, &p.base, &mut p.tasks, &p.opts, &mut progress)),
+        None => pollster::block_on(iteris::merge::study::study(&Cpu, &p.base, &mut p.tasks, &p.opts, &mut progress)),
+    }?;
+    drop(progress);
+    let c = &s.convergence;
     println!(
-        "jacobi solves 1..8, distance to the sweep's fixed point: {}",
-        errors.iter().map(|e| format!("{e:.2e}")).collect::<Vec<_>>().join(" ")
+        "jacobi solves 1..{}, distance to the sweep's fixed point: {}",
+        c.solves.len(),
+        c.distance_to_sweep.iter().map(|e| format!("{e:.2e}")).collect::<Vec<_>>().join(" ")
     );
-    // Sample efficiency: the first n calibration samples of every task.
-    let all: Vec<Vec<String>> = p.tasks.iter().map(|t| t.samples.clone()).collect();
-    let counts: Vec<usize> = [2, 5, 10, 20, 50].into_iter().filter(|&n| all.iter().all(|s| s.len() >= n)).collect();
-    let mut curves = serde_json::Map::new();
-    for m in [Method::Iteris, Method::Regmean, Method::Linear] {
-        let (mut acc, mut kl) = (Vec::new(), Vec::new());
-        for &n in &counts {
-            for (t, s) in p.tasks.iter_mut().zip(&all) {
-                t.samples = s[..n].to_vec();
-            }
-            let r = run(&p, &Options { method: m, ..p.opts.clone() }, false)?;
-            let q = r
-                .quality
-                .ok_or_else(|| bad_input("--eval", "the study needs held-out samples (--eval) for every adapter"))?;
-            acc.push(mean(q.iter().map(|t| t.accuracy).collect()));
-            kl.push(mean(q.iter().map(|t| Some(t.kl)).collect()));
-        }
-        println!(
-            "{:>8}: mean accuracy by samples per task {counts:?}: {}",
-            m.name(),
-            acc.iter().map(|a| a.map_or("-".into(), |a| format!("{:.1}%", 100.0 * a))).collect::<Vec<_>>().join(" ")
-        );
-        curves.insert(m.name().into(), serde_json::json!({ "accuracy": acc, "kl": kl }));
+    let e = &s.sample_efficiency;
+    for (name, curve) in &e.methods {
+        let acc: Vec<String> =
+            curve.accuracy.iter().map(|a| a.map_or("-".into(), |a| format!("{:.1}%", 100.0 * a))).collect();
+        println!("{name:>8}: mean accuracy by samples per task {:?}: {}", e.samples, acc.join(" "));
     }
-    let out = serde_json::json!({
-        "convergence": { "solves": (1..=8).collect::<Vec<_>>(), "distance_to_sweep": errors },
-        "sample_efficiency": { "samples": counts, "methods": curves },
-    });
     if let Some(path) = &a.out {
-        fsio::write_file(path, &serde_json::to_vec_pretty(&out).unwrap(), a.force, &a.inputs())?;
+        fsio::write_file(path, &serde_json::to_vec_pretty(&s).unwrap(), a.force, &a.inputs())?;
         println!("wrote {}", path.display());
     }
     Ok(())

@@ -14,6 +14,7 @@
 //! TIES and DARE produce dense deltas; they are exported through a truncated SVD at the rank of the
 //! lossless merge (Σr) unless `--rank` asks for less, and the energy kept is reported.
 
+use super::export::{dense_to_lora, reduce_rank};
 use super::iteris::Target;
 use super::solve::{to_f64, to_mat, Merged};
 use nalgebra::DMatrix;
@@ -82,7 +83,7 @@ pub fn merge_data_free(method: Method, targets: &[Target], s: &BaselineSettings)
             Method::Linear | Method::Cat => (weighted_cat(t, &weights), 1.0),
             Method::Svd => {
                 let r = s.rank.unwrap_or_else(|| t.loras.iter().flatten().map(|l| l.rank()).max().unwrap_or(1));
-                super::export::reduce_rank(&weighted_cat(t, &weights), r)
+                reduce_rank(&weighted_cat(t, &weights), r)
             }
             Method::Ties | Method::Dare => {
                 let deltas: Vec<DMatrix<f64>> =
@@ -163,20 +164,6 @@ pub fn dare(deltas: &[DMatrix<f64>], density: f64, seed: u64) -> DMatrix<f64> {
         }
     }
     out
-}
-
-/// A dense (out, in) delta as a LoRA of rank ≤ `rank` by truncated SVD, with the energy kept.
-pub fn dense_to_lora(d: &DMatrix<f64>, rank: usize) -> (Merged, f64) {
-    let total = d.norm_squared();
-    let svd = d.clone().svd(true, true);
-    let (u, vt, s) = (svd.u.unwrap(), svd.v_t.unwrap(), svd.singular_values);
-    let mut order: Vec<usize> = (0..s.len()).collect();
-    order.sort_by(|&i, &j| s[j].total_cmp(&s[i]));
-    let k = rank.max(1).min(s.len());
-    let b = DMatrix::from_fn(d.nrows(), k, |r, c| u[(r, order[c])] * s[order[c]]);
-    let a = DMatrix::from_fn(k, d.ncols(), |r, c| vt[(order[r], c)]);
-    let kept: f64 = order[..k].iter().map(|&i| s[i] * s[i]).sum();
-    (Merged { a: to_mat(&a), b: to_mat(&b) }, if total > 0.0 { kept / total } else { 1.0 })
 }
 
 /// Seeded uniform numbers for DARE (SplitMix64: the same drops for the same seed everywhere).

@@ -9,38 +9,48 @@ use super::solve::{to_f64, to_mat, Merged};
 use crate::error::Result;
 use crate::formats::peft::{Adapter, KEY_PREFIX};
 use crate::mat::Mat;
+use nalgebra::DMatrix;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 
 /// Reduce one merged delta to at most `rank`; returns it and the fraction of ‖ΔW*‖²_F kept.
 pub fn reduce_rank(m: &Merged, rank: usize) -> (Merged, f64) {
-    let r_in = m.rank();
-    if rank >= r_in {
+    if rank >= m.rank() {
         return (m.clone(), 1.0);
     }
     let qr_b = to_f64(&m.b).qr();
     let qr_a = to_f64(&m.a).transpose().qr();
     let (qb, rb) = (qr_b.q(), qr_b.r());
     let (qa, ra) = (qr_a.q(), qr_a.r());
-    let core = rb * ra.transpose();
-    let svd = core.svd(true, true);
-    let (u, vt, s) = (svd.u.unwrap(), svd.v_t.unwrap(), svd.singular_values);
+    let (us, sv, kept) = truncated_svd(rb * ra.transpose(), rank);
+    (Merged { a: to_mat(&(sv * qa.transpose())), b: to_mat(&(qb * us)) }, kept)
+}
+
+/// A dense (out, in) delta as a LoRA of rank ≤ `rank` (at least 1), with the energy kept.
+pub fn dense_to_lora(d: &DMatrix<f64>, rank: usize) -> (Merged, f64) {
+    let (b, a, kept) = truncated_svd(d.clone(), rank.max(1));
+    (Merged { a: to_mat(&a), b: to_mat(&b) }, kept)
+}
+
+/// The top `rank` singular triplets of m as factors (U_k √Σ_k, √Σ_k V_kᵀ), and the fraction of
+/// ‖m‖²_F they keep.
+fn truncated_svd(m: DMatrix<f64>, rank: usize) -> (DMatrix<f64>, DMatrix<f64>, f64) {
+    let svd = m.svd(true, true);
+    let (u, vt, s) = (svd.u.expect("computed"), svd.v_t.expect("computed"), svd.singular_values);
     // nalgebra does not promise sorted singular values: order them.
     let mut order: Vec<usize> = (0..s.len()).collect();
     order.sort_by(|&i, &j| s[j].total_cmp(&s[i]));
+    let keep = &order[..rank.min(s.len())];
     let total: f64 = s.iter().map(|v| v * v).sum();
-    let keep = &order[..rank];
     let kept: f64 = keep.iter().map(|&i| s[i] * s[i]).sum();
-    let mut us = nalgebra::DMatrix::<f64>::zeros(u.nrows(), rank);
-    let mut sv = nalgebra::DMatrix::<f64>::zeros(rank, vt.ncols());
+    let mut us = DMatrix::<f64>::zeros(u.nrows(), keep.len());
+    let mut sv = DMatrix::<f64>::zeros(keep.len(), vt.ncols());
     for (k, &i) in keep.iter().enumerate() {
         let root = s[i].sqrt();
         us.set_column(k, &(u.column(i) * root));
         sv.set_row(k, &(vt.row(i) * root));
     }
-    let b = qb * us;
-    let a = sv * qa.transpose();
-    (Merged { a: to_mat(&a), b: to_mat(&b) }, if total > 0.0 { kept / total } else { 1.0 })
+    (us, sv, if total > 0.0 { kept / total } else { 1.0 })
 }
 
 /// The files of the merged adapter folder: name → bytes.

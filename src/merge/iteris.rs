@@ -14,11 +14,10 @@
 //! the iteration exactly. `Jacobi` keeps the previous pass's deltas and stores the new ones for the
 //! next pass (the published schedule). `Evaluate` solves nothing and only measures.
 
-use super::solve::{assemble, finish, Merged, SolvePath, TaskStats};
-use crate::backend::{Backend, FactorTerm, Fetched};
+use super::solve::{assemble, finish, host, to_f64, Merged, SolvePath};
+use crate::backend::{Backend, FactorId, GramId, Reads, ScalarId, SystemSpec, SystemTerm, Values, Weight};
 use crate::error::{Error, Result};
 use crate::formats::peft::LoraModule;
-use crate::merge::solve::to_f64;
 use crate::models::{Hook, StageInput, Stream};
 use nalgebra::DMatrix;
 use std::collections::HashMap;
@@ -73,8 +72,10 @@ pub struct IterisHook<'a, B: Backend> {
     loras: Vec<Vec<Option<DeviceLora<B::T>>>>,
     /// Per target, per adapter: ‖W0 + ΔW_i‖²_F = ‖W0‖² + 2s⟨W0, BA⟩ + s²‖BA‖², at the first visit.
     w_norm2: Vec<Option<Vec<f64>>>,
-    /// Alignment errors recorded but not yet read (they ride along with the next stage's fetch).
-    align_pending: Vec<(Slot, B::Pending)>,
+    /// Reads recorded but not yet fetched: the alignment errors a stage leaves, which ride along
+    /// with the next stage's fetch (`align` says what they are).
+    reads: Reads<B>,
+    align: Vec<AlignRead>,
     /// The deltas the merged rows run with (host copy and backend copy).
     pub merged: Vec<Option<Merged>>,
     merged_dev: Vec<Option<(B::T, B::T)>>,
@@ -123,7 +124,8 @@ impl<'a, B: Backend> IterisHook<'a, B> {
             index: targets.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect(),
             loras,
             w_norm2: vec![None; targets.len()],
-            align_pending: Vec::new(),
+            reads: Reads::new(),
+            align: Vec::new(),
             merged: vec![None; targets.len()],
             merged_dev: targets.iter().map(|_| None).collect(),
             solved: vec![None; targets.len()],
@@ -158,22 +160,217 @@ impl<'a, B: Backend> IterisHook<'a, B> {
     }
 }
 
+/// ‖X_i ΔW_iᵀ‖² and ‖X_i ΔW_iᵀ − X̃_i ΔW*ᵀ‖² of target t, task i, pending.
+struct AlignRead {
+    target: usize,
+    task: usize,
+    norm: ScalarId,
+    err: ScalarId,
+}
+
+/// The stage's targeted modules: (index in the stage's modules, index in `targets`).
+type Targeted = [(usize, usize)];
+
+/// The ridge-free statistics of each task: (X_iᵀ X̃_i, X̃_iᵀ X̃_i), one id twice where X̃ = X.
+type TaskGrams = Vec<(GramId, GramId)>;
+
 impl<B: Backend> IterisHook<'_, B> {
-    /// Record a fetched alignment statistic: ‖X_i ΔW_iᵀ‖² first, then the error relative to it.
-    fn settle_align(&mut self, slot: Slot, value: Fetched) {
-        match slot {
-            Slot::AlignNorm(t, i) => self.records[t].align[i] = Some(value.scalar()),
-            Slot::AlignErr(t, i) => {
-                let norm = self.records[t].align[i].unwrap();
-                self.records[t].align[i] = Some((value.scalar() / norm.max(f64::MIN_POSITIVE)).sqrt());
+    /// 1. The numerator of each task's adaptive weight, ‖W0 + ΔW_i‖²_F, per targeted module: known
+    /// after a module's first visit, else ‖W0‖² + ⟨W0, B_i A_i⟩ (= Σ (A_i W0ᵀ) ⊙ B_iᵀ) read now.
+    fn defer_weight_norms(
+        &self,
+        be: &B,
+        input: &StageInput<'_, B>,
+        targeted: &Targeted,
+        reads: &mut Reads<B>,
+    ) -> Vec<Vec<Weight<ScalarId>>> {
+        targeted
+            .iter()
+            .map(|&(j, t)| {
+                if let Some(w) = &self.w_norm2[t] {
+                    return w.iter().map(|&w| Weight::constant(w)).collect();
+                }
+                let w = input.mods[j].w;
+                let base = reads.scalar(be.defer_sq_norm(w, 0..be.dims(w).0));
+                self.loras[t]
+                    .iter()
+                    .zip(&self.targets[t].loras)
+                    .map(|(dev, l)| {
+                        let mut num_terms = vec![(1.0, base)];
+                        if let (Some(d), Some(l)) = (dev, l) {
+                            let aw = be.matmul_t(&d.a, 0..be.dims(&d.a).0, w);
+                            num_terms.push((2.0 * l.scale as f64, reads.scalar(be.defer_dot(&aw, &d.bt))));
+                        }
+                        Weight { num: l.as_ref().map_or(0.0, lora_norm2), num_terms, den: None }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// 2. The adapter rows run with W0 + ΔW_i; returns X_i ΔW_iᵀ per targeted module and task, and
+    /// ‖X_i (W0 + ΔW_i)ᵀ‖², the adaptive weights' denominators.
+    #[allow(clippy::type_complexity)]
+    fn run_adapter_rows(
+        &self,
+        be: &B,
+        input: &StageInput<'_, B>,
+        targeted: &Targeted,
+        rows: &[TaskRows],
+        ys: &mut [B::T],
+        reads: &mut Reads<B>,
+    ) -> (Vec<Vec<Option<B::T>>>, Vec<Vec<ScalarId>>) {
+        targeted
+            .iter()
+            .map(|&(j, t)| {
+                rows.iter()
+                    .enumerate()
+                    .map(|(i, (ra, _))| {
+                        let l = self.loras[t][i].as_ref();
+                        let d = l.map(|l| be.lowrank(input.x, ra.clone(), &l.a, &l.b, l.scale));
+                        if let Some(d) = &d {
+                            be.add_rows(&mut ys[j], ra.clone(), d, 1.0);
+                        }
+                        (d, reads.scalar(be.defer_sq_norm(&ys[j], ra.clone())))
+                    })
+                    .unzip()
+            })
+            .unzip()
+    }
+
+    /// 3. X_iᵀX̃_i and X̃_iᵀX̃_i, shared by the stage's modules (X̃ = X before any merged delta).
+    fn defer_grams(&self, be: &B, x: &B::T, rows: &[TaskRows], reads: &mut Reads<B>) -> TaskGrams {
+        rows.iter()
+            .map(|(ra, rm)| {
+                let mixed;
+                let (xt, rt) = match rm {
+                    None => (x, ra.clone()),
+                    Some(rm) if self.rho != 0.0 => {
+                        mixed = be.mix_rows(x, rm.clone(), 1.0 - self.rho, x, ra.clone(), self.rho);
+                        (&mixed, 0..ra.len())
+                    }
+                    Some(rm) => (x, rm.clone()),
+                };
+                let cross = reads.gram(be.defer_gram(x, ra.clone(), xt, rt.clone()));
+                let gram = if rm.is_some() { reads.gram(be.defer_gram(xt, rt.clone(), xt, rt)) } else { cross };
+                (cross, gram)
+            })
+            .collect()
+    }
+
+    /// 4. A module's system from the stage's pending statistics, and the backend's f32 factor of
+    /// it, assembled there from the same pending values (so both come back in one readback).
+    fn defer_system(
+        &self,
+        be: &B,
+        weights: &[Weight<ScalarId>],
+        grams: &TaskGrams,
+        reads: &mut Reads<B>,
+    ) -> (SystemSpec<ScalarId, GramId>, Option<FactorId>) {
+        let (alpha1, alpha2) = if self.regmean.is_some() { (0.0, 0.0) } else { (self.alpha1, self.alpha2) };
+        let spec = SystemSpec {
+            terms: grams
+                .iter()
+                .zip(weights)
+                .map(|(&(cross, gram), w)| SystemTerm {
+                    gram,
+                    cross,
+                    // RegMean: no adaptive weights.
+                    weight: if self.regmean.is_some() { Weight::constant(1.0) } else { w.clone() },
+                })
+                .collect(),
+            alpha1,
+            alpha2,
+            off_diagonal: self.regmean.unwrap_or(1.0),
+        };
+        let factor = be.defer_factor(&spec.map(|&s| reads.pending_scalar(s), |&g| reads.pending_gram(g)));
+        (spec, factor.map(|f| reads.factor(f)))
+    }
+
+    /// Record the alignment errors that came back: the error relative to ‖X_i ΔW_iᵀ‖.
+    fn settle_align(&mut self, values: &Values) {
+        for a in std::mem::take(&mut self.align) {
+            let norm = values[a.norm].max(f64::MIN_POSITIVE);
+            self.records[a.target].align[a.task] = Some((values[a.err] / norm).sqrt());
+        }
+    }
+
+    /// Settle the adaptive weights: ‖W0 + ΔW_i‖² for later visits, and c_i.
+    fn settle_weights(
+        &mut self,
+        targeted: &Targeted,
+        weights: &[Vec<Weight<ScalarId>>],
+        rows: &[TaskRows],
+        values: &Values,
+    ) {
+        for (&(_, t), w) in targeted.iter().zip(weights) {
+            let w: Vec<Weight<f64>> = w.iter().map(|w| w.map(|&s| values[s])).collect();
+            self.w_norm2[t] = Some(w.iter().map(Weight::numerator).collect());
+            let rec = &mut self.records[t];
+            rec.rows = rows.iter().map(|r| r.0.len()).collect();
+            rec.c = w.iter().map(|w| if self.regmean.is_some() { 1.0 } else { w.value() }).collect();
+        }
+    }
+
+    /// 5. Solve a module's system in f64 on the host, refined around the backend's factor, and make
+    /// the result the delta the merged rows run with (`Sweep`) or the next pass's (`Jacobi`).
+    fn solve(
+        &mut self,
+        be: &B,
+        t: usize,
+        spec: &SystemSpec<f64, &DMatrix<f64>>,
+        factor: Option<crate::mat::Mat64>,
+    ) -> Result<()> {
+        let loras: Vec<Option<&LoraModule>> = self.targets[t].loras.iter().map(Option::as_ref).collect();
+        let sys = assemble(&self.targets[t].name, spec, &loras);
+        let (m, path) = finish(sys, factor, be.offers_cholesky_f32())?;
+        self.records[t].solve_path = Some(path);
+        if self.mode == Mode::Sweep {
+            set_device_delta(be, &mut self.merged_dev[t], Some(&m));
+            self.merged[t] = Some(m.clone());
+        }
+        self.solved[t] = Some(m);
+        Ok(())
+    }
+
+    /// 6. The merged rows run with W0 + ΔW*; their alignment error against each adapter's own
+    /// output is read with the next fetch.
+    fn run_merged_rows(
+        &mut self,
+        be: &B,
+        input: &StageInput<'_, B>,
+        targeted: &Targeted,
+        rows: &[TaskRows],
+        own: &[Vec<Option<B::T>>],
+        ys: &mut [B::T],
+    ) {
+        for (k, &(j, t)) in targeted.iter().enumerate() {
+            self.records[t].align = vec![None; rows.len()];
+            for (i, (ra, rm)) in rows.iter().enumerate() {
+                let Some(rm) = rm else { continue };
+                let d = self.merged_dev[t].as_ref().map(|(a, b)| be.lowrank(input.x, rm.clone(), a, b, 1.0));
+                if let Some(d) = &d {
+                    be.add_rows(&mut ys[j], rm.clone(), d, 1.0);
+                }
+                if let Some(o) = &own[k][i] {
+                    let norm = self.reads.scalar(be.defer_sq_norm(o, 0..ra.len()));
+                    let err = match &d {
+                        Some(d) => be.defer_sq_dist(o, d),
+                        None => be.defer_sq_norm(o, 0..ra.len()),
+                    };
+                    let err = self.reads.scalar(err);
+                    self.align.push(AlignRead { target: t, task: i, norm, err });
+                }
             }
-            other => unreachable!("{other:?} is not an alignment statistic"),
         }
     }
 }
 
+/// A task's adapter-stream rows and, once the merged model runs, its merged-stream rows.
+type TaskRows = (Range<usize>, Option<Range<usize>>);
+
 /// Rows of the adapter-stream and merged-stream groups of each task.
-fn task_rows(input: &StageInput<impl Backend>, tasks: usize) -> Vec<(Range<usize>, Option<Range<usize>>)> {
+fn task_rows(input: &StageInput<impl Backend>, tasks: usize) -> Vec<TaskRows> {
     let mut out = vec![(0..0, None); tasks];
     for (g, group) in input.batch.groups.iter().enumerate() {
         match group.stream {
@@ -196,243 +393,55 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
         if targeted.is_empty() {
             return Ok(());
         }
-        let tasks = self.targets[0].loras.len();
-        let rows = task_rows(input, tasks);
-        let x = input.x;
+        let rows = task_rows(input, self.targets[0].loras.len());
+        let solving = self.mode != Mode::Evaluate;
         // Everything the host reads in this stage is deferred and fetched at once (one readback on
         // the GPU), together with the alignment errors the previous stage left pending.
-        let (mut slots, mut pending): (Vec<Slot>, Vec<B::Pending>) =
-            std::mem::take(&mut self.align_pending).into_iter().unzip();
-
-        // 1. Weight norms ‖W0‖² and ⟨W0, B_i A_i⟩ = Σ (A_i W0ᵀ) ⊙ B_iᵀ, at a module's first visit.
-        // at[slot] = index of the slot's value in `pending`, for the systems assembled below.
-        let mut at: HashMap<Slot, usize> = HashMap::new();
-        let mut defer = |slot: Slot, p: B::Pending, slots: &mut Vec<Slot>, pending: &mut Vec<B::Pending>| {
-            at.insert(slot, pending.len());
-            slots.push(slot);
-            pending.push(p);
+        let mut reads = std::mem::take(&mut self.reads);
+        let mut weights = self.defer_weight_norms(be, input, &targeted, &mut reads);
+        let (own, denominators) = self.run_adapter_rows(be, input, &targeted, &rows, ys, &mut reads);
+        for (w, d) in weights.iter_mut().flatten().zip(denominators.iter().flatten()) {
+            w.den = Some(*d);
+        }
+        let grams = if solving { self.defer_grams(be, input.x, &rows, &mut reads) } else { Vec::new() };
+        let systems: Vec<_> = if solving {
+            weights.iter().map(|w| self.defer_system(be, w, &grams, &mut reads)).collect()
+        } else {
+            Vec::new()
         };
-        for &(j, t) in &targeted {
-            if self.w_norm2[t].is_none() {
-                let w = input.mods[j].w;
-                defer(Slot::WeightNorm(t), be.defer_sq_norm(w, 0..be.dims(w).0), &mut slots, &mut pending);
-                for (i, l) in self.loras[t].iter().enumerate() {
-                    if let Some(l) = l {
-                        let aw = be.matmul_t(&l.a, 0..be.dims(&l.a).0, w);
-                        defer(Slot::WeightCross(t, i), be.defer_dot(&aw, &l.bt), &mut slots, &mut pending);
-                    }
-                }
-            }
-        }
-        // 2. Adapter rows: W0 + ΔW_i, and ‖X_i (W0 + ΔW_i)ᵀ‖² for the adaptive weights.
-        // own[k][i]: X_i ΔW_iᵀ for targeted module k and task i.
-        let mut own: Vec<Vec<Option<B::T>>> = Vec::new();
-        for &(j, t) in &targeted {
-            let mut per_task = Vec::new();
-            for (i, (ra, _)) in rows.iter().enumerate() {
-                let d = self.loras[t][i].as_ref().map(|l| be.lowrank(x, ra.clone(), &l.a, &l.b, l.scale));
-                if let Some(d) = &d {
-                    be.add_rows(&mut ys[j], ra.clone(), d, 1.0);
-                }
-                defer(Slot::Denominator(t, i), be.defer_sq_norm(&ys[j], ra.clone()), &mut slots, &mut pending);
-                per_task.push(d);
-            }
-            own.push(per_task);
-        }
-        // 3. X_iᵀX̃_i and X̃_iᵀX̃_i, shared by the stage's modules (X̃ = X before any merged delta).
-        let solving = self.mode != Mode::Evaluate;
-        if solving {
-            for (i, (ra, rm)) in rows.iter().enumerate() {
-                let mixed;
-                let (xt, rt) = match rm {
-                    None => (x, ra.clone()),
-                    Some(rm) if self.rho != 0.0 => {
-                        mixed = be.mix_rows(x, rm.clone(), 1.0 - self.rho, x, ra.clone(), self.rho);
-                        (&mixed, 0..ra.len())
-                    }
-                    Some(rm) => (x, rm.clone()),
-                };
-                defer(Slot::Cross(i), be.defer_gram(x, ra.clone(), xt, rt.clone()), &mut slots, &mut pending);
-                if rm.is_some() {
-                    defer(Slot::Gram(i), be.defer_gram(xt, rt.clone(), xt, rt), &mut slots, &mut pending);
-                }
-            }
-        }
-        let (alpha1, alpha2) = if self.regmean.is_some() { (0.0, 0.0) } else { (self.alpha1, self.alpha2) };
-        // 4. Each module's system matrix, assembled and factored in f32 on the backend from the
-        // statistics still pending there, so statistics and factors come back in one readback.
-        if solving {
-            let mut factors = Vec::new();
-            for &(_, t) in &targeted {
-                let terms: Vec<_> = (0..tasks)
-                    .map(|i| {
-                        let gram = at.get(&Slot::Gram(i)).unwrap_or(&at[&Slot::Cross(i)]);
-                        let (num, num_terms, den) = match (self.regmean, &self.w_norm2[t]) {
-                            (Some(_), _) => (1.0, vec![], None),
-                            (None, Some(w)) => (w[i], vec![], Some(&pending[at[&Slot::Denominator(t, i)]])),
-                            (None, None) => {
-                                let l = self.targets[t].loras[i].as_ref();
-                                let mut terms = vec![(1.0, &pending[at[&Slot::WeightNorm(t)]])];
-                                if let Some(l) = l {
-                                    terms.push((2.0 * l.scale as f64, &pending[at[&Slot::WeightCross(t, i)]]));
-                                }
-                                (l.map_or(0.0, lora_norm2), terms, Some(&pending[at[&Slot::Denominator(t, i)]]))
-                            }
-                        };
-                        FactorTerm {
-                            gram: &pending[*gram],
-                            num,
-                            num_terms,
-                            den,
-                            ridge: alpha2,
-                            off_diagonal: self.regmean.unwrap_or(1.0),
-                        }
-                    })
-                    .collect();
-                if let Some(f) = be.defer_cholesky(&terms) {
-                    factors.push((Slot::Factor(t), f));
-                }
-            }
-            for (slot, f) in factors {
-                slots.push(slot);
-                pending.push(f);
-            }
-        }
 
-        let mut stats: Vec<(Option<DMatrix<f64>>, Option<DMatrix<f64>>)> = vec![(None, None); tasks];
-        let mut denominators = vec![vec![0.0; tasks]; self.targets.len()];
-        let mut factors: HashMap<usize, DMatrix<f64>> = HashMap::new();
-        for (slot, value) in slots.into_iter().zip(be.fetch(pending).await?) {
-            match slot {
-                Slot::WeightNorm(t) => {
-                    let base = value.scalar();
-                    self.w_norm2[t] =
-                        Some(self.targets[t].loras.iter().map(|l| base + l.as_ref().map_or(0.0, lora_norm2)).collect());
-                }
-                Slot::WeightCross(t, i) => {
-                    let s = self.targets[t].loras[i].as_ref().unwrap().scale as f64;
-                    self.w_norm2[t].as_mut().unwrap()[i] += 2.0 * s * value.scalar();
-                }
-                Slot::Denominator(t, i) => denominators[t][i] = value.scalar(),
-                Slot::Cross(i) => stats[i].0 = Some(value.matrix()),
-                Slot::Gram(i) => stats[i].1 = Some(value.matrix()),
-                Slot::Factor(t) => {
-                    if let Some(l) = value.factor() {
-                        factors.insert(t, l);
-                    }
-                }
-                align => self.settle_align(align, value),
-            }
-        }
+        let mut values = be.fetch(reads).await?;
+        self.settle_align(&values);
+        self.settle_weights(&targeted, &weights, &rows, &values);
         // Non-finite features (an overflow or a division by zero upstream) would end as a
         // "singular" solve or a NaN adapter: stop here, at the first module they reach.
-        let finite = |m: &Option<DMatrix<f64>>| m.as_ref().is_none_or(|m| m.iter().all(|v| v.is_finite()));
-        let bad_task = (0..tasks).find(|&i| {
-            !finite(&stats[i].0)
-                || !finite(&stats[i].1)
-                || targeted.iter().any(|&(_, t)| !denominators[t][i].is_finite())
+        let finite = |id: GramId| values.gram(id).data.iter().all(|v| v.is_finite());
+        let bad_task = (0..rows.len()).find(|&i| {
+            grams.get(i).is_some_and(|&(c, g)| !finite(c) || !finite(g))
+                || denominators.iter().any(|d| !values[d[i]].is_finite())
         });
         if let Some(i) = bad_task {
             return Err(Error::NonFinite { module: self.targets[targeted[0].1].name.clone(), task: i });
         }
-        for &(_, t) in &targeted {
-            let rec = &mut self.records[t];
-            rec.rows = rows.iter().map(|r| r.0.len()).collect();
-            rec.c = (0..tasks)
-                .map(|i| match self.regmean {
-                    Some(_) => 1.0,
-                    None => self.w_norm2[t].as_ref().unwrap()[i] / denominators[t][i].max(f64::MIN_POSITIVE),
-                })
-                .collect();
+        let host_grams: HashMap<GramId, DMatrix<f64>> =
+            grams.iter().flat_map(|&(c, g)| [c, g]).map(|id| (id, host(values.gram(id)))).collect();
+        for (&(_, t), (spec, factor)) in targeted.iter().zip(&systems) {
+            let spec = spec.map(|&s| values[s], |g| &host_grams[g]);
+            let factor = factor.and_then(|f| values.take_factor(f));
+            self.solve(be, t, &spec, factor)?;
         }
 
-        // 5. One solve per module, in f64 on the host, refined around the backend's factor.
-        if solving {
-            for s in stats.iter_mut() {
-                if let (Some(scale), Some(g)) = (self.regmean, s.0.as_mut()) {
-                    // RegMean: G ← scale·G + (1 − scale)·diag(G).
-                    let d = g.diagonal();
-                    *g *= scale;
-                    g.set_diagonal(&d);
-                }
-                if s.1.is_none() {
-                    s.1 = s.0.clone(); // X̃ = X: the Gram is the cross term
-                }
-            }
-            for &(_, t) in &targeted {
-                let ts: Vec<TaskStats> = (0..tasks)
-                    .map(|i| TaskStats {
-                        cross: stats[i].0.as_ref().unwrap(),
-                        gram: stats[i].1.as_ref().unwrap(),
-                        c: self.records[t].c[i],
-                        lora: self.targets[t].loras[i].as_ref(),
-                    })
-                    .collect();
-                let sys = assemble(&self.targets[t].name, &ts, alpha1, alpha2);
-                let (m, path) = finish(sys, factors.remove(&t), be.offers_cholesky_f32())?;
-                self.records[t].solve_path = Some(path);
-                if self.mode == Mode::Sweep {
-                    set_device_delta(be, &mut self.merged_dev[t], Some(&m));
-                    self.merged[t] = Some(m.clone());
-                }
-                self.solved[t] = Some(m);
-            }
-        }
-
-        // 6. Merged rows: W0 + ΔW*, and the alignment error against each adapter's own output
-        // (read with the next fetch).
-        for (k, &(j, t)) in targeted.iter().enumerate() {
-            self.records[t].align = vec![None; tasks];
-            for (i, (ra, rm)) in rows.iter().enumerate() {
-                let Some(rm) = rm else { continue };
-                let d = self.merged_dev[t].as_ref().map(|(a, b)| be.lowrank(x, rm.clone(), a, b, 1.0));
-                if let Some(d) = &d {
-                    be.add_rows(&mut ys[j], rm.clone(), d, 1.0);
-                }
-                if let Some(o) = &own[k][i] {
-                    self.align_pending.push((Slot::AlignNorm(t, i), be.defer_sq_norm(o, 0..ra.len())));
-                    let err = match &d {
-                        Some(d) => be.defer_sq_dist(o, d),
-                        None => be.defer_sq_norm(o, 0..ra.len()),
-                    };
-                    self.align_pending.push((Slot::AlignErr(t, i), err));
-                }
-            }
-        }
+        self.run_merged_rows(be, input, &targeted, &rows, &own, ys);
         self.seen += targeted.len();
         (self.on_stage)(self.seen, self.targets.len());
         Ok(())
     }
 
     async fn end_pass(&mut self, be: &B) -> Result<()> {
-        let (slots, pending): (Vec<Slot>, Vec<B::Pending>) =
-            std::mem::take(&mut self.align_pending).into_iter().unzip();
-        for (slot, value) in slots.into_iter().zip(be.fetch(pending).await?) {
-            self.settle_align(slot, value);
-        }
+        let values = be.fetch(std::mem::take(&mut self.reads)).await?;
+        self.settle_align(&values);
         Ok(())
     }
-}
-
-/// What a fetched value is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Slot {
-    /// ‖W0‖² of target t.
-    WeightNorm(usize),
-    /// ⟨W0, B_i A_i⟩ of target t, adapter i.
-    WeightCross(usize, usize),
-    /// ‖X_i (W0 + ΔW_i)ᵀ‖² of target t, task i.
-    Denominator(usize, usize),
-    /// X_iᵀ X̃_i of task i.
-    Cross(usize),
-    /// X̃_iᵀ X̃_i of task i.
-    Gram(usize),
-    /// ‖X_i ΔW_iᵀ‖² of target t, task i.
-    AlignNorm(usize, usize),
-    /// ‖X_i ΔW_iᵀ − X̃_i ΔW*ᵀ‖² of target t, task i.
-    AlignErr(usize, usize),
-    /// The f32 Cholesky factor of target t's system matrix.
-    Factor(usize),
 }
 
 /// Put a merged delta on the backend, into the buffers of the previous one where there is one.

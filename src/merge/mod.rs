@@ -9,6 +9,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod report;
 pub mod solve;
+pub mod study;
 
 use crate::backend::Backend;
 use crate::error::{bad_input, Result};

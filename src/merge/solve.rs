@@ -6,23 +6,11 @@
 //! So ΔW* is exactly a LoRA with B* = [B_1 … B_N] and A* stacked from the brackets: we solve
 //! M A*ᵀ = Zᵀ for the (Σr × in) right-hand side Z and never form an (out × in) matrix.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, SystemSpec};
 use crate::error::{Error, Result};
 use crate::formats::peft::LoraModule;
-use crate::mat::Mat;
+use crate::mat::{Mat, Mat64};
 use nalgebra::DMatrix;
-
-/// One task's statistics at one module.
-pub struct TaskStats<'a> {
-    /// X_iᵀ X̃_i, (in, in), without ridge.
-    pub cross: &'a DMatrix<f64>,
-    /// X̃_iᵀ X̃_i, (in, in), without ridge.
-    pub gram: &'a DMatrix<f64>,
-    /// Adaptive weight c_i.
-    pub c: f64,
-    /// The task's LoRA at this module, if its adapter targets it.
-    pub lora: Option<&'a LoraModule>,
-}
 
 /// How the linear system was solved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -128,27 +116,44 @@ pub struct System<'a> {
     b_blocks: Vec<&'a Mat>,
 }
 
-pub fn assemble<'a>(module: &'a str, tasks: &[TaskStats<'a>], alpha1: f64, alpha2: f64) -> System<'a> {
-    let n = tasks[0].gram.nrows();
+/// A module's system (`SystemSpec`, with every value fetched) in f64: M and Zᵀ, with `loras[i]`
+/// the task's LoRA at this module where its adapter targets it.
+pub fn assemble<'a>(
+    module: &'a str,
+    spec: &SystemSpec<f64, &DMatrix<f64>>,
+    loras: &[Option<&'a LoraModule>],
+) -> System<'a> {
+    let n = spec.terms.first().map_or(0, |t| t.gram.nrows());
+    // S: RegMean's G ← f·G + (1 − f)·diag(G), left alone for IterIS (f = 1).
+    let scaled = |g: &DMatrix<f64>| {
+        let mut g = g.clone();
+        if spec.off_diagonal != 1.0 {
+            let d = g.diagonal();
+            g *= spec.off_diagonal;
+            g.set_diagonal(&d);
+        }
+        g
+    };
     let mut m = DMatrix::<f64>::zeros(n, n);
     let mut z_blocks: Vec<DMatrix<f64>> = Vec::new();
     let mut b_blocks: Vec<&Mat> = Vec::new();
-    for t in tasks {
-        let g = t.gram;
+    for (t, lora) in spec.terms.iter().zip(loras) {
+        let c = t.weight.value();
+        let g = scaled(t.gram);
         // The Gram is symmetric in exact arithmetic; rounding can leave it a hair off.
-        let g = (g + g.transpose()) * 0.5;
-        let ridge = alpha2 * g.norm();
-        m += &g * t.c;
+        let g = (&g + g.transpose()) * 0.5;
+        let ridge = spec.alpha2 * g.norm();
+        m += &g * c;
         for i in 0..n {
-            m[(i, i)] += t.c * ridge;
+            m[(i, i)] += c * ridge;
         }
-        if let Some(l) = t.lora {
-            let mut cm = t.cross.clone();
-            let ridge = alpha1 * cm.norm();
+        if let Some(l) = lora {
+            let mut cm = scaled(t.cross);
+            let ridge = spec.alpha1 * cm.norm();
             for i in 0..n {
                 cm[(i, i)] += ridge;
             }
-            z_blocks.push(to_f64(&l.a) * cm * (t.c * l.scale as f64));
+            z_blocks.push(to_f64(&l.a) * cm * (c * l.scale as f64));
             b_blocks.push(&l.b);
         }
     }
@@ -162,12 +167,22 @@ pub fn assemble<'a>(module: &'a str, tasks: &[TaskStats<'a>], alpha1: f64, alpha
     System { module, m, zt, b_blocks }
 }
 
+/// A backend's f64 matrix as the host's.
+pub fn host(m: &Mat64) -> DMatrix<f64> {
+    DMatrix::from_row_slice(m.rows, m.cols, &m.data)
+}
+
+/// The host's f64 matrix as a backend takes it.
+pub fn device(m: &DMatrix<f64>) -> Mat64 {
+    Mat64::new(m.nrows(), m.ncols(), m.transpose().as_slice().to_vec())
+}
+
 /// Solve a system, refining around `factor` (an f32 Cholesky factor of M from the backend) when
 /// given, else (or when refinement stalls) in f64 on the CPU. `gpu_offered`: whether the backend
 /// offers f32 factors, so an f64 solve is reported as a fallback.
-pub fn finish(sys: System, factor: Option<DMatrix<f64>>, gpu_offered: bool) -> Result<(Merged, SolvePath)> {
+pub fn finish(sys: System, factor: Option<Mat64>, gpu_offered: bool) -> Result<(Merged, SolvePath)> {
     let System { module, m, zt, b_blocks } = sys;
-    let refined = factor.and_then(|l| refine(&m, &l, &zt));
+    let refined = factor.and_then(|l| refine(&m, &host(&l), &zt));
     let f64_path = if gpu_offered { SolvePath::CholeskyF64AfterGpu } else { SolvePath::CholeskyF64 };
     let (at_solved, path) = match refined {
         Some(x) => (x, SolvePath::GpuCholeskyF32Refined),
@@ -204,11 +219,10 @@ pub fn finish(sys: System, factor: Option<DMatrix<f64>>, gpu_offered: bool) -> R
 pub async fn solve<B: Backend>(
     be: &B,
     module: &str,
-    tasks: &[TaskStats<'_>],
-    alpha1: f64,
-    alpha2: f64,
+    spec: &SystemSpec<f64, &DMatrix<f64>>,
+    loras: &[Option<&LoraModule>],
 ) -> Result<(Merged, SolvePath)> {
-    let sys = assemble(module, tasks, alpha1, alpha2);
-    let factor = be.cholesky_f32_many(&[&sys.m]).await?.pop().flatten();
+    let sys = assemble(module, spec, loras);
+    let factor = be.cholesky_f32_many(&[&device(&sys.m)]).await?.pop().flatten();
     finish(sys, factor, be.offers_cholesky_f32())
 }

@@ -99,3 +99,24 @@ pub fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }
+
+/// The f64 host matrix of a backend's Gram.
+pub fn gram_of<B: iteris::backend::Backend>(be: &B, x: &B::T, rows: std::ops::Range<usize>) -> nalgebra::DMatrix<f64> {
+    iteris::merge::solve::host(&be.gram(x, rows.clone(), x, rows).block_on().unwrap())
+}
+
+/// A system of known statistics: per task its Gram (also its cross term, as where X̃ = X) and a
+/// constant weight.
+pub fn known_system<'a>(
+    terms: &[(&'a nalgebra::DMatrix<f64>, f64)],
+    alpha1: f64,
+    alpha2: f64,
+) -> iteris::backend::SystemSpec<f64, &'a nalgebra::DMatrix<f64>> {
+    use iteris::backend::{SystemSpec, SystemTerm, Weight};
+    SystemSpec {
+        terms: terms.iter().map(|&(g, c)| SystemTerm { gram: g, cross: g, weight: Weight::constant(c) }).collect(),
+        alpha1,
+        alpha2,
+        off_diagonal: 1.0,
+    }
+}

@@ -1,0 +1,71 @@
+//! `attention.wgsl`: scaled dot-product attention per (head, query row), online softmax.
+
+use super::dispatch::{params, Kernel};
+use super::{Gpu, GpuTensor};
+use crate::backend::AttentionSpec;
+use std::ops::Range;
+
+pub(super) const ATTENTION: Kernel = Kernel { name: "attention", src: include_str!("../../../shaders/attention.wgsl") };
+
+/// The largest head the kernel's per-thread accumulator holds.
+const MAX_HEAD_DIM: usize = 256;
+
+params!(AttentionParams {
+    rows: u32,
+    heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    causal: u32,
+    /// 0: no sliding window.
+    window: u32,
+    scale: f32,
+});
+
+impl Gpu {
+    pub(super) fn attend(
+        &self,
+        q: &GpuTensor,
+        k: &GpuTensor,
+        v: &GpuTensor,
+        spec: &AttentionSpec,
+        seqs: &[Range<usize>],
+    ) -> GpuTensor {
+        let kv_cols = spec.kv_heads * spec.head_dim;
+        assert_eq!(q.cols, spec.heads * spec.head_dim, "attention: q must be (rows, heads · head_dim)");
+        assert_eq!(
+            (k.rows, k.cols, v.rows, v.cols),
+            (q.rows, kv_cols, q.rows, kv_cols),
+            "attention: k and v must be (rows, kv_heads · head_dim)"
+        );
+        assert!(spec.kv_heads > 0 && spec.heads % spec.kv_heads == 0, "attention: kv_heads must divide heads");
+        assert!(seqs.iter().all(|s| s.end <= q.rows), "attention: a sequence leaves the rows");
+        if spec.head_dim > MAX_HEAD_DIM {
+            self.fail(format!(
+                "attention.wgsl handles head_dim up to {MAX_HEAD_DIM}, not {}: use the CPU backend",
+                spec.head_dim
+            ));
+        }
+        let mut span = Vec::with_capacity(q.rows * 2);
+        for s in seqs {
+            for _ in s.clone() {
+                span.push(s.start as u32);
+                span.push(s.end as u32);
+            }
+        }
+        let sb = self.table(&span);
+        let out = self.alloc(q.rows, q.cols);
+        let p = self.pipeline(&ATTENTION, &[]);
+        let params = AttentionParams {
+            rows: q.rows as u32,
+            heads: spec.heads as u32,
+            kv_heads: spec.kv_heads as u32,
+            head_dim: spec.head_dim as u32,
+            causal: spec.causal as u32,
+            window: spec.window.unwrap_or(0) as u32,
+            scale: spec.scale,
+        };
+        let (y, z) = (q.rows.min(65535), q.rows.div_ceil(65535));
+        self.dispatch(&p, &[&q.buf, &k.buf, &v.buf, &sb, &out.buf], &params, (spec.heads as u32, y as u32, z as u32));
+        out
+    }
+}
