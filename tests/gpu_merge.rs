@@ -97,7 +97,7 @@ fn one_readback_per_stage() {
 }
 
 /// Passes after the first re-record the dispatches of the one before and reuse their bind groups
-/// (`BindCache` in gpu.rs): with more Jacobi passes the merge creates no more bind groups.
+/// (`BindCache` in backend/gpu/dispatch.rs): with more Jacobi passes the merge creates no more bind groups.
 #[test]
 fn bind_groups_reused_across_passes() {
     let Some(gpu) = gpu_or_skip("bind_groups_reused_across_passes") else { return };

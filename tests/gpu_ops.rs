@@ -36,6 +36,7 @@ fn close(what: &str, g: &Mat, c: &Mat, tol: f64) {
 /// `close` for the f64 matrices the host reads back (Gram matrices).
 fn close64(what: &str, g: &nalgebra::DMatrix<f64>, c: &nalgebra::DMatrix<f64>, tol: f64) {
     let e = (g - c).norm() / c.norm();
+    eprintln!("{what}: {e:.2e} (bound {tol:.0e})");
     assert!(e < tol, "{what}: GPU differs from CPU (f64) by {e:.2e}");
 }
 
@@ -56,7 +57,7 @@ fn matmul_and_gram() {
         let y = r.mat(n + 4, m);
         let c = host(&Cpu.gram(&x, 2..2 + n, &y, 4..4 + n).block_on().unwrap());
         let gg = host(&g.gram(&g.upload(&x), 2..2 + n, &g.upload(&y), 4..4 + n).block_on().unwrap());
-        close64(&format!("gram {n}x{k}x{m}"), &gg, &c, 1e-12);
+        close64(&format!("gram {n}x{k}x{m}"), &gg, &c, 5e-13);
     }
 }
 
@@ -72,7 +73,7 @@ fn gram_accumulates_in_twice_f32_precision() {
     for (what, rows, cols, tol) in [
         ("one row", 1, 64, 1e-15),
         ("integers", 300, 64, 1e-15),
-        ("random", 300, 64, 1e-12),
+        ("random", 300, 64, 2e-13),
         ("4000 rows", 4000, 8, 1e-12),
     ] {
         let mut x = r.mat(rows, cols);
@@ -355,9 +356,12 @@ fn system_assembled_from_pending_statistics_equals_the_host_system() {
         let got = host(&values.take_gram(m_id));
         let e = (&got - &want).norm() / want.norm();
         eprintln!("{method} α {alpha}: GPU-assembled M vs host M {e:.2e}");
-        assert!(e < 1e-6, "{method} α {alpha}: the GPU's M differs from the host's by {e:.2e}");
+        // Measured 1.2e-7 to 1.3e-7 (f32 rounding of M's entries).
+        assert!(e < 4e-7, "{method} α {alpha}: the GPU's M differs from the host's by {e:.2e}");
         let l = host(&values.take_factor(f_id).expect("positive definite"));
         let e = (&l * l.transpose() - &want).norm() / want.norm();
-        assert!(e < 2e-6, "{method} α {alpha}: L·Lᵀ differs from the host's M by {e:.2e}");
+        eprintln!("{method} α {alpha}: L·Lᵀ vs host M {e:.2e}");
+        // Measured 1.4e-7 to 1.6e-7.
+        assert!(e < 5e-7, "{method} α {alpha}: L·Lᵀ differs from the host's M by {e:.2e}");
     }
 }
