@@ -4,8 +4,9 @@
 //! merged delta exists, the same samples run by the merged model (rows X̃_i). At each stage the hook
 //! 1. adds each adapter's delta to its own rows and measures ‖X_i (W0+ΔW_i)ᵀ‖ for the adaptive weight,
 //! 2. accumulates X_iᵀX̃_i and X̃_iᵀX̃_i once for all modules of the stage (they share the input),
-//! 3. has the backend assemble and factor (f32) every targeted module's system from those pending
-//!    statistics, so statistics and factors come back in one readback,
+//! 3. has the backend assemble and factor (f32) every targeted module's system (one `SystemSpec`,
+//!    `backend::system`) from those pending statistics, so statistics and factors come back in
+//!    one readback,
 //! 4. solves each system in f64 (`solve.rs`), refined around the factor where there is one,
 //! 5. adds the merged delta to the merged rows and measures the alignment error.
 //!
@@ -175,7 +176,7 @@ type Targeted = [(usize, usize)];
 type TaskGrams = Vec<(GramId, GramId)>;
 
 impl<B: Backend> IterisHook<'_, B> {
-    /// 1. The numerator of each task's adaptive weight, ‖W0 + ΔW_i‖²_F, per targeted module: known
+    /// 1a. The numerator of each task's adaptive weight, ‖W0 + ΔW_i‖²_F, per targeted module: known
     /// after a module's first visit, else ‖W0‖² + ⟨W0, B_i A_i⟩ (= Σ (A_i W0ᵀ) ⊙ B_iᵀ) read now.
     fn defer_weight_norms(
         &self,
@@ -208,7 +209,7 @@ impl<B: Backend> IterisHook<'_, B> {
             .collect()
     }
 
-    /// 2. The adapter rows run with W0 + ΔW_i; returns X_i ΔW_iᵀ per targeted module and task, and
+    /// 1b. The adapter rows run with W0 + ΔW_i; returns X_i ΔW_iᵀ per targeted module and task, and
     /// ‖X_i (W0 + ΔW_i)ᵀ‖², the adaptive weights' denominators.
     #[allow(clippy::type_complexity)]
     fn run_adapter_rows(
@@ -238,7 +239,7 @@ impl<B: Backend> IterisHook<'_, B> {
             .unzip()
     }
 
-    /// 3. X_iᵀX̃_i and X̃_iᵀX̃_i, shared by the stage's modules (X̃ = X before any merged delta).
+    /// 2. X_iᵀX̃_i and X̃_iᵀX̃_i, shared by the stage's modules (X̃ = X before any merged delta).
     fn defer_grams(&self, be: &B, x: &B::T, rows: &[TaskRows], reads: &mut Reads<B>) -> TaskGrams {
         rows.iter()
             .map(|(ra, rm)| {
@@ -258,7 +259,7 @@ impl<B: Backend> IterisHook<'_, B> {
             .collect()
     }
 
-    /// 4. A module's system from the stage's pending statistics, and the backend's f32 factor of
+    /// 3. A module's system from the stage's pending statistics, and the backend's f32 factor of
     /// it, assembled there from the same pending values (so both come back in one readback).
     fn defer_system(
         &self,
@@ -312,7 +313,7 @@ impl<B: Backend> IterisHook<'_, B> {
         }
     }
 
-    /// 5. Solve a module's system in f64 on the host, refined around the backend's factor, and make
+    /// 4. Solve a module's system in f64 on the host, refined around the backend's factor, and make
     /// the result the delta the merged rows run with (`Sweep`) or the next pass's (`Jacobi`).
     fn solve(
         &mut self,
@@ -333,7 +334,7 @@ impl<B: Backend> IterisHook<'_, B> {
         Ok(())
     }
 
-    /// 6. The merged rows run with W0 + ΔW*; their alignment error against each adapter's own
+    /// 5. The merged rows run with W0 + ΔW*; their alignment error against each adapter's own
     /// output is read with the next fetch.
     fn run_merged_rows(
         &mut self,
