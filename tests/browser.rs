@@ -125,8 +125,10 @@ fn page_merges_like_the_cli() {
     cli_merge(&sweep, false, &[]);
     cli_merge(&jacobi, false, &["--schedule", "jacobi", "--iters", "4"]);
     cli_merge(&demo, true, &[]);
+    // Measured 2.5e-6 (demo), 3.4e-6 (WebGPU on SwiftShader), 3.35e-6 (CPU, both schedules):
+    // wasm's f32 arithmetic and SwiftShader differ from the native build in the last bits.
     for (zip, cli, tol) in
-        [("demo", &demo, 1e-4), ("gpu", &sweep, 1e-4), ("cpu", &sweep, 1e-4), ("cpu-jacobi", &jacobi, 1e-4)]
+        [("demo", &demo, 1e-5), ("gpu", &sweep, 1e-5), ("cpu", &sweep, 1e-5), ("cpu-jacobi", &jacobi, 1e-5)]
     {
         let dir = unzip(&out.join(format!("{zip}.zip")), &out.join(zip));
         let e = max_rel_diff(&dir, cli);
