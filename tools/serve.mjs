@@ -41,11 +41,22 @@ export function serve(dir, port = 0) {
       res.end(data);
     });
   });
-  return new Promise((ok) => server.listen(port, '127.0.0.1', () => ok(server)));
+  return new Promise((ok, fail) => {
+    server.once('error', fail);
+    server.listen(port, '127.0.0.1', () => ok(server));
+  });
 }
 
 if (process.argv[1] && fileURLToPath(import.meta.url) === path.resolve(process.argv[1])) {
   const [dir = 'dist', port = '8080'] = process.argv.slice(2);
-  const server = await serve(dir, Number(port));
+  let server;
+  try {
+    server = await serve(dir, Number(port));
+  } catch (e) {
+    // One line, not a stack trace: the usual cause is another server on the port.
+    const why = e.code === 'EADDRINUSE' ? `port ${port} is in use by another program` : e.message;
+    console.error(`error: cannot serve the page on 127.0.0.1:${port}: ${why}; choose another port, e.g. PORT=8081 bash tools/serve.sh`);
+    process.exit(1);
+  }
   console.log(`iteris page: http://127.0.0.1:${server.address().port}/  (serving ${dir}; Ctrl-C stops)`);
 }

@@ -188,7 +188,7 @@ const ADVICE = {
 function showMessage(text, kind) {
   const m = $('message');
   m.hidden = !text;
-  m.className = kind === 'info' ? 'info' : '';
+  m.className = kind === 'info' || kind === 'warning' ? kind : '';
   const said = text || '';
   m.textContent = kind && ADVICE[kind] ? `${said}${/[.!?]$/.test(said) ? '' : '.'} ${ADVICE[kind]}` : said;
 }
@@ -269,6 +269,7 @@ async function startMerge(cmd = 'merge') {
       state.engineSeconds = (performance.now() - started) / 1000;
     }
     else if (m.type === 'progress') showProgress(m, started);
+    else if (m.type === 'warning') showMessage(m.text, 'warning');
     else if (m.type === 'done') { finish(); showResults(m, (performance.now() - started) / 1000); }
     else if (m.type === 'compared') { finish(); showComparison(JSON.parse(m.table), (performance.now() - started) / 1000); }
     else if (m.type === 'error') { finish(); showMessage(m.message, m.kind); }

@@ -1,5 +1,5 @@
 // The engine runs here, off the page's thread, so the page stays responsive during a merge.
-// Messages in: { cmd: 'merge' | 'compare', input, options } (see app.js). Messages out: { type: 'version' | 'progress' | 'done' | 'compared' | 'error' }.
+// Messages in: { cmd: 'merge' | 'compare', input, options } (see app.js). Messages out: { type: 'version' | 'progress' | 'warning' | 'done' | 'compared' | 'error' }.
 // One worker serves one merge; the page terminates it to cancel.
 import init, { merge, compare, version, last_panic, panic_file } from './pkg/iteris.js';
 
@@ -11,12 +11,13 @@ self.onmessage = async (event) => {
     await ready;
     postMessage({ type: 'version', version: version() });
     const progress = (pass, passes, label, done, all) => postMessage({ type: 'progress', pass, passes, label, done, all });
+    const warn = (text) => postMessage({ type: 'warning', text });
     if (cmd === 'compare') {
-      const table = await compare(input, JSON.stringify(options), progress);
+      const table = await compare(input, JSON.stringify(options), progress, warn);
       postMessage({ type: 'compared', table });
       return;
     }
-    const r = await merge(input, JSON.stringify(options), progress);
+    const r = await merge(input, JSON.stringify(options), progress, warn);
     postMessage({ type: 'done', zip: r.zip, report: r.report, backend: r.backend, notes: Array.from(r.notes) }, [r.zip.buffer]);
   } catch (err) {
     postMessage({ type: 'error', ...describe(err) });

@@ -47,9 +47,11 @@ async function giveFixtureFiles(page) {
   }
 }
 
-async function mergeAndDownload(page, name, clickId = '#merge') {
+// `during(page)` runs right after the click, while the merge runs.
+async function mergeAndDownload(page, name, clickId = '#merge', during = null) {
   await page.click(clickId);
-  await page.waitForSelector('#results:not([hidden]), #message:not([hidden]):not(.info)', { timeout: 300_000 });
+  if (during) await during(page);
+  await page.waitForSelector('#results:not([hidden]), #message:not([hidden]):not(.info):not(.warning)', { timeout: 300_000 });
   const message = await page.locator('#message').textContent();
   assert.ok(await page.locator('#results').isVisible(), `${name}: no results; the page said: ${message}`);
   const [download] = await Promise.all([page.waitForEvent('download'), page.click('#download')]);
@@ -103,7 +105,15 @@ try {
     const { context, page } = await newPage();
     await giveFixtureFiles(page);
     await page.selectOption('#backend', 'gpu');
-    const run = await mergeAndDownload(page, 'gpu');
+    // SwiftShader is a CPU emulation: chosen explicitly, it is used, with a warning shown while
+    // the merge is still running (before its passes, which take ~20 s here).
+    const run = await mergeAndDownload(page, 'gpu', '#merge', async (p) => {
+      await p.waitForSelector('#message.warning:not([hidden])', { timeout: 60_000 });
+      assert.ok(await p.locator('#progress').isVisible(), 'the emulation warning comes while the merge runs');
+      const warning = await p.locator('#message').textContent();
+      assert.match(warning, /CPU emulation.*tens of times longer/, `the warning says what to expect: ${warning}`);
+      console.log(`gpu warning: ${warning}`);
+    });
     assert.match(run.text, /on gpu \(/, 'the WebGPU run says it ran on the GPU');
     await page.locator('#results').screenshot({ path: path.join(out, 'results.png') });
     await context.close();
@@ -136,7 +146,7 @@ try {
     }
     const t0 = Date.now();
     await page.click('#compare');
-    await page.waitForSelector('#comparison:not([hidden]), #message:not([hidden]):not(.info)', { timeout: 300_000 });
+    await page.waitForSelector('#comparison:not([hidden]), #message:not([hidden]):not(.info):not(.warning)', { timeout: 300_000 });
     assert.ok(await page.locator('#comparison').isVisible(), `no comparison: ${await page.locator('#message').textContent()}`);
     const rows = await page.locator('#compare-table tr').count();
     assert.equal(rows, 1 + 4 + 7, 'header, base and three adapters alone, seven methods');
@@ -155,7 +165,7 @@ try {
       { name: 'model.safetensors', mimeType: 'application/octet-stream', buffer: whole.subarray(0, whole.length / 2) },
     ]);
     await page.click('#merge');
-    await page.waitForSelector('#message:not([hidden]):not(.info)', { timeout: 120_000 });
+    await page.waitForSelector('#message:not([hidden]):not(.info):not(.warning)', { timeout: 120_000 });
     const text = await page.locator('#message').textContent();
     console.log(`corrupt file: ${text}`);
     assert.match(text, /model\.safetensors/, 'the message names the file');
@@ -199,7 +209,7 @@ try {
       await giveFixtureFiles(page);
       await page.selectOption('#backend', 'gpu');
       await page.click('#merge');
-      await page.waitForSelector('#message:not([hidden]):not(.info)', { timeout: 120_000 });
+      await page.waitForSelector('#message:not([hidden]):not(.info):not(.warning)', { timeout: 120_000 });
       const text = await page.locator('#message').textContent();
       console.log(`no WebGPU, backend gpu: ${text}`);
       assert.match(text, /WebGPU is not available/);
