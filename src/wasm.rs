@@ -167,7 +167,8 @@ async fn choose_gpu(backend: &str, notes: &mut Vec<String>, warn: &js_sys::Funct
     })
 }
 
-/// `progress(pass, passes, label, done, all)` as a `Progress` sink; `prefix` goes before labels.
+/// `progress(pass, passes, label, done, all)` as a `Progress` sink (pass 0 of 0: the quality
+/// phase); `prefix` goes before labels.
 fn progress_sink<'a>(progress: &'a js_sys::Function, prefix: &'a str) -> impl FnMut(Progress) + 'a {
     let (mut pass, mut passes, mut label) = (0, 0, String::new());
     move |p: Progress| {
@@ -177,6 +178,11 @@ fn progress_sink<'a>(progress: &'a js_sys::Function, prefix: &'a str) -> impl Fn
                 (0, 0)
             }
             Progress::Modules(d, a) => (d, a),
+            // Pass 0 of 0: the page shows the quality phase without an estimate.
+            Progress::Quality => {
+                (pass, passes, label) = (0, 0, format!("{prefix}quality"));
+                (0, 0)
+            }
         };
         let args = Array::of5(
             &(pass as u32).into(),

@@ -306,6 +306,12 @@ function setBusy(busy) {
 }
 
 function showProgress(m, started) {
+  if (m.passes === 0) {
+    // The passes are done; the quality on held-out samples has no estimate: an indeterminate bar.
+    $('bar').removeAttribute('value');
+    $('progress-text').textContent = 'Passes done · measuring the quality on held-out samples';
+    return;
+  }
   const frac = m.passes ? Math.min(1, (m.pass - 1 + (m.all ? m.done / m.all : 0)) / m.passes) : 0;
   $('bar').value = frac;
   const elapsed = (performance.now() - started) / 1000;

@@ -288,6 +288,16 @@ fn bars() -> impl FnMut(Progress) {
                 b.set_position(done as u64);
             }
         }
+        Progress::Quality => {
+            if let Some(b) = bar.take() {
+                b.finish();
+            }
+            let b = ProgressBar::new_spinner();
+            b.set_style(ProgressStyle::with_template("{prefix:>18} {spinner} {elapsed}").unwrap());
+            b.set_prefix("quality");
+            b.enable_steady_tick(std::time::Duration::from_millis(200));
+            bar = Some(b);
+        }
     }
 }
 

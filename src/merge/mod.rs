@@ -138,6 +138,9 @@ pub enum Progress<'a> {
     Pass(usize, usize, &'a str),
     /// Modules done in the current pass, of all targeted modules.
     Modules(usize, usize),
+    /// The passes are over; the merge's quality on held-out samples is being measured (its
+    /// length is not known in passes).
+    Quality,
 }
 
 pub struct Outcome {

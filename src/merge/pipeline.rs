@@ -110,6 +110,7 @@ pub async fn merge<B: Backend>(
 
     let t = now();
     let quality = if tasks.iter().any(|t| t.eval.is_some()) && opts.eval_limit != Some(0) {
+        progress(Progress::Quality);
         Some(merged_quality(be, base, &model, &outcome.targets, &deltas, tasks, opts.eval_limit).await?)
     } else {
         None
