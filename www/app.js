@@ -238,14 +238,16 @@ async function startMerge(cmd = 'merge') {
     return;
   }
   showMessage('');
-  $('results').hidden = true;
+  // A comparison leaves the last merge's result (and its download) in place.
+  if (cmd === 'merge') $('results').hidden = true;
   setBusy(true);
   let input;
   try {
     const baseName = (state.base[0].webkitRelativePath || '').split('/')[0] || 'base model';
     input = { base: await folder(baseName, state.base), tasks: [] };
     for (const [k, t] of tasks.entries()) {
-      const name = (t.adapter[0].webkitRelativePath || '').split('/')[0] || `adapter ${k + 1}`;
+      // Loose files carry no folder name: name the adapter after its samples file instead.
+      const name = (t.adapter[0].webkitRelativePath || '').split('/')[0] || `adapter ${k + 1} (${t.samples.name.replace(/\.[^.]*$/, '')})`;
       input.tasks.push({
         adapter: await folder(name, t.adapter),
         samples: { name: t.samples.name, bytes: await bytesOf(t.samples) },
