@@ -402,7 +402,8 @@ fn study(a: MergeArgs) -> iteris::Result<()> {
         c.distance_to_sweep.iter().map(|e| format!("{e:.2e}")).collect::<Vec<_>>().join(" ")
     );
     let e = &s.sample_efficiency;
-    for (name, curve) in &e.methods {
+    for name in iteris::merge::study::METHODS.map(Method::name) {
+        let Some(curve) = e.methods.get(name) else { continue };
         let acc: Vec<String> =
             curve.accuracy.iter().map(|a| a.map_or("-".into(), |a| format!("{:.1}%", 100.0 * a))).collect();
         println!("{name:>8}: mean accuracy by samples per task {:?}: {}", e.samples, acc.join(" "));

@@ -424,8 +424,12 @@ impl<B: Backend> Hook<B> for IterisHook<'_, B> {
         if let Some(i) = bad_task {
             return Err(Error::NonFinite { module: self.targets[targeted[0].1].name.clone(), task: i });
         }
-        let host_grams: HashMap<GramId, DMatrix<f64>> =
-            grams.iter().flat_map(|&(c, g)| [c, g]).map(|id| (id, host(values.gram(id)))).collect();
+        // Each Gram moves out of `values` into the host's matrix type once (a task's cross term
+        // and Gram may be one id), so the stage never holds two copies of its statistics.
+        let mut host_grams: HashMap<GramId, DMatrix<f64>> = HashMap::new();
+        for id in grams.iter().flat_map(|&(c, g)| [c, g]) {
+            host_grams.entry(id).or_insert_with(|| host(&values.take_gram(id)));
+        }
         for (&(_, t), (spec, factor)) in targeted.iter().zip(&systems) {
             let spec = spec.map(|&s| values[s], |g| &host_grams[g]);
             let factor = factor.and_then(|f| values.take_factor(f));

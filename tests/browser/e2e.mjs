@@ -25,6 +25,9 @@ const browser = await chromium.launch({
 });
 const summary = { origin, requests: [], runs: {} };
 
+// The page shows an error (not a note or a warning, which come while work goes on).
+const ERROR_SHOWN = '#message:not([hidden]):not(.info):not(.warning)';
+
 async function newPage(on = browser) {
   const context = await on.newContext({ acceptDownloads: true, viewport: { width: 1100, height: 1400 } });
   const page = await context.newPage();
@@ -51,7 +54,7 @@ async function giveFixtureFiles(page) {
 async function mergeAndDownload(page, name, clickId = '#merge', during = null) {
   await page.click(clickId);
   if (during) await during(page);
-  await page.waitForSelector('#results:not([hidden]), #message:not([hidden]):not(.info):not(.warning)', { timeout: 300_000 });
+  await page.waitForSelector(`#results:not([hidden]), ${ERROR_SHOWN}`, { timeout: 300_000 });
   const message = await page.locator('#message').textContent();
   assert.ok(await page.locator('#results').isVisible(), `${name}: no results; the page said: ${message}`);
   const [download] = await Promise.all([page.waitForEvent('download'), page.click('#download')]);
@@ -146,7 +149,7 @@ try {
     }
     const t0 = Date.now();
     await page.click('#compare');
-    await page.waitForSelector('#comparison:not([hidden]), #message:not([hidden]):not(.info):not(.warning)', { timeout: 300_000 });
+    await page.waitForSelector(`#comparison:not([hidden]), ${ERROR_SHOWN}`, { timeout: 300_000 });
     assert.ok(await page.locator('#comparison').isVisible(), `no comparison: ${await page.locator('#message').textContent()}`);
     const rows = await page.locator('#compare-table tr').count();
     assert.equal(rows, 1 + 4 + 7, 'header, base and three adapters alone, seven methods');
@@ -165,7 +168,7 @@ try {
       { name: 'model.safetensors', mimeType: 'application/octet-stream', buffer: whole.subarray(0, whole.length / 2) },
     ]);
     await page.click('#merge');
-    await page.waitForSelector('#message:not([hidden]):not(.info):not(.warning)', { timeout: 120_000 });
+    await page.waitForSelector(ERROR_SHOWN, { timeout: 120_000 });
     const text = await page.locator('#message').textContent();
     console.log(`corrupt file: ${text}`);
     assert.match(text, /model\.safetensors/, 'the message names the file');
@@ -209,7 +212,7 @@ try {
       await giveFixtureFiles(page);
       await page.selectOption('#backend', 'gpu');
       await page.click('#merge');
-      await page.waitForSelector('#message:not([hidden]):not(.info):not(.warning)', { timeout: 120_000 });
+      await page.waitForSelector(ERROR_SHOWN, { timeout: 120_000 });
       const text = await page.locator('#message').textContent();
       console.log(`no WebGPU, backend gpu: ${text}`);
       assert.match(text, /WebGPU is not available/);

@@ -55,8 +55,11 @@ impl Gpu {
             .iter()
             .map(|g| {
                 let hi = next();
-                let lo = if g.lo.is_some() { next() } else { vec![0.0; hi.len()] };
-                Mat64::new(g.hi.rows, g.hi.cols, hi.iter().zip(&lo).map(|(a, b)| *a as f64 + *b as f64).collect())
+                let data = match g.lo {
+                    Some(_) => hi.iter().zip(&next()).map(|(a, b)| *a as f64 + *b as f64).collect(),
+                    None => hi.iter().map(|&a| a as f64).collect(),
+                };
+                Mat64::new(g.hi.rows, g.hi.cols, data)
             })
             .collect();
         let factors = factors
