@@ -1,7 +1,9 @@
 // Scaled dot-product attention, one 64-thread workgroup per (query row, head).
-// Each row knows its sequence through span[2t], span[2t + 1] (start, end rows), so one dispatch
-// covers a batch of sequences of any lengths. Causal masking and sliding windows bound the key
-// range; grouped-query attention maps head h to key/value head h / (heads / kv_heads).
+// Each query row t knows its keys through span[3t..3t + 3]: the first and end key rows of its
+// sequence, and the key row at its own position. So one dispatch covers a batch of sequences of any
+// lengths, and queries may attend to more keys than there are queries (a KV cache: keys held in
+// per-sequence slots of a larger k). Causal masking and sliding windows bound the key range from
+// the query's own key row; grouped-query attention maps head h to key/value head h / (heads / kv_heads).
 // Keys are visited in chunks of CHUNK with an online softmax (running max and sum, rescaled as the
 // max grows), so sequence length is not limited by workgroup memory. Thread `lid` owns output
 // dimensions lid, lid + 64, lid + 128, lid + 192 (head_dim ≤ 256).
@@ -12,9 +14,9 @@ struct Params {
 }
 
 @group(0) @binding(0) var<storage, read> q: array<f32>;          // (rows, heads · head_dim)
-@group(0) @binding(1) var<storage, read> k: array<f32>;          // (rows, kv_heads · head_dim)
-@group(0) @binding(2) var<storage, read> v: array<f32>;          // (rows, kv_heads · head_dim)
-@group(0) @binding(3) var<storage, read> span: array<u32>;       // (rows, 2)
+@group(0) @binding(1) var<storage, read> k: array<f32>;          // (key rows, kv_heads · head_dim)
+@group(0) @binding(2) var<storage, read> v: array<f32>;          // (key rows, kv_heads · head_dim)
+@group(0) @binding(3) var<storage, read> span: array<u32>;       // (rows, 3): first key, end key, own key
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;  // (rows, heads · head_dim)
 @group(0) @binding(5) var<uniform> p: Params;
 
@@ -46,10 +48,11 @@ fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) wid: 
     let kh = h / (p.heads / p.kv_heads);
     let qc = p.heads * hd;
     let kc = p.kv_heads * hd;
-    var lo = span[2u * t];
-    var hi = span[2u * t + 1u];              // exclusive
-    if (p.causal != 0u) { hi = t + 1u; }
-    if (p.window != 0u && t + 1u > p.window && t + 1u - p.window > lo) { lo = t + 1u - p.window; }
+    var lo = span[3u * t];
+    var hi = span[3u * t + 1u];              // exclusive
+    let at = span[3u * t + 2u];              // the key row at this query's position
+    if (p.causal != 0u) { hi = at + 1u; }
+    if (p.window != 0u && at + 1u > p.window && at + 1u - p.window > lo) { lo = at + 1u - p.window; }
 
     var m = -3.4e38;
     var sum = 0.0;

@@ -186,10 +186,40 @@ fn attention_variants() {
     {
         let (q, k, v) = (r.mat(rows, heads * hd), r.mat(rows, kv * hd), r.mat(rows, kv * hd));
         let spec = AttentionSpec { heads, kv_heads: kv, head_dim: hd, causal, window, scale: 1.0 / (hd as f32).sqrt() };
-        let c = Cpu.attention(&q, &k, &v, &spec, &seqs);
-        let gg =
-            g.download(&g.attention(&g.upload(&q), &g.upload(&k), &g.upload(&v), &spec, &seqs)).block_on().unwrap();
+        let c = Cpu.attention(&q, &k, &v, &spec, &seqs, &seqs);
+        let gg = g
+            .download(&g.attention(&g.upload(&q), &g.upload(&k), &g.upload(&v), &spec, &seqs, &seqs))
+            .block_on()
+            .unwrap();
         close(&format!("attention h{heads} kv{kv} d{hd} causal {causal} window {window:?}"), &gg, &c, 1e-5);
+    }
+}
+
+/// Queries against more keys than queries, in slots of a larger key tensor (a KV cache), with new
+/// rows scattered in by `write_rows`.
+#[test]
+fn attention_over_cached_keys() {
+    let _l = LOCK.lock().unwrap();
+    let Some(g) = gpu("attention_over_cached_keys") else { return };
+    let mut r = Rng(6);
+    // Slots of 600 rows; sequence s has queries[s] and its keys at the start of its slot.
+    let queries = vec![0..1, 1..4, 4..5, 5..12];
+    let keys = vec![0..1, 600..630, 1200..1201, 1800..2350];
+    for (heads, kv, hd, window) in [(4, 2, 16, None), (4, 1, 8, Some(7))] {
+        let spec = AttentionSpec { heads, kv_heads: kv, head_dim: hd, causal: true, window, scale: 0.3 };
+        let q = r.mat(12, heads * hd);
+        let (mut k, mut v) = (Mat::zeros(2400, kv * hd), Mat::zeros(2400, kv * hd));
+        let (new_k, new_v) = (r.mat(300, kv * hd), r.mat(300, kv * hd));
+        let idx: Vec<u32> = (0..300).map(|i| (i * 8) as u32).collect();
+        let (mut gk, mut gv) = (g.upload(&k), g.upload(&v));
+        Cpu.write_rows(&mut k, &idx, &new_k);
+        Cpu.write_rows(&mut v, &idx, &new_v);
+        g.write_rows(&mut gk, &idx, &g.upload(&new_k));
+        g.write_rows(&mut gv, &idx, &g.upload(&new_v));
+        close("write_rows", &g.download(&gk).block_on().unwrap(), &k, 1e-30);
+        let c = Cpu.attention(&q, &k, &v, &spec, &queries, &keys);
+        let gg = g.download(&g.attention(&g.upload(&q), &gk, &gv, &spec, &queries, &keys)).block_on().unwrap();
+        close(&format!("cached attention h{heads} kv{kv} d{hd} window {window:?}"), &gg, &c, 1e-5);
     }
 }
 

@@ -9,7 +9,7 @@ use iteris::backend::cpu::Cpu;
 use iteris::backend::Backend;
 use iteris::formats::samples::EvalSet;
 use iteris::mat::Mat;
-use iteris::merge::evaluate::{generate, DeltaHook};
+use iteris::merge::evaluate::{generate, Decoding, DeltaHook};
 use iteris::merge::{map_targets, Options};
 use iteris::models::{self, Batch, Hook, Output, StageInput, Stream};
 use pollster::FutureExt;
@@ -103,9 +103,12 @@ fn kl_and_generation_match_direct_computations() {
     set.items.last_mut().unwrap().1 = Some(direct.last().unwrap().clone());
     let labeled = set.labeled();
     let mut hook = DeltaHook::new(&Cpu, &targets, Some(&merged.outcome.merged));
-    let batched =
-        generate(&Cpu, &model, &base.tokenizer, &mut hook, &labeled, Stream::Merged, None).block_on().unwrap();
-    assert_eq!(batched, direct, "batched and one-at-a-time greedy decoding agree");
+    for decoding in [Decoding::Cached, Decoding::Recomputed] {
+        let batched = generate(&Cpu, &model, &base.tokenizer, &mut hook, &labeled, Stream::Merged, None, decoding)
+            .block_on()
+            .unwrap();
+        assert_eq!(batched, direct, "batched ({decoding:?}) and one-at-a-time greedy decoding agree");
+    }
 
     // The report: accuracy = exact matches of those continuations; KL below.
     tasks[0].eval = Some(set.clone());
@@ -164,5 +167,16 @@ fn last_logits_are_the_last_rows_of_the_full_logits() {
         for (k, s) in batch.seqs.iter().enumerate() {
             assert_eq!(last.row(k), all.row(s.end - 1), "{arch}: sequence {k}");
         }
+    }
+}
+
+/// A KV cache changes how decoding computes, not what: each pass's logits equal rerunning every
+/// sequence whole, on every decoder architecture (Mistral's sliding window included).
+#[test]
+fn cached_decoding_equals_recomputed_decoding() {
+    for arch in ["gpt2", "llama", "qwen2", "mistral"] {
+        let e = common::cached_decoding_error(&Cpu, arch);
+        // Measured 0: one query row's sums run in the same order either way.
+        assert!(e < 1e-6, "{arch}: cached logits differ from recomputed ones by {e:.2e}");
     }
 }

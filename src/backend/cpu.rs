@@ -196,40 +196,56 @@ impl Backend for Cpu {
         });
     }
 
-    fn attention(&self, q: &Mat, k: &Mat, v: &Mat, spec: &AttentionSpec, seqs: &[Range<usize>]) -> Mat {
+    fn attention(
+        &self,
+        q: &Mat,
+        k: &Mat,
+        v: &Mat,
+        spec: &AttentionSpec,
+        queries: &[Range<usize>],
+        keys: &[Range<usize>],
+    ) -> Mat {
         let (hd, heads, group) = (spec.head_dim, spec.heads, spec.heads / spec.kv_heads);
         assert_eq!(q.cols, heads * hd);
-        assert_eq!((k.rows, k.cols), (q.rows, spec.kv_heads * hd), "attention: k's shape");
+        assert_eq!(k.cols, spec.kv_heads * hd, "attention: k's shape");
         assert_eq!((v.rows, v.cols), (k.rows, k.cols), "attention: v's shape");
-        assert!(seqs.last().is_none_or(|s| s.end == q.rows), "attention: sequences must cover the rows");
+        assert_eq!(queries.len(), keys.len(), "attention: one key span per sequence");
+        assert!(queries.last().is_none_or(|s| s.end == q.rows), "attention: sequences must cover the rows");
+        assert!(
+            queries.iter().zip(keys).all(|(qs, ks)| ks.end <= k.rows && ks.len() >= qs.len()),
+            "attention: a sequence's keys must lie in k and be at least its queries"
+        );
         let mut out = Mat::zeros(q.rows, q.cols);
         // Split the output by sequence so each sequence is computed independently (in parallel).
-        let mut chunks: Vec<(Range<usize>, &mut [f32])> = Vec::with_capacity(seqs.len());
+        let mut chunks: Vec<(Range<usize>, Range<usize>, &mut [f32])> = Vec::with_capacity(queries.len());
         let mut rest: &mut [f32] = &mut out.data;
         let mut at = 0;
-        for s in seqs {
+        for (s, ks) in queries.iter().zip(keys) {
             assert_eq!(s.start, at, "attention: sequences must tile the rows in order");
             let (head, tail) = rest.split_at_mut(s.len() * q.cols);
-            chunks.push((s.clone(), head));
+            chunks.push((s.clone(), ks.clone(), head));
             rest = tail;
             at = s.end;
         }
-        let one = |(s, o): (Range<usize>, &mut [f32])| {
-            let t = s.len();
-            let mut scores = vec![0.0f32; t * t];
+        let one = |(s, ks, o): (Range<usize>, Range<usize>, &mut [f32])| {
+            let (t, tk) = (s.len(), ks.len());
+            // Query i sits at key position off + i.
+            let off = tk - t;
+            let mut scores = vec![0.0f32; t * tk];
             let mut ctx = vec![0.0f32; t * hd];
             for h in 0..heads {
                 let kh = h / group;
                 let qs = &q.data[s.start * q.cols + h * hd..];
-                let ks = &k.data[s.start * k.cols + kh * hd..];
-                let vs = &v.data[s.start * v.cols + kh * hd..];
+                let kd = &k.data[ks.start * k.cols + kh * hd..];
+                let vd = &v.data[ks.start * v.cols + kh * hd..];
                 // scores = Q_h · K_hᵀ, strided views straight into the projections.
-                sgemm(t, hd, t, qs, q.cols as isize, 1, ks, 1, k.cols as isize, &mut scores);
+                sgemm(t, hd, tk, qs, q.cols as isize, 1, kd, 1, k.cols as isize, &mut scores);
                 for i in 0..t {
-                    let row = &mut scores[i * t..(i + 1) * t];
+                    let row = &mut scores[i * tk..(i + 1) * tk];
+                    let at = off + i;
                     let mut max = f32::NEG_INFINITY;
                     for (j, sc) in row.iter_mut().enumerate() {
-                        let visible = (!spec.causal || j <= i) && spec.window.is_none_or(|w| i < j + w || j > i);
+                        let visible = (!spec.causal || j <= at) && spec.window.is_none_or(|w| at < j + w || j > at);
                         *sc = if visible { *sc * spec.scale } else { f32::NEG_INFINITY };
                         max = max.max(*sc);
                     }
@@ -240,7 +256,7 @@ impl Backend for Cpu {
                     }
                     row.iter_mut().for_each(|sc| *sc /= sum);
                 }
-                sgemm(t, t, hd, &scores, t as isize, 1, vs, v.cols as isize, 1, &mut ctx);
+                sgemm(t, tk, hd, &scores, tk as isize, 1, vd, v.cols as isize, 1, &mut ctx);
                 for i in 0..t {
                     o[i * q.cols + h * hd..i * q.cols + (h + 1) * hd].copy_from_slice(&ctx[i * hd..(i + 1) * hd]);
                 }
@@ -254,6 +270,16 @@ impl Backend for Cpu {
         #[cfg(target_arch = "wasm32")]
         chunks.into_iter().for_each(one);
         out
+    }
+
+    fn write_rows(&self, dst: &mut Mat, rows: &[u32], src: &Mat) {
+        assert_eq!((rows.len(), src.cols), (src.rows, dst.cols), "write_rows: one index per row of a matching width");
+        let c = dst.cols;
+        for (r, &i) in rows.iter().enumerate() {
+            let i = i as usize;
+            assert!(i < dst.rows, "write_rows: row {i} of a tensor of {} rows", dst.rows);
+            dst.data[i * c..(i + 1) * c].copy_from_slice(&src.data[r * c..(r + 1) * c]);
+        }
     }
 
     fn mix_rows(&self, a: &Mat, ar: Range<usize>, wa: f32, b: &Mat, br: Range<usize>, wb: f32) -> Mat {

@@ -119,8 +119,22 @@ pub trait Backend: Sized {
     /// Rotary embedding, "rotate half" convention, on every head of x (rows, heads·head_dim), in place.
     /// Row t is rotated by angle positions[t]·inv_freq[k] on its pairs (k, k + head_dim/2).
     fn rope(&self, x: &mut Self::T, positions: &[u32], head_dim: usize, inv_freq: &[f32]);
-    /// q (rows, heads·d), k/v (rows, kv_heads·d) → (rows, heads·d); `seqs` partitions the rows.
-    fn attention(&self, q: &Self::T, k: &Self::T, v: &Self::T, spec: &AttentionSpec, seqs: &[Range<usize>]) -> Self::T;
+    /// q (rows, heads·d) against k/v (key rows, kv_heads·d) → (rows, heads·d). Sequence s has the
+    /// query rows `queries[s]` (the sequences tile q's rows in order) and the key rows `keys[s]`,
+    /// at least as many: its queries are its last positions, query j at key position
+    /// `keys[s].len() − queries[s].len() + j` (what causal masking and the window measure from).
+    /// Self-attention passes the same spans twice; a KV cache passes each sequence's cached rows.
+    fn attention(
+        &self,
+        q: &Self::T,
+        k: &Self::T,
+        v: &Self::T,
+        spec: &AttentionSpec,
+        queries: &[Range<usize>],
+        keys: &[Range<usize>],
+    ) -> Self::T;
+    /// dst[rows[r]] = src[r] for every row r of src: new rows into a KV cache.
+    fn write_rows(&self, dst: &mut Self::T, rows: &[u32], src: &Self::T);
     /// wa · a[ar] + wb · b[br].
     fn mix_rows(&self, a: &Self::T, ar: Range<usize>, wa: f32, b: &Self::T, br: Range<usize>, wb: f32) -> Self::T;
     // Results the host reads. Each `defer_*` records the work and returns a pending value of its

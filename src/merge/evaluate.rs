@@ -12,7 +12,7 @@ use super::solve::Merged;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::formats::tokenizer::TextTokenizer;
-use crate::models::{self, Batch, Hook, Model, Output, StageInput, Stream};
+use crate::models::{self, Batch, Hook, KvCache, Model, Output, StageInput, Stream};
 use std::collections::HashMap;
 
 /// The quality of a merge on one task.
@@ -141,6 +141,17 @@ fn runs(lens: &[usize], max_rows: usize) -> Vec<std::ops::Range<usize>> {
     out
 }
 
+/// How greedy decoding runs each new token through the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decoding {
+    /// The keys and values of earlier tokens are kept (`KvCache`): each new token is one row
+    /// through the network.
+    Cached,
+    /// Every sequence runs again from its first token for each new one (the reference the cached
+    /// decoding is tested against).
+    Recomputed,
+}
+
 /// Greedy-generation accuracy of `stream` on labeled `items` (see `generate`).
 pub async fn accuracy<B: Backend>(
     be: &B,
@@ -151,14 +162,15 @@ pub async fn accuracy<B: Backend>(
     stream: Stream,
     eos: Option<u32>,
 ) -> Result<f64> {
-    let texts = generate(be, model, tok, hook, items, stream, eos).await?;
+    let texts = generate(be, model, tok, hook, items, stream, eos, Decoding::Cached).await?;
     let right = texts.iter().zip(items).filter(|(t, (_, a))| t.trim() == a.trim()).count();
     Ok(right as f64 / items.len().max(1) as f64)
 }
 
-/// Greedy continuations of the prompts of `items` by `stream`: every prompt decoded together, one
-/// token per forward pass, until each has produced a newline or the end-of-sequence token (not
+/// Greedy continuations of the prompts of `items` by `stream`: runs of prompts decoded together,
+/// one token per forward pass, until each has produced a newline or the end-of-sequence token (not
 /// part of the text), or as many tokens as its answer has plus two.
+#[allow(clippy::too_many_arguments)]
 pub async fn generate<B: Backend>(
     be: &B,
     model: &Model<B::T>,
@@ -167,6 +179,7 @@ pub async fn generate<B: Backend>(
     items: &[(&str, &str)],
     stream: Stream,
     eos: Option<u32>,
+    decoding: Decoding,
 ) -> Result<Vec<String>> {
     check_decoder(model)?;
     let max_pos = model.max_positions();
@@ -178,15 +191,44 @@ pub async fn generate<B: Backend>(
     }
     let starts: Vec<usize> = seqs.iter().map(Vec::len).collect();
     let mut done: Vec<bool> = seqs.iter().map(|s| s.len() >= max_pos).collect();
-    // Runs of prompts decoded together, sized by their longest possible sequences.
+    // Runs of prompts decoded together, sized by their longest possible sequences; with a cache,
+    // every slot of a run is as long as the longest, and the cache stays within the budget too.
     let longest: Vec<usize> = starts.iter().zip(&budget).map(|(s, b)| (s + b).min(max_pos)).collect();
-    for run in runs(&longest, eval_rows(be, model)) {
+    let capacity = longest.iter().copied().max().unwrap_or(1);
+    let run_list = match decoding {
+        Decoding::Recomputed => runs(&longest, eval_rows(be, model)),
+        Decoding::Cached => {
+            let per_token = KvCache::<B::T>::bytes(1, 1, &model.kv_widths()).max(1);
+            let cache_rows = (super::plan::EVAL_LOGITS_BYTES / per_token) as usize;
+            runs(&vec![capacity; items.len()], eval_rows(be, model).min(cache_rows))
+        }
+    };
+    for run in run_list {
+        let mut cache = (decoding == Decoding::Cached).then(|| KvCache::new(run.len(), capacity));
+        // Tokens of each sequence already in the cache.
+        let mut held = vec![0usize; run.len()];
         while run.clone().any(|i| !done[i]) {
             let live: Vec<usize> = run.clone().filter(|&i| !done[i]).collect();
             let mut batch = Batch::default();
-            batch.push_group(0, stream, &live.iter().map(|&i| seqs[i].clone()).collect::<Vec<_>>());
-            let logits = models::run(model, be, &batch, hook, Output::LastLogits).await?.ok_or(Error::Stop)?;
-            let logits = be.download(&logits).await?;
+            let logits = match cache.as_mut() {
+                None => {
+                    batch.push_group(0, stream, &live.iter().map(|&i| seqs[i].clone()).collect::<Vec<_>>());
+                    models::run(model, be, &batch, hook, Output::LastLogits).await?
+                }
+                Some(cache) => {
+                    let slots: Vec<usize> = live.iter().map(|&i| i - run.start).collect();
+                    let parts: Vec<Vec<u32>> =
+                        slots.iter().zip(&live).map(|(&s, &i)| seqs[i][held[s]..].to_vec()).collect();
+                    let at: Vec<usize> = slots.iter().map(|&s| held[s]).collect();
+                    batch.push_continuations(0, stream, &parts, &at);
+                    cache.begin(&batch, &slots);
+                    for &s in &slots {
+                        held[s] = seqs[s + run.start].len();
+                    }
+                    models::run_cached(model, be, &batch, hook, Output::LastLogits, Some(cache)).await?
+                }
+            };
+            let logits = be.download(&logits.ok_or(Error::Stop)?).await?;
             for (k, &i) in live.iter().enumerate() {
                 let row = logits.row(k);
                 let next = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0) as u32;

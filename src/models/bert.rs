@@ -64,6 +64,11 @@ impl<T> Bert<T> {
         self.max_pos
     }
 
+    /// Key/value width of each attention layer (what a KV cache holds per token).
+    pub fn kv_widths(&self) -> Vec<usize> {
+        vec![self.attn.kv_heads * self.attn.head_dim; self.layers.len()]
+    }
+
     pub async fn forward<B: Backend<T = T>, H: Hook<B>>(&self, pass: &mut Pass<'_, B, H>) -> Result<Option<T>> {
         let (be, batch) = (pass.be, pass.batch);
         let n = batch.tokens();
@@ -72,10 +77,10 @@ impl<T> Bert<T> {
         be.add_rows(&mut e, 0..n, &pos, 1.0);
         be.add_bias(&mut e, &self.token_type0);
         let mut h = be.layer_norm(&e, &self.emb_norm.0, self.emb_norm.1.as_ref(), self.eps);
-        for l in &self.layers {
+        for (i, l) in self.layers.iter().enumerate() {
             let mut qkv = pass.project(&h, Level::Tokens, &[l.query.r(), l.key.r(), l.value.r()]).await?;
             let (v, k, q) = (qkv.pop().unwrap(), qkv.pop().unwrap(), qkv.pop().unwrap());
-            let a = be.attention(&q, &k, &v, &self.attn, &batch.seqs);
+            let a = pass.attention(i, &q, &k, &v, &self.attn);
             let mut o = pass.project1(&a, l.attn_out.r()).await?;
             be.add_rows(&mut o, 0..n, &h, 1.0);
             h = be.layer_norm(&o, &l.attn_norm.0, l.attn_norm.1.as_ref(), self.eps);

@@ -52,6 +52,11 @@ impl<T> Gpt2<T> {
         self.n_positions
     }
 
+    /// Key/value width of each attention layer (what a KV cache holds per token).
+    pub fn kv_widths(&self) -> Vec<usize> {
+        self.blocks.iter().map(|b| b.attn.kv_heads * b.attn.head_dim).collect()
+    }
+
     pub fn fan_in_fan_out(&self) -> bool {
         true
     }
@@ -62,14 +67,14 @@ impl<T> Gpt2<T> {
         let mut h = be.select_rows(&self.wte, &batch.ids);
         let pos = be.select_rows(&self.wpe, &batch.positions);
         be.add_rows(&mut h, 0..batch.tokens(), &pos, 1.0);
-        for b in &self.blocks {
+        for (i, b) in self.blocks.iter().enumerate() {
             let x = be.layer_norm(&h, &b.ln_1.0, b.ln_1.1.as_ref(), self.eps);
             let qkv = pass.project1(&x, b.c_attn.r()).await?;
             let n = batch.tokens();
             let d = self.d;
             let (q, k, v) =
                 (be.slice_cols(&qkv, 0..d), be.slice_cols(&qkv, d..2 * d), be.slice_cols(&qkv, 2 * d..3 * d));
-            let a = be.attention(&q, &k, &v, &b.attn, &batch.seqs);
+            let a = pass.attention(i, &q, &k, &v, &b.attn);
             let o = pass.project1(&a, b.c_proj.r()).await?;
             be.add_rows(&mut h, 0..n, &o, 1.0);
             let x = be.layer_norm(&h, &b.ln_2.0, b.ln_2.1.as_ref(), self.eps);

@@ -63,11 +63,16 @@ impl<T> Llama<T> {
         self.max_pos
     }
 
+    /// Key/value width of each attention layer (what a KV cache holds per token).
+    pub fn kv_widths(&self) -> Vec<usize> {
+        self.layers.iter().map(|l| l.attn.kv_heads * l.attn.head_dim).collect()
+    }
+
     pub async fn forward<B: Backend<T = T>, H: Hook<B>>(&self, pass: &mut Pass<'_, B, H>) -> Result<Option<T>> {
         let (be, batch) = (pass.be, pass.batch);
         let n = batch.tokens();
         let mut h = be.select_rows(&self.embed, &batch.ids);
-        for l in &self.layers {
+        for (i, l) in self.layers.iter().enumerate() {
             let x = be.rms_norm(&h, &l.input_norm, self.eps);
             let mut qkv = pass.project(&x, Level::Tokens, &[l.q.r(), l.k.r(), l.v.r()]).await?;
             let v = qkv.pop().unwrap();
@@ -75,7 +80,7 @@ impl<T> Llama<T> {
             let mut q = qkv.pop().unwrap();
             be.rope(&mut q, &batch.positions, l.attn.head_dim, &self.inv_freq);
             be.rope(&mut k, &batch.positions, l.attn.head_dim, &self.inv_freq);
-            let a = be.attention(&q, &k, &v, &l.attn, &batch.seqs);
+            let a = pass.attention(i, &q, &k, &v, &l.attn);
             let o = pass.project1(&a, l.o.r()).await?;
             be.add_rows(&mut h, 0..n, &o, 1.0);
             let x = be.rms_norm(&h, &l.post_norm, self.eps);

@@ -9,15 +9,18 @@
 
 pub mod bert;
 pub mod gpt2;
+pub mod kv_cache;
 pub mod llama;
 
-use crate::backend::{Backend, WeightDtype};
+use crate::backend::{AttentionSpec, Backend, WeightDtype};
 use crate::error::{bad_input, Error, Result};
 use crate::formats::hf_config::HfConfig;
 use crate::formats::safetensors::Dtype;
 use crate::formats::safetensors::TensorStore;
 use crate::mat::Mat;
 use std::ops::Range;
+
+pub use kv_cache::KvCache;
 
 /// A linear layer y = x Wᵀ + b, W in linear orientation (out, in).
 pub struct Linear<T> {
@@ -91,11 +94,18 @@ pub struct Batch {
 impl Batch {
     /// Append the sequences `samples` as one group.
     pub fn push_group(&mut self, task: usize, stream: Stream, samples: &[Vec<u32>]) {
+        self.push_continuations(task, stream, samples, &vec![0; samples.len()]);
+    }
+
+    /// Append the sequences `parts` as one group, part s starting at position `starts[s]` (the
+    /// tokens after what a KV cache holds).
+    pub fn push_continuations(&mut self, task: usize, stream: Stream, parts: &[Vec<u32>], starts: &[usize]) {
+        assert_eq!(parts.len(), starts.len());
         let first = self.seqs.len();
-        for s in samples {
+        for (s, &at) in parts.iter().zip(starts) {
             let start = self.ids.len();
             self.ids.extend_from_slice(s);
-            self.positions.extend(0..s.len() as u32);
+            self.positions.extend(at as u32..(at + s.len()) as u32);
             self.seqs.push(start..self.ids.len());
         }
         self.groups.push(Group { task, stream, seqs: first..self.seqs.len() });
@@ -183,9 +193,22 @@ pub struct Pass<'a, B: Backend, H: Hook<B>> {
     pub batch: &'a Batch,
     pub hook: &'a mut H,
     pub output: Output,
+    /// Keys and values of the tokens before the batch's (greedy decoding), which the batch's own
+    /// join; None: each sequence attends within the batch.
+    pub cache: Option<&'a mut KvCache<B::T>>,
 }
 
 impl<B: Backend, H: Hook<B>> Pass<'_, B, H> {
+    /// Attention of the `layer`-th attention layer over the batch's sequences, with the cached
+    /// keys and values of earlier tokens where the pass has a cache.
+    pub fn attention(&mut self, layer: usize, q: &B::T, k: &B::T, v: &B::T, spec: &AttentionSpec) -> B::T {
+        let seqs = &self.batch.seqs;
+        match self.cache.as_deref_mut() {
+            Some(cache) => cache.attention(self.be, layer, q, k, v, spec, seqs),
+            None => self.be.attention(q, k, v, spec, seqs, seqs),
+        }
+    }
+
     /// Run the linear modules of one stage on `x` (all of them read it).
     pub async fn project(&mut self, x: &B::T, level: Level, mods: &[LinearRef<'_, B::T>]) -> Result<Vec<B::T>> {
         if self.hook.finished() {
@@ -255,6 +278,15 @@ impl<T> Model<T> {
         }
     }
 
+    /// Key/value width of each attention layer (what a KV cache holds per token).
+    pub fn kv_widths(&self) -> Vec<usize> {
+        match self {
+            Model::Gpt2(m) => m.kv_widths(),
+            Model::Llama(m) => m.kv_widths(),
+            Model::Bert(m) => m.kv_widths(),
+        }
+    }
+
     /// Whether the model stores linear weights as (in, out) (GPT-2 `Conv1D`); adapters for it
     /// carry `fan_in_fan_out: true`.
     pub fn fan_in_fan_out(&self) -> bool {
@@ -278,7 +310,20 @@ pub async fn run<B: Backend, H: Hook<B>>(
     hook: &mut H,
     output: Output,
 ) -> Result<Option<B::T>> {
-    let mut pass = Pass { be, batch, hook, output };
+    run_cached(model, be, batch, hook, output, None).await
+}
+
+/// `run` continuing the sequences a KV cache holds (`KvCache::begin` has mapped the batch's
+/// sequences onto its slots).
+pub async fn run_cached<B: Backend, H: Hook<B>>(
+    model: &Model<B::T>,
+    be: &B,
+    batch: &Batch,
+    hook: &mut H,
+    output: Output,
+    cache: Option<&mut KvCache<B::T>>,
+) -> Result<Option<B::T>> {
+    let mut pass = Pass { be, batch, hook, output, cache };
     let out = match model.forward(&mut pass).await {
         Err(Error::Stop) => None,
         r => r?,

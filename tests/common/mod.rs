@@ -120,3 +120,49 @@ pub fn known_system<'a>(
         off_diagonal: 1.0,
     }
 }
+
+/// Greedy decoding's passes on `arch`'s fixture, with and without a KV cache: three prompts of
+/// different lengths (one longer than Mistral's window of 6), then three new tokens one pass each,
+/// under adapter 0's deltas. Returns the largest relative difference between a cached pass's
+/// last-token logits and the logits of rerunning every sequence whole.
+pub fn cached_decoding_error<B: iteris::backend::Backend>(be: &B, arch: &str) -> f64 {
+    use iteris::merge::evaluate::DeltaHook;
+    use iteris::models::{self, Batch, KvCache, Output, Stream};
+    let base = base(arch);
+    let model = models::load(be, &base.config, &base.weights).unwrap();
+    let tasks = tasks(arch);
+    let adapters: Vec<_> = tasks.iter().map(|t| &t.adapter).collect();
+    let targets = iteris::merge::map_targets(&model.modules(), &adapters, model.model_type(), true).unwrap();
+    let mut hook = DeltaHook::new(be, &targets, None);
+    let mut seqs: Vec<Vec<u32>> = ["a b c", "hello there, general kenobi, you are a bold one", "x"]
+        .iter()
+        .map(|t| base.tokenizer.encode(t, 32).unwrap().ids)
+        .collect();
+    let mut cache = KvCache::new(seqs.len(), 64);
+    let mut held = vec![0; seqs.len()];
+    let mut worst = 0.0f64;
+    for step in 0..4 {
+        let slots: Vec<usize> = (0..seqs.len()).collect();
+        let parts: Vec<Vec<u32>> = seqs.iter().zip(&held).map(|(s, &h)| s[h..].to_vec()).collect();
+        let mut batch = Batch::default();
+        batch.push_continuations(0, Stream::Adapter(0), &parts, &held);
+        cache.begin(&batch, &slots);
+        let cached = models::run_cached(&model, be, &batch, &mut hook, Output::LastLogits, Some(&mut cache))
+            .block_on()
+            .unwrap()
+            .unwrap();
+        let mut whole = Batch::default();
+        whole.push_group(0, Stream::Adapter(0), &seqs);
+        let full = models::run(&model, be, &whole, &mut hook, Output::LastLogits).block_on().unwrap().unwrap();
+        let (c, f) = (be.download(&cached).block_on().unwrap(), be.download(&full).block_on().unwrap());
+        let e = iteris::mat::rel_err(&c.data, &f.data);
+        eprintln!("{arch} step {step}: cached vs recomputed logits {e:.2e}");
+        worst = worst.max(e);
+        for (k, s) in seqs.iter_mut().enumerate() {
+            held[k] = s.len();
+            // Tokens of the base's vocabulary, different per sequence and step.
+            s.push(((7 + 13 * k + 5 * step) % 50) as u32);
+        }
+    }
+    worst
+}

@@ -28,28 +28,35 @@ impl Gpu {
         k: &GpuTensor,
         v: &GpuTensor,
         spec: &AttentionSpec,
-        seqs: &[Range<usize>],
+        queries: &[Range<usize>],
+        keys: &[Range<usize>],
     ) -> GpuTensor {
         let kv_cols = spec.kv_heads * spec.head_dim;
         assert_eq!(q.cols, spec.heads * spec.head_dim, "attention: q must be (rows, heads · head_dim)");
         assert_eq!(
-            (k.rows, k.cols, v.rows, v.cols),
-            (q.rows, kv_cols, q.rows, kv_cols),
-            "attention: k and v must be (rows, kv_heads · head_dim)"
+            (k.cols, v.rows, v.cols),
+            (kv_cols, k.rows, kv_cols),
+            "attention: k and v must be (key rows, kv_heads · head_dim)"
         );
         assert!(spec.kv_heads > 0 && spec.heads % spec.kv_heads == 0, "attention: kv_heads must divide heads");
-        assert!(seqs.iter().all(|s| s.end <= q.rows), "attention: a sequence leaves the rows");
+        assert_eq!(queries.len(), keys.len(), "attention: one key span per sequence");
+        assert!(queries.iter().all(|s| s.end <= q.rows), "attention: a sequence leaves the rows");
+        assert!(
+            queries.iter().zip(keys).all(|(qs, ks)| ks.end <= k.rows && ks.len() >= qs.len()),
+            "attention: a sequence's keys must lie in k and be at least its queries"
+        );
         if spec.head_dim > MAX_HEAD_DIM {
             self.fail(format!(
                 "attention.wgsl handles head_dim up to {MAX_HEAD_DIM}, not {}: use the CPU backend",
                 spec.head_dim
             ));
         }
-        let mut span = Vec::with_capacity(q.rows * 2);
-        for s in seqs {
-            for _ in s.clone() {
-                span.push(s.start as u32);
-                span.push(s.end as u32);
+        // Rows no sequence covers attend to nothing (their output is not read).
+        let mut span = vec![0u32; q.rows * 3];
+        for (qs, ks) in queries.iter().zip(keys) {
+            let first_own = ks.end - qs.len();
+            for (j, t) in qs.clone().enumerate() {
+                span[3 * t..3 * t + 3].copy_from_slice(&[ks.start as u32, ks.end as u32, (first_own + j) as u32]);
             }
         }
         let sb = self.table(&span);

@@ -27,6 +27,7 @@ mod rope;
 mod select_rows;
 mod slice_cols;
 mod system;
+mod write_rows;
 
 pub use pool::GpuTensor;
 pub use readback::{GpuFactor, GpuGram, GpuScalar};
@@ -264,9 +265,14 @@ impl Backend for Gpu {
         k: &GpuTensor,
         v: &GpuTensor,
         spec: &AttentionSpec,
-        seqs: &[Range<usize>],
+        queries: &[Range<usize>],
+        keys: &[Range<usize>],
     ) -> GpuTensor {
-        self.attend(q, k, v, spec, seqs)
+        self.attend(q, k, v, spec, queries, keys)
+    }
+
+    fn write_rows(&self, dst: &mut GpuTensor, rows: &[u32], src: &GpuTensor) {
+        self.scatter_rows(dst, rows, src)
     }
 
     fn mix_rows(
@@ -413,6 +419,7 @@ mod tests {
         check::<rope::RopeParams>(&rope::ROPE, &[], "Params");
         check::<attention::AttentionParams>(&attention::ATTENTION, &[], "Params");
         check::<slice_cols::SliceColsParams>(&slice_cols::SLICE_COLS, &[], "Params");
+        check::<write_rows::WriteRowsParams>(&write_rows::WRITE_ROWS, &[], "Params");
         check::<cholesky::CholeskyParams>(&cholesky::CHOLESKY_BLOCK, &[], "Params");
         check::<cholesky::CholeskyParams>(&cholesky::CHOLESKY_PANEL, &[], "Params");
         check::<system::SystemScalarsParams>(&system::SYSTEM_SCALARS, &[], "Params");
