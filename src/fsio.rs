@@ -8,6 +8,7 @@
 
 use crate::error::{bad_input, Error, Result};
 use crate::formats::peft::Adapter;
+use crate::formats::safetensors::ByteSource;
 use crate::formats::samples::EvalSet;
 use crate::inputs::{self, BaseInputs, FileKind, Folder, TaskInput};
 use std::io::Read;
@@ -16,15 +17,7 @@ use std::path::{Component, Path, PathBuf};
 /// The bytes of a regular file within `kind`'s cap; None when there is no such file.
 fn read_file(path: &Path, kind: FileKind) -> Result<Option<Vec<u8>>> {
     let name = path.display().to_string();
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(bad_input(&name, format!("cannot read ({e})"))),
-    };
-    if !meta.is_file() {
-        return Err(bad_input(&name, "is not a regular file (a folder, FIFO or device): refusing to read it"));
-    }
-    kind.check_len(&name, meta.len())?;
+    let Some(meta) = regular_file(path, kind)? else { return Ok(None) };
     // Files are held in memory: one that cannot fit is refused, not allocated (an abort).
     if let Some(avail) = inputs::host_available() {
         if meta.len() > avail {
@@ -50,6 +43,54 @@ fn need_file(path: &Path, kind: FileKind) -> Result<Vec<u8>> {
     read_file(path, kind)?.ok_or_else(|| bad_input(path.display(), "cannot read (no such file)"))
 }
 
+/// A file on disk read by ranges (safetensors weights: never read whole into memory).
+struct FileSource {
+    file: std::sync::Mutex<std::fs::File>,
+    len: u64,
+}
+
+impl ByteSource for FileSource {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read(&self, offset: u64, len: usize) -> std::result::Result<Vec<u8>, String> {
+        use std::io::{Seek, SeekFrom};
+        let mut file = self.file.lock().map_err(|_| "an earlier read failed".to_string())?;
+        let mut out = vec![0; len];
+        file.seek(SeekFrom::Start(offset)).and_then(|_| file.read_exact(&mut out)).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                "the file became shorter while it was read".to_string()
+            } else {
+                e.to_string()
+            }
+        })?;
+        Ok(out)
+    }
+}
+
+/// The metadata of `path` if it is a regular file within `kind`'s cap; None when there is no such file.
+fn regular_file(path: &Path, kind: FileKind) -> Result<Option<std::fs::Metadata>> {
+    let name = path.display().to_string();
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(bad_input(&name, format!("cannot read ({e})"))),
+    };
+    if !meta.is_file() {
+        return Err(bad_input(&name, "is not a regular file (a folder, FIFO or device): refusing to read it"));
+    }
+    kind.check_len(&name, meta.len())?;
+    Ok(Some(meta))
+}
+
+/// `path` as a source read by ranges (see `regular_file`).
+fn open_file(path: &Path, kind: FileKind) -> Result<Option<Box<dyn ByteSource>>> {
+    let name = path.display().to_string();
+    let Some(meta) = regular_file(path, kind)? else { return Ok(None) };
+    let file = std::fs::File::open(path).map_err(|e| bad_input(&name, format!("cannot read ({e})")))?;
+    Ok(Some(Box::new(FileSource { file: std::sync::Mutex::new(file), len: meta.len() })))
+}
+
 /// A directory on disk as an input folder.
 struct Dir<'a>(&'a Path);
 
@@ -62,6 +103,9 @@ impl Folder for Dir<'_> {
     }
     fn take(&mut self, file: &str, kind: FileKind) -> Result<Option<Vec<u8>>> {
         read_file(&self.0.join(file), kind)
+    }
+    fn open(&mut self, file: &str, kind: FileKind) -> Result<Option<Box<dyn ByteSource>>> {
+        open_file(&self.0.join(file), kind)
     }
 }
 

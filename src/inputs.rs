@@ -5,10 +5,9 @@
 use crate::error::{bad_input, Result};
 use crate::formats::hf_config::HfConfig;
 use crate::formats::peft::Adapter;
-use crate::formats::safetensors::{shard_names, TensorFile, TensorStore};
+use crate::formats::safetensors::{shard_names, ByteSource, TensorFile, TensorStore};
 use crate::formats::samples::EvalSet;
 use crate::formats::{samples, tokenizer::TextTokenizer};
-use std::collections::BTreeMap;
 
 /// A base model folder, parsed.
 pub struct BaseInputs {
@@ -52,8 +51,7 @@ impl FileKind {
             FileKind::Json => 64 << 20,
             FileKind::Tokenizer => 256 << 20,
             FileKind::Samples => 256 << 20,
-            // The page holds every input in WebAssembly memory (at most 4 GiB).
-            FileKind::Weights if cfg!(target_arch = "wasm32") => 3 << 30,
+            // Read by ranges, never held whole: what the weights need is the memory plan's to judge.
             FileKind::Weights => 256 << 30,
         }
     }
@@ -112,34 +110,11 @@ pub trait Folder {
     /// file; refused when it is larger than `kind` allows or not a regular file. Each file is read
     /// once (an in-memory folder hands its bytes over rather than copying them).
     fn take(&mut self, file: &str, kind: FileKind) -> Result<Option<Vec<u8>>>;
-}
-
-/// Files held in memory, by file name (the page's dropped files; any leading folders of a dropped
-/// directory are ignored).
-pub struct MemFolder {
-    pub name: String,
-    pub files: BTreeMap<String, Vec<u8>>,
-}
-
-impl MemFolder {
-    pub fn new(name: impl Into<String>, files: impl IntoIterator<Item = (String, Vec<u8>)>) -> MemFolder {
-        let files = files.into_iter().map(|(n, b)| (n.rsplit('/').next().unwrap_or(&n).to_string(), b)).collect();
-        MemFolder { name: name.into(), files }
-    }
-}
-
-impl Folder for MemFolder {
-    fn name(&self) -> String {
-        self.name.clone()
-    }
-    fn path(&self, file: &str) -> String {
-        format!("{}/{file}", self.name)
-    }
-    fn take(&mut self, file: &str, kind: FileKind) -> Result<Option<Vec<u8>>> {
-        if let Some(b) = self.files.get(file) {
-            kind.check_len(&self.path(file), b.len() as u64)?;
-        }
-        Ok(self.files.remove(file))
+    /// `file` as a source read by ranges (safetensors: a header, then a tensor at a time), or None
+    /// when the folder has no such file. Folders whose files lie elsewhere (on disk, a dropped
+    /// `File`) hand out a reader, so a model is never held whole; the default hands over the bytes.
+    fn open(&mut self, file: &str, kind: FileKind) -> Result<Option<Box<dyn ByteSource>>> {
+        Ok(self.take(file, kind)?.map(|b| Box::new(b) as Box<dyn ByteSource>))
     }
 }
 
@@ -158,17 +133,17 @@ pub fn read_base(f: &mut dyn Folder) -> Result<BaseInputs> {
         f.path("tokenizer.json"),
         &need(f, "tokenizer.json", FileKind::Tokenizer, "the model's tokenizer")?,
     )?;
-    let files = if let Some(bytes) = f.take("model.safetensors", FileKind::Weights)? {
-        vec![TensorFile::parse(f.path("model.safetensors"), bytes)?]
+    let files = if let Some(source) = f.open("model.safetensors", FileKind::Weights)? {
+        vec![TensorFile::open(f.path("model.safetensors"), source)?]
     } else if let Some(index) = f.take("model.safetensors.index.json", FileKind::Json)? {
         let names = shard_names(&f.path("model.safetensors.index.json"), &index)?;
         names
             .iter()
             .map(|n| {
-                let bytes = f.take(n, FileKind::Weights)?.ok_or_else(|| {
+                let source = f.open(n, FileKind::Weights)?.ok_or_else(|| {
                     bad_input(f.path("model.safetensors.index.json"), format!("lists the shard {n}, which is missing"))
                 })?;
-                TensorFile::parse(f.path(n), bytes)
+                TensorFile::open(f.path(n), source)
             })
             .collect::<Result<Vec<_>>>()?
     } else {
@@ -179,8 +154,10 @@ pub fn read_base(f: &mut dyn Folder) -> Result<BaseInputs> {
 
 /// `adapter_config.json` + `adapter_model.safetensors` (PEFT).
 pub fn read_adapter(f: &mut dyn Folder) -> Result<Adapter> {
-    let weights = need(f, "adapter_model.safetensors", FileKind::Weights, "a PEFT adapter folder")?;
-    let weights = TensorFile::parse(f.path("adapter_model.safetensors"), weights)?;
+    let weights = f
+        .open("adapter_model.safetensors", FileKind::Weights)?
+        .ok_or_else(|| bad_input(f.name(), "has no adapter_model.safetensors (a PEFT adapter folder)"))?;
+    let weights = TensorFile::open(f.path("adapter_model.safetensors"), weights)?;
     let config = need(f, "adapter_config.json", FileKind::Json, "a PEFT adapter folder")?;
     Adapter::parse(&f.name(), &f.path("adapter_config.json"), &config, &weights)
 }

@@ -1,10 +1,15 @@
 //! The engine's face in the browser: wasm-bindgen exports the page's worker (`www/worker.js`)
-//! calls. Files arrive as bytes (the page never uploads them anywhere); results go back as bytes
-//! and JSON. Errors become JS `Error`s whose `kind` tells the page what to say and offer.
+//! calls. Files arrive as the dropped `File`s (the page never uploads them anywhere), read here by
+//! ranges with `FileReaderSync` (workers only): safetensors weights a header and then a tensor at a
+//! time, so a model is never held whole in WebAssembly memory; small files (configs, tokenizer,
+//! samples) whole. A file may also come as bytes (`{ name, bytes }`: tests, the Node bench).
+//! Results go back as bytes and JSON. Errors become JS `Error`s whose `kind` tells the page what
+//! to say and offer.
 
 use crate::backend::{cpu::Cpu, gpu::Gpu};
 use crate::error::Error;
-use crate::inputs::{self, BaseInputs, MemFolder, TaskInput};
+use crate::formats::safetensors::ByteSource;
+use crate::inputs::{self, BaseInputs, FileKind, Folder, TaskInput};
 use crate::merge::export::zip_folder;
 use crate::merge::pipeline::{self, MergeResult};
 use crate::merge::{Method, Options, Progress};
@@ -49,6 +54,12 @@ pub fn version() -> String {
     env!("CARGO_PKG_VERSION").to_string()
 }
 
+/// Whether this build runs the CPU path with WebAssembly SIMD (`.cargo/config.toml`).
+#[wasm_bindgen]
+pub fn simd() -> bool {
+    cfg!(target_feature = "simd128")
+}
+
 fn get(o: &JsValue, key: &str) -> Result<JsValue, JsValue> {
     Reflect::get(o, &JsValue::from_str(key))
 }
@@ -57,18 +68,108 @@ fn string(o: &JsValue, key: &str) -> Result<String, JsValue> {
     get(o, key)?.as_string().ok_or_else(|| js_error("bug", &format!("missing string field '{key}'")))
 }
 
-fn bytes(o: &JsValue, key: &str) -> Result<Vec<u8>, JsValue> {
-    Ok(get(o, key)?.dyn_into::<Uint8Array>()?.to_vec())
+/// A dropped file: a `File` read where it lies, or bytes already in memory.
+enum PageFile {
+    Blob(web_sys::Blob),
+    Bytes(Vec<u8>),
 }
 
-/// `{ name, files: [{ name, bytes }] }` → a folder.
-fn folder(o: &JsValue) -> Result<MemFolder, JsValue> {
-    let files = Array::from(&get(o, "files")?);
-    let mut out = Vec::new();
-    for f in files.iter() {
-        out.push((string(&f, "name")?, bytes(&f, "bytes")?));
+impl PageFile {
+    /// `{ name, file: File }` or `{ name, bytes: Uint8Array }`.
+    fn from_js(o: &JsValue) -> Result<PageFile, JsValue> {
+        let file = get(o, "file")?;
+        if !file.is_undefined() {
+            return Ok(PageFile::Blob(file.dyn_into::<web_sys::Blob>()?));
+        }
+        Ok(PageFile::Bytes(get(o, "bytes")?.dyn_into::<Uint8Array>()?.to_vec()))
     }
-    Ok(MemFolder::new(string(o, "name")?, out))
+
+    fn len(&self) -> u64 {
+        match self {
+            PageFile::Blob(b) => b.size() as u64,
+            PageFile::Bytes(b) => b.len() as u64,
+        }
+    }
+
+    /// The whole file, after `kind`'s size check (so a huge file is refused before it is read).
+    fn contents(self, name: &str, kind: FileKind) -> crate::error::Result<Vec<u8>> {
+        kind.check_len(name, self.len())?;
+        match self {
+            PageFile::Bytes(b) => Ok(b),
+            PageFile::Blob(b) => {
+                let len = b.size() as usize;
+                BlobSource(b).read(0, len).map_err(|e| crate::error::bad_input(name, format!("cannot read ({e})")))
+            }
+        }
+    }
+}
+
+/// A `File` read by ranges: each read is a slice of the file, read synchronously (the engine runs
+/// in a worker, where `FileReaderSync` exists), so only what is asked for enters WebAssembly memory.
+struct BlobSource(web_sys::Blob);
+
+impl ByteSource for BlobSource {
+    fn len(&self) -> u64 {
+        self.0.size() as u64
+    }
+    fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+        let describe = |e: JsValue| {
+            e.dyn_ref::<js_sys::Error>().map(|e| String::from(e.message())).unwrap_or_else(|| format!("{e:?}"))
+        };
+        let slice = self.0.slice_with_f64_and_f64(offset as f64, (offset + len as u64) as f64).map_err(describe)?;
+        let buf = web_sys::FileReaderSync::new().and_then(|r| r.read_as_array_buffer(&slice)).map_err(describe)?;
+        let bytes = Uint8Array::new(&buf);
+        if bytes.length() as usize != len {
+            return Err(format!("read {} of {len} bytes: the file changed while it was read", bytes.length()));
+        }
+        Ok(bytes.to_vec())
+    }
+}
+
+/// `{ name, files: [{ name, file | bytes }] }`: a dropped folder (any leading folders of a dropped
+/// directory's file names are ignored).
+struct PageFolder {
+    name: String,
+    files: std::collections::BTreeMap<String, PageFile>,
+}
+
+impl PageFolder {
+    fn from_js(o: &JsValue) -> Result<PageFolder, JsValue> {
+        let mut files = std::collections::BTreeMap::new();
+        for f in Array::from(&get(o, "files")?).iter() {
+            let name = string(&f, "name")?;
+            files.insert(name.rsplit('/').next().unwrap_or(&name).to_string(), PageFile::from_js(&f)?);
+        }
+        Ok(PageFolder { name: string(o, "name")?, files })
+    }
+}
+
+impl Folder for PageFolder {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn path(&self, file: &str) -> String {
+        format!("{}/{file}", self.name)
+    }
+    fn take(&mut self, file: &str, kind: FileKind) -> crate::error::Result<Option<Vec<u8>>> {
+        let path = self.path(file);
+        self.files.remove(file).map(|f| f.contents(&path, kind)).transpose()
+    }
+    fn open(&mut self, file: &str, kind: FileKind) -> crate::error::Result<Option<Box<dyn ByteSource>>> {
+        let Some(f) = self.files.remove(file) else { return Ok(None) };
+        kind.check_len(&self.path(file), f.len())?;
+        Ok(Some(match f {
+            PageFile::Blob(b) => Box::new(BlobSource(b)),
+            PageFile::Bytes(b) => Box::new(b),
+        }))
+    }
+}
+
+/// `{ name, file | bytes }`: a samples file, whole.
+fn single(o: &JsValue, kind: FileKind) -> Result<(String, Vec<u8>), JsValue> {
+    let name = string(o, "name")?;
+    let bytes = PageFile::from_js(o)?.contents(&name, kind).map_err(to_js)?;
+    Ok((name, bytes))
 }
 
 fn set(o: &Object, key: &str, v: impl Into<JsValue>) {
@@ -93,19 +194,19 @@ fn to_js(e: Error) -> JsValue {
 }
 
 /// Check every input file before any work: `input` is
-/// `{ base: folder, tasks: [{ adapter: folder, samples: file, eval?: file }] }` with `file = { name, bytes }` and
-/// `folder = { name, files: [{ name, bytes }] }`.
+/// `{ base: folder, tasks: [{ adapter: folder, samples: file, eval?: file }] }` with
+/// `file = { name, file: File }` (or `{ name, bytes }`) and `folder = { name, files: [file] }`.
 fn read_inputs(input: &JsValue) -> Result<(BaseInputs, Vec<TaskInput>), JsValue> {
-    let base = inputs::read_base(&mut folder(&get(input, "base")?)?).map_err(to_js)?;
+    let base = inputs::read_base(&mut PageFolder::from_js(&get(input, "base")?)?).map_err(to_js)?;
     let mut tasks = Vec::new();
     for t in Array::from(&get(input, "tasks")?).iter() {
-        let samples = get(&t, "samples")?;
-        let mut adapter = folder(&get(&t, "adapter")?)?;
-        let mut task =
-            inputs::read_task(&mut adapter, &string(&samples, "name")?, &bytes(&samples, "bytes")?).map_err(to_js)?;
+        let (samples_name, samples) = single(&get(&t, "samples")?, FileKind::Samples)?;
+        let mut adapter = PageFolder::from_js(&get(&t, "adapter")?)?;
+        let mut task = inputs::read_task(&mut adapter, &samples_name, &samples).map_err(to_js)?;
         let eval = get(&t, "eval")?;
         if !eval.is_undefined() && !eval.is_null() {
-            task.eval = Some(inputs::read_eval(&string(&eval, "name")?, &bytes(&eval, "bytes")?).map_err(to_js)?);
+            let (name, bytes) = single(&eval, FileKind::Samples)?;
+            task.eval = Some(inputs::read_eval(&name, &bytes).map_err(to_js)?);
         }
         tasks.push(task);
     }

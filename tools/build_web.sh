@@ -11,9 +11,10 @@ rm -rf dist
 mkdir -p dist/pkg
 wasm-bindgen --target web --no-typescript --out-dir dist/pkg target/wasm32-unknown-unknown/web/iteris.wasm
 # wasm-opt must know the features rustc enabled (bulk memory, sign extension, non-trapping
-# float-to-int, multi-value, reference types), or it refuses the module.
+# float-to-int, multi-value, reference types, and SIMD from .cargo/config.toml), or it refuses the
+# module.
 node_modules/.bin/wasm-opt -O3 --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
-  --enable-mutable-globals --enable-multivalue --enable-reference-types \
+  --enable-mutable-globals --enable-multivalue --enable-reference-types --enable-simd \
   dist/pkg/iteris_bg.wasm -o dist/pkg/iteris_bg.wasm
 cp -r www/. dist/
 # The demo: files the page fetches from its own origin when "Try the demo" is pressed.

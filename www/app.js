@@ -1,10 +1,8 @@
 // The page: collects files and settings, runs the merge in a worker (worker.js), shows progress,
-// results and errors, and offers the merged adapter as a .zip. Files are read here only to hand
-// their bytes to the worker; nothing is sent anywhere (see the Content-Security-Policy).
-
-// The engine copies every input into WebAssembly memory (at most 4 GiB, and browsers often grant
-// less) and works on f32 copies of the weights: beyond this much input a merge would fail midway.
-const MAX_INPUT_BYTES = 1024 * 1024 * 1024;
+// results and errors, and offers the merged adapter as a .zip. The dropped File objects go to the
+// worker as they are (no bytes are read here): the engine reads the weights by ranges, a tensor at
+// a time, and its memory plan refuses what cannot fit. Nothing is sent anywhere (see the
+// Content-Security-Policy).
 
 const EVAL_LIMIT = 50;
 
@@ -180,7 +178,6 @@ const ADVICE = {
   gpu: 'Try again, or choose the CPU backend.',
   'no-webgpu': 'Choose the auto or CPU backend, or open the page in a browser with WebGPU (recent Chrome or Edge, Safari 26, Firefox 141 on Windows).',
   memory: 'The browser ran out of memory for this merge. Use fewer or shorter samples (Max length), or the command-line tool (iteris merge) for large models.',
-  'too-large': 'Use the command-line tool (iteris merge) for models this large: it has no such limit.',
   engine: 'This browser cannot run the engine (WebAssembly). Use a recent Chrome, Edge, Firefox or Safari.',
   bug: 'This is a bug in iteris; please report it with the message above.',
 };
@@ -203,29 +200,14 @@ function checkInputs() {
     if (!t.adapter.length) throw new UserError(`Adapter ${k + 1}: drop its folder (adapter_config.json, adapter_model.safetensors).`);
     if (!t.samples) throw new UserError(`Adapter ${k + 1}: drop a samples file (.txt or .jsonl).`);
   });
-  const all = [...state.base, ...tasks.flatMap((t) => [...t.adapter, t.samples, ...(t.eval ? [t.eval] : [])])];
-  const total = all.reduce((s, f) => s + f.size, 0);
-  if (total > MAX_INPUT_BYTES) {
-    const big = all.reduce((a, b) => (b.size > a.size ? b : a));
-    const e = new UserError(`${big.name}: ${size(big.size)}; with the other files ${size(total)}, more than the ${size(MAX_INPUT_BYTES)} this page can hold in browser memory.`);
-    e.kind = 'too-large';
-    throw e;
-  }
   return tasks;
 }
 
-async function bytesOf(file) {
-  try {
-    return new Uint8Array(await file.arrayBuffer());
-  } catch (e) {
-    throw new UserError(`${file.name}: the browser could not read it (${e.message})`);
-  }
-}
+// A file as the worker takes it: the File itself (structured-cloned, not read).
+const given = (file) => ({ name: file.name, file });
 
-async function folder(name, files) {
-  const out = [];
-  for (const f of files) out.push({ name: f.name, bytes: await bytesOf(f) });
-  return { name, files: out };
+function folder(name, files) {
+  return { name, files: files.map(given) };
 }
 
 async function startMerge(cmd = 'merge') {
@@ -241,26 +223,13 @@ async function startMerge(cmd = 'merge') {
   // A comparison leaves the last merge's result (and its download) in place.
   if (cmd === 'merge') $('results').hidden = true;
   setBusy(true);
-  let input;
-  try {
-    const baseName = (state.base[0].webkitRelativePath || '').split('/')[0] || 'base model';
-    input = { base: await folder(baseName, state.base), tasks: [] };
-    for (const [k, t] of tasks.entries()) {
-      // Loose files carry no folder name: name the adapter after its samples file instead.
-      const name = (t.adapter[0].webkitRelativePath || '').split('/')[0] || `adapter ${k + 1} (${t.samples.name.replace(/\.[^.]*$/, '')})`;
-      input.tasks.push({
-        adapter: await folder(name, t.adapter),
-        samples: { name: t.samples.name, bytes: await bytesOf(t.samples) },
-        eval: t.eval ? { name: t.eval.name, bytes: await bytesOf(t.eval) } : null,
-      });
-    }
-  } catch (e) {
-    setBusy(false);
-    showMessage(e.message, 'input');
-    return;
+  const baseName = (state.base[0].webkitRelativePath || '').split('/')[0] || 'base model';
+  const input = { base: folder(baseName, state.base), tasks: [] };
+  for (const [k, t] of tasks.entries()) {
+    // Loose files carry no folder name: name the adapter after its samples file instead.
+    const name = (t.adapter[0].webkitRelativePath || '').split('/')[0] || `adapter ${k + 1} (${t.samples.name.replace(/\.[^.]*$/, '')})`;
+    input.tasks.push({ adapter: folder(name, t.adapter), samples: given(t.samples), eval: t.eval ? given(t.eval) : null });
   }
-  const transfer = [...input.base.files, ...input.tasks.flatMap((t) => [...t.adapter.files, t.samples, ...(t.eval ? [t.eval] : [])])]
-    .map((f) => f.bytes.buffer);
   const started = performance.now();
   const worker = new Worker('worker.js', { type: 'module' });
   state.worker = worker;
@@ -281,7 +250,7 @@ async function startMerge(cmd = 'merge') {
     showMessage(`The engine could not start (${e.message || 'worker error'}).`, 'engine');
   };
   $('comparison').hidden = true;
-  worker.postMessage({ cmd, input, options: opts }, transfer);
+  worker.postMessage({ cmd, input, options: opts });
 }
 
 function finish() {

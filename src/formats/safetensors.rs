@@ -6,79 +6,169 @@
 use crate::error::{bad_input, Result};
 use crate::mat::Mat;
 pub use safetensors::tensor::Dtype;
-use safetensors::tensor::{Metadata, TensorInfo};
+
 use std::collections::BTreeMap;
 
-/// The end of the last tensor's data according to a header, if the header is readable JSON.
-fn data_needed(header: &[u8]) -> Option<usize> {
-    let v: serde_json::Value = serde_json::from_slice(header).ok()?;
-    v.as_object()?
-        .iter()
-        .filter(|(k, _)| *k != "__metadata__")
-        .filter_map(|(_, t)| t.get("data_offsets")?.get(1)?.as_u64())
-        .max()
-        .map(|e| e as usize)
+/// Where a safetensors file's bytes are. A file is read by ranges (its header, then one tensor at
+/// a time as the model loads), so a source that is not held in memory (a file on disk, a `File`
+/// dropped onto the page) never has to be held whole.
+pub trait ByteSource {
+    /// Size in bytes.
+    fn len(&self) -> u64;
+    /// Bytes `offset .. offset + len` (within `len()`); the error says why they could not be read.
+    fn read(&self, offset: u64, len: usize) -> std::result::Result<Vec<u8>, String>;
+    /// Bytes this source holds in memory (what the memory plan counts as input files).
+    fn held(&self) -> u64 {
+        0
+    }
 }
 
-/// One safetensors file, parsed but not converted.
+impl ByteSource for Vec<u8> {
+    fn len(&self) -> u64 {
+        self.as_slice().len() as u64
+    }
+    fn read(&self, offset: u64, len: usize) -> std::result::Result<Vec<u8>, String> {
+        let o = offset as usize;
+        Ok(self[o..o + len].to_vec())
+    }
+    fn held(&self) -> u64 {
+        self.as_slice().len() as u64
+    }
+}
+
+/// The safetensors crate's limit on a header (a larger one is not a safetensors file).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// One tensor's header entry. Offsets are u64: in the page (wasm32, 32-bit `usize`) a file may
+/// exceed 4 GiB (it is read by ranges, never held), which the crate's `Metadata` cannot express.
+#[derive(Clone, Debug)]
+struct TensorInfo {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte range in the data section.
+    start: u64,
+    end: u64,
+}
+
+/// The tensors a header describes, checked as the safetensors crate checks them (known dtypes,
+/// offsets in order without gaps or overlaps, each tensor's byte size its shape's), and the
+/// length of the data section they cover.
+fn parse_header(header: &[u8]) -> std::result::Result<(BTreeMap<String, TensorInfo>, u64), String> {
+    let v: serde_json::Value = serde_json::from_slice(header).map_err(|e| e.to_string())?;
+    let obj = v.as_object().ok_or("the header is not a JSON object")?;
+    let mut tensors = BTreeMap::new();
+    for (key, t) in obj.iter().filter(|(k, _)| *k != "__metadata__") {
+        let bad = |what: &str| format!("tensor '{key}': {what}");
+        let dtype: Dtype = serde_json::from_value(t.get("dtype").cloned().unwrap_or_default())
+            .map_err(|_| bad(&format!("unknown dtype {}", t.get("dtype").unwrap_or(&serde_json::Value::Null))))?;
+        let shape = t
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|a| {
+                a.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect::<Option<Vec<_>>>()
+            })
+            .ok_or_else(|| bad("\"shape\" is not a list of sizes"))?;
+        let offsets = t.get("data_offsets").and_then(|o| o.as_array()).filter(|o| o.len() == 2);
+        let (start, end) = match offsets.map(|o| (o[0].as_u64(), o[1].as_u64())) {
+            Some((Some(s), Some(e))) if s <= e => (s, e),
+            _ => return Err(bad("\"data_offsets\" is not [start, end]")),
+        };
+        let bits = shape
+            .iter()
+            .try_fold(dtype.bitsize() as u64, |n, &d| n.checked_mul(d as u64))
+            .ok_or_else(|| bad("its shape overflows"))?;
+        if bits % 8 != 0 || end - start != bits / 8 {
+            return Err(bad(&format!("{} bytes stored for shape {shape:?} of {dtype:?}", end - start)));
+        }
+        tensors.insert(key.clone(), TensorInfo { dtype, shape, start, end });
+    }
+    let mut ranges: Vec<(u64, u64, &String)> = tensors.iter().map(|(k, t)| (t.start, t.end, k)).collect();
+    ranges.sort();
+    let mut at = 0;
+    for (s, e, k) in ranges {
+        if s != at {
+            return Err(format!("tensor '{k}' starts at byte {s} of the data, not {at} (a gap or an overlap)"));
+        }
+        at = e;
+    }
+    Ok((tensors, at))
+}
+
+/// One safetensors file: its parsed header, and where its bytes are (read when a tensor is asked for).
 pub struct TensorFile {
     /// What to call the file in messages (usually its path).
     pub name: String,
-    bytes: Vec<u8>,
-    data_start: usize,
+    source: Box<dyn ByteSource>,
+    data_start: u64,
     tensors: BTreeMap<String, TensorInfo>,
 }
 
 impl TensorFile {
+    /// A file held in memory.
     pub fn parse(name: impl Into<String>, bytes: Vec<u8>) -> Result<TensorFile> {
+        TensorFile::open(name, Box::new(bytes))
+    }
+
+    /// Read and check the header of `source` (only its first 8 + header bytes are read): every
+    /// tensor's dtype, shape and offsets, and that the data the header describes is all there.
+    pub fn open(name: impl Into<String>, source: Box<dyn ByteSource>) -> Result<TensorFile> {
         let name = name.into();
-        // Check the framing ourselves first: the crate's own errors do not say how the file is wrong
-        // in words a user can act on.
-        if bytes.len() < 8 {
-            return Err(bad_input(&name, format!("not a safetensors file: only {} bytes", bytes.len())));
+        // Check the framing ourselves: the crate's own errors do not say how the file is wrong in
+        // words a user can act on.
+        let len = source.len();
+        if len < 8 {
+            return Err(bad_input(&name, format!("not a safetensors file: only {len} bytes")));
         }
-        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap());
-        if header_len > (bytes.len() - 8) as u64 {
+        let read =
+            |offset: u64, n: usize| source.read(offset, n).map_err(|e| bad_input(&name, format!("cannot read ({e})")));
+        let header_len = u64::from_le_bytes(read(0, 8)?.try_into().unwrap());
+        if header_len > len - 8 {
             return Err(bad_input(
                 &name,
                 format!(
                     "truncated or not a safetensors file: header says {header_len} bytes but the file has only {} after it",
-                    bytes.len() - 8
+                    len - 8
                 ),
             ));
         }
-        let (n, meta): (usize, Metadata) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
-            match data_needed(&bytes[8..8 + header_len as usize]) {
-                Some(need) if need > bytes.len() - 8 - header_len as usize => bad_input(
-                    &name,
-                    format!(
-                        "truncated: the header describes {need} bytes of tensor data but the file holds only {}",
-                        bytes.len() - 8 - header_len as usize
-                    ),
-                ),
-                _ => bad_input(&name, format!("corrupt safetensors file ({e})")),
-            }
-        })?;
-        let data_start = 8 + n;
-        let mut tensors = BTreeMap::new();
-        for (key, info) in meta.tensors() {
-            let (s, e) = info.data_offsets;
-            if data_start + e > bytes.len() {
-                return Err(bad_input(&name, format!("truncated: tensor '{key}' runs past the end of the file")));
-            }
-            let _ = s;
-            tensors.insert(key, info.clone());
+        if header_len > MAX_HEADER {
+            return Err(bad_input(&name, format!("not a safetensors file: a header of {header_len} bytes")));
         }
-        Ok(TensorFile { name, bytes, data_start, tensors })
+        let header = read(8, header_len as usize)?;
+        let (tensors, need) =
+            parse_header(&header).map_err(|e| bad_input(&name, format!("corrupt safetensors file ({e})")))?;
+        let data_start = 8 + header_len;
+        let have = len - data_start;
+        if need > have {
+            return Err(bad_input(
+                &name,
+                format!("truncated: the header describes {need} bytes of tensor data but the file holds only {have}"),
+            ));
+        }
+        if need < have {
+            return Err(bad_input(
+                &name,
+                format!(
+                    "corrupt safetensors file: {} bytes follow the {need} bytes of tensor data its header describes",
+                    have - need
+                ),
+            ));
+        }
+        Ok(TensorFile { name, source, data_start, tensors })
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &String> {
         self.tensors.keys()
     }
 
-    /// Size of the file in bytes (all of it is held in memory).
-    pub fn byte_len(&self) -> usize {
-        self.bytes.len()
+    /// Size of the file in bytes.
+    pub fn byte_len(&self) -> u64 {
+        self.source.len()
+    }
+
+    /// Bytes of the file held in memory (0 when it is read by ranges from where it lies).
+    pub fn held_bytes(&self) -> u64 {
+        self.source.held()
     }
 
     pub fn contains(&self, key: &str) -> bool {
@@ -97,8 +187,14 @@ impl TensorFile {
     /// The tensor as a 2-D f32 matrix (1-D tensors become one row), checked for NaN/Inf.
     pub fn mat(&self, key: &str) -> Result<Mat> {
         let info = self.tensors.get(key).ok_or_else(|| bad_input(&self.name, format!("has no tensor '{key}'")))?;
-        let (s, e) = info.data_offsets;
-        let raw = &self.bytes[self.data_start + s..self.data_start + e];
+        // A tensor this process cannot address (past 4 GiB in the page) is refused by the memory
+        // plan before it is asked for; say so rather than truncate if it ever is.
+        let n = usize::try_from(info.end - info.start)
+            .map_err(|_| bad_input(&self.name, format!("tensor '{key}' is too large to read here")))?;
+        let raw = self
+            .source
+            .read(self.data_start + info.start, n)
+            .map_err(|err| bad_input(&self.name, format!("cannot read tensor '{key}' ({err})")))?;
         let numel: usize = info.shape.iter().product();
         let data: Vec<f32> = match info.dtype {
             Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
@@ -271,4 +367,45 @@ pub fn write(
         .collect::<Result<_>>()?;
     safetensors::tensor::serialize(views, metadata)
         .map_err(|e| crate::error::Error::Io(format!("writing safetensors: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(header: &str, data: usize) -> Vec<u8> {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend(header.as_bytes());
+        b.extend(vec![0u8; data]);
+        b
+    }
+
+    fn err(header: &str, data: usize) -> String {
+        TensorFile::parse("f", file(header, data)).err().expect("refused").to_string()
+    }
+
+    #[test]
+    fn headers_are_checked_like_the_crate_checks_them() {
+        let two = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F16","shape":[3],"data_offsets":[8,14]}}"#;
+        let f = TensorFile::parse("f", file(two, 14)).unwrap();
+        assert_eq!((f.shape("b"), f.dtype("b")), (Some(&[3usize][..]), Some(Dtype::F16)));
+        assert!(err(two, 13).contains("truncated"));
+        assert!(err(two, 15).contains("1 bytes follow"));
+        let gap = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+        assert!(err(gap, 12).contains("starts at byte 4"));
+        let size = r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
+        assert!(err(size, 8).contains("8 bytes stored for shape [3]"));
+        let dtype = r#"{"a":{"dtype":"F33","shape":[2],"data_offsets":[0,8]}}"#;
+        assert!(err(dtype, 8).contains("unknown dtype"));
+        assert!(err(r#"[1, 2]"#, 0).contains("not a JSON object"));
+    }
+
+    /// A header past 4 GiB of data (a file the page reads by ranges) parses: offsets are u64.
+    #[test]
+    fn offsets_past_four_gib_parse() {
+        let n: u64 = 6 << 30;
+        let h = format!(r#"{{"w":{{"dtype":"F32","shape":[{},1024],"data_offsets":[0,{n}]}}}}"#, n / 4096);
+        let (t, end) = parse_header(h.as_bytes()).unwrap();
+        assert_eq!((t["w"].end, end), (n, n));
+    }
 }

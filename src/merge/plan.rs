@@ -22,7 +22,7 @@ pub const EVAL_LOGITS_BYTES: u64 = 256 << 20;
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct MemoryPlan {
-    /// The input files kept in memory (safetensors bytes).
+    /// The input files held in memory (safetensors bytes; 0 where they are read by ranges).
     pub files_bytes: u64,
     /// The model's weights as the backend holds them (f32 on the CPU, file precision on a GPU).
     pub weights_bytes: u64,
@@ -47,7 +47,7 @@ pub struct MemoryPlan {
 }
 
 fn mib(b: u64) -> String {
-    if b >= 10 << 30 {
+    if b >= 1 << 30 {
         format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
     } else {
         format!("{:.0} MiB", (b as f64 / (1u64 << 20) as f64).ceil())
@@ -57,7 +57,7 @@ fn mib(b: u64) -> String {
 /// The weights alone, before the model is loaded: a model whose weights cannot fit is refused
 /// before its tensors are copied.
 pub fn weights_plan<B: Backend>(be: &B, store: &TensorStore, max_memory_mib: Option<u64>) -> MemoryPlan {
-    let files_bytes: u64 = store.files.iter().map(|f| f.byte_len() as u64).sum();
+    let files_bytes: u64 = store.files.iter().map(|f| f.held_bytes()).sum();
     let weights_bytes = store.stored_bytes(!be.keeps_file_precision());
     let device = be.on_device();
     MemoryPlan {
@@ -131,6 +131,14 @@ impl MemoryPlan {
             }
         }
         if let Some(avail) = self.host_available_bytes {
+            let host_weights = if self.device_bytes > 0 { 0 } else { self.weights_bytes };
+            if host_weights > avail {
+                return Err(Error::Unsupported(format!(
+                    "memory plan: the model's weights need {} as the {backend} backend holds them (f32), but only {} is available: use a GPU backend (weights stay in file precision in GPU memory), or run the command-line tool on a larger machine",
+                    mib(self.weights_bytes),
+                    mib(avail)
+                )));
+            }
             if self.host_to_allocate_bytes > avail {
                 return Err(Error::Unsupported(format!(
                     "memory plan: the merge needs about {} of memory (input files {}, weights {}, activations {}, statistics {}), {} more than is in use, but only {} is available: {advice}, or run the command-line tool on a larger machine",

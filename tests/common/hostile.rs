@@ -592,10 +592,21 @@ pub fn cases() -> Vec<Case> {
             "memory",
             "weights larger than the memory available",
             |d, _| {
-                let f = std::fs::File::create(d.join("base/model.safetensors")).unwrap();
-                f.set_len(200 << 30).unwrap(); // sparse: no disk used
+                // A valid header describing 200 GiB of f32 weights, the data sparse (no disk used):
+                // only the header is read, and the memory plan refuses before any tensor is.
+                let n: u64 = 200 << 30;
+                let mut header = format!(
+                    r#"{{"transformer.wte.weight":{{"dtype":"F32","shape":[{},1024],"data_offsets":[0,{n}]}}}}"#,
+                    n / 4096
+                );
+                header.push_str(&" ".repeat((8 - header.len() % 8) % 8));
+                let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+                bytes.extend(header.as_bytes());
+                let path = d.join("base/model.safetensors");
+                std::fs::write(&path, &bytes).unwrap();
+                std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(bytes.len() as u64 + n).unwrap();
             },
-            &["base/model.safetensors", "memory available"],
+            &["memory plan", "weights need 200.0 GiB"],
         )),
         // Paths and data loss.
         llama(c(
