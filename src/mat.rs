@@ -62,3 +62,72 @@ impl Mat64 {
         Mat64 { rows, cols, data }
     }
 }
+
+/// The values of a weight matrix as a checkpoint stores them: f32, or the bit patterns of IEEE
+/// half precision or bfloat16.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stored {
+    F32(Vec<f32>),
+    F16(Vec<u16>),
+    Bf16(Vec<u16>),
+}
+
+/// A (rows, cols) weight matrix in its stored precision: a backend that computes on packed
+/// weights (the GPU) takes the bits as they are, without an f32 copy; others convert.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredMat {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Stored,
+}
+
+fn transposed<T: Copy>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
+    (0..rows * cols).map(|i| v[(i % rows) * cols + i / rows]).collect()
+}
+
+impl StoredMat {
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    pub fn to_mat(&self) -> Mat {
+        let data = match &self.data {
+            Stored::F32(v) => v.clone(),
+            Stored::F16(b) => b.iter().map(|&x| half::f16::from_bits(x).to_f32()).collect(),
+            Stored::Bf16(b) => b.iter().map(|&x| half::bf16::from_bits(x).to_f32()).collect(),
+        };
+        Mat::new(self.rows, self.cols, data)
+    }
+
+    /// (cols, rows), in the same precision.
+    pub fn transpose(&self) -> StoredMat {
+        let (r, c) = (self.rows, self.cols);
+        let data = match &self.data {
+            Stored::F32(v) => Stored::F32(transposed(v, r, c)),
+            Stored::F16(b) => Stored::F16(transposed(b, r, c)),
+            Stored::Bf16(b) => Stored::Bf16(transposed(b, r, c)),
+        };
+        StoredMat { rows: c, cols: r, data }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Transposing in the stored precision and converting equals converting and transposing.
+    #[test]
+    fn stored_transpose_matches_f32_transpose() {
+        let m = Mat::new(3, 5, (0..15).map(|v| v as f32 * 0.25 - 1.0).collect());
+        for data in [
+            Stored::F32(m.data.clone()),
+            Stored::F16(m.data.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect()),
+            Stored::Bf16(m.data.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect()),
+        ] {
+            let s = StoredMat { rows: 3, cols: 5, data };
+            assert_eq!(s.to_mat(), m);
+            assert_eq!(s.transpose().to_mat(), m.transpose());
+            assert_eq!(s.transpose().shape(), (5, 3));
+        }
+    }
+}

@@ -18,6 +18,47 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The page's merge of the 106M-parameter model equals the CLI's, and its peak WebAssembly memory
+/// stays within the merge's memory plan: the weights are read a tensor at a time, never held twice.
+fn check_big_model(out: &Path, big: &Path) {
+    let cli = out.join("cli-big");
+    let mut args: Vec<String> = vec!["merge".into(), "--backend".into(), "cpu".into(), "--force".into()];
+    args.extend(["--base".into(), big.join("base").display().to_string()]);
+    for i in 0..3 {
+        args.extend(["--adapter".into(), big.join(format!("adapter{i}")).display().to_string()]);
+        args.extend(["--samples".into(), big.join(format!("samples{i}.txt")).display().to_string()]);
+    }
+    args.extend(["--out".into(), cli.display().to_string()]);
+    run(Command::new(env!("CARGO_BIN_EXE_iteris")).args(&args), "iteris merge (106M model)");
+    let dir = unzip(&out.join("big.zip"), &out.join("big-page"));
+    let e = max_rel_diff(&dir, &cli);
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    let run = &summary["runs"]["big"];
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("merge_report.json")).unwrap()).unwrap();
+    let plan = &report["memory_plan"];
+    let (peak, planned, weights) = (
+        run["wasmMemoryBytes"].as_f64().unwrap(),
+        plan["host_bytes"].as_f64().unwrap(),
+        plan["weights_bytes"].as_f64().unwrap(),
+    );
+    let mib = |b: f64| b / (1u64 << 20) as f64;
+    println!(
+        "106M model in the page (CPU path): {:.1} s, worst module difference from the CLI {e:.2e}; peak wasm memory {:.0} MiB, plan {:.0} MiB (weights {:.0} MiB as f32)",
+        run["seconds"].as_f64().unwrap(),
+        mib(peak),
+        mib(planned),
+        mib(weights)
+    );
+    assert!(e <= 1e-4, "106M model: the page's adapter differs from the CLI's by {e:.2e}");
+    assert!(
+        peak <= planned,
+        "106M model: peak wasm memory {:.0} MiB exceeds the plan's {:.0} MiB",
+        mib(peak),
+        mib(planned)
+    );
+}
+
 fn run(cmd: &mut Command, what: &str) {
     let status = cmd.current_dir(root()).status().unwrap_or_else(|e| panic!("{what}: cannot start ({e})"));
     assert!(status.success(), "{what} failed ({status}); tools/setup.sh installs what the browser tests need");
@@ -118,8 +159,16 @@ fn page_merges_like_the_cli() {
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out).unwrap();
     let page_cases = write_hostile_manifest(&out);
+    // The 106M-parameter model the page merges on its CPU path (made here, never committed).
+    let big = out.join("big");
+    let cargo = option_env!("CARGO").unwrap_or("cargo");
+    run(
+        Command::new(cargo).args(["run", "--release", "--quiet", "--example", "make_model", "--"]).arg(&big),
+        "tools/make_model.rs",
+    );
     run(Command::new("node").arg("tests/browser/e2e.mjs").arg(&out), "the browser tests (tests/browser/e2e.mjs)");
     check_hostile_results(&out, page_cases);
+    check_big_model(&out, &big);
 
     let (sweep, jacobi, demo) = (out.join("cli-sweep"), out.join("cli-jacobi"), out.join("cli-demo"));
     cli_merge(&sweep, false, &[]);

@@ -260,6 +260,18 @@ fn cholesky_and_refined_solve() {
     }
 }
 
+/// `m` as a checkpoint would store it in `dtype` (m's values must be exact in it).
+fn as_stored(m: &Mat, dtype: iteris::backend::WeightDtype) -> iteris::mat::StoredMat {
+    use iteris::backend::WeightDtype;
+    use iteris::mat::Stored;
+    let data = match dtype {
+        WeightDtype::F32 => Stored::F32(m.data.clone()),
+        WeightDtype::F16 => Stored::F16(m.data.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect()),
+        WeightDtype::Bf16 => Stored::Bf16(m.data.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect()),
+    };
+    iteris::mat::StoredMat { rows: m.rows, cols: m.cols, data }
+}
+
 #[test]
 fn packed_half_precision_weights() {
     use iteris::backend::WeightDtype;
@@ -277,7 +289,7 @@ fn packed_half_precision_weights() {
         };
         let w = round(r.mat(37, 23)); // odd element count: the last word is half used
         let x = r.mat(50, 23);
-        let gw = g.upload_weight(&w, dtype);
+        let gw = g.upload_weight(&as_stored(&w, dtype));
         assert_eq!(g.download(&gw).block_on().unwrap(), w, "{dtype:?}: download unpacks exactly");
         let c = Cpu.matmul_t(&x, 5..45, &w);
         close(
@@ -311,7 +323,7 @@ fn weights_beyond_one_binding_are_split_by_rows() {
             w
         };
         let x = r.mat(9, 23);
-        let gw = g.upload_weight(&w, dtype);
+        let gw = g.upload_weight(&as_stored(&w, dtype));
         assert_eq!(g.download(&gw).block_on().unwrap(), w, "{dtype:?}: blocks reassemble");
         close(
             &format!("{dtype:?} split matmul_t"),

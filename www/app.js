@@ -21,6 +21,8 @@ function fileList(ul, files) {
   }));
 }
 
+const mib = (b) => `${Math.ceil(b / 2 ** 20)} MiB`;
+
 function size(bytes) {
   if (bytes < 1024) return `${bytes} B`;
   if (bytes < 1024 ** 2) return `${(bytes / 1024).toFixed(1)} KB`;
@@ -296,7 +298,6 @@ function showProgress(m, started) {
 // The memory plan the engine made before the merge (src/merge/plan.rs), in one line.
 function memoryLine(p) {
   if (!p) return '';
-  const mib = (b) => `${Math.ceil(b / 2 ** 20)} MiB`;
   const parts = [`Memory plan: ${mib(p.host_bytes)} in this page`];
   if (p.host_available_bytes != null) parts[0] += ` (of ${mib(p.host_available_bytes)} available)`;
   if (p.device_bytes) parts.push(`${mib(p.device_bytes)} on the GPU`);
@@ -313,7 +314,8 @@ function showResults(m, seconds) {
     `(engine loaded in ${state.engineSeconds.toFixed(2)} s) on ${m.backend}, ${report.method}.`;
   $('ran').dataset.seconds = seconds;
   $('ran').dataset.engineSeconds = state.engineSeconds;
-  $('memory').textContent = memoryLine(report.memory_plan);
+  $('ran').dataset.wasmMemoryBytes = m.wasmMemoryBytes;
+  $('memory').textContent = `${memoryLine(report.memory_plan)} The engine's WebAssembly memory peaked at ${mib(m.wasmMemoryBytes)}.`;
   $('notes').replaceChildren(...[...m.notes, ...report.warnings].map((t) => {
     const li = document.createElement('li');
     li.textContent = t;
@@ -330,8 +332,9 @@ function showResults(m, seconds) {
     report.modules.map((r) => [r.module, r.rank, r.solve_path || '—', ...r.alignment_error.map(fmt), ...r.adaptive_weights.map((c) => c.toPrecision(3))]));
   $('quality-box').hidden = !report.quality;
   if (report.quality) {
-    table($('quality-table'), ['task (held-out file)', 'samples', 'accuracy', 'KL (nats/token)'],
-      report.quality.map((q, i) => [q.eval_file || `task ${i + 1}: none`, q.samples, accuracyCell(q.accuracy), q.kl === null ? '—' : q.kl.toFixed(4)]));
+    table($('quality-table'), ['task (held-out file)', 'samples', 'merged accuracy', 'its adapter alone', 'KL (nats/token)'],
+      report.quality.map((q, i) => [q.eval_file || `task ${i + 1}: none`, q.samples, accuracyCell(q.accuracy),
+        accuracyCell(q.accuracy_alone, '', true), q.kl === null ? '—' : q.kl.toFixed(4)]));
   }
   $('convergence-box').hidden = !report.jacobi_changes.length;
   if (report.jacobi_changes.length) plot($('convergence'), report.jacobi_changes);
@@ -393,6 +396,14 @@ function showComparison(t, seconds) {
   $('comparison').hidden = false;
 }
 
+function roundTicks(hi) {
+  const raw = hi / 4;
+  const p = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 5, 10].map((m) => m * p).find((st) => st >= raw * (1 - 1e-9));
+  const n = Math.ceil(hi / step - 1e-9);
+  return Array.from({ length: n + 1 }, (_, k) => k * step);
+}
+
 // A line plot drawn as SVG elements: `series` = [{ name, ys, color }] over `xs`; `log` plots
 // log10(y). Missing values (null) break nothing: they are skipped.
 function lines(svg, xs, series, { log = false, xLabel = '', yFormat = (v) => v } = {}) {
@@ -407,12 +418,16 @@ function lines(svg, xs, series, { log = false, xLabel = '', yFormat = (v) => v }
   const f = (y) => (log ? Math.log10(Math.max(y, 1e-16)) : y);
   const vals = series.flatMap((s) => s.ys.filter((y) => y !== null).map(f));
   let lo = log ? Math.floor(Math.min(...vals)) : 0;
-  let hi = log ? Math.ceil(Math.max(...vals)) : Math.max(...vals, 1e-9) * 1.1;
+  let hi = log ? Math.ceil(Math.max(...vals)) : Math.max(...vals, 1e-9);
   if (hi === lo) hi = lo + 1;
+  // Linear axes: round ticks (a step of 1, 2 or 5 × 10^k, about four of them from 0), the top
+  // rounded up to the next tick.
+  const linear = log ? null : roundTicks(hi);
+  if (linear) hi = linear[linear.length - 1];
   const x = (i) => L + (xs.length === 1 ? (W - L - R) / 2 : (i * (W - L - R)) / (xs.length - 1));
   const y = (v) => T + ((hi - v) * (H - T - B)) / (hi - lo);
   const parts = [el('line', { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: '#888' }), el('line', { x1: L, y1: T, x2: L, y2: H - B, stroke: '#888' })];
-  const ticks = log ? Array.from({ length: hi - lo + 1 }, (_, k) => lo + k) : [0, 0.25, 0.5, 0.75, 1].map((t) => lo + t * (hi - lo));
+  const ticks = log ? Array.from({ length: hi - lo + 1 }, (_, k) => lo + k) : linear;
   for (const p of ticks) {
     parts.push(el('line', { x1: L, y1: y(p), x2: W - R, y2: y(p), stroke: '#e3e6eb' }));
     parts.push(el('text', { x: L - 6, y: y(p) + 4, 'text-anchor': 'end', 'font-size': 11, fill: '#555' }, log ? `1e${p}` : yFormat(p)));

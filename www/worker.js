@@ -3,7 +3,9 @@
 // One worker serves one merge; the page terminates it to cancel.
 import init, { merge, compare, version, last_panic, panic_file } from './pkg/iteris.js';
 
+// The module's memory only grows, so its size after a merge is the merge's peak.
 const ready = init();
+const wasmMemoryBytes = async () => (await ready).memory.buffer.byteLength;
 
 self.onmessage = async (event) => {
   const { cmd, input, options } = event.data;
@@ -18,7 +20,7 @@ self.onmessage = async (event) => {
       return;
     }
     const r = await merge(input, JSON.stringify(options), progress, warn);
-    postMessage({ type: 'done', zip: r.zip, report: r.report, backend: r.backend, notes: Array.from(r.notes) }, [r.zip.buffer]);
+    postMessage({ type: 'done', zip: r.zip, report: r.report, backend: r.backend, notes: Array.from(r.notes), wasmMemoryBytes: await wasmMemoryBytes() }, [r.zip.buffer]);
   } catch (err) {
     postMessage({ type: 'error', ...describe(err) });
   }

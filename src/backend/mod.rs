@@ -11,7 +11,7 @@ pub mod reads;
 pub mod system;
 
 use crate::error::Result;
-use crate::mat::{Mat, Mat64};
+use crate::mat::{Mat, Mat64, StoredMat};
 use std::ops::Range;
 
 pub use reads::{FactorId, GramId, Reads, ScalarId, Values};
@@ -92,10 +92,11 @@ pub trait Backend: Sized {
     }
     /// Bring a tensor back to the host (on the GPU: waits for everything recorded so far).
     async fn download(&self, t: &Self::T) -> Result<Mat>;
-    /// A weight matrix, kept in `dtype` where the backend supports it. Only `select_rows`
-    /// (as the table), `matmul_t` (as w) and `download` ever read weights.
-    fn upload_weight(&self, m: &Mat, _dtype: WeightDtype) -> Self::T {
-        self.upload(m)
+    /// A weight matrix, kept in its stored precision where the backend computes on it (the GPU
+    /// packs f16/bf16 bits as they are), else as f32. Only `select_rows` (as the table),
+    /// `matmul_t` (as w) and `download` ever read weights.
+    fn upload_weight(&self, w: &StoredMat) -> Self::T {
+        self.upload(&w.to_mat())
     }
     fn dims(&self, t: &Self::T) -> (usize, usize);
 

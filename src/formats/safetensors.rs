@@ -4,7 +4,7 @@
 //! for, and checked for NaN/Inf then, so a bad weight is reported with its file and name.
 
 use crate::error::{bad_input, Result};
-use crate::mat::Mat;
+use crate::mat::{Mat, Stored, StoredMat};
 pub use safetensors::tensor::Dtype;
 
 use std::collections::BTreeMap;
@@ -186,6 +186,12 @@ impl TensorFile {
 
     /// The tensor as a 2-D f32 matrix (1-D tensors become one row), checked for NaN/Inf.
     pub fn mat(&self, key: &str) -> Result<Mat> {
+        Ok(self.stored(key)?.to_mat())
+    }
+
+    /// The tensor as a 2-D matrix in its stored precision (1-D tensors become one row), checked
+    /// for NaN/Inf on its bits.
+    pub fn stored(&self, key: &str) -> Result<StoredMat> {
         let info = self.tensors.get(key).ok_or_else(|| bad_input(&self.name, format!("has no tensor '{key}'")))?;
         // A tensor this process cannot address (past 4 GiB in the page) is refused by the memory
         // plan before it is asked for; say so rather than truncate if it ever is.
@@ -195,11 +201,26 @@ impl TensorFile {
             .source
             .read(self.data_start + info.start, n)
             .map_err(|err| bad_input(&self.name, format!("cannot read tensor '{key}' ({err})")))?;
-        let numel: usize = info.shape.iter().product();
-        let data: Vec<f32> = match info.dtype {
-            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-            Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        let halves = || raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect::<Vec<u16>>();
+        // The first value that is not finite: f32 by value, half precision by its exponent bits.
+        let (data, bad) = match info.dtype {
+            Dtype::F32 => {
+                let v: Vec<f32> = raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                let bad = v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i]));
+                (Stored::F32(v), bad)
+            }
+            Dtype::F16 => {
+                let b = halves();
+                let bad =
+                    b.iter().position(|&x| x & 0x7C00 == 0x7C00).map(|i| (i, half::f16::from_bits(b[i]).to_f32()));
+                (Stored::F16(b), bad)
+            }
+            Dtype::BF16 => {
+                let b = halves();
+                let bad =
+                    b.iter().position(|&x| x & 0x7F80 == 0x7F80).map(|i| (i, half::bf16::from_bits(b[i]).to_f32()));
+                (Stored::Bf16(b), bad)
+            }
             other => {
                 return Err(bad_input(
                     &self.name,
@@ -207,17 +228,8 @@ impl TensorFile {
                 ))
             }
         };
-        if data.len() != numel {
-            return Err(bad_input(
-                &self.name,
-                format!("tensor '{key}': {} values stored for shape {:?}", data.len(), info.shape),
-            ));
-        }
-        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-            return Err(bad_input(
-                &self.name,
-                format!("tensor '{key}' holds a non-finite value ({}) at index {i}", data[i]),
-            ));
+        if let Some((i, v)) = bad {
+            return Err(bad_input(&self.name, format!("tensor '{key}' holds a non-finite value ({v}) at index {i}")));
         }
         let (rows, cols) = match info.shape.as_slice() {
             [] => (1, 1),
@@ -230,7 +242,7 @@ impl TensorFile {
                 ))
             }
         };
-        Ok(Mat::new(rows, cols, data))
+        Ok(StoredMat { rows, cols, data })
     }
 }
 
@@ -286,8 +298,12 @@ impl TensorStore {
     }
 
     pub fn mat(&self, key: &str) -> Result<Mat> {
+        Ok(self.stored(key)?.to_mat())
+    }
+
+    pub fn stored(&self, key: &str) -> Result<StoredMat> {
         match self.index.get(key) {
-            Some(&i) => self.files[i].mat(key),
+            Some(&i) => self.files[i].stored(key),
             None => Err(bad_input("model weights", format!("no tensor '{key}'"))),
         }
     }

@@ -24,6 +24,8 @@ pub struct TaskQuality {
     pub kl: f64,
     /// Greedy-generation accuracy of the merged model (labeled sets only).
     pub accuracy: Option<f64>,
+    /// The same for the task's own adapter alone (base + ΔW_i): what the merge is judged against.
+    pub accuracy_alone: Option<f64>,
 }
 
 /// Adds each row group's deltas at every targeted module: LoRA i on `Adapter(i)` rows, the merged

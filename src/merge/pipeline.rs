@@ -179,21 +179,29 @@ async fn merged_quality<B: Backend>(
     let mut out = Vec::new();
     for (i, t) in tasks.iter().enumerate() {
         let Some(set) = t.eval.as_ref().map(|e| e.first(limit)) else {
-            out.push(TaskQuality { eval_file: String::new(), samples: 0, kl: f64::NAN, accuracy: None });
+            out.push(TaskQuality {
+                eval_file: String::new(),
+                samples: 0,
+                kl: f64::NAN,
+                accuracy: None,
+                accuracy_alone: None,
+            });
             continue;
         };
         let ids = eval_ids(base, &set, model.max_positions())?;
         let kl = evaluate::mean_kl(be, model, &mut hook, &ids, i).await?;
         let labeled = set.labeled();
-        let accuracy = if labeled.is_empty() {
-            None
-        } else {
-            Some(
-                evaluate::accuracy(be, model, &base.tokenizer, &mut hook, &labeled, Stream::Merged, eos(&base.config))
-                    .await?,
-            )
+        let mut accuracy_of = async |stream| -> Result<Option<f64>> {
+            if labeled.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(
+                evaluate::accuracy(be, model, &base.tokenizer, &mut hook, &labeled, stream, eos(&base.config)).await?,
+            ))
         };
-        out.push(TaskQuality { eval_file: set.name.clone(), samples: set.items.len(), kl, accuracy });
+        let accuracy = accuracy_of(Stream::Merged).await?;
+        let accuracy_alone = accuracy_of(Stream::Adapter(i)).await?;
+        out.push(TaskQuality { eval_file: set.name.clone(), samples: set.items.len(), kl, accuracy, accuracy_alone });
     }
     Ok(out)
 }

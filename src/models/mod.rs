@@ -12,12 +12,11 @@ pub mod gpt2;
 pub mod kv_cache;
 pub mod llama;
 
-use crate::backend::{AttentionSpec, Backend, WeightDtype};
+use crate::backend::{AttentionSpec, Backend};
 use crate::error::{bad_input, Error, Result};
 use crate::formats::hf_config::HfConfig;
-use crate::formats::safetensors::Dtype;
 use crate::formats::safetensors::TensorStore;
-use crate::mat::Mat;
+use crate::mat::{Mat, StoredMat};
 use std::ops::Range;
 
 pub use kv_cache::KvCache;
@@ -381,13 +380,13 @@ impl<'a, B: Backend> WeightReader<'a, B> {
         self.store.contains(&self.key(name))
     }
 
-    /// A tensor as a host matrix; `shape` is checked ((1, n) for vectors).
-    pub fn mat(&self, name: &str, shape: (usize, usize)) -> Result<Mat> {
+    /// A tensor in its stored precision; `shape` is checked ((1, n) for vectors).
+    pub fn stored(&self, name: &str, shape: (usize, usize)) -> Result<StoredMat> {
         let key = self.key(name);
         if !self.store.contains(&key) {
             return Err(bad_input(self.store.files[0].name.as_str(), format!("missing tensor '{key}'")));
         }
-        let m = self.store.mat(&key)?;
+        let m = self.store.stored(&key)?;
         if m.shape() != shape {
             return Err(bad_input(
                 self.store.file_of(&key),
@@ -397,32 +396,29 @@ impl<'a, B: Backend> WeightReader<'a, B> {
         Ok(m)
     }
 
-    /// A tensor on the backend. Matrices keep their file precision where the backend can
-    /// (weights are most of the memory); vectors (norms, biases) are f32.
-    pub fn tensor(&self, name: &str, shape: (usize, usize)) -> Result<B::T> {
-        let m = self.mat(name, shape)?;
-        Ok(if shape.0 > 1 { self.be.upload_weight(&m, self.dtype(name)) } else { self.be.upload(&m) })
+    /// A tensor as an f32 host matrix; `shape` is checked.
+    pub fn mat(&self, name: &str, shape: (usize, usize)) -> Result<Mat> {
+        Ok(self.stored(name, shape)?.to_mat())
     }
 
-    fn dtype(&self, name: &str) -> WeightDtype {
-        match self.store.dtype(&self.key(name)) {
-            Some(Dtype::F16) => WeightDtype::F16,
-            Some(Dtype::BF16) => WeightDtype::Bf16,
-            _ => WeightDtype::F32,
-        }
+    /// A tensor on the backend. Matrices go as stored, so a backend that keeps file precision
+    /// (weights are most of the memory) never sees an f32 copy; vectors (norms, biases) are f32.
+    pub fn tensor(&self, name: &str, shape: (usize, usize)) -> Result<B::T> {
+        let m = self.stored(name, shape)?;
+        Ok(if shape.0 > 1 { self.be.upload_weight(&m) } else { self.be.upload(&m.to_mat()) })
     }
 
     /// `name.weight` (and `name.bias` when present) as a linear layer of shape (out, in). With
     /// `conv1d` the stored weight is (in, out), as in GPT-2, and is transposed here.
     pub fn linear(&self, name: &str, in_dim: usize, out_dim: usize, conv1d: bool) -> Result<Linear<B::T>> {
         let w = if conv1d {
-            self.mat(&format!("{name}.weight"), (in_dim, out_dim))?.transpose()
+            self.stored(&format!("{name}.weight"), (in_dim, out_dim))?.transpose()
         } else {
-            self.mat(&format!("{name}.weight"), (out_dim, in_dim))?
+            self.stored(&format!("{name}.weight"), (out_dim, in_dim))?
         };
         let bname = format!("{name}.bias");
         let b = if self.has(&bname) { Some(self.tensor(&bname, (1, out_dim))?) } else { None };
-        Ok(Linear { name: name.to_string(), w: self.be.upload_weight(&w, self.dtype(&format!("{name}.weight"))), b })
+        Ok(Linear { name: name.to_string(), w: self.be.upload_weight(&w), b })
     }
 
     /// A LayerNorm's (weight, bias), accepting the old `gamma`/`beta` names.

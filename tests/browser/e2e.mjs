@@ -1,8 +1,9 @@
 // End-to-end tests of the page in headless Chromium (Debian's chromium, driven by playwright-core).
 // Run by tests/browser.rs, which builds dist/ first and then checks the downloaded adapters
 // against the CLI's. Usage: node tests/browser/e2e.mjs OUT_DIR
-// Writes OUT_DIR/{demo,gpu,cpu}.zip, OUT_DIR/results.png and OUT_DIR/summary.json; exits non-zero
-// (with the reason) when a check fails.
+// Writes OUT_DIR/{demo,gpu,cpu,...}.zip, OUT_DIR/results.png and OUT_DIR/summary.json; exits
+// non-zero (with the reason) when a check fails. With OUT_DIR/big (tools/make_model.rs: 106M
+// parameters) present, the page also merges that model on its CPU path (big.zip).
 import { chromium } from 'playwright-core';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -64,6 +65,7 @@ async function mergeAndDownload(page, name, clickId = '#merge', during = null) {
     text: await ran.textContent(),
     seconds: Number(await ran.getAttribute('data-seconds')),
     engineSeconds: Number(await ran.getAttribute('data-engine-seconds')),
+    wasmMemoryBytes: Number(await ran.getAttribute('data-wasm-memory-bytes')),
   };
   summary.runs[name] = run;
   console.log(`${name}: ${run.text}`);
@@ -81,6 +83,10 @@ try {
     await page.locator('#study').screenshot({ path: path.join(out, 'study.png') });
     summary.demoQuality = await page.locator('#quality-table').innerText();
     console.log(`demo quality:\n${summary.demoQuality}`);
+    // Each task's own adapter alone is the anchor beside the merged accuracy (every demo adapter
+    // scores 97.5-100% on its task).
+    assert.match(summary.demoQuality, /its adapter alone/);
+    assert.ok((summary.demoQuality.match(/(100\.0|9[7-9]\.\d)%/g) || []).length >= 4, 'four adapters-alone figures');
     await page.locator('#results').screenshot({ path: path.join(out, 'results-demo.png') });
     await context.close();
   }
@@ -191,7 +197,7 @@ try {
   // 400000 × 4096 f32 embedding. The engine reads only its header (a range of the File), so the
   // refusal comes at once, naming the weights.
   {
-    const big = path.join(out, 'big', 'model.safetensors');
+    const big = path.join(out, 'too-big', 'model.safetensors');
     fs.mkdirSync(path.dirname(big), { recursive: true });
     const n = 400000 * 4096 * 4;
     let header = JSON.stringify({ 'transformer.wte.weight': { dtype: 'F32', shape: [400000, 4096], data_offsets: [0, n] } });
@@ -212,6 +218,23 @@ try {
     assert.match(text, /memory plan/);
     assert.match(text, /weights need 6\.1 GiB/);
     fs.rmSync(path.dirname(big), { recursive: true });
+    await context.close();
+  }
+  // 6b. A 106M-parameter model (OUT_DIR/big, made by tools/make_model.rs) on the CPU path: its
+  // 213 MB of F16 weights are read from the File a tensor at a time; tests/browser.rs compares
+  // the adapter with the CLI's and the peak WebAssembly memory with the memory plan.
+  const big = path.join(out, 'big');
+  if (fs.existsSync(big)) {
+    const { context, page } = await newPage();
+    await page.setInputFiles('#base-files', ['config.json', 'tokenizer.json', 'model.safetensors'].map((f) => path.join(big, 'base', f)));
+    await page.click('#add-task');
+    for (const k of [0, 1, 2]) {
+      await page.setInputFiles(`#task-${k}-adapter`, ['adapter_config.json', 'adapter_model.safetensors'].map((f) => path.join(big, `adapter${k}`, f)));
+      await page.setInputFiles(`#task-${k}-samples`, path.join(big, `samples${k}.txt`));
+    }
+    await page.selectOption('#backend', 'cpu');
+    const run = await mergeAndDownload(page, 'big');
+    console.log(`106M model on the CPU path: ${run.seconds.toFixed(1)} s, peak wasm memory ${(run.wasmMemoryBytes / 2 ** 20).toFixed(0)} MiB`);
     await context.close();
   }
   // 7. A browser without WebGPU: asking for it explains what to do; auto merges on the CPU and says so.

@@ -32,9 +32,9 @@ mod write_rows;
 pub use pool::GpuTensor;
 pub use readback::{GpuFactor, GpuGram, GpuScalar};
 
-use super::{Activation, AttentionSpec, Backend, Reads, SystemSpec, Values, WeightDtype};
+use super::{Activation, AttentionSpec, Backend, Reads, SystemSpec, Values};
 use crate::error::{Error, Result};
-use crate::mat::{Mat, Mat64};
+use crate::mat::{Mat, Mat64, StoredMat};
 use dispatch::BindCache;
 use elementwise::Elementwise;
 use pool::Pool;
@@ -194,8 +194,8 @@ impl Backend for Gpu {
         self.download_tensor(t).await
     }
 
-    fn upload_weight(&self, m: &Mat, dtype: WeightDtype) -> GpuTensor {
-        self.upload_packed(m, dtype)
+    fn upload_weight(&self, w: &StoredMat) -> GpuTensor {
+        self.upload_packed(w)
     }
 
     fn dims(&self, t: &GpuTensor) -> (usize, usize) {

@@ -3,7 +3,7 @@
 use super::Gpu;
 use crate::backend::WeightDtype;
 use crate::error::{Error, Result};
-use crate::mat::Mat;
+use crate::mat::{Mat, Stored, StoredMat};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -150,20 +150,23 @@ impl Gpu {
     }
 
     /// A weight in `dtype`, split into row blocks of at most one binding each.
-    pub(super) fn upload_packed(&self, m: &Mat, dtype: WeightDtype) -> GpuTensor {
-        let elem = if dtype == WeightDtype::F32 { 4 } else { 2 };
+    /// A weight in its stored precision: f32 as it is, f16/bf16 bits packed two per u32 word
+    /// (the kernels unpack them), split by rows into blocks that each fit one binding.
+    pub(super) fn upload_packed(&self, m: &StoredMat) -> GpuTensor {
+        let (dtype, elem) = match &m.data {
+            Stored::F32(_) => (WeightDtype::F32, 4),
+            Stored::F16(_) => (WeightDtype::F16, 2),
+            Stored::Bf16(_) => (WeightDtype::Bf16, 2),
+        };
         let block_rows = ((self.max_binding as usize) / (m.cols.max(1) * elem)).max(1);
+        let n = m.rows * m.cols;
         let mut bufs = (0..m.rows.max(1)).step_by(block_rows).map(|r0| {
-            let part = &m.data[(r0 * m.cols).min(m.data.len())..((r0 + block_rows).min(m.rows) * m.cols)];
-            let buf = match dtype {
-                WeightDtype::F32 => self.storage(part),
-                WeightDtype::F16 | WeightDtype::Bf16 => {
-                    let bits: Vec<u16> = match dtype {
-                        WeightDtype::F16 => part.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect(),
-                        _ => part.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect(),
-                    };
+            let part = (r0 * m.cols).min(n)..((r0 + block_rows).min(m.rows) * m.cols);
+            let buf = match &m.data {
+                Stored::F32(v) => self.storage(&v[part]),
+                Stored::F16(bits) | Stored::Bf16(bits) => {
                     let words: Vec<u32> =
-                        bits.chunks(2).map(|p| p[0] as u32 | (*p.get(1).unwrap_or(&0) as u32) << 16).collect();
+                        bits[part].chunks(2).map(|p| p[0] as u32 | (*p.get(1).unwrap_or(&0) as u32) << 16).collect();
                     self.storage(&words)
                 }
             };
