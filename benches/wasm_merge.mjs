@@ -29,7 +29,7 @@ if (args.length) {
   tasks = ['add', 'kind', 'rev', 'sort'].map((t) => ({ adapter: folder(`demo/adapters/${t}`), samples: file(`demo/samples/${t}.txt`) }));
 }
 
-const wasm = initSync({ module: fs.readFileSync('dist/pkg/iteris_bg.wasm') });
+const wasm = initSync({ module: fs.readFileSync(new URL('../dist/pkg/iteris_bg.wasm', import.meta.url)) });
 const times = [];
 for (let r = 0; r < repeat; r++) {
   const t0 = performance.now();
