@@ -22,14 +22,9 @@ fn root() -> PathBuf {
 /// stays within the merge's memory plan: the weights are read a tensor at a time, never held twice.
 fn check_big_model(out: &Path, big: &Path) {
     let cli = out.join("cli-big");
-    let mut args: Vec<String> = vec!["merge".into(), "--backend".into(), "cpu".into(), "--force".into()];
-    args.extend(["--base".into(), big.join("base").display().to_string()]);
-    for i in 0..3 {
-        args.extend(["--adapter".into(), big.join(format!("adapter{i}")).display().to_string()]);
-        args.extend(["--samples".into(), big.join(format!("samples{i}.txt")).display().to_string()]);
-    }
-    args.extend(["--out".into(), cli.display().to_string()]);
-    run(Command::new(env!("CARGO_BIN_EXE_iteris")).args(&args), "iteris merge (106M model)");
+    let tasks: Vec<(PathBuf, PathBuf)> =
+        (0..3).map(|i| (big.join(format!("adapter{i}")), big.join(format!("samples{i}.txt")))).collect();
+    cli_merge_of(&cli, &big.join("base"), &tasks, &[]);
     let dir = unzip(&out.join("big.zip"), &out.join("big-page"));
     let e = max_rel_diff(&dir, &cli);
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
@@ -66,20 +61,27 @@ fn run(cmd: &mut Command, what: &str) {
 
 /// The CLI's merge of the GPT-2 fixture (or, with `demo`, of the bundled demo) into `out`.
 fn cli_merge(out: &Path, demo: bool, extra: &[&str]) {
-    let mut args: Vec<String> = vec!["merge".into(), "--backend".into(), "cpu".into(), "--force".into()];
-    if demo {
+    let (base, tasks): (PathBuf, Vec<(PathBuf, PathBuf)>) = if demo {
         let d = root().join("demo");
-        args.extend(["--base".into(), d.join("base").display().to_string()]);
-        for t in ["add", "kind", "rev", "sort"] {
-            args.extend(["--adapter".into(), d.join("adapters").join(t).display().to_string()]);
-            args.extend(["--samples".into(), d.join("samples").join(format!("{t}.txt")).display().to_string()]);
-        }
+        let tasks = ["add", "kind", "rev", "sort"]
+            .iter()
+            .map(|t| (d.join("adapters").join(t), d.join("samples").join(format!("{t}.txt"))))
+            .collect();
+        (d.join("base"), tasks)
     } else {
-        args.extend(["--base".into(), fixture("gpt2").join("base").display().to_string()]);
-        for i in 0..3 {
-            args.extend(["--adapter".into(), fixture("gpt2").join(format!("adapter{i}")).display().to_string()]);
-            args.extend(["--samples".into(), samples_path("gpt2", i).display().to_string()]);
-        }
+        let tasks = (0..3).map(|i| (fixture("gpt2").join(format!("adapter{i}")), samples_path("gpt2", i))).collect();
+        (fixture("gpt2").join("base"), tasks)
+    };
+    cli_merge_of(out, &base, &tasks, extra);
+}
+
+/// `iteris merge --backend cpu` of `base` with (adapter, samples) `tasks` into `out`.
+fn cli_merge_of(out: &Path, base: &Path, tasks: &[(PathBuf, PathBuf)], extra: &[&str]) {
+    let mut args: Vec<String> = vec!["merge".into(), "--backend".into(), "cpu".into(), "--force".into()];
+    args.extend(["--base".into(), base.display().to_string()]);
+    for (adapter, samples) in tasks {
+        args.extend(["--adapter".into(), adapter.display().to_string()]);
+        args.extend(["--samples".into(), samples.display().to_string()]);
     }
     args.extend(["--out".into(), out.display().to_string()]);
     args.extend(extra.iter().map(|s| s.to_string()));

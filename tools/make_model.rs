@@ -10,19 +10,17 @@
 
 use iteris::formats::safetensors::write;
 use iteris::mat::Mat;
+use iteris::merge::baselines::SplitMix64;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// SplitMix64 with Box–Muller normals: deterministic, no dependency.
-struct Rng(u64);
+/// Box–Muller normals over the library's SplitMix64: deterministic.
+struct Rng(SplitMix64);
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
+    /// Uniform in (0, 1): never 0, for the logarithm.
     fn unit(&mut self) -> f64 {
         ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
@@ -41,7 +39,7 @@ fn main() {
     let layers: usize = args.iter().position(|a| a == "--layers").map_or(15, |i| args[i + 1].parse().unwrap());
     let (d, heads, vocab, positions, rank) = (768, 12, 300, 128, 8);
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2");
-    let mut rng = Rng(2026);
+    let mut rng = Rng(SplitMix64(2026));
 
     let base = out.join("base");
     std::fs::create_dir_all(&base).unwrap();

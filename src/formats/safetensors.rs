@@ -161,11 +161,6 @@ impl TensorFile {
         self.tensors.keys()
     }
 
-    /// Size of the file in bytes.
-    pub fn byte_len(&self) -> u64 {
-        self.source.len()
-    }
-
     /// Bytes of the file held in memory (0 when it is read by ranges from where it lies).
     pub fn held_bytes(&self) -> u64 {
         self.source.held()

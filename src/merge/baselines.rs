@@ -166,16 +166,21 @@ pub fn dare(deltas: &[DMatrix<f64>], density: f64, seed: u64) -> DMatrix<f64> {
     out
 }
 
-/// Seeded uniform numbers for DARE (SplitMix64: the same drops for the same seed everywhere).
-struct SplitMix64(u64);
+/// Seeded numbers for DARE (SplitMix64: the same drops for the same seed everywhere); also the
+/// generator of `tools/make_model.rs`.
+pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
-    fn unit(&mut self) -> f64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }

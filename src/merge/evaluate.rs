@@ -200,7 +200,7 @@ pub async fn generate<B: Backend>(
     let run_list = match decoding {
         Decoding::Recomputed => runs(&longest, eval_rows(be, model)),
         Decoding::Cached => {
-            let per_token = KvCache::<B::T>::bytes(1, 1, &model.kv_widths()).max(1);
+            let per_token = KvCache::<B::T>::token_bytes(&model.kv_widths()).max(1);
             let cache_rows = (super::plan::EVAL_LOGITS_BYTES / per_token) as usize;
             runs(&vec![capacity; items.len()], eval_rows(be, model).min(cache_rows))
         }

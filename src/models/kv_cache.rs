@@ -30,11 +30,10 @@ impl<T> KvCache<T> {
         KvCache { capacity, lens: vec![0; slots], layers: Vec::new(), rows: Vec::new(), keys: Vec::new() }
     }
 
-    /// Bytes a cache of `slots` × `capacity` tokens takes for a model whose attention layers have
-    /// the key/value widths `kv_widths` (f32 keys and values).
-    pub fn bytes(slots: usize, capacity: usize, kv_widths: &[usize]) -> u64 {
-        let per_token: u64 = kv_widths.iter().map(|&w| 2 * 4 * w as u64).sum();
-        slots as u64 * capacity as u64 * per_token
+    /// Bytes one cached token takes in a model whose attention layers have the key/value widths
+    /// `kv_widths` (f32 keys and values).
+    pub fn token_bytes(kv_widths: &[usize]) -> u64 {
+        kv_widths.iter().map(|&w| 2 * 4 * w as u64).sum()
     }
 
     /// Before a pass over `batch`: its sequence s appends its tokens to slot `slots[s]`. The
