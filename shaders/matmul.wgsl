@@ -66,6 +66,21 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     let tid = lid.y * 16u + lid.x;
     var acc: array<f32, {{ACC_LEN}}>;
     var comp: array<f32, {{COMP_LEN}}>;
+    if (WITH_LO && p.accumulate != 0u) {
+        // A Gram gathered over several calls (chunks of rows): the Dot2 sum goes on from the
+        // (c, c_lo) pair the previous call left.
+        for (var r = 0u; r < TM; r++) {
+            let gi = row0 + lid.y + 16u * r;
+            for (var s = 0u; s < TN; s++) {
+                let gj = col0 + lid.x + 16u * s;
+                if (gi < p.m && gj < p.n) {
+                    let o = p.c_off + gi * p.ldc + gj;
+                    acc[r * TN + s] = c[o];
+                    comp[r * TN + s] = c_lo[o];
+                }
+            }
+        }
+    }
     for (var k0 = 0u; k0 < p.k; k0 += 16u) {
         for (var e = 0u; e < TM; e++) {
             let idx = tid + e * 256u;
@@ -117,8 +132,15 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
             if (gj >= p.n) { continue; }
             let o = p.c_off + gi * p.ldc + gj;
             let q = r * TN + s;
-            if (p.accumulate != 0u) { c[o] = c[o] + p.alpha * acc[q]; } else { c[o] = p.alpha * acc[q]; }
-            if (WITH_LO) { c_lo[o] = p.alpha * comp[q]; }
+            if (WITH_LO) {
+                // With accumulate, (acc, comp) started from (c, c_lo), and alpha is 1.
+                c[o] = p.alpha * acc[q];
+                c_lo[o] = p.alpha * comp[q];
+            } else if (p.accumulate != 0u) {
+                c[o] = c[o] + p.alpha * acc[q];
+            } else {
+                c[o] = p.alpha * acc[q];
+            }
         }
     }
 }

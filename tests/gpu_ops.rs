@@ -89,6 +89,33 @@ fn gram_accumulates_in_twice_f32_precision() {
     }
 }
 
+/// A Gram gathered over chunks of rows (`add_gram`: the Dot2 sum goes on from the pair the last
+/// chunk left) is as exact as one over all rows at once; the same for a scalar's partial sums.
+#[test]
+fn gram_gathered_over_chunks_equals_one_gram() {
+    use iteris::backend::Reads;
+    let _l = LOCK.lock().unwrap();
+    let Some(g) = gpu("gram_gathered_over_chunks_equals_one_gram") else { return };
+    let mut r = Rng(9);
+    let (x, y) = (r.mat(700, 48), r.mat(700, 40));
+    let c = host(&Cpu.gram(&x, 0..700, &y, 0..700).block_on().unwrap());
+    let (gx, gy) = (g.upload(&x), g.upload(&y));
+    for cuts in [vec![0, 700], vec![0, 300, 700], vec![0, 1, 129, 130, 512, 700]] {
+        let mut reads = Reads::new();
+        let id = reads.gram(g.defer_gram(&gx, cuts[0]..cuts[1], &gy, cuts[0]..cuts[1]));
+        let s = reads.scalar(g.defer_sq_norm(&gx, cuts[0]..cuts[1]));
+        for w in cuts.windows(2).skip(1) {
+            g.add_gram(reads.gram_mut(id), &gx, w[0]..w[1], &gy, w[0]..w[1]);
+            let more = g.defer_sq_norm(&gx, w[0]..w[1]);
+            g.add_scalar(reads.scalar_mut(s), more);
+        }
+        let mut v = g.fetch(reads).block_on().unwrap();
+        close64(&format!("gram over chunks {cuts:?}"), &host(&v.take_gram(id)), &c, 2e-13);
+        let want = Cpu.sq_norm(&x, 0..700).block_on().unwrap();
+        assert!(((v[s] - want) / want).abs() < 1e-13, "sq_norm over chunks {cuts:?}: {} vs {want}", v[s]);
+    }
+}
+
 #[test]
 fn elementwise_ops() {
     let _l = LOCK.lock().unwrap();

@@ -305,6 +305,7 @@ function memoryLine(p) {
   let largest = `largest tensor ${mib(p.largest_tensor_bytes)} (${p.largest_tensor})`;
   if (p.tensor_limit_bytes != null) largest += ` of ${mib(p.tensor_limit_bytes)} one binding holds`;
   parts.push(largest);
+  if (p.chunks > 1) parts.push(`the passes ran in ${p.chunks} chunks of at most ${p.chunk_rows} token rows, so that no tensor exceeds a binding`);
   return `${parts.join('; ')}.`;
 }
 

@@ -290,34 +290,17 @@ impl Backend for Cpu {
     }
 
     fn defer_gram(&self, x: &Mat, xr: Range<usize>, y: &Mat, yr: Range<usize>) -> Mat64 {
-        assert_eq!(xr.len(), yr.len());
-        // Accumulated in f64: the CPU path is the reference.
-        let n = xr.len();
-        let a: Vec<f64> = x.data[xr.start * x.cols..xr.end * x.cols].iter().map(|&v| v as f64).collect();
-        let b: Vec<f64> = y.data[yr.start * y.cols..yr.end * y.cols].iter().map(|&v| v as f64).collect();
-        let mut c = vec![0.0f64; x.cols * y.cols];
-        if n > 0 && x.cols > 0 && y.cols > 0 {
-            // SAFETY: a is (n, x.cols) and b is (n, y.cols), row-major; c is (x.cols, y.cols).
-            unsafe {
-                matrixmultiply::dgemm(
-                    x.cols,
-                    n,
-                    y.cols,
-                    1.0,
-                    a.as_ptr(),
-                    1,
-                    x.cols as isize,
-                    b.as_ptr(),
-                    y.cols as isize,
-                    1,
-                    0.0,
-                    c.as_mut_ptr(),
-                    y.cols as isize,
-                    1,
-                );
-            }
-        }
-        Mat64::new(x.cols, y.cols, c)
+        let mut c = Mat64::new(x.cols, y.cols, vec![0.0; x.cols * y.cols]);
+        gram_into(&mut c, x, xr, y, yr);
+        c
+    }
+
+    fn add_gram(&self, acc: &mut Mat64, x: &Mat, xr: Range<usize>, y: &Mat, yr: Range<usize>) {
+        gram_into(acc, x, xr, y, yr);
+    }
+
+    fn add_scalar(&self, acc: &mut f64, more: f64) {
+        *acc += more;
     }
 
     fn defer_sq_norm(&self, x: &Mat, rows: Range<usize>) -> f64 {
@@ -338,5 +321,35 @@ impl Backend for Cpu {
     /// Everything was computed when deferred.
     async fn fetch(&self, reads: Reads<Cpu>) -> Result<Values> {
         Ok(Values { scalars: reads.scalars, grams: reads.grams, factors: Vec::new() })
+    }
+}
+
+/// c += x[xr]ᵀ · y[yr], accumulated in f64: the CPU path is the reference.
+fn gram_into(c: &mut Mat64, x: &Mat, xr: Range<usize>, y: &Mat, yr: Range<usize>) {
+    assert_eq!(xr.len(), yr.len());
+    assert_eq!((c.rows, c.cols), (x.cols, y.cols), "gram: accumulator of another shape");
+    let n = xr.len();
+    let a: Vec<f64> = x.data[xr.start * x.cols..xr.end * x.cols].iter().map(|&v| v as f64).collect();
+    let b: Vec<f64> = y.data[yr.start * y.cols..yr.end * y.cols].iter().map(|&v| v as f64).collect();
+    if n > 0 && x.cols > 0 && y.cols > 0 {
+        // SAFETY: a is (n, x.cols) and b is (n, y.cols), row-major; c is (x.cols, y.cols).
+        unsafe {
+            matrixmultiply::dgemm(
+                x.cols,
+                n,
+                y.cols,
+                1.0,
+                a.as_ptr(),
+                1,
+                x.cols as isize,
+                b.as_ptr(),
+                y.cols as isize,
+                1,
+                1.0,
+                c.data.as_mut_ptr(),
+                y.cols as isize,
+                1,
+            );
+        }
     }
 }

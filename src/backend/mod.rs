@@ -153,6 +153,11 @@ pub trait Backend: Sized {
     /// to 1/α, so backends accumulate with more than f32 precision (CPU: f64; GPU: Dot2, twice-f32
     /// pairs).
     fn defer_gram(&self, x: &Self::T, xr: Range<usize>, y: &Self::T, yr: Range<usize>) -> Self::Gram;
+    /// `*acc += x[xr]ᵀ · y[yr]` on a pending Gram, at the same precision (a stage's statistics
+    /// gathered chunk by chunk, `models::chunked`).
+    fn add_gram(&self, acc: &mut Self::Gram, x: &Self::T, xr: Range<usize>, y: &Self::T, yr: Range<usize>);
+    /// `*acc += more` on pending scalars.
+    fn add_scalar(&self, acc: &mut Self::Scalar, more: Self::Scalar);
     /// Σ x[rows]² (x may be a weight, in any stored precision), accumulated beyond f32.
     fn defer_sq_norm(&self, x: &Self::T, rows: Range<usize>) -> Self::Scalar;
     /// Σ (a − b)² over two f32 tensors of one shape.

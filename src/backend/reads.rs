@@ -50,6 +50,13 @@ impl<B: Backend> Reads<B> {
     pub fn pending_gram(&self, id: GramId) -> &B::Gram {
         &self.grams[id.0]
     }
+    /// The pending values behind ids, to accumulate into (`Backend::add_gram`, `add_scalar`).
+    pub fn scalar_mut(&mut self, id: ScalarId) -> &mut B::Scalar {
+        &mut self.scalars[id.0]
+    }
+    pub fn gram_mut(&mut self, id: GramId) -> &mut B::Gram {
+        &mut self.grams[id.0]
+    }
 }
 
 /// A fetched batch, in the order of its `Reads`.

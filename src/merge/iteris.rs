@@ -19,7 +19,8 @@ use super::solve::{assemble, finish, host, to_f64, Merged, SolvePath};
 use crate::backend::{Backend, FactorId, GramId, Reads, ScalarId, SystemSpec, SystemTerm, Values, Weight};
 use crate::error::{Error, Result};
 use crate::formats::peft::LoraModule;
-use crate::models::{Hook, StageInput, Stream};
+use crate::models::chunked::StageHook;
+use crate::models::{StageInput, Stream};
 use nalgebra::DMatrix;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -73,10 +74,12 @@ pub struct IterisHook<'a, B: Backend> {
     loras: Vec<Vec<Option<DeviceLora<B::T>>>>,
     /// Per target, per adapter: ‖W0 + ΔW_i‖²_F = ‖W0‖² + 2s⟨W0, BA⟩ + s²‖BA‖², at the first visit.
     w_norm2: Vec<Option<Vec<f64>>>,
-    /// Reads recorded but not yet fetched: the alignment errors a stage leaves, which ride along
-    /// with the next stage's fetch (`align` says what they are).
+    /// Reads recorded but not yet fetched: the stage being gathered (`stage`) and the alignment
+    /// errors the previous stage left, which ride along with its fetch (`align` says what they are).
     reads: Reads<B>,
     align: Vec<AlignRead>,
+    /// The stage whose chunks are contributing.
+    stage: Option<Stage>,
     /// The deltas the merged rows run with (host copy and backend copy).
     pub merged: Vec<Option<Merged>>,
     merged_dev: Vec<Option<(B::T, B::T)>>,
@@ -127,6 +130,7 @@ impl<'a, B: Backend> IterisHook<'a, B> {
             w_norm2: vec![None; targets.len()],
             reads: Reads::new(),
             align: Vec::new(),
+            stage: None,
             merged: vec![None; targets.len()],
             merged_dev: targets.iter().map(|_| None).collect(),
             solved: vec![None; targets.len()],
@@ -152,6 +156,7 @@ impl<'a, B: Backend> IterisHook<'a, B> {
         }
         self.mode = mode;
         self.seen = 0;
+        self.stage = None;
     }
 
     /// Run the merged rows with `merged` (deltas computed elsewhere: a data-free baseline).
@@ -172,8 +177,39 @@ struct AlignRead {
 /// The stage's targeted modules: (index in the stage's modules, index in `targets`).
 type Targeted = [(usize, usize)];
 
-/// The ridge-free statistics of each task: (X_iᵀ X̃_i, X̃_iᵀ X̃_i), one id twice where X̃ = X.
-type TaskGrams = Vec<(GramId, GramId)>;
+/// The ridge-free statistics of a task: (X_iᵀ X̃_i, X̃_iᵀ X̃_i), one id twice where X̃ = X.
+type TaskGrams = (GramId, GramId);
+
+/// A stage's statistics as its chunks contribute them: ids into the hook's `reads`, each summed
+/// over the chunks (`Backend::add_gram`, `add_scalar`).
+struct Stage {
+    targeted: Vec<(usize, usize)>,
+    /// Per targeted module, per task: c_i, its denominator summed over the chunks.
+    weights: Vec<Vec<Weight<ScalarId>>>,
+    /// Per task (None until a chunk with its rows contributes; solving passes only).
+    grams: Vec<Option<TaskGrams>>,
+    /// Token rows per task.
+    rows: Vec<usize>,
+    /// Per targeted module: its system and the backend's factor of it (recorded once every chunk
+    /// has contributed).
+    systems: Vec<(SystemSpec<ScalarId, GramId>, Option<FactorId>)>,
+}
+
+/// What a chunk keeps from contributing to finishing a stage.
+pub struct Held<T> {
+    targeted: Vec<(usize, usize)>,
+    rows: Vec<TaskRows>,
+    /// Per targeted module, per task: X_i ΔW_iᵀ on the chunk's rows.
+    own: Vec<Vec<Option<T>>>,
+}
+
+/// `*acc += more` for a pending scalar that may not exist yet.
+fn add_scalar<B: Backend>(be: &B, reads: &mut Reads<B>, acc: &mut Option<ScalarId>, more: B::Scalar) {
+    match acc {
+        Some(id) => be.add_scalar(reads.scalar_mut(*id), more),
+        None => *acc = Some(reads.scalar(more)),
+    }
+}
 
 impl<B: Backend> IterisHook<'_, B> {
     /// 1a. The numerator of each task's adaptive weight, ‖W0 + ΔW_i‖²_F, per targeted module: known
@@ -209,54 +245,72 @@ impl<B: Backend> IterisHook<'_, B> {
             .collect()
     }
 
-    /// 1b. The adapter rows run with W0 + ΔW_i; returns X_i ΔW_iᵀ per targeted module and task, and
-    /// ‖X_i (W0 + ΔW_i)ᵀ‖², the adaptive weights' denominators.
-    #[allow(clippy::type_complexity)]
+    /// 1b. The chunk's adapter rows run with W0 + ΔW_i; adds ‖X_i (W0 + ΔW_i)ᵀ‖² to the adaptive
+    /// weights' denominators and returns X_i ΔW_iᵀ per targeted module and task.
     fn run_adapter_rows(
         &self,
         be: &B,
         input: &StageInput<'_, B>,
-        targeted: &Targeted,
         rows: &[TaskRows],
         ys: &mut [B::T],
+        stage: &mut Stage,
         reads: &mut Reads<B>,
-    ) -> (Vec<Vec<Option<B::T>>>, Vec<Vec<ScalarId>>) {
-        targeted
+    ) -> Vec<Vec<Option<B::T>>> {
+        stage
+            .targeted
             .iter()
-            .map(|&(j, t)| {
+            .zip(&mut stage.weights)
+            .map(|(&(j, t), weights)| {
                 rows.iter()
+                    .zip(weights)
                     .enumerate()
-                    .map(|(i, (ra, _))| {
+                    .map(|(i, ((ra, _), w))| {
+                        if ra.is_empty() {
+                            return None;
+                        }
                         let l = self.loras[t][i].as_ref();
                         let d = l.map(|l| be.lowrank(input.x, ra.clone(), &l.a, &l.b, l.scale));
                         if let Some(d) = &d {
                             be.add_rows(&mut ys[j], ra.clone(), d, 1.0);
                         }
-                        (d, reads.scalar(be.defer_sq_norm(&ys[j], ra.clone())))
+                        add_scalar(be, reads, &mut w.den, be.defer_sq_norm(&ys[j], ra.clone()));
+                        d
                     })
-                    .unzip()
-            })
-            .unzip()
-    }
-
-    /// 2. X_iᵀX̃_i and X̃_iᵀX̃_i, shared by the stage's modules (X̃ = X before any merged delta).
-    fn defer_grams(&self, be: &B, x: &B::T, rows: &[TaskRows], reads: &mut Reads<B>) -> TaskGrams {
-        rows.iter()
-            .map(|(ra, rm)| {
-                let mixed;
-                let (xt, rt) = match rm {
-                    None => (x, ra.clone()),
-                    Some(rm) if self.rho != 0.0 => {
-                        mixed = be.mix_rows(x, rm.clone(), 1.0 - self.rho, x, ra.clone(), self.rho);
-                        (&mixed, 0..ra.len())
-                    }
-                    Some(rm) => (x, rm.clone()),
-                };
-                let cross = reads.gram(be.defer_gram(x, ra.clone(), xt, rt.clone()));
-                let gram = if rm.is_some() { reads.gram(be.defer_gram(xt, rt.clone(), xt, rt)) } else { cross };
-                (cross, gram)
+                    .collect()
             })
             .collect()
+    }
+
+    /// 2. Adds the chunk's rows to X_iᵀX̃_i and X̃_iᵀX̃_i, shared by the stage's modules (X̃ = X
+    /// before any merged delta).
+    fn add_grams(&self, be: &B, x: &B::T, rows: &[TaskRows], stage: &mut Stage, reads: &mut Reads<B>) {
+        for ((ra, rm), acc) in rows.iter().zip(&mut stage.grams) {
+            if ra.is_empty() {
+                continue;
+            }
+            let mixed;
+            let (xt, rt) = match rm {
+                None => (x, ra.clone()),
+                Some(rm) if self.rho != 0.0 => {
+                    mixed = be.mix_rows(x, rm.clone(), 1.0 - self.rho, x, ra.clone(), self.rho);
+                    (&mixed, 0..ra.len())
+                }
+                Some(rm) => (x, rm.clone()),
+            };
+            match *acc {
+                None => {
+                    let cross = reads.gram(be.defer_gram(x, ra.clone(), xt, rt.clone()));
+                    let gram = if rm.is_some() { reads.gram(be.defer_gram(xt, rt.clone(), xt, rt)) } else { cross };
+                    *acc = Some((cross, gram));
+                }
+                Some((cross, gram)) => {
+                    be.add_gram(reads.gram_mut(cross), x, ra.clone(), xt, rt.clone());
+                    if gram != cross {
+                        be.add_gram(reads.gram_mut(gram), xt, rt.clone(), xt, rt);
+                    }
+                }
+            }
+        }
     }
 
     /// 3. A module's system from the stage's pending statistics, and the backend's f32 factor of
@@ -265,7 +319,7 @@ impl<B: Backend> IterisHook<'_, B> {
         &self,
         be: &B,
         weights: &[Weight<ScalarId>],
-        grams: &TaskGrams,
+        grams: &[TaskGrams],
         reads: &mut Reads<B>,
     ) -> (SystemSpec<ScalarId, GramId>, Option<FactorId>) {
         let (alpha1, alpha2) = if self.regmean.is_some() { (0.0, 0.0) } else { (self.alpha1, self.alpha2) };
@@ -297,19 +351,14 @@ impl<B: Backend> IterisHook<'_, B> {
     }
 
     /// Settle the adaptive weights: ‖W0 + ΔW_i‖² for later visits, and c_i.
-    fn settle_weights(
-        &mut self,
-        targeted: &Targeted,
-        weights: &[Vec<Weight<ScalarId>>],
-        rows: &[TaskRows],
-        values: &Values,
-    ) {
-        for (&(_, t), w) in targeted.iter().zip(weights) {
+    fn settle_weights(&mut self, stage: &Stage, values: &Values) {
+        for (&(_, t), w) in stage.targeted.iter().zip(&stage.weights) {
             let w: Vec<Weight<f64>> = w.iter().map(|w| w.map(|&s| values[s])).collect();
             self.w_norm2[t] = Some(w.iter().map(Weight::numerator).collect());
             let rec = &mut self.records[t];
-            rec.rows = rows.iter().map(|r| r.0.len()).collect();
+            rec.rows = stage.rows.clone();
             rec.c = w.iter().map(|w| if self.regmean.is_some() { 1.0 } else { w.value() }).collect();
+            rec.align = vec![None; stage.rows.len()];
         }
     }
 
@@ -334,33 +383,31 @@ impl<B: Backend> IterisHook<'_, B> {
         Ok(())
     }
 
-    /// 5. The merged rows run with W0 + ΔW*; their alignment error against each adapter's own
-    /// output is read with the next fetch.
-    fn run_merged_rows(
-        &mut self,
-        be: &B,
-        input: &StageInput<'_, B>,
-        targeted: &Targeted,
-        rows: &[TaskRows],
-        own: &[Vec<Option<B::T>>],
-        ys: &mut [B::T],
-    ) {
-        for (k, &(j, t)) in targeted.iter().enumerate() {
-            self.records[t].align = vec![None; rows.len()];
-            for (i, (ra, rm)) in rows.iter().enumerate() {
-                let Some(rm) = rm else { continue };
+    /// 5. The chunk's merged rows run with W0 + ΔW*; their alignment error against each adapter's
+    /// own output is added to what the next fetch reads.
+    fn run_merged_rows(&mut self, be: &B, input: &StageInput<'_, B>, held: Held<B::T>, ys: &mut [B::T]) {
+        for (&(j, t), own) in held.targeted.iter().zip(held.own) {
+            for (i, ((ra, rm), o)) in held.rows.iter().zip(own).enumerate() {
+                let Some(rm) = rm.clone().filter(|rm| !rm.is_empty()) else { continue };
                 let d = self.merged_dev[t].as_ref().map(|(a, b)| be.lowrank(input.x, rm.clone(), a, b, 1.0));
                 if let Some(d) = &d {
-                    be.add_rows(&mut ys[j], rm.clone(), d, 1.0);
+                    be.add_rows(&mut ys[j], rm, d, 1.0);
                 }
-                if let Some(o) = &own[k][i] {
-                    let norm = self.reads.scalar(be.defer_sq_norm(o, 0..ra.len()));
-                    let err = match &d {
-                        Some(d) => be.defer_sq_dist(o, d),
-                        None => be.defer_sq_norm(o, 0..ra.len()),
-                    };
-                    let err = self.reads.scalar(err);
-                    self.align.push(AlignRead { target: t, task: i, norm, err });
+                let Some(o) = o else { continue };
+                let norm = be.defer_sq_norm(&o, 0..ra.len());
+                let err = match &d {
+                    Some(d) => be.defer_sq_dist(&o, d),
+                    None => be.defer_sq_norm(&o, 0..ra.len()),
+                };
+                match self.align.iter().find(|a| (a.target, a.task) == (t, i)) {
+                    Some(a) => {
+                        be.add_scalar(self.reads.scalar_mut(a.norm), norm);
+                        be.add_scalar(self.reads.scalar_mut(a.err), err);
+                    }
+                    None => {
+                        let (norm, err) = (self.reads.scalar(norm), self.reads.scalar(err));
+                        self.align.push(AlignRead { target: t, task: i, norm, err });
+                    }
                 }
             }
         }
@@ -383,69 +430,96 @@ fn task_rows(input: &StageInput<impl Backend>, tasks: usize) -> Vec<TaskRows> {
     out
 }
 
-impl<B: Backend> Hook<B> for IterisHook<'_, B> {
+impl<B: Backend> StageHook<B> for IterisHook<'_, B> {
+    type Held = Held<B::T>;
+
     fn finished(&self) -> bool {
         self.seen == self.targets.len()
     }
 
-    async fn stage(&mut self, be: &B, input: &StageInput<'_, B>, ys: &mut [B::T]) -> Result<()> {
+    /// 1–2 for the chunk's rows: the adapter rows, the adaptive weights' terms, the Grams.
+    fn contribute(&mut self, be: &B, input: &StageInput<'_, B>, ys: &mut [B::T]) -> Option<Held<B::T>> {
         let targeted: Vec<(usize, usize)> =
             input.mods.iter().enumerate().filter_map(|(j, m)| self.index.get(m.name).map(|&t| (j, t))).collect();
         if targeted.is_empty() {
-            return Ok(());
+            return None;
         }
-        let rows = task_rows(input, self.targets[0].loras.len());
-        let solving = self.mode != Mode::Evaluate;
+        let tasks = self.targets[0].loras.len();
+        let rows = task_rows(input, tasks);
         // Everything the host reads in this stage is deferred and fetched at once (one readback on
         // the GPU), together with the alignment errors the previous stage left pending.
         let mut reads = std::mem::take(&mut self.reads);
-        let mut weights = self.defer_weight_norms(be, input, &targeted, &mut reads);
-        let (own, denominators) = self.run_adapter_rows(be, input, &targeted, &rows, ys, &mut reads);
-        for (w, d) in weights.iter_mut().flatten().zip(denominators.iter().flatten()) {
-            w.den = Some(*d);
+        let mut stage = self.stage.take().unwrap_or_else(|| Stage {
+            weights: self.defer_weight_norms(be, input, &targeted, &mut reads),
+            targeted: targeted.clone(),
+            grams: vec![None; tasks],
+            rows: vec![0; tasks],
+            systems: Vec::new(),
+        });
+        let own = self.run_adapter_rows(be, input, &rows, ys, &mut stage, &mut reads);
+        if self.mode != Mode::Evaluate {
+            self.add_grams(be, input.x, &rows, &mut stage, &mut reads);
         }
-        let grams = if solving { self.defer_grams(be, input.x, &rows, &mut reads) } else { Vec::new() };
-        let systems: Vec<_> = if solving {
-            weights.iter().map(|w| self.defer_system(be, w, &grams, &mut reads)).collect()
-        } else {
-            Vec::new()
-        };
+        for (n, (ra, _)) in stage.rows.iter_mut().zip(&rows) {
+            *n += ra.len();
+        }
+        self.reads = reads;
+        self.stage = Some(stage);
+        Some(Held { targeted, rows, own })
+    }
 
-        let mut values = be.fetch(reads).await?;
+    /// 3. Every chunk has contributed: the systems and their factors join the stage's reads.
+    fn take_reads(&mut self, be: &B) -> Reads<B> {
+        let mut reads = std::mem::take(&mut self.reads);
+        if let Some(mut stage) = self.stage.take() {
+            if self.mode != Mode::Evaluate {
+                // Every task has rows in some chunk (a task without samples is refused before).
+                let grams: Vec<TaskGrams> = stage.grams.iter().map(|g| g.expect("every task has rows")).collect();
+                stage.systems = stage.weights.iter().map(|w| self.defer_system(be, w, &grams, &mut reads)).collect();
+            }
+            self.stage = Some(stage);
+        }
+        reads
+    }
+
+    /// 4. The stage's values: adaptive weights, the previous stage's alignment errors, the solves.
+    fn settle(&mut self, be: &B, mut values: Values) -> Result<()> {
         self.settle_align(&values);
-        self.settle_weights(&targeted, &weights, &rows, &values);
+        let stage = self.stage.take().expect("a stage was contributed");
+        self.settle_weights(&stage, &values);
         // Non-finite features (an overflow or a division by zero upstream) would end as a
         // "singular" solve or a NaN adapter: stop here, at the first module they reach.
         let finite = |id: GramId| values.gram(id).data.iter().all(|v| v.is_finite());
-        let bad_task = (0..rows.len()).find(|&i| {
-            grams.get(i).is_some_and(|&(c, g)| !finite(c) || !finite(g))
-                || denominators.iter().any(|d| !values[d[i]].is_finite())
+        let bad_task = (0..stage.rows.len()).find(|&i| {
+            stage.grams[i].is_some_and(|(c, g)| !finite(c) || !finite(g))
+                || stage.weights.iter().any(|w| w[i].den.is_some_and(|d| !values[d].is_finite()))
         });
         if let Some(i) = bad_task {
-            return Err(Error::NonFinite { module: self.targets[targeted[0].1].name.clone(), task: i });
+            return Err(Error::NonFinite { module: self.targets[stage.targeted[0].1].name.clone(), task: i });
         }
         // Each Gram moves out of `values` into the host's matrix type once (a task's cross term
         // and Gram may be one id), so the stage never holds two copies of its statistics.
         let mut host_grams: HashMap<GramId, DMatrix<f64>> = HashMap::new();
-        for id in grams.iter().flat_map(|&(c, g)| [c, g]) {
+        for id in stage.grams.iter().flatten().flat_map(|&(c, g)| [c, g]) {
             host_grams.entry(id).or_insert_with(|| host(&values.take_gram(id)));
         }
-        for (&(_, t), (spec, factor)) in targeted.iter().zip(&systems) {
+        for (&(_, t), (spec, factor)) in stage.targeted.iter().zip(&stage.systems) {
             let spec = spec.map(|&s| values[s], |g| &host_grams[g]);
             let factor = factor.and_then(|f| values.take_factor(f));
             self.solve(be, t, &spec, factor)?;
         }
-
-        self.run_merged_rows(be, input, &targeted, &rows, &own, ys);
-        self.seen += targeted.len();
+        self.seen += stage.targeted.len();
         (self.on_stage)(self.seen, self.targets.len());
         Ok(())
     }
 
-    async fn end_pass(&mut self, be: &B) -> Result<()> {
-        let values = be.fetch(std::mem::take(&mut self.reads)).await?;
+    /// 5.
+    fn finish(&mut self, be: &B, input: &StageInput<'_, B>, ys: &mut [B::T], held: Held<B::T>) {
+        self.run_merged_rows(be, input, held, ys);
+    }
+
+    fn end_pass(&mut self, values: Values) {
         self.settle_align(&values);
-        Ok(())
     }
 }
 

@@ -15,7 +15,8 @@ use crate::backend::Backend;
 use crate::error::{bad_input, Result};
 use crate::formats::peft::Adapter;
 use crate::formats::tokenizer::TextTokenizer;
-use crate::models::{self, Batch, Model, Output, Stream};
+use crate::models::chunked::{chunk_batches, run_chunks};
+use crate::models::{self, Model};
 pub use baselines::Method;
 use iteris::{IterisHook, Mode, ModuleRecord, Target};
 use solve::Merged;
@@ -259,17 +260,9 @@ pub async fn iteris<B: Backend>(
 ) -> Result<Outcome> {
     opts.validate(ids.len())?;
     let t0 = now();
-    let batch = |with_merged: bool| {
-        let mut b = Batch::default();
-        for (i, s) in ids.iter().enumerate() {
-            b.push_group(i, Stream::Adapter(i), s);
-            if with_merged {
-                b.push_group(i, Stream::Merged, s);
-            }
-        }
-        b
-    };
-    let both = batch(true);
+    // The pass runs in chunks of rows where one tensor of the whole batch would exceed a binding.
+    let max_rows = plan::chunk_rows(be, &model.modules(), &targets);
+    let (both, adapters_only) = (chunk_batches(ids, true, max_rows), chunk_batches(ids, false, max_rows));
     let passes = match (opts.method, opts.schedule) {
         (Method::Iteris, Schedule::Sweep) => 1,
         (Method::Iteris, Schedule::Jacobi) => opts.iters + 1,
@@ -289,17 +282,17 @@ pub async fn iteris<B: Backend>(
             (Method::Iteris, Schedule::Sweep) => {
                 announce(1, "sweep");
                 hook.begin_pass(be, Mode::Sweep, false);
-                models::run(model, be, &both, &mut hook, Output::Nothing).await?;
+                run_chunks(model, be, &both, &mut hook).await?;
             }
             (Method::Iteris, Schedule::Jacobi) => {
                 // Solve 1: X̃ = X (RegMean with ridge and adaptive weights); the merged stream is not run.
                 announce(1, "jacobi solve 1");
                 hook.begin_pass(be, Mode::Jacobi, false);
-                models::run(model, be, &batch(false), &mut hook, Output::Nothing).await?;
+                run_chunks(model, be, &adapters_only, &mut hook).await?;
                 for k in 2..=opts.iters {
                     announce(k, &format!("jacobi solve {k}"));
                     hook.begin_pass(be, Mode::Jacobi, true);
-                    models::run(model, be, &both, &mut hook, Output::Nothing).await?;
+                    run_chunks(model, be, &both, &mut hook).await?;
                     let pairs =
                         hook.merged.iter().zip(&hook.solved).filter_map(|(o, n)| Some((o.as_ref()?, n.as_ref()?)));
                     changes.push(relative_change(pairs));
@@ -307,16 +300,16 @@ pub async fn iteris<B: Backend>(
                 // One more pass measures the final deltas on their own features.
                 announce(passes, "evaluate");
                 hook.begin_pass(be, Mode::Evaluate, true);
-                models::run(model, be, &both, &mut hook, Output::Nothing).await?;
+                run_chunks(model, be, &both, &mut hook).await?;
             }
             (Method::Regmean, _) => {
                 announce(1, "regmean solve");
                 hook.regmean = Some(opts.regmean_scale);
                 hook.begin_pass(be, Mode::Jacobi, false);
-                models::run(model, be, &batch(false), &mut hook, Output::Nothing).await?;
+                run_chunks(model, be, &adapters_only, &mut hook).await?;
                 announce(2, "evaluate");
                 hook.begin_pass(be, Mode::Evaluate, true);
-                models::run(model, be, &both, &mut hook, Output::Nothing).await?;
+                run_chunks(model, be, &both, &mut hook).await?;
             }
             (method, _) => {
                 let settings = baselines::BaselineSettings {
@@ -331,7 +324,7 @@ pub async fn iteris<B: Backend>(
                 announce(1, "evaluate");
                 hook.set_merged(be, &m);
                 hook.begin_pass(be, Mode::Evaluate, false);
-                models::run(model, be, &both, &mut hook, Output::Nothing).await?;
+                run_chunks(model, be, &both, &mut hook).await?;
             }
         }
         records = hook.records.clone();

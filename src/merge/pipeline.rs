@@ -11,6 +11,7 @@ use crate::formats::hf_config::HfConfig;
 use crate::formats::samples::EvalSet;
 use crate::inputs::{BaseInputs, TaskInput};
 use crate::models;
+use crate::models::chunked::chunk_batches;
 use crate::models::Stream;
 
 /// Everything a merge produces.
@@ -83,9 +84,10 @@ pub async fn merge<B: Backend>(
     }
     timings.tokenize = now() - t;
 
-    let rows = ids.iter().flatten().map(Vec::len).sum::<usize>() * 2;
-    let memory =
-        plan::merge_plan(be, &base.weights, &model.modules(), &targets, rows, tasks.len(), opts.max_memory_mib);
+    let modules = model.modules();
+    let chunks = chunk_batches(&ids, true, plan::chunk_rows(be, &modules, &targets));
+    let chunk_rows: Vec<usize> = chunks.iter().map(|b| b.tokens()).collect();
+    let memory = plan::merge_plan(be, &base.weights, &modules, &targets, &chunk_rows, tasks.len(), opts.max_memory_mib);
     memory.check(&be.name())?;
     let outcome =
         iteris(be, &model, targets, &ids, opts, progress).await.map_err(|e| non_finite(e, &base.config, tasks))?;

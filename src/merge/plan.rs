@@ -5,7 +5,9 @@
 //!
 //! The figures are estimates from shapes, meant to be safe rather than tight: activations count
 //! `LIVE_ACTIVATIONS` tensors of the widest layer width per token row (residual stream, normed
-//! input, q/k/v, attention output, gate and up at most are alive at once).
+//! input, q/k/v, attention output, gate and up at most are alive at once). A batch whose widest
+//! activation would exceed a binding runs in chunks of rows (`models::chunked`), so the largest
+//! row tensor is a chunk's; a Gram matrix cannot be chunked by rows.
 
 use super::iteris::Target;
 use crate::backend::Backend;
@@ -30,9 +32,16 @@ pub struct MemoryPlan {
     pub activations_bytes: u64,
     /// One stage's statistics: Gram matrices per task, the system matrices and their factors.
     pub statistics_bytes: u64,
+    /// The chunks the batched pass runs in (1 where no tensor of the whole batch exceeds a
+    /// binding), and the token rows of the largest.
+    pub chunks: usize,
+    pub chunk_rows: usize,
     /// The largest single tensor, and what it is.
     pub largest_tensor_bytes: u64,
     pub largest_tensor: String,
+    /// What would make the largest tensor smaller.
+    #[serde(skip)]
+    pub largest_tensor_fix: String,
     /// All of it on the host (wasm memory in the page).
     pub host_bytes: u64,
     /// On the GPU (0 for the CPU backend).
@@ -75,26 +84,45 @@ pub fn weights_plan<B: Backend>(be: &B, store: &TensorStore, max_memory_mib: Opt
     }
 }
 
-/// The whole merge: `rows` token rows in the batched pass (both streams), `tasks` adapters.
+/// The widest token row a merge pass makes, and the module it is at: the widest module the pass
+/// runs (the LM head only where an adapter targets it: the pass stops after its last target).
+pub fn widest_row<'m>(modules: &'m [ModuleInfo], targets: &[Target]) -> (usize, &'m str) {
+    modules
+        .iter()
+        .filter(|m| m.name != "lm_head" || targets.iter().any(|t| t.name == m.name))
+        .map(|m| (m.out_dim.max(m.in_dim), m.name.as_str()))
+        .max()
+        .unwrap_or((0, ""))
+}
+
+/// Token rows one chunk of a merge pass may hold (`models::chunked`): its widest tensor within the
+/// backend's largest.
+pub fn chunk_rows<B: Backend>(be: &B, modules: &[ModuleInfo], targets: &[Target]) -> usize {
+    let row = widest_row(modules, targets).0.max(1) as u64 * 4;
+    (be.max_tensor_bytes() / row).clamp(1, usize::MAX as u64) as usize
+}
+
+/// The whole merge: the batched pass (both streams) in chunks of `chunk_rows` token rows each
+/// (`models::chunked`; one chunk where the backend has no binding limit); `tasks` adapters.
 pub fn merge_plan<B: Backend>(
     be: &B,
     store: &TensorStore,
     modules: &[ModuleInfo],
     targets: &[Target],
-    rows: usize,
+    chunk_rows: &[usize],
     tasks: usize,
     max_memory_mib: Option<u64>,
 ) -> MemoryPlan {
     let mut p = weights_plan(be, store, max_memory_mib);
-    let (widest, wide_name) = modules
-        .iter()
-        .filter(|m| m.name != "lm_head")
-        .map(|m| (m.out_dim.max(m.in_dim), m.name.as_str()))
-        .max()
-        .unwrap_or((0, ""));
-    let rows = rows as u64;
+    let (widest, wide_name) = widest_row(modules, targets);
+    // Every chunk's activations are alive at once (they meet at each stage); one tensor holds at
+    // most a chunk's rows.
+    let all_rows: usize = chunk_rows.iter().sum();
+    p.activations_bytes = all_rows as u64 * widest as u64 * 4 * LIVE_ACTIVATIONS;
+    p.chunks = chunk_rows.len();
+    p.chunk_rows = chunk_rows.iter().copied().max().unwrap_or(0);
+    let rows = p.chunk_rows as u64;
     let row_tensor = rows * widest as u64 * 4;
-    p.activations_bytes = row_tensor * LIVE_ACTIVATIONS;
     let (width, gram_name) = targets.iter().map(|t| (t.in_dim, t.name.as_str())).max().unwrap_or((0, ""));
     let square = (width * width) as u64;
     // Per task XᵀX̃ and X̃ᵀX̃; per module of a stage (at most three: q/k/v) a system and a factor.
@@ -102,9 +130,16 @@ pub fn merge_plan<B: Backend>(
     let device_stats = (2 * tasks as u64 * 2 + 3) * square * 4;
     p.statistics_bytes = host_stats + if be.on_device() { device_stats } else { 0 };
     (p.largest_tensor_bytes, p.largest_tensor) = if row_tensor >= square * 4 {
-        (row_tensor, format!("{rows} token rows × {widest} features at {wide_name}"))
+        let of = if p.chunks > 1 { " (one chunk)" } else { "" };
+        (row_tensor, format!("{rows} token rows{of} × {widest} features at {wide_name}"))
     } else {
         (square * 4, format!("a {width} × {width} Gram matrix at {gram_name}"))
+    };
+    p.largest_tensor_fix = if row_tensor >= square * 4 {
+        // Chunks go down to one sample (both streams): only a shorter sample helps.
+        "a shorter --max-len (the page: Max length), so that one sample's rows fit".into()
+    } else {
+        "target modules with fewer input features".into()
     };
     p.host_to_allocate_bytes = if be.on_device() {
         p.device_bytes += p.activations_bytes + device_stats;
@@ -123,10 +158,11 @@ impl MemoryPlan {
         if let Some(limit) = self.tensor_limit_bytes {
             if self.largest_tensor_bytes > limit {
                 return Err(Error::Unsupported(format!(
-                    "memory plan: the largest tensor ({}, {}) exceeds the {} one {backend} op can address: {advice}, or use the CPU backend",
+                    "memory plan: the largest tensor ({}, {}) exceeds the {} one {backend} op can address: {}, or use the CPU backend",
                     self.largest_tensor,
                     mib(self.largest_tensor_bytes),
-                    mib(limit)
+                    mib(limit),
+                    self.largest_tensor_fix
                 )));
             }
         }

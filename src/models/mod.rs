@@ -8,6 +8,7 @@
 //! seen every module it needs.
 
 pub mod bert;
+pub mod chunked;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod llama;
@@ -322,13 +323,24 @@ pub async fn run_cached<B: Backend, H: Hook<B>>(
     output: Output,
     cache: Option<&mut KvCache<B::T>>,
 ) -> Result<Option<B::T>> {
-    let mut pass = Pass { be, batch, hook, output, cache };
-    let out = match model.forward(&mut pass).await {
-        Err(Error::Stop) => None,
-        r => r?,
-    };
-    pass.hook.end_pass(be).await?;
+    let out = forward_pass(model, be, batch, hook, output, cache).await?;
+    hook.end_pass(be).await?;
     Ok(out)
+}
+
+/// The forward pass alone, without its hook's `end_pass` (a chunk of `chunked::run_chunks`).
+async fn forward_pass<B: Backend, H: Hook<B>>(
+    model: &Model<B::T>,
+    be: &B,
+    batch: &Batch,
+    hook: &mut H,
+    output: Output,
+    cache: Option<&mut KvCache<B::T>>,
+) -> Result<Option<B::T>> {
+    match model.forward(&mut Pass { be, batch, hook, output, cache }).await {
+        Err(Error::Stop) => Ok(None),
+        r => r,
+    }
 }
 
 /// Load the model a `config.json` describes from its weights.

@@ -149,4 +149,17 @@ impl Gpu {
         self.matmul(&x.buf, &y.buf, &hi.buf, Some(&lo.buf), &g);
         GpuGram { hi, lo: Some(lo) }
     }
+
+    /// acc += x[xr]ᵀ · y[yr], the Dot2 sum continued from acc's (hi, lo) pair.
+    pub(super) fn gram_add(&self, acc: &GpuGram, x: &GpuTensor, xr: Range<usize>, y: &GpuTensor, yr: Range<usize>) {
+        assert_eq!(xr.len(), yr.len(), "gram: row ranges of different lengths");
+        assert!(xr.end <= x.rows && yr.end <= y.rows, "gram: a row range leaves its tensor");
+        assert_eq!((acc.hi.rows, acc.hi.cols), (x.cols, y.cols), "gram: accumulator of another shape");
+        let lo = acc.lo.as_ref().expect("gram: only a Dot2 pair accumulates");
+        let g = Geometry {
+            accumulate: true,
+            ..Geometry::new(x.cols, xr.len(), y.cols, (xr.start * x.cols, 1, x.cols), (yr.start * y.cols, y.cols, 1))
+        };
+        self.matmul(&x.buf, &y.buf, &acc.hi.buf, Some(&lo.buf), &g);
+    }
 }

@@ -297,6 +297,15 @@ impl Backend for Gpu {
         self.gram(x, xr, y, yr)
     }
 
+    fn add_gram(&self, acc: &mut GpuGram, x: &GpuTensor, xr: Range<usize>, y: &GpuTensor, yr: Range<usize>) {
+        self.gram_add(acc, x, xr, y, yr)
+    }
+
+    /// A scalar is its partial sums: more partials.
+    fn add_scalar(&self, acc: &mut GpuScalar, more: GpuScalar) {
+        acc.0.extend(more.0);
+    }
+
     fn defer_sq_norm(&self, x: &GpuTensor, rows: Range<usize>) -> GpuScalar {
         let parts = x
             .row_blocks()
