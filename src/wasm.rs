@@ -60,6 +60,28 @@ pub fn simd() -> bool {
     cfg!(target_feature = "simd128")
 }
 
+/// The threaded build's pool of Web Workers for the CPU path (`initThreadPool(n)` in JS; the
+/// engine's own worker must call it before a merge). Only in the threaded build (feature
+/// `threads`), which only a cross-origin-isolated page can instantiate.
+#[cfg(feature = "threads")]
+pub use wasm_bindgen_rayon::init_thread_pool;
+
+/// The engine's WebAssembly memory in bytes: it only grows, so after a merge it is the merge's
+/// peak (an f64: 4 GiB does not fit wasm32's usize).
+#[wasm_bindgen]
+pub fn memory_bytes() -> f64 {
+    (core::arch::wasm32::memory_size(0) as u64 * 65536) as f64
+}
+
+/// Threads the CPU path runs on: the pool's size in the threaded build, else 1.
+#[wasm_bindgen]
+pub fn threads() -> usize {
+    #[cfg(feature = "threads")]
+    return rayon::current_num_threads();
+    #[cfg(not(feature = "threads"))]
+    1
+}
+
 fn get(o: &JsValue, key: &str) -> Result<JsValue, JsValue> {
     Reflect::get(o, &JsValue::from_str(key))
 }

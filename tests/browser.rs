@@ -25,10 +25,26 @@ fn check_big_model(out: &Path, big: &Path) {
     let tasks: Vec<(PathBuf, PathBuf)> =
         (0..3).map(|i| (big.join(format!("adapter{i}")), big.join(format!("samples{i}.txt")))).collect();
     cli_merge_of(&cli, &big.join("base"), &tasks, &[]);
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    // The threaded engine (every core) and the single-thread one give the same merge.
+    let single = unzip(&out.join("big-1thread.zip"), &out.join("big-page-1thread"));
+    let e1 = max_rel_diff(&single, &cli);
+    let (threaded, one) = (&summary["runs"]["big"], &summary["runs"]["big-1thread"]);
+    println!(
+        "106M model in the page (CPU path): {:.1} s on {} threads, {:.1} s on {} (single-thread engine, {e1:.2e} from the CLI)",
+        threaded["seconds"].as_f64().unwrap(),
+        threaded["threads"],
+        one["seconds"].as_f64().unwrap(),
+        one["threads"]
+    );
+    assert!(e1 <= 1e-4, "106M model, one thread: the page's adapter differs from the CLI's by {e1:.2e}");
+    assert_eq!(one["threads"].as_u64(), Some(1), "?threads=1 runs the single-thread engine");
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+        assert!(threaded["threads"].as_u64() > Some(1), "an isolated page on several cores runs the threaded engine");
+    }
     let dir = unzip(&out.join("big.zip"), &out.join("big-page"));
     let e = max_rel_diff(&dir, &cli);
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
-    let run = &summary["runs"]["big"];
+    let run = threaded;
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("merge_report.json")).unwrap()).unwrap();
     let plan = &report["memory_plan"];

@@ -16,9 +16,32 @@ wasm-bindgen --target web --no-typescript --out-dir dist/pkg target/wasm32-unkno
 node_modules/.bin/wasm-opt -O3 --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
   --enable-mutable-globals --enable-multivalue --enable-reference-types --enable-simd \
   dist/pkg/iteris_bg.wasm -o dist/pkg/iteris_bg.wasm
+# The threaded engine (dist/pkg-threads/, feature `threads`): shared memory and atomics, which
+# need std rebuilt by a pinned nightly (-Z build-std) and its own target dir (other RUSTFLAGS).
+# The page loads it only where it is cross-origin isolated (SharedArrayBuffer); wasm32's 4 GiB
+# is its memory's maximum, as the single-thread build's.
+# The linker arguments make the memory shared and imported (each pool worker instantiates the
+# module over the same memory) and export what wasm-bindgen's thread start-up calls.
+link="--shared-memory --max-memory=4294967296 --import-memory --export=__wasm_init_tls --export=__tls_size --export=__tls_align --export=__tls_base"
+RUSTFLAGS="-C target-feature=+atomics,+bulk-memory,+mutable-globals,+simd128 $(printf -- '-C link-arg=%s ' $link)" \
+  cargo "+$(cat tools/nightly-toolchain)" build --profile web --lib --target wasm32-unknown-unknown --features threads \
+  --target-dir target/threads -Z build-std=panic_abort,std
+wasm-bindgen --target web --no-typescript --out-dir dist/pkg-threads target/threads/wasm32-unknown-unknown/web/iteris.wasm
+# wasm-bindgen-rayon's pool workers import the engine as '../../..', a bundler's package path;
+# without a bundler that is a folder URL, so name the module. (Its `no-bundler` variant starts the
+# workers from blob: URLs instead, which cannot receive a shared memory under COEP.) Goes if the
+# crate imports the module by its file name.
+helpers=$(ls dist/pkg-threads/snippets/wasm-bindgen-rayon-*/src/workerHelpers.js)
+grep -q "import('../../..')" "$helpers"
+sed -i "s|import('../../..')|import('../../../iteris.js')|" "$helpers"
+node_modules/.bin/wasm-opt -O3 --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
+  --enable-mutable-globals --enable-multivalue --enable-reference-types --enable-simd --enable-threads \
+  dist/pkg-threads/iteris_bg.wasm -o dist/pkg-threads/iteris_bg.wasm
 cp -r www/. dist/
 # The demo: files the page fetches from its own origin when "Try the demo" is pressed.
 bash tools/pack_demo.sh dist/demo
-raw=$(stat -c %s dist/pkg/iteris_bg.wasm)
-gz=$(gzip -9 -c dist/pkg/iteris_bg.wasm | wc -c)
-echo "dist/ ready: iteris_bg.wasm $((raw / 1024)) KiB raw, $((gz / 1024)) KiB gzip"
+for pkg in pkg pkg-threads; do
+  raw=$(stat -c %s dist/$pkg/iteris_bg.wasm)
+  gz=$(gzip -9 -c dist/$pkg/iteris_bg.wasm | wc -c)
+  echo "dist/$pkg/iteris_bg.wasm: $((raw / 1024)) KiB raw, $((gz / 1024)) KiB gzip"
+done

@@ -1,5 +1,6 @@
 // A static file server for dist/ on localhost, sending the page's Content-Security-Policy as a
-// header too (a <meta> policy does not cover the worker). Used by tools/serve.sh and the browser
+// header too (a <meta> policy does not cover the worker), and the headers that make the page
+// cross-origin isolated (threads). Used by tools/serve.sh and the browser
 // tests. Usage: node tools/serve.mjs [dir] [port]
 import http from 'node:http';
 import fs from 'node:fs';
@@ -20,8 +21,9 @@ const TYPES = {
   '.txt': 'text/plain; charset=utf-8', '.jsonl': 'text/plain; charset=utf-8', '.svg': 'image/svg+xml',
 };
 
-/** Serve `dir` on 127.0.0.1:`port` (0: any free port); resolves to the listening server. */
-export function serve(dir, port = 0) {
+/** Serve `dir` on 127.0.0.1:`port` (0: any free port), with the cross-origin isolation headers
+ * unless `isolate` is false (as a static host serves); resolves to the listening server. */
+export function serve(dir, port = 0, isolate = process.env.ITERIS_ISOLATE !== '0') {
   const root = path.resolve(dir);
   const csp = policyOf(root);
   const server = http.createServer((req, res) => {
@@ -37,6 +39,13 @@ export function serve(dir, port = 0) {
         'Referrer-Policy': 'no-referrer',
         'X-Content-Type-Options': 'nosniff',
         'Cache-Control': 'no-cache',
+        // Cross-origin isolation: the browser then allows shared memory, so the engine's CPU path
+        // runs on threads (www/worker.js). ITERIS_ISOLATE=0 serves without, as a static host
+        // does (the page's service worker www/isolate.js then adds them).
+        ...(!isolate ? {} : {
+          'Cross-Origin-Opener-Policy': 'same-origin',
+          'Cross-Origin-Embedder-Policy': 'require-corp',
+        }),
       });
       res.end(data);
     });

@@ -10,6 +10,11 @@ command -v cargo >/dev/null || { echo "cargo is required (install Rust with rust
 command -v npm >/dev/null || { echo "Node.js and npm are required"; exit 1; }
 
 rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+# The threaded engine needs std rebuilt with atomics (-Z build-std): a pinned nightly and its source.
+nightly=$(cat tools/nightly-toolchain)
+if ! rustup run "$nightly" rustc --version >/dev/null 2>&1 || [ ! -d "$(rustup run "$nightly" rustc --print sysroot)/lib/rustlib/src/rust/library" ]; then
+  rustup toolchain install "$nightly" --profile minimal -c rust-src -t wasm32-unknown-unknown
+fi
 want=$(grep -A1 '^name = "wasm-bindgen"$' Cargo.lock | sed -n 's/^version = "\(.*\)"$/\1/p')
 have=$(wasm-bindgen --version 2>/dev/null | cut -d' ' -f2 || true)
 if [ "$have" != "$want" ]; then

@@ -239,6 +239,8 @@ async function startMerge(cmd = 'merge') {
     const m = e.data;
     if (m.type === 'version') {
       $('version').textContent = `v${m.version}`;
+      $('threads').textContent = threadsLine(m.threads);
+      $('threads').dataset.threads = m.threads;
       state.engineSeconds = (performance.now() - started) / 1000;
     }
     else if (m.type === 'progress') showProgress(m, started);
@@ -252,7 +254,20 @@ async function startMerge(cmd = 'merge') {
     showMessage(`The engine could not start (${e.message || 'worker error'}).`, 'engine');
   };
   $('comparison').hidden = true;
-  worker.postMessage({ cmd, input, options: opts });
+  worker.postMessage({ cmd, input, options: opts, threads: wantedThreads() });
+}
+
+// Threads for the engine's CPU path: every core, or `?threads=N` (1: the single-thread build).
+function wantedThreads() {
+  const asked = Number(new URLSearchParams(location.search).get('threads'));
+  return asked >= 1 ? Math.floor(asked) : Math.min(navigator.hardwareConcurrency || 1, 16);
+}
+
+function threadsLine(threads) {
+  if (threads > 1) return `The CPU path runs on ${threads} threads.`;
+  if (wantedThreads() === 1) return 'The CPU path runs on one thread (as asked).';
+  return crossOriginIsolated ? 'The CPU path runs on one thread (this device has one core).'
+    : 'The CPU path runs on one thread: this page is not cross-origin isolated, so the browser allows no shared memory (serve it with the COOP/COEP headers, or over HTTPS where its service worker adds them).';
 }
 
 function finish() {
@@ -508,3 +523,16 @@ $('merge').addEventListener('click', () => startMerge('merge'));
 $('compare').addEventListener('click', () => startMerge('compare'));
 $('cancel').addEventListener('click', cancel);
 $('demo').addEventListener('click', loadDemo);
+
+// Static hosts cannot send the headers that make the page cross-origin isolated (and so let the
+// engine use threads): the page's own service worker (isolate.js) adds them, and the page reloads
+// once to come under it. Where the host sends them (tools/serve.mjs), nothing is registered.
+async function isolate() {
+  if (crossOriginIsolated || !('serviceWorker' in navigator) || !isSecureContext) return;
+  if (sessionStorage.getItem('isolate-reloaded')) return; // one try: a browser may refuse
+  await navigator.serviceWorker.register('isolate.js');
+  await navigator.serviceWorker.ready;
+  sessionStorage.setItem('isolate-reloaded', '1');
+  location.reload();
+}
+isolate().catch(() => { /* one thread, said on the page */ });

@@ -1,6 +1,8 @@
 //! The CPU backend: the reference every GPU kernel is tested against, and the fallback where no GPU
-//! is available. Matrix products go through `matrixmultiply` (packed, SIMD, threaded natively);
-//! row-wise ops run in parallel with rayon natively and sequentially in wasm.
+//! is available. Matrix products go through `matrixmultiply` (packed, SIMD); row-wise ops and
+//! attention run in parallel with rayon: natively, and in the page's threaded build on a pool of
+//! Web Workers (feature `threads`, `wasm::init_thread_pool`); the page's single-thread build runs
+//! them in order.
 
 use super::{Activation, AttentionSpec, Backend, Reads, Values};
 use crate::error::Result;
@@ -15,13 +17,42 @@ fn for_rows(data: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync 
     if cols == 0 {
         return;
     }
-    #[cfg(not(target_arch = "wasm32"))]
+    #[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
     {
         use rayon::prelude::*;
         data.par_chunks_mut(cols).enumerate().for_each(|(i, r)| f(i, r));
     }
-    #[cfg(target_arch = "wasm32")]
+    #[cfg(all(target_arch = "wasm32", not(feature = "threads")))]
     data.chunks_mut(cols).enumerate().for_each(|(i, r)| f(i, r));
+}
+
+/// `f(item)` for every item, in parallel where threads exist.
+fn for_each<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync + Send) {
+    #[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
+    {
+        use rayon::prelude::*;
+        items.into_par_iter().for_each(f);
+    }
+    #[cfg(all(target_arch = "wasm32", not(feature = "threads")))]
+    items.into_iter().for_each(f);
+}
+
+/// c (m, n, row-major) from `block(first_row, rows, c_rows)` over blocks of c's rows, one per
+/// thread, where the product is large enough to pay for them. Natively matrixmultiply runs its
+/// own threads (std::thread, which wasm lacks): there this is one block.
+fn by_row_blocks<E: Send>(m: usize, n: usize, flops: usize, c: &mut [E], block: impl Fn(usize, usize, &mut [E]) + Sync) {
+    #[cfg(all(target_arch = "wasm32", feature = "threads"))]
+    {
+        use rayon::prelude::*;
+        let threads = rayon::current_num_threads();
+        if threads > 1 && m >= 2 * threads && flops >= 1 << 20 {
+            let per = m.div_ceil(threads);
+            c[..m * n].par_chunks_mut(per * n).enumerate().for_each(|(i, cb)| block(i * per, cb.len() / n, cb));
+            return;
+        }
+    }
+    let _ = flops;
+    block(0, m, &mut c[..m * n]);
 }
 
 /// c (m, n) = a · b, with a (m, k) and b (k, n) given as (slice, row stride, column stride).
@@ -47,6 +78,28 @@ fn sgemm(
         c.fill(0.0);
         return;
     }
+    assert!(m.checked_mul(n).is_some_and(|l| l <= c.len()), "sgemm: c is smaller than (m, n)");
+    let rsa_rows = usize::try_from(rsa).unwrap_or(0);
+    by_row_blocks(m, n, m * n * k, c, |r0, rows, c| {
+        let a = a.get(r0 * rsa_rows..).unwrap_or(&[]);
+        sgemm_block(rows, k, n, a, rsa, csa, b, rsb, csb, c)
+    });
+}
+
+/// `sgemm` on one thread.
+#[allow(clippy::too_many_arguments)]
+fn sgemm_block(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    rsa: isize,
+    csa: isize,
+    b: &[f32],
+    rsb: isize,
+    csb: isize,
+    c: &mut [f32],
+) {
     // The last element each view reaches, for non-negative strides.
     let last = |rows: usize, cols: usize, rs: isize, cs: isize| -> Option<usize> {
         let (rs, cs) = (usize::try_from(rs).ok()?, usize::try_from(cs).ok()?);
@@ -262,13 +315,7 @@ impl Backend for Cpu {
                 }
             }
         };
-        #[cfg(not(target_arch = "wasm32"))]
-        {
-            use rayon::prelude::*;
-            chunks.into_par_iter().for_each(one);
-        }
-        #[cfg(target_arch = "wasm32")]
-        chunks.into_iter().for_each(one);
+        for_each(chunks, one);
         out
     }
 
@@ -331,25 +378,30 @@ fn gram_into(c: &mut Mat64, x: &Mat, xr: Range<usize>, y: &Mat, yr: Range<usize>
     let n = xr.len();
     let a: Vec<f64> = x.data[xr.start * x.cols..xr.end * x.cols].iter().map(|&v| v as f64).collect();
     let b: Vec<f64> = y.data[yr.start * y.cols..yr.end * y.cols].iter().map(|&v| v as f64).collect();
-    if n > 0 && x.cols > 0 && y.cols > 0 {
-        // SAFETY: a is (n, x.cols) and b is (n, y.cols), row-major; c is (x.cols, y.cols).
+    if n == 0 || x.cols == 0 || y.cols == 0 {
+        return;
+    }
+    // c's rows are x's columns: a block of them reads a's columns from an offset.
+    by_row_blocks(x.cols, y.cols, x.cols * y.cols * n, &mut c.data, |r0, rows, cb| {
+        // SAFETY: a is (n, x.cols) and b is (n, y.cols), row-major; cb is rows [r0, r0 + rows)
+        // of c (x.cols, y.cols), and a's view of them is columns [r0, r0 + rows) of a.
         unsafe {
             matrixmultiply::dgemm(
-                x.cols,
+                rows,
                 n,
                 y.cols,
                 1.0,
-                a.as_ptr(),
+                a[r0..].as_ptr(),
                 1,
                 x.cols as isize,
                 b.as_ptr(),
                 y.cols as isize,
                 1,
                 1.0,
-                c.data.as_mut_ptr(),
+                cb.as_mut_ptr(),
                 y.cols as isize,
                 1,
             );
         }
-    }
+    });
 }

@@ -29,14 +29,14 @@ const summary = { origin, requests: [], runs: {} };
 // The page shows an error (not a note or a warning, which come while work goes on).
 const ERROR_SHOWN = '#message:not([hidden]):not(.info):not(.warning)';
 
-async function newPage(on = browser) {
+async function newPage(on = browser, query = '') {
   const context = await on.newContext({ acceptDownloads: true, viewport: { width: 1100, height: 1400 } });
   const page = await context.newPage();
   page.on('request', (r) => summary.requests.push(r.url()));
   page.on('console', (m) => { if (m.type() === 'error') console.error(`[page] ${m.text()}`); });
   page.on('pageerror', (e) => console.error(`[page error] ${e.message}`));
   const t0 = Date.now();
-  await page.goto(`${origin}/`);
+  await page.goto(`${origin}/${query}`);
   await page.waitForLoadState('load');
   summary.pageLoadSeconds = (Date.now() - t0) / 1000;
   return { context, page };
@@ -66,6 +66,7 @@ async function mergeAndDownload(page, name, clickId = '#merge', during = null) {
     seconds: Number(await ran.getAttribute('data-seconds')),
     engineSeconds: Number(await ran.getAttribute('data-engine-seconds')),
     wasmMemoryBytes: Number(await ran.getAttribute('data-wasm-memory-bytes')),
+    threads: Number(await page.locator('#threads').getAttribute('data-threads')),
   };
   summary.runs[name] = run;
   console.log(`${name}: ${run.text}`);
@@ -223,9 +224,12 @@ try {
   // 6b. A 106M-parameter model (OUT_DIR/big, made by tools/make_model.rs) on the CPU path: its
   // 213 MB of F16 weights are read from the File a tensor at a time; tests/browser.rs compares
   // the adapter with the CLI's and the peak WebAssembly memory with the memory plan.
+  // Twice: on every core (the server isolates the page, so the threaded engine runs), and with
+  // ?threads=1 (the single-thread engine, as where the page is not isolated).
   const big = path.join(out, 'big');
-  if (fs.existsSync(big)) {
-    const { context, page } = await newPage();
+  for (const [name, query] of [['big', ''], ['big-1thread', '?threads=1']]) {
+    if (!fs.existsSync(big)) break;
+    const { context, page } = await newPage(browser, query);
     await page.setInputFiles('#base-files', ['config.json', 'tokenizer.json', 'model.safetensors'].map((f) => path.join(big, 'base', f)));
     await page.click('#add-task');
     for (const k of [0, 1, 2]) {
@@ -233,8 +237,8 @@ try {
       await page.setInputFiles(`#task-${k}-samples`, path.join(big, `samples${k}.txt`));
     }
     await page.selectOption('#backend', 'cpu');
-    const run = await mergeAndDownload(page, 'big');
-    console.log(`106M model on the CPU path: ${run.seconds.toFixed(1)} s, peak wasm memory ${(run.wasmMemoryBytes / 2 ** 20).toFixed(0)} MiB`);
+    const run = await mergeAndDownload(page, name);
+    console.log(`106M model on the CPU path, ${run.threads} thread(s): ${run.seconds.toFixed(1)} s, peak wasm memory ${(run.wasmMemoryBytes / 2 ** 20).toFixed(0)} MiB`);
     await context.close();
   }
   // 7. A browser without WebGPU: asking for it explains what to do; auto merges on the CPU and says so.
@@ -326,10 +330,36 @@ try {
     assert.equal(columns, 1, 'one column on a narrow screen');
     await context.close();
   }
+  // 10. A static host that sends no headers (GitHub Pages): the page's own service worker
+  // (isolate.js) makes it cross-origin isolated after one reload, and the CPU path runs on threads.
+  {
+    const staticHost = await serve('dist', 0, false);
+    try {
+      const context = await browser.newContext({ acceptDownloads: true });
+      const page = await context.newPage();
+      await page.goto(`http://127.0.0.1:${staticHost.address().port}/`);
+      // The page registers the worker and reloads itself once: poll across that navigation.
+      for (let t = 0; !(await page.evaluate(() => crossOriginIsolated).catch(() => false)); t++) {
+        assert.ok(t < 120, 'the service worker makes the page cross-origin isolated');
+        await page.waitForTimeout(500);
+      }
+      await page.waitForLoadState('load');
+      await giveFixtureFiles(page);
+      await page.selectOption('#backend', 'cpu');
+      const run = await mergeAndDownload(page, 'static-host');
+      summary.staticHostThreads = run.threads;
+      const cores = await page.evaluate(() => navigator.hardwareConcurrency);
+      console.log(`static host (no headers): isolated by the service worker, ${run.threads} thread(s) of ${cores} cores`);
+      if (cores > 1) assert.ok(run.threads > 1, 'the service worker\'s isolation lets the CPU path use threads');
+      await context.close();
+    } finally {
+      staticHost.close();
+    }
+  }
   // Privacy: every request of every run went to the page's own origin.
   const foreign = summary.requests.filter((u) => !u.startsWith(`${origin}/`) && !u.startsWith('blob:') && !u.startsWith('data:'));
   assert.deepEqual(foreign, [], 'requests beyond the page\'s own files');
-  assert.ok(summary.requests.some((u) => u.endsWith('/pkg/iteris_bg.wasm')), 'the worker\'s requests are seen too');
+  assert.ok(summary.requests.some((u) => /\/pkg(-threads)?\/iteris_bg\.wasm$/.test(u)), 'the worker\'s requests are seen too');
   fs.writeFileSync(path.join(out, 'summary.json'), JSON.stringify(summary, null, 2));
   console.log(`browser tests passed; ${summary.requests.length} requests, all to ${origin}`);
 } finally {
