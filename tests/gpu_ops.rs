@@ -114,6 +114,18 @@ fn gram_gathered_over_chunks_equals_one_gram() {
         let want = Cpu.sq_norm(&x, 0..700).block_on().unwrap();
         assert!(((v[s] - want) / want).abs() < 1e-13, "sq_norm over chunks {cuts:?}: {} vs {want}", v[s]);
     }
+    // A Gram wider than one binding is kept (and gathered, and read back) in row blocks: 48 × 40
+    // f32 is 7.5 KiB, a 2 KiB binding holds 12 of its rows.
+    let mut small = iteris::backend::gpu::Gpu::new().unwrap();
+    small.limit_bindings(2 << 10);
+    let (sx, sy) = (small.upload(&x), small.upload(&y));
+    let mut reads = Reads::new();
+    let id = reads.gram(small.defer_gram(&sx, 0..300, &sy, 0..300));
+    small.add_gram(reads.gram_mut(id), &sx, 300..700, &sy, 300..700);
+    let one = reads.gram(small.defer_gram(&sx, 0..700, &sx, 0..700));
+    let mut v = small.fetch(reads).block_on().unwrap();
+    close64("gram in row blocks, over chunks", &host(&v.take_gram(id)), &c, 2e-13);
+    close64("gram in row blocks", &host(&v.take_gram(one)), &host(&Cpu.gram(&x, 0..700, &x, 0..700).block_on().unwrap()), 2e-13);
 }
 
 #[test]

@@ -7,7 +7,7 @@
 //! `LIVE_ACTIVATIONS` tensors of the widest layer width per token row (residual stream, normed
 //! input, q/k/v, attention output, gate and up at most are alive at once). A batch whose widest
 //! activation would exceed a binding runs in chunks of rows (`models::chunked`), so the largest
-//! row tensor is a chunk's; a Gram matrix cannot be chunked by rows.
+//! row tensor is a chunk's; a Gram matrix wider than a binding is kept in row blocks.
 
 use super::iteris::Target;
 use crate::backend::Backend;
@@ -39,9 +39,6 @@ pub struct MemoryPlan {
     /// The largest single tensor, and what it is.
     pub largest_tensor_bytes: u64,
     pub largest_tensor: String,
-    /// What would make the largest tensor smaller.
-    #[serde(skip)]
-    pub largest_tensor_fix: String,
     /// All of it on the host (wasm memory in the page).
     pub host_bytes: u64,
     /// On the GPU (0 for the CPU backend).
@@ -129,17 +126,15 @@ pub fn merge_plan<B: Backend>(
     let host_stats = (2 * tasks as u64 + 2 * 3) * square * 8;
     let device_stats = (2 * tasks as u64 * 2 + 3) * square * 4;
     p.statistics_bytes = host_stats + if be.on_device() { device_stats } else { 0 };
-    (p.largest_tensor_bytes, p.largest_tensor) = if row_tensor >= square * 4 {
+    // A Gram matrix wider than one binding is kept in row blocks (and solved on the host without
+    // a GPU factor), so only a chunk's rows can exceed a binding.
+    let gram_binding = p.tensor_limit_bytes.map_or(square * 4, |l| (square * 4).min(l));
+    (p.largest_tensor_bytes, p.largest_tensor) = if row_tensor >= gram_binding {
         let of = if p.chunks > 1 { " (one chunk)" } else { "" };
         (row_tensor, format!("{rows} token rows{of} × {widest} features at {wide_name}"))
     } else {
-        (square * 4, format!("a {width} × {width} Gram matrix at {gram_name}"))
-    };
-    p.largest_tensor_fix = if row_tensor >= square * 4 {
-        // Chunks go down to one sample (both streams): only a shorter sample helps.
-        "a shorter --max-len (the page: Max length), so that one sample's rows fit".into()
-    } else {
-        "target modules with fewer input features".into()
+        let blocks = if gram_binding < square * 4 { ", in row blocks" } else { "" };
+        (gram_binding, format!("a {width} × {width} Gram matrix at {gram_name}{blocks}"))
     };
     p.host_to_allocate_bytes = if be.on_device() {
         p.device_bytes += p.activations_bytes + device_stats;
@@ -158,11 +153,10 @@ impl MemoryPlan {
         if let Some(limit) = self.tensor_limit_bytes {
             if self.largest_tensor_bytes > limit {
                 return Err(Error::Unsupported(format!(
-                    "memory plan: the largest tensor ({}, {}) exceeds the {} one {backend} op can address: {}, or use the CPU backend",
+                    "memory plan: the largest tensor ({}, {}) exceeds the {} one {backend} op can address: one sample's token rows (both streams) must fit; use a shorter --max-len (the page: Max length), or the CPU backend",
                     self.largest_tensor,
                     mib(self.largest_tensor_bytes),
-                    mib(limit),
-                    self.largest_tensor_fix
+                    mib(limit)
                 )));
             }
         }

@@ -141,25 +141,31 @@ impl Gpu {
 
     /// x[xr]ᵀ · y[yr] in twice-f32 precision.
     pub(super) fn gram(&self, x: &GpuTensor, xr: Range<usize>, y: &GpuTensor, yr: Range<usize>) -> GpuGram {
-        assert_eq!(xr.len(), yr.len(), "gram: row ranges of different lengths");
-        assert!(xr.end <= x.rows && yr.end <= y.rows, "gram: a row range leaves its tensor");
-        assert_eq!((x.dtype, y.dtype), (WeightDtype::F32, WeightDtype::F32), "gram: activations are f32");
-        let g = Geometry::new(x.cols, xr.len(), y.cols, (xr.start * x.cols, 1, x.cols), (yr.start * y.cols, y.cols, 1));
-        let (hi, lo) = (self.alloc(g.m, g.n), self.alloc(g.m, g.n));
-        self.matmul(&x.buf, &y.buf, &hi.buf, Some(&lo.buf), &g);
-        GpuGram { hi, lo: Some(lo) }
+        let (hi, lo) = (self.alloc_blocks(x.cols, y.cols), self.alloc_blocks(x.cols, y.cols));
+        let g = GpuGram { hi, lo: Some(lo) };
+        self.gram_into(&g, x, xr, y, yr, false);
+        g
     }
 
     /// acc += x[xr]ᵀ · y[yr], the Dot2 sum continued from acc's (hi, lo) pair.
     pub(super) fn gram_add(&self, acc: &GpuGram, x: &GpuTensor, xr: Range<usize>, y: &GpuTensor, yr: Range<usize>) {
+        self.gram_into(acc, x, xr, y, yr, true);
+    }
+
+    /// x[xr]ᵀ · y[yr] into (or, accumulating, onto) g, one product per row block of g (a Gram wider
+    /// than one binding is split by rows: block rows r0..r1 read x's columns r0..r1).
+    fn gram_into(&self, g: &GpuGram, x: &GpuTensor, xr: Range<usize>, y: &GpuTensor, yr: Range<usize>, accumulate: bool) {
         assert_eq!(xr.len(), yr.len(), "gram: row ranges of different lengths");
         assert!(xr.end <= x.rows && yr.end <= y.rows, "gram: a row range leaves its tensor");
-        assert_eq!((acc.hi.rows, acc.hi.cols), (x.cols, y.cols), "gram: accumulator of another shape");
-        let lo = acc.lo.as_ref().expect("gram: only a Dot2 pair accumulates");
-        let g = Geometry {
-            accumulate: true,
-            ..Geometry::new(x.cols, xr.len(), y.cols, (xr.start * x.cols, 1, x.cols), (yr.start * y.cols, y.cols, 1))
-        };
-        self.matmul(&x.buf, &y.buf, &acc.hi.buf, Some(&lo.buf), &g);
+        assert_eq!((x.dtype, y.dtype), (WeightDtype::F32, WeightDtype::F32), "gram: activations are f32");
+        assert_eq!((g.hi.rows, g.hi.cols), (x.cols, y.cols), "gram: accumulator of another shape");
+        let lo = g.lo.as_ref().expect("gram: only a Dot2 pair accumulates");
+        for ((r0, r1, hi), (_, _, lo)) in g.hi.row_blocks().into_iter().zip(lo.row_blocks()) {
+            let geometry = Geometry {
+                accumulate,
+                ..Geometry::new(r1 - r0, xr.len(), y.cols, (xr.start * x.cols + r0, 1, x.cols), (yr.start * y.cols, y.cols, 1))
+            };
+            self.matmul(&x.buf, &y.buf, hi, Some(lo), &geometry);
+        }
     }
 }

@@ -31,6 +31,9 @@ impl Drop for GpuTensor {
         let mut pool = self.pool.borrow_mut();
         if self.pooled {
             pool.give(self.buf.clone());
+            for (_, b) in &self.blocks {
+                pool.give(b.clone());
+            }
         } else {
             pool.released = true;
         }
@@ -101,17 +104,37 @@ impl Gpu {
         })
     }
 
+    /// A (rows, cols) f32 result split by rows into blocks of at most one binding each (a Gram
+    /// matrix wider than one binding: 8192 inputs are 256 MiB). Only the kernels that run per
+    /// row block (`gram`, `gram_add`) and the readback take such a tensor.
+    pub(super) fn alloc_blocks(&self, rows: usize, cols: usize) -> GpuTensor {
+        let block_rows = ((self.max_binding as usize) / (cols.max(1) * 4)).max(1);
+        if block_rows >= rows {
+            return self.alloc(rows, cols);
+        }
+        let mut bufs =
+            (0..rows).step_by(block_rows).map(|r0| (r0, self.pooled_buffer((block_rows.min(rows - r0) * cols * 4) as u64)));
+        let (_, buf) = bufs.next().expect("rows > block_rows > 0");
+        let blocks = bufs.collect();
+        GpuTensor { buf, rows, cols, dtype: WeightDtype::F32, blocks, pool: self.pool.clone(), pooled: true }
+    }
+
     fn alloc_bytes(&self, rows: usize, cols: usize, bytes: u64) -> GpuTensor {
+        let buf = self.pooled_buffer(bytes);
+        GpuTensor { buf, rows, cols, dtype: WeightDtype::F32, blocks: vec![], pool: self.pool.clone(), pooled: true }
+    }
+
+    /// A result buffer of `bytes`: a dropped one of that size, or a new one.
+    fn pooled_buffer(&self, bytes: u64) -> wgpu::Buffer {
         let reused = self.pool.borrow_mut().take(bytes);
-        let buf = reused.unwrap_or_else(|| {
+        reused.unwrap_or_else(|| {
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: None,
                 size: bytes,
                 usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             })
-        });
-        GpuTensor { buf, rows, cols, dtype: WeightDtype::F32, blocks: vec![], pool: self.pool.clone(), pooled: true }
+        })
     }
 
     /// A storage buffer holding `data` (one word where it is empty: a binding cannot be empty).

@@ -37,10 +37,10 @@ impl Gpu {
         for s in &scalars {
             regions.extend(s.0.iter().map(|t| (&t.buf, t.cols)));
         }
+        // A Gram wider than one binding comes in row blocks: each is a region.
         for g in &grams {
-            regions.push((&g.hi.buf, g.hi.rows * g.hi.cols));
-            if let Some(lo) = &g.lo {
-                regions.push((&lo.buf, lo.rows * lo.cols));
+            for t in std::iter::once(&g.hi).chain(&g.lo) {
+                regions.extend(t.row_blocks().into_iter().map(|(r0, r1, b)| (b, (r1 - r0) * t.cols)));
             }
         }
         for f in &factors {
@@ -54,9 +54,10 @@ impl Gpu {
         let grams = grams
             .iter()
             .map(|g| {
-                let hi = next();
-                let data = match g.lo {
-                    Some(_) => hi.iter().zip(&next()).map(|(a, b)| *a as f64 + *b as f64).collect(),
+                let mut whole = |t: &GpuTensor| t.row_blocks().iter().flat_map(|_| next()).collect::<Vec<f32>>();
+                let hi = whole(&g.hi);
+                let data = match &g.lo {
+                    Some(lo) => hi.iter().zip(&whole(lo)).map(|(a, b)| *a as f64 + *b as f64).collect(),
                     None => hi.iter().map(|&a| a as f64).collect(),
                 };
                 Mat64::new(g.hi.rows, g.hi.cols, data)
@@ -100,49 +101,78 @@ impl Gpu {
         Ok(self.read_many(&[(buf, n)]).await?.pop().unwrap_or_default())
     }
 
-    /// Copy the first n f32 of each buffer back to the host, in one submission and one map.
+    /// Copy the first n f32 of each buffer back to the host, in one submission: the regions go to
+    /// staging buffers of at most one binding each (a buffer cannot exceed the device's largest),
+    /// mapped together.
     async fn read_many(&self, regions: &[(&wgpu::Buffer, usize)]) -> Result<Vec<Vec<f32>>> {
         let total: usize = regions.iter().map(|r| r.1).sum();
         if total == 0 {
             return Ok(regions.iter().map(|_| Vec::new()).collect());
         }
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: (total * 4) as u64,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        // Consecutive regions per staging buffer (a region alone is within one binding).
+        let cap = (self.max_binding / 4).max(1) as usize;
+        let mut groups: Vec<(usize, usize)> = Vec::new(); // (first region, words)
+        for (i, (_, n)) in regions.iter().enumerate() {
+            match groups.last_mut() {
+                Some((_, words)) if *words + n <= cap => *words += n,
+                _ => groups.push((i, *n)),
+            }
+        }
+        let stagings: Vec<wgpu::Buffer> = groups
+            .iter()
+            .map(|&(_, words)| {
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size: (words.max(1) * 4) as u64,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            })
+            .collect();
+        let ends: Vec<usize> = groups.iter().skip(1).map(|g| g.0).chain([regions.len()]).collect();
         self.record(|enc| {
-            let mut at = 0;
-            for (buf, n) in regions {
-                if *n > 0 {
-                    enc.copy_buffer_to_buffer(buf, 0, &staging, (at * 4) as u64, (*n * 4) as u64);
+            for ((&(first, _), &end), staging) in groups.iter().zip(&ends).zip(&stagings) {
+                let mut at = 0;
+                for (buf, n) in &regions[first..end] {
+                    if *n > 0 {
+                        enc.copy_buffer_to_buffer(buf, 0, staging, (at * 4) as u64, (*n * 4) as u64);
+                    }
+                    at += n;
                 }
-                at += n;
             }
         });
         self.flush();
         self.readbacks.set(self.readbacks.get() + 1);
-        let slice = staging.slice(..);
-        let (tx, rx) = futures_channel::oneshot::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
+        let receivers: Vec<_> = stagings
+            .iter()
+            .map(|staging| {
+                let (tx, rx) = futures_channel::oneshot::channel();
+                staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                    let _ = tx.send(r);
+                });
+                rx
+            })
+            .collect();
         // Natively the host drives the device; in a browser the page's event loop does, and the
-        // callback fires while this future is suspended.
+        // callbacks fire while this future is suspended.
         #[cfg(not(target_arch = "wasm32"))]
         if let Err(e) = self.device.poll(wgpu::PollType::wait_indefinitely()) {
             return Err(self.failure().unwrap_or_else(|| Error::Gpu(format!("the GPU stopped responding ({e})"))));
         }
-        let mapped = rx.await.map_err(|_| ()).and_then(|r| r.map_err(|_| ()));
-        if let Some(e) = self.failure() {
-            return Err(e);
+        let mut all: Vec<f32> = Vec::with_capacity(total);
+        for ((rx, staging), &(_, n)) in receivers.into_iter().zip(&stagings).zip(&groups) {
+            let mapped = rx.await.map_err(|_| ()).and_then(|r| r.map_err(|_| ()));
+            if let Some(e) = self.failure() {
+                return Err(e);
+            }
+            mapped.map_err(|_| Error::Gpu("the GPU refused to return results (device lost?)".into()))?;
+            let slice = staging.slice(..);
+            let range = slice.get_mapped_range().map_err(|e| Error::Gpu(format!("GPU readback failed ({e})")))?;
+            let words: &[f32] = bytemuck::cast_slice(&range);
+            all.extend_from_slice(&words[..n]);
+            drop(range);
+            staging.unmap();
         }
-        mapped.map_err(|_| Error::Gpu("the GPU refused to return results (device lost?)".into()))?;
-        let range = slice.get_mapped_range().map_err(|e| Error::Gpu(format!("GPU readback failed ({e})")))?;
-        let all: Vec<f32> = bytemuck::cast_slice(&range).to_vec();
-        drop(range);
-        staging.unmap();
         let mut at = 0;
         Ok(regions
             .iter()
