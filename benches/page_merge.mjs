@@ -1,0 +1,70 @@
+// The page's CPU path in headless Chromium, single-thread engine against the threaded one: the
+// bundled demo's merge (four adapters of a tiny Llama, no held-out evaluation), or any model given
+// as folders. Build dist/ first (bash tools/build_web.sh). Usage:
+//   node benches/page_merge.mjs [MODEL_DIR ADAPTER_DIR SAMPLES ...] [--repeat N]
+// Prints, per engine, the median of N merges (default 3) as the page times them (from the click to
+// the result), the threads that ran and the peak WebAssembly memory.
+import { chromium } from 'playwright-core';
+import fs from 'node:fs';
+import path from 'node:path';
+import { serve } from '../tools/serve.mjs';
+
+const args = process.argv.slice(2);
+const ri = args.indexOf('--repeat');
+const repeat = ri >= 0 ? Number(args.splice(ri, 2)[1]) : 3;
+const filesOf = (dir) => fs.readdirSync(dir).filter((f) => fs.statSync(path.join(dir, f)).isFile()).map((f) => path.resolve(dir, f));
+let base, tasks;
+if (args.length) {
+  base = args[0];
+  tasks = [];
+  for (let i = 1; i + 1 < args.length; i += 2) tasks.push({ adapter: args[i], samples: args[i + 1] });
+} else {
+  base = 'demo/base';
+  tasks = ['add', 'kind', 'rev', 'sort'].map((t) => ({ adapter: `demo/adapters/${t}`, samples: `demo/samples/${t}.txt` }));
+}
+
+const server = await serve('dist');
+const origin = `http://127.0.0.1:${server.address().port}`;
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--no-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+});
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+const results = {};
+try {
+  for (const [engine, query] of [['single-thread', '?threads=1'], ['threaded', '']]) {
+    const runs = [];
+    for (let r = 0; r < repeat; r++) {
+      const context = await browser.newContext();
+      const page = await context.newPage();
+      await page.goto(`${origin}/${query}`);
+      await page.setInputFiles('#base-files', filesOf(base));
+      // The page starts with two adapter slots.
+      for (let k = 2; k < tasks.length; k++) await page.click('#add-task');
+      for (let k = 0; k < tasks.length; k++) {
+        await page.setInputFiles(`#task-${k}-adapter`, filesOf(tasks[k].adapter));
+        await page.setInputFiles(`#task-${k}-samples`, path.resolve(tasks[k].samples));
+      }
+      await page.selectOption('#backend', 'cpu');
+      await page.click('#merge');
+      await page.waitForSelector('#results:not([hidden]), #message:not([hidden]):not(.info):not(.warning)', { timeout: 1_800_000 });
+      if (!(await page.locator('#results').isVisible())) throw new Error(`${engine}: ${await page.locator('#message').textContent()}`);
+      runs.push({
+        seconds: Number(await page.getAttribute('#ran', 'data-seconds')),
+        threads: Number(await page.getAttribute('#threads', 'data-threads')),
+        wasmMemoryBytes: Number(await page.getAttribute('#ran', 'data-wasm-memory-bytes')),
+      });
+      await context.close();
+    }
+    results[engine] = {
+      medianSeconds: median(runs.map((r) => r.seconds)),
+      seconds: runs.map((r) => r.seconds),
+      threads: runs[0].threads,
+      peakWasmMiB: Math.max(...runs.map((r) => r.wasmMemoryBytes)) / 2 ** 20,
+    };
+  }
+} finally {
+  await browser.close();
+  server.close();
+}
+console.log(JSON.stringify({ base, tasks: tasks.length, repeat, ...results }, null, 2));
