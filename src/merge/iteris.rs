@@ -10,6 +10,10 @@
 //! 4. solves each system in f64 (`solve.rs`), refined around the factor where there is one,
 //! 5. adds the merged delta to the merged rows and measures the alignment error.
 //!
+//! A pass too wide for one GPU binding runs in chunks of rows (`models::chunked`): steps 1–2 run
+//! for each chunk's rows into the same pending statistics, 3–4 once every chunk has contributed,
+//! 5 for each chunk again.
+//!
 //! The two schedules differ only in which delta step 5 uses. `Sweep` uses the one just solved:
 //! merged rows downstream then see final upstream deltas, so one pass reaches the fixed point of
 //! the iteration exactly. `Jacobi` keeps the previous pass's deltas and stores the new ones for the
