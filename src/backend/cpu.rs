@@ -78,28 +78,6 @@ fn sgemm(
         c.fill(0.0);
         return;
     }
-    assert!(m.checked_mul(n).is_some_and(|l| l <= c.len()), "sgemm: c is smaller than (m, n)");
-    let rsa_rows = usize::try_from(rsa).unwrap_or(0);
-    by_row_blocks(m, n, m * n * k, c, |r0, rows, c| {
-        let a = a.get(r0 * rsa_rows..).unwrap_or(&[]);
-        sgemm_block(rows, k, n, a, rsa, csa, b, rsb, csb, c)
-    });
-}
-
-/// `sgemm` on one thread.
-#[allow(clippy::too_many_arguments)]
-fn sgemm_block(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: &[f32],
-    rsa: isize,
-    csa: isize,
-    b: &[f32],
-    rsb: isize,
-    csb: isize,
-    c: &mut [f32],
-) {
     // The last element each view reaches, for non-negative strides.
     let last = |rows: usize, cols: usize, rs: isize, cs: isize| -> Option<usize> {
         let (rs, cs) = (usize::try_from(rs).ok()?, usize::try_from(cs).ok()?);
@@ -108,25 +86,30 @@ fn sgemm_block(
     assert!(last(m, k, rsa, csa).is_some_and(|l| l < a.len()), "sgemm: a's view leaves its slice");
     assert!(last(k, n, rsb, csb).is_some_and(|l| l < b.len()), "sgemm: b's view leaves its slice");
     assert!(m.checked_mul(n).is_some_and(|l| l <= c.len()), "sgemm: c is smaller than (m, n)");
-    // SAFETY: the asserts above keep every element of the three views inside its slice.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            rsa,
-            csa,
-            b.as_ptr(),
-            rsb,
-            csb,
-            0.0,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
-    }
+    // rsa is non-negative (asserted): a block of rows r0.. starts r0 · rsa into a.
+    let rsa_rows = rsa as usize;
+    by_row_blocks(m, n, m * n * k, c, |r0, rows, c| {
+        // SAFETY: the asserts above keep every element of the three views inside its slice, and a
+        // block's rows are rows of the whole view.
+        unsafe {
+            matrixmultiply::sgemm(
+                rows,
+                k,
+                n,
+                1.0,
+                a.as_ptr().add(r0 * rsa_rows),
+                rsa,
+                csa,
+                b.as_ptr(),
+                rsb,
+                csb,
+                0.0,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
+    });
 }
 
 impl Backend for Cpu {

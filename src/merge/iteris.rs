@@ -207,6 +207,25 @@ pub struct Held<T> {
     own: Vec<Vec<Option<T>>>,
 }
 
+/// `acc += x[xr]ᵀ · y[yr]` for a pending Gram that may not exist yet (None: a new one); its id.
+fn add_gram<B: Backend>(
+    be: &B,
+    reads: &mut Reads<B>,
+    acc: Option<GramId>,
+    x: &B::T,
+    xr: Range<usize>,
+    y: &B::T,
+    yr: Range<usize>,
+) -> GramId {
+    match acc {
+        Some(id) => {
+            be.add_gram(reads.gram_mut(id), x, xr, y, yr);
+            id
+        }
+        None => reads.gram(be.defer_gram(x, xr, y, yr)),
+    }
+}
+
 /// `*acc += more` for a pending scalar that may not exist yet.
 fn add_scalar<B: Backend>(be: &B, reads: &mut Reads<B>, acc: &mut Option<ScalarId>, more: B::Scalar) {
     match acc {
@@ -301,19 +320,9 @@ impl<B: Backend> IterisHook<'_, B> {
                 }
                 Some(rm) => (x, rm.clone()),
             };
-            match *acc {
-                None => {
-                    let cross = reads.gram(be.defer_gram(x, ra.clone(), xt, rt.clone()));
-                    let gram = if rm.is_some() { reads.gram(be.defer_gram(xt, rt.clone(), xt, rt)) } else { cross };
-                    *acc = Some((cross, gram));
-                }
-                Some((cross, gram)) => {
-                    be.add_gram(reads.gram_mut(cross), x, ra.clone(), xt, rt.clone());
-                    if gram != cross {
-                        be.add_gram(reads.gram_mut(gram), xt, rt.clone(), xt, rt);
-                    }
-                }
-            }
+            let cross = add_gram(be, reads, acc.map(|g| g.0), x, ra.clone(), xt, rt.clone());
+            let gram = if rm.is_some() { add_gram(be, reads, acc.map(|g| g.1), xt, rt.clone(), xt, rt) } else { cross };
+            *acc = Some((cross, gram));
         }
     }
 

@@ -108,7 +108,7 @@ impl Gpu {
     /// matrix wider than one binding: 8192 inputs are 256 MiB). Only the kernels that run per
     /// row block (`gram`, `gram_add`) and the readback take such a tensor.
     pub(super) fn alloc_blocks(&self, rows: usize, cols: usize) -> GpuTensor {
-        let block_rows = ((self.max_binding as usize) / (cols.max(1) * 4)).max(1);
+        let block_rows = self.rows_per_binding(cols, 4);
         if block_rows >= rows {
             return self.alloc(rows, cols);
         }
@@ -122,6 +122,11 @@ impl Gpu {
     fn alloc_bytes(&self, rows: usize, cols: usize, bytes: u64) -> GpuTensor {
         let buf = self.pooled_buffer(bytes);
         GpuTensor { buf, rows, cols, dtype: WeightDtype::F32, blocks: vec![], pool: self.pool.clone(), pooled: true }
+    }
+
+    /// Rows of `cols` elements of `elem` bytes that one binding holds (at least one).
+    fn rows_per_binding(&self, cols: usize, elem: usize) -> usize {
+        ((self.max_binding as usize) / (cols.max(1) * elem)).max(1)
     }
 
     /// A result buffer of `bytes`: a dropped one of that size, or a new one.
@@ -181,7 +186,7 @@ impl Gpu {
             Stored::F16(_) => (WeightDtype::F16, 2),
             Stored::Bf16(_) => (WeightDtype::Bf16, 2),
         };
-        let block_rows = ((self.max_binding as usize) / (m.cols.max(1) * elem)).max(1);
+        let block_rows = self.rows_per_binding(m.cols, elem);
         let n = m.rows * m.cols;
         let mut bufs = (0..m.rows.max(1)).step_by(block_rows).map(|r0| {
             let part = (r0 * m.cols).min(n)..((r0 + block_rows).min(m.rows) * m.cols);
