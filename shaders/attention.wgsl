@@ -6,11 +6,12 @@
 // the query's own key row; grouped-query attention maps head h to key/value head h / (heads / kv_heads).
 // Keys are visited in chunks of CHUNK with an online softmax (running max and sum, rescaled as the
 // max grows), so sequence length is not limited by workgroup memory. Thread `lid` owns output
-// dimensions lid, lid + 64, lid + 128, lid + 192 (head_dim ≤ 256).
+// dimensions lid, lid + 64, lid + 128, lid + 192 (head_dim ≤ 256). Scores are soft-capped
+// (cap · tanh(s / cap), Gemma 2) where p.softcap > 0.
 
 struct Params {
     rows: u32, heads: u32, kv_heads: u32, head_dim: u32,
-    causal: u32, window: u32, scale: f32,
+    causal: u32, window: u32, scale: f32, softcap: f32,
 }
 
 @group(0) @binding(0) var<storage, read> q: array<f32>;          // (rows, heads · head_dim)
@@ -64,6 +65,7 @@ fn main(@builtin(local_invocation_id) l: vec3<u32>, @builtin(workgroup_id) wid: 
             var s = 0.0;
             for (var d = 0u; d < hd; d++) { s += q[t * qc + h * hd + d] * k[(c0 + j) * kc + kh * hd + d]; }
             s *= p.scale;
+            if (p.softcap > 0.0) { s = p.softcap * tanh(s / p.softcap); }  // Gemma 2
             scores[j] = s;
             cmax = max(cmax, s);
         }

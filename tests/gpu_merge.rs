@@ -192,11 +192,15 @@ fn binding_limits_chunk_refuse_or_split_instead_of_failing() {
             if limit < 64 << 10 && arch == "gpt2" {
                 let wide = c.report.modules.iter().filter(|m| m.module.ends_with("mlp.c_proj"));
                 assert!(
-                    wide.clone().count() == 2 && wide.clone().all(|m| m.solve_path == Some(SolvePath::CholeskyF64AfterGpu)),
+                    wide.clone().count() == 2
+                        && wide.clone().all(|m| m.solve_path == Some(SolvePath::CholeskyF64AfterGpu)),
                     "{what}: the modules whose Grams exceed a binding are solved on the host"
                 );
             }
-            eprintln!("{what}: {} rows in chunks of ≤ {}, {readbacks} readbacks, chunked vs whole {worst:.1e}", rows, plan.chunk_rows);
+            eprintln!(
+                "{what}: {} rows in chunks of ≤ {}, {readbacks} readbacks, chunked vs whole {worst:.1e}",
+                rows, plan.chunk_rows
+            );
         }
     }
 

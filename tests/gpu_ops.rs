@@ -125,7 +125,12 @@ fn gram_gathered_over_chunks_equals_one_gram() {
     let one = reads.gram(small.defer_gram(&sx, 0..700, &sx, 0..700));
     let mut v = small.fetch(reads).block_on().unwrap();
     close64("gram in row blocks, over chunks", &host(&v.take_gram(id)), &c, 2e-13);
-    close64("gram in row blocks", &host(&v.take_gram(one)), &host(&Cpu.gram(&x, 0..700, &x, 0..700).block_on().unwrap()), 2e-13);
+    close64(
+        "gram in row blocks",
+        &host(&v.take_gram(one)),
+        &host(&Cpu.gram(&x, 0..700, &x, 0..700).block_on().unwrap()),
+        2e-13,
+    );
 }
 
 #[test]
@@ -203,13 +208,38 @@ fn rows_columns_norms_rope() {
     );
     let c = Cpu.rms_norm(&x, &gamma, 1e-6);
     close("rms_norm", &g.download(&g.rms_norm(&g.upload(&x), &g.upload(&gamma), 1e-6)).block_on().unwrap(), &c, 1e-5);
+    // Per head (Qwen3's and Gemma 3's q/k norms): gamma one head wide.
+    let head_gamma = r.mat(1, 16);
+    let c = Cpu.rms_norm(&x, &head_gamma, 1e-6);
+    for h in 0..x.cols / 16 {
+        let head = Mat::new(x.rows, 16, (0..x.rows).flat_map(|t| x.row(t)[16 * h..16 * (h + 1)].to_vec()).collect());
+        let want = Cpu.rms_norm(&head, &head_gamma, 1e-6);
+        for t in 0..x.rows {
+            assert_eq!(&c.row(t)[16 * h..16 * (h + 1)], want.row(t), "rms_norm per head: head {h}, row {t}");
+        }
+    }
+    let gg = g.download(&g.rms_norm(&g.upload(&x), &g.upload(&head_gamma), 1e-6)).block_on().unwrap();
+    close("rms_norm per head", &gg, &c, 1e-5);
     let pos: Vec<u32> = (0..29).map(|i| (i * 7 % 61) as u32).collect();
-    let inv: Vec<f32> = (0..8).map(|k| 1.0 / 10000f32.powf(2.0 * k as f32 / 16.0)).collect();
-    let mut c = x.clone();
-    Cpu.rope(&mut c, &pos, 16, &inv);
-    let mut t = g.upload(&x);
-    g.rope(&mut t, &pos, 16, &inv);
-    close("rope", &g.download(&t).block_on().unwrap(), &c, 1e-5);
+    // Full rotary; partial (Phi-3: 6 of 8 pairs, the last 4 dimensions of each head untouched),
+    // with longrope's attention factor.
+    for (pairs, scale) in [(8, 1.0), (6, 1.19)] {
+        let inv: Vec<f32> = (0..pairs).map(|k| 1.0 / 10000f32.powf(2.0 * k as f32 / (2 * pairs) as f32)).collect();
+        let mut c = x.clone();
+        Cpu.rope(&mut c, &pos, 16, &inv, scale);
+        for t in 0..x.rows {
+            for h in 0..x.cols / 16 {
+                let (a, b) = (16 * h..16 * h + 2 * pairs, 16 * h + 2 * pairs..16 * (h + 1));
+                assert_eq!(&c.row(t)[b.clone()], &x.row(t)[b], "rope passes the dimensions past its pairs");
+                let norm = |v: &[f32]| v.iter().map(|z| z * z).sum::<f32>().sqrt();
+                let ratio = norm(&c.row(t)[a.clone()]) / norm(&x.row(t)[a]);
+                assert!((ratio - scale).abs() < 1e-4, "rope scales the rotated pairs by {scale}, not {ratio}");
+            }
+        }
+        let mut t = g.upload(&x);
+        g.rope(&mut t, &pos, 16, &inv, scale);
+        close(&format!("rope ({pairs} pairs, scale {scale})"), &g.download(&t).block_on().unwrap(), &c, 1e-5);
+    }
 }
 
 #[test]
@@ -220,17 +250,31 @@ fn attention_variants() {
     // One sequence longer than an attention chunk (512 keys) checks the online softmax.
     let seqs = vec![0..1, 1..40, 40..45, 45..115, 115..700];
     let rows = 700;
-    for (heads, kv, hd, causal, window) in
-        [(4, 4, 8, true, None), (4, 2, 16, true, None), (6, 1, 8, false, None), (4, 2, 8, true, Some(5))]
-    {
+    for (heads, kv, hd, causal, window, softcap) in [
+        (4, 4, 8, true, None, None),
+        (4, 2, 16, true, None, None),
+        (6, 1, 8, false, None, None),
+        (4, 2, 8, true, Some(5), None),
+        (4, 2, 8, true, Some(9), Some(0.8)), // Gemma 2: a cap below the scores' spread
+    ] {
         let (q, k, v) = (r.mat(rows, heads * hd), r.mat(rows, kv * hd), r.mat(rows, kv * hd));
-        let spec = AttentionSpec { heads, kv_heads: kv, head_dim: hd, causal, window, scale: 1.0 / (hd as f32).sqrt() };
+        let scale = 1.0 / (hd as f32).sqrt();
+        let spec = AttentionSpec { heads, kv_heads: kv, head_dim: hd, causal, window, scale, softcap };
         let c = Cpu.attention(&q, &k, &v, &spec, &seqs, &seqs);
+        if softcap.is_some() {
+            let plain = Cpu.attention(&q, &k, &v, &AttentionSpec { softcap: None, ..spec.clone() }, &seqs, &seqs);
+            assert!(rel_err(&c.data, &plain.data) > 1e-3, "soft-capping changes the attention");
+        }
         let gg = g
             .download(&g.attention(&g.upload(&q), &g.upload(&k), &g.upload(&v), &spec, &seqs, &seqs))
             .block_on()
             .unwrap();
-        close(&format!("attention h{heads} kv{kv} d{hd} causal {causal} window {window:?}"), &gg, &c, 1e-5);
+        close(
+            &format!("attention h{heads} kv{kv} d{hd} causal {causal} window {window:?} softcap {softcap:?}"),
+            &gg,
+            &c,
+            1e-5,
+        );
     }
 }
 
@@ -245,7 +289,7 @@ fn attention_over_cached_keys() {
     let queries = vec![0..1, 1..4, 4..5, 5..12];
     let keys = vec![0..1, 600..630, 1200..1201, 1800..2350];
     for (heads, kv, hd, window) in [(4, 2, 16, None), (4, 1, 8, Some(7))] {
-        let spec = AttentionSpec { heads, kv_heads: kv, head_dim: hd, causal: true, window, scale: 0.3 };
+        let spec = AttentionSpec { heads, kv_heads: kv, head_dim: hd, causal: true, window, scale: 0.3, softcap: None };
         let q = r.mat(12, heads * hd);
         let (mut k, mut v) = (Mat::zeros(2400, kv * hd), Mat::zeros(2400, kv * hd));
         let (new_k, new_v) = (r.mat(300, kv * hd), r.mat(300, kv * hd));

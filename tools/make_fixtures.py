@@ -95,6 +95,68 @@ ARCHS = {
         adapters=[dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
                   dict(r=2, lora_alpha=4, target_modules=["k_proj", "gate_proj"]),
                   dict(r=3, lora_alpha=6, target_modules=["v_proj", "down_proj"], use_rslora=True)]),
+    # Qwen3: per-head q/k RMSNorm, an explicit head_dim (24, not 64 / 4).
+    "qwen3": dict(
+        tok="bos",
+        config=lambda v: transformers.Qwen3Config(vocab_size=v, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                  head_dim=24, intermediate_size=96, num_hidden_layers=2,
+                                                  max_position_embeddings=64, tie_word_embeddings=False),
+        cls=transformers.Qwen3ForCausalLM,
+        adapters=[dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]),
+                  dict(r=2, lora_alpha=4, target_modules=["o_proj", "gate_proj"]),
+                  dict(r=3, lora_alpha=6, target_modules=["k_proj", "down_proj"], use_rslora=True)]),
+    # SmolLM3: a NoPE layer (no rotary positions) between two rope layers; it is also the sliding one.
+    "smollm3": dict(
+        tok="bos",
+        config=lambda v: transformers.SmolLM3Config(vocab_size=v, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                    intermediate_size=96, num_hidden_layers=3, max_position_embeddings=64,
+                                                    no_rope_layers=[1, 0, 1], use_sliding_window=True, sliding_window=6,
+                                                    tie_word_embeddings=True, pad_token_id=0, bos_token_id=0, eos_token_id=1),
+        cls=transformers.SmolLM3ForCausalLM,
+        adapters=[dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                  dict(r=2, lora_alpha=4, target_modules=["k_proj", "up_proj"]),
+                  dict(r=3, lora_alpha=6, target_modules=["o_proj", "down_proj"], use_rslora=True)]),
+    # Gemma 2: (1 + w) norms before and after attention and MLP, √d embeddings, GeGLU, alternating
+    # sliding/full layers, attention and final-logit soft-capping set low enough to bite.
+    "gemma2": dict(
+        tok="bos",
+        config=lambda v: transformers.Gemma2Config(vocab_size=v, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                   head_dim=16, intermediate_size=96, num_hidden_layers=3,
+                                                   max_position_embeddings=64, sliding_window=5, query_pre_attn_scalar=24,
+                                                   attn_logit_softcapping=0.03, final_logit_softcapping=0.1),
+        cls=transformers.Gemma2ForCausalLM,
+        adapters=[dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                  dict(r=2, lora_alpha=4, target_modules=["o_proj", "gate_proj", "up_proj"]),
+                  dict(r=3, lora_alpha=6, target_modules=["k_proj", "down_proj"], use_rslora=True)]),
+    # Gemma 3: Gemma 2's layout plus per-head (1 + w) q/k norms, layer_types, local and global rope
+    # bases with linear scaling on the global layers, query_pre_attn_scalar ≠ head_dim.
+    "gemma3": dict(
+        tok="bos",
+        config=lambda v: transformers.Gemma3TextConfig(
+            vocab_size=v, hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+            intermediate_size=96, num_hidden_layers=4, max_position_embeddings=64, sliding_window=6,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=20,
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+        cls=transformers.Gemma3ForCausalLM,
+        adapters=[dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]),
+                  dict(r=2, lora_alpha=4, target_modules=["o_proj", "down_proj"]),
+                  dict(r=3, lora_alpha=6, target_modules=["q_proj", "gate_proj", "up_proj"], use_rslora=True)]),
+    # Phi-3 / Phi-4-mini: fused qkv_proj and gate_up_proj, 3/4 of each head rotary, longrope whose
+    # original context (32) some samples pass (so both factor sets run), a sliding window.
+    "phi3": dict(
+        tok="bos",
+        config=lambda v: transformers.Phi3Config(
+            vocab_size=v, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+            num_hidden_layers=2, max_position_embeddings=128, original_max_position_embeddings=32,
+            partial_rotary_factor=0.75, sliding_window=24, tie_word_embeddings=False, pad_token_id=0, bos_token_id=0, eos_token_id=1,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                             "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], "long_factor": [1.5, 2.0, 3.0, 4.5, 6.0, 8.0]}),
+        cls=transformers.Phi3ForCausalLM,
+        adapters=[dict(r=4, lora_alpha=8, target_modules=["qkv_proj"]),
+                  dict(r=2, lora_alpha=4, target_modules=["o_proj", "gate_up_proj"]),
+                  dict(r=3, lora_alpha=6, target_modules=["qkv_proj", "down_proj"], use_rslora=True)]),
     "bert": dict(
         tok="wordpiece",
         config=lambda v: transformers.BertConfig(vocab_size=v, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
@@ -152,9 +214,10 @@ def build(name, spec, seed=0):
         samples.append(texts)
 
     # Forward check: base + adapter 0, every linear input and the final output, float64.
-    m = spec["cls"].from_pretrained(base_dir).eval()
+    m = spec["cls"].from_pretrained(base_dir, attn_implementation="eager").eval()
     m = PeftModel.from_pretrained(m, os.path.join(d, "adapter0")).merge_and_unload().double().eval()
     ids = [torch.tensor([tok.encode(t).ids]) for t in samples[0][:3]]
+    print(name, "forward check on samples of", [x.shape[1] for x in ids], "tokens")
     expected = {}
     recorded = {}
     hooks = []

@@ -40,7 +40,13 @@ fn for_each<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync + Send) {
 /// c (m, n, row-major) from `block(first_row, rows, c_rows)` over blocks of c's rows, one per
 /// thread, where the product is large enough to pay for them. Natively matrixmultiply runs its
 /// own threads (std::thread, which wasm lacks): there this is one block.
-fn by_row_blocks<E: Send>(m: usize, n: usize, flops: usize, c: &mut [E], block: impl Fn(usize, usize, &mut [E]) + Sync) {
+fn by_row_blocks<E: Send>(
+    m: usize,
+    n: usize,
+    flops: usize,
+    c: &mut [E],
+    block: impl Fn(usize, usize, &mut [E]) + Sync,
+) {
     #[cfg(all(target_arch = "wasm32", feature = "threads"))]
     {
         use rayon::prelude::*;
@@ -204,25 +210,27 @@ impl Backend for Cpu {
     }
 
     fn rms_norm(&self, x: &Mat, gamma: &Mat, eps: f32) -> Mat {
+        let g = gamma.data.len();
+        assert!(g > 0 && x.cols.is_multiple_of(g), "rms_norm: gamma's width {g} must divide {} columns", x.cols);
         let mut out = x.clone();
-        let n = x.cols as f64;
-        for_rows(&mut out.data, x.cols, |_, r| {
-            let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n;
+        // Each group of g columns is a row of its own (the whole row, or one head).
+        for_rows(&mut out.data, g, |_, r| {
+            let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / g as f64;
             let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
             r.iter_mut().zip(&gamma.data).for_each(|(v, g)| *v = *v * inv * g);
         });
         out
     }
 
-    fn rope(&self, x: &mut Mat, positions: &[u32], head_dim: usize, inv_freq: &[f32]) {
-        let half = head_dim / 2;
-        assert_eq!(inv_freq.len(), half);
-        assert_eq!(x.cols % head_dim, 0);
+    fn rope(&self, x: &mut Mat, positions: &[u32], head_dim: usize, inv_freq: &[f32], scale: f32) {
+        let half = inv_freq.len();
+        assert!(2 * half <= head_dim && x.cols.is_multiple_of(head_dim), "rope: {half} pairs in heads of {head_dim}");
         let cols = x.cols;
         for_rows(&mut x.data, cols, |t, r| {
             let p = positions[t] as f32;
             for (k, f) in inv_freq.iter().enumerate() {
                 let (sin, cos) = (p * f).sin_cos();
+                let (sin, cos) = (sin * scale, cos * scale);
                 for h in r.chunks_mut(head_dim) {
                     let (a, b) = (h[k], h[k + half]);
                     h[k] = a * cos - b * sin;
@@ -282,7 +290,11 @@ impl Backend for Cpu {
                     let mut max = f32::NEG_INFINITY;
                     for (j, sc) in row.iter_mut().enumerate() {
                         let visible = (!spec.causal || j <= at) && spec.window.is_none_or(|w| at < j + w || j > at);
-                        *sc = if visible { *sc * spec.scale } else { f32::NEG_INFINITY };
+                        *sc = match (visible, spec.softcap) {
+                            (false, _) => f32::NEG_INFINITY,
+                            (true, None) => *sc * spec.scale,
+                            (true, Some(cap)) => cap * (*sc * spec.scale / cap).tanh(),
+                        };
                         max = max.max(*sc);
                     }
                     let mut sum = 0.0;

@@ -76,6 +76,8 @@ pub struct AttentionSpec {
     /// Sliding window: query i sees key j only when i - j < window.
     pub window: Option<usize>,
     pub scale: f32,
+    /// Gemma 2's soft-capping of the scaled scores: cap · tanh(score / cap), before the mask.
+    pub softcap: Option<f32>,
 }
 
 pub trait Backend: Sized {
@@ -116,10 +118,14 @@ pub trait Backend: Sized {
     fn mul(&self, y: &mut Self::T, x: &Self::T);
     fn activate(&self, x: &mut Self::T, act: Activation);
     fn layer_norm(&self, x: &Self::T, gamma: &Self::T, beta: Option<&Self::T>, eps: f32) -> Self::T;
+    /// RMSNorm of every group of `gamma`'s width in each row: the whole row when gamma is as wide
+    /// as x, each head when it is one head wide (Qwen3's and Gemma 3's q/k norms).
     fn rms_norm(&self, x: &Self::T, gamma: &Self::T, eps: f32) -> Self::T;
-    /// Rotary embedding, "rotate half" convention, on every head of x (rows, heads·head_dim), in place.
-    /// Row t is rotated by angle positions[t]·inv_freq[k] on its pairs (k, k + head_dim/2).
-    fn rope(&self, x: &mut Self::T, positions: &[u32], head_dim: usize, inv_freq: &[f32]);
+    /// Rotary embedding, "rotate half" convention, on every head of x (rows, heads·head_dim), in
+    /// place. With r = inv_freq.len() pairs (r ≤ head_dim/2), row t turns its pairs (k, k + r) of
+    /// each head by angle positions[t]·inv_freq[k] and multiplies them by `scale` (longrope's
+    /// attention factor); dimensions from 2r on pass unchanged (partial rotary, Phi-3).
+    fn rope(&self, x: &mut Self::T, positions: &[u32], head_dim: usize, inv_freq: &[f32], scale: f32);
     /// q (rows, heads·d) against k/v (key rows, kv_heads·d) → (rows, heads·d). Sequence s has the
     /// query rows `queries[s]` (the sequences tile q's rows in order) and the key rows `keys[s]`,
     /// at least as many: its queries are its last positions, query j at key position

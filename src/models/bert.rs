@@ -155,6 +155,7 @@ impl<T> Bert<T> {
                 causal: false,
                 window: None,
                 scale: 1.0 / ((d / heads) as f32).sqrt(),
+                softcap: None,
             },
             word: w.tensor("embeddings.word_embeddings.weight", (vocab, d))?,
             position: w.tensor("embeddings.position_embeddings.weight", (max_pos, d))?,

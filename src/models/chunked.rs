@@ -226,6 +226,9 @@ mod tests {
         let led = pollster::block_on(join_all((0..3).map(run)));
         assert_eq!(led.iter().sum::<usize>(), 4, "one leader per round");
         let rounds: Vec<usize> = order.borrow().iter().map(|r| r.0).collect();
-        assert!(rounds.windows(2).all(|w| w[0] <= w[1]), "no future entered a round before all left the last: {rounds:?}");
+        assert!(
+            rounds.windows(2).all(|w| w[0] <= w[1]),
+            "no future entered a round before all left the last: {rounds:?}"
+        );
     }
 }

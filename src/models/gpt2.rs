@@ -128,7 +128,15 @@ impl<T> Gpt2<T> {
                 ln_2: w.norm(&format!("{p}.ln_2"), d, true)?,
                 c_fc: w.linear(&format!("{p}.mlp.c_fc"), d, ff, true)?,
                 mlp_proj: w.linear(&format!("{p}.mlp.c_proj"), ff, d, true)?,
-                attn: AttentionSpec { heads, kv_heads: heads, head_dim: hd, causal: true, window: None, scale },
+                attn: AttentionSpec {
+                    heads,
+                    kv_heads: heads,
+                    head_dim: hd,
+                    causal: true,
+                    window: None,
+                    scale,
+                    softcap: None,
+                },
             });
         }
         Ok(Gpt2 {

@@ -9,9 +9,13 @@
 
 pub mod bert;
 pub mod chunked;
+pub mod decoder;
+pub mod gemma;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod llama;
+pub mod phi3;
+pub mod rope;
 
 use crate::backend::{AttentionSpec, Backend};
 use crate::error::{bad_input, Error, Result};
@@ -246,7 +250,8 @@ impl<B: Backend, H: Hook<B>> Pass<'_, B, H> {
 /// pass is generic over its hook and asynchronous, which a trait object cannot express.
 pub enum Model<T> {
     Gpt2(gpt2::Gpt2<T>),
-    Llama(llama::Llama<T>),
+    /// Llama, Mistral, Qwen2/3, SmolLM3, Gemma 2/3, Phi-3: one decoder (`decoder.rs`).
+    Decoder(decoder::Decoder<T>),
     Bert(bert::Bert<T>),
 }
 
@@ -255,7 +260,7 @@ impl<T> Model<T> {
     pub fn model_type(&self) -> &str {
         match self {
             Model::Gpt2(m) => m.model_type(),
-            Model::Llama(m) => m.model_type(),
+            Model::Decoder(m) => m.model_type(),
             Model::Bert(m) => m.model_type(),
         }
     }
@@ -264,7 +269,7 @@ impl<T> Model<T> {
     pub fn modules(&self) -> Vec<ModuleInfo> {
         match self {
             Model::Gpt2(m) => m.modules(),
-            Model::Llama(m) => m.modules(),
+            Model::Decoder(m) => m.modules(),
             Model::Bert(m) => m.modules(),
         }
     }
@@ -273,7 +278,7 @@ impl<T> Model<T> {
     pub fn max_positions(&self) -> usize {
         match self {
             Model::Gpt2(m) => m.max_positions(),
-            Model::Llama(m) => m.max_positions(),
+            Model::Decoder(m) => m.max_positions(),
             Model::Bert(m) => m.max_positions(),
         }
     }
@@ -282,7 +287,7 @@ impl<T> Model<T> {
     pub fn kv_widths(&self) -> Vec<usize> {
         match self {
             Model::Gpt2(m) => m.kv_widths(),
-            Model::Llama(m) => m.kv_widths(),
+            Model::Decoder(m) => m.kv_widths(),
             Model::Bert(m) => m.kv_widths(),
         }
     }
@@ -296,7 +301,7 @@ impl<T> Model<T> {
     pub async fn forward<B: Backend<T = T>, H: Hook<B>>(&self, pass: &mut Pass<'_, B, H>) -> Result<Option<T>> {
         match self {
             Model::Gpt2(m) => m.forward(pass).await,
-            Model::Llama(m) => m.forward(pass).await,
+            Model::Decoder(m) => m.forward(pass).await,
             Model::Bert(m) => m.forward(pass).await,
         }
     }
@@ -343,17 +348,23 @@ async fn forward_pass<B: Backend, H: Hook<B>>(
     }
 }
 
+/// Every `model_type` this tool loads, as the page and README list them.
+pub const MODEL_TYPES: [&str; 11] =
+    ["gpt2", "llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3_text", "gemma3", "phi3", "bert"];
+
 /// Load the model a `config.json` describes from its weights.
 pub fn load<B: Backend>(be: &B, config: &HfConfig, weights: &TensorStore) -> Result<Model<B::T>> {
     let mt = config.model_type()?;
     Ok(match mt.as_str() {
         "gpt2" => Model::Gpt2(gpt2::Gpt2::load(be, config, weights)?),
-        "llama" | "mistral" | "qwen2" => Model::Llama(llama::Llama::load(be, config, weights)?),
+        t if llama::MODEL_TYPES.contains(&t) => Model::Decoder(llama::load(be, config, weights)?),
+        t if gemma::MODEL_TYPES.contains(&t) => Model::Decoder(gemma::load(be, config, weights)?),
+        "phi3" => Model::Decoder(phi3::load(be, config, weights)?),
         "bert" => Model::Bert(bert::Bert::load(be, config, weights)?),
         other => {
             return Err(bad_input(
                 &config.file,
-                format!("model_type \"{other}\" is not supported (supported: gpt2, llama, mistral, qwen2, bert)"),
+                format!("model_type \"{other}\" is not supported (supported: {})", MODEL_TYPES.join(", ")),
             ))
         }
     })

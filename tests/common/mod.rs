@@ -13,7 +13,8 @@ use iteris::merge::{pipeline, Options};
 use pollster::FutureExt;
 use std::path::{Path, PathBuf};
 
-pub const ARCHS: [&str; 5] = ["gpt2", "llama", "qwen2", "mistral", "bert"];
+pub const ARCHS: [&str; 10] =
+    ["gpt2", "llama", "qwen2", "mistral", "qwen3", "smollm3", "gemma2", "gemma3", "phi3", "bert"];
 
 pub fn fixture(arch: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(arch)

@@ -19,6 +19,8 @@ params!(AttentionParams {
     /// 0: no sliding window.
     window: u32,
     scale: f32,
+    /// Soft-capping of the scaled scores (Gemma 2); 0: none.
+    softcap: f32,
 });
 
 impl Gpu {
@@ -70,6 +72,7 @@ impl Gpu {
             causal: spec.causal as u32,
             window: spec.window.unwrap_or(0) as u32,
             scale: spec.scale,
+            softcap: spec.softcap.unwrap_or(0.0),
         };
         let (y, z) = (q.rows.min(65535), q.rows.div_ceil(65535));
         self.dispatch(&p, &[&q.buf, &k.buf, &v.buf, &sb, &out.buf], &params, (spec.heads as u32, y as u32, z as u32));

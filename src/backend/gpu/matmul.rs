@@ -154,7 +154,15 @@ impl Gpu {
 
     /// x[xr]ᵀ · y[yr] into (or, accumulating, onto) g, one product per row block of g (a Gram wider
     /// than one binding is split by rows: block rows r0..r1 read x's columns r0..r1).
-    fn gram_into(&self, g: &GpuGram, x: &GpuTensor, xr: Range<usize>, y: &GpuTensor, yr: Range<usize>, accumulate: bool) {
+    fn gram_into(
+        &self,
+        g: &GpuGram,
+        x: &GpuTensor,
+        xr: Range<usize>,
+        y: &GpuTensor,
+        yr: Range<usize>,
+        accumulate: bool,
+    ) {
         assert_eq!(xr.len(), yr.len(), "gram: row ranges of different lengths");
         assert!(xr.end <= x.rows && yr.end <= y.rows, "gram: a row range leaves its tensor");
         assert_eq!((x.dtype, y.dtype), (WeightDtype::F32, WeightDtype::F32), "gram: activations are f32");
@@ -163,7 +171,13 @@ impl Gpu {
         for ((r0, r1, hi), (_, _, lo)) in g.hi.row_blocks().into_iter().zip(lo.row_blocks()) {
             let geometry = Geometry {
                 accumulate,
-                ..Geometry::new(r1 - r0, xr.len(), y.cols, (xr.start * x.cols + r0, 1, x.cols), (yr.start * y.cols, y.cols, 1))
+                ..Geometry::new(
+                    r1 - r0,
+                    xr.len(),
+                    y.cols,
+                    (xr.start * x.cols + r0, 1, x.cols),
+                    (yr.start * y.cols, y.cols, 1),
+                )
             };
             self.matmul(&x.buf, &y.buf, hi, Some(lo), &geometry);
         }

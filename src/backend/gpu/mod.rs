@@ -255,8 +255,8 @@ impl Backend for Gpu {
         self.norm(x, gamma, None, eps, true)
     }
 
-    fn rope(&self, x: &mut GpuTensor, positions: &[u32], head_dim: usize, inv_freq: &[f32]) {
-        self.rotate(x, positions, head_dim, inv_freq)
+    fn rope(&self, x: &mut GpuTensor, positions: &[u32], head_dim: usize, inv_freq: &[f32], scale: f32) {
+        self.rotate(x, positions, head_dim, inv_freq, scale)
     }
 
     fn attention(

@@ -29,20 +29,19 @@ impl Gpu {
         eps: f32,
         rms: bool,
     ) -> GpuTensor {
-        assert_eq!(gamma.rows * gamma.cols, x.cols, "norm: gamma must have one value per column");
-        assert!(beta.is_none_or(|b| b.rows * b.cols == x.cols), "norm: beta must have one value per column");
+        // Each group of gamma's width is normalised as a row of its own (RMSNorm per head); the
+        // groups of a row-major tensor are contiguous, so the kernel sees (rows · groups, width).
+        let g = gamma.rows * gamma.cols;
+        assert!(g > 0 && x.cols.is_multiple_of(g), "norm: gamma's width {g} must divide {} columns", x.cols);
+        assert!(rms || g == x.cols, "norm: LayerNorm normalises whole rows");
+        assert!(beta.is_none_or(|b| b.rows * b.cols == g), "norm: beta must have one value per column");
+        let rows = x.rows * (x.cols / g);
         let out = self.alloc(x.rows, x.cols);
         let p = self.pipeline(&NORM, &subs(rms));
         let beta_buf = beta.map(|b| &b.buf).unwrap_or(&gamma.buf);
-        let (gx, gy) = (x.rows.min(65535), x.rows.div_ceil(65535));
-        let params = NormParams {
-            rows: x.rows as u32,
-            cols: x.cols as u32,
-            eps,
-            has_beta: beta.is_some() as u32,
-            one: 1.0,
-            zero: 0,
-        };
+        let (gx, gy) = (rows.min(65535), rows.div_ceil(65535));
+        let params =
+            NormParams { rows: rows as u32, cols: g as u32, eps, has_beta: beta.is_some() as u32, one: 1.0, zero: 0 };
         self.dispatch(&p, &[&x.buf, &gamma.buf, beta_buf, &out.buf], &params, (gx as u32, gy as u32, 1));
         out
     }

@@ -112,8 +112,9 @@ impl Gpu {
         if block_rows >= rows {
             return self.alloc(rows, cols);
         }
-        let mut bufs =
-            (0..rows).step_by(block_rows).map(|r0| (r0, self.pooled_buffer((block_rows.min(rows - r0) * cols * 4) as u64)));
+        let mut bufs = (0..rows)
+            .step_by(block_rows)
+            .map(|r0| (r0, self.pooled_buffer((block_rows.min(rows - r0) * cols * 4) as u64)));
         let (_, buf) = bufs.next().expect("rows > block_rows > 0");
         let blocks = bufs.collect();
         GpuTensor { buf, rows, cols, dtype: WeightDtype::F32, blocks, pool: self.pool.clone(), pooled: true }

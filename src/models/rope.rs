@@ -1,0 +1,239 @@
+//! Rotary position embeddings as `config.json` describes them, in every form published checkpoints
+//! use: `rope_theta` + `rope_scaling` (+ `partial_rotary_factor`, Gemma 3's `rope_local_base_freq`)
+//! as older transformers wrote them, and transformers 5's `rope_parameters`, flat or per layer type.
+//! Scalings: `linear`, `llama3`, `dynamic` (which changes nothing within the trained context) and
+//! `longrope` / `su` (Phi-3 / Phi-4-mini).
+
+use crate::error::{bad_input, Result};
+use crate::formats::hf_config::HfConfig;
+use serde_json::{Map, Value};
+
+/// The frequencies of one rotary embedding.
+#[derive(Clone, Debug)]
+pub struct Rotary {
+    /// One per rotated pair: rotary_dim / 2 (head_dim / 2 unless partial).
+    pub inv_freq: Vec<f32>,
+    /// Multiplies cos and sin (longrope's attention factor; else 1).
+    pub scale: f32,
+    /// Longrope: the frequencies a pass uses once a sequence is longer than the trained context.
+    pub long: Option<LongRope>,
+}
+
+#[derive(Clone, Debug)]
+pub struct LongRope {
+    pub original_max_positions: usize,
+    pub inv_freq: Vec<f32>,
+}
+
+impl Rotary {
+    /// Whether a sequence whose last token sits at `last` uses the long factors: as in
+    /// transformers, once it reaches past the original context. Decided per sequence (as
+    /// transformers does for one unpadded sequence), so a sample's positions never depend on
+    /// which other samples share its batch or chunk.
+    pub fn is_long(&self, last: u32) -> bool {
+        self.long.as_ref().is_some_and(|l| last as usize >= l.original_max_positions)
+    }
+}
+
+/// The rope dict of a layer type (`full_attention`, `sliding_attention`) where `rope_parameters` is
+/// nested by layer type, else None.
+fn typed<'a>(c: &'a HfConfig, layer_type: &str) -> Option<&'a Map<String, Value>> {
+    c.get("rope_parameters")?.get(layer_type)?.as_object()
+}
+
+/// The model's one rotary embedding (every family but Gemma 3), over `rotary_dim` dimensions of
+/// each head.
+pub fn standard(c: &HfConfig, head_dim: usize) -> Result<Rotary> {
+    let params = c.get("rope_parameters").and_then(Value::as_object);
+    let theta = match params.and_then(|p| p.get("rope_theta")) {
+        Some(t) => positive(c, "rope_parameters.rope_theta", t)?,
+        None => c.positive_or("rope_theta", 10000.0)?,
+    };
+    let scaling = c.get("rope_scaling").and_then(Value::as_object).or(params);
+    build(c, theta, scaling, head_dim)
+}
+
+/// Gemma 3's rotary embedding of a layer type: sliding layers turn at `rope_local_base_freq`
+/// without scaling, full layers at `rope_theta` with `rope_scaling`; or each as its own dict in
+/// `rope_parameters`.
+pub fn gemma3(c: &HfConfig, layer_type: &str, head_dim: usize) -> Result<Rotary> {
+    let sliding = layer_type == "sliding_attention";
+    if let Some(p) = typed(c, layer_type) {
+        let theta = match p.get("rope_theta") {
+            Some(t) => positive(c, &format!("rope_parameters.{layer_type}.rope_theta"), t)?,
+            None if sliding => c.positive_or("rope_local_base_freq", 10000.0)?,
+            None => c.positive_or("rope_theta", 1_000_000.0)?,
+        };
+        return build(c, theta, Some(p), head_dim);
+    }
+    if sliding {
+        return build(c, c.positive_or("rope_local_base_freq", 10000.0)?, None, head_dim);
+    }
+    let theta = c.positive_or("rope_theta", 1_000_000.0)?;
+    build(c, theta, c.get("rope_scaling").and_then(Value::as_object), head_dim)
+}
+
+fn positive(c: &HfConfig, key: &str, v: &Value) -> Result<f64> {
+    v.as_f64()
+        .filter(|t| t.is_finite() && *t > 0.0)
+        .ok_or_else(|| bad_input(&c.file, format!("{key} is {v}; it must be greater than 0")))
+}
+
+/// How many dimensions of each head rotate: `partial_rotary_factor` (top level, or in the rope
+/// dict) × head_dim, as transformers rounds it (down), and even.
+fn rotary_dim(c: &HfConfig, s: Option<&Map<String, Value>>, head_dim: usize) -> Result<usize> {
+    let f = match s.and_then(|s| s.get("partial_rotary_factor")).or_else(|| c.get("partial_rotary_factor")) {
+        None => return Ok(head_dim),
+        Some(v) => v
+            .as_f64()
+            .filter(|f| *f > 0.0 && *f <= 1.0)
+            .ok_or_else(|| bad_input(&c.file, format!("partial_rotary_factor must be a number in (0, 1], not {v}")))?,
+    };
+    let dim = (head_dim as f64 * f) as usize;
+    if dim == 0 || !dim.is_multiple_of(2) {
+        return Err(bad_input(&c.file, format!("partial_rotary_factor {f} × head_dim {head_dim} gives {dim} rotary dimensions; they must be even and at least 2")));
+    }
+    Ok(dim)
+}
+
+/// Frequencies base^(−2k/dim) with the scaling `s` asks for.
+fn build(c: &HfConfig, theta: f64, s: Option<&Map<String, Value>>, head_dim: usize) -> Result<Rotary> {
+    let dim = rotary_dim(c, s, head_dim)?;
+    let base: Vec<f64> = (0..dim / 2).map(|k| theta.powf((2 * k) as f64 / dim as f64)).collect();
+    let plain = |f: &[f64]| f.iter().map(|b| (1.0 / b) as f32).collect::<Vec<f32>>();
+    let mut rot = Rotary { inv_freq: plain(&base), scale: 1.0, long: None };
+    let Some(s) = s else { return Ok(rot) };
+    let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
+    // Every number here divides or scales frequencies: it must be finite and positive.
+    let num = |k: &str, d: Option<f64>| -> Result<Option<f64>> {
+        match s.get(k) {
+            None | Some(Value::Null) => Ok(d),
+            Some(v) => v.as_f64().filter(|x| x.is_finite() && *x > 0.0).map(Some).ok_or_else(|| {
+                bad_input(&c.file, format!("rope scaling \"{k}\" must be a number greater than 0, not {v}"))
+            }),
+        }
+    };
+    let max_pos = c.dim_or("max_position_embeddings", 2048)? as f64;
+    match kind {
+        // "dynamic" only changes frequencies past max_position_embeddings, which we never reach.
+        "default" | "dynamic" => {}
+        "linear" => {
+            let factor = num("factor", Some(1.0))?.unwrap();
+            rot.inv_freq = base.iter().map(|b| (1.0 / b / factor) as f32).collect();
+        }
+        "llama3" => {
+            let factor = num("factor", Some(8.0))?.unwrap();
+            let (lo, hi) = (num("low_freq_factor", Some(1.0))?.unwrap(), num("high_freq_factor", Some(4.0))?.unwrap());
+            if hi <= lo {
+                return Err(bad_input(
+                    &c.file,
+                    format!("rope scaling high_freq_factor {hi} must exceed low_freq_factor {lo}"),
+                ));
+            }
+            let old = num("original_max_position_embeddings", Some(8192.0))?.unwrap();
+            let (lo_wave, hi_wave) = (old / lo, old / hi);
+            let f = base.iter().map(|b| {
+                let x = 1.0 / b;
+                let wave = 2.0 * std::f64::consts::PI / x;
+                if wave > lo_wave {
+                    x / factor
+                } else if wave >= hi_wave {
+                    let smooth = (old / wave - lo) / (hi - lo);
+                    (1.0 - smooth) * x / factor + smooth * x
+                } else {
+                    x
+                }
+            });
+            rot.inv_freq = f.map(|x| x as f32).collect();
+        }
+        "longrope" | "su" => {
+            // The trained context: top-level `original_max_position_embeddings` first (Phi-3
+            // writes it there), then the rope dict's, else max_position_embeddings.
+            let original = match c.usize_opt("original_max_position_embeddings")? {
+                Some(o) => o as f64,
+                None => num("original_max_position_embeddings", Some(max_pos))?.unwrap(),
+            };
+            let factor = num("factor", None)?.unwrap_or(max_pos / original);
+            let attention = match num("attention_factor", None)? {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / original.ln()).sqrt(),
+            };
+            let factors = |k: &str| -> Result<Vec<f64>> {
+                let v = s.get(k).and_then(Value::as_array).ok_or_else(|| {
+                    bad_input(&c.file, format!("longrope scaling needs \"{k}\", a list of {} numbers", dim / 2))
+                })?;
+                let f: Option<Vec<f64>> = v.iter().map(|x| x.as_f64().filter(|x| x.is_finite() && *x > 0.0)).collect();
+                match f {
+                    Some(f) if f.len() == dim / 2 => Ok(f),
+                    _ => Err(bad_input(
+                        &c.file,
+                        format!("longrope \"{k}\" must hold {} positive numbers (rotary dimensions / 2)", dim / 2),
+                    )),
+                }
+            };
+            // transformers computes these in f32: 1 / (factor · base^(2k/dim)).
+            let scaled = |f: &[f64]| base.iter().zip(f).map(|(b, e)| (1.0 / (e * b)) as f32).collect::<Vec<f32>>();
+            rot.inv_freq = scaled(&factors("short_factor")?);
+            rot.long = Some(LongRope {
+                original_max_positions: original as usize,
+                inv_freq: scaled(&factors("long_factor")?),
+            });
+            rot.scale = attention as f32;
+        }
+        other => {
+            return Err(bad_input(
+                &c.file,
+                format!("rope scaling \"{other}\" is not supported (supported: linear, llama3, dynamic, longrope)"),
+            ))
+        }
+    }
+    Ok(rot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(v: serde_json::Value) -> HfConfig {
+        HfConfig::parse("config.json", v.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn every_form_gives_the_same_frequencies() {
+        let old = cfg(serde_json::json!({"rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}}));
+        let new =
+            cfg(serde_json::json!({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}}));
+        let (a, b) = (standard(&old, 16).unwrap(), standard(&new, 16).unwrap());
+        assert_eq!(a.inv_freq, b.inv_freq);
+        assert_eq!(a.inv_freq[0], 0.5);
+        // Gemma 3: local and global bases, the scaling on global layers only.
+        let old = cfg(serde_json::json!({"rope_theta": 1e6, "rope_local_base_freq": 1e4,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0}}));
+        let new = cfg(serde_json::json!({"rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}));
+        for lt in ["full_attention", "sliding_attention"] {
+            assert_eq!(gemma3(&old, lt, 8).unwrap().inv_freq, gemma3(&new, lt, 8).unwrap().inv_freq, "{lt}");
+        }
+        assert_eq!(gemma3(&old, "full_attention", 8).unwrap().inv_freq[0], 0.125);
+        assert_eq!(gemma3(&old, "sliding_attention", 8).unwrap().inv_freq[1], 0.1);
+    }
+
+    #[test]
+    fn longrope_short_and_long_factors_and_partial_rotary() {
+        let c = cfg(serde_json::json!({"partial_rotary_factor": 0.5, "max_position_embeddings": 128,
+            "original_max_position_embeddings": 32, "rope_theta": 100.0,
+            "rope_scaling": {"type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [4.0, 8.0]}}));
+        let r = standard(&c, 8).unwrap();
+        assert_eq!(r.inv_freq, vec![1.0, 0.05]);
+        assert!((r.scale as f64 - (1.0 + 4f64.ln() / 32f64.ln()).sqrt()).abs() < 1e-7);
+        assert!(!r.is_long(31) && r.is_long(32));
+        assert_eq!(r.long.as_ref().unwrap().inv_freq, vec![0.25, 0.0125]);
+        let bad =
+            cfg(serde_json::json!({"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}}));
+        assert!(standard(&bad, 8).unwrap_err().to_string().contains("short_factor"));
+        let bad = cfg(serde_json::json!({"rope_scaling": {"type": "yarn2"}}));
+        assert!(standard(&bad, 8).unwrap_err().to_string().contains("\"yarn2\" is not supported"));
+    }
+}
