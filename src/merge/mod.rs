@@ -162,6 +162,9 @@ pub struct Outcome {
 /// Match every adapter module to a model module. An adapter path matches a model module name when it
 /// equals it or ends with `.` + name (the class prefix differs between checkpoints); anything else is
 /// refused with the adapter's name.
+/// Parts of multimodal checkpoints (Gemma 3, …) that are not the language model.
+const OTHER_TOWERS: [&str; 4] = ["vision_tower", "vision_model", "multi_modal_projector", "audio_tower"];
+
 pub fn map_targets(
     modules: &[models::ModuleInfo],
     adapters: &[&Adapter],
@@ -174,6 +177,17 @@ pub fn map_targets(
             return Err(bad_input(&ad.name, format!("adapter_config.json says fan_in_fan_out: true, but {model_type} stores weights as (out, in): is this adapter for another architecture?")));
         }
         for l in &ad.modules {
+            // A multimodal checkpoint's other towers reuse the language model's module names
+            // (`vision_tower….layers.0.self_attn.q_proj`): only the language model is merged.
+            if let Some(tower) = OTHER_TOWERS.iter().find(|t| l.path.split('.').any(|p| p == **t)) {
+                return Err(bad_input(
+                    &ad.name,
+                    format!(
+                        "targets '{}' in the model's {tower}: only the language model's modules can be merged",
+                        l.path
+                    ),
+                ));
+            }
             let hits: Vec<&models::ModuleInfo> =
                 modules.iter().filter(|m| l.path == m.name || l.path.ends_with(&format!(".{}", m.name))).collect();
             let m = match hits.as_slice() {

@@ -113,6 +113,10 @@ pub fn cases() -> Vec<Case> {
         k.arch = "llama";
         k
     }
+    fn on(arch: &'static str, mut k: Case) -> Case {
+        k.arch = arch;
+        k
+    }
     fn cli(mut k: Case) -> Case {
         k.page = false;
         k
@@ -256,6 +260,48 @@ pub fn cases() -> Vec<Case> {
                 })
             },
             &["config.json", "mamba", "not supported"],
+        ),
+        cli(on(
+            "phi3",
+            c(
+                "unsupported",
+                "longrope factors of the wrong length",
+                |d, _| {
+                    edit_json(&d.join("base/config.json"), |c| {
+                        c["rope_parameters"]["short_factor"] = serde_json::json!([1.0])
+                    })
+                },
+                &["base/config.json", "short_factor", "6 positive numbers"],
+            ),
+        )),
+        cli(on(
+            "gemma3",
+            c(
+                "unsupported",
+                "unknown layer type",
+                |d, _| edit_json(&d.join("base/config.json"), |c| c["layer_types"][0] = "chunked_attention".into()),
+                &["base/config.json", "chunked_attention", "not supported"],
+            ),
+        )),
+        on(
+            "gemma3",
+            c(
+                "unsupported",
+                "adapter on a vision tower",
+                |d, _| {
+                    rewrite_tensors(&d.join("adapter1/adapter_model.safetensors"), |m| {
+                        let keys: Vec<String> = m.keys().filter(|k| k.contains("layers.0.")).cloned().collect();
+                        for k in keys {
+                            let v = m.remove(&k).unwrap();
+                            m.insert(
+                                k.replace("model.layers.0.", "model.vision_tower.vision_model.encoder.layers.0."),
+                                v,
+                            );
+                        }
+                    })
+                },
+                &["adapter1", "vision_tower", "only the language model"],
+            ),
         ),
         c(
             "unsupported",
