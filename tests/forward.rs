@@ -7,30 +7,9 @@ use common::*;
 use iteris::backend::{cpu::Cpu, Backend};
 use iteris::fsio;
 use iteris::mat::Mat;
-use iteris::merge::{map_targets, tokenize};
-use iteris::models::{self, Batch, Hook, Output, StageInput, Stream};
+use iteris::merge::tokenize;
+use iteris::models::{self, Batch, Output, Stream};
 use pollster::FutureExt;
-use std::collections::BTreeMap;
-
-/// Applies one adapter's deltas and records every stage input by module name.
-struct Recorder<T> {
-    loras: BTreeMap<String, (T, T, f32)>,
-    seen: BTreeMap<String, Mat>,
-}
-
-impl<B: Backend> Hook<B> for Recorder<B::T> {
-    async fn stage(&mut self, be: &B, input: &StageInput<'_, B>, ys: &mut [B::T]) -> iteris::Result<()> {
-        let n = be.dims(input.x).0;
-        for (m, y) in input.mods.iter().zip(ys.iter_mut()) {
-            self.seen.insert(m.name.to_string(), be.download(input.x).await?);
-            if let Some((a, b, s)) = self.loras.get(m.name) {
-                let d = be.lowrank(input.x, 0..n, a, b, *s);
-                be.add_rows(y, 0..n, &d, 1.0);
-            }
-        }
-        Ok(())
-    }
-}
 
 #[test]
 fn forward_matches_transformers() {
@@ -49,13 +28,7 @@ fn check_forward<B: Backend>(be: &B, tol: f64) {
         let base = fsio::read_base(&fixture(arch).join("base")).unwrap();
         let model = models::load(be, &base.config, &base.weights).unwrap();
         let task = &tasks(arch)[0];
-        let targets =
-            map_targets(&model.modules(), &[&task.adapter], model.model_type(), model.fan_in_fan_out()).unwrap();
-        let loras = targets.iter().map(|t| {
-            let l = t.loras[0].as_ref().unwrap();
-            (t.name.clone(), (be.upload(&l.a), be.upload(&l.b), l.scale))
-        });
-        let mut hook = Recorder { loras: loras.collect(), seen: BTreeMap::new() };
+        let mut hook = Recorder::for_adapter(be, &model, &task.adapter);
         let (ids, _) = tokenize(&base.tokenizer, &task.samples[..3], 128, None, "samples").unwrap();
         let mut batch = Batch::default();
         batch.push_group(0, Stream::Adapter(0), &ids);

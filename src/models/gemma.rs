@@ -10,7 +10,7 @@ use super::{rope, WeightReader};
 use crate::backend::Backend;
 use crate::error::{bad_input, Result};
 use crate::formats::hf_config::HfConfig;
-use crate::formats::safetensors::TensorStore;
+use crate::formats::safetensors::{Dtype, TensorStore};
 use crate::mat::Mat;
 
 pub const MODEL_TYPES: [&str; 3] = ["gemma2", "gemma3_text", "gemma3"];
@@ -26,6 +26,18 @@ pub fn text_config(c: &HfConfig) -> Result<HfConfig> {
     })?;
     t["model_type"] = "gemma3_text".into();
     Ok(HfConfig { file: format!("{} (text_config)", c.file), raw: t })
+}
+
+/// √hidden, rounded to the embedding's stored precision as transformers does (it casts the scale to
+/// the weights' dtype; Gemma was trained in bf16, where √640 = 25.30 is 25.25): a bf16 checkpoint
+/// scales by bf16(√d), an f32 one by f32(√d), each as transformers runs it in its own precision.
+fn embed_scale(store: &TensorStore, prefix: &str, d: usize) -> f32 {
+    let s = (d as f64).sqrt() as f32;
+    match store.dtype(&format!("{prefix}embed_tokens.weight")) {
+        Some(Dtype::BF16) => half::bf16::from_f32(s).to_f32(),
+        Some(Dtype::F16) => half::f16::from_f32(s).to_f32(),
+        _ => s,
+    }
 }
 
 pub fn load<B: Backend>(be: &B, config: &HfConfig, store: &TensorStore) -> Result<Decoder<B::T>> {
@@ -105,7 +117,7 @@ pub fn load<B: Backend>(be: &B, config: &HfConfig, store: &TensorStore) -> Resul
         max_pos: s.max_pos,
         eps: s.eps,
         act,
-        embed_scale: Some((d as f64).sqrt() as f32),
+        embed_scale: Some(embed_scale(store, &w.prefix, d)),
         rotaries,
         embed: w.tensor("embed_tokens.weight", (s.vocab, d))?,
         layers,

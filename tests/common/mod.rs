@@ -167,3 +167,46 @@ pub fn cached_decoding_error<B: iteris::backend::Backend>(be: &B, arch: &str) ->
     }
     worst
 }
+
+/// Applies one adapter's deltas and records every stage input by module name.
+pub struct Recorder<T> {
+    pub loras: std::collections::BTreeMap<String, (T, T, f32)>,
+    pub seen: std::collections::BTreeMap<String, Mat>,
+}
+
+impl<T> Recorder<T> {
+    /// A recorder that applies `adapter` (mapped onto `model`'s modules).
+    pub fn for_adapter<B: iteris::backend::Backend<T = T>>(
+        be: &B,
+        model: &iteris::models::Model<T>,
+        adapter: &iteris::formats::peft::Adapter,
+    ) -> Recorder<T> {
+        let targets =
+            iteris::merge::map_targets(&model.modules(), &[adapter], model.model_type(), model.fan_in_fan_out())
+                .unwrap();
+        let loras = targets.iter().map(|t| {
+            let l = t.loras[0].as_ref().unwrap();
+            (t.name.clone(), (be.upload(&l.a), be.upload(&l.b), l.scale))
+        });
+        Recorder { loras: loras.collect(), seen: Default::default() }
+    }
+}
+
+impl<B: iteris::backend::Backend> iteris::models::Hook<B> for Recorder<B::T> {
+    async fn stage(
+        &mut self,
+        be: &B,
+        input: &iteris::models::StageInput<'_, B>,
+        ys: &mut [B::T],
+    ) -> iteris::Result<()> {
+        let n = be.dims(input.x).0;
+        for (m, y) in input.mods.iter().zip(ys.iter_mut()) {
+            self.seen.insert(m.name.to_string(), be.download(input.x).await?);
+            if let Some((a, b, s)) = self.loras.get(m.name) {
+                let d = be.lowrank(input.x, 0..n, a, b, *s);
+                be.add_rows(y, 0..n, &d, 1.0);
+            }
+        }
+        Ok(())
+    }
+}
