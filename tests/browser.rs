@@ -194,9 +194,22 @@ fn page_merges_like_the_cli() {
     cli_merge(&demo, true, &[]);
     // Measured 2.5e-6 (demo), 3.4e-6 (WebGPU on SwiftShader), 3.35e-6 (CPU, both schedules):
     // wasm's f32 arithmetic and SwiftShader differ from the native build in the last bits.
-    for (zip, cli, tol) in
-        [("demo", &demo, 1e-5), ("gpu", &sweep, 1e-5), ("cpu", &sweep, 1e-5), ("cpu-jacobi", &jacobi, 1e-5)]
-    {
+    let family = |arch: &str| {
+        let d = out.join(format!("cli-{arch}"));
+        let tasks: Vec<_> = (0..3).map(|i| (fixture(arch).join(format!("adapter{i}")), samples_path(arch, i))).collect();
+        cli_merge_of(&d, &fixture(arch).join("base"), &tasks, &[]);
+        d
+    };
+    let (gemma3, phi3) = (family("gemma3"), family("phi3"));
+    for (zip, cli, tol) in [
+        ("demo", &demo, 1e-5),
+        ("gpu", &sweep, 1e-5),
+        ("cpu", &sweep, 1e-5),
+        ("cpu-jacobi", &jacobi, 1e-5),
+        ("gemma3-gpu", &gemma3, 1e-5),
+        ("gemma3-cpu", &gemma3, 1e-5),
+        ("phi3-cpu", &phi3, 1e-5),
+    ] {
         let dir = unzip(&out.join(format!("{zip}.zip")), &out.join(zip));
         let e = max_rel_diff(&dir, cli);
         println!("{zip}: worst module relative difference from the CLI: {e:.2e}");

@@ -177,7 +177,14 @@ fn targets() -> Vec<Target> {
         TensorStore::new(files.iter().map(|p| TensorFile::parse(p.display().to_string(), read(p)).unwrap()).collect())
             .unwrap()
     };
-    let stores = [store("gpt2"), store("bert"), store("llama"), TensorStore::new(vec![]).unwrap()];
+    let stores = [
+        store("gpt2"),
+        store("bert"),
+        store("llama"),
+        store("gemma3"),
+        store("phi3"),
+        TensorStore::new(vec![]).unwrap(),
+    ];
     vec![
         Target {
             name: "safetensors",
@@ -205,13 +212,13 @@ fn targets() -> Vec<Target> {
         },
         Target {
             name: "config.json",
-            seeds: ["gpt2", "bert", "llama", "qwen2"]
+            seeds: ["gpt2", "bert", "llama", "qwen2", "gemma3", "phi3", "smollm3"]
                 .iter()
                 .map(|a| read(fixture(a).join("base/config.json")))
                 .collect(),
             json: true,
             run: Box::new(move |b| {
-                // With real weights of three architectures (so a mutated config gets through to
+                // With real weights of five architectures (so a mutated config gets through to
                 // the rotary setup), and with none (sizes are checked before any tensor is read).
                 if let Ok(c) = HfConfig::parse("config.json", b) {
                     for store in &stores {

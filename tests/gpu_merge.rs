@@ -238,12 +238,13 @@ fn binding_limits_chunk_refuse_or_split_instead_of_failing() {
 }
 
 /// The KV cache on the GPU (`write_rows` into slots, attention over cached keys): each decoding
-/// pass's logits equal rerunning the sequences whole, on GPT-2 (learned positions) and Mistral
-/// (rotary positions, sliding window of 6).
+/// pass's logits equal rerunning the sequences whole, on GPT-2 (learned positions), Mistral
+/// (rotary positions, sliding window of 6), Gemma 2 (soft-capping) and Phi-3 (partial rotary,
+/// longrope).
 #[test]
 fn cached_decoding_on_the_gpu_equals_recomputed_decoding() {
     let Some(gpu) = gpu_or_skip("cached_decoding_on_the_gpu_equals_recomputed_decoding") else { return };
-    for arch in ["gpt2", "mistral"] {
+    for arch in ["gpt2", "mistral", "gemma2", "phi3"] {
         let e = cached_decoding_error(&gpu, arch);
         // Measured 0 on lavapipe: one query row runs the same sums either way.
         assert!(e < 1e-5, "{arch}: cached logits differ from recomputed ones by {e:.2e} on the GPU");

@@ -219,6 +219,12 @@ pub async fn generate<B: Backend>(
                 }
                 Some(cache) => {
                     let slots: Vec<usize> = live.iter().map(|&i| i - run.start).collect();
+                    for (&s, &i) in slots.iter().zip(&live) {
+                        if model.cache_stale(held[s], seqs[i].len()) {
+                            cache.clear(s);
+                            held[s] = 0;
+                        }
+                    }
                     let parts: Vec<Vec<u32>> =
                         slots.iter().zip(&live).map(|(&s, &i)| seqs[i][held[s]..].to_vec()).collect();
                     let at: Vec<usize> = slots.iter().map(|&s| held[s]).collect();

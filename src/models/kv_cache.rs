@@ -36,6 +36,11 @@ impl<T> KvCache<T> {
         kv_widths.iter().map(|&w| 2 * 4 * w as u64).sum()
     }
 
+    /// Forget what slot `slot` holds (its sequence runs whole again, `Model::cache_stale`).
+    pub fn clear(&mut self, slot: usize) {
+        self.lens[slot] = 0;
+    }
+
     /// Before a pass over `batch`: its sequence s appends its tokens to slot `slots[s]`. The
     /// caller sizes the cache (a slot overflowing is a bug, not an input error).
     pub fn begin(&mut self, batch: &Batch, slots: &[usize]) {

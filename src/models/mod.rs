@@ -292,6 +292,17 @@ impl<T> Model<T> {
         }
     }
 
+    /// Whether a sequence with `held` tokens in a KV cache, now `len` tokens long, must run whole
+    /// again: longrope switches to its long frequencies past the original context, and keys
+    /// cached before turned by the short ones (transformers recomputes its cache there too).
+    pub fn cache_stale(&self, held: usize, len: usize) -> bool {
+        let Model::Decoder(m) = self else { return false };
+        m.rotaries
+            .iter()
+            .filter_map(|r| r.long.as_ref())
+            .any(|l| held > 0 && held <= l.original_max_positions && len > l.original_max_positions)
+    }
+
     /// Whether the model stores linear weights as (in, out) (GPT-2 `Conv1D`); adapters for it
     /// carry `fan_in_fan_out: true`.
     pub fn fan_in_fan_out(&self) -> bool {

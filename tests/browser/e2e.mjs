@@ -12,7 +12,7 @@ import { serve } from '../../tools/serve.mjs';
 
 const out = path.resolve(process.argv[2] || 'target/browser');
 fs.mkdirSync(out, { recursive: true });
-const fixture = (p) => path.resolve('tests/fixtures/gpt2', p);
+const fixture = (p, arch = 'gpt2') => path.resolve('tests/fixtures', arch, p);
 const server = await serve('dist');
 const origin = `http://127.0.0.1:${server.address().port}`;
 
@@ -42,12 +42,13 @@ async function newPage(on = browser, query = '') {
   return { context, page };
 }
 
-async function giveFixtureFiles(page) {
-  await page.setInputFiles('#base-files', ['config.json', 'tokenizer.json', 'model.safetensors'].map((f) => fixture(`base/${f}`)));
+async function giveFixtureFiles(page, arch = 'gpt2') {
+  const f = (p) => fixture(p, arch);
+  await page.setInputFiles('#base-files', ['config.json', 'tokenizer.json', 'model.safetensors'].map((n) => f(`base/${n}`)));
   await page.click('#add-task');
   for (const [k, s] of ['samples0.txt', 'samples1.jsonl', 'samples2.txt'].entries()) {
-    await page.setInputFiles(`#task-${k}-adapter`, ['adapter_config.json', 'adapter_model.safetensors'].map((f) => fixture(`adapter${k}/${f}`)));
-    await page.setInputFiles(`#task-${k}-samples`, fixture(s));
+    await page.setInputFiles(`#task-${k}-adapter`, ['adapter_config.json', 'adapter_model.safetensors'].map((n) => f(`adapter${k}/${n}`)));
+    await page.setInputFiles(`#task-${k}-samples`, f(s));
   }
 }
 
@@ -141,6 +142,18 @@ try {
     assert.ok(await page.locator('#convergence-box').isVisible(), 'the Jacobi run shows its convergence plot');
     assert.equal(await page.locator('#convergence circle').count(), 3, 'one point per solve after the first');
     await page.locator('#results').screenshot({ path: path.join(out, 'results-jacobi.png') });
+    await context.close();
+  }
+  // 3a. Today's families through the page: Gemma 3 ((1 + w) and per-head q/k norms, local and
+  // global rope, sliding layers) on WebGPU and the CPU path, Phi-3 (fused projections, partial
+  // rotary, longrope past its original context) on the CPU path. tests/browser.rs compares each
+  // with the CLI.
+  for (const [arch, backend] of [['gemma3', 'gpu'], ['gemma3', 'cpu'], ['phi3', 'cpu']]) {
+    const { context, page } = await newPage();
+    await giveFixtureFiles(page, arch);
+    await page.selectOption('#backend', backend);
+    const run = await mergeAndDownload(page, `${arch}-${backend}`);
+    assert.match(run.text, new RegExp(`of a ${arch === 'gemma3' ? 'gemma3_text' : arch} model`), `${arch}: the page names the model`);
     await context.close();
   }
   // 3b. Every method compared, with small labeled held-out sets.

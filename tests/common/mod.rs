@@ -144,6 +144,15 @@ pub fn cached_decoding_error<B: iteris::backend::Backend>(be: &B, arch: &str) ->
     let mut worst = 0.0f64;
     for step in 0..4 {
         let slots: Vec<usize> = (0..seqs.len()).collect();
+        for (s, seq) in seqs.iter().enumerate() {
+            if model.cache_stale(held[s], seq.len()) {
+                eprintln!(
+                    "{arch} step {step}: sequence {s} reaches past longrope's original context and runs whole again"
+                );
+                cache.clear(s);
+                held[s] = 0;
+            }
+        }
         let parts: Vec<Vec<u32>> = seqs.iter().zip(&held).map(|(s, &h)| s[h..].to_vec()).collect();
         let mut batch = Batch::default();
         batch.push_continuations(0, Stream::Adapter(0), &parts, &held);
