@@ -196,7 +196,8 @@ fn page_merges_like_the_cli() {
     // wasm's f32 arithmetic and SwiftShader differ from the native build in the last bits.
     let family = |arch: &str| {
         let d = out.join(format!("cli-{arch}"));
-        let tasks: Vec<_> = (0..3).map(|i| (fixture(arch).join(format!("adapter{i}")), samples_path(arch, i))).collect();
+        let tasks: Vec<_> =
+            (0..3).map(|i| (fixture(arch).join(format!("adapter{i}")), samples_path(arch, i))).collect();
         cli_merge_of(&d, &fixture(arch).join("base"), &tasks, &[]);
         d
     };

@@ -150,9 +150,17 @@ fn binding_limits_chunk_refuse_or_split_instead_of_failing() {
     // activation (the fixture batches are about 1500 rows).
     // GPT-2 at 32 KiB with samples cut to 8 tokens: its 128 × 128 Grams (64 KiB) are kept in row
     // blocks too, and solved on the host without a GPU factor.
-    for (arch, limit, max_len) in
-        [("gpt2", 64 << 10, 128), ("llama", 48 << 10, 128), ("bert", 32 << 10, 128), ("gpt2", 32 << 10, 8)]
-    {
+    // Gemma 3: its embedding (300 × 64 f32, 75 KiB) exceeds the limit too and is split by rows, as
+    // a real Gemma's 262k-row table is. Phi-3: fused projections (its longest sample is 132 rows
+    // of 192-wide gate_up outputs, 99 KiB, over both streams).
+    for (arch, limit, max_len) in [
+        ("gpt2", 64 << 10, 128),
+        ("llama", 48 << 10, 128),
+        ("bert", 32 << 10, 128),
+        ("gpt2", 32 << 10, 8),
+        ("gemma3", 64 << 10, 128),
+        ("phi3", 128 << 10, 128),
+    ] {
         let mut limited = Gpu::new().unwrap();
         limited.limit_bindings(limit);
         let base_opts = Options { max_len, ..Options::default() };
