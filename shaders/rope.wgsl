@@ -1,13 +1,14 @@
 // Rotary position embedding, "rotate half" convention, in place on x (rows, heads · head_dim):
-// pairs (k, k + half) of every head of row t turn by positions[t] · inv_freq[k] and are scaled by
-// p.scale (longrope's attention factor). half = head_dim / 2, or fewer pairs for a partial rotary
-// (Phi-3), whose remaining dimensions pass unchanged. One thread per (row, head, k).
+// pairs (k, k + half) of every head of row t turn by the angle of its position and frequency k,
+// whose cos and sin (already scaled by longrope's attention factor) the host computes: WGSL's own
+// sin and cos are only bounded on [−π, π] (see rope.rs). half = head_dim / 2, or fewer pairs for a
+// partial rotary (Phi-3), whose remaining dimensions pass unchanged. One thread per (row, head, k).
 
-struct Params { rows: u32, cols: u32, head_dim: u32, half: u32, scale: f32, row_stride: u32 }
+struct Params { rows: u32, cols: u32, head_dim: u32, half: u32, row_stride: u32 }
 
-@group(0) @binding(0) var<storage, read_write> x: array<f32>;   // (rows, heads · head_dim)
-@group(0) @binding(1) var<storage, read> positions: array<u32>; // (rows)
-@group(0) @binding(2) var<storage, read> inv_freq: array<f32>;  // (half)
+@group(0) @binding(0) var<storage, read_write> x: array<f32>;  // (rows, heads · head_dim)
+@group(0) @binding(1) var<storage, read> position: array<u32>; // (rows): the row's index into cos_sin
+@group(0) @binding(2) var<storage, read> cos_sin: array<f32>;  // (distinct positions, half, 2)
 @group(0) @binding(3) var<uniform> p: Params;
 
 @compute @workgroup_size(256)
@@ -19,9 +20,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let t = i / per_row;
     let h = (i % per_row) / half;
     let k = i % half;
-    let ang = f32(positions[t]) * inv_freq[k];
-    let s = sin(ang) * p.scale;
-    let c = cos(ang) * p.scale;
+    let at = 2u * (position[t] * half + k);
+    let c = cos_sin[at];
+    let s = cos_sin[at + 1u];
     let o = t * p.cols + h * p.head_dim + k;
     let a = x[o];
     let b = x[o + half];
