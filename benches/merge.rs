@@ -102,12 +102,34 @@ fn run<B: Backend + 'static>(be: &B, backend: &str, which: &[String]) {
         if !which.is_empty() && !which.iter().any(|w| w == label) {
             continue;
         }
-        let t = Instant::now();
+        let (t, cpu0) = (Instant::now(), cpu_seconds());
         let out = pollster::block_on(run_iteris(be, &model, targets(), &ids, &opts, &mut |_| {})).unwrap();
+        let wall = t.elapsed().as_secs_f64();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let busy = cpu_seconds().zip(cpu0).map_or(String::new(), |(c1, c0)| {
+            let used = (c1 - c0) / wall;
+            format!(", {used:.2} of {cores} cores busy ({:.0}%)", 100.0 * used / cores as f64)
+        });
         println!(
-            "{backend} {label:8} GPT-2-small shape (d={D}, {LAYERS} layers, r={R} on c_attn, {TASKS}x{SAMPLES}x{TOKENS} tokens): {:.2} s, {} modules",
-            t.elapsed().as_secs_f64(),
+            "{backend} {label:8} GPT-2-small shape (d={D}, {LAYERS} layers, r={R} on c_attn, {TASKS}x{SAMPLES}x{TOKENS} tokens): {wall:.2} s, {} modules{busy}",
             out.merged.len()
         );
     }
+}
+
+/// CPU seconds (user + system, every thread) the process has used so far; None where the
+/// platform has no getrusage.
+fn cpu_seconds() -> Option<f64> {
+    #[cfg(unix)]
+    {
+        // SAFETY: getrusage only writes the struct it is given.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+            return None;
+        }
+        let secs = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+        Some(secs(u.ru_utime) + secs(u.ru_stime))
+    }
+    #[cfg(not(unix))]
+    None
 }
