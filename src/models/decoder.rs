@@ -7,7 +7,7 @@
 //! weights into this shape.
 
 use super::rope::Rotary;
-use super::{Batch, Hook, Level, Linear, LinearRef, ModuleInfo, Output, Pass};
+use super::{Batch, Hook, Level, Linear, LinearRef, ModuleInfo, Output, Pass, WeightReader};
 use crate::backend::{Activation, AttentionSpec, Backend};
 use crate::error::{bad_input, Result};
 use crate::formats::hf_config::HfConfig;
@@ -37,6 +37,18 @@ impl<T> Proj<T> {
                 pass.be.slice_cols(&ys[0], at - w..at)
             })
             .collect())
+    }
+
+    /// q, k, v as three modules `{layer}.self_attn.{q,k,v}_proj` (every family but Phi-3).
+    pub fn qkv<B: Backend<T = T>>(w: &WeightReader<B>, layer: &str, s: &Shape) -> Result<Proj<T>> {
+        let lin = |m: &str, out: usize| w.linear(&format!("{layer}.self_attn.{m}_proj"), s.d, out, false);
+        Ok(Proj { mods: vec![lin("q", s.qd)?, lin("k", s.kvd)?, lin("v", s.kvd)?], widths: vec![s.qd, s.kvd, s.kvd] })
+    }
+
+    /// gate and up as two modules `{layer}.mlp.{gate,up}_proj` (every family but Phi-3).
+    pub fn gate_up<B: Backend<T = T>>(w: &WeightReader<B>, layer: &str, s: &Shape) -> Result<Proj<T>> {
+        let lin = |m: &str| w.linear(&format!("{layer}.mlp.{m}_proj"), s.d, s.ff, false);
+        Ok(Proj { mods: vec![lin("gate")?, lin("up")?], widths: vec![s.ff, s.ff] })
     }
 
     fn infos(&self, in_dim: usize, out: &mut Vec<ModuleInfo>) {

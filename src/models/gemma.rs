@@ -83,14 +83,7 @@ pub fn load<B: Backend>(be: &B, config: &HfConfig, store: &TensorStore) -> Resul
         };
         layers.push(Layer {
             input_norm: norm(&format!("{p}.input_layernorm.weight"), d)?,
-            qkv: Proj {
-                mods: vec![
-                    w.linear(&format!("{p}.self_attn.q_proj"), d, s.qd, false)?,
-                    w.linear(&format!("{p}.self_attn.k_proj"), d, s.kvd, false)?,
-                    w.linear(&format!("{p}.self_attn.v_proj"), d, s.kvd, false)?,
-                ],
-                widths: vec![s.qd, s.kvd, s.kvd],
-            },
+            qkv: Proj::qkv(&w, &p, &s)?,
             q_norm: qk_norm("q_norm")?,
             k_norm: qk_norm("k_norm")?,
             rotary: Some(if gemma3 && sliding { 1 } else { 0 }),
@@ -98,13 +91,7 @@ pub fn load<B: Backend>(be: &B, config: &HfConfig, store: &TensorStore) -> Resul
             o: w.linear(&format!("{p}.self_attn.o_proj"), s.qd, d, false)?,
             attn_out_norm: Some(norm(&format!("{p}.post_attention_layernorm.weight"), d)?),
             mlp_norm: norm(&format!("{p}.pre_feedforward_layernorm.weight"), d)?,
-            gate_up: Proj {
-                mods: vec![
-                    w.linear(&format!("{p}.mlp.gate_proj"), d, ff, false)?,
-                    w.linear(&format!("{p}.mlp.up_proj"), d, ff, false)?,
-                ],
-                widths: vec![ff, ff],
-            },
+            gate_up: Proj::gate_up(&w, &p, &s)?,
             down: w.linear(&format!("{p}.mlp.down_proj"), ff, d, false)?,
             mlp_out_norm: Some(norm(&format!("{p}.post_feedforward_layernorm.weight"), d)?),
         });

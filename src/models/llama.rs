@@ -73,14 +73,7 @@ pub fn load<B: Backend>(be: &B, c: &HfConfig, store: &TensorStore) -> Result<Dec
         };
         layers.push(Layer {
             input_norm: w.tensor(&format!("{p}.input_layernorm.weight"), (1, d))?,
-            qkv: Proj {
-                mods: vec![
-                    w.linear(&format!("{p}.self_attn.q_proj"), d, s.qd, false)?,
-                    w.linear(&format!("{p}.self_attn.k_proj"), d, s.kvd, false)?,
-                    w.linear(&format!("{p}.self_attn.v_proj"), d, s.kvd, false)?,
-                ],
-                widths: vec![s.qd, s.kvd, s.kvd],
-            },
+            qkv: Proj::qkv(&w, &p, &s)?,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
             rotary: with_rope[i].then_some(0),
@@ -88,13 +81,7 @@ pub fn load<B: Backend>(be: &B, c: &HfConfig, store: &TensorStore) -> Result<Dec
             o: w.linear(&format!("{p}.self_attn.o_proj"), s.qd, d, false)?,
             attn_out_norm: None,
             mlp_norm: w.tensor(&format!("{p}.post_attention_layernorm.weight"), (1, d))?,
-            gate_up: Proj {
-                mods: vec![
-                    w.linear(&format!("{p}.mlp.gate_proj"), d, ff, false)?,
-                    w.linear(&format!("{p}.mlp.up_proj"), d, ff, false)?,
-                ],
-                widths: vec![ff, ff],
-            },
+            gate_up: Proj::gate_up(&w, &p, &s)?,
             down: w.linear(&format!("{p}.mlp.down_proj"), ff, d, false)?,
             mlp_out_norm: None,
         });
