@@ -1,7 +1,10 @@
 //! Matrix-product throughput of each backend at square sizes (for scale: a simple 16×16-tiled
 //! WGSL kernel reached 2.7 TFLOP/s at 4096³ on an NVIDIA H200).
 //!
-//!     cargo bench --bench matmul [-- cpu|gpu] [-- --sizes 1024,2048,4096]
+//!     cargo bench --bench matmul [-- cpu|gpu|shapes] [-- --sizes 1024,2048,4096]
+//!
+//! `shapes`: the CPU backend's products (faer) against `matrixmultiply` on the GPT-2-small merge's
+//! shapes (24576 token rows: 3 tasks × 2 streams × 32 × 128).
 
 use iteris::backend::{cpu::Cpu, gpu::Gpu, Backend};
 use iteris::mat::Mat;
@@ -25,13 +28,66 @@ fn bench<B: Backend>(be: &B, label: &str, n: usize) {
     println!("{label:40} {n:5}³  {:9.1} GFLOP/s  ({:.3} s)", 2.0 * (n as f64).powi(3) / s / 1e9, s);
 }
 
+/// x (m, k) · w (n, k)ᵀ by the CPU backend and by matrixmultiply's threaded sgemm.
+fn shapes() {
+    for (what, m, k, n) in [
+        ("c_attn", 24576, 768, 2304),
+        ("attn c_proj", 24576, 768, 768),
+        ("c_fc", 24576, 768, 3072),
+        ("mlp c_proj", 24576, 3072, 768),
+    ] {
+        let x = Mat::new(m, k, (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect());
+        let w = Mat::new(n, k, (0..n * k).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect());
+        let flops = 2.0 * (m * n * k) as f64;
+        let time = |f: &mut dyn FnMut()| {
+            f();
+            let t = Instant::now();
+            for _ in 0..3 {
+                f();
+            }
+            t.elapsed().as_secs_f64() / 3.0
+        };
+        let backend = time(&mut || drop(Cpu.matmul_t(&x, 0..m, &w)));
+        let mut c = vec![0.0f32; m * n];
+        // SAFETY: x is (m, k) and w (n, k) row-major; c is (m, n).
+        let mm = time(&mut || unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                x.data.as_ptr(),
+                k as isize,
+                1,
+                w.data.as_ptr(),
+                1,
+                k as isize,
+                0.0,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            )
+        });
+        println!(
+            "{what:12} ({m}, {k}) · ({k}, {n}): backend (faer) {:6.1} GFLOP/s, matrixmultiply {:6.1} GFLOP/s",
+            flops / backend / 1e9,
+            flops / mm / 1e9
+        );
+    }
+}
+
 fn main() {
+    iteris::backend::cpu::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "shapes") {
+        shapes();
+        return;
+    }
     let want = |b: &str| !args.iter().any(|a| a == "cpu" || a == "gpu") || args.iter().any(|a| a == b);
     let sizes = common::sizes(&args, &[1024, 2048, 4096]);
     if want("cpu") {
         for &n in &sizes {
-            bench(&Cpu, "cpu (matrixmultiply)", n);
+            bench(&Cpu, "cpu (faer)", n);
         }
     }
     if want("gpu") {

@@ -4,7 +4,8 @@
 //!
 //!     cargo bench --bench merge [-- sweep|jacobi5 ...] [-- gpu]
 //!
-//! Prints wall time per schedule, on the CPU backend (default) or the GPU backend (`gpu`; on a
+//! Prints wall time, GFLOP/s and the cores kept busy per schedule, and (CPU backend) the same per
+//! phase (`iteris::profile`), on the CPU backend (default) or the GPU backend (`gpu`; on a
 //! software Vulkan driver this shape takes hours). Compare with `python3 tools/bench_reference.py` (PyTorch, same work).
 
 use iteris::backend::{cpu::Cpu, gpu::Gpu, Backend};
@@ -33,6 +34,7 @@ const SAMPLES: usize = 32;
 const TOKENS: usize = 128;
 
 fn main() {
+    iteris::backend::cpu::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let which: Vec<String> = args.iter().filter(|a| *a != "gpu").cloned().collect();
     if args.iter().any(|a| a == "gpu") {
@@ -102,34 +104,43 @@ fn run<B: Backend + 'static>(be: &B, backend: &str, which: &[String]) {
         if !which.is_empty() && !which.iter().any(|w| w == label) {
             continue;
         }
-        let (t, cpu0) = (Instant::now(), cpu_seconds());
+        iteris::profile::enable();
+        let (t, cpu0) = (Instant::now(), iteris::profile::clocks().map(|c| c.1));
         let out = pollster::block_on(run_iteris(be, &model, targets(), &ids, &opts, &mut |_| {})).unwrap();
         let wall = t.elapsed().as_secs_f64();
+        let cpu = iteris::profile::clocks().zip(cpu0).map(|(c1, c0)| c1.1 - c0);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let busy = cpu_seconds().zip(cpu0).map_or(String::new(), |(c1, c0)| {
-            let used = (c1 - c0) / wall;
-            format!(", {used:.2} of {cores} cores busy ({:.0}%)", 100.0 * used / cores as f64)
+        let phases = iteris::profile::phases();
+        let flops: f64 = phases.iter().map(|p| p.flops).sum();
+        let busy = cpu.map_or(String::new(), |c| {
+            format!(", {:.2} of {cores} cores busy ({:.0}%)", c / wall, 100.0 * c / wall / cores as f64)
         });
         println!(
-            "{backend} {label:8} GPT-2-small shape (d={D}, {LAYERS} layers, r={R} on c_attn, {TASKS}x{SAMPLES}x{TOKENS} tokens): {wall:.2} s, {} modules{busy}",
-            out.merged.len()
+            "{backend} {label:8} GPT-2-small shape (d={D}, {LAYERS} layers, r={R} on c_attn, {TASKS}x{SAMPLES}x{TOKENS} tokens): {wall:.2} s, {} modules, {:.1} GFLOP/s{busy}",
+            out.merged.len(),
+            flops / wall / 1e9
         );
+        if let Some(cpu) = cpu.filter(|_| !phases.is_empty()) {
+            print_phases(&phases, wall, cpu);
+        }
     }
 }
 
-/// CPU seconds (user + system, every thread) the process has used so far; None where the
-/// platform has no getrusage.
-fn cpu_seconds() -> Option<f64> {
-    #[cfg(unix)]
-    {
-        // SAFETY: getrusage only writes the struct it is given.
-        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
-            return None;
-        }
-        let secs = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
-        Some(secs(u.ru_utime) + secs(u.ru_stime))
+/// Per phase: wall time, its share, the cores it kept busy and its GFLOP/s; "other" is the rest
+/// (the model's own code between ops, the waits).
+fn print_phases(phases: &[iteris::profile::Phase], wall: f64, cpu: f64) {
+    println!("  {:12} {:>8} {:>6} {:>7} {:>6} {:>9}", "phase", "wall s", "share", "calls", "cores", "GFLOP/s");
+    let row = |name: &str, calls: String, w: f64, c: f64, flops: f64| {
+        let gf = if flops > 0.0 { format!("{:9.1}", flops / w / 1e9) } else { String::new() };
+        println!(
+            "  {name:12} {w:8.2} {:5.1}% {calls:>7} {:6.2} {gf}",
+            100.0 * w / wall,
+            if w > 0.0 { c / w } else { 0.0 }
+        );
+    };
+    for p in phases {
+        row(p.name, p.calls.to_string(), p.wall_s, p.cpu_s, p.flops);
     }
-    #[cfg(not(unix))]
-    None
+    let (w, c): (f64, f64) = phases.iter().fold((0.0, 0.0), |(w, c), p| (w + p.wall_s, c + p.cpu_s));
+    row("other", String::new(), wall - w, cpu - c, 0.0);
 }

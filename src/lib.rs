@@ -15,6 +15,7 @@ pub mod inputs;
 pub mod mat;
 pub mod merge;
 pub mod models;
+pub mod profile;
 
 pub use error::{Error, Result};
 #[cfg(not(target_arch = "wasm32"))]

@@ -25,10 +25,19 @@ fn check(arch: &str, opts: &Options, file: &str, tol: f64) -> f64 {
     worst
 }
 
-// Bounds: about 3× the worst figure measured (ARCHITECTURE.md, Numerics): at α = 1e-4, 8.9e-6
-// (BERT); at α = 1e-7, 9.5e-5 (BERT; GPT-2 5.8e-5, the Llama family ≤ 1.4e-5).
+// Bounds: about 3× the worst figure measured (ARCHITECTURE.md, Numerics): at α = 1e-4, 8.1e-6
+// (BERT); at α = 1e-7, 1.2e-4 (BERT), the Llama family ≤ 1.7e-5. GPT-2's h.1.mlp.c_fc at α = 1e-7
+// is a lottery of the f32 forward's rounding, amplified by the solve: 5.8e-5 before the CPU
+// backend moved to faer and vector math, 4.3e-4 with only its softmax multiplying by 1/Σ instead
+// of dividing by Σ, 2.5e-4 now; it gets its own bound.
 const STRONG: f64 = 2.5e-5;
-const WEAK: f64 = 2.5e-4;
+fn weak(arch: &str) -> f64 {
+    if arch == "gpt2" {
+        1e-3
+    } else {
+        2.5e-4
+    }
+}
 
 #[test]
 fn sweep_matches_reference() {
@@ -51,7 +60,7 @@ fn jacobi_matches_reference() {
 fn sweep_matches_reference_at_weak_ridge() {
     for arch in ARCHS {
         let opts = Options { alpha1: 1e-7, alpha2: 1e-7, ..Options::default() };
-        check(arch, &opts, "expected_sweep_a1e-7.safetensors", WEAK);
+        check(arch, &opts, "expected_sweep_a1e-7.safetensors", weak(arch));
     }
 }
 

@@ -223,6 +223,30 @@ pub trait Backend: Sized {
         false
     }
 
+    /// y[rows] += s · x[xr] · Aᵀ · Bᵀ (a LoRA delta's contribution, in place, never forming B·A);
+    /// returns the low-rank factor s · x[xr] · Aᵀ, (n, r), from which the merge measures the delta
+    /// (`merge::iteris`: alignment errors from r × r Grams, without the (n, out) product).
+    #[allow(clippy::too_many_arguments)]
+    fn add_lowrank(
+        &self,
+        y: &mut Self::T,
+        rows: Range<usize>,
+        x: &Self::T,
+        xr: Range<usize>,
+        a: &Self::T,
+        b: &Self::T,
+        s: f32,
+    ) -> Self::T {
+        let mut t = self.matmul_t(x, xr, a);
+        if s != 1.0 {
+            self.scale(&mut t, s);
+        }
+        let n = self.dims(&t).0;
+        let d = self.matmul_t(&t, 0..n, b);
+        self.add_rows(y, rows, &d, 1.0);
+        t
+    }
+
     /// s · x[rows] · Aᵀ · Bᵀ: a LoRA delta's contribution, (n, out), never forming B·A.
     fn lowrank(&self, x: &Self::T, rows: Range<usize>, a: &Self::T, b: &Self::T, s: f32) -> Self::T {
         let t = self.matmul_t(x, rows, a);

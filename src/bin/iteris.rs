@@ -127,6 +127,8 @@ fn main() -> ExitCode {
     // naming the file (formats::contain); it must not also print a panic message.
     iteris::formats::contain::install_quiet_panic_hook();
     quiet_vulkan_loader();
+    // Merges allocate and free activations of hundreds of MiB per layer: reuse them.
+    iteris::backend::cpu::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Merge(a) => merge(a),
@@ -363,6 +365,9 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
     if !r.report.jacobi_changes.is_empty() {
         let c: Vec<String> = r.report.jacobi_changes.iter().map(|c| format!("{c:.2e}")).collect();
         println!("jacobi: relative change between solves {}", c.join(" → "));
+    }
+    if let Some(k) = &r.report.adapter_inputs {
+        println!("jacobi: {}", k.describe());
     }
     if let Some(q) = &r.quality {
         let alone = alone(&p)?;

@@ -64,8 +64,7 @@ impl<B: Backend> Hook<B> for DeltaHook<B::T> {
                     Stream::Merged => self.merged[t].as_ref().map(|(a, b)| (a, b, 1.0)),
                 };
                 if let (Some((a, b, s)), false) = (delta, rows.is_empty()) {
-                    let d = be.lowrank(input.x, rows.clone(), a, b, s);
-                    be.add_rows(&mut ys[j], rows, &d, 1.0);
+                    be.add_lowrank(&mut ys[j], rows.clone(), input.x, rows, a, b, s);
                 }
             }
         }

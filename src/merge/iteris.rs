@@ -100,6 +100,10 @@ pub struct IterisHook<'a, B: Backend> {
     pub regmean: Option<f64>,
     seen: usize,
     on_stage: Box<dyn FnMut(usize, usize) + 'a>,
+    /// Jacobi that keeps the adapter streams' inputs (`keep_adapter_inputs`): X_i per stage (its
+    /// first target), task and chunk (the chunk's first sample of the task), recorded by the first
+    /// pass, read by the later ones, which run the merged rows only. None: every pass runs both.
+    kept: Option<HashMap<(usize, usize, usize), B::T>>,
 }
 
 impl<'a, B: Backend> IterisHook<'a, B> {
@@ -146,7 +150,20 @@ impl<'a, B: Backend> IterisHook<'a, B> {
             regmean: None,
             seen: 0,
             on_stage,
+            kept: None,
         }
+    }
+
+    /// Keep each task's module inputs from the first (adapter-only) pass, so that later passes
+    /// run the merged stream alone (`Streams::Merged`): the adapter streams do not change between
+    /// Jacobi passes, and their adaptive weights are known after the first.
+    pub fn keep_adapter_inputs(&mut self) {
+        self.kept = Some(HashMap::new());
+    }
+
+    /// Bytes of the adapter inputs kept so far.
+    pub fn kept_bytes(&self, be: &B) -> u64 {
+        self.kept.iter().flat_map(|k| k.values()).map(|t| (be.dims(t).0 * be.dims(t).1 * 4) as u64).sum()
     }
 
     /// Prepare for the next pass. `promote` makes what the last pass solved the deltas merged rows
@@ -170,12 +187,19 @@ impl<'a, B: Backend> IterisHook<'a, B> {
     }
 }
 
-/// ‖X_i ΔW_iᵀ‖² and ‖X_i ΔW_iᵀ − X̃_i ΔW*ᵀ‖² of target t, task i, pending.
+/// ‖X_i ΔW_iᵀ‖² and ‖X_i ΔW_iᵀ − X̃_i ΔW*ᵀ‖² of target t, task i, pending: with X_i ΔW_iᵀ =
+/// U B_iᵀ and X̃_i ΔW*ᵀ = V B*ᵀ, they are ⟨UᵀU, B_iᵀB_i⟩ and that − 2⟨UᵀV, B_iᵀB*⟩ + ⟨VᵀV, B*ᵀB*⟩
+/// (⟨·,·⟩: the sum of the elementwise product), from Grams of r and R columns.
 struct AlignRead {
     target: usize,
     task: usize,
-    norm: ScalarId,
-    err: ScalarId,
+    uu: Option<GramId>,
+    uv: Option<GramId>,
+    vv: Option<GramId>,
+    /// B_iᵀB_i.
+    bi: DMatrix<f64>,
+    /// (B_iᵀB*, B*ᵀB*) where the merged rows ran with a delta.
+    bb: Option<(DMatrix<f64>, DMatrix<f64>)>,
 }
 
 /// The stage's targeted modules: (index in the stage's modules, index in `targets`).
@@ -203,7 +227,7 @@ struct Stage {
 pub struct Held<T> {
     targeted: Vec<(usize, usize)>,
     rows: Vec<TaskRows>,
-    /// Per targeted module, per task: X_i ΔW_iᵀ on the chunk's rows.
+    /// Per targeted module, per task: U_i = s_i X_i A_iᵀ on the chunk's rows (X_i ΔW_iᵀ = U_i B_iᵀ).
     own: Vec<Vec<Option<T>>>,
 }
 
@@ -268,8 +292,10 @@ impl<B: Backend> IterisHook<'_, B> {
             .collect()
     }
 
-    /// 1b. The chunk's adapter rows run with W0 + ΔW_i; adds ‖X_i (W0 + ΔW_i)ᵀ‖² to the adaptive
-    /// weights' denominators and returns X_i ΔW_iᵀ per targeted module and task.
+    /// 1b. The chunk's adapter rows run with W0 + ΔW_i.
+    ///
+    /// Adds ‖X_i (W0 + ΔW_i)ᵀ‖² to the adaptive weights' denominators and returns
+    /// U_i = s_i X_i A_iᵀ (X_i ΔW_iᵀ = U_i B_iᵀ) per targeted module and task.
     fn run_adapter_rows(
         &self,
         be: &B,
@@ -292,12 +318,10 @@ impl<B: Backend> IterisHook<'_, B> {
                             return None;
                         }
                         let l = self.loras[t][i].as_ref();
-                        let d = l.map(|l| be.lowrank(input.x, ra.clone(), &l.a, &l.b, l.scale));
-                        if let Some(d) = &d {
-                            be.add_rows(&mut ys[j], ra.clone(), d, 1.0);
-                        }
+                        let u =
+                            l.map(|l| be.add_lowrank(&mut ys[j], ra.clone(), input.x, ra.clone(), &l.a, &l.b, l.scale));
                         add_scalar(be, reads, &mut w.den, be.defer_sq_norm(&ys[j], ra.clone()));
-                        d
+                        u
                     })
                     .collect()
             })
@@ -306,21 +330,27 @@ impl<B: Backend> IterisHook<'_, B> {
 
     /// 2. Adds the chunk's rows to X_iᵀX̃_i and X̃_iᵀX̃_i, shared by the stage's modules (X̃ = X
     /// before any merged delta).
-    fn add_grams(&self, be: &B, x: &B::T, rows: &[TaskRows], stage: &mut Stage, reads: &mut Reads<B>) {
-        for ((ra, rm), acc) in rows.iter().zip(&mut stage.grams) {
-            if ra.is_empty() {
-                continue;
-            }
+    fn add_grams(
+        &self,
+        be: &B,
+        x: &B::T,
+        adapter_x: &[Option<(&B::T, Range<usize>)>],
+        rows: &[TaskRows],
+        stage: &mut Stage,
+        reads: &mut Reads<B>,
+    ) {
+        for ((xa, (_, rm)), acc) in adapter_x.iter().zip(rows).zip(&mut stage.grams) {
+            let Some((xa, ra)) = xa.clone() else { continue };
             let mixed;
             let (xt, rt) = match rm {
-                None => (x, ra.clone()),
+                None => (xa, ra.clone()),
                 Some(rm) if self.rho != 0.0 => {
-                    mixed = be.mix_rows(x, rm.clone(), 1.0 - self.rho, x, ra.clone(), self.rho);
+                    mixed = be.mix_rows(x, rm.clone(), 1.0 - self.rho, xa, ra.clone(), self.rho);
                     (&mixed, 0..ra.len())
                 }
                 Some(rm) => (x, rm.clone()),
             };
-            let cross = add_gram(be, reads, acc.map(|g| g.0), x, ra.clone(), xt, rt.clone());
+            let cross = add_gram(be, reads, acc.map(|g| g.0), xa, ra.clone(), xt, rt.clone());
             let gram = if rm.is_some() { add_gram(be, reads, acc.map(|g| g.1), xt, rt.clone(), xt, rt) } else { cross };
             *acc = Some((cross, gram));
         }
@@ -357,9 +387,21 @@ impl<B: Backend> IterisHook<'_, B> {
 
     /// Record the alignment errors that came back: the error relative to ‖X_i ΔW_iᵀ‖.
     fn settle_align(&mut self, values: &Values) {
+        // ⟨G, H⟩ for a fetched Gram G.
+        let inner = |g: Option<GramId>, h: &DMatrix<f64>| -> f64 {
+            let g = values.gram(g.expect("every alignment read has its Grams"));
+            (0..g.rows)
+                .flat_map(|r| (0..g.cols).map(move |c| (r, c)))
+                .map(|(r, c)| g.data[r * g.cols + c] * h[(r, c)])
+                .sum()
+        };
         for a in std::mem::take(&mut self.align) {
-            let norm = values[a.norm].max(f64::MIN_POSITIVE);
-            self.records[a.target].align[a.task] = Some((values[a.err] / norm).sqrt());
+            let norm = inner(a.uu, &a.bi);
+            let err = match (&a.bb, a.uv) {
+                (Some((cross, bm)), Some(_)) => norm - 2.0 * inner(a.uv, cross) + inner(a.vv, bm),
+                _ => norm,
+            };
+            self.records[a.target].align[a.task] = Some((err.max(0.0) / norm.max(f64::MIN_POSITIVE)).sqrt());
         }
     }
 
@@ -396,31 +438,43 @@ impl<B: Backend> IterisHook<'_, B> {
         Ok(())
     }
 
-    /// 5. The chunk's merged rows run with W0 + ΔW*; their alignment error against each adapter's
-    /// own output is added to what the next fetch reads.
+    /// 5. The chunk's merged rows run with W0 + ΔW* = W0 + B* A*.
+    ///
+    /// Their alignment error against each adapter's own output, ‖U_i B_iᵀ − V B*ᵀ‖² with
+    /// V = X̃_i A*ᵀ, is added to what the next fetch reads as the r × r Grams UᵀU, UᵀV, VᵀV it
+    /// expands into (`AlignRead`): never the (rows, out) products themselves.
     fn run_merged_rows(&mut self, be: &B, input: &StageInput<'_, B>, held: Held<B::T>, ys: &mut [B::T]) {
         for (&(j, t), own) in held.targeted.iter().zip(held.own) {
-            for (i, ((ra, rm), o)) in held.rows.iter().zip(own).enumerate() {
+            for (i, ((_, rm), u)) in held.rows.iter().zip(own).enumerate() {
                 let Some(rm) = rm.clone().filter(|rm| !rm.is_empty()) else { continue };
-                let d = self.merged_dev[t].as_ref().map(|(a, b)| be.lowrank(input.x, rm.clone(), a, b, 1.0));
-                if let Some(d) = &d {
-                    be.add_rows(&mut ys[j], rm, d, 1.0);
-                }
-                let Some(o) = o else { continue };
-                let norm = be.defer_sq_norm(&o, 0..ra.len());
-                let err = match &d {
-                    Some(d) => be.defer_sq_dist(&o, d),
-                    None => be.defer_sq_norm(&o, 0..ra.len()),
-                };
-                match self.align.iter().find(|a| (a.target, a.task) == (t, i)) {
-                    Some(a) => {
-                        be.add_scalar(self.reads.scalar_mut(a.norm), norm);
-                        be.add_scalar(self.reads.scalar_mut(a.err), err);
-                    }
+                let v = self.merged_dev[t]
+                    .as_ref()
+                    .map(|(a, b)| be.add_lowrank(&mut ys[j], rm.clone(), input.x, rm, a, b, 1.0));
+                let (Some(u), Some(l)) = (u, self.targets[t].loras[i].as_ref()) else { continue };
+                let n = be.dims(&u).0;
+                let at = match self.align.iter().position(|a| (a.target, a.task) == (t, i)) {
+                    Some(at) => at,
                     None => {
-                        let (norm, err) = (self.reads.scalar(norm), self.reads.scalar(err));
-                        self.align.push(AlignRead { target: t, task: i, norm, err });
+                        let bi = to_f64(&l.b);
+                        let merged = self.merged[t].as_ref().filter(|_| v.is_some()).map(|m| to_f64(&m.b));
+                        self.align.push(AlignRead {
+                            target: t,
+                            task: i,
+                            uu: None,
+                            uv: None,
+                            vv: None,
+                            bb: merged.as_ref().map(|bm| (bi.transpose() * bm, bm.transpose() * bm)),
+                            bi: bi.transpose() * &bi,
+                        });
+                        self.align.len() - 1
                     }
+                };
+                let reads = &mut self.reads;
+                let a = &mut self.align[at];
+                a.uu = Some(add_gram(be, reads, a.uu, &u, 0..n, &u, 0..n));
+                if let Some(v) = &v {
+                    a.uv = Some(add_gram(be, reads, a.uv, &u, 0..n, v, 0..n));
+                    a.vv = Some(add_gram(be, reads, a.vv, v, 0..n, v, 0..n));
                 }
             }
         }
@@ -429,6 +483,15 @@ impl<B: Backend> IterisHook<'_, B> {
 
 /// A task's adapter-stream rows and, once the merged model runs, its merged-stream rows.
 type TaskRows = (Range<usize>, Option<Range<usize>>);
+
+/// The index, among its task's samples, of each task's first sample in the chunk.
+fn first_samples(input: &StageInput<impl Backend>, tasks: usize) -> Vec<usize> {
+    let mut out = vec![0; tasks];
+    for g in &input.batch.groups {
+        out[g.task] = g.first_sample;
+    }
+    out
+}
 
 /// Rows of the adapter-stream and merged-stream groups of each task.
 fn task_rows(input: &StageInput<impl Backend>, tasks: usize) -> Vec<TaskRows> {
@@ -459,23 +522,66 @@ impl<B: Backend> StageHook<B> for IterisHook<'_, B> {
         }
         let tasks = self.targets[0].loras.len();
         let rows = task_rows(input, tasks);
+        let firsts = first_samples(input, tasks);
+        let stage_key = targeted[0].1;
+        // The first pass of a Jacobi that keeps the adapter streams records their inputs.
+        let mut kept = self.kept.take();
+        if let Some(kept) = kept.as_mut() {
+            for (i, (ra, rm)) in rows.iter().enumerate() {
+                if !ra.is_empty() && rm.is_none() {
+                    let idx: Vec<u32> = (ra.start as u32..ra.end as u32).collect();
+                    kept.insert((stage_key, i, firsts[i]), be.select_rows(input.x, &idx));
+                }
+            }
+        }
+        // Each task's adapter input: this chunk's adapter rows, or what the first pass kept.
+        let adapter_x: Vec<Option<(&B::T, Range<usize>)>> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, (ra, rm))| match kept.as_ref().and_then(|k| k.get(&(stage_key, i, firsts[i]))) {
+                // Only a task with merged rows in this chunk replays (firsts[i] is 0 for the others).
+                Some(x) if ra.is_empty() && rm.is_some() => Some((x, 0..be.dims(x).0)),
+                _ => (!ra.is_empty()).then(|| (input.x, ra.clone())),
+            })
+            .collect();
+        let replaying = rows.iter().zip(&adapter_x).any(|((ra, _), x)| ra.is_empty() && x.is_some());
         // Everything the host reads in this stage is deferred and fetched at once (one readback on
         // the GPU), together with the alignment errors the previous stage left pending.
         let mut reads = std::mem::take(&mut self.reads);
         let mut stage = self.stage.take().unwrap_or_else(|| Stage {
-            weights: self.defer_weight_norms(be, input, &targeted, &mut reads),
+            // Replaying kept inputs, the adaptive weights are those the first pass measured.
+            weights: if replaying {
+                targeted
+                    .iter()
+                    .map(|&(_, t)| self.records[t].c.iter().map(|&c| Weight::constant(c)).collect())
+                    .collect()
+            } else {
+                self.defer_weight_norms(be, input, &targeted, &mut reads)
+            },
             targeted: targeted.clone(),
             grams: vec![None; tasks],
             rows: vec![0; tasks],
             systems: Vec::new(),
         });
-        let own = self.run_adapter_rows(be, input, &rows, ys, &mut stage, &mut reads);
+        let mut own = self.run_adapter_rows(be, input, &rows, ys, &mut stage, &mut reads);
+        // Kept inputs: U_i = s_i X_i A_iᵀ for the alignment errors, from them.
+        for (&(_, t), own) in targeted.iter().zip(&mut own) {
+            for (i, ((ra, _), x)) in rows.iter().zip(&adapter_x).enumerate() {
+                if let (true, Some((x, xr)), Some(l)) = (ra.is_empty(), x, self.loras[t][i].as_ref()) {
+                    let mut u = be.matmul_t(x, xr.clone(), &l.a);
+                    be.scale(&mut u, l.scale);
+                    own[i] = Some(u);
+                }
+            }
+        }
         if self.mode != Mode::Evaluate {
-            self.add_grams(be, input.x, &rows, &mut stage, &mut reads);
+            self.add_grams(be, input.x, &adapter_x, &rows, &mut stage, &mut reads);
         }
-        for (n, (ra, _)) in stage.rows.iter_mut().zip(&rows) {
-            *n += ra.len();
+        for (n, x) in stage.rows.iter_mut().zip(&adapter_x) {
+            *n += x.as_ref().map_or(0, |(_, r)| r.len());
         }
+        drop(adapter_x);
+        self.kept = kept;
         self.reads = reads;
         self.stage = Some(stage);
         Some(Held { targeted, rows, own })
@@ -497,6 +603,8 @@ impl<B: Backend> StageHook<B> for IterisHook<'_, B> {
 
     /// 4. The stage's values: adaptive weights, the previous stage's alignment errors, the solves.
     fn settle(&mut self, be: &B, mut values: Values) -> Result<()> {
+        // The host's part of a stage: statistics to f64 matrices, the solves.
+        let _p = crate::profile::span("solve", 0.0);
         self.settle_align(&values);
         let stage = self.stage.take().expect("a stage was contributed");
         self.settle_weights(&stage, &values);

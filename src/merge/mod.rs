@@ -15,7 +15,7 @@ use crate::backend::Backend;
 use crate::error::{bad_input, Result};
 use crate::formats::peft::Adapter;
 use crate::formats::tokenizer::TextTokenizer;
-use crate::models::chunked::{chunk_batches, run_chunks};
+use crate::models::chunked::{chunk_batches, run_chunks, Streams};
 use crate::models::{self, Model};
 pub use baselines::Method;
 use iteris::{IterisHook, Mode, ModuleRecord, Target};
@@ -157,6 +157,8 @@ pub struct Outcome {
     pub tokens: Vec<usize>,
     pub samples: Vec<usize>,
     pub seconds_passes: f64,
+    /// Jacobi: whether the adapter streams' inputs were kept between passes.
+    pub adapter_inputs: Option<plan::AdapterInputs>,
 }
 
 /// Match every adapter module to a model module. An adapter path matches a model module name when it
@@ -276,7 +278,9 @@ pub async fn iteris<B: Backend>(
     let t0 = now();
     // The pass runs in chunks of rows where one tensor of the whole batch would exceed a binding.
     let max_rows = plan::chunk_rows(be, &model.modules(), &targets);
-    let (both, adapters_only) = (chunk_batches(ids, true, max_rows), chunk_batches(ids, false, max_rows));
+    let (both, adapters_only) =
+        (chunk_batches(ids, Streams::Both, max_rows), chunk_batches(ids, Streams::Adapters, max_rows));
+    let mut adapter_inputs = None;
     let passes = match (opts.method, opts.schedule) {
         (Method::Iteris, Schedule::Sweep) => 1,
         (Method::Iteris, Schedule::Jacobi) => opts.iters + 1,
@@ -299,6 +303,19 @@ pub async fn iteris<B: Backend>(
                 run_chunks(model, be, &both, &mut hook).await?;
             }
             (Method::Iteris, Schedule::Jacobi) => {
+                // The adapter streams are the same in every pass: where their inputs fit, the first
+                // pass keeps them and the later ones run the merged stream alone.
+                let tokens = ids.iter().flatten().map(Vec::len).sum();
+                let keep = plan::AdapterInputs::plan(be, &targets, tokens, opts.max_memory_mib);
+                adapter_inputs = Some(keep);
+                let merged_only;
+                let later = if keep.kept && opts.iters > 0 {
+                    hook.keep_adapter_inputs();
+                    merged_only = chunk_batches(ids, Streams::Merged, max_rows);
+                    &merged_only
+                } else {
+                    &both
+                };
                 // Solve 1: X̃ = X (RegMean with ridge and adaptive weights); the merged stream is not run.
                 announce(1, "jacobi solve 1");
                 hook.begin_pass(be, Mode::Jacobi, false);
@@ -306,7 +323,7 @@ pub async fn iteris<B: Backend>(
                 for k in 2..=opts.iters {
                     announce(k, &format!("jacobi solve {k}"));
                     hook.begin_pass(be, Mode::Jacobi, true);
-                    run_chunks(model, be, &both, &mut hook).await?;
+                    run_chunks(model, be, later, &mut hook).await?;
                     let pairs =
                         hook.merged.iter().zip(&hook.solved).filter_map(|(o, n)| Some((o.as_ref()?, n.as_ref()?)));
                     changes.push(relative_change(pairs));
@@ -314,7 +331,7 @@ pub async fn iteris<B: Backend>(
                 // One more pass measures the final deltas on their own features.
                 announce(passes, "evaluate");
                 hook.begin_pass(be, Mode::Evaluate, true);
-                run_chunks(model, be, &both, &mut hook).await?;
+                run_chunks(model, be, later, &mut hook).await?;
             }
             (Method::Regmean, _) => {
                 announce(1, "regmean solve");
@@ -366,6 +383,7 @@ pub async fn iteris<B: Backend>(
         tokens: ids.iter().map(|s| s.iter().map(Vec::len).sum()).collect(),
         samples: ids.iter().map(Vec::len).collect(),
         seconds_passes: now() - t0,
+        adapter_inputs,
         targets,
     })
 }

@@ -11,7 +11,7 @@ use crate::formats::hf_config::HfConfig;
 use crate::formats::samples::EvalSet;
 use crate::inputs::{BaseInputs, TaskInput};
 use crate::models;
-use crate::models::chunked::chunk_batches;
+use crate::models::chunked::{chunk_batches, Streams};
 use crate::models::Stream;
 
 /// Everything a merge produces.
@@ -85,7 +85,7 @@ pub async fn merge<B: Backend>(
     timings.tokenize = now() - t;
 
     let modules = model.modules();
-    let chunks = chunk_batches(&ids, true, plan::chunk_rows(be, &modules, &targets));
+    let chunks = chunk_batches(&ids, Streams::Both, plan::chunk_rows(be, &modules, &targets));
     let chunk_rows: Vec<usize> = chunks.iter().map(|b| b.tokens()).collect();
     let memory = plan::merge_plan(be, &base.weights, &modules, &targets, &chunk_rows, tasks.len(), opts.max_memory_mib);
     memory.check(&be.name())?;
@@ -145,6 +145,7 @@ pub async fn merge<B: Backend>(
             .collect(),
         modules: module_reports(&outcome, &deltas.iter().map(|d| d.rank()).collect::<Vec<_>>(), &energy),
         jacobi_changes: outcome.changes.clone(),
+        adapter_inputs: outcome.adapter_inputs,
         quality: quality.clone(),
         memory_plan: memory,
         warnings,

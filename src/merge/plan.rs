@@ -149,6 +149,52 @@ pub fn merge_plan<B: Backend>(
     p
 }
 
+/// Device memory a Jacobi merge may spend on the adapter streams' kept inputs (the GPU backends
+/// cannot tell how much is free; a WebGPU device commonly has a few GiB).
+pub const KEEP_DEVICE_BYTES: u64 = 1 << 30;
+
+/// Whether the adapter streams' inputs are kept between Jacobi passes, and what they take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AdapterInputs {
+    /// Kept (later passes run the merged stream only), else recomputed by every pass.
+    pub kept: bool,
+    /// What keeping them takes (an upper bound: modules that share an input count once each).
+    pub bytes: u64,
+}
+
+impl AdapterInputs {
+    /// Keep them where they fit: in half the host memory available (the CPU backend; the rest is
+    /// the merge's own), or within `KEEP_DEVICE_BYTES` (a GPU backend).
+    pub fn plan<B: Backend>(be: &B, targets: &[Target], tokens: usize, max_memory_mib: Option<u64>) -> Self {
+        let bytes: u64 = targets.iter().map(|t| (t.in_dim * tokens * 4) as u64).sum();
+        let budget = if be.on_device() {
+            KEEP_DEVICE_BYTES
+        } else {
+            let avail = match (crate::inputs::host_available(), max_memory_mib.map(|m| m << 20)) {
+                (Some(a), Some(m)) => a.min(m),
+                (a, m) => a.or(m).unwrap_or(KEEP_DEVICE_BYTES * 2),
+            };
+            avail / 2
+        };
+        AdapterInputs { kept: bytes <= budget, bytes }
+    }
+
+    /// One line for people.
+    pub fn describe(&self) -> String {
+        if self.kept {
+            format!(
+                "adapter streams' inputs kept between passes ({}): later passes run the merged stream only",
+                mib(self.bytes)
+            )
+        } else {
+            format!(
+                "adapter streams rerun every pass (keeping their inputs would take {}, more than fits)",
+                mib(self.bytes)
+            )
+        }
+    }
+}
+
 impl MemoryPlan {
     /// Refuse the plan if it cannot fit, naming what to change.
     pub fn check(&self, backend: &str) -> Result<()> {

@@ -40,6 +40,9 @@ pub struct Report {
     pub modules: Vec<ModuleReport>,
     /// Jacobi: relative change of the merged deltas between consecutive solves.
     pub jacobi_changes: Vec<f64>,
+    /// Jacobi: whether the adapter streams' inputs were kept between passes (else recomputed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter_inputs: Option<super::plan::AdapterInputs>,
     /// Per task, on its held-out samples (when given): KL(adapter ‖ merged) and accuracy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quality: Option<Vec<super::evaluate::TaskQuality>>,

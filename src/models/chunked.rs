@@ -130,11 +130,11 @@ impl Barrier {
 }
 
 /// Split the samples of every task into chunks of at most `max_rows` token rows, counting each
-/// sample twice where the merged stream runs too (`with_merged`). Samples stay in order and a
-/// chunk holds, for each task it reaches, an `Adapter(i)` group and (with the merged stream) a
-/// `Merged` group of the same samples. A sample longer than `max_rows` runs alone.
-pub fn chunk_batches(ids: &[Vec<Vec<u32>>], with_merged: bool, max_rows: usize) -> Vec<Batch> {
-    let per_sample = if with_merged { 2 } else { 1 };
+/// sample twice where both streams run. Samples stay in order and a chunk holds, for each task it
+/// reaches, an `Adapter(i)` group, a `Merged` group of the same samples, or both (`streams`).
+/// A sample longer than `max_rows` runs alone.
+pub fn chunk_batches(ids: &[Vec<Vec<u32>>], streams: Streams, max_rows: usize) -> Vec<Batch> {
+    let per_sample = if streams == Streams::Both { 2 } else { 1 };
     // (task, sample range) runs of each chunk.
     let mut chunks: Vec<Vec<(usize, std::ops::Range<usize>)>> = vec![Vec::new()];
     let mut rows = 0;
@@ -158,14 +158,28 @@ pub fn chunk_batches(ids: &[Vec<Vec<u32>>], with_merged: bool, max_rows: usize) 
         .map(|runs| {
             let mut b = Batch::default();
             for (task, run) in runs {
-                b.push_group(task, Stream::Adapter(task), &ids[task][run.clone()]);
-                if with_merged {
-                    b.push_group(task, Stream::Merged, &ids[task][run]);
+                if streams != Streams::Merged {
+                    b.push_samples(task, Stream::Adapter(task), &ids[task][run.clone()], run.start);
+                }
+                if streams != Streams::Adapters {
+                    b.push_samples(task, Stream::Merged, &ids[task][run.clone()], run.start);
                 }
             }
             b
         })
         .collect()
+}
+
+/// Which streams a merge pass runs for each sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Streams {
+    /// Each task's adapter stream and the merged stream.
+    Both,
+    /// Adapter streams only (the first Jacobi solve: no merged delta yet).
+    Adapters,
+    /// The merged stream only (later Jacobi passes that kept the adapter streams' inputs). A task's
+    /// chunks hold the same samples as with `Adapters` (one row per token either way).
+    Merged,
 }
 
 #[cfg(test)]
@@ -177,7 +191,7 @@ mod tests {
         let ids: Vec<Vec<Vec<u32>>> =
             vec![(0..5).map(|k| vec![k; 3]).collect(), (0..4).map(|k| vec![10 + k; 4]).collect(), vec![vec![99; 20]]];
         for (max_rows, merged) in [(1000, true), (14, true), (8, false), (6, true), (1, false)] {
-            let chunks = chunk_batches(&ids, merged, max_rows);
+            let chunks = chunk_batches(&ids, if merged { Streams::Both } else { Streams::Adapters }, max_rows);
             if max_rows == 1000 {
                 assert_eq!(chunks.len(), 1);
             }
@@ -186,6 +200,10 @@ mod tests {
                 // Only a lone over-long sample may exceed the budget.
                 assert!(b.tokens() <= max_rows || b.seqs.len() == 1 + merged as usize, "{max_rows}: {}", b.tokens());
                 for g in &b.groups {
+                    assert_eq!(
+                        seen[g.task].len() - if g.stream == Stream::Merged { b.seqs[g.seqs.clone()].len() } else { 0 },
+                        g.first_sample
+                    );
                     let seqs = b.seqs[g.seqs.clone()].iter().map(|r| b.ids[r.clone()].to_vec());
                     match g.stream {
                         Stream::Adapter(i) => {
@@ -204,6 +222,14 @@ mod tests {
                 }
             }
             assert_eq!(seen, ids, "max_rows {max_rows}");
+            // Merged-only chunks hold the samples the adapter-only chunks hold, group by group.
+            let key = |bs: Vec<Batch>| -> Vec<Vec<(usize, usize, usize)>> {
+                bs.iter().map(|b| b.groups.iter().map(|g| (g.task, g.first_sample, g.seqs.len())).collect()).collect()
+            };
+            assert_eq!(
+                key(chunk_batches(&ids, Streams::Adapters, max_rows)),
+                key(chunk_batches(&ids, Streams::Merged, max_rows))
+            );
         }
     }
 

@@ -76,6 +76,9 @@ pub struct Group {
     pub stream: Stream,
     /// Indices into `Batch::seqs`.
     pub seqs: Range<usize>,
+    /// The index of its first sequence among its task's samples (a merge pass in chunks: which
+    /// samples the group holds).
+    pub first_sample: usize,
 }
 
 /// Rows are tokens for most stages; a pooler reads one row per sequence.
@@ -101,6 +104,12 @@ impl Batch {
         self.push_continuations(task, stream, samples, &vec![0; samples.len()]);
     }
 
+    /// `push_group` of the task's samples `first..first + samples.len()`.
+    pub fn push_samples(&mut self, task: usize, stream: Stream, samples: &[Vec<u32>], first: usize) {
+        self.push_group(task, stream, samples);
+        self.groups.last_mut().unwrap().first_sample = first;
+    }
+
     /// Append the sequences `parts` as one group, part s starting at position `starts[s]` (the
     /// tokens after what a KV cache holds).
     pub fn push_continuations(&mut self, task: usize, stream: Stream, parts: &[Vec<u32>], starts: &[usize]) {
@@ -112,7 +121,7 @@ impl Batch {
             self.positions.extend(at as u32..(at + s.len()) as u32);
             self.seqs.push(start..self.ids.len());
         }
-        self.groups.push(Group { task, stream, seqs: first..self.seqs.len() });
+        self.groups.push(Group { task, stream, seqs: first..self.seqs.len(), first_sample: 0 });
     }
 
     /// Rows of group `g` at the given level.

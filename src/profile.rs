@@ -1,0 +1,95 @@
+//! Where a run's time goes: wall time, CPU time (every thread, user + system) and floating-point
+//! operations per phase, for the benchmarks (`cargo bench --bench merge`). Off unless `enable`d:
+//! a disabled span is one atomic load. Spans do not nest: inside one (an op that calls others),
+//! the inner ones count nothing, so the phases add up to at most the wall time.
+//!
+//! Native only: the page has neither a process clock nor a need for it (its spans are no-ops).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+static ON: AtomicBool = AtomicBool::new(false);
+/// Spans open now (any thread): only the outermost records.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+static PHASES: Mutex<Vec<Phase>> = Mutex::new(Vec::new());
+
+/// What one phase cost over the run so far.
+#[derive(Clone, Debug, Default)]
+pub struct Phase {
+    pub name: &'static str,
+    pub calls: usize,
+    pub wall_s: f64,
+    /// CPU seconds of the process (all threads) while the phase ran.
+    pub cpu_s: f64,
+    pub flops: f64,
+}
+
+/// Start recording (and forget what was recorded before).
+pub fn enable() {
+    PHASES.lock().unwrap().clear();
+    ON.store(true, Ordering::Relaxed);
+}
+
+/// The phases recorded since `enable`, costliest first.
+pub fn phases() -> Vec<Phase> {
+    let mut p = PHASES.lock().unwrap().clone();
+    p.sort_by(|a, b| b.wall_s.total_cmp(&a.wall_s));
+    p
+}
+
+/// Wall and process CPU seconds since an arbitrary origin; None where there is no process clock.
+pub fn clocks() -> Option<(f64, f64)> {
+    #[cfg(all(unix, not(target_arch = "wasm32")))]
+    {
+        // SAFETY: getrusage only writes the struct it is given.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+            return None;
+        }
+        let secs = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+        let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
+        Some((wall, secs(u.ru_utime) + secs(u.ru_stime)))
+    }
+    #[cfg(not(all(unix, not(target_arch = "wasm32"))))]
+    None
+}
+
+/// Records its phase when dropped.
+pub struct Span {
+    start: Option<(&'static str, f64, f64, f64)>,
+}
+
+/// Time the rest of the scope as phase `name`, which performs `flops` floating-point operations.
+pub fn span(name: &'static str, flops: f64) -> Span {
+    if !ON.load(Ordering::Relaxed) {
+        return Span { start: None };
+    }
+    if OPEN.fetch_add(1, Ordering::Relaxed) > 0 {
+        return Span { start: Some(("", 0.0, 0.0, 0.0)) };
+    }
+    match clocks() {
+        Some((w, c)) => Span { start: Some((name, w, c, flops)) },
+        None => Span { start: Some(("", 0.0, 0.0, 0.0)) },
+    }
+}
+
+impl Drop for Span {
+    fn drop(&mut self) {
+        let Some((name, w0, c0, flops)) = self.start else { return };
+        OPEN.fetch_sub(1, Ordering::Relaxed);
+        let Some((w1, c1)) = clocks().filter(|_| !name.is_empty()) else { return };
+        let mut phases = PHASES.lock().unwrap();
+        let i = match phases.iter().position(|p| p.name == name) {
+            Some(i) => i,
+            None => {
+                phases.push(Phase { name, ..Phase::default() });
+                phases.len() - 1
+            }
+        };
+        let p = &mut phases[i];
+        p.calls += 1;
+        p.wall_s += w1 - w0;
+        p.cpu_s += c1 - c0;
+        p.flops += flops;
+    }
+}
