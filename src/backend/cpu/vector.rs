@@ -18,7 +18,8 @@ fn exp(x: f32) -> f32 {
     // 1.5·2^23: adding and subtracting it rounds to the nearest integer without a round instruction.
     const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-87.3, 88.7);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     // e^r on |r| ≤ ln2/2: its Taylor polynomial to degree 7 (truncation below 1e-8 relative).
     let p = 1.0 / 5040.0;
@@ -29,7 +30,10 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 0.5;
     let p = p * r + 1.0;
     let p = p * r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // 2^n from t's bits, which hold n in their lowest (t = 1.5·2^23 + n): integer arithmetic that
+    // vectorizes, where a float-to-int cast (saturating in Rust) made the whole loop scalar.
+    let ni = t.to_bits() as i32 - ROUND.to_bits() as i32;
+    let scale = f32::from_bits(((ni + 127) << 23) as u32);
     if x < -87.3 {
         0.0
     } else {
