@@ -48,6 +48,7 @@ impl<'a, T> View<'a, T> {
 pub fn product(a: View<f32>, b: View<f32>) -> Vec<f32> {
     let (m, n) = (a.rows, b.cols);
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    huge_pages(&mut c);
     #[cfg(not(target_arch = "wasm32"))]
     if m > 0 && n > 0 && a.cols > 0 {
         assert_eq!(b.rows, a.cols, "gemm: inner dimensions {} and {}", a.cols, b.rows);
@@ -68,6 +69,30 @@ pub fn product(a: View<f32>, b: View<f32>) -> Vec<f32> {
     c.resize(m * n, 0.0);
     matmul(&mut c, a, b, false);
     c
+}
+
+/// Ask Linux for 2 MiB pages under a large vector's capacity (transparent huge pages in `madvise`
+/// mode, the common default): its first touch then faults 512× fewer times. The kernel's page
+/// faults and page clearing were 8% of a GPT-2-shaped merge's samples even with freed memory
+/// kept (`keep_freed_memory`): the heap's first growth to its peak.
+fn huge_pages<T>(v: &mut Vec<T>) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let bytes = v.capacity() * std::mem::size_of::<T>();
+        if bytes < 2 * HUGE {
+            return;
+        }
+        let start = (v.as_mut_ptr() as usize).next_multiple_of(HUGE);
+        let end = (v.as_mut_ptr() as usize + bytes) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: an advice on whole pages inside the vector's own allocation; it changes no
+            // contents.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = v;
 }
 
 /// c (m, n, row-major, stride n) = a · b, or += where `accumulate`.
