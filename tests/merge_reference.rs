@@ -116,3 +116,27 @@ fn f64_solve_paths() {
     let e = solve(&Cpu, "h.0.attn.c_attn", &spec, &[Some(&lora)]).block_on().unwrap_err().to_string();
     assert!(e.contains("h.0.attn.c_attn") && e.contains("singular"), "{e}");
 }
+
+/// Jacobi keeps the adapter streams' inputs from its first pass where they fit and reruns the
+/// adapter streams every pass where they do not: both give the same merge, bit for bit.
+#[test]
+fn jacobi_keeping_adapter_inputs_equals_rerunning_them() {
+    for arch in ["gpt2", "llama", "bert"] {
+        let opts = Options { schedule: Schedule::Jacobi, iters: 3, ..Options::default() };
+        let kept = merge(arch, &opts);
+        let k = kept.outcome.adapter_inputs.expect("Jacobi reports its adapter inputs");
+        assert!(k.kept, "{arch}: the fixtures' inputs fit");
+        // A memory budget just above what the rest of the merge needs: the adapter streams rerun.
+        let budget = (kept.report.memory_plan.host_to_allocate_bytes >> 20) + 1;
+        let rerun = merge(arch, &Options { max_memory_mib: Some(budget), ..opts });
+        let r = rerun.outcome.adapter_inputs.unwrap();
+        assert!(!r.kept && r.bytes == k.bytes, "{arch}: {r:?} under {budget} MiB");
+        for (a, b) in kept.outcome.merged.iter().zip(&rerun.outcome.merged) {
+            assert_eq!(dense(a), dense(b), "{arch}: kept and rerun merges differ");
+        }
+        let align = |m: &iteris::merge::pipeline::MergeResult| -> Vec<Option<f64>> {
+            m.outcome.records.iter().flat_map(|r| r.align.clone()).collect()
+        };
+        assert_eq!(align(&kept), align(&rerun), "{arch}: alignment errors");
+    }
+}

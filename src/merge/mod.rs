@@ -306,10 +306,11 @@ pub async fn iteris<B: Backend>(
                 // The adapter streams are the same in every pass: where their inputs fit, the first
                 // pass keeps them and the later ones run the merged stream alone.
                 let tokens = ids.iter().flatten().map(Vec::len).sum();
-                let keep = plan::AdapterInputs::plan(be, &targets, tokens, opts.max_memory_mib);
+                let keep =
+                    plan::AdapterInputs::plan(be, &model.modules(), &targets, tokens, ids.len(), opts.max_memory_mib);
                 adapter_inputs = Some(keep);
                 let merged_only;
-                let later = if keep.kept && opts.iters > 0 {
+                let later = if keep.kept {
                     hook.keep_adapter_inputs();
                     merged_only = chunk_batches(ids, Streams::Merged, max_rows);
                     &merged_only

@@ -163,9 +163,17 @@ pub struct AdapterInputs {
 }
 
 impl AdapterInputs {
-    /// Keep them where they fit: in half the host memory available (the CPU backend; the rest is
-    /// the merge's own), or within `KEEP_DEVICE_BYTES` (a GPU backend).
-    pub fn plan<B: Backend>(be: &B, targets: &[Target], tokens: usize, max_memory_mib: Option<u64>) -> Self {
+    /// Keep them where they fit: in half the host memory left once the rest of the merge has what
+    /// `merge_plan` counts for it (one batched pass over both streams, a stage's statistics), or
+    /// within `KEEP_DEVICE_BYTES` (a GPU backend). `tokens`: every task's token rows.
+    pub fn plan<B: Backend>(
+        be: &B,
+        modules: &[ModuleInfo],
+        targets: &[Target],
+        tokens: usize,
+        tasks: usize,
+        max_memory_mib: Option<u64>,
+    ) -> Self {
         let bytes: u64 = targets.iter().map(|t| (t.in_dim * tokens * 4) as u64).sum();
         let budget = if be.on_device() {
             KEEP_DEVICE_BYTES
@@ -174,7 +182,11 @@ impl AdapterInputs {
                 (Some(a), Some(m)) => a.min(m),
                 (a, m) => a.or(m).unwrap_or(KEEP_DEVICE_BYTES * 2),
             };
-            avail / 2
+            let widest = widest_row(modules, targets).0 as u64;
+            let width = targets.iter().map(|t| t.in_dim).max().unwrap_or(0) as u64;
+            let pass = 2 * tokens as u64 * widest * 4 * LIVE_ACTIVATIONS;
+            let stats = (2 * tasks as u64 + 2 * 3) * width * width * 8;
+            avail.saturating_sub(pass + stats) / 2
         };
         AdapterInputs { kept: bytes <= budget, bytes }
     }

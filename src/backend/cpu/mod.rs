@@ -328,7 +328,13 @@ impl Backend for Cpu {
         assert_eq!((acc.rows, acc.cols), (x.cols, y.cols), "gram: accumulator of another shape");
         let same = std::ptr::eq(x, y) && xr == yr;
         let flops = 2.0 * (xr.len() * x.cols * y.cols) as f64 / if same { 2.0 } else { 1.0 };
-        let _p = span("gram", flops);
+        // Named apart: the statistics' squares, and the alignment errors' r-column Grams.
+        let phase = match (same, x.cols.min(y.cols) <= 64) {
+            (_, true) => "gram (narrow)",
+            (true, false) => "gram (sym)",
+            (false, false) => "gram",
+        };
+        let _p = span(phase, flops);
         let (xs, ys) = (&x.data[xr.start * x.cols..xr.end * x.cols], &y.data[yr.start * y.cols..yr.end * y.cols]);
         gemm::gram_into(acc, xs, ys, xr.len(), same);
     }
