@@ -161,11 +161,6 @@ impl<'a, B: Backend> IterisHook<'a, B> {
         self.kept = Some(HashMap::new());
     }
 
-    /// Bytes of the adapter inputs kept so far.
-    pub fn kept_bytes(&self, be: &B) -> u64 {
-        self.kept.iter().flat_map(|k| k.values()).map(|t| (be.dims(t).0 * be.dims(t).1 * 4) as u64).sum()
-    }
-
     /// Prepare for the next pass. `promote` makes what the last pass solved the deltas merged rows
     /// run with (the Jacobi step).
     pub fn begin_pass(&mut self, be: &B, mode: Mode, promote: bool) {
@@ -484,11 +479,12 @@ impl<B: Backend> IterisHook<'_, B> {
 /// A task's adapter-stream rows and, once the merged model runs, its merged-stream rows.
 type TaskRows = (Range<usize>, Option<Range<usize>>);
 
-/// The index, among its task's samples, of each task's first sample in the chunk.
-fn first_samples(input: &StageInput<impl Backend>, tasks: usize) -> Vec<usize> {
-    let mut out = vec![0; tasks];
+/// The index, among its task's samples, of each task's first sample in the chunk (None for a
+/// task the chunk does not hold).
+fn first_samples(input: &StageInput<impl Backend>, tasks: usize) -> Vec<Option<usize>> {
+    let mut out = vec![None; tasks];
     for g in &input.batch.groups {
-        out[g.task] = g.first_sample;
+        out[g.task] = Some(g.first_sample);
     }
     out
 }
@@ -527,10 +523,10 @@ impl<B: Backend> StageHook<B> for IterisHook<'_, B> {
         // The first pass of a Jacobi that keeps the adapter streams records their inputs.
         let mut kept = self.kept.take();
         if let Some(kept) = kept.as_mut() {
-            for (i, (ra, rm)) in rows.iter().enumerate() {
-                if !ra.is_empty() && rm.is_none() {
+            for (i, ((ra, rm), first)) in rows.iter().zip(&firsts).enumerate() {
+                if let (false, None, Some(first)) = (ra.is_empty(), rm, first) {
                     let idx: Vec<u32> = (ra.start as u32..ra.end as u32).collect();
-                    kept.insert((stage_key, i, firsts[i]), be.select_rows(input.x, &idx));
+                    kept.insert((stage_key, i, *first), be.select_rows(input.x, &idx));
                 }
             }
         }
@@ -538,9 +534,8 @@ impl<B: Backend> StageHook<B> for IterisHook<'_, B> {
         let adapter_x: Vec<Option<(&B::T, Range<usize>)>> = rows
             .iter()
             .enumerate()
-            .map(|(i, (ra, rm))| match kept.as_ref().and_then(|k| k.get(&(stage_key, i, firsts[i]))) {
-                // Only a task with merged rows in this chunk replays (firsts[i] is 0 for the others).
-                Some(x) if ra.is_empty() && rm.is_some() => Some((x, 0..be.dims(x).0)),
+            .map(|(i, (ra, _))| match (kept.as_ref(), firsts[i]) {
+                (Some(k), Some(first)) if ra.is_empty() => k.get(&(stage_key, i, first)).map(|x| (x, 0..be.dims(x).0)),
                 _ => (!ra.is_empty()).then(|| (input.x, ra.clone())),
             })
             .collect();

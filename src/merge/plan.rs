@@ -102,6 +102,17 @@ pub fn chunk_rows<B: Backend>(be: &B, modules: &[ModuleInfo], targets: &[Target]
     (be.max_tensor_bytes() / row).clamp(1, usize::MAX as u64) as usize
 }
 
+/// One batched forward pass's activations over `rows` token rows.
+fn pass_bytes(rows: usize, widest: usize) -> u64 {
+    rows as u64 * widest as u64 * 4 * LIVE_ACTIVATIONS
+}
+
+/// One stage's statistics on the host: per task XᵀX̃ and X̃ᵀX̃; per module of a stage (at most
+/// three: q/k/v) a system and a factor; f64, of the widest targeted input.
+fn host_stats_bytes(tasks: usize, width: usize) -> u64 {
+    (2 * tasks as u64 + 2 * 3) * (width * width) as u64 * 8
+}
+
 /// The whole merge: the batched pass (both streams) in chunks of `chunk_rows` token rows each
 /// (`models::chunked`; one chunk where the backend has no binding limit); `tasks` adapters.
 pub fn merge_plan<B: Backend>(
@@ -118,15 +129,14 @@ pub fn merge_plan<B: Backend>(
     // Every chunk's activations are alive at once (they meet at each stage); one tensor holds at
     // most a chunk's rows.
     let all_rows: usize = chunk_rows.iter().sum();
-    p.activations_bytes = all_rows as u64 * widest as u64 * 4 * LIVE_ACTIVATIONS;
+    p.activations_bytes = pass_bytes(all_rows, widest);
     p.chunks = chunk_rows.len();
     p.chunk_rows = chunk_rows.iter().copied().max().unwrap_or(0);
     let rows = p.chunk_rows as u64;
     let row_tensor = rows * widest as u64 * 4;
     let (width, gram_name) = targets.iter().map(|t| (t.in_dim, t.name.as_str())).max().unwrap_or((0, ""));
     let square = (width * width) as u64;
-    // Per task XᵀX̃ and X̃ᵀX̃; per module of a stage (at most three: q/k/v) a system and a factor.
-    let host_stats = (2 * tasks as u64 + 2 * 3) * square * 8;
+    let host_stats = host_stats_bytes(tasks, width);
     let device_stats = (2 * tasks as u64 * 2 + 3) * square * 4;
     p.statistics_bytes = host_stats + if be.on_device() { device_stats } else { 0 };
     // A Gram matrix wider than one binding is kept in row blocks (and solved on the host without
@@ -182,11 +192,9 @@ impl AdapterInputs {
                 (Some(a), Some(m)) => a.min(m),
                 (a, m) => a.or(m).unwrap_or(KEEP_DEVICE_BYTES * 2),
             };
-            let widest = widest_row(modules, targets).0 as u64;
-            let width = targets.iter().map(|t| t.in_dim).max().unwrap_or(0) as u64;
-            let pass = 2 * tokens as u64 * widest * 4 * LIVE_ACTIVATIONS;
-            let stats = (2 * tasks as u64 + 2 * 3) * width * width * 8;
-            avail.saturating_sub(pass + stats) / 2
+            let width = targets.iter().map(|t| t.in_dim).max().unwrap_or(0);
+            let rest = pass_bytes(2 * tokens, widest_row(modules, targets).0) + host_stats_bytes(tasks, width);
+            avail.saturating_sub(rest) / 2
         };
         AdapterInputs { kept: bytes <= budget, bytes }
     }
