@@ -5,7 +5,7 @@
 //!     cargo bench --bench solve [-- --sizes 768,3072]
 
 use iteris::backend::cpu::Cpu;
-use iteris::backend::{SystemSpec, SystemTerm, Weight};
+use iteris::backend::{Cross, SystemSpec, SystemTerm, Weight};
 use iteris::formats::peft::LoraModule;
 use iteris::merge::solve::solve;
 use nalgebra::DMatrix;
@@ -29,7 +29,7 @@ fn main() {
         let gram = x.transpose() * &x;
         let loras: Vec<LoraModule> =
             (0..3).map(|_| LoraModule { path: "m".into(), a: r.mat(8, n), b: r.mat(n, 8), scale: 2.0 }).collect();
-        let term = || SystemTerm { gram: &gram, cross: &gram, weight: Weight::constant(1.0) };
+        let term = || SystemTerm { gram: &gram, cross: Cross::Full(&gram), weight: Weight::constant(1.0) };
         let spec =
             SystemSpec { terms: (0..3).map(|_| term()).collect(), alpha1: 1e-4, alpha2: 1e-4, off_diagonal: 1.0 };
         let t = Instant::now();

@@ -431,7 +431,7 @@ fn weights_beyond_one_binding_are_split_by_rows() {
 /// rounding; and its f32 factor L satisfies L·Lᵀ = M to the same level.
 #[test]
 fn system_assembled_from_pending_statistics_equals_the_host_system() {
-    use iteris::backend::{Reads, SystemSpec, SystemTerm, Weight};
+    use iteris::backend::{Cross, Reads, SystemSpec, SystemTerm, Weight};
     use iteris::merge::solve::assemble;
     let _l = LOCK.lock().unwrap();
     let Some(g) = gpu("system_assembled_from_pending_statistics_equals_the_host_system") else { return };
@@ -459,7 +459,10 @@ fn system_assembled_from_pending_statistics_equals_the_host_system() {
             (weight1, Weight::constant(0.25))
         };
         let spec = SystemSpec {
-            terms: vec![SystemTerm { gram: g1, cross: g1, weight: w1 }, SystemTerm { gram: g2, cross: g2, weight: w2 }],
+            terms: vec![
+                SystemTerm { gram: g1, cross: Cross::Full(g1), weight: w1 },
+                SystemTerm { gram: g2, cross: Cross::Full(g2), weight: w2 },
+            ],
             alpha1: alpha,
             alpha2: alpha,
             off_diagonal,

@@ -15,7 +15,7 @@ use crate::mat::{Mat, Mat64, StoredMat};
 use std::ops::Range;
 
 pub use reads::{FactorId, GramId, Reads, ScalarId, Values};
-pub use system::{SystemSpec, SystemTerm, Weight};
+pub use system::{Cross, SystemSpec, SystemTerm, Weight};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
@@ -162,6 +162,50 @@ pub trait Backend: Sized {
     /// `*acc += x[xr]ᵀ · y[yr]` on a pending Gram, at the same precision (a stage's statistics
     /// gathered chunk by chunk, `models::chunked`).
     fn add_gram(&self, acc: &mut Self::Gram, x: &Self::T, xr: Range<usize>, y: &Self::T, yr: Range<usize>);
+    /// s · a · x[xr]ᵀ · y[yr], (rows_a, cols_y) with a (rows_a, cols_x): a Gram projected onto a
+    /// LoRA's A, the cross term's share of Zᵀ (`Cross::Projected`), at `add_gram`'s precision.
+    /// Default: U = s · x · aᵀ in f32, then Uᵀ · y.
+    fn defer_projected_gram(
+        &self,
+        a: &Self::T,
+        s: f32,
+        x: &Self::T,
+        xr: Range<usize>,
+        y: &Self::T,
+        yr: Range<usize>,
+    ) -> Self::Gram {
+        let mut u = self.matmul_t(x, xr, a);
+        self.scale(&mut u, s);
+        let n = self.dims(&u).0;
+        self.defer_gram(&u, 0..n, y, yr)
+    }
+    /// `*acc += s · a · x[xr]ᵀ · y[yr]` on a Gram of `defer_projected_gram`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_projected_gram(
+        &self,
+        acc: &mut Self::Gram,
+        a: &Self::T,
+        s: f32,
+        x: &Self::T,
+        xr: Range<usize>,
+        y: &Self::T,
+        yr: Range<usize>,
+    ) {
+        let mut u = self.matmul_t(x, xr, a);
+        self.scale(&mut u, s);
+        let n = self.dims(&u).0;
+        self.add_gram(acc, &u, 0..n, y, yr)
+    }
+    /// x[xr]ᵀ · y[yr] where the Gram's only use is its Frobenius norm (the ridge scale of a cross
+    /// term held projected, `SystemTerm::cross`): a backend may compute it at f32 precision. The
+    /// norm of a sum of f32 products moves by about 1e-7 relative, the merge by α1/α2 times that.
+    fn defer_gram_for_norm(&self, x: &Self::T, xr: Range<usize>, y: &Self::T, yr: Range<usize>) -> Self::Gram {
+        self.defer_gram(x, xr, y, yr)
+    }
+    /// `*acc += x[xr]ᵀ · y[yr]` on a Gram of `defer_gram_for_norm`.
+    fn add_gram_for_norm(&self, acc: &mut Self::Gram, x: &Self::T, xr: Range<usize>, y: &Self::T, yr: Range<usize>) {
+        self.add_gram(acc, x, xr, y, yr)
+    }
     /// `*acc += more` on pending scalars.
     fn add_scalar(&self, acc: &mut Self::Scalar, more: Self::Scalar);
     /// Σ x[rows]² (x may be a weight, in any stored precision), accumulated beyond f32.

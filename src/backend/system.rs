@@ -5,7 +5,9 @@
 //!   c_i = (num_i + Σ_k k · value_k) / den_i,
 //!
 //! where S scales a matrix's off-diagonal entries by `off_diagonal` (RegMean; 1 for IterIS) and
-//! symmetrises the Grams. `SystemSpec` is generic over where its values are: ids into a batch of
+//! symmetrises the Grams. C_i enters Zᵀ only through A_i C_i and its norm, so where X̃ ≠ X it is
+//! held projected (`Cross::Projected`): s_i A_i C_i = U_iᵀ X̃_i with U_i = s_i X_i A_iᵀ, an
+//! (r, in) Gram, and C_i itself at f32 precision for the norm alone. `SystemSpec` is generic over where its values are: ids into a batch of
 //! pending reads while a stage is recorded, the backend's pending values when the GPU assembles M
 //! for its f32 factor (`system_assemble.wgsl`), and fetched f64 values when the host assembles the
 //! same M and Zᵀ (`merge::solve::assemble`). One description, evaluated in both places.
@@ -27,10 +29,33 @@ pub struct SystemSpec<S, G> {
 pub struct SystemTerm<S, G> {
     /// G_i = X̃_iᵀ X̃_i (in, in).
     pub gram: G,
-    /// C_i = X_iᵀ X̃_i (in, in); the same value as `gram` where X̃ = X.
-    pub cross: G,
+    /// C_i = X_iᵀ X̃_i, whole or projected onto the task's A_i at this module.
+    pub cross: Cross<G>,
     /// The adaptive weight c_i.
     pub weight: Weight<S>,
+}
+
+/// A task's cross term C_i = X_iᵀ X̃_i.
+#[derive(Clone, Debug)]
+pub enum Cross<G> {
+    /// C_i (in, in): RegMean's, and the same value (and id) as the Gram where X̃ = X.
+    Full(G),
+    /// What Zᵀ reads of it where X̃ ≠ X: s_i A_i C_i (r, in), None where the task's adapter does
+    /// not target the module; and C_i at f32 precision (in, in) for ‖C_i‖_F alone (IterIS: S is
+    /// the identity). The full f64 C_i would cost an (in, in) f64 product per task: 2 s of a
+    /// 31 s GPT-2-shaped merge on 2 cores, against 0.9 s for the f32 one.
+    Projected { sac: Option<G>, for_norm: G },
+}
+
+impl<G> Cross<G> {
+    pub fn map<G2>(&self, mut g: impl FnMut(&G) -> G2) -> Cross<G2> {
+        match self {
+            Cross::Full(c) => Cross::Full(g(c)),
+            Cross::Projected { sac, for_norm } => {
+                Cross::Projected { sac: sac.as_ref().map(&mut g), for_norm: g(for_norm) }
+            }
+        }
+    }
 }
 
 /// c = (num + Σ k · value) / den, from constants and scalars that may still be pending.
@@ -49,7 +74,7 @@ impl<S, G> SystemSpec<S, G> {
             terms: self
                 .terms
                 .iter()
-                .map(|t| SystemTerm { gram: g(&t.gram), cross: g(&t.cross), weight: t.weight.map(&mut s) })
+                .map(|t| SystemTerm { gram: g(&t.gram), cross: t.cross.map(&mut g), weight: t.weight.map(&mut s) })
                 .collect(),
             alpha1: self.alpha1,
             alpha2: self.alpha2,

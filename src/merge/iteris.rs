@@ -20,7 +20,7 @@
 //! next pass (the published schedule). `Evaluate` solves nothing and only measures.
 
 use super::solve::{assemble, finish, host, to_f64, Merged, SolvePath};
-use crate::backend::{Backend, FactorId, GramId, Reads, ScalarId, SystemSpec, SystemTerm, Values, Weight};
+use crate::backend::{Backend, Cross, FactorId, GramId, Reads, ScalarId, SystemSpec, SystemTerm, Values, Weight};
 use crate::error::{Error, Result};
 use crate::formats::peft::LoraModule;
 use crate::models::chunked::StageHook;
@@ -200,8 +200,41 @@ struct AlignRead {
 /// The stage's targeted modules: (index in the stage's modules, index in `targets`).
 type Targeted = [(usize, usize)];
 
-/// The ridge-free statistics of a task: (X_iᵀ X̃_i, X̃_iᵀ X̃_i), one id twice where X̃ = X.
-type TaskGrams = (GramId, GramId);
+/// The ridge-free statistics of a task at a stage.
+#[derive(Clone)]
+struct TaskGrams {
+    /// X̃_iᵀ X̃_i.
+    gram: GramId,
+    cross: StageCross,
+}
+
+/// X_iᵀ X̃_i as a stage gathers it (`Cross`): whole (the Gram's id where X̃ = X), or projected
+/// onto each targeted module's A_i (indexed like `Stage::targeted`) with the f32 C_i for its norm.
+#[derive(Clone)]
+enum StageCross {
+    Full(GramId),
+    Projected { sac: Vec<Option<GramId>>, for_norm: GramId },
+}
+
+impl TaskGrams {
+    /// The cross term as module k of the stage reads it.
+    fn cross(&self, k: usize) -> Cross<GramId> {
+        match &self.cross {
+            StageCross::Full(id) => Cross::Full(*id),
+            StageCross::Projected { sac, for_norm } => Cross::Projected { sac: sac[k], for_norm: *for_norm },
+        }
+    }
+
+    /// Every id it holds (a Gram may appear twice).
+    fn ids(&self) -> Vec<GramId> {
+        let mut ids = vec![self.gram];
+        match &self.cross {
+            StageCross::Full(id) => ids.push(*id),
+            StageCross::Projected { sac, for_norm } => ids.extend(sac.iter().flatten().chain([for_norm])),
+        }
+        ids
+    }
+}
 
 /// A stage's statistics as its chunks contribute them: ids into the hook's `reads`, each summed
 /// over the chunks (`Backend::add_gram`, `add_scalar`).
@@ -245,6 +278,46 @@ fn add_gram<B: Backend>(
     }
 }
 
+/// `acc += s · a · x[xr]ᵀ · y[yr]` for a pending projected Gram that may not exist yet.
+#[allow(clippy::too_many_arguments)]
+fn add_projected_gram<B: Backend>(
+    be: &B,
+    reads: &mut Reads<B>,
+    acc: Option<GramId>,
+    lora: &DeviceLora<B::T>,
+    x: &B::T,
+    xr: Range<usize>,
+    y: &B::T,
+    yr: Range<usize>,
+) -> GramId {
+    match acc {
+        Some(id) => {
+            be.add_projected_gram(reads.gram_mut(id), &lora.a, lora.scale, x, xr, y, yr);
+            id
+        }
+        None => reads.gram(be.defer_projected_gram(&lora.a, lora.scale, x, xr, y, yr)),
+    }
+}
+
+/// `add_gram` for a Gram read for its norm alone (`Backend::add_gram_for_norm`).
+fn add_gram_for_norm<B: Backend>(
+    be: &B,
+    reads: &mut Reads<B>,
+    acc: Option<GramId>,
+    x: &B::T,
+    xr: Range<usize>,
+    y: &B::T,
+    yr: Range<usize>,
+) -> GramId {
+    match acc {
+        Some(id) => {
+            be.add_gram_for_norm(reads.gram_mut(id), x, xr, y, yr);
+            id
+        }
+        None => reads.gram(be.defer_gram_for_norm(x, xr, y, yr)),
+    }
+}
+
 /// `*acc += more` for a pending scalar that may not exist yet.
 fn add_scalar<B: Backend>(be: &B, reads: &mut Reads<B>, acc: &mut Option<ScalarId>, more: B::Scalar) {
     match acc {
@@ -254,7 +327,7 @@ fn add_scalar<B: Backend>(be: &B, reads: &mut Reads<B>, acc: &mut Option<ScalarI
 }
 
 impl<B: Backend> IterisHook<'_, B> {
-    /// 1a. The numerator of each task's adaptive weight, ‖W0 + ΔW_i‖²_F, per targeted module: known
+    /// Step 1a: The numerator of each task's adaptive weight, ‖W0 + ΔW_i‖²_F, per targeted module: known
     /// after a module's first visit, else ‖W0‖² + ⟨W0, B_i A_i⟩ (= Σ (A_i W0ᵀ) ⊙ B_iᵀ) read now.
     fn defer_weight_norms(
         &self,
@@ -287,7 +360,7 @@ impl<B: Backend> IterisHook<'_, B> {
             .collect()
     }
 
-    /// 1b. The chunk's adapter rows run with W0 + ΔW_i.
+    /// Step 1b: The chunk's adapter rows run with W0 + ΔW_i.
     ///
     /// Adds ‖X_i (W0 + ΔW_i)ᵀ‖² to the adaptive weights' denominators and returns
     /// U_i = s_i X_i A_iᵀ (X_i ΔW_iᵀ = U_i B_iᵀ) per targeted module and task.
@@ -323,8 +396,10 @@ impl<B: Backend> IterisHook<'_, B> {
             .collect()
     }
 
-    /// 2. Adds the chunk's rows to X_iᵀX̃_i and X̃_iᵀX̃_i, shared by the stage's modules (X̃ = X
-    /// before any merged delta).
+    /// Step 2: Adds the chunk's rows to X̃_iᵀX̃_i, shared by the stage's modules, and to the cross
+    /// terms: X_iᵀX̃_i itself where X̃ = X (the first pass: the Gram's id), else projected
+    /// (`Cross::Projected`), s_i A_i X_iᵀX̃_i per targeted module and X_iᵀX̃_i at f32 precision
+    /// for its norm.
     fn add_grams(
         &self,
         be: &B,
@@ -334,7 +409,7 @@ impl<B: Backend> IterisHook<'_, B> {
         stage: &mut Stage,
         reads: &mut Reads<B>,
     ) {
-        for ((xa, (_, rm)), acc) in adapter_x.iter().zip(rows).zip(&mut stage.grams) {
+        for (i, ((xa, (_, rm)), acc)) in adapter_x.iter().zip(rows).zip(&mut stage.grams).enumerate() {
             let Some((xa, ra)) = xa.clone() else { continue };
             let mixed;
             let (xt, rt) = match rm {
@@ -345,17 +420,49 @@ impl<B: Backend> IterisHook<'_, B> {
                 }
                 Some(rm) => (x, rm.clone()),
             };
-            let cross = add_gram(be, reads, acc.map(|g| g.0), xa, ra.clone(), xt, rt.clone());
-            let gram = if rm.is_some() { add_gram(be, reads, acc.map(|g| g.1), xt, rt.clone(), xt, rt) } else { cross };
-            *acc = Some((cross, gram));
+            let prev = acc.take();
+            let prev_gram = prev.as_ref().map(|g| g.gram);
+            let cross = match (rm, prev.map(|g| g.cross)) {
+                // X̃ = X: the cross term is the Gram.
+                (None, prev) => {
+                    let id = add_gram(be, reads, prev_gram, xa, ra.clone(), xt, rt);
+                    debug_assert!(prev.is_none_or(|c| matches!(c, StageCross::Full(p) if p == id)));
+                    *acc = Some(TaskGrams { gram: id, cross: StageCross::Full(id) });
+                    continue;
+                }
+                // RegMean scales C's off-diagonal entries: it reads C whole.
+                (Some(_), prev) if self.regmean.is_some() => {
+                    let prev = match prev {
+                        Some(StageCross::Full(id)) => Some(id),
+                        _ => None,
+                    };
+                    StageCross::Full(add_gram(be, reads, prev, xa, ra.clone(), xt, rt.clone()))
+                }
+                (Some(_), prev) => {
+                    let (mut sac, for_norm) = match prev {
+                        Some(StageCross::Projected { sac, for_norm }) => (sac, Some(for_norm)),
+                        _ => (vec![None; stage.targeted.len()], None),
+                    };
+                    for (sac, &(_, t)) in sac.iter_mut().zip(&stage.targeted) {
+                        if let Some(l) = self.loras[t][i].as_ref() {
+                            *sac = Some(add_projected_gram(be, reads, *sac, l, xa, ra.clone(), xt, rt.clone()));
+                        }
+                    }
+                    let for_norm = add_gram_for_norm(be, reads, for_norm, xa, ra.clone(), xt, rt.clone());
+                    StageCross::Projected { sac, for_norm }
+                }
+            };
+            let gram = add_gram(be, reads, prev_gram, xt, rt.clone(), xt, rt);
+            *acc = Some(TaskGrams { gram, cross });
         }
     }
 
-    /// 3. A module's system from the stage's pending statistics, and the backend's f32 factor of
+    /// Step 3: A module's system from the stage's pending statistics, and the backend's f32 factor of
     /// it, assembled there from the same pending values (so both come back in one readback).
     fn defer_system(
         &self,
         be: &B,
+        k: usize,
         weights: &[Weight<ScalarId>],
         grams: &[TaskGrams],
         reads: &mut Reads<B>,
@@ -365,9 +472,9 @@ impl<B: Backend> IterisHook<'_, B> {
             terms: grams
                 .iter()
                 .zip(weights)
-                .map(|(&(cross, gram), w)| SystemTerm {
-                    gram,
-                    cross,
+                .map(|(g, w)| SystemTerm {
+                    gram: g.gram,
+                    cross: g.cross(k),
                     // RegMean: no adaptive weights.
                     weight: if self.regmean.is_some() { Weight::constant(1.0) } else { w.clone() },
                 })
@@ -412,7 +519,7 @@ impl<B: Backend> IterisHook<'_, B> {
         }
     }
 
-    /// 4. Solve a module's system in f64 on the host, refined around the backend's factor, and make
+    /// Step 4: Solve a module's system in f64 on the host, refined around the backend's factor, and make
     /// the result the delta the merged rows run with (`Sweep`) or the next pass's (`Jacobi`).
     fn solve(
         &mut self,
@@ -433,7 +540,7 @@ impl<B: Backend> IterisHook<'_, B> {
         Ok(())
     }
 
-    /// 5. The chunk's merged rows run with W0 + ΔW* = W0 + B* A*.
+    /// Step 5: The chunk's merged rows run with W0 + ΔW* = W0 + B* A*.
     ///
     /// Their alignment error against each adapter's own output, ‖U_i B_iᵀ − V B*ᵀ‖² with
     /// V = X̃_i A*ᵀ, is added to what the next fetch reads as the r × r Grams UᵀU, UᵀV, VᵀV it
@@ -582,21 +689,24 @@ impl<B: Backend> StageHook<B> for IterisHook<'_, B> {
         Some(Held { targeted, rows, own })
     }
 
-    /// 3. Every chunk has contributed: the systems and their factors join the stage's reads.
+    /// Step 3: Every chunk has contributed: the systems and their factors join the stage's reads.
     fn take_reads(&mut self, be: &B) -> Reads<B> {
         let mut reads = std::mem::take(&mut self.reads);
         if let Some(mut stage) = self.stage.take() {
             if self.mode != Mode::Evaluate {
                 // Every task has rows in some chunk (a task without samples is refused before).
-                let grams: Vec<TaskGrams> = stage.grams.iter().map(|g| g.expect("every task has rows")).collect();
-                stage.systems = stage.weights.iter().map(|w| self.defer_system(be, w, &grams, &mut reads)).collect();
+                let grams: Vec<TaskGrams> =
+                    stage.grams.iter().map(|g| g.clone().expect("every task has rows")).collect();
+                stage.systems = (stage.weights.iter().enumerate())
+                    .map(|(k, w)| self.defer_system(be, k, w, &grams, &mut reads))
+                    .collect();
             }
             self.stage = Some(stage);
         }
         reads
     }
 
-    /// 4. The stage's values: adaptive weights, the previous stage's alignment errors, the solves.
+    /// Step 4: The stage's values: adaptive weights, the previous stage's alignment errors, the solves.
     fn settle(&mut self, be: &B, mut values: Values) -> Result<()> {
         // The host's part of a stage: statistics to f64 matrices, the solves.
         let _p = crate::profile::span("solve", 0.0);
@@ -607,7 +717,7 @@ impl<B: Backend> StageHook<B> for IterisHook<'_, B> {
         // "singular" solve or a NaN adapter: stop here, at the first module they reach.
         let finite = |id: GramId| values.gram(id).data.iter().all(|v| v.is_finite());
         let bad_task = (0..stage.rows.len()).find(|&i| {
-            stage.grams[i].is_some_and(|(c, g)| !finite(c) || !finite(g))
+            stage.grams[i].as_ref().is_some_and(|g| !g.ids().into_iter().all(finite))
                 || stage.weights.iter().any(|w| w[i].den.is_some_and(|d| !values[d].is_finite()))
         });
         if let Some(i) = bad_task {
@@ -616,7 +726,7 @@ impl<B: Backend> StageHook<B> for IterisHook<'_, B> {
         // Each Gram moves out of `values` into the host's matrix type once (a task's cross term
         // and Gram may be one id), so the stage never holds two copies of its statistics.
         let mut host_grams: HashMap<GramId, DMatrix<f64>> = HashMap::new();
-        for id in stage.grams.iter().flatten().flat_map(|&(c, g)| [c, g]) {
+        for id in stage.grams.iter().flatten().flat_map(TaskGrams::ids) {
             host_grams.entry(id).or_insert_with(|| host(&values.take_gram(id)));
         }
         for (&(_, t), (spec, factor)) in stage.targeted.iter().zip(&stage.systems) {

@@ -6,7 +6,7 @@
 //! So ΔW* is exactly a LoRA with B* = [B_1 … B_N] and A* stacked from the brackets: we solve
 //! M A*ᵀ = Zᵀ for the (Σr × in) right-hand side Z and never form an (out × in) matrix.
 
-use crate::backend::{Backend, SystemSpec};
+use crate::backend::{Backend, Cross, SystemSpec};
 use crate::error::{Error, Result};
 use crate::formats::peft::LoraModule;
 use crate::mat::{Mat, Mat64};
@@ -148,12 +148,24 @@ pub fn assemble<'a>(
             m[(i, i)] += c * ridge;
         }
         if let Some(l) = lora {
-            let mut cm = scaled(t.cross);
-            let ridge = spec.alpha1 * cm.norm();
-            for i in 0..n {
-                cm[(i, i)] += ridge;
-            }
-            z_blocks.push(to_f64(&l.a) * cm * (c * l.scale as f64));
+            let (a, s) = (to_f64(&l.a), l.scale as f64);
+            let z = match &t.cross {
+                Cross::Full(cm) => {
+                    let mut cm = scaled(cm);
+                    let ridge = spec.alpha1 * cm.norm();
+                    for i in 0..n {
+                        cm[(i, i)] += ridge;
+                    }
+                    a * cm * (c * s)
+                }
+                // s A (C + α1 ‖C‖ I) = s A C + s α1 ‖C‖ A.
+                Cross::Projected { sac, for_norm } => {
+                    assert_eq!(spec.off_diagonal, 1.0, "a projected cross term is IterIS's (S = identity)");
+                    let sac = sac.expect("a projected cross term at every module its adapter targets");
+                    (sac + a * (s * spec.alpha1 * for_norm.norm())) * c
+                }
+            };
+            z_blocks.push(z);
             b_blocks.push(&l.b);
         }
     }

@@ -113,9 +113,12 @@ pub fn known_system<'a>(
     alpha1: f64,
     alpha2: f64,
 ) -> iteris::backend::SystemSpec<f64, &'a nalgebra::DMatrix<f64>> {
-    use iteris::backend::{SystemSpec, SystemTerm, Weight};
+    use iteris::backend::{Cross, SystemSpec, SystemTerm, Weight};
     SystemSpec {
-        terms: terms.iter().map(|&(g, c)| SystemTerm { gram: g, cross: g, weight: Weight::constant(c) }).collect(),
+        terms: terms
+            .iter()
+            .map(|&(g, c)| SystemTerm { gram: g, cross: Cross::Full(g), weight: Weight::constant(c) })
+            .collect(),
         alpha1,
         alpha2,
         off_diagonal: 1.0,

@@ -75,7 +75,7 @@ pub fn product(a: View<f32>, b: View<f32>) -> Vec<f32> {
 /// mode, the common default): its first touch then faults 512× fewer times. The kernel's page
 /// faults and page clearing were 8% of a GPT-2-shaped merge's samples even with freed memory
 /// kept (`keep_freed_memory`): the heap's first growth to its peak.
-fn huge_pages<T>(v: &mut Vec<T>) {
+pub(super) fn huge_pages<T>(v: &mut Vec<T>) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
@@ -97,6 +97,12 @@ fn huge_pages<T>(v: &mut Vec<T>) {
 
 /// c (m, n, row-major, stride n) = a · b, or += where `accumulate`.
 pub fn matmul(c: &mut [f32], a: View<f32>, b: View<f32>, accumulate: bool) {
+    matmul_par(c, a, b, accumulate, true)
+}
+
+/// `matmul` on the calling thread alone where `!parallel` (small products inside a loop that is
+/// itself parallel: attention's per-sequence heads).
+pub fn matmul_par(c: &mut [f32], a: View<f32>, b: View<f32>, accumulate: bool, parallel: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm: inner dimensions {k} and {}", b.rows);
     assert!(m.checked_mul(n).is_some_and(|l| l <= c.len()), "gemm: c is smaller than (m, n)");
@@ -112,25 +118,46 @@ pub fn matmul(c: &mut [f32], a: View<f32>, b: View<f32>, accumulate: bool) {
     a.check("a");
     b.check("b");
     // SAFETY: the checks keep every element of a, b and c's (m, n) block inside its slice.
-    unsafe { gemm_f32(m, k, n, a, b, &mut c[..m * n], accumulate) }
+    unsafe { gemm_f32(m, k, n, a, b, &mut c[..m * n], accumulate, parallel) }
 }
 
 #[cfg(not(target_arch = "wasm32"))]
-unsafe fn gemm_f32(m: usize, k: usize, n: usize, a: View<f32>, b: View<f32>, c: &mut [f32], accumulate: bool) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_f32(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: View<f32>,
+    b: View<f32>,
+    c: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+) {
     use faer::{linalg::matmul::matmul, Accum, MatMut, MatRef, Par};
     let a = MatRef::from_raw_parts(a.data.as_ptr(), m, k, a.rs, a.cs);
     let b = MatRef::from_raw_parts(b.data.as_ptr(), k, n, b.rs, b.cs);
     let c = MatMut::from_raw_parts_mut(c.as_mut_ptr(), m, n, n as isize, 1);
     let beta = if accumulate { Accum::Add } else { Accum::Replace };
-    matmul(c, beta, a, b, 1.0f32, Par::rayon(0));
+    matmul(c, beta, a, b, 1.0f32, if parallel { Par::rayon(0) } else { Par::Seq });
 }
 
 #[cfg(target_arch = "wasm32")]
-unsafe fn gemm_f32(m: usize, k: usize, n: usize, a: View<f32>, b: View<f32>, c: &mut [f32], accumulate: bool) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_f32(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: View<f32>,
+    b: View<f32>,
+    c: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+) {
     let beta = if accumulate { 1.0 } else { 0.0 };
     // A block of c's rows r0.. reads a's rows from r0 · rs (non-negative, checked).
     let rs = a.rs as usize;
-    by_row_blocks(m, n, m * n * k, c, |r0, rows, cb| {
+    let flops = if parallel { m * n * k } else { 0 };
+    by_row_blocks(m, n, flops, c, |r0, rows, cb| {
         // SAFETY: the caller's checks; a block's rows are rows of the whole view.
         unsafe {
             matrixmultiply::sgemm(
@@ -206,6 +233,37 @@ pub fn gram_into(c: &mut Mat64, x: &[f32], y: &[f32], n: usize, same: bool) {
         let y64 = transposed_f64(y, n, q);
         matmul_f64(&mut c.data, xv, View::rows(&y64, q, n).t());
     }
+}
+
+/// c += s · a · xᵀ · y in f64 with a (r, p), x (n, p) and y (n, q) row-major: a Gram projected
+/// onto a LoRA's A (`Cross::Projected`), (s · a · xᵀ) · y at f64 precision for r·(p + q)·n
+/// multiply-adds instead of the p·q·n of xᵀ · y.
+pub fn projected_gram_into(c: &mut Mat64, a: &[f32], s: f64, x: &[f32], y: &[f32], n: usize) {
+    let (r, q) = (c.rows, c.cols);
+    let p = a.len().checked_div(r).unwrap_or(0);
+    assert!(a.len() == r * p && x.len() == n * p && y.len() == n * q, "projected gram: shapes do not match");
+    if n == 0 || r == 0 || q == 0 {
+        return;
+    }
+    // Row-major f64 copies (a transposing copy costs more than these products).
+    let sa: Vec<f64> = a.iter().map(|&v| s * v as f64).collect();
+    let mut u = vec![0.0f64; n * r];
+    matmul_f64(&mut u, View::rows(&f64_copy(x), n, p), View::rows(&sa, r, p).t());
+    matmul_f64(&mut c.data, View::rows(&u, n, r).t(), View::rows(&f64_copy(y), n, q));
+}
+
+/// An f64 copy, converted in parallel.
+fn f64_copy(x: &[f32]) -> Vec<f64> {
+    let mut out = vec![0.0f64; x.len()];
+    let fill = |(o, x): (&mut [f64], &[f32])| o.iter_mut().zip(x).for_each(|(o, &x)| *o = x as f64);
+    #[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
+    {
+        use rayon::prelude::*;
+        out.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(fill);
+    }
+    #[cfg(all(target_arch = "wasm32", not(feature = "threads")))]
+    out.chunks_mut(1 << 14).zip(x.chunks(1 << 14)).for_each(fill);
+    out
 }
 
 /// The (cols, rows) f64 transpose of a row-major (rows, cols) f32 matrix, built in parallel.
