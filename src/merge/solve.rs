@@ -139,11 +139,18 @@ pub fn assemble<'a>(
     let mut b_blocks: Vec<&Mat> = Vec::new();
     for (t, lora) in spec.terms.iter().zip(loras) {
         let c = t.weight.value();
-        let g = scaled(t.gram);
-        // The Gram is symmetric in exact arithmetic; rounding can leave it a hair off.
-        let g = (&g + g.transpose()) * 0.5;
-        let ridge = spec.alpha2 * g.norm();
-        m += &g * c;
+        // M += c·S(G) in one pass, S(G)'s norm on the way: the Gram is symmetric in exact
+        // arithmetic, and rounding can leave it a hair off, so S symmetrises it.
+        let (g, f) = (t.gram, spec.off_diagonal);
+        let mut norm2 = 0.0;
+        for j in 0..n {
+            for i in 0..n {
+                let v = if i == j { g[(i, i)] } else { f * 0.5 * (g[(i, j)] + g[(j, i)]) };
+                norm2 += v * v;
+                m[(i, j)] += c * v;
+            }
+        }
+        let ridge = spec.alpha2 * norm2.sqrt();
         for i in 0..n {
             m[(i, i)] += c * ridge;
         }
@@ -182,6 +189,12 @@ pub fn assemble<'a>(
 /// A backend's f64 matrix as the host's.
 pub fn host(m: &Mat64) -> DMatrix<f64> {
     DMatrix::from_row_slice(m.rows, m.cols, &m.data)
+}
+
+/// A backend's f64 matrix as the host's transpose, without copying: for readers that do not care
+/// (a Gram `assemble` symmetrises, a norm).
+pub fn host_transposed(m: Mat64) -> DMatrix<f64> {
+    DMatrix::from_vec(m.cols, m.rows, m.data)
 }
 
 /// The host's f64 matrix as a backend takes it.

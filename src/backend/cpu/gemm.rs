@@ -245,25 +245,31 @@ pub fn projected_gram_into(c: &mut Mat64, a: &[f32], s: f64, x: &[f32], y: &[f32
     if n == 0 || r == 0 || q == 0 {
         return;
     }
-    // Row-major f64 copies (a transposing copy costs more than these products).
+    // Panels of rows, each on one thread with row-major f64 copies of its rows (a transposing
+    // copy costs more than these products, and one product's reduction over all n rows kept
+    // 1.3 cores busy), summed in panel order: the same bits for any thread count.
+    const PANEL: usize = 512;
     let sa: Vec<f64> = a.iter().map(|&v| s * v as f64).collect();
-    let mut u = vec![0.0f64; n * r];
-    matmul_f64(&mut u, View::rows(&f64_copy(x), n, p), View::rows(&sa, r, p).t());
-    matmul_f64(&mut c.data, View::rows(&u, n, r).t(), View::rows(&f64_copy(y), n, q));
-}
-
-/// An f64 copy, converted in parallel.
-fn f64_copy(x: &[f32]) -> Vec<f64> {
-    let mut out = vec![0.0f64; x.len()];
-    let fill = |(o, x): (&mut [f64], &[f32])| o.iter_mut().zip(x).for_each(|(o, &x)| *o = x as f64);
+    let panel = |r0: usize| -> Vec<f64> {
+        let rows = PANEL.min(n - r0);
+        let f64s = |m: &[f32], w: usize| -> Vec<f64> { m[r0 * w..(r0 + rows) * w].iter().map(|&v| v as f64).collect() };
+        let mut u = vec![0.0f64; rows * r];
+        matmul_f64_par(&mut u, View::rows(&f64s(x, p), rows, p), View::rows(&sa, r, p).t(), false);
+        let mut part = vec![0.0f64; r * q];
+        matmul_f64_par(&mut part, View::rows(&u, rows, r).t(), View::rows(&f64s(y, q), rows, q), false);
+        part
+    };
+    let starts: Vec<usize> = (0..n).step_by(PANEL).collect();
     #[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
-    {
+    let parts: Vec<Vec<f64>> = {
         use rayon::prelude::*;
-        out.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(fill);
-    }
+        starts.into_par_iter().map(panel).collect()
+    };
     #[cfg(all(target_arch = "wasm32", not(feature = "threads")))]
-    out.chunks_mut(1 << 14).zip(x.chunks(1 << 14)).for_each(fill);
-    out
+    let parts: Vec<Vec<f64>> = starts.into_iter().map(panel).collect();
+    for part in parts {
+        c.data.iter_mut().zip(part).for_each(|(c, v)| *c += v);
+    }
 }
 
 /// The (cols, rows) f64 transpose of a row-major (rows, cols) f32 matrix, built in parallel.
@@ -282,6 +288,11 @@ fn transposed_f64(x: &[f32], rows: usize, cols: usize) -> Vec<f64> {
 
 /// c (m, n, row-major) += a · b in f64.
 fn matmul_f64(c: &mut [f64], a: View<f64>, b: View<f64>) {
+    matmul_f64_par(c, a, b, true)
+}
+
+/// `matmul_f64`, on the calling thread alone where `!parallel`.
+fn matmul_f64_par(c: &mut [f64], a: View<f64>, b: View<f64>, parallel: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(b.rows == k && c.len() >= m * n);
     a.check("a");
@@ -293,12 +304,13 @@ fn matmul_f64(c: &mut [f64], a: View<f64>, b: View<f64>) {
         let a = MatRef::from_raw_parts(a.data.as_ptr(), m, k, a.rs, a.cs);
         let b = MatRef::from_raw_parts(b.data.as_ptr(), k, n, b.rs, b.cs);
         let c = MatMut::from_raw_parts_mut(c.as_mut_ptr(), m, n, n as isize, 1);
-        matmul(c, Accum::Add, a, b, 1.0f64, Par::rayon(0));
+        matmul(c, Accum::Add, a, b, 1.0f64, if parallel { Par::rayon(0) } else { Par::Seq });
     }
     #[cfg(target_arch = "wasm32")]
     {
         let rs = a.rs as usize;
-        by_row_blocks(m, n, m * n * k, c, |r0, rows, cb| {
+        let flops = if parallel { m * n * k } else { 0 };
+        by_row_blocks(m, n, flops, c, |r0, rows, cb| {
             // SAFETY: checked above; a block's rows are rows of the whole view.
             unsafe {
                 matrixmultiply::dgemm(
