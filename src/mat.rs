@@ -1,20 +1,42 @@
 //! `Mat`: a row-major f32 matrix on the host. The currency between formats, models and backends.
 
+use std::sync::Arc;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Mat {
     pub rows: usize,
     pub cols: usize,
+    /// The values; empty for a weight kept in half precision (`half`).
     pub data: Vec<f32>,
+    /// A weight the CPU backend keeps in its stored f16/bf16 bits (`Mat::packed`): only the ops
+    /// that take weights read it (`Backend::upload_weight`), converting panels as they go.
+    pub half: Option<Arc<StoredMat>>,
 }
 
 impl Mat {
     pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Mat {
         assert_eq!(rows * cols, data.len(), "Mat::new: {rows}x{cols} needs {} values", rows * cols);
-        Mat { rows, cols, data }
+        Mat { rows, cols, data, half: None }
     }
 
     pub fn zeros(rows: usize, cols: usize) -> Mat {
-        Mat { rows, cols, data: vec![0.0; rows * cols] }
+        Mat::new(rows, cols, vec![0.0; rows * cols])
+    }
+
+    /// A half-precision weight without an f32 copy (f32 weights are converted as they are).
+    pub fn packed(w: StoredMat) -> Mat {
+        match w.data {
+            Stored::F32(_) => w.to_mat(),
+            _ => Mat { rows: w.rows, cols: w.cols, data: Vec::new(), half: Some(Arc::new(w)) },
+        }
+    }
+
+    /// The f32 values, converted from the stored bits for a packed weight.
+    pub fn to_f32(&self) -> Mat {
+        match &self.half {
+            Some(w) => w.to_mat(),
+            None => self.clone(),
+        }
     }
 
     pub fn transpose(&self) -> Mat {
@@ -91,12 +113,27 @@ impl StoredMat {
     }
 
     pub fn to_mat(&self) -> Mat {
-        let data = match &self.data {
-            Stored::F32(v) => v.clone(),
-            Stored::F16(b) => b.iter().map(|&x| half::f16::from_bits(x).to_f32()).collect(),
-            Stored::Bf16(b) => b.iter().map(|&x| half::bf16::from_bits(x).to_f32()).collect(),
-        };
-        Mat::new(self.rows, self.cols, data)
+        Mat::new(self.rows, self.cols, self.rows_f32(0..self.rows))
+    }
+
+    /// Rows `rows` as f32, row-major.
+    pub fn rows_f32(&self, rows: std::ops::Range<usize>) -> Vec<f32> {
+        let r = rows.start * self.cols..rows.end * self.cols;
+        match &self.data {
+            Stored::F32(v) => v[r].to_vec(),
+            Stored::F16(b) => b[r].iter().map(|&x| half::f16::from_bits(x).to_f32()).collect(),
+            Stored::Bf16(b) => b[r].iter().map(|&x| half::bf16::from_bits(x).to_f32()).collect(),
+        }
+    }
+
+    /// Row r as f32, into `out`.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let v = r * self.cols..(r + 1) * self.cols;
+        match &self.data {
+            Stored::F32(x) => out.copy_from_slice(&x[v]),
+            Stored::F16(b) => out.iter_mut().zip(&b[v]).for_each(|(o, &x)| *o = half::f16::from_bits(x).to_f32()),
+            Stored::Bf16(b) => out.iter_mut().zip(&b[v]).for_each(|(o, &x)| *o = half::bf16::from_bits(x).to_f32()),
+        }
     }
 
     /// (cols, rows), in the same precision.

@@ -95,7 +95,8 @@ pub trait Backend: Sized {
     /// Bring a tensor back to the host (on the GPU: waits for everything recorded so far).
     async fn download(&self, t: &Self::T) -> Result<Mat>;
     /// A weight matrix, kept in its stored precision where the backend computes on it (the GPU
-    /// packs f16/bf16 bits as they are), else as f32. Only `select_rows` (as the table),
+    /// packs f16/bf16 bits as they are; the CPU keeps them and converts panels in its products),
+    /// else as f32. Only `select_rows` (as the table),
     /// `matmul_t` (as w) and `download` ever read weights.
     fn upload_weight(&self, w: &StoredMat) -> Self::T {
         self.upload(&w.to_mat())

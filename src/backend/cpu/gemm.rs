@@ -8,6 +8,7 @@
 //! by halves.
 
 use crate::mat::Mat64;
+use std::ops::Range;
 
 /// A strided view of a (rows, cols) matrix inside a slice: element (i, j) at i·rs + j·cs.
 #[derive(Clone, Copy)]
@@ -68,6 +69,55 @@ pub fn product(a: View<f32>, b: View<f32>) -> Vec<f32> {
     }
     c.resize(m * n, 0.0);
     matmul(&mut c, a, b, false);
+    c
+}
+
+/// a · bᵀ as a new row-major (m, n) vector, for a b (n, k) read by panels of its rows: a
+/// half-precision weight, whose panels `b_rows(range)` converts to f32 as the product reaches them
+/// (no f32 copy of the whole weight). Each panel's product writes its columns of the output.
+pub fn product_by_panels(a: View<f32>, n: usize, b_rows: impl Fn(Range<usize>) -> Vec<f32>) -> Vec<f32> {
+    // 256 rows of a 3072-wide weight: 3 MiB of f32 at a time.
+    const PANEL: usize = 256;
+    let (m, k) = (a.rows, a.cols);
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    huge_pages(&mut c);
+    if m == 0 || n == 0 {
+        return c;
+    }
+    if k == 0 {
+        c.resize(m * n, 0.0);
+        return c;
+    }
+    a.check("a");
+    for o0 in (0..n).step_by(PANEL) {
+        let o1 = (o0 + PANEL).min(n);
+        let panel = b_rows(o0..o1);
+        assert_eq!(panel.len(), (o1 - o0) * k, "gemm: a panel of b of another shape");
+        let bt = View::rows(&panel, o1 - o0, k).t();
+        #[cfg(not(target_arch = "wasm32"))]
+        // SAFETY: c has capacity m·n; the panel's product writes its (m, o1 − o0) block at column
+        // o0 with row stride n, without reading it (Accum::Replace); the panels tile the columns,
+        // so every element is written before the length is set below.
+        unsafe {
+            use faer::{linalg::matmul::matmul, Accum, MatMut, MatRef, Par};
+            let am = MatRef::from_raw_parts(a.data.as_ptr(), m, k, a.rs, a.cs);
+            let bm = MatRef::from_raw_parts(bt.data.as_ptr(), k, o1 - o0, bt.rs, bt.cs);
+            let cm = MatMut::from_raw_parts_mut(c.as_mut_ptr().add(o0), m, o1 - o0, n as isize, 1);
+            matmul(cm, Accum::Replace, am, bm, 1.0f32, Par::rayon(0));
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            if o0 == 0 {
+                c.resize(m * n, 0.0);
+            }
+            let block = product(a, bt);
+            for (r, row) in block.chunks(o1 - o0).enumerate() {
+                c[r * n + o0..r * n + o1].copy_from_slice(row);
+            }
+        }
+    }
+    // SAFETY: every element was written above (natively; on wasm32 the length is already m·n).
+    unsafe { c.set_len(m * n) };
     c
 }
 

@@ -10,7 +10,7 @@ mod vector;
 
 use super::{Activation, AttentionSpec, Backend, Reads, Values};
 use crate::error::Result;
-use crate::mat::{Mat, Mat64};
+use crate::mat::{Mat, Mat64, StoredMat};
 use crate::profile::span;
 use gemm::View;
 use std::ops::Range;
@@ -82,8 +82,12 @@ fn for_each<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync + Send) {
 /// Σ f(chunk) over fixed chunks of `n` items, in parallel where threads exist, summed in chunk
 /// order: the same bits on every run and every thread count.
 fn sum_chunks(n: usize, f: impl Fn(Range<usize>) -> f64 + Sync + Send) -> f64 {
-    const CHUNK: usize = 1 << 16;
-    let chunks: Vec<Range<usize>> = (0..n).step_by(CHUNK).map(|s| s..(s + CHUNK).min(n)).collect();
+    sum_chunks_of(n, 1 << 16, f)
+}
+
+/// `sum_chunks` over chunks of `chunk` items.
+fn sum_chunks_of(n: usize, chunk: usize, f: impl Fn(Range<usize>) -> f64 + Sync + Send) -> f64 {
+    let chunks: Vec<Range<usize>> = (0..n).step_by(chunk.max(1)).map(|s| s..(s + chunk).min(n)).collect();
     #[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
     let parts: Vec<f64> = {
         use rayon::prelude::*;
@@ -147,7 +151,16 @@ impl Backend for Cpu {
     }
 
     async fn download(&self, t: &Mat) -> Result<Mat> {
-        Ok(t.clone())
+        Ok(t.to_f32())
+    }
+
+    /// Half-precision weights stay in their bits (`Mat::packed`); the products convert panels.
+    fn upload_weight(&self, w: &StoredMat) -> Mat {
+        Mat::packed(w.clone())
+    }
+
+    fn keeps_file_precision(&self) -> bool {
+        true
     }
 
     fn dims(&self, t: &Mat) -> (usize, usize) {
@@ -157,7 +170,10 @@ impl Backend for Cpu {
     fn select_rows(&self, x: &Mat, idx: &[u32]) -> Mat {
         let _p = span("copy rows", 0.0);
         assert!(idx.iter().all(|&i| (i as usize) < x.rows), "select_rows: an index past {} rows", x.rows);
-        rows_from(idx.len(), x.cols, |r, out| out.copy_from_slice(x.row(idx[r] as usize)))
+        match &x.half {
+            Some(h) => rows_from(idx.len(), x.cols, |r, out| h.row_into(idx[r] as usize, out)),
+            None => rows_from(idx.len(), x.cols, |r, out| out.copy_from_slice(x.row(idx[r] as usize))),
+        }
     }
 
     fn slice_cols(&self, x: &Mat, cols: Range<usize>) -> Mat {
@@ -171,7 +187,10 @@ impl Backend for Cpu {
         let _p = span("matmul", 2.0 * (rows.len() * w.rows * w.cols) as f64);
         let n = rows.len();
         let a = View::rows(&x.data[rows.start * x.cols..rows.end * x.cols], n, x.cols);
-        Mat::new(n, w.rows, gemm::product(a, View::rows(&w.data, w.rows, w.cols).t()))
+        match &w.half {
+            Some(h) => Mat::new(n, w.rows, gemm::product_by_panels(a, w.rows, |r| h.rows_f32(r))),
+            None => Mat::new(n, w.rows, gemm::product(a, View::rows(&w.data, w.rows, w.cols).t())),
+        }
     }
 
     fn add_rows(&self, y: &mut Mat, rows: Range<usize>, d: &Mat, s: f32) {
@@ -449,8 +468,14 @@ impl Backend for Cpu {
 
     fn defer_sq_norm(&self, x: &Mat, rows: Range<usize>) -> f64 {
         let _p = span("reductions", 0.0);
+        let sq = |v: &[f32]| v.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+        if let Some(h) = &x.half {
+            // A packed weight: chunks of its rows converted as the sum reaches them.
+            let per = (1usize << 16).div_ceil(x.cols.max(1));
+            return sum_chunks_of(rows.len(), per, |c| sq(&h.rows_f32(rows.start + c.start..rows.start + c.end)));
+        }
         let v = &x.data[rows.start * x.cols..rows.end * x.cols];
-        sum_chunks(v.len(), |c| v[c].iter().map(|&v| (v as f64) * (v as f64)).sum())
+        sum_chunks(v.len(), |c| sq(&v[c]))
     }
 
     fn defer_sq_dist(&self, a: &Mat, b: &Mat) -> f64 {
@@ -524,6 +549,33 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A half-precision weight kept packed reads as its f32 conversion in every op that takes
+    /// weights: products by panels (more rows than one panel, and not a multiple of it), row
+    /// lookup, the squared norm, download.
+    #[test]
+    fn packed_half_weights_read_as_their_f32_conversion() {
+        use crate::mat::{Stored, StoredMat};
+        let (out, inp, n) = (300, 40, 7);
+        let vals: Vec<f32> = (0..out * inp).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect();
+        let x = Mat::new(n, inp, (0..n * inp).map(|i| ((i * 13 % 29) as f32 - 14.0) / 16.0).collect());
+        for data in [
+            Stored::F16(vals.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect()),
+            Stored::Bf16(vals.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect()),
+        ] {
+            let stored = StoredMat { rows: out, cols: inp, data };
+            let (packed, full) = (Cpu.upload_weight(&stored), stored.to_mat());
+            assert!(packed.half.is_some() && packed.data.is_empty(), "no f32 copy of a half weight");
+            let (a, b) = (Cpu.matmul_t(&x, 1..n, &packed), Cpu.matmul_t(&x, 1..n, &full));
+            assert_eq!(a.shape(), b.shape());
+            assert!(crate::mat::rel_err(&a.data, &b.data) < 1e-6, "panel products");
+            let idx = [299, 0, 256, 17];
+            assert_eq!(Cpu.select_rows(&packed, &idx), Cpu.select_rows(&full, &idx));
+            let (sa, sb) = (Cpu.defer_sq_norm(&packed, 3..290), Cpu.defer_sq_norm(&full, 3..290));
+            assert!((sa - sb).abs() <= 1e-12 * sb, "squared norm {sa} vs {sb}");
+            assert_eq!(pollster::block_on(Cpu.download(&packed)).unwrap(), full);
+        }
     }
 
     /// The blocked attention (causal blocks skip the keys after them) against the definition:
