@@ -2,7 +2,7 @@
 //! (tools/bench_reference.py) also runs: random weights, d=768, 12 layers, LoRA r=8 on c_attn,
 //! 3 tasks × 32 samples × 128 tokens.
 //!
-//!     cargo bench --bench merge [-- sweep|jacobi5 ...] [-- gpu]
+//!     cargo bench --bench merge [-- sweep|jacobi5 ...] [-- gpu] [-- f16]
 //!
 //! Prints wall time, GFLOP/s and the cores kept busy per schedule, and (CPU backend) the same per
 //! phase (`iteris::profile`), on the CPU backend (default) or the GPU backend (`gpu`; on a
@@ -36,17 +36,19 @@ const TOKENS: usize = 128;
 fn main() {
     iteris::backend::cpu::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let which: Vec<String> = args.iter().filter(|a| *a != "gpu").cloned().collect();
+    let which: Vec<String> = args.iter().filter(|a| *a != "gpu" && *a != "f16").cloned().collect();
+    // `f16`: the checkpoint stores its weights in half precision (kept packed by both backends).
+    let f16 = args.iter().any(|a| a == "f16");
     if args.iter().any(|a| a == "gpu") {
         let g = Gpu::new().expect("a GPU adapter");
         let label = format!("gpu ({})", g.info.name);
-        run(&g, &label, &which);
+        run(&g, &label, &which, f16);
     } else {
-        run(&Cpu, "cpu", &which);
+        run(&Cpu, if f16 { "cpu f16" } else { "cpu" }, &which, f16);
     }
 }
 
-fn run<B: Backend + 'static>(be: &B, backend: &str, which: &[String]) {
+fn run<B: Backend + 'static>(be: &B, backend: &str, which: &[String], f16: bool) {
     let mut rng = Rng(0x9E3779B97F4A7C15);
     let mut w = BTreeMap::new();
     w.insert("wte.weight".to_string(), rng.scaled(VOCAB, D, 0.05));
@@ -66,7 +68,7 @@ fn run<B: Backend + 'static>(be: &B, backend: &str, which: &[String]) {
     }
     w.insert("ln_f.weight".into(), Mat::new(1, D, vec![1.0; D]));
     w.insert("ln_f.bias".into(), Mat::zeros(1, D));
-    let store = TensorStore::new(vec![TensorFile::parse("bench", write(&w, false, None).unwrap()).unwrap()]).unwrap();
+    let store = TensorStore::new(vec![TensorFile::parse("bench", write(&w, f16, None).unwrap()).unwrap()]).unwrap();
     drop(w);
     let cfg = HfConfig::parse("config.json", format!(r#"{{"model_type":"gpt2","n_embd":{D},"n_head":12,"n_layer":{LAYERS},"vocab_size":{VOCAB},"n_positions":{POS}}}"#).as_bytes()).unwrap();
     let model = models::load(be, &cfg, &store).unwrap();
