@@ -557,7 +557,8 @@ mod tests {
     #[test]
     fn packed_half_weights_read_as_their_f32_conversion() {
         use crate::mat::{Stored, StoredMat};
-        let (out, inp, n) = (300, 40, 7);
+        // 4096 columns: panels of 256 rows, so 300 rows are two panels.
+        let (out, inp, n) = (300, 4096, 7);
         let vals: Vec<f32> = (0..out * inp).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect();
         let x = Mat::new(n, inp, (0..n * inp).map(|i| ((i * 13 % 29) as f32 - 14.0) / 16.0).collect());
         for data in [
