@@ -3,7 +3,8 @@ each adapter into its own copy of the base model, forward hooks collect the inpu
 modules, and the solve is a dense float64 `torch.linalg.solve`. Shares no code with the Rust engine.
 
 The Jacobi schedule is `iters` solves; `iters=None` iterates to the fixed point (what the sweep
-computes in one pass)."""
+computes in one pass). `forward=torch.float32` runs the forward passes in f32 (statistics and
+solves stay float64, the deltas exact): the engine's precision, for tools/weak_ridge.py."""
 import json, os
 
 import torch
@@ -55,12 +56,13 @@ def collect(model, targets, ids):
     return {t: torch.cat(v) for t, v in rec.items()}
 
 
-def load(cls, base_dir):
-    m = cls.from_pretrained(base_dir, attn_implementation="eager").double().eval()
+def load(cls, base_dir, dtype=torch.float64):
+    m = cls.from_pretrained(base_dir, attn_implementation="eager").to(dtype).eval()
     return m
 
 
-def iteris(cls, base_dir, adapter_dirs, tok, samples, max_len=128, alpha1=1e-4, alpha2=1e-4, iters=None, max_iters=60):
+def iteris(cls, base_dir, adapter_dirs, tok, samples, max_len=128, alpha1=1e-4, alpha2=1e-4, iters=None, max_iters=60,
+           forward=torch.float64):
     base = load(cls, base_dir)
     # Samples longer than the model's positions are cut there too.
     positions = getattr(base.config, "max_position_embeddings", None) or getattr(base.config, "n_positions")
@@ -76,11 +78,13 @@ def iteris(cls, base_dir, adapter_dirs, tok, samples, max_len=128, alpha1=1e-4, 
         m = PeftModel.from_pretrained(load(cls, base_dir), ad).merge_and_unload().double().eval()
         mm = dict(m.named_modules())
         dW.append({t: weight(mm[t]).detach() - W0[t] for t in targets})
-        X.append(collect(m, targets, ids[i]))
+        if forward != torch.float64:
+            m = PeftModel.from_pretrained(load(cls, base_dir, forward), ad).merge_and_unload().eval()
+        X.append({t: x.double() for t, x in collect(m, targets, ids[i]).items()})
     c = [{t: (torch.linalg.norm(W0[t] + dW[i][t]) ** 2 / torch.linalg.norm(X[i][t] @ (W0[t] + dW[i][t]).T) ** 2).item()
           for t in targets} for i in range(len(adapter_dirs))]
 
-    merged = load(cls, base_dir)
+    merged = load(cls, base_dir, forward)
     mmods = dict(merged.named_modules())
     Xt = X
     prev = None
@@ -108,6 +112,6 @@ def iteris(cls, base_dir, adapter_dirs, tok, samples, max_len=128, alpha1=1e-4, 
         if iters is None and change < 1e-13:
             break
         for t in targets:
-            set_weight(mmods[t], W0[t] + delta[t])
-        Xt = [collect(merged, targets, ids[i]) for i in range(len(adapter_dirs))]
+            set_weight(mmods[t], (W0[t] + delta[t]).to(forward))
+        Xt = [{t: x.double() for t, x in collect(merged, targets, ids[i]).items()} for i in range(len(adapter_dirs))]
     return {canonical(t): delta[t] for t in targets}, dict(solves=it + 1, last_change=change)
