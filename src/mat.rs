@@ -53,6 +53,11 @@ impl Mat {
         &self.data[r * self.cols..(r + 1) * self.cols]
     }
 
+    /// Rows `rows`, row-major.
+    pub fn rows_data(&self, rows: std::ops::Range<usize>) -> &[f32] {
+        &self.data[rows.start * self.cols..rows.end * self.cols]
+    }
+
     pub fn shape(&self) -> (usize, usize) {
         (self.rows, self.cols)
     }
@@ -82,6 +87,10 @@ impl Mat64 {
     pub fn new(rows: usize, cols: usize, data: Vec<f64>) -> Mat64 {
         assert_eq!(rows * cols, data.len(), "Mat64::new: {rows}x{cols} needs {} values", rows * cols);
         Mat64 { rows, cols, data }
+    }
+
+    pub fn zeros(rows: usize, cols: usize) -> Mat64 {
+        Mat64::new(rows, cols, vec![0.0; rows * cols])
     }
 }
 

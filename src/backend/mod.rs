@@ -80,6 +80,13 @@ pub struct AttentionSpec {
     pub softcap: Option<f32>,
 }
 
+/// U = s · x[rows] · aᵀ in f32: the factor the default projected Grams multiply out.
+fn scaled_factor<B: Backend>(be: &B, x: &B::T, rows: Range<usize>, a: &B::T, s: f32) -> B::T {
+    let mut u = be.matmul_t(x, rows, a);
+    be.scale(&mut u, s);
+    u
+}
+
 pub trait Backend: Sized {
     /// A (rows, cols) f32 matrix held by the backend.
     type T;
@@ -175,10 +182,8 @@ pub trait Backend: Sized {
         y: &Self::T,
         yr: Range<usize>,
     ) -> Self::Gram {
-        let mut u = self.matmul_t(x, xr, a);
-        self.scale(&mut u, s);
-        let n = self.dims(&u).0;
-        self.defer_gram(&u, 0..n, y, yr)
+        let u = scaled_factor(self, x, xr, a, s);
+        self.defer_gram(&u, 0..self.dims(&u).0, y, yr)
     }
     /// `*acc += s · a · x[xr]ᵀ · y[yr]` on a Gram of `defer_projected_gram`.
     #[allow(clippy::too_many_arguments)]
@@ -192,10 +197,8 @@ pub trait Backend: Sized {
         y: &Self::T,
         yr: Range<usize>,
     ) {
-        let mut u = self.matmul_t(x, xr, a);
-        self.scale(&mut u, s);
-        let n = self.dims(&u).0;
-        self.add_gram(acc, &u, 0..n, y, yr)
+        let u = scaled_factor(self, x, xr, a, s);
+        self.add_gram(acc, &u, 0..self.dims(&u).0, y, yr)
     }
     /// x[xr]ᵀ · y[yr] where the Gram's only use is its Frobenius norm (the ridge scale of a cross
     /// term held projected, `SystemTerm::cross`): a backend may compute it at f32 precision. The

@@ -270,7 +270,24 @@ pub struct Held<T> {
     own: Vec<Vec<Option<T>>>,
 }
 
-/// `acc += x[xr]ᵀ · y[yr]` for a pending Gram that may not exist yet (None: a new one); its id.
+/// A pending Gram that may not exist yet (None: `new()` makes it), `add` applied where it does;
+/// its id.
+fn accumulate<B: Backend>(
+    reads: &mut Reads<B>,
+    acc: Option<GramId>,
+    new: impl FnOnce() -> B::Gram,
+    add: impl FnOnce(&mut B::Gram),
+) -> GramId {
+    match acc {
+        Some(id) => {
+            add(reads.gram_mut(id));
+            id
+        }
+        None => reads.gram(new()),
+    }
+}
+
+/// `acc += x[xr]ᵀ · y[yr]` for a pending Gram that may not exist yet; its id.
 fn add_gram<B: Backend>(
     be: &B,
     reads: &mut Reads<B>,
@@ -280,53 +297,8 @@ fn add_gram<B: Backend>(
     y: &B::T,
     yr: Range<usize>,
 ) -> GramId {
-    match acc {
-        Some(id) => {
-            be.add_gram(reads.gram_mut(id), x, xr, y, yr);
-            id
-        }
-        None => reads.gram(be.defer_gram(x, xr, y, yr)),
-    }
-}
-
-/// `acc += s · a · x[xr]ᵀ · y[yr]` for a pending projected Gram that may not exist yet.
-#[allow(clippy::too_many_arguments)]
-fn add_projected_gram<B: Backend>(
-    be: &B,
-    reads: &mut Reads<B>,
-    acc: Option<GramId>,
-    lora: &DeviceLora<B::T>,
-    x: &B::T,
-    xr: Range<usize>,
-    y: &B::T,
-    yr: Range<usize>,
-) -> GramId {
-    match acc {
-        Some(id) => {
-            be.add_projected_gram(reads.gram_mut(id), &lora.a, lora.scale, x, xr, y, yr);
-            id
-        }
-        None => reads.gram(be.defer_projected_gram(&lora.a, lora.scale, x, xr, y, yr)),
-    }
-}
-
-/// `add_gram` for a Gram read for its norm alone (`Backend::add_gram_for_norm`).
-fn add_gram_for_norm<B: Backend>(
-    be: &B,
-    reads: &mut Reads<B>,
-    acc: Option<GramId>,
-    x: &B::T,
-    xr: Range<usize>,
-    y: &B::T,
-    yr: Range<usize>,
-) -> GramId {
-    match acc {
-        Some(id) => {
-            be.add_gram_for_norm(reads.gram_mut(id), x, xr, y, yr);
-            id
-        }
-        None => reads.gram(be.defer_gram_for_norm(x, xr, y, yr)),
-    }
+    let (x2, y2) = (xr.clone(), yr.clone());
+    accumulate(reads, acc, || be.defer_gram(x, x2, y, y2), |g| be.add_gram(g, x, xr, y, yr))
 }
 
 /// `*acc += more` for a pending scalar that may not exist yet.
@@ -456,10 +428,21 @@ impl<B: Backend> IterisHook<'_, B> {
                     };
                     for (sac, &(_, t)) in sac.iter_mut().zip(&stage.targeted) {
                         if let Some(l) = self.loras[t][i].as_ref() {
-                            *sac = Some(add_projected_gram(be, reads, *sac, l, xa, ra.clone(), xt, rt.clone()));
+                            let (a, s) = (&l.a, l.scale);
+                            *sac = Some(accumulate(
+                                reads,
+                                *sac,
+                                || be.defer_projected_gram(a, s, xa, ra.clone(), xt, rt.clone()),
+                                |g| be.add_projected_gram(g, a, s, xa, ra.clone(), xt, rt.clone()),
+                            ));
                         }
                     }
-                    let for_norm = add_gram_for_norm(be, reads, for_norm, xa, ra.clone(), xt, rt.clone());
+                    let for_norm = accumulate(
+                        reads,
+                        for_norm,
+                        || be.defer_gram_for_norm(xa, ra.clone(), xt, rt.clone()),
+                        |g| be.add_gram_for_norm(g, xa, ra.clone(), xt, rt.clone()),
+                    );
                     StageCross::Projected { sac, for_norm }
                 }
             };

@@ -186,7 +186,7 @@ impl Backend for Cpu {
         assert_eq!(x.cols, w.cols, "matmul_t: x has {} columns, w has {}", x.cols, w.cols);
         let _p = span("matmul", 2.0 * (rows.len() * w.rows * w.cols) as f64);
         let n = rows.len();
-        let a = View::rows(&x.data[rows.start * x.cols..rows.end * x.cols], n, x.cols);
+        let a = View::rows(x.rows_data(rows.clone()), n, x.cols);
         match &w.half {
             Some(h) => Mat::new(n, w.rows, gemm::product_by_panels(a, w.rows, |r| h.rows_f32(r))),
             None => Mat::new(n, w.rows, gemm::product(a, View::rows(&w.data, w.rows, w.cols).t())),
@@ -397,7 +397,7 @@ impl Backend for Cpu {
     }
 
     fn defer_gram(&self, x: &Mat, xr: Range<usize>, y: &Mat, yr: Range<usize>) -> Mat64 {
-        let mut c = Mat64::new(x.cols, y.cols, vec![0.0; x.cols * y.cols]);
+        let mut c = Mat64::zeros(x.cols, y.cols);
         self.add_gram(&mut c, x, xr, y, yr);
         c
     }
@@ -416,12 +416,12 @@ impl Backend for Cpu {
             (false, false) => "gram",
         };
         let _p = span(phase, flops);
-        let (xs, ys) = (&x.data[xr.start * x.cols..xr.end * x.cols], &y.data[yr.start * y.cols..yr.end * y.cols]);
+        let (xs, ys) = (x.rows_data(xr.clone()), y.rows_data(yr.clone()));
         gemm::gram_into(acc, xs, ys, xr.len(), same);
     }
 
     fn defer_projected_gram(&self, a: &Mat, s: f32, x: &Mat, xr: Range<usize>, y: &Mat, yr: Range<usize>) -> Mat64 {
-        let mut c = Mat64::new(a.rows, y.cols, vec![0.0; a.rows * y.cols]);
+        let mut c = Mat64::zeros(a.rows, y.cols);
         self.add_projected_gram(&mut c, a, s, x, xr, y, yr);
         c
     }
@@ -442,12 +442,12 @@ impl Backend for Cpu {
         assert_eq!(a.cols, x.cols, "projected gram: a factor of another width");
         assert_eq!((acc.rows, acc.cols), (a.rows, y.cols), "gram: accumulator of another shape");
         let _p = span("gram (narrow)", 2.0 * (xr.len() * a.rows * (x.cols + y.cols)) as f64);
-        let (xs, ys) = (&x.data[xr.start * x.cols..xr.end * x.cols], &y.data[yr.start * y.cols..yr.end * y.cols]);
+        let (xs, ys) = (x.rows_data(xr.clone()), y.rows_data(yr.clone()));
         gemm::projected_gram_into(acc, &a.data, s as f64, xs, ys, xr.len());
     }
 
     fn defer_gram_for_norm(&self, x: &Mat, xr: Range<usize>, y: &Mat, yr: Range<usize>) -> Mat64 {
-        let mut c = Mat64::new(x.cols, y.cols, vec![0.0; x.cols * y.cols]);
+        let mut c = Mat64::zeros(x.cols, y.cols);
         self.add_gram_for_norm(&mut c, x, xr, y, yr);
         c
     }
@@ -457,7 +457,7 @@ impl Backend for Cpu {
         assert_eq!(xr.len(), yr.len(), "gram: row ranges of different lengths");
         assert_eq!((acc.rows, acc.cols), (x.cols, y.cols), "gram: accumulator of another shape");
         let _p = span("gram (norm)", 2.0 * (xr.len() * x.cols * y.cols) as f64);
-        let (xs, ys) = (&x.data[xr.start * x.cols..xr.end * x.cols], &y.data[yr.start * y.cols..yr.end * y.cols]);
+        let (xs, ys) = (x.rows_data(xr.clone()), y.rows_data(yr.clone()));
         let c = gemm::product(View::rows(xs, xr.len(), x.cols).t(), View::rows(ys, yr.len(), y.cols));
         acc.data.iter_mut().zip(c).for_each(|(a, c)| *a += c as f64);
     }
@@ -474,7 +474,7 @@ impl Backend for Cpu {
             let per = (1usize << 16).div_ceil(x.cols.max(1));
             return sum_chunks_of(rows.len(), per, |c| sq(&h.rows_f32(rows.start + c.start..rows.start + c.end)));
         }
-        let v = &x.data[rows.start * x.cols..rows.end * x.cols];
+        let v = x.rows_data(rows);
         sum_chunks(v.len(), |c| sq(&v[c]))
     }
 
