@@ -177,7 +177,7 @@ fn regmean_matches_its_closed_form() {
         }
     }
     let want = rhs * m.try_inverse().unwrap();
-    let r = merge("gpt2", &Options { method: Method::Regmean, regmean_scale: scale, ..Options::default() });
+    let r = merge("gpt2", &Options { method: Method::Regmean, regmean_scale: scale, ..Options::published() });
     let got = dense_of(&r.outcome.merged[0]);
     let e = rel(&got, &want);
     println!("regmean at {}: {e:.2e} from the closed form", first.name);
@@ -189,9 +189,9 @@ fn regmean_matches_its_closed_form() {
 #[test]
 fn bad_baseline_settings_are_refused() {
     for (opts, words) in [
-        (Options { method: Method::Linear, weights: Some(vec![1.0]), ..Options::default() }, "--weights"),
-        (Options { method: Method::Ties, density: 0.0, ..Options::default() }, "--density"),
-        (Options { method: Method::Regmean, regmean_scale: 1.5, ..Options::default() }, "--regmean-scale"),
+        (Options { method: Method::Linear, weights: Some(vec![1.0]), ..Options::published() }, "--weights"),
+        (Options { method: Method::Ties, density: 0.0, ..Options::published() }, "--density"),
+        (Options { method: Method::Regmean, regmean_scale: 1.5, ..Options::published() }, "--regmean-scale"),
     ] {
         let err = iteris::merge::pipeline::merge(&Cpu, &base("gpt2"), &tasks("gpt2"), &opts, false, &mut |_| {})
             .block_on()

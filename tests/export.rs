@@ -12,7 +12,7 @@ use iteris::merge::Options;
 #[test]
 fn lossless_export_round_trips_through_the_peft_reader() {
     for arch in ["gpt2", "llama"] {
-        let r = merge(arch, &Options::default());
+        let r = merge(arch, &Options::published());
         let w = TensorFile::parse("merged", r.adapter_weights.clone()).unwrap();
         let back = Adapter::parse("merged", "adapter_config.json", &r.adapter_config, &w).unwrap();
         assert_eq!(back.modules.len(), r.outcome.targets.len());
@@ -36,7 +36,7 @@ fn lossless_export_round_trips_through_the_peft_reader() {
 
 #[test]
 fn rank_reduction_is_the_truncated_svd() {
-    let r = merge("llama", &Options::default());
+    let r = merge("llama", &Options::published());
     for (t, m) in r.outcome.targets.iter().zip(&r.outcome.merged) {
         let full = to_f64(&dense(m));
         let k = 2.min(m.rank());
@@ -57,7 +57,7 @@ fn rank_reduction_is_the_truncated_svd() {
 
 #[test]
 fn report_carries_metrics_and_solve_path() {
-    let r = merge("bert", &Options::default());
+    let r = merge("bert", &Options::published());
     let v = serde_json::to_value(&r.report).unwrap();
     assert_eq!(v["method"], "iteris-sweep");
     assert_eq!(v["backend"], "cpu");
@@ -75,10 +75,10 @@ fn report_carries_metrics_and_solve_path() {
 /// every task gets one warning, naming the first such module.
 #[test]
 fn weak_ridge_with_few_rows_warns_once_per_task() {
-    let r = merge("bert", &Options { alpha1: 1e-7, alpha2: 1e-7, ..Options::default() });
+    let r = merge("bert", &Options { alpha1: 1e-7, alpha2: 1e-7, ..Options::published() });
     assert_eq!(r.outcome.warnings.len(), 3, "{:?}", r.outcome.warnings);
     for (i, w) in r.outcome.warnings.iter().enumerate() {
         assert!(w.starts_with(&format!("task {} has", i + 1)) && w.contains("pooler.dense"), "{w}");
     }
-    assert!(merge("bert", &Options::default()).outcome.warnings.is_empty(), "no warning at the default ridge");
+    assert!(merge("bert", &Options::published()).outcome.warnings.is_empty(), "no warning at the default ridge");
 }

@@ -28,13 +28,13 @@ fn gpu_merges_match_cpu_and_reference() {
         _ => (4.5e-5, 3e-5),
     };
     let cases = [
-        (Options::default(), "expected_sweep_a1e-4.safetensors", None),
+        (Options::published(), "expected_sweep_a1e-4.safetensors", None),
         (
-            Options { schedule: Schedule::Jacobi, iters: 3, ..Options::default() },
+            Options { schedule: Schedule::Jacobi, iters: 3, ..Options::published() },
             "expected_jacobi3_a1e-4.safetensors",
             None,
         ),
-        (Options { alpha1: 1e-7, alpha2: 1e-7, ..Options::default() }, "expected_sweep_a1e-7.safetensors", Some(())),
+        (Options { alpha1: 1e-7, alpha2: 1e-7, ..Options::published() }, "expected_sweep_a1e-7.safetensors", Some(())),
     ];
     for arch in ARCHS {
         for (opts, file, weak_ridge) in &cases {
@@ -78,9 +78,9 @@ fn one_readback_per_stage() {
     let Some(gpu) = gpu_or_skip("one_readback_per_stage") else { return };
     let stages = 8; // gpt2: c_attn, attn.c_proj, c_fc, mlp.c_proj; llama: q/k/v, o, gate/up, down; 2 blocks
     let cases = [
-        (Options::default(), 1), // the sweep: one pass
-        (Options { schedule: Schedule::Jacobi, iters: 2, ..Options::default() }, 3), // solves, then measures
-        (Options { method: Method::Regmean, ..Options::default() }, 2), // solves, then measures
+        (Options::published(), 1), // the sweep: one pass
+        (Options { schedule: Schedule::Jacobi, iters: 2, ..Options::published() }, 3), // solves, then measures
+        (Options { method: Method::Regmean, ..Options::published() }, 2), // solves, then measures
     ];
     for arch in ["gpt2", "llama"] {
         for (opts, passes) in &cases {
@@ -106,7 +106,7 @@ fn bind_groups_reused_across_passes() {
     let mut created = Vec::new();
     for iters in [2, 4, 8] {
         let (c0, r0) = gpu.bind_groups();
-        merge_on(&gpu, &base("llama"), "llama", &Options { schedule: Schedule::Jacobi, iters, ..Options::default() });
+        merge_on(&gpu, &base("llama"), "llama", &Options { schedule: Schedule::Jacobi, iters, ..Options::published() });
         let (c1, r1) = gpu.bind_groups();
         eprintln!("jacobi {iters}: {} bind groups created, {} reused", c1 - c0, r1 - r0);
         created.push(c1 - c0);
@@ -129,8 +129,8 @@ fn f16_checkpoint_merges_like_the_cpu() {
     std::fs::write(&p, write(&m, true, None).unwrap()).unwrap();
     let f16_base = fsio::read_base(&d).unwrap();
     let Some(gpu) = gpu_or_skip("f16_checkpoint_merges_like_the_cpu") else { return };
-    let g = merge_on(&gpu, &f16_base, "gpt2", &Options::default());
-    let c = merge_on(&iteris::backend::cpu::Cpu, &f16_base, "gpt2", &Options::default());
+    let g = merge_on(&gpu, &f16_base, "gpt2", &Options::published());
+    let c = merge_on(&iteris::backend::cpu::Cpu, &f16_base, "gpt2", &Options::published());
     for (gm, cm) in g.outcome.merged.iter().zip(&c.outcome.merged) {
         let e = rel(&dense(gm), &dense(cm));
         assert!(e < 1e-4, "f16 checkpoint: GPU vs CPU {e:.2e}");
@@ -165,7 +165,7 @@ fn binding_limits_chunk_refuse_or_split_instead_of_failing() {
     ] {
         let mut limited = Gpu::new().unwrap();
         limited.limit_bindings(limit);
-        let base_opts = Options { max_len, ..Options::default() };
+        let base_opts = Options { max_len, ..Options::published() };
         for opts in [
             base_opts.clone(),
             Options { schedule: Schedule::Jacobi, iters: 2, ..base_opts.clone() },
@@ -217,7 +217,7 @@ fn binding_limits_chunk_refuse_or_split_instead_of_failing() {
     let mut small = Gpu::new().unwrap();
     small.limit_bindings(4 << 10);
     let b = base("gpt2");
-    let refused = iteris::merge::pipeline::merge(&small, &b, &tasks("gpt2"), &Options::default(), false, &mut |_| {})
+    let refused = iteris::merge::pipeline::merge(&small, &b, &tasks("gpt2"), &Options::published(), false, &mut |_| {})
         .block_on()
         .err()
         .expect("the plan refuses the merge");
@@ -233,7 +233,7 @@ fn binding_limits_chunk_refuse_or_split_instead_of_failing() {
         t
     };
     let kl = |gpu: &Gpu| {
-        let r = iteris::merge::pipeline::merge(gpu, &b, &with_eval(), &Options::default(), false, &mut |_| {})
+        let r = iteris::merge::pipeline::merge(gpu, &b, &with_eval(), &Options::published(), false, &mut |_| {})
             .block_on()
             .unwrap();
         r.quality.unwrap().iter().map(|q| q.kl).collect::<Vec<_>>()

@@ -44,14 +44,14 @@ fn weak(arch: &str) -> f64 {
 #[test]
 fn sweep_matches_reference() {
     for arch in ARCHS {
-        check(arch, &Options::default(), "expected_sweep_a1e-4.safetensors", STRONG);
+        check(arch, &Options::published(), "expected_sweep_a1e-4.safetensors", STRONG);
     }
 }
 
 #[test]
 fn jacobi_matches_reference() {
     for arch in ARCHS {
-        let opts = Options { schedule: Schedule::Jacobi, iters: 3, ..Options::default() };
+        let opts = Options { schedule: Schedule::Jacobi, iters: 3, ..Options::published() };
         check(arch, &opts, "expected_jacobi3_a1e-4.safetensors", STRONG);
     }
 }
@@ -61,7 +61,7 @@ fn jacobi_matches_reference() {
 #[test]
 fn sweep_matches_reference_at_weak_ridge() {
     for arch in ARCHS {
-        let opts = Options { alpha1: 1e-7, alpha2: 1e-7, ..Options::default() };
+        let opts = Options { alpha1: 1e-7, alpha2: 1e-7, ..Options::published() };
         check(arch, &opts, "expected_sweep_a1e-7.safetensors", weak(arch));
     }
 }
@@ -70,8 +70,8 @@ fn sweep_matches_reference_at_weak_ridge() {
 #[test]
 fn sweep_equals_converged_jacobi() {
     for arch in ["gpt2", "llama"] {
-        let sweep = merge(arch, &Options::default());
-        let jac = merge(arch, &Options { schedule: Schedule::Jacobi, iters: 12, ..Options::default() });
+        let sweep = merge(arch, &Options::published());
+        let jac = merge(arch, &Options { schedule: Schedule::Jacobi, iters: 12, ..Options::published() });
         for (k, (a, b)) in sweep.outcome.merged.iter().zip(&jac.outcome.merged).enumerate() {
             let e = rel(&dense(b), &dense(a));
             assert!(e < 1e-5, "{arch}: module {} jacobi(12) vs sweep {e:.2e}", sweep.outcome.targets[k].name);
@@ -124,7 +124,7 @@ fn f64_solve_paths() {
 #[test]
 fn jacobi_keeping_adapter_inputs_equals_rerunning_them() {
     for arch in ["gpt2", "llama", "bert"] {
-        let opts = Options { schedule: Schedule::Jacobi, iters: 3, ..Options::default() };
+        let opts = Options { schedule: Schedule::Jacobi, iters: 3, ..Options::published() };
         let kept = merge(arch, &opts);
         let k = kept.outcome.adapter_inputs.expect("Jacobi reports its adapter inputs");
         assert!(k.kept, "{arch}: the fixtures' inputs fit");

@@ -53,7 +53,7 @@ fn kl_and_generation_match_direct_computations() {
     let targets = map_targets(&model.modules(), &adapters, model.model_type(), true).unwrap();
 
     // The merged model's greedy continuations, one prompt at a time, with dense deltas.
-    let merged = merge_on(&Cpu, &base, "gpt2", &Options::default());
+    let merged = merge_on(&Cpu, &base, "gpt2", &Options::published());
     let dense_of = |m: &iteris::merge::solve::Merged| {
         let (a, b) = (iteris::merge::solve::to_f64(&m.a), iteris::merge::solve::to_f64(&m.b));
         iteris::merge::solve::to_mat(&(b * a))
@@ -112,7 +112,7 @@ fn kl_and_generation_match_direct_computations() {
 
     // The report: accuracy = exact matches of those continuations; KL below.
     tasks[0].eval = Some(set.clone());
-    let r = iteris::merge::pipeline::merge(&Cpu, &base, &tasks, &Options::default(), false, &mut |_| {})
+    let r = iteris::merge::pipeline::merge(&Cpu, &base, &tasks, &Options::published(), false, &mut |_| {})
         .block_on()
         .unwrap();
     let q = &r.quality.as_ref().unwrap()[0];

@@ -102,7 +102,7 @@ fn check_merge<B: Backend + 'static>(be: &B, tol: f64) {
     for name in MODELS {
         let Some(d) = real_dir(name) else { continue };
         let base = fsio::read_base(&d.join("base")).unwrap();
-        let opts = Options { schedule: Schedule::Jacobi, iters: 3, ..Options::default() };
+        let opts = Options { schedule: Schedule::Jacobi, iters: 3, ..Options::published() };
         let t = std::time::Instant::now();
         let r = pipeline::merge(be, &base, &real_tasks(&d), &opts, false, &mut |_| {}).block_on().unwrap();
         let exp = read(&d, "expected_jacobi3_a1e-4.safetensors");

@@ -11,8 +11,10 @@ The base model learns the alphabet, words, numbers and the "prefix input>output"
 lines ("copy stone>stone") and free text, never a task line; each adapter learns one task. Per task
 the demo holds 50 unlabeled calibration samples (what IterIS merges with) and up to 200
 held-out labeled examples (eval/*.jsonl: prompt and answer, for greedy-generation accuracy and KL).
-The calibration samples carry each adapter's own greedy answer after the prompt (no labels: the
-adapter wrote them), so the merge also aligns the positions where answers are produced.
+The calibration samples are prompts only ("rev stone>"): the engine's self-calibration
+(`--self-calibrate`, on by default) extends each with its adapter's own greedy answer before the
+merge, so the merge also aligns the positions where answers are produced (measured on the demo:
+mean merged accuracy 8% with prompts alone, 27% with the adapters' answers).
 
 Char-level tokenizer (BPE without merges over the characters), so the tasks are learnable by a
 model of under a million parameters in minutes on two CPU cores. Seeded; rerun to regenerate:
@@ -169,8 +171,6 @@ def main():
     only = os.environ.get("ONLY")  # retrain these adapters (comma-separated) on the saved base
     if os.environ.get("REEVALUATE"):
         return reevaluate()
-    if os.environ.get("CALIBRATE"):
-        return self_calibrate()
     if only:
         return retrain(only.split(","))
     shutil.rmtree(OUT, ignore_errors=True)
@@ -215,7 +215,6 @@ def main():
     for t in TASKS:
         model = train_adapter(model, tok, t, base_state)
     reevaluate()
-    self_calibrate()
     # The decoder (characters joined without separators) is added last: training only encodes.
     path = os.path.join(OUT, "base", "tokenizer.json")
     with open(path) as f:
@@ -237,22 +236,6 @@ def greedy(model, tok, prompt, max_new=10):
         out.append(nxt)
         ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
     return "".join(tok.id_to_token(i) for i in out)
-
-
-def self_calibrate():
-    """Calibration samples: each prompt followed by the adapter's own greedy answer. Still no
-    labels (the adapter wrote them), and the merge then also aligns the positions where the
-    answer is produced; prompts alone leave those out (measured on the demo: mean merged accuracy 8% with
-    prompts alone, 27% with the adapters' own answers)."""
-    from peft import PeftModel
-    tok = Tokenizer.from_file(os.path.join(OUT, "base", "tokenizer.json"))
-    for t in TASKS:
-        path = os.path.join(OUT, "samples", f"{t}.txt")
-        prompts = [l.split(">")[0] + ">" for l in open(path).read().splitlines() if l]
-        m = PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(os.path.join(OUT, "base")),
-                                      os.path.join(OUT, "adapters", t)).eval()
-        with open(path, "w") as f:
-            f.write("".join(p + greedy(m, tok, p) + "\n" for p in prompts))
 
 
 def save_adapter(peft_model, t):

@@ -155,6 +155,8 @@ function options() {
     density: num('density', 'Density', 0),
     seed: Math.round(num('seed', 'Seed', 0)),
     regmean_scale: num('regmean-scale', 'RegMean off-diagonal', 0),
+    balance: $('balance').value,
+    self_calibrate: Math.round(num('self-calibrate', 'Self-calibration', 0)),
     schedule: $('schedule').value,
     iters: Math.round(num('iters', 'Solves', 1)),
     alpha1: num('alpha1', 'α1', 0),
@@ -342,8 +344,20 @@ function showResults(m, seconds) {
   $('download').href = state.zipUrl;
 
   const fmt = (v) => (v === null || v === undefined || Number.isNaN(v) ? '—' : v.toExponential(2));
-  table($('task-table'), ['adapter', 'samples file', 'samples', 'tokens', 'mean alignment error'],
-    report.tasks.map((t) => [t.adapter, t.samples_file, t.samples, t.tokens, fmt(t.mean_alignment_error)]));
+  // Balancing's weights and each task's held-out KL with weights 1 and with them; the tokens
+  // self-calibration generated.
+  const b = report.balancing, sc = report.self_calibration, lambda = report.options.weights;
+  const klChange = (i) => (b ? `${b.kl_before[i].toFixed(3)} → ${b.kl_after[i].toFixed(3)}` : '—');
+  table($('task-table'), ['adapter', 'samples file', 'samples', 'tokens', 'generated tokens', 'task weight λ', 'held-out KL (λ = 1 → chosen)', 'mean alignment error'],
+    report.tasks.map((t, i) => [t.adapter, t.samples_file, t.samples, t.tokens, sc ? sc.tokens_added[i] : '—',
+      lambda && report.method.startsWith('iteris') ? lambda[i].toFixed(3) : '—', klChange(i), fmt(t.mean_alignment_error)]));
+  const steps = [];
+  if (sc) steps.push(`Self-calibration generated ${sc.tokens_added.reduce((a, v) => a + v, 0)} tokens (at most ${sc.max_tokens} per sample) in ${sc.seconds.toFixed(2)} s.`);
+  if (b) {
+    const worst = (kl) => Math.max(...kl).toFixed(3);
+    steps.push(`Balancing ran ${b.rounds.length} merges on the samples less ${b.held_out.reduce((a, v) => a + v, 0)} held out (${b.seconds.toFixed(2)} s) and kept the weights whose worst held-out KL was smallest: ${worst(b.kl_before)} with equal weights, ${worst(b.kl_after)} with these.`);
+  }
+  $('steps').textContent = steps.join(' ');
   table($('module-table'), ['module', 'rank', 'solve', ...report.tasks.map((_, i) => `error ${i + 1}`), ...report.tasks.map((_, i) => `weight ${i + 1}`)],
     report.modules.map((r) => [r.module, r.rank, r.solve_path || '—', ...r.alignment_error.map(fmt), ...r.adaptive_weights.map((c) => c.toPrecision(3))]));
   $('quality-box').hidden = !report.quality;
@@ -477,9 +491,11 @@ async function showStudy() {
   const c = study.convergence;
   lines($('study-convergence'), c.solves, [{ name: 'jacobi', ys: c.distance_to_sweep, color: '#2450b2' }], { log: true, xLabel: 'solves' });
   const e = study.sample_efficiency;
-  const colors = { iteris: '#2450b2', regmean: '#c0392b', linear: '#7f8c8d' };
-  lines($('study-samples'), e.samples, Object.entries(e.methods).map(([name, m]) => ({ name, ys: m.accuracy, color: colors[name] || '#333' })),
-    { xLabel: 'calibration samples per task', yFormat: (v) => `${Math.round(v * 100)}%` });
+  const colors = { iteris: '#2450b2', 'iteris, not balanced': '#16a085', 'iteris as published': '#8e44ad', regmean: '#c0392b', linear: '#7f8c8d' };
+  for (const [id, key] of [['study-samples', 'accuracy'], ['study-worst', 'worst_accuracy']]) {
+    lines($(id), e.samples, Object.entries(e.methods).map(([name, m]) => ({ name, ys: m[key] || [], color: colors[name] || '#333' })),
+      { xLabel: 'calibration samples per task', yFormat: (v) => `${Math.round(v * 100)}%` });
+  }
   $('study').hidden = false;
 }
 

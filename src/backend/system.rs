@@ -88,6 +88,18 @@ impl<S> Weight<S> {
         Weight { num: c, num_terms: Vec::new(), den: None }
     }
 
+    /// λ · c: a task's weight in the objective (`Options::weights`) times its adaptive weight.
+    pub fn scaled(&self, lambda: f64) -> Weight<S>
+    where
+        S: Clone,
+    {
+        Weight {
+            num: lambda * self.num,
+            num_terms: self.num_terms.iter().map(|(k, v)| (lambda * k, v.clone())).collect(),
+            den: self.den.clone(),
+        }
+    }
+
     pub fn map<S2>(&self, mut s: impl FnMut(&S) -> S2) -> Weight<S2> {
         Weight {
             num: self.num,

@@ -6,7 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use iteris::backend::{cpu::Cpu, gpu::Gpu};
 use iteris::fsio;
 use iteris::inputs::{BaseInputs, TaskInput};
-use iteris::merge::{pipeline, Method, Options, Progress, Schedule};
+use iteris::merge::{pipeline, Balance, Method, Options, Progress, Schedule};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -44,6 +44,12 @@ enum ScheduleArg {
     Jacobi,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum BalanceArg {
+    Auto,
+    Off,
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum BackendArg {
     Cpu,
@@ -74,9 +80,24 @@ struct MergeArgs {
     /// --seed), svd (the summed delta truncated to --rank, default the largest adapter rank).
     #[arg(long, default_value = "iteris", value_parser = parse_method)]
     method: Method,
-    /// Baselines: one weight per adapter, comma-separated (default 1/N for linear, 1 otherwise).
+    /// One weight per adapter, comma-separated. iteris, regmean: each task's weight λ_i in the
+    /// objective (positive; default: chosen by --balance, else 1); linear: default 1/N; cat,
+    /// ties, dare: default 1.
     #[arg(long, value_delimiter = ',')]
     weights: Option<Vec<f64>>,
+    /// iteris: auto (default) chooses the task weights from held-out calibration samples (every
+    /// fifth), to make the worst task's KL(adapter ‖ merged) small, in --balance-sweeps merges
+    /// on the rest before the final one; off: weights 1 (or --weights).
+    #[arg(long, value_enum, default_value = "auto")]
+    balance: BalanceArg,
+    /// Merges on the calibration split that --balance auto runs before the final merge.
+    #[arg(long, default_value_t = 3)]
+    balance_sweeps: usize,
+    /// iteris, regmean: extend each calibration sample with its own adapter's greedy
+    /// continuation, up to this many tokens (0: off), so the merge sees where each adapter
+    /// writes its answers; a sample that holds its answer already ends at once.
+    #[arg(long, default_value_t = iteris::merge::SELF_CALIBRATE_TOKENS)]
+    self_calibrate: usize,
     /// ties: fraction of each delta's entries kept; dare: probability an entry is kept.
     #[arg(long, default_value_t = 0.5)]
     density: f64,
@@ -176,6 +197,12 @@ impl MergeArgs {
         let opts = Options {
             method: self.method,
             weights: self.weights.clone(),
+            balance: match self.balance {
+                BalanceArg::Auto => Balance::Auto,
+                BalanceArg::Off => Balance::Off,
+            },
+            balance_sweeps: self.balance_sweeps,
+            self_calibrate: self.self_calibrate,
             density: self.density,
             seed: self.seed,
             regmean_scale: self.regmean_scale,
@@ -407,11 +434,13 @@ fn study(a: MergeArgs) -> iteris::Result<()> {
         c.distance_to_sweep.iter().map(|e| format!("{e:.2e}")).collect::<Vec<_>>().join(" ")
     );
     let e = &s.sample_efficiency;
-    for name in iteris::merge::study::METHODS.map(Method::name) {
+    let pct = |v: &Vec<Option<f64>>| -> String {
+        v.iter().map(|a| a.map_or("-".into(), |a| format!("{:.1}%", 100.0 * a))).collect::<Vec<_>>().join(" ")
+    };
+    println!("accuracy by samples per task {:?}: mean over the tasks | worst task", e.samples);
+    for (name, _) in iteris::merge::study::variants(&p.opts) {
         let Some(curve) = e.methods.get(name) else { continue };
-        let acc: Vec<String> =
-            curve.accuracy.iter().map(|a| a.map_or("-".into(), |a| format!("{:.1}%", 100.0 * a))).collect();
-        println!("{name:>8}: mean accuracy by samples per task {:?}: {}", e.samples, acc.join(" "));
+        println!("{name:>22}: {} | {}", pct(&curve.accuracy), pct(&curve.worst_accuracy));
     }
     if let Some(path) = &a.out {
         fsio::write_file(path, &serde_json::to_vec_pretty(&s).unwrap(), a.force, &a.inputs())?;

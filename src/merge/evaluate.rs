@@ -168,9 +168,8 @@ pub async fn accuracy<B: Backend>(
     Ok(right as f64 / items.len().max(1) as f64)
 }
 
-/// Greedy continuations of the prompts of `items` by `stream`: runs of prompts decoded together,
-/// one token per forward pass, until each has produced a newline or the end-of-sequence token (not
-/// part of the text), or as many tokens as its answer has plus two.
+/// Greedy continuations of the prompts of `items` by `stream`, until each has produced a newline
+/// or the end-of-sequence token (not part of the text), or as many tokens as its answer has plus two.
 #[allow(clippy::too_many_arguments)]
 pub async fn generate<B: Backend>(
     be: &B,
@@ -182,7 +181,6 @@ pub async fn generate<B: Backend>(
     eos: Option<u32>,
     decoding: Decoding,
 ) -> Result<Vec<String>> {
-    check_decoder(model)?;
     let max_pos = model.max_positions();
     let mut seqs: Vec<Vec<u32>> = Vec::new();
     let mut budget = Vec::new();
@@ -191,17 +189,45 @@ pub async fn generate<B: Backend>(
         budget.push(tok.encode(a, max_pos)?.ids.len() + 2);
     }
     let starts: Vec<usize> = seqs.iter().map(Vec::len).collect();
-    let mut done: Vec<bool> = seqs.iter().map(|s| s.len() >= max_pos).collect();
-    // Runs of prompts decoded together, sized by their longest possible sequences; with a cache,
+    let stop = |_: usize, t: u32| Some(t) == eos || ends_line(tok, t);
+    continue_greedy(be, model, hook, &mut seqs, &budget, stream, &stop, decoding).await?;
+    (0..items.len()).map(|k| tok.decode(&seqs[k][starts[k]..])).collect()
+}
+
+/// Whether token `id` ends a line: its text holds a newline (a token that cannot be decoded does
+/// not).
+pub fn ends_line(tok: &TextTokenizer, id: u32) -> bool {
+    tok.decode(&[id]).is_ok_and(|t| t.contains('\n'))
+}
+
+/// Extend each sequence of `seqs` by `stream`'s greedy tokens, at most `budget[k]` of them and
+/// never past the model's positions, until `stop(k, token)` (that token is not appended): runs
+/// of sequences decoded together, one token per forward pass.
+#[allow(clippy::too_many_arguments)]
+pub async fn continue_greedy<B: Backend>(
+    be: &B,
+    model: &Model<B::T>,
+    hook: &mut DeltaHook<B::T>,
+    seqs: &mut [Vec<u32>],
+    budget: &[usize],
+    stream: Stream,
+    stop: &dyn Fn(usize, u32) -> bool,
+    decoding: Decoding,
+) -> Result<()> {
+    check_decoder(model)?;
+    let max_pos = model.max_positions();
+    let starts: Vec<usize> = seqs.iter().map(Vec::len).collect();
+    let mut done: Vec<bool> = seqs.iter().zip(budget).map(|(s, &b)| s.len() >= max_pos || b == 0).collect();
+    // Runs of sequences decoded together, sized by their longest possible sequences; with a cache,
     // every slot of a run is as long as the longest, and the cache stays within the budget too.
-    let longest: Vec<usize> = starts.iter().zip(&budget).map(|(s, b)| (s + b).min(max_pos)).collect();
+    let longest: Vec<usize> = starts.iter().zip(budget).map(|(s, b)| (s + b).min(max_pos)).collect();
     let capacity = longest.iter().copied().max().unwrap_or(1);
     let run_list = match decoding {
         Decoding::Recomputed => runs(&longest, eval_rows(be, model)),
         Decoding::Cached => {
             let per_token = KvCache::<B::T>::token_bytes(&model.kv_widths()).max(1);
             let cache_rows = (super::plan::EVAL_LOGITS_BYTES / per_token) as usize;
-            runs(&vec![capacity; items.len()], eval_rows(be, model).min(cache_rows))
+            runs(&vec![capacity; seqs.len()], eval_rows(be, model).min(cache_rows))
         }
     };
     for run in run_list {
@@ -239,8 +265,7 @@ pub async fn generate<B: Backend>(
             for (k, &i) in live.iter().enumerate() {
                 let row = logits.row(k);
                 let next = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0) as u32;
-                let text = tok.decode(&[next])?;
-                if Some(next) == eos || text.contains('\n') {
+                if stop(i, next) {
                     done[i] = true;
                     continue;
                 }
@@ -249,5 +274,5 @@ pub async fn generate<B: Backend>(
             }
         }
     }
-    (0..items.len()).map(|k| tok.decode(&seqs[k][starts[k]..])).collect()
+    Ok(())
 }

@@ -30,6 +30,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 /// A module at least one adapter targets.
+#[derive(Clone)]
 pub struct Target {
     /// Module name in the model (no class prefix).
     pub name: String,
@@ -98,6 +99,9 @@ pub struct IterisHook<'a, B: Backend> {
     /// RegMean instead of IterIS: no adaptive weights, no ridge, and each Gram's off-diagonal
     /// entries scaled by this factor (the merged stream is not run: X̃ = X).
     pub regmean: Option<f64>,
+    /// λ_i: each task's weight in the objective Σ λ_i c_i ‖X_i ΔW_iᵀ − X̃_i ΔWᵀ‖² (1 each unless
+    /// set by `--weights` or chosen by `merge::balance`).
+    pub task_weights: Vec<f64>,
     seen: usize,
     on_stage: Box<dyn FnMut(usize, usize) + 'a>,
     /// Jacobi that keeps the adapter streams' inputs (`keep_adapter_inputs`): X_i per stage (its
@@ -148,6 +152,7 @@ impl<'a, B: Backend> IterisHook<'a, B> {
             alpha2,
             rho,
             regmean: None,
+            task_weights: vec![1.0; targets.first().map_or(0, |t| t.loras.len())],
             seen: 0,
             on_stage,
             kept: None,
@@ -466,11 +471,12 @@ impl<B: Backend> IterisHook<'_, B> {
             terms: grams
                 .iter()
                 .zip(weights)
-                .map(|(g, w)| SystemTerm {
+                .zip(&self.task_weights)
+                .map(|((g, w), &lambda)| SystemTerm {
                     gram: g.gram,
                     cross: g.cross(k),
                     // RegMean: no adaptive weights.
-                    weight: if self.regmean.is_some() { Weight::constant(1.0) } else { w.clone() },
+                    weight: if self.regmean.is_some() { Weight::constant(lambda) } else { w.scaled(lambda) },
                 })
                 .collect(),
             alpha1,

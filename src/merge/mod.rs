@@ -1,7 +1,9 @@
 //! The merge: map adapters onto the model, tokenize samples, run IterIS (sweep or Jacobi), export.
 //! Knows models and backends only through their traits.
 
+pub mod balance;
 pub mod baselines;
+pub mod calibrate;
 pub mod evaluate;
 pub mod export;
 pub mod iteris;
@@ -45,8 +47,18 @@ pub struct Options {
     pub max_len: usize,
     /// Reduce the exported adapter to this rank (None: lossless rank Σr).
     pub rank: Option<usize>,
-    /// Baselines: weight per adapter (None: the method's default).
+    /// Weight per adapter (None: the method's default). IterIS and RegMean: λ_i, the task's
+    /// weight in the objective (default 1 each, or chosen by `balance`); linear, cat, TIES,
+    /// DARE: the factor on its delta.
     pub weights: Option<Vec<f64>>,
+    /// IterIS: choose the task weights λ_i from held-out calibration samples (`balance`), unless
+    /// `weights` gives them.
+    pub balance: Balance,
+    /// Merges on the calibration split that balancing may run (besides the final merge).
+    pub balance_sweeps: usize,
+    /// Self-calibration: extend every calibration sample with its own adapter's greedy
+    /// continuation, up to this many tokens (0: off), before any feature is collected.
+    pub self_calibrate: usize,
     /// TIES: fraction of entries kept; DARE: keep probability.
     pub density: f64,
     /// DARE's seed.
@@ -71,6 +83,9 @@ impl Default for Options {
             max_len: 128,
             rank: None,
             weights: None,
+            balance: Balance::Auto,
+            balance_sweeps: 3,
+            self_calibrate: SELF_CALIBRATE_TOKENS,
             density: 0.5,
             seed: 0,
             regmean_scale: 0.9,
@@ -81,6 +96,13 @@ impl Default for Options {
 }
 
 impl Options {
+    /// IterIS as published (and the baselines as they are): the defaults without self-calibration
+    /// or task balancing, which change the samples and the objective. What the float64
+    /// reference and the backends' agreement are tested with.
+    pub fn published() -> Options {
+        Options { balance: Balance::Off, self_calibrate: 0, ..Options::default() }
+    }
+
     /// Check every setting, for `tasks` adapters: the one check the CLI, the page and the library
     /// share, made before any work. Errors name the CLI option (the page shows the same names).
     pub fn validate(&self, tasks: usize) -> Result<()> {
@@ -117,11 +139,28 @@ impl Options {
                 ));
             }
         }
+        if let (Method::Iteris | Method::Regmean, Some(w)) = (self.method, &self.weights) {
+            if w.iter().any(|&v| v <= 0.0) {
+                return Err(bad_input(
+                    "--weights",
+                    format!(
+                        "{} weighs each task's share of its objective: every weight must be positive",
+                        self.method.name()
+                    ),
+                ));
+            }
+        }
         if !(self.density > 0.0 && self.density <= 1.0) {
             return Err(bad_input("--density", format!("{} is not in (0, 1]", self.density)));
         }
         if !(0.0..=1.0).contains(&self.regmean_scale) {
             return Err(bad_input("--regmean-scale", format!("{} is not in [0, 1]", self.regmean_scale)));
+        }
+        if !(1..=10).contains(&self.balance_sweeps) {
+            return Err(bad_input("--balance-sweeps", format!("{} is not in 1..=10", self.balance_sweeps)));
+        }
+        if self.self_calibrate > MAX_LEN {
+            return Err(bad_input("--self-calibrate", format!("{} is not in 0..={MAX_LEN}", self.self_calibrate)));
         }
         if self.max_memory_mib == Some(0) {
             return Err(bad_input("--max-memory", "must be at least 1 (MiB)"));
@@ -129,6 +168,20 @@ impl Options {
         Ok(())
     }
 }
+
+/// Whether IterIS chooses its task weights λ_i itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// λ_i = 1 (or `--weights`).
+    Off,
+    /// λ_i chosen to make the worst task's KL(adapter ‖ merged) on held-out calibration samples
+    /// small (`balance::balance`), unless `--weights` gives them.
+    Auto,
+}
+
+/// Default token budget of self-calibration (`Options::self_calibrate`).
+pub const SELF_CALIBRATE_TOKENS: usize = 32;
 
 /// The longest `--max-len` accepted (tokens per sample).
 pub const MAX_LEN: usize = 1 << 16;
@@ -295,6 +348,9 @@ pub async fn iteris<B: Backend>(
         let pass_progress = std::cell::RefCell::new(&mut *progress);
         let on_stage = Box::new(|done: usize, all: usize| (pass_progress.borrow_mut())(Progress::Modules(done, all)));
         let mut hook = IterisHook::new(be, &targets, opts.alpha1, opts.alpha2, opts.rho, on_stage);
+        if let (Method::Iteris | Method::Regmean, Some(w)) = (opts.method, &opts.weights) {
+            hook.task_weights = w.clone();
+        }
         let announce = |k: usize, label: &str| (pass_progress.borrow_mut())(Progress::Pass(k, passes, label));
         match (opts.method, opts.schedule) {
             (Method::Iteris, Schedule::Sweep) => {

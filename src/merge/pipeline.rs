@@ -1,10 +1,12 @@
 //! From checked inputs to the merged adapter's files: the one entry point the CLI, the tests and
 //! (later) the wasm bindings call.
 
+use super::balance::balance;
+use super::calibrate::self_calibrate;
 use super::evaluate::{self, DeltaHook, TaskQuality};
 use super::export::{adapter_files, reduce_rank};
 use super::report::{module_reports, task_means, Report, TaskReport, Timings};
-use super::{iteris, map_targets, now, plan, tokenize, Options, Progress};
+use super::{iteris, map_targets, now, plan, tokenize, Balance, Options, Progress};
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::formats::hf_config::HfConfig;
@@ -68,6 +70,7 @@ pub async fn merge<B: Backend>(
         ));
     }
     let vocab = base.config.usize_opt("vocab_size")?;
+    let decoder = model.model_type() != "bert";
     let mut ids = Vec::new();
     let mut cut = Vec::new();
     for task in tasks {
@@ -84,11 +87,52 @@ pub async fn merge<B: Backend>(
     }
     timings.tokenize = now() - t;
 
+    // Self-calibration and balancing read next-token distributions: decoders only.
+    let data_driven = matches!(opts.method, super::Method::Iteris | super::Method::Regmean);
+    let self_calibration = if data_driven && decoder && opts.self_calibrate > 0 {
+        let single_line: Vec<bool> = tasks.iter().map(|t| t.samples.iter().all(|s| !s.contains('\n'))).collect();
+        let eos = eos(&base.config);
+        let s = self_calibrate(
+            be,
+            &model,
+            &base.tokenizer,
+            &targets,
+            &mut ids,
+            &single_line,
+            opts.self_calibrate,
+            max_len,
+            eos,
+        )
+        .await?;
+        timings.self_calibration = s.seconds;
+        Some(s)
+    } else {
+        None
+    };
+
     let modules = model.modules();
     let chunks = chunk_batches(&ids, Streams::Both, plan::chunk_rows(be, &modules, &targets));
     let chunk_rows: Vec<usize> = chunks.iter().map(|b| b.tokens()).collect();
     let memory = plan::merge_plan(be, &base.weights, &modules, &targets, &chunk_rows, tasks.len(), opts.max_memory_mib);
     memory.check(&be.name())?;
+    let balancing =
+        if opts.method == super::Method::Iteris && opts.balance == Balance::Auto && opts.weights.is_none() && decoder {
+            let b = balance(be, &model, &targets, &ids, opts, progress)
+                .await
+                .map_err(|e| non_finite(e, &base.config, tasks))?;
+            timings.balancing = b.seconds;
+            Some(b)
+        } else {
+            None
+        };
+    let balanced;
+    let opts = match &balancing {
+        Some(b) => {
+            balanced = Options { weights: Some(b.weights.clone()), ..opts.clone() };
+            &balanced
+        }
+        None => opts,
+    };
     let outcome =
         iteris(be, &model, targets, &ids, opts, progress).await.map_err(|e| non_finite(e, &base.config, tasks))?;
     check_finite(&outcome)?;
@@ -147,6 +191,8 @@ pub async fn merge<B: Backend>(
         jacobi_changes: outcome.changes.clone(),
         adapter_inputs: outcome.adapter_inputs,
         quality: quality.clone(),
+        balancing,
+        self_calibration,
         memory_plan: memory,
         warnings,
         timings_s: timings,

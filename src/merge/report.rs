@@ -46,6 +46,13 @@ pub struct Report {
     /// Per task, on its held-out samples (when given): KL(adapter ‖ merged) and accuracy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quality: Option<Vec<super::evaluate::TaskQuality>>,
+    /// IterIS with `--balance auto`: the task weights chosen and each task's held-out KL before
+    /// and after.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balancing: Option<super::balance::Balancing>,
+    /// `--self-calibrate`: the adapters' greedy continuations added to the samples, and their time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub self_calibration: Option<super::calibrate::SelfCalibration>,
     /// What the merge was planned to take, against the limits it had to fit.
     pub memory_plan: super::plan::MemoryPlan,
     pub warnings: Vec<String>,
@@ -56,6 +63,10 @@ pub struct Report {
 pub struct Timings {
     pub load: f64,
     pub tokenize: f64,
+    /// Self-calibration's greedy generation.
+    pub self_calibration: f64,
+    /// Balancing's merges on the calibration split and their held-out KL.
+    pub balancing: f64,
     pub passes: f64,
     pub export: f64,
     pub quality: f64,

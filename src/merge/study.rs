@@ -4,7 +4,7 @@
 
 use super::baselines::Method;
 use super::pipeline::merge;
-use super::{relative_change, Options, Progress, Schedule};
+use super::{relative_change, Balance, Options, Progress, Schedule};
 use crate::backend::Backend;
 use crate::error::{bad_input, Result};
 use crate::inputs::{BaseInputs, TaskInput};
@@ -15,8 +15,19 @@ use std::collections::BTreeMap;
 pub const MAX_SOLVES: usize = 8;
 /// Calibration samples per task tried (those every task has).
 pub const SAMPLE_COUNTS: [usize; 5] = [2, 5, 10, 20, 50];
-/// The methods whose sample efficiency is measured.
-pub const METHODS: [Method; 3] = [Method::Iteris, Method::Regmean, Method::Linear];
+/// The settings whose sample efficiency is measured, by the name the page plots them under: IterIS
+/// with the given settings (by default self-calibrated and balanced), without balancing, as
+/// published (neither), and the two baselines.
+pub fn variants(opts: &Options) -> Vec<(&'static str, Options)> {
+    let with = |method| Options { method, ..opts.clone() };
+    vec![
+        ("iteris", with(Method::Iteris)),
+        ("iteris, not balanced", Options { balance: Balance::Off, ..with(Method::Iteris) }),
+        ("iteris as published", Options { balance: Balance::Off, self_calibrate: 0, ..with(Method::Iteris) }),
+        ("regmean", with(Method::Regmean)),
+        ("linear", with(Method::Linear)),
+    ]
+}
 
 /// What the study found, in the JSON form the page reads.
 #[derive(Clone, Debug, Serialize)]
@@ -37,14 +48,16 @@ pub struct Convergence {
 pub struct SampleEfficiency {
     /// Calibration samples per task.
     pub samples: Vec<usize>,
-    /// Per method (by name): mean accuracy and KL over the tasks, per sample count.
+    /// Per variant (by name, `variants`): accuracy and KL over the tasks, per sample count.
     pub methods: BTreeMap<&'static str, Curve>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Curve {
-    /// None where no task's held-out set has answers.
+    /// Mean over the tasks; None where no task's held-out set has answers.
     pub accuracy: Vec<Option<f64>>,
+    /// The task with the lowest accuracy's.
+    pub worst_accuracy: Vec<Option<f64>>,
     pub kl: Vec<Option<f64>>,
 }
 
@@ -79,18 +92,19 @@ pub async fn study<B: Backend>(
     let all: Vec<Vec<String>> = tasks.iter().map(|t| t.samples.clone()).collect();
     let mut methods = BTreeMap::new();
     let mut curves = async || -> Result<()> {
-        for m in METHODS {
-            let (mut accuracy, mut kl) = (Vec::new(), Vec::new());
+        for (name, o) in variants(opts) {
+            let (mut accuracy, mut worst_accuracy, mut kl) = (Vec::new(), Vec::new(), Vec::new());
             for &n in &samples {
                 for (t, s) in tasks.iter_mut().zip(&all) {
                     t.samples = s[..n].to_vec();
                 }
-                let r = merge(be, base, tasks, &Options { method: m, ..opts.clone() }, false, progress).await?;
+                let r = merge(be, base, tasks, &o, false, progress).await?;
                 let q = r.quality.unwrap_or_default();
                 accuracy.push(mean(q.iter().map(|t| t.accuracy)));
+                worst_accuracy.push(q.iter().filter_map(|t| t.accuracy).min_by(f64::total_cmp));
                 kl.push(mean(q.iter().map(|t| Some(t.kl))));
             }
-            methods.insert(m.name(), Curve { accuracy, kl });
+            methods.insert(name, Curve { accuracy, worst_accuracy, kl });
         }
         Ok(())
     };

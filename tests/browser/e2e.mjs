@@ -50,6 +50,13 @@ async function giveFixtureFiles(page, arch = 'gpt2') {
     await page.setInputFiles(`#task-${k}-adapter`, ['adapter_config.json', 'adapter_model.safetensors'].map((n) => f(`adapter${k}/${n}`)));
     await page.setInputFiles(`#task-${k}-samples`, f(s));
   }
+  await published(page);
+}
+
+// IterIS as published, for the merges tests/browser.rs compares with the CLI's (its PUBLISHED).
+async function published(page) {
+  await page.selectOption('#balance', 'off');
+  await page.fill('#self-calibrate', '0');
 }
 
 // `during(page)` runs right after the click, while the merge runs.
@@ -249,6 +256,7 @@ try {
       await page.setInputFiles(`#task-${k}-adapter`, ['adapter_config.json', 'adapter_model.safetensors'].map((f) => path.join(big, `adapter${k}`, f)));
       await page.setInputFiles(`#task-${k}-samples`, path.join(big, `samples${k}.txt`));
     }
+    await published(page);
     await page.selectOption('#backend', 'cpu');
     const run = await mergeAndDownload(page, name);
     console.log(`106M model on the CPU path, ${run.threads} thread(s): ${run.seconds.toFixed(1)} s, peak wasm memory ${(run.wasmMemoryBytes / 2 ** 20).toFixed(0)} MiB`);

@@ -759,6 +759,13 @@ pub fn cases() -> Vec<Case> {
             |_, a| push(a, &["--method", "linear", "--weights", "1,2"]),
             &["--weights", "3 adapters, 2 weights"],
         ),
+        c(
+            "settings",
+            "--weights not positive for iteris",
+            |_, a| push(a, &["--weights", "1,0,2"]),
+            &["--weights", "positive"],
+        ),
+        c("settings", "--balance-sweeps 0", |_, a| push(a, &["--balance-sweeps", "0"]), &["--balance-sweeps"]),
         c("settings", "--iters 0", |_, a| push(a, &["--schedule", "jacobi", "--iters", "0"]), &["--iters"]),
         c(
             "settings",

@@ -1,0 +1,58 @@
+//! Self-calibration: where a task's calibration samples are prompts only, IterIS would align the
+//! adapters only where they read, never where they write their answers. Each sample is extended
+//! by its own adapter's greedy continuation (base + ΔW_i, decoded with the KV cache) before any
+//! feature is collected, so the merge also sees the positions where the adapter acts. A
+//! continuation ends at the end-of-sequence token, at a newline where the task's samples are
+//! single lines (one sample, one line), after `max_tokens` tokens, or at the sample length limit;
+//! a sample that already holds its answer usually ends at once, so the step costs a decoding step
+//! there and nothing changes.
+
+use super::evaluate::{continue_greedy, ends_line, Decoding, DeltaHook};
+use super::iteris::Target;
+use super::now;
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::formats::tokenizer::TextTokenizer;
+use crate::models::{Model, Stream};
+
+/// What self-calibration added (`merge_report.json`'s `self_calibration`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SelfCalibration {
+    /// The budget of generated tokens per sample.
+    pub max_tokens: usize,
+    /// Per task: tokens generated in all, and samples that got at least one.
+    pub tokens_added: Vec<usize>,
+    pub samples_extended: Vec<usize>,
+    /// Wall time of the generation.
+    pub seconds: f64,
+}
+
+/// Extend every task's tokenized samples (`ids[i]`, task i's) in place. `single_line[i]`: task
+/// i's samples hold no newline, so a generated newline ends a continuation.
+#[allow(clippy::too_many_arguments)]
+pub async fn self_calibrate<B: Backend>(
+    be: &B,
+    model: &Model<B::T>,
+    tok: &TextTokenizer,
+    targets: &[Target],
+    ids: &mut [Vec<Vec<u32>>],
+    single_line: &[bool],
+    max_tokens: usize,
+    max_len: usize,
+    eos: Option<u32>,
+) -> Result<SelfCalibration> {
+    let t0 = now();
+    let mut hook = DeltaHook::new(be, targets, None);
+    let (mut tokens_added, mut samples_extended) = (Vec::new(), Vec::new());
+    for (i, seqs) in ids.iter_mut().enumerate() {
+        let before: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        let budget: Vec<usize> = before.iter().map(|&n| max_tokens.min(max_len.saturating_sub(n))).collect();
+        let one_line = single_line[i];
+        let stop = |_: usize, t: u32| Some(t) == eos || (one_line && ends_line(tok, t));
+        continue_greedy(be, model, &mut hook, seqs, &budget, Stream::Adapter(i), &stop, Decoding::Cached).await?;
+        let added: Vec<usize> = seqs.iter().zip(&before).map(|(s, n)| s.len() - n).collect();
+        tokens_added.push(added.iter().sum());
+        samples_extended.push(added.iter().filter(|&&a| a > 0).count());
+    }
+    Ok(SelfCalibration { max_tokens, tokens_added, samples_extended, seconds: now() - t0 })
+}
