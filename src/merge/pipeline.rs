@@ -89,7 +89,23 @@ pub async fn merge<B: Backend>(
 
     // Self-calibration and balancing read next-token distributions: decoders only.
     let data_driven = matches!(opts.method, super::Method::Iteris | super::Method::Regmean);
-    let self_calibration = if data_driven && decoder && opts.self_calibrate > 0 {
+    let calibrate = data_driven && decoder && opts.self_calibrate > 0;
+    let modules = model.modules();
+    let plan_for = |ids: &[Vec<Vec<u32>>]| {
+        let chunks = chunk_batches(ids, Streams::Both, plan::chunk_rows(be, &modules, &targets));
+        let chunk_rows: Vec<usize> = chunks.iter().map(|b| b.tokens()).collect();
+        plan::merge_plan(be, &base.weights, &modules, &targets, &chunk_rows, tasks.len(), opts.max_memory_mib)
+    };
+    // The plan is checked before any pass, for the longest the samples can become: each as long
+    // as self-calibration may make it.
+    if calibrate {
+        let longest: Vec<Vec<Vec<u32>>> = ids
+            .iter()
+            .map(|s| s.iter().map(|x| vec![0; (x.len() + opts.self_calibrate).min(max_len).max(x.len())]).collect())
+            .collect();
+        plan_for(&longest).check(&be.name())?;
+    }
+    let self_calibration = if calibrate {
         let single_line: Vec<bool> = tasks.iter().map(|t| t.samples.iter().all(|s| !s.contains('\n'))).collect();
         let eos = eos(&base.config);
         let s = self_calibrate(
@@ -109,11 +125,7 @@ pub async fn merge<B: Backend>(
     } else {
         None
     };
-
-    let modules = model.modules();
-    let chunks = chunk_batches(&ids, Streams::Both, plan::chunk_rows(be, &modules, &targets));
-    let chunk_rows: Vec<usize> = chunks.iter().map(|b| b.tokens()).collect();
-    let memory = plan::merge_plan(be, &base.weights, &modules, &targets, &chunk_rows, tasks.len(), opts.max_memory_mib);
+    let memory = plan_for(&ids);
     memory.check(&be.name())?;
     let balancing =
         if opts.method == super::Method::Iteris && opts.balance == Balance::Auto && opts.weights.is_none() && decoder {
