@@ -166,8 +166,8 @@ def table(sizes=(5, 10, 20, 50)):
             src = open(os.path.join(OUT, "samples", f"{t}.txt")).read().splitlines()
             with open(os.path.join(tmp, f"{t}.{n}.txt"), "w") as f:
                 f.write("\n".join(src[:n]) + "\n")
-        for label, extra in CONFIGS:
-            out = os.path.join(tmp, f"n{n}.{label.split()[0]}.{abs(hash(label)) % 10**6}.json")
+        for k, (label, extra) in enumerate(CONFIGS):
+            out = os.path.join(tmp, f"n{n}.config{k}.json")
             args = [exe, "compare", "--base", os.path.join(OUT, "base"), "--out", out, "--force"]
             for t in TASKS:
                 args += ["--adapter", os.path.join(OUT, "adapters", t), "--samples", os.path.join(tmp, f"{t}.{n}.txt"),
@@ -176,9 +176,9 @@ def table(sizes=(5, 10, 20, 50)):
             subprocess.run(args + extra, check=True, stdout=subprocess.DEVNULL)
             res = json.load(open(out))
             alone = alone or res.get("alone")
-            for row in res["rows"]:
+            for row in res["methods"]:
                 acc = [q["accuracy"] for q in row["quality"]]
-                name = label if len(res["rows"]) == 1 else row["method"]
+                name = label if len(res["methods"]) == 1 else row["method"]
                 lines.append((n, name, acc, time.time() - t0))
                 print(n, name, " ".join(f"{100 * a:.0f}%" for a in acc), f"{time.time() - t0:.0f} s", flush=True)
     head = "| samples per task | method | " + " | ".join(TASKS) + " | worst |\n|---|---|" + "---|" * (len(TASKS) + 1) + "\n"
