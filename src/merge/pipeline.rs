@@ -1,7 +1,7 @@
 //! From checked inputs to the merged adapter's files: the one entry point the CLI, the tests and
 //! (later) the wasm bindings call.
 
-use super::balance::balance;
+use super::balance::{balance, MIN_SAMPLES};
 use super::calibrate::self_calibrate;
 use super::evaluate::{self, DeltaHook, TaskQuality};
 use super::export::{adapter_files, reduce_rank};
@@ -127,16 +127,23 @@ pub async fn merge<B: Backend>(
     };
     let memory = plan_for(&ids);
     memory.check(&be.name())?;
-    let balancing =
-        if opts.method == super::Method::Iteris && opts.balance == Balance::Auto && opts.weights.is_none() && decoder {
-            let b = balance(be, &model, &targets, &ids, opts, progress)
-                .await
-                .map_err(|e| non_finite(e, &base.config, tasks))?;
-            timings.balancing = b.seconds;
-            Some(b)
-        } else {
-            None
-        };
+    // Balancing holds out every fifth sample: below `balance::MIN_SAMPLES` per task the merges it
+    // compares would lose too much of their samples, and its held-out KL is too noisy to trust.
+    let auto_balance =
+        opts.method == super::Method::Iteris && opts.balance == Balance::Auto && opts.weights.is_none() && decoder;
+    let few = ids.iter().map(Vec::len).min().unwrap_or(0);
+    if auto_balance && few < MIN_SAMPLES {
+        warnings.push(format!(
+            "balancing skipped: a task has {few} samples, fewer than the {MIN_SAMPLES} it needs to hold some out; every task weighs 1"
+        ));
+    }
+    let balancing = if auto_balance && few >= MIN_SAMPLES {
+        let b = balance(be, &model, &targets, &ids, opts, progress).await.map_err(|e| non_finite(e, &base.config, tasks))?;
+        timings.balancing = b.seconds;
+        Some(b)
+    } else {
+        None
+    };
     let balanced;
     let opts = match &balancing {
         Some(b) => {
