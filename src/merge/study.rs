@@ -22,8 +22,8 @@ pub fn variants(opts: &Options) -> Vec<(&'static str, Options)> {
     let with = |method| Options { method, ..opts.clone() };
     vec![
         ("iteris", with(Method::Iteris)),
-        ("iteris, not balanced", Options { balance: Balance::Off, ..with(Method::Iteris) }),
-        ("iteris as published", Options { balance: Balance::Off, self_calibrate: 0, ..with(Method::Iteris) }),
+        ("unbalanced", Options { balance: Balance::Off, ..with(Method::Iteris) }),
+        ("published", Options { balance: Balance::Off, self_calibrate: 0, ..with(Method::Iteris) }),
         ("regmean", with(Method::Regmean)),
         ("linear", with(Method::Linear)),
     ]
