@@ -20,7 +20,7 @@ Stages (each cached in OUT, default target/study/smollm2; nothing here is commit
 
     python3 tools/study_smollm2.py prepare|table|all [OUT]
 
-Needs torch, transformers, peft, gguf (pip). `prepare` takes 20-30 min on 2 CPU cores, `table` about 20 min.
+Needs torch, transformers, peft, gguf (pip). `prepare` took 37 min on 2 CPU cores (with builds running beside it), `table` 21 min.
 """
 import json, os, random, shutil, subprocess, sys, time, zipfile
 

@@ -389,6 +389,26 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
         r.report.backend,
         r.report.timings_s.passes
     );
+    if let Some(s) = &r.report.self_calibration {
+        println!(
+            "self-calibration: {} tokens generated (at most {} per sample) in {:.2}s",
+            s.tokens_added.iter().sum::<usize>(),
+            s.max_tokens,
+            s.seconds
+        );
+    }
+    if let Some(b) = &r.report.balancing {
+        let worst = |kl: &[f64]| kl.iter().copied().fold(0.0, f64::max);
+        let w: Vec<String> = b.weights.iter().map(|w| format!("{w:.3}")).collect();
+        println!(
+            "balancing: task weights {} after {} merges ({:.2}s); worst held-out KL {:.3} → {:.3}",
+            w.join(", "),
+            b.rounds.len(),
+            b.seconds,
+            worst(&b.kl_before),
+            worst(&b.kl_after)
+        );
+    }
     if !r.report.jacobi_changes.is_empty() {
         let c: Vec<String> = r.report.jacobi_changes.iter().map(|c| format!("{c:.2e}")).collect();
         println!("jacobi: relative change between solves {}", c.join(" → "));

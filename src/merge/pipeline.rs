@@ -138,7 +138,9 @@ pub async fn merge<B: Backend>(
         ));
     }
     let balancing = if auto_balance && few >= MIN_SAMPLES {
-        let b = balance(be, &model, &targets, &ids, opts, progress).await.map_err(|e| non_finite(e, &base.config, tasks))?;
+        let b = balance(be, &model, &targets, &ids, opts, progress)
+            .await
+            .map_err(|e| non_finite(e, &base.config, tasks))?;
         timings.balancing = b.seconds;
         Some(b)
     } else {
