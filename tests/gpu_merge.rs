@@ -260,3 +260,34 @@ fn cached_decoding_on_the_gpu_equals_recomputed_decoding() {
         assert!(e < 1e-5, "{arch}: cached logits differ from recomputed ones by {e:.2e} on the GPU");
     }
 }
+
+/// Task weights λ reach the GPU's own assembly of each system (`system_scalars.wgsl` reads the
+/// scaled adaptive-weight terms): the merge equals the CPU's, and every module's f32 factor still
+/// refines (a factor of another M would not), for IterIS and RegMean.
+#[test]
+fn task_weights_reach_the_gpu_factor() {
+    let Some(gpu) = gpu_or_skip("task_weights_reach_the_gpu_factor") else { return };
+    for method in [iteris::merge::Method::Iteris, iteris::merge::Method::Regmean] {
+        for arch in ["gpt2", "llama"] {
+            let opts = Options { method, weights: Some(vec![1.0, 3.0, 0.5]), ..Options::published() };
+            let (g, c) = (merge_on(&gpu, &base(arch), arch, &opts), merge(arch, &opts));
+            let unweighted = merge(arch, &Options { method, ..Options::published() });
+            let worst = |x: &iteris::merge::pipeline::MergeResult, y: &iteris::merge::pipeline::MergeResult| {
+                x.outcome
+                    .merged
+                    .iter()
+                    .zip(&y.outcome.merged)
+                    .map(|(a, b)| rel(&dense(a), &dense(b)))
+                    .fold(0.0, f64::max)
+            };
+            let (vs_cpu, moved) = (worst(&g, &c), worst(&c, &unweighted));
+            eprintln!(
+                "{arch} {}: weighted GPU vs CPU {vs_cpu:.2e}; the weights moved the merge by {moved:.2e}",
+                method.name()
+            );
+            assert!(vs_cpu <= 3e-5, "{arch}: {vs_cpu:.2e}");
+            assert!(moved > 1e-3, "{arch}: the weights change the merge ({moved:.2e})");
+            assert!(g.report.modules.iter().all(|m| m.solve_path == Some(SolvePath::GpuCholeskyF32Refined)));
+        }
+    }
+}
