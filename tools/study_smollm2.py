@@ -152,7 +152,7 @@ CONFIGS = [
     ("iteris, neither", ["--methods", "iteris", "--self-calibrate", "0", "--balance", "off"]),
     ("regmean", ["--methods", "regmean"]),
     ("regmean, no self-calibration", ["--methods", "regmean", "--self-calibrate", "0"]),
-    ("linear / ties / cat", ["--methods", "linear,ties,cat"]),
+    ("data-free baselines", ["--methods", "linear,ties,dare,cat,svd"]),
 ]
 
 
