@@ -3,32 +3,11 @@
 
 mod common;
 
-use common::{merge, rel};
+use common::{demo, demo_tasks, merge, rel};
 use iteris::backend::cpu::Cpu;
 use iteris::fsio;
-use iteris::inputs::TaskInput;
 use iteris::merge::{pipeline, Balance, Options};
 use pollster::FutureExt;
-use std::path::{Path, PathBuf};
-
-const TASKS: [&str; 4] = ["add", "kind", "rev", "sort"];
-
-fn demo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("demo")
-}
-
-fn demo_tasks() -> Vec<TaskInput> {
-    TASKS
-        .iter()
-        .map(|t| {
-            let d = demo();
-            let mut task =
-                fsio::read_task(&d.join("adapters").join(t), &d.join("samples").join(format!("{t}.txt"))).unwrap();
-            task.eval = Some(fsio::read_eval(&d.join("eval").join(format!("{t}.jsonl"))).unwrap());
-            task
-        })
-        .collect()
-}
 
 fn demo_merge(opts: &Options) -> pipeline::MergeResult {
     let base = fsio::read_base(&demo().join("base")).unwrap();

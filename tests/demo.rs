@@ -3,36 +3,18 @@
 //! (demo/training_accuracy.json, first 100 held-out samples per task), and an IterIS merge keeps
 //! the tasks' skills better than averaging the adapters.
 
+mod common;
+
+use common::{demo, demo_tasks, DEMO_TASKS as TASKS};
 use iteris::backend::cpu::Cpu;
 use iteris::fsio;
-use iteris::inputs::TaskInput;
 use iteris::merge::{pipeline, Method, Options};
 use pollster::FutureExt;
-use std::path::{Path, PathBuf};
-
-const TASKS: [&str; 4] = ["add", "kind", "rev", "sort"];
-
-fn demo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("demo")
-}
-
-fn tasks() -> Vec<TaskInput> {
-    TASKS
-        .iter()
-        .map(|t| {
-            let mut task =
-                fsio::read_task(&demo().join("adapters").join(t), &demo().join("samples").join(format!("{t}.txt")))
-                    .unwrap();
-            task.eval = Some(fsio::read_eval(&demo().join("eval").join(format!("{t}.jsonl"))).unwrap());
-            task
-        })
-        .collect()
-}
 
 #[test]
 fn accuracy_alone_matches_pytorch() {
     let base = fsio::read_base(&demo().join("base")).unwrap();
-    let tasks = tasks();
+    let tasks = demo_tasks();
     let ours = pipeline::accuracy_alone(&Cpu, &base, &tasks, Some(100)).block_on().unwrap();
     let torch: serde_json::Value =
         serde_json::from_slice(&std::fs::read(demo().join("training_accuracy.json")).unwrap()).unwrap();
@@ -51,7 +33,7 @@ fn accuracy_alone_matches_pytorch() {
 #[test]
 fn iteris_keeps_more_than_averaging() {
     let base = fsio::read_base(&demo().join("base")).unwrap();
-    let tasks = tasks();
+    let tasks = demo_tasks();
     let mean_acc = |method| {
         let opts = Options { method, eval_limit: Some(100), ..Options::default() };
         let r = pipeline::merge(&Cpu, &base, &tasks, &opts, false, &mut |_| {}).block_on().unwrap();

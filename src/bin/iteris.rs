@@ -398,7 +398,7 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
         );
     }
     if let Some(b) = &r.report.balancing {
-        let worst = |kl: &[f64]| kl.iter().copied().fold(0.0, f64::max);
+        use iteris::merge::balance::worst;
         let w: Vec<String> = b.weights.iter().map(|w| format!("{w:.3}")).collect();
         println!(
             "balancing: task weights {} after {} merges ({:.2}s); worst held-out KL {:.3} → {:.3}",

@@ -79,7 +79,9 @@ fn normalized(w: &[f64]) -> Vec<f64> {
     w.iter().map(|v| v / mean).collect()
 }
 
-fn worst(kl: &[f64]) -> f64 {
+/// The largest of a round's KLs (a NaN counts as the largest: a task that could not be measured
+/// is never the best served).
+pub fn worst(kl: &[f64]) -> f64 {
     kl.iter().copied().fold(f64::NEG_INFINITY, |m, v| if v.is_nan() { f64::INFINITY } else { m.max(v) })
 }
 

@@ -222,3 +222,25 @@ impl<B: iteris::backend::Backend> iteris::models::Hook<B> for Recorder<B::T> {
         Ok(())
     }
 }
+
+/// The bundled demo's tasks, in the order of its folders.
+pub const DEMO_TASKS: [&str; 4] = ["add", "kind", "rev", "sort"];
+
+/// The bundled demo (demo/, made by tools/make_demo.py).
+pub fn demo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("demo")
+}
+
+/// The demo's tasks: each adapter with its calibration prompts and labeled held-out set.
+pub fn demo_tasks() -> Vec<TaskInput> {
+    DEMO_TASKS
+        .iter()
+        .map(|t| {
+            let d = demo();
+            let mut task =
+                fsio::read_task(&d.join("adapters").join(t), &d.join("samples").join(format!("{t}.txt"))).unwrap();
+            task.eval = Some(fsio::read_eval(&d.join("eval").join(format!("{t}.jsonl"))).unwrap());
+            task
+        })
+        .collect()
+}
