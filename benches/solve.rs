@@ -33,8 +33,8 @@ fn main() {
         let spec =
             SystemSpec { terms: (0..3).map(|_| term()).collect(), alpha1: 1e-4, alpha2: 1e-4, off_diagonal: 1.0 };
         let t = Instant::now();
-        let (_, path) =
-            pollster::block_on(solve(&Cpu, "m", &spec, &loras.iter().map(Some).collect::<Vec<_>>())).unwrap();
+        let path =
+            pollster::block_on(solve(&Cpu, "m", &spec, &loras.iter().map(Some).collect::<Vec<_>>())).unwrap().path;
         println!("cpu solve n={n:5} (3 tasks, rank 24): {:.3} s, {path:?}", t.elapsed().as_secs_f64());
     }
 }

@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use iteris::merge::export::dense;
-use iteris::merge::{Options, Schedule};
+use iteris::merge::{ModuleSet, Objective, Options, Schedule};
 
 fn check(arch: &str, opts: &Options, file: &str, tol: f64) -> f64 {
     let r = merge(arch, opts);
@@ -66,6 +66,20 @@ fn sweep_matches_reference_at_weak_ridge() {
     }
 }
 
+/// The output objective (each module fits the adapter models' whole outputs from the merged
+/// model's inputs), on the adapters' modules and on every module of the layers, against the
+/// float64 reference's module-by-module sweep (`tools/make_output_fixtures.py`), full rank: the
+/// same f32-forward bound as the published objective's.
+#[test]
+fn output_objective_matches_reference() {
+    for arch in ["gpt2", "llama", "qwen2"] {
+        let opts = Options { objective: Objective::Output, rank: Some(4096), ..Options::published() };
+        check(arch, &opts, "expected_output_a1e-4.safetensors", STRONG);
+        let all = Options { modules: ModuleSet::All, ..opts };
+        check(arch, &all, "expected_output_all_a1e-4.safetensors", STRONG);
+    }
+}
+
 /// The sweep is the fixed point of the Jacobi schedule: enough Jacobi solves land on it.
 #[test]
 fn sweep_equals_converged_jacobi() {
@@ -105,7 +119,8 @@ fn f64_solve_paths() {
     };
     for (c, path) in [([1.0, 0.5], SolvePath::CholeskyF64), ([1.0, -2.0], SolvePath::LuF64)] {
         let spec = common::known_system(&[(&gram, c[0]), (&gram, c[1])], 0.0, 0.0);
-        let (m, p) = solve(&Cpu, "m", &spec, &[Some(&lora), None]).block_on().unwrap();
+        let solved = solve(&Cpu, "m", &spec, &[Some(&lora), None]).block_on().unwrap();
+        let (m, p) = (solved.merged, solved.path);
         assert_eq!(p, path, "weights {c:?}");
         // The merged factors are stored in f32: the residual is at that level.
         let e = residual(&c, &m.a);
@@ -115,7 +130,7 @@ fn f64_solve_paths() {
     zero.row_mut(7).fill(0.0);
     zero.column_mut(7).fill(0.0);
     let spec = common::known_system(&[(&zero, 1.0)], 0.0, 0.0);
-    let e = solve(&Cpu, "h.0.attn.c_attn", &spec, &[Some(&lora)]).block_on().unwrap_err().to_string();
+    let e = solve(&Cpu, "h.0.attn.c_attn", &spec, &[Some(&lora)]).block_on().err().unwrap().to_string();
     assert!(e.contains("h.0.attn.c_attn") && e.contains("singular"), "{e}");
 }
 

@@ -115,3 +115,49 @@ def iteris(cls, base_dir, adapter_dirs, tok, samples, max_len=128, alpha1=1e-4, 
             set_weight(mmods[t], (W0[t] + delta[t]).to(forward))
         Xt = [{t: x.double() for t, x in collect(merged, targets, ids[i]).items()} for i in range(len(adapter_dirs))]
     return {canonical(t): delta[t] for t in targets}, dict(solves=it + 1, last_change=change)
+
+
+def output_sweep(cls, base_dir, adapter_dirs, tok, samples, max_len=128, alpha1=1e-4, alpha2=1e-4, every_module=False):
+    """IterIS with the output objective (`--objective output`), float64, dense and plain: the
+    modules are solved one at a time in forward order, each from a full forward pass of the
+    merged model with every earlier module's delta in place, minimising
+        Σ_i c_i ‖X̃_i (W0 + ΔW)ᵀ − X_i (W0 + ΔW_i)ᵀ‖² + ridges,
+    i.e. ΔW = Σ_i c_i [(X_i (W0 + ΔW_i)ᵀ − X̃_i W0ᵀ)ᵀ X̃_i + α1 ‖X_iᵀ X̃_i‖ ΔW_i] · (Σ_i c_i (G_i + α2 ‖G_i‖ I))⁻¹.
+    Modules that read one input (q, k, v) see the same X̃ whichever is solved first, so this is
+    the engine's stage-by-stage sweep. `every_module`: also every other linear module of the
+    layers (not the LM head), whose ΔW_i are 0 (`--modules all`). Returns full-rank deltas."""
+    base = load(cls, base_dir)
+    positions = getattr(base.config, "max_position_embeddings", None) or getattr(base.config, "n_positions")
+    tok.enable_truncation(min(max_len, positions))
+    ids = [[tok.encode(t).ids for t in task] for task in samples]
+    per_adapter = [adapter_targets(a) for a in adapter_dirs]
+    linear = (torch.nn.Linear, transformers.pytorch_utils.Conv1D)
+    order = [n for n, m in base.named_modules() if isinstance(m, linear) and not n.endswith("lm_head")]
+    targets = [n for n in order if every_module or any(n in p for p in per_adapter)]
+    bmods = dict(base.named_modules())
+    W0 = {t: weight(bmods[t]).detach().clone() for t in targets}
+    X, Y, dW = [], [], []
+    for i, ad in enumerate(adapter_dirs):
+        m = PeftModel.from_pretrained(load(cls, base_dir), ad).merge_and_unload().double().eval()
+        mm = dict(m.named_modules())
+        dW.append({t: weight(mm[t]).detach() - W0[t] for t in targets})
+        X.append(collect(m, targets, ids[i]))
+    c = [{t: (torch.linalg.norm(W0[t] + dW[i][t]) ** 2 / torch.linalg.norm(X[i][t] @ (W0[t] + dW[i][t]).T) ** 2).item()
+          for t in targets} for i in range(len(adapter_dirs))]
+    merged = load(cls, base_dir)
+    mmods = dict(merged.named_modules())
+    delta = {}
+    for t in targets:
+        Xt = [collect(merged, [t], ids[i])[t] for i in range(len(adapter_dirs))]
+        d = W0[t].shape[1]
+        M = torch.zeros(d, d, dtype=torch.float64)
+        N = torch.zeros_like(W0[t])
+        for i in range(len(adapter_dirs)):
+            G = Xt[i].T @ Xt[i]
+            C = X[i][t].T @ Xt[i]
+            M += c[i][t] * (G + alpha2 * torch.linalg.norm(G) * torch.eye(d, dtype=torch.float64))
+            target = X[i][t] @ (W0[t] + dW[i][t]).T - Xt[i] @ W0[t].T
+            N += c[i][t] * (target.T @ Xt[i] + alpha1 * torch.linalg.norm(C) * dW[i][t])
+        delta[t] = torch.linalg.solve(M.T, N.T).T
+        set_weight(mmods[t], W0[t] + delta[t])
+    return {canonical(t): delta[t] for t in targets}

@@ -7,7 +7,9 @@
 //! where S scales a matrix's off-diagonal entries by `off_diagonal` (RegMean; 1 for IterIS) and
 //! symmetrises the Grams. C_i enters Zᵀ only through A_i C_i and its norm, so where X̃ ≠ X it is
 //! held projected (`Cross::Projected`): s_i A_i C_i = U_iᵀ X̃_i with U_i = s_i X_i A_iᵀ, an
-//! (r, in) Gram, and C_i itself at f32 precision for the norm alone. `SystemSpec` is generic over where its values are: ids into a batch of
+//! (r, in) Gram, and C_i itself at f32 precision for the norm alone. With the output objective
+//! (`Cross::Output`), Zᵀ = Σ_i c_i (X̃_iᵀ (Y_i − X̃_i W0ᵀ) + α1 ‖C_i‖_F s_i A_iᵀ B_iᵀ), (in, out):
+//! M is the same. `SystemSpec` is generic over where its values are: ids into a batch of
 //! pending reads while a stage is recorded, the backend's pending values when the GPU assembles M
 //! for its f32 factor (`system_assemble.wgsl`), and fetched f64 values when the host assembles the
 //! same M and Zᵀ (`merge::solve::assemble`). One description, evaluated in both places.
@@ -45,6 +47,11 @@ pub enum Cross<G> {
     /// the identity). The full f64 C_i would cost an (in, in) f64 product per task: 2 s of a
     /// 31 s GPT-2-shaped merge on 2 cores, against 0.9 s for the f32 one.
     Projected { sac: Option<G>, for_norm: G },
+    /// The output objective (`merge::Objective::Output`): the merged module matches the adapter
+    /// model's whole output Y_i = X_i (W0 + ΔW_i)ᵀ from the merged model's inputs, so Zᵀ reads
+    /// X̃_iᵀ (Y_i − X̃_i W0ᵀ) (in, out) instead of s_i A_i C_i; and C_i at f32 precision for
+    /// ‖C_i‖_F, the scale of the ridge that pulls ΔW* towards ΔW_i.
+    Output { xty: G, for_norm: G },
 }
 
 impl<G> Cross<G> {
@@ -54,6 +61,7 @@ impl<G> Cross<G> {
             Cross::Projected { sac, for_norm } => {
                 Cross::Projected { sac: sac.as_ref().map(&mut g), for_norm: g(for_norm) }
             }
+            Cross::Output { xty, for_norm } => Cross::Output { xty: g(xty), for_norm: g(for_norm) },
         }
     }
 }

