@@ -291,3 +291,34 @@ fn task_weights_reach_the_gpu_factor() {
         }
     }
 }
+
+/// The output objective on the GPU: its extra statistics (X̃ᵀ(Y − X̃W0ᵀ), (in, out) Grams of the
+/// module outputs) come back like the others, and the merge equals the CPU's and the float64
+/// reference's, on the adapters' modules and on every module of the layers.
+#[test]
+fn output_objective_on_the_gpu() {
+    use iteris::merge::{ModuleSet, Objective};
+    let Some(gpu) = gpu_or_skip("output_objective_on_the_gpu") else { return };
+    let opts = Options { objective: Objective::Output, rank: Some(4096), ..Options::published() };
+    for arch in ["gpt2", "llama", "qwen2"] {
+        for (opts, file) in [
+            (opts.clone(), "expected_output_a1e-4.safetensors"),
+            (Options { modules: ModuleSet::All, ..opts.clone() }, "expected_output_all_a1e-4.safetensors"),
+        ] {
+            let g = merge_on(&gpu, &base(arch), arch, &opts);
+            let c = merge(arch, &opts);
+            let exp = expected(arch, file);
+            let (mut worst_cpu, mut worst_ref): (f64, f64) = (0.0, 0.0);
+            for ((t, gm), cm) in g.outcome.targets.iter().zip(&g.outcome.merged).zip(&c.outcome.merged) {
+                let gd = dense(gm);
+                worst_cpu = worst_cpu.max(rel(&gd, &dense(cm)));
+                worst_ref = worst_ref.max(rel(&gd, &exp.mat(&t.name).unwrap()));
+            }
+            eprintln!("{arch} {file}: GPU vs CPU {worst_cpu:.2e}, vs reference {worst_ref:.2e}");
+            assert!(
+                worst_cpu <= 3e-5 && worst_ref <= 3e-5,
+                "{arch} {file}: GPU vs CPU {worst_cpu:.2e}, vs reference {worst_ref:.2e}"
+            );
+        }
+    }
+}
