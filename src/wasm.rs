@@ -12,7 +12,7 @@ use crate::formats::safetensors::ByteSource;
 use crate::inputs::{self, BaseInputs, FileKind, Folder, TaskInput};
 use crate::merge::export::zip_folder;
 use crate::merge::pipeline::{self, MergeResult};
-use crate::merge::{Method, Options, Progress};
+use crate::merge::{Options, Progress};
 use js_sys::{Array, Object, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 
@@ -418,10 +418,11 @@ pub async fn compare(
     };
     let mut rows = Vec::new();
     let mut backend = String::new();
-    for (k, m) in Method::ALL.into_iter().enumerate() {
-        let prefix = format!("method {}/{} {}: ", k + 1, Method::ALL.len(), m.name());
+    let names = crate::merge::variant_names();
+    for (k, name) in names.iter().enumerate() {
+        let prefix = format!("method {}/{} {name}: ", k + 1, names.len());
         let mut report = progress_sink(&progress, &prefix);
-        let opts = Options { method: m, ..s.opts.clone() };
+        let opts = crate::merge::variant(name, &s.opts).ok_or_else(|| js_error("bug", name))?;
         let r = merge_once(&gpu, &base, &tasks, &opts, false, &mut report, &mut notes).await?;
         backend = r.report.backend.clone();
         rows.push(r.comparison_row());

@@ -2,17 +2,17 @@
 """The hard real-model merge study: three character-level tasks that interfere.
 
 `study_smollm2.py` is the easy case (word-level tasks: even data-free TIES keeps one of them).
-Here SmolLM2-135M-Instruct learns three tasks that read the same prompt frame, the same single
-word at the same position, and answer at the same position with the same kind of tokens:
+Here SmolLM2-135M-Instruct learns three tasks that read the same prompt frame, the same letters
+at the same positions, and answer at the same position:
 
-    spell   "spell: stone =>"   " s-t-o-n-e"     (its letters, in order)
-    rev     "rev: stone =>"     " e-n-o-t-s"     (its letters, reversed)
-    len     "len: stone =>"     " 5"             (how many letters)
+    rev     "rev: s t o n e =>"     " e n o t s"     (the letters reversed)
+    upper   "upper: s t o n e =>"   " S T O N E"     (the letters capitalised)
+    len     "len: s t o n e =>"     " 5"             (how many letters)
 
-The base model answers none of them. Words are lowercase single-token words of 3 to 6 letters from
-the model's own vocabulary (so a task needs the model's knowledge of the token's letters, nothing
-in the prompt spells them). Every word is seen in training; the unlabeled calibration prompts and
-the labeled held-out prompts use disjoint words, so self-calibration never sees an evaluated word.
+The letters are random strings of 3 to 7 lowercase letters, one token each (spaced), so no task
+is a lookup of a word the model knows, and the base model answers none of them. Training draws
+fresh strings; the 50 unlabeled calibration prompts and the 50 labeled held-out prompts per task
+are disjoint sets of strings, so self-calibration never sees an evaluated one.
 
 Two settings, one LoRA per task in each (rank 8, alpha 16):
     qv    q_proj and v_proj
@@ -41,43 +41,37 @@ import study_smollm2  # noqa: E402  (the base model's conversion)
 
 STAGE = sys.argv[1] if len(sys.argv) > 1 else "all"
 OUT = sys.argv[2] if len(sys.argv) > 2 else os.path.join(ROOT, "target", "study", "hard")
-TASKS = ["spell", "rev", "len"]
+TASKS = ["rev", "upper", "len"]
 SETTINGS = {"qv": ["q_proj", "v_proj"],
             "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 RANK = 8
 
 
-def answer(task, word):
-    return {"spell": "-".join(word), "rev": "-".join(reversed(word)), "len": str(len(word))}[task]
+def answer(task, letters):
+    return {"rev": " ".join(reversed(letters)), "upper": " ".join(letters).upper(), "len": str(len(letters))}[task]
 
 
-def prompt(task, word):
-    return f"{task}: {word} =>"
+def prompt(task, letters):
+    return f"{task}: {' '.join(letters)} =>"
 
 
-def words(tok):
-    """Lowercase alphabetic single-token words of 3-6 letters (with their leading space), sorted."""
-    out = set()
-    for t in tok.get_vocab():
-        w = t[1:] if t.startswith("Ġ") else None
-        if w and 3 <= len(w) <= 6 and w.isascii() and w.isalpha() and w.islower():
-            if len(tok(" " + w).input_ids) == 1:
-                out.add(w)
-    return sorted(out)
+def draw(rng):
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 7)))
 
 
-def split_words(base_dir):
-    """(training words, calibration words, held-out words): all words train; calibration and
-    held-out are disjoint draws of 150 each."""
-    import transformers
-    tok = transformers.AutoTokenizer.from_pretrained(base_dir)
-    ws = words(tok)
+def held_strings():
+    """(calibration strings, held-out strings): 150 each, disjoint; training never draws them."""
     rng = random.Random(7)
-    pool = rng.sample(ws, min(len(ws), 1500))
-    return pool, pool[:150], pool[150:300]
+    seen, out = set(), []
+    while len(out) < 300:
+        w = draw(rng)
+        if w not in seen:
+            seen.add(w)
+            out.append(w)
+    return out[:150], out[150:]
 
 
-def train_adapter(base_dir, task, setting, train_words, out_dir, steps=int(os.environ.get("STUDY_STEPS", 100))):
+def train_adapter(base_dir, task, setting, out_dir, steps=int(os.environ.get("STUDY_STEPS", 120))):
     import torch, torch.nn.functional as F, transformers
     from peft import LoraConfig, get_peft_model
     k = TASKS.index(task)
@@ -92,10 +86,13 @@ def train_adapter(base_dir, task, setting, train_words, out_dir, steps=int(os.en
     rng = random.Random(200 + k)
     nl = tok("\n").input_ids
     t0 = time.time()
+    held = set().union(*held_strings())
     for step in range(steps):
         rows = []
-        for _ in range(24):
-            w = rng.choice(train_words)
+        while len(rows) < 16:
+            w = draw(rng)
+            if w in held:
+                continue
             rows.append((tok(prompt(task, w)).input_ids, tok(" " + answer(task, w)).input_ids + nl))
         n = max(len(p) + len(a) for p, a in rows)
         ids = torch.full((len(rows), n), nl[0], dtype=torch.long)
@@ -121,7 +118,7 @@ def prepare():
         os.makedirs(work, exist_ok=True)
         os.makedirs(base_dir, exist_ok=True)
         study_smollm2.convert(base_dir, work)
-    train_words, calib, held = split_words(base_dir)
+    calib, held = held_strings()
     for d in ["samples", "eval"]:
         os.makedirs(os.path.join(OUT, d), exist_ok=True)
     for t in TASKS:
@@ -133,7 +130,7 @@ def prepare():
         for t in TASKS:
             out = os.path.join(OUT, "adapters", setting, t)
             if not os.path.exists(os.path.join(out, "adapter_model.safetensors")):
-                train_adapter(base_dir, t, setting, train_words, out)
+                train_adapter(base_dir, t, setting, out)
 
 
 # Settings compared: (row label, compare arguments).

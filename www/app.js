@@ -156,6 +156,8 @@ function options() {
     seed: Math.round(num('seed', 'Seed', 0)),
     regmean_scale: num('regmean-scale', 'RegMean off-diagonal', 0),
     balance: $('balance').value,
+    objective: $('objective').value,
+    modules: $('modules').value,
     self_calibrate: Math.round(num('self-calibrate', 'Self-calibration', 0)),
     schedule: $('schedule').value,
     iters: Math.round(num('iters', 'Solves', 1)),

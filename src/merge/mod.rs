@@ -103,11 +103,23 @@ impl Default for Options {
 }
 
 impl Options {
-    /// IterIS as published (and the baselines as they are): the defaults without self-calibration
-    /// or task balancing, which change the samples and the objective. What the float64
+    /// IterIS as published (and the baselines as they are): the defaults without self-calibration,
+    /// task balancing or the output objective, which change the samples and the objective. What the float64
     /// reference and the backends' agreement are tested with.
     pub fn published() -> Options {
-        Options { balance: Balance::Off, self_calibrate: 0, ..Options::default() }
+        Options {
+            balance: Balance::Off,
+            self_calibrate: 0,
+            objective: Objective::Delta,
+            modules: ModuleSet::Adapters,
+            ..Options::default()
+        }
+    }
+
+    /// These settings with IterIS's published objective (each adapter's delta, on the modules the
+    /// adapters target): what the methods other than IterIS run with, and the Jacobi schedule.
+    pub fn delta_objective(&self) -> Options {
+        Options { objective: Objective::Delta, modules: ModuleSet::Adapters, ..self.clone() }
     }
 
     /// Check every setting, for `tasks` adapters: the one check the CLI, the page and the library
@@ -232,7 +244,7 @@ pub const ITERIS_VARIANTS: [&str; 2] = ["iteris-output", "iteris-output-all"];
 /// is IterIS with the settings as given; a variant sets its own objective and modules; the other
 /// methods run without those IterIS-only settings.
 pub fn variant(name: &str, opts: &Options) -> Option<Options> {
-    let plain = Options { objective: Objective::Delta, modules: ModuleSet::Adapters, ..opts.clone() };
+    let plain = opts.delta_objective();
     let iteris = |objective, modules| Options { method: Method::Iteris, objective, modules, ..plain.clone() };
     Some(match name {
         "iteris" => Options { method: Method::Iteris, ..opts.clone() },

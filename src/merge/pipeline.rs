@@ -97,7 +97,8 @@ pub async fn merge<B: Backend>(
     let plan_for = |ids: &[Vec<Vec<u32>>]| {
         let chunks = chunk_batches(ids, Streams::Both, plan::chunk_rows(be, &modules, &targets));
         let chunk_rows: Vec<usize> = chunks.iter().map(|b| b.tokens()).collect();
-        plan::merge_plan(be, &base.weights, &modules, &targets, &chunk_rows, tasks.len(), opts.max_memory_mib)
+        let output = opts.method == super::Method::Iteris && opts.objective == super::Objective::Output;
+        plan::merge_plan(be, &base.weights, &modules, &targets, &chunk_rows, tasks.len(), output, opts.max_memory_mib)
     };
     // The plan is checked before any pass, for the longest the samples can become: each as long
     // as self-calibration may make it.

@@ -113,8 +113,18 @@ fn host_stats_bytes(tasks: usize, width: usize) -> u64 {
     (2 * tasks as u64 + 2 * 3) * (width * width) as u64 * 8
 }
 
+/// The output objective's extra statistics at its largest stage: per task and module of a stage
+/// (at most three), X̃ᵀ(Y − X̃W0ᵀ) (in, out) in f64; the dense solution, its SVD's factors and
+/// workspace (about five (in, out) f64 matrices) for one module.
+fn output_stats_bytes(tasks: usize, targets: &[Target]) -> u64 {
+    let widest = targets.iter().map(|t| (t.in_dim * t.out_dim) as u64).max().unwrap_or(0);
+    (3 * tasks as u64 + 5) * widest * 8
+}
+
 /// The whole merge: the batched pass (both streams) in chunks of `chunk_rows` token rows each
-/// (`models::chunked`; one chunk where the backend has no binding limit); `tasks` adapters.
+/// (`models::chunked`; one chunk where the backend has no binding limit); `tasks` adapters;
+/// `output`: the output objective's statistics too.
+#[allow(clippy::too_many_arguments)]
 pub fn merge_plan<B: Backend>(
     be: &B,
     store: &TensorStore,
@@ -122,6 +132,7 @@ pub fn merge_plan<B: Backend>(
     targets: &[Target],
     chunk_rows: &[usize],
     tasks: usize,
+    output: bool,
     max_memory_mib: Option<u64>,
 ) -> MemoryPlan {
     let mut p = weights_plan(be, store, max_memory_mib);
@@ -136,8 +147,10 @@ pub fn merge_plan<B: Backend>(
     let row_tensor = rows * widest as u64 * 4;
     let (width, gram_name) = targets.iter().map(|t| (t.in_dim, t.name.as_str())).max().unwrap_or((0, ""));
     let square = (width * width) as u64;
-    let host_stats = host_stats_bytes(tasks, width);
-    let device_stats = (2 * tasks as u64 * 2 + 3) * square * 4;
+    let extra = if output { output_stats_bytes(tasks, targets) } else { 0 };
+    let host_stats = host_stats_bytes(tasks, width) + extra;
+    // The output objective's Grams are twice-f32 pairs on a device, as large as the host's f64.
+    let device_stats = (2 * tasks as u64 * 2 + 3) * square * 4 + extra;
     p.statistics_bytes = host_stats + if be.on_device() { device_stats } else { 0 };
     // A Gram matrix wider than one binding is kept in row blocks (and solved on the host without
     // a GPU factor), so only a chunk's rows can exceed a binding.

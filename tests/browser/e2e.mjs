@@ -179,7 +179,7 @@ try {
     await page.waitForSelector(`#comparison:not([hidden]), ${ERROR_SHOWN}`, { timeout: 300_000 });
     assert.ok(await page.locator('#comparison').isVisible(), `no comparison: ${await page.locator('#message').textContent()}`);
     const rows = await page.locator('#compare-table tr').count();
-    assert.equal(rows, 1 + 4 + 7, 'header, base and three adapters alone, seven methods');
+    assert.equal(rows, 1 + 4 + 9, 'header, base and three adapters alone, seven methods and two IterIS variants');
     summary.compareSeconds = (Date.now() - t0) / 1000;
     await page.locator('#comparison').screenshot({ path: path.join(out, 'comparison.png') });
     await context.close();
