@@ -2,7 +2,10 @@
 //! (tools/bench_reference.py) also runs: random weights, d=768, 12 layers, LoRA r=8 on c_attn,
 //! 3 tasks × 32 samples × 128 tokens.
 //!
-//!     cargo bench --bench merge [-- sweep|jacobi5 ...] [-- gpu] [-- f16]
+//!     cargo bench --bench merge [-- sweep|jacobi5|sweep-output ...] [-- gpu] [-- f16]
+//!
+//! sweep and jacobi5 are the published (delta) objective, sweep-output the default output
+//! objective on the same modules.
 //!
 //! Prints wall time, GFLOP/s and the cores kept busy per schedule, and (CPU backend) the same per
 //! phase (`iteris::profile`), on the CPU backend (default) or the GPU backend (`gpu`; on a
@@ -100,8 +103,10 @@ fn run<B: Backend + 'static>(be: &B, backend: &str, which: &[String], f16: bool)
         .collect();
 
     for (label, opts) in [
-        ("sweep", Options { schedule: Schedule::Sweep, ..Options::default() }),
-        ("jacobi5", Options { schedule: Schedule::Jacobi, iters: 5, ..Options::default() }),
+        // The published objective (what the PyTorch reference computes), then the default one.
+        ("sweep", Options { schedule: Schedule::Sweep, ..Options::default().delta_objective() }),
+        ("jacobi5", Options { schedule: Schedule::Jacobi, iters: 5, ..Options::default().delta_objective() }),
+        ("sweep-output", Options { schedule: Schedule::Sweep, ..Options::default() }),
     ] {
         if !which.is_empty() && !which.iter().any(|w| w == label) {
             continue;

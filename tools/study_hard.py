@@ -28,7 +28,7 @@ Stages (each cached in OUT, default target/study/hard; nothing here is committed
 
     python3 tools/study_hard.py prepare|table|all [OUT]
     STUDY_SIZES=20 STUDY_SETTINGS=qv python3 tools/study_hard.py table   # one cell of it
-    STUDY_CONFIGS=0,4 ...                                                 # some rows of CONFIGS
+    STUDY_CONFIGS=0,2 ...                                                 # some runs of CONFIGS
 
 Needs torch, transformers, peft, gguf (pip) and target/release/iteris.
 """
@@ -133,16 +133,16 @@ def prepare():
                 train_adapter(base_dir, t, setting, out)
 
 
-# Settings compared: (row label, compare arguments).
+# The compare runs per setting and sample count: (label prefix, compare arguments). One run lists
+# several methods (each adapter alone is measured once per run); the data-free baselines read no
+# samples, so they run at one sample count only (DATA_FREE_AT).
 CONFIGS = [
-    ("iteris (defaults)", ["--methods", "iteris"]),
-    ("iteris, not balanced", ["--methods", "iteris", "--balance", "off"]),
-    ("iteris as published", ["--methods", "iteris", "--self-calibrate", "0", "--balance", "off"]),
-    ("iteris, output objective", ["--methods", "iteris", "--objective", "output"]),
-    ("iteris, output objective, every module", ["--methods", "iteris", "--objective", "output", "--modules", "all"]),
-    ("regmean", ["--methods", "regmean"]),
-    ("data-free baselines", ["--methods", "linear,ties,dare,cat,svd"]),
+    ("defaults", ["--methods", "iteris,iteris-delta,iteris-output,regmean"]),
+    ("not balanced", ["--methods", "iteris,iteris-delta,iteris-output", "--balance", "off"]),
+    ("published", ["--methods", "iteris", "--objective", "delta", "--self-calibrate", "0", "--balance", "off"]),
 ]
+DATA_FREE = ["--methods", "linear,ties,dare,cat,svd"]
+DATA_FREE_AT = 20
 
 
 def table():
@@ -160,9 +160,9 @@ def table():
                 src = open(os.path.join(OUT, "samples", f"{t}.txt")).read().splitlines()
                 with open(os.path.join(tmp, f"{t}.{n}.txt"), "w") as f:
                     f.write("\n".join(src[:n]) + "\n")
-            for k in configs:
-                label, extra = CONFIGS[k]
-                out = os.path.join(tmp, f"{setting}.n{n}.config{k}.json")
+            runs = [CONFIGS[k] for k in configs] + ([("data-free", DATA_FREE)] if n == DATA_FREE_AT else [])
+            for k, (label, extra) in enumerate(runs):
+                out = os.path.join(tmp, f"{setting}.n{n}.{label.replace(' ', '_')}.json")
                 args = [exe, "compare", "--base", os.path.join(OUT, "base"), "--out", out, "--force"]
                 for t in TASKS:
                     args += ["--adapter", os.path.join(OUT, "adapters", setting, t),
@@ -174,9 +174,10 @@ def table():
                 alone = alone or res.get("alone")
                 for row in res["methods"]:
                     acc = [q["accuracy"] for q in row["quality"]]
-                    name = label if len(res["methods"]) == 1 else row["method"]
+                    name = f"{row['method']} ({label})"
                     lines.append((n, name, acc))
-                    print(setting, n, name, " ".join(f"{100 * a:.0f}%" for a in acc), f"{time.time() - t0:.0f} s", flush=True)
+                    print(setting, n, name, " ".join(f"{100 * a:.0f}%" for a in acc), f"{row['seconds']:.1f} s", flush=True)
+                print(setting, n, label, f"run {time.time() - t0:.0f} s", flush=True)
         md += f"\n**{setting}** ({', '.join(SETTINGS[setting])})\n\n"
         md += "| samples per task | method | " + " | ".join(TASKS) + " | worst |\n|---|---|" + "---|" * (len(TASKS) + 1) + "\n"
         if alone:

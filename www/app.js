@@ -541,6 +541,16 @@ $('merge').addEventListener('click', () => startMerge('merge'));
 $('compare').addEventListener('click', () => startMerge('compare'));
 $('cancel').addEventListener('click', cancel);
 $('demo').addEventListener('click', loadDemo);
+// The output objective needs the sweep; the published Jacobi schedule is the delta objective's
+// (the library's Objective::default_for, ModuleSet::default_for).
+$('schedule').addEventListener('change', () => {
+  const sweep = $('schedule').value === 'sweep';
+  $('objective').value = sweep ? 'output' : 'delta';
+  $('modules').value = sweep ? 'all' : 'adapters';
+});
+$('objective').addEventListener('change', () => {
+  $('modules').value = $('objective').value === 'output' ? 'all' : 'adapters';
+});
 
 // Static hosts cannot send the headers that make the page cross-origin isolated (and so let the
 // engine use threads): the page's own service worker (isolate.js) adds them, and the page reloads

@@ -110,16 +110,18 @@ struct MergeArgs {
     /// writes its answers; a sample that holds its answer already ends at once.
     #[arg(long, default_value_t = iteris::merge::SELF_CALIBRATE_TOKENS)]
     self_calibrate: usize,
-    /// iteris: what each module's merged delta fits. delta (default): each adapter's delta on
-    /// its own inputs (as published); output: each adapter model's whole output from the merged
-    /// model's inputs, which also undoes the drift upstream merging causes (sweep only; dense
-    /// deltas exported at --rank, default the largest Σ r_i, with the energy kept reported).
-    #[arg(long, value_enum, default_value = "delta")]
-    objective: ObjectiveArg,
-    /// iteris --objective output: adapters (default) merges the modules the adapters target;
-    /// all also solves every other linear module of the layers (extra capacity).
-    #[arg(long, value_enum, default_value = "adapters")]
-    modules: ModulesArg,
+    /// iteris: what each module's merged delta fits. output (default with the sweep): each
+    /// adapter model's whole output from the merged model's inputs, which also undoes the drift
+    /// upstream merging causes (dense deltas exported at --rank, default the largest Σ r_i, with
+    /// the energy kept reported); delta (default with --schedule jacobi): each adapter's delta on
+    /// its own inputs, as published.
+    #[arg(long, value_enum)]
+    objective: Option<ObjectiveArg>,
+    /// iteris --objective output: all (default) also solves every other linear module of the
+    /// layers (extra capacity); adapters merges only the modules the adapters target (the only
+    /// choice, and the default, for --objective delta).
+    #[arg(long, value_enum)]
+    modules: Option<ModulesArg>,
     /// ties: fraction of each delta's entries kept; dare: probability an entry is kept.
     #[arg(long, default_value_t = 0.5)]
     density: f64,
@@ -216,6 +218,15 @@ struct Prepared {
 impl MergeArgs {
     /// The settings, checked by the library's one validation.
     fn options(&self) -> iteris::Result<Options> {
+        let schedule = match self.schedule {
+            ScheduleArg::Sweep => Schedule::Sweep,
+            ScheduleArg::Jacobi => Schedule::Jacobi,
+        };
+        let objective = match self.objective {
+            Some(ObjectiveArg::Delta) => Objective::Delta,
+            Some(ObjectiveArg::Output) => Objective::Output,
+            None => Objective::default_for(schedule),
+        };
         let opts = Options {
             method: self.method,
             weights: self.weights.clone(),
@@ -230,23 +241,18 @@ impl MergeArgs {
             regmean_scale: self.regmean_scale,
             eval_limit: None,
             max_memory_mib: self.max_memory,
-            schedule: match self.schedule {
-                ScheduleArg::Sweep => Schedule::Sweep,
-                ScheduleArg::Jacobi => Schedule::Jacobi,
-            },
+            schedule,
             iters: self.iters,
             alpha1: self.alpha1,
             alpha2: self.alpha2,
             rho: self.rho,
             max_len: self.max_len,
             rank: self.rank,
-            objective: match self.objective {
-                ObjectiveArg::Delta => Objective::Delta,
-                ObjectiveArg::Output => Objective::Output,
-            },
+            objective,
             modules: match self.modules {
-                ModulesArg::Adapters => ModuleSet::Adapters,
-                ModulesArg::All => ModuleSet::All,
+                Some(ModulesArg::Adapters) => ModuleSet::Adapters,
+                Some(ModulesArg::All) => ModuleSet::All,
+                None => ModuleSet::default_for(objective),
             },
         };
         opts.validate(self.adapters.len())?;
@@ -513,7 +519,10 @@ fn compare(a: CompareArgs) -> iteris::Result<()> {
             iteris::merge::variant(n, &p.opts).ok_or_else(|| {
                 bad_input(
                     "--methods",
-                    format!("unknown method '{n}' (one of {})", iteris::merge::variant_names().join(", ")),
+                    format!(
+                        "unknown method '{n}' (one of {}, iteris-output-all)",
+                        iteris::merge::variant_names().join(", ")
+                    ),
                 )
             })
         })

@@ -96,8 +96,8 @@ impl Default for Options {
             regmean_scale: 0.9,
             eval_limit: None,
             max_memory_mib: None,
-            objective: Objective::Delta,
-            modules: ModuleSet::Adapters,
+            objective: Objective::Output,
+            modules: ModuleSet::All,
         }
     }
 }
@@ -181,15 +181,18 @@ impl Options {
         if self.self_calibrate > MAX_LEN {
             return Err(bad_input("--self-calibrate", format!("{} is not in 0..={MAX_LEN}", self.self_calibrate)));
         }
-        if self.objective == Objective::Output && (self.method != Method::Iteris || self.schedule != Schedule::Sweep) {
+        // The objective and the module set are IterIS's (other methods ignore them, as they do
+        // balancing).
+        let iteris = self.method == Method::Iteris;
+        if iteris && self.objective == Objective::Output && self.schedule != Schedule::Sweep {
             // Solved all at once (Jacobi), every module corrects the same upstream drift at the
             // same time and the merge diverges: the correction needs upstream merged first.
             return Err(bad_input(
                 "--objective",
-                "output is IterIS's, in the sweep schedule (--method iteris --schedule sweep)",
+                "output needs the sweep schedule (--schedule jacobi is the published IterIS: --objective delta)",
             ));
         }
-        if self.modules == ModuleSet::All && self.objective != Objective::Output {
+        if iteris && self.modules == ModuleSet::All && self.objective != Objective::Output {
             return Err(bad_input(
                 "--modules",
                 "all needs --objective output: a module no adapter targets has no delta of its own to fit",
@@ -211,6 +214,28 @@ pub enum Balance {
     /// λ_i chosen to make the worst task's KL(adapter ‖ merged) on held-out calibration samples
     /// small (`balance::balance`), unless `--weights` gives them.
     Auto,
+}
+
+impl Objective {
+    /// The objective a schedule runs with unless one is asked for: the output objective for the
+    /// sweep (the default), the published delta objective for the published Jacobi schedule.
+    pub fn default_for(schedule: Schedule) -> Objective {
+        match schedule {
+            Schedule::Sweep => Objective::Output,
+            Schedule::Jacobi => Objective::Delta,
+        }
+    }
+}
+
+impl ModuleSet {
+    /// The modules an objective merges unless told: every module for the output objective (the
+    /// default), the adapters' for the delta objective (the only ones it can).
+    pub fn default_for(objective: Objective) -> ModuleSet {
+        match objective {
+            Objective::Output => ModuleSet::All,
+            Objective::Delta => ModuleSet::Adapters,
+        }
+    }
 }
 
 /// What IterIS's merged delta at each module fits.
@@ -236,25 +261,28 @@ pub enum ModuleSet {
     All,
 }
 
-/// IterIS's variants that a comparison lists beside the methods (`variant`).
-pub const ITERIS_VARIANTS: [&str; 2] = ["iteris-output", "iteris-output-all"];
+/// IterIS's variants that a comparison lists beside the methods by default (`variant`).
+pub const ITERIS_VARIANTS: [&str; 2] = ["iteris-delta", "iteris-output"];
 
 /// The settings of one row of a comparison (`iteris compare`, the page's Compare): a method's
-/// name (`Method::name`) or one of `ITERIS_VARIANTS`, from the comparison's settings. `iteris`
-/// is IterIS with the settings as given; a variant sets its own objective and modules; the other
-/// methods run without those IterIS-only settings.
+/// name (`Method::name`) or a variant of IterIS, from the comparison's settings. `iteris` is
+/// IterIS with the settings as given; `iteris-delta` has the published objective (each adapter's
+/// delta, the adapters' modules), `iteris-output` the output objective on the adapters' modules,
+/// `iteris-output-all` on every module; the other methods run without those IterIS-only settings.
 pub fn variant(name: &str, opts: &Options) -> Option<Options> {
     let plain = opts.delta_objective();
     let iteris = |objective, modules| Options { method: Method::Iteris, objective, modules, ..plain.clone() };
     Some(match name {
         "iteris" => Options { method: Method::Iteris, ..opts.clone() },
+        "iteris-delta" => iteris(Objective::Delta, ModuleSet::Adapters),
         "iteris-output" => iteris(Objective::Output, ModuleSet::Adapters),
         "iteris-output-all" => iteris(Objective::Output, ModuleSet::All),
         _ => Options { method: Method::parse(name)?, ..plain },
     })
 }
 
-/// Every row name `variant` takes, in the order a comparison lists them by default.
+/// The rows a comparison lists by default, in order (every name `variant` takes but
+/// `iteris-output-all`, which the defaults are).
 pub fn variant_names() -> Vec<&'static str> {
     let mut names = vec![Method::Iteris.name()];
     names.extend(ITERIS_VARIANTS);

@@ -56,7 +56,10 @@ pub async fn merge<B: Backend>(
     let model = models::load(be, &base.config, &base.weights)?;
     let adapters: Vec<_> = tasks.iter().map(|t| &t.adapter).collect();
     let mut targets = map_targets(&model.modules(), &adapters, model.model_type(), model.fan_in_fan_out())?;
-    if opts.method == super::Method::Iteris && opts.modules == super::ModuleSet::All {
+    if opts.method == super::Method::Iteris
+        && opts.objective == super::Objective::Output
+        && opts.modules == super::ModuleSet::All
+    {
         targets = super::with_every_module(&model.modules(), targets);
     }
     timings.load = now() - t;
