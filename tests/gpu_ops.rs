@@ -332,8 +332,9 @@ fn cholesky_and_refined_solve() {
     for alpha in [1e-4, 1e-7] {
         let spec = common::known_system(&[(&gram, 1.0), (&gram, 0.5)], alpha, alpha);
         let loras = [Some(&lora), None];
-        let (cpu, p_cpu) = solve(&Cpu, "m", &spec, &loras).block_on().unwrap();
-        let (gpu_m, p_gpu) = solve(g, "m", &spec, &loras).block_on().unwrap();
+        let (cpu, gpu_solved) =
+            (solve(&Cpu, "m", &spec, &loras).block_on().unwrap(), solve(g, "m", &spec, &loras).block_on().unwrap());
+        let ((cpu, p_cpu), (gpu_m, p_gpu)) = ((cpu.merged, cpu.path), (gpu_solved.merged, gpu_solved.path));
         assert_eq!(p_cpu, SolvePath::CholeskyF64);
         assert!(matches!(p_gpu, SolvePath::GpuCholeskyF32Refined | SolvePath::CholeskyF64AfterGpu));
         if alpha == 1e-4 {
