@@ -9,6 +9,26 @@ use iteris::merge::export::dense;
 use iteris::merge::solve::SolvePath;
 use iteris::merge::{Options, Schedule};
 
+/// `arch`'s fixture merged on the GPU, and its worst module's relative error from the CPU's merge
+/// and from the float64 reference in `file`.
+fn gpu_against_cpu_and_reference(
+    gpu: &Gpu,
+    arch: &str,
+    opts: &Options,
+    file: &str,
+) -> (iteris::merge::pipeline::MergeResult, f64, f64) {
+    let g = merge_on(gpu, &base(arch), arch, opts);
+    let c = merge(arch, opts);
+    let exp = expected(arch, file);
+    let (mut worst_cpu, mut worst_ref): (f64, f64) = (0.0, 0.0);
+    for ((t, gm), cm) in g.outcome.targets.iter().zip(&g.outcome.merged).zip(&c.outcome.merged) {
+        let gd = dense(gm);
+        worst_cpu = worst_cpu.max(rel(&gd, &dense(cm)));
+        worst_ref = worst_ref.max(rel(&gd, &exp.mat(&t.name).unwrap()));
+    }
+    (g, worst_cpu, worst_ref)
+}
+
 #[test]
 fn gpu_merges_match_cpu_and_reference() {
     let Some(gpu) = gpu_or_skip("gpu_merges_match_cpu_and_reference") else { return };
@@ -39,15 +59,7 @@ fn gpu_merges_match_cpu_and_reference() {
     for arch in ARCHS {
         for (opts, file, weak_ridge) in &cases {
             let (tol_cpu, tol_ref) = &if weak_ridge.is_some() { weak(arch) } else { (3e-5, 3e-5) };
-            let g = merge_on(&gpu, &base(arch), arch, opts);
-            let c = merge(arch, opts);
-            let exp = expected(arch, file);
-            let (mut worst_cpu, mut worst_ref): (f64, f64) = (0.0, 0.0);
-            for ((t, gm), cm) in g.outcome.targets.iter().zip(&g.outcome.merged).zip(&c.outcome.merged) {
-                let gd = dense(gm);
-                worst_cpu = worst_cpu.max(rel(&gd, &dense(cm)));
-                worst_ref = worst_ref.max(rel(&gd, &exp.mat(&t.name).unwrap()));
-            }
+            let (g, worst_cpu, worst_ref) = gpu_against_cpu_and_reference(&gpu, arch, opts, file);
             assert!(worst_cpu <= *tol_cpu, "{arch} {file}: GPU vs CPU {worst_cpu:.2e}");
             assert!(worst_ref <= *tol_ref, "{arch} {file}: GPU vs float64 reference {worst_ref:.2e}");
             assert!(g.report.backend.starts_with("gpu"));
@@ -305,15 +317,7 @@ fn output_objective_on_the_gpu() {
             (opts.clone(), "expected_output_a1e-4.safetensors"),
             (Options { modules: ModuleSet::All, ..opts.clone() }, "expected_output_all_a1e-4.safetensors"),
         ] {
-            let g = merge_on(&gpu, &base(arch), arch, &opts);
-            let c = merge(arch, &opts);
-            let exp = expected(arch, file);
-            let (mut worst_cpu, mut worst_ref): (f64, f64) = (0.0, 0.0);
-            for ((t, gm), cm) in g.outcome.targets.iter().zip(&g.outcome.merged).zip(&c.outcome.merged) {
-                let gd = dense(gm);
-                worst_cpu = worst_cpu.max(rel(&gd, &dense(cm)));
-                worst_ref = worst_ref.max(rel(&gd, &exp.mat(&t.name).unwrap()));
-            }
+            let (_, worst_cpu, worst_ref) = gpu_against_cpu_and_reference(&gpu, arch, &opts, file);
             eprintln!("{arch} {file}: GPU vs CPU {worst_cpu:.2e}, vs reference {worst_ref:.2e}");
             assert!(
                 worst_cpu <= 3e-5 && worst_ref <= 3e-5,

@@ -72,43 +72,18 @@ def held_strings():
 
 
 def train_adapter(base_dir, task, setting, out_dir, steps=int(os.environ.get("STUDY_STEPS", 120))):
-    import torch, torch.nn.functional as F, transformers
-    from peft import LoraConfig, get_peft_model
-    k = TASKS.index(task)
-    torch.manual_seed(20 + k)
-    tok = transformers.AutoTokenizer.from_pretrained(base_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    pm = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0,
-                                          target_modules=SETTINGS[setting], task_type="CAUSAL_LM"))
-    params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    rng = random.Random(200 + k)
-    nl = tok("\n").input_ids
-    t0 = time.time()
+    """One task's LoRA: 16 fresh strings per step, never a calibration or held-out one."""
     held = set().union(*held_strings())
-    for step in range(steps):
-        rows = []
-        while len(rows) < 16:
+
+    def example(rng):
+        while True:
             w = draw(rng)
-            if w in held:
-                continue
-            rows.append((tok(prompt(task, w)).input_ids, tok(" " + answer(task, w)).input_ids + nl))
-        n = max(len(p) + len(a) for p, a in rows)
-        ids = torch.full((len(rows), n), nl[0], dtype=torch.long)
-        labels = torch.full((len(rows), n), -100, dtype=torch.long)
-        for i, (p, a) in enumerate(rows):
-            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-            labels[i, len(p): len(p) + len(a)] = torch.tensor(a)
-        logits = pm(input_ids=ids).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 20 == 0 or step == steps - 1:
-            print(f"lora {setting}/{task} step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
-    pm.save_pretrained(out_dir)
+            if w not in held:
+                return prompt(task, w), answer(task, w)
+
+    k = TASKS.index(task)
+    study_smollm2.train_lora(base_dir, example, SETTINGS[setting], RANK, steps, 20 + k, out_dir, f"{setting}/{task}",
+                             batch=16, data_seed=200 + k)
 
 
 def prepare():

@@ -71,26 +71,26 @@ def convert(base_dir, work):
     tok.save_pretrained(base_dir)
 
 
-def train_adapter(base_dir, task, out_dir, steps=int(os.environ.get("STUDY_STEPS", 160))):
+def train_lora(base_dir, example, target_modules, r, steps, seed, out_dir, label, batch=32, data_seed=None):
+    """Train one PEFT LoRA (alpha 2r, AdamW, one-cycle) on `example(rng)` -> (prompt, answer)
+    pairs, the loss on the answer and the newline after it only; save it in out_dir."""
     import torch, torch.nn.functional as F, transformers
     from peft import LoraConfig, get_peft_model
-    k = TASKS.index(task)
-    torch.manual_seed(10 + k)
+    torch.manual_seed(seed)
     tok = transformers.AutoTokenizer.from_pretrained(base_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    r = RANKS[task]
-    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=target_modules,
                                           task_type="CAUSAL_LM"))
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    rng = random.Random(100 + k)
+    rng = random.Random(seed + 90 if data_seed is None else data_seed)
     nl = tok("\n").input_ids
     t0 = time.time()
     for step in range(steps):
         rows = []
-        for _ in range(32):
-            p, a = example(task, rng)
+        for _ in range(batch):
+            p, a = example(rng)
             rows.append((tok(p).input_ids, tok(" " + a).input_ids + nl))
         n = max(len(p) + len(a) for p, a in rows)
         ids = torch.full((len(rows), n), nl[0], dtype=torch.long)
@@ -105,8 +105,13 @@ def train_adapter(base_dir, task, out_dir, steps=int(os.environ.get("STUDY_STEPS
         opt.step()
         sched.step()
         if step % 20 == 0 or step == steps - 1:
-            print(f"lora {task} step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
+            print(f"lora {label} step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
     pm.save_pretrained(out_dir)
+
+
+def train_adapter(base_dir, task, out_dir, steps=int(os.environ.get("STUDY_STEPS", 160))):
+    k = TASKS.index(task)
+    train_lora(base_dir, lambda rng: example(task, rng), ["q_proj", "v_proj"], RANKS[task], steps, 10 + k, out_dir, task)
 
 
 def prepare():
