@@ -57,6 +57,7 @@ async function giveFixtureFiles(page, arch = 'gpt2') {
 async function published(page) {
   await page.selectOption('#balance', 'off');
   await page.fill('#self-calibrate', '0');
+  await page.selectOption('#objective', 'delta');
 }
 
 // `during(page)` runs right after the click, while the merge runs.
