@@ -4,8 +4,8 @@
 //!
 //!     cargo bench --bench merge [-- sweep|jacobi5|sweep-output ...] [-- gpu] [-- f16]
 //!
-//! sweep and jacobi5 are the published (delta) objective, sweep-output the default output
-//! objective on the same modules.
+//! sweep and jacobi5 are the published (delta) objective, sweep-output the output objective on
+//! the same modules.
 //!
 //! Prints wall time, GFLOP/s and the cores kept busy per schedule, and (CPU backend) the same per
 //! phase (`iteris::profile`), on the CPU backend (default) or the GPU backend (`gpu`; on a
@@ -106,7 +106,10 @@ fn run<B: Backend + 'static>(be: &B, backend: &str, which: &[String], f16: bool)
         // The published objective (what the PyTorch reference computes), then the default one.
         ("sweep", Options { schedule: Schedule::Sweep, ..Options::default().delta_objective() }),
         ("jacobi5", Options { schedule: Schedule::Jacobi, iters: 5, ..Options::default().delta_objective() }),
-        ("sweep-output", Options { schedule: Schedule::Sweep, ..Options::default() }),
+        (
+            "sweep-output",
+            Options { schedule: Schedule::Sweep, objective: iteris::merge::Objective::Output, ..Options::default() },
+        ),
     ] {
         if !which.is_empty() && !which.iter().any(|w| w == label) {
             continue;

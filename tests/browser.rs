@@ -93,8 +93,8 @@ fn cli_merge(out: &Path, demo: bool, extra: &[&str]) {
 
 /// IterIS as published: the page's fixture merges turn self-calibration and balancing off and
 /// take the delta objective (as e2e.mjs's `published` does), since a greedy token or a balancing
-/// round chosen on a near tie could differ between the page's backends and the CLI's; the demo's
-/// merge keeps the defaults (the output objective on every module, self-calibrated, balanced).
+/// round chosen on a near tie could differ between the page's backends and the CLI's (and the
+/// delta objective whatever the defaults become); the demo's merge keeps the defaults.
 const PUBLISHED: [&str; 6] = ["--balance", "off", "--self-calibrate", "0", "--objective", "delta"];
 
 /// `iteris merge --backend cpu` of `base` with (adapter, samples) `tasks` into `out`.

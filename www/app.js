@@ -493,7 +493,7 @@ async function showStudy() {
   const c = study.convergence;
   lines($('study-convergence'), c.solves, [{ name: 'jacobi', ys: c.distance_to_sweep, color: '#2450b2' }], { log: true, xLabel: 'solves' });
   const e = study.sample_efficiency;
-  const colors = { iteris: '#2450b2', unbalanced: '#16a085', delta: '#d68910', published: '#8e44ad', regmean: '#c0392b', linear: '#7f8c8d' };
+  const colors = { iteris: '#2450b2', unbalanced: '#16a085', output: '#d68910', published: '#8e44ad', regmean: '#c0392b', linear: '#7f8c8d' };
   for (const [id, key] of [['study-samples', 'accuracy'], ['study-worst', 'worst_accuracy']]) {
     lines($(id), e.samples, Object.entries(e.methods).map(([name, m]) => ({ name, ys: m[key] || [], color: colors[name] || '#333' })),
       { xLabel: 'calibration samples per task', yFormat: (v) => `${Math.round(v * 100)}%` });
@@ -541,12 +541,13 @@ $('merge').addEventListener('click', () => startMerge('merge'));
 $('compare').addEventListener('click', () => startMerge('compare'));
 $('cancel').addEventListener('click', cancel);
 $('demo').addEventListener('click', loadDemo);
-// The output objective needs the sweep; the published Jacobi schedule is the delta objective's
-// (the library's Objective::default_for, ModuleSet::default_for).
+// The output objective needs the sweep: the published Jacobi schedule takes the delta objective.
+// With the output objective, every module by default (the library's ModuleSet::default_for).
 $('schedule').addEventListener('change', () => {
-  const sweep = $('schedule').value === 'sweep';
-  $('objective').value = sweep ? 'output' : 'delta';
-  $('modules').value = sweep ? 'all' : 'adapters';
+  if ($('schedule').value === 'jacobi') {
+    $('objective').value = 'delta';
+    $('modules').value = 'adapters';
+  }
 });
 $('objective').addEventListener('change', () => {
   $('modules').value = $('objective').value === 'output' ? 'all' : 'adapters';

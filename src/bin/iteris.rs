@@ -110,13 +110,13 @@ struct MergeArgs {
     /// writes its answers; a sample that holds its answer already ends at once.
     #[arg(long, default_value_t = iteris::merge::SELF_CALIBRATE_TOKENS)]
     self_calibrate: usize,
-    /// iteris: what each module's merged delta fits. output (default with the sweep): each
-    /// adapter model's whole output from the merged model's inputs, which also undoes the drift
-    /// upstream merging causes (dense deltas exported at --rank, default the largest Σ r_i, with
-    /// the energy kept reported); delta (default with --schedule jacobi): each adapter's delta on
-    /// its own inputs, as published.
-    #[arg(long, value_enum)]
-    objective: Option<ObjectiveArg>,
+    /// iteris: what each module's merged delta fits. delta (default): each adapter's delta on its
+    /// own inputs, as published; output: each adapter model's whole output from the merged
+    /// model's inputs, which also undoes the drift upstream merging causes (sweep only; dense
+    /// deltas exported at --rank, default the largest Σ r_i, with the energy kept reported;
+    /// keeps more, costs more: see the README).
+    #[arg(long, value_enum, default_value = "delta")]
+    objective: ObjectiveArg,
     /// iteris --objective output: all (default) also solves every other linear module of the
     /// layers (extra capacity); adapters merges only the modules the adapters target (the only
     /// choice, and the default, for --objective delta).
@@ -223,9 +223,8 @@ impl MergeArgs {
             ScheduleArg::Jacobi => Schedule::Jacobi,
         };
         let objective = match self.objective {
-            Some(ObjectiveArg::Delta) => Objective::Delta,
-            Some(ObjectiveArg::Output) => Objective::Output,
-            None => Objective::default_for(schedule),
+            ObjectiveArg::Delta => Objective::Delta,
+            ObjectiveArg::Output => Objective::Output,
         };
         let opts = Options {
             method: self.method,
@@ -520,7 +519,7 @@ fn compare(a: CompareArgs) -> iteris::Result<()> {
                 bad_input(
                     "--methods",
                     format!(
-                        "unknown method '{n}' (one of {}, iteris-output-all)",
+                        "unknown method '{n}' (one of {}, iteris-delta)",
                         iteris::merge::variant_names().join(", ")
                     ),
                 )

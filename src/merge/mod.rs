@@ -96,8 +96,8 @@ impl Default for Options {
             regmean_scale: 0.9,
             eval_limit: None,
             max_memory_mib: None,
-            objective: Objective::Output,
-            modules: ModuleSet::All,
+            objective: Objective::Delta,
+            modules: ModuleSet::Adapters,
         }
     }
 }
@@ -192,6 +192,11 @@ impl Options {
                 "output needs the sweep schedule (--schedule jacobi is the published IterIS: --objective delta)",
             ));
         }
+        if iteris && self.objective == Objective::Output && self.rho != 0.0 {
+            // ρ mixes X into X̃ for the statistics, but the merged rows' outputs (the drift the
+            // output objective corrects) come from X̃ alone.
+            return Err(bad_input("--rho", "feature mixing is the delta objective's (--objective delta)"));
+        }
         if iteris && self.modules == ModuleSet::All && self.objective != Objective::Output {
             return Err(bad_input(
                 "--modules",
@@ -216,20 +221,9 @@ pub enum Balance {
     Auto,
 }
 
-impl Objective {
-    /// The objective a schedule runs with unless one is asked for: the output objective for the
-    /// sweep (the default), the published delta objective for the published Jacobi schedule.
-    pub fn default_for(schedule: Schedule) -> Objective {
-        match schedule {
-            Schedule::Sweep => Objective::Output,
-            Schedule::Jacobi => Objective::Delta,
-        }
-    }
-}
-
 impl ModuleSet {
-    /// The modules an objective merges unless told: every module for the output objective (the
-    /// default), the adapters' for the delta objective (the only ones it can).
+    /// The modules an objective merges unless told: every module for the output objective (its
+    /// best measured), the adapters' for the delta objective (the only ones it can).
     pub fn default_for(objective: Objective) -> ModuleSet {
         match objective {
             Objective::Output => ModuleSet::All,
@@ -262,7 +256,7 @@ pub enum ModuleSet {
 }
 
 /// IterIS's variants that a comparison lists beside the methods by default (`variant`).
-pub const ITERIS_VARIANTS: [&str; 2] = ["iteris-delta", "iteris-output"];
+pub const ITERIS_VARIANTS: [&str; 2] = ["iteris-output", "iteris-output-all"];
 
 /// The settings of one row of a comparison (`iteris compare`, the page's Compare): a method's
 /// name (`Method::name`) or a variant of IterIS, from the comparison's settings. `iteris` is
@@ -282,7 +276,7 @@ pub fn variant(name: &str, opts: &Options) -> Option<Options> {
 }
 
 /// The rows a comparison lists by default, in order (every name `variant` takes but
-/// `iteris-output-all`, which the defaults are).
+/// `iteris-delta`, which the defaults are).
 pub fn variant_names() -> Vec<&'static str> {
     let mut names = vec![Method::Iteris.name()];
     names.extend(ITERIS_VARIANTS);

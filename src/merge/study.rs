@@ -16,16 +16,19 @@ pub const MAX_SOLVES: usize = 8;
 /// Calibration samples per task tried (those every task has).
 pub const SAMPLE_COUNTS: [usize; 5] = [2, 5, 10, 20, 50];
 /// The settings whose sample efficiency is measured, by the name the page plots them under: IterIS
-/// with the given settings (by default the output objective, self-calibrated and balanced),
-/// without balancing, with the published delta objective (self-calibrated and balanced alike), as
-/// published (the delta objective, neither), and the two baselines.
+/// with the given settings (by default self-calibrated and balanced), without balancing, with the
+/// output objective on every module (self-calibrated and balanced alike), as published (the
+/// delta objective, neither), and the two baselines.
 pub fn variants(opts: &Options) -> Vec<(&'static str, Options)> {
     let with = |method| Options { method, ..opts.clone() };
     let plain = |method| Options { method, ..opts.delta_objective() };
     vec![
         ("iteris", with(Method::Iteris)),
         ("unbalanced", Options { balance: Balance::Off, ..with(Method::Iteris) }),
-        ("delta", plain(Method::Iteris)),
+        (
+            "output",
+            Options { objective: super::Objective::Output, modules: super::ModuleSet::All, ..with(Method::Iteris) },
+        ),
         ("published", Options { balance: Balance::Off, self_calibrate: 0, ..plain(Method::Iteris) }),
         ("regmean", plain(Method::Regmean)),
         ("linear", plain(Method::Linear)),
