@@ -32,7 +32,7 @@ Stages (each cached in OUT, default target/study/hard; nothing here is committed
 
 Needs torch, transformers, peft, gguf (pip) and target/release/iteris.
 """
-import json, os, random, subprocess, sys, time
+import json, os, random, sys, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -138,14 +138,10 @@ def table():
             runs = [CONFIGS[k] for k in configs] + ([("data-free", DATA_FREE)] if n == DATA_FREE_AT else [])
             for k, (label, extra) in enumerate(runs):
                 out = os.path.join(tmp, f"{setting}.n{n}.{label.replace(' ', '_')}.json")
-                args = [exe, "compare", "--base", os.path.join(OUT, "base"), "--out", out, "--force"]
-                for t in TASKS:
-                    args += ["--adapter", os.path.join(OUT, "adapters", setting, t),
-                             "--samples", os.path.join(tmp, f"{t}.{n}.txt"),
-                             "--eval", os.path.join(OUT, "eval", f"{t}.jsonl")]
+                tasks = [(os.path.join(OUT, "adapters", setting, t), os.path.join(tmp, f"{t}.{n}.txt"),
+                          os.path.join(OUT, "eval", f"{t}.jsonl")) for t in TASKS]
                 t0 = time.time()
-                subprocess.run(args + extra, check=True, stdout=subprocess.DEVNULL)
-                res = json.load(open(out))
+                res = study_smollm2.run_compare(exe, os.path.join(OUT, "base"), tasks, extra, out)
                 alone = alone or res.get("alone")
                 for row in res["methods"]:
                     acc = [q["accuracy"] for q in row["quality"]]

@@ -149,6 +149,16 @@ def iteris():
     return exe
 
 
+def run_compare(exe, base, tasks, extra, out):
+    """`iteris compare` of `base` with `tasks` = [(adapter, samples, eval)] and `extra` arguments,
+    its table written to `out`; returns the table."""
+    args = [exe, "compare", "--base", base, "--out", out, "--force"]
+    for adapter, samples, held in tasks:
+        args += ["--adapter", adapter, "--samples", samples, "--eval", held]
+    subprocess.run(args + extra, check=True, stdout=subprocess.DEVNULL)
+    return json.load(open(out))
+
+
 # Settings compared: (row label, compare arguments).
 CONFIGS = [
     ("iteris (default)", ["--methods", "iteris"]),
@@ -173,13 +183,10 @@ def table(sizes=(5, 10, 20, 50)):
                 f.write("\n".join(src[:n]) + "\n")
         for k, (label, extra) in enumerate(CONFIGS):
             out = os.path.join(tmp, f"n{n}.config{k}.json")
-            args = [exe, "compare", "--base", os.path.join(OUT, "base"), "--out", out, "--force"]
-            for t in TASKS:
-                args += ["--adapter", os.path.join(OUT, "adapters", t), "--samples", os.path.join(tmp, f"{t}.{n}.txt"),
-                         "--eval", os.path.join(OUT, "eval", f"{t}.jsonl")]
+            tasks = [(os.path.join(OUT, "adapters", t), os.path.join(tmp, f"{t}.{n}.txt"), os.path.join(OUT, "eval", f"{t}.jsonl"))
+                     for t in TASKS]
             t0 = time.time()
-            subprocess.run(args + extra, check=True, stdout=subprocess.DEVNULL)
-            res = json.load(open(out))
+            res = run_compare(exe, os.path.join(OUT, "base"), tasks, extra, out)
             alone = alone or res.get("alone")
             for row in res["methods"]:
                 acc = [q["accuracy"] for q in row["quality"]]
