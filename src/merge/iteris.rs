@@ -326,6 +326,20 @@ fn add_gram<B: Backend>(
     accumulate(reads, acc, || be.defer_gram(x, x2, y, y2), |g| be.add_gram(g, x, xr, y, yr))
 }
 
+/// `add_gram` for a Gram read only for its norm (`Backend::add_gram_for_norm`).
+fn add_gram_for_norm<B: Backend>(
+    be: &B,
+    reads: &mut Reads<B>,
+    acc: Option<GramId>,
+    x: &B::T,
+    xr: Range<usize>,
+    y: &B::T,
+    yr: Range<usize>,
+) -> GramId {
+    let (x2, y2) = (xr.clone(), yr.clone());
+    accumulate(reads, acc, || be.defer_gram_for_norm(x, x2, y, y2), |g| be.add_gram_for_norm(g, x, xr, y, yr))
+}
+
 /// `*acc += more` for a pending scalar that may not exist yet.
 fn add_scalar<B: Backend>(be: &B, reads: &mut Reads<B>, acc: &mut Option<ScalarId>, more: B::Scalar) {
     match acc {
@@ -466,12 +480,7 @@ impl<B: Backend> IterisHook<'_, B> {
                             add_gram(be, reads, acc, xt, rt.clone(), &target, 0..ra.len())
                         })
                         .collect();
-                    let for_norm = accumulate(
-                        reads,
-                        for_norm,
-                        || be.defer_gram_for_norm(xa, ra.clone(), xt, rt.clone()),
-                        |g| be.add_gram_for_norm(g, xa, ra.clone(), xt, rt.clone()),
-                    );
+                    let for_norm = add_gram_for_norm(be, reads, for_norm, xa, ra.clone(), xt, rt.clone());
                     StageCross::Output { xty, for_norm }
                 }
                 (Some(_), prev) => {
@@ -490,12 +499,7 @@ impl<B: Backend> IterisHook<'_, B> {
                             ));
                         }
                     }
-                    let for_norm = accumulate(
-                        reads,
-                        for_norm,
-                        || be.defer_gram_for_norm(xa, ra.clone(), xt, rt.clone()),
-                        |g| be.add_gram_for_norm(g, xa, ra.clone(), xt, rt.clone()),
-                    );
+                    let for_norm = add_gram_for_norm(be, reads, for_norm, xa, ra.clone(), xt, rt.clone());
                     StageCross::Projected { sac, for_norm }
                 }
             };
