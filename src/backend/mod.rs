@@ -88,8 +88,9 @@ fn scaled_factor<B: Backend>(be: &B, x: &B::T, rows: Range<usize>, a: &B::T, s: 
 }
 
 pub trait Backend: Sized {
-    /// A (rows, cols) f32 matrix held by the backend.
-    type T;
+    /// A (rows, cols) f32 matrix held by the backend (owned: 'static, so a pass can tell the CPU's
+    /// `Mat` apart, `merge::pipeline::refine_merge`).
+    type T: 'static;
 
     /// What ran, for reports ("cpu", or the GPU adapter's name).
     fn name(&self) -> String;

@@ -122,6 +122,15 @@ struct MergeArgs {
     /// choice, and the default, for --objective delta).
     #[arg(long, value_enum)]
     modules: Option<ModulesArg>,
+    /// Distillation refinement after the merge: this many steps of Adam on the merged LoRA's
+    /// factors, descending the KL of each adapter's next-token distributions (the teachers) to
+    /// the merged model's on the calibration samples (label-free; the lowest-KL iterate is kept;
+    /// 0: off). Decoder families; one forward and backward pass per step, on the CPU.
+    #[arg(long, default_value_t = 0)]
+    refine_steps: usize,
+    /// Refinement's step size, relative to each factor's RMS.
+    #[arg(long, default_value_t = 0.01)]
+    refine_lr: f64,
     /// ties: fraction of each delta's entries kept; dare: probability an entry is kept.
     #[arg(long, default_value_t = 0.5)]
     density: f64,
@@ -253,6 +262,8 @@ impl MergeArgs {
                 Some(ModulesArg::All) => ModuleSet::All,
                 None => ModuleSet::default_for(objective),
             },
+            refine_steps: self.refine_steps,
+            refine_lr: self.refine_lr,
         };
         opts.validate(self.adapters.len())?;
         Ok(opts)

@@ -9,6 +9,7 @@ pub mod export;
 pub mod iteris;
 pub mod pipeline;
 pub mod plan;
+pub mod refine;
 pub mod report;
 pub mod solve;
 pub mod study;
@@ -74,6 +75,10 @@ pub struct Options {
     /// IterIS with the output objective: merge only the modules the adapters target, or also
     /// every other linear module of the layers (extra capacity; the LM head excepted).
     pub modules: ModuleSet,
+    /// Distillation refinement (`refine`): steps of Adam on the merged LoRA's factors after the
+    /// closed-form merge (0: off), at a step size of `refine_lr` times each factor's RMS.
+    pub refine_steps: usize,
+    pub refine_lr: f64,
 }
 
 impl Default for Options {
@@ -98,6 +103,8 @@ impl Default for Options {
             max_memory_mib: None,
             objective: Objective::Delta,
             modules: ModuleSet::Adapters,
+            refine_steps: 0,
+            refine_lr: 0.01,
         }
     }
 }
@@ -112,6 +119,7 @@ impl Options {
             self_calibrate: 0,
             objective: Objective::Delta,
             modules: ModuleSet::Adapters,
+            refine_steps: 0,
             ..Options::default()
         }
     }
@@ -177,6 +185,12 @@ impl Options {
         }
         if !(1..=10).contains(&self.balance_sweeps) {
             return Err(bad_input("--balance-sweeps", format!("{} is not in 1..=10", self.balance_sweeps)));
+        }
+        if self.refine_steps > MAX_REFINE_STEPS {
+            return Err(bad_input("--refine-steps", format!("{} is not in 0..={MAX_REFINE_STEPS}", self.refine_steps)));
+        }
+        if !(self.refine_lr.is_finite() && self.refine_lr > 0.0 && self.refine_lr <= 1.0) {
+            return Err(bad_input("--refine-lr", format!("{} is not in (0, 1]", self.refine_lr)));
         }
         if self.self_calibrate > MAX_LEN {
             return Err(bad_input("--self-calibrate", format!("{} is not in 0..={MAX_LEN}", self.self_calibrate)));
@@ -289,6 +303,8 @@ pub const SELF_CALIBRATE_TOKENS: usize = 32;
 
 /// The longest `--max-len` accepted (tokens per sample).
 pub const MAX_LEN: usize = 1 << 16;
+/// The most distillation-refinement steps a merge may take.
+pub const MAX_REFINE_STEPS: usize = 10_000;
 
 /// Progress events for faces (CLI bars, the page).
 pub enum Progress<'a> {

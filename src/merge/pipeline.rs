@@ -7,11 +7,12 @@ use super::evaluate::{self, DeltaHook, TaskQuality};
 use super::export::{adapter_files, reduce_rank};
 use super::report::{module_reports, task_means, Report, TaskReport, Timings};
 use super::{iteris, map_targets, now, plan, tokenize, Balance, Options, Progress};
-use crate::backend::Backend;
+use crate::backend::{cpu::Cpu, Backend};
 use crate::error::Result;
 use crate::formats::hf_config::HfConfig;
 use crate::formats::samples::EvalSet;
 use crate::inputs::{BaseInputs, TaskInput};
+use crate::mat::Mat;
 use crate::models;
 use crate::models::chunked::{chunk_batches, Streams};
 use crate::models::Stream;
@@ -61,6 +62,12 @@ pub async fn merge<B: Backend>(
         && opts.modules == super::ModuleSet::All
     {
         targets = super::with_every_module(&model.modules(), targets);
+    }
+    if opts.refine_steps > 0 && !matches!(model, models::Model::Decoder(_)) {
+        return Err(crate::error::Error::Unsupported(format!(
+            "distillation refinement (--refine-steps) runs on the decoder families (llama, mistral, qwen2, qwen3, smollm3, gemma2, gemma3, phi3); {} is not one of them yet",
+            model.model_type()
+        )));
     }
     timings.load = now() - t;
 
@@ -161,10 +168,18 @@ pub async fn merge<B: Backend>(
         }
         None => opts,
     };
-    let outcome =
+    let mut outcome =
         iteris(be, &model, targets, &ids, opts, progress).await.map_err(|e| non_finite(e, &base.config, tasks))?;
     check_finite(&outcome)?;
     timings.passes = outcome.seconds_passes;
+    let refinement = if opts.refine_steps > 0 {
+        let r = refine_merge(base, &model, &mut outcome, &ids, opts, progress)?;
+        check_finite(&outcome)?;
+        timings.refinement = r.seconds;
+        Some(r)
+    } else {
+        None
+    };
 
     let t = now();
     let (deltas, energy): (Vec<_>, Vec<_>) = outcome
@@ -225,11 +240,46 @@ pub async fn merge<B: Backend>(
         quality: quality.clone(),
         balancing,
         self_calibration,
+        refinement,
         memory_plan: memory,
         warnings,
         timings_s: timings,
     };
     Ok(MergeResult { quality, adapter_config: files.config, adapter_weights: files.weights, report, outcome })
+}
+
+/// Distillation refinement of the merged deltas (`refine`), on the CPU: the pipeline's own model
+/// where the merge runs there, else a CPU copy of the weights (the backward pass is CPU-only yet).
+fn refine_merge<T: 'static>(
+    base: &BaseInputs,
+    model: &models::Model<T>,
+    outcome: &mut super::Outcome,
+    ids: &[Vec<Vec<u32>>],
+    opts: &Options,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<super::refine::Refinement> {
+    let copy;
+    let model = match (model as &dyn std::any::Any).downcast_ref::<models::Model<Mat>>() {
+        Some(m) => m,
+        None => {
+            copy = models::load(&Cpu, &base.config, &base.weights)?;
+            &copy
+        }
+    };
+    let models::Model::Decoder(decoder) = model else {
+        return Err(crate::error::Error::Unsupported("distillation refinement needs a decoder model".into()));
+    };
+    let weights = opts.weights.clone().unwrap_or_else(|| vec![1.0; ids.len()]);
+    super::refine::refine(
+        decoder,
+        &outcome.targets,
+        &mut outcome.merged,
+        ids,
+        &weights,
+        opts.refine_steps,
+        opts.refine_lr,
+        progress,
+    )
 }
 
 /// The model's end-of-sequence token, if config.json names one.

@@ -53,6 +53,7 @@ pub struct Report {
     /// `--self-calibrate`: the adapters' greedy continuations added to the samples, and their time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub self_calibration: Option<super::calibrate::SelfCalibration>,
+    pub refinement: Option<super::refine::Refinement>,
     /// What the merge was planned to take, against the limits it had to fit.
     pub memory_plan: super::plan::MemoryPlan,
     pub warnings: Vec<String>,
@@ -68,6 +69,8 @@ pub struct Timings {
     /// Balancing's merges on the calibration split and their held-out KL.
     pub balancing: f64,
     pub passes: f64,
+    /// Distillation refinement (teachers' distributions and every step).
+    pub refinement: f64,
     pub export: f64,
     pub quality: f64,
 }

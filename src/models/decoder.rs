@@ -192,7 +192,7 @@ impl<T> Decoder<T> {
 /// Rotary positions on every row of x; with longrope, the rows of sequences past the original
 /// context turn by the long factors (computed for all rows and copied over those rows: the
 /// rare mixed batch costs one more rotation).
-fn rotate<B: Backend>(be: &B, x: &mut B::T, batch: &Batch, head_dim: usize, r: &Rotary) {
+pub(super) fn rotate<B: Backend>(be: &B, x: &mut B::T, batch: &Batch, head_dim: usize, r: &Rotary) {
     let pos = &batch.positions;
     let long: Vec<u32> = batch
         .seqs

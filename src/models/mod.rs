@@ -10,6 +10,7 @@
 pub mod bert;
 pub mod chunked;
 pub mod decoder;
+pub mod decoder_grad;
 pub mod gemma;
 pub mod gpt2;
 pub mod kv_cache;

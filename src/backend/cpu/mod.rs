@@ -5,7 +5,7 @@
 //! Workers (feature `threads`, `wasm::init_thread_pool`); the page's single-thread build runs them
 //! in order.
 
-mod gemm;
+pub(crate) mod gemm;
 mod vector;
 
 use super::{Activation, AttentionSpec, Backend, Reads, Values};
