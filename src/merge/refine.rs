@@ -140,6 +140,55 @@ impl Moments {
     }
 }
 
+/// The distillation objective L over fixed samples, the teachers' distributions held.
+pub struct Distillation {
+    runs: Vec<Run>,
+}
+
+impl Distillation {
+    /// The teachers' log-probabilities on `ids[i]` (task i's samples) under adapter i, and the
+    /// rows' weights for the task weights `weights` (λ_i).
+    pub fn new(model: &Decoder<Mat>, targets: &[Target], ids: &[Vec<Vec<u32>>], weights: &[f64]) -> Distillation {
+        let total_weight: f64 = weights.iter().sum();
+        let mut runs_all = Vec::new();
+        for (task, samples) in ids.iter().enumerate() {
+            let (index, loras) = adapter_loras(targets, task);
+            let rows: usize = samples.iter().map(Vec::len).sum();
+            for run in runs(samples) {
+                let mut batch = Batch::default();
+                batch.push_group(task, Stream::Merged, &samples[run]);
+                let v = model.vocab;
+                let mut teacher = Mat::zeros(batch.tokens(), v);
+                decoder_grad::forward(model, &batch, &index, &loras, &mut |rows, logits| {
+                    for (r, row) in rows.enumerate() {
+                        log_softmax_into(logits.row(r), &mut teacher.data[row * v..(row + 1) * v]);
+                    }
+                });
+                let weight = weights[task] / (rows.max(1) as f64 * total_weight);
+                runs_all.push(Run { batch, teacher, weight });
+            }
+        }
+        Distillation { runs: runs_all }
+    }
+
+    /// L for the student LoRAs `loras` (at the modules `index` names) and its gradient.
+    pub fn loss_and_grads(&self, model: &Decoder<Mat>, index: &LoraIndex, loras: &[Lora]) -> (f64, Vec<Lora>) {
+        let mut loss = 0.0;
+        let mut grads: Vec<Lora> = loras.iter().map(Lora::zeros_like).collect();
+        for run in &self.runs {
+            let (l, g) = decoder_grad::loss_and_grads(model, &run.batch, index, loras, &mut |rows, logits| {
+                kl_and_grad(run, rows, logits)
+            });
+            loss += l;
+            for (acc, g) in grads.iter_mut().zip(g) {
+                acc.a.data.iter_mut().zip(&g.a.data).for_each(|(a, g)| *a += g);
+                acc.b.data.iter_mut().zip(&g.b.data).for_each(|(a, g)| *a += g);
+            }
+        }
+        (loss, grads)
+    }
+}
+
 /// Refine `merged` in place by `steps` steps of distillation at relative step size `lr` (see the
 /// module's comment). `ids[i]` are task i's samples, `weights` the λ_i.
 #[allow(clippy::too_many_arguments)]
@@ -154,25 +203,7 @@ pub fn refine(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Refinement> {
     let t0 = now();
-    let total_weight: f64 = weights.iter().sum();
-    // The teachers' distributions, once.
-    let mut runs_all = Vec::new();
-    for (task, samples) in ids.iter().enumerate() {
-        let (index, loras) = adapter_loras(targets, task);
-        let rows: usize = samples.iter().map(Vec::len).sum();
-        for run in runs(samples) {
-            let mut batch = Batch::default();
-            batch.push_group(task, Stream::Merged, &samples[run]);
-            let mut teacher = Mat::zeros(batch.tokens(), model.vocab);
-            decoder_grad::forward(model, &batch, &index, &loras, &mut |rows, logits| {
-                for (r, row) in rows.enumerate() {
-                    log_softmax_into(logits.row(r), &mut teacher.data[row * model.vocab..(row + 1) * model.vocab]);
-                }
-            });
-            let weight = weights[task] / (rows.max(1) as f64 * total_weight);
-            runs_all.push(Run { batch, teacher, weight });
-        }
-    }
+    let objective = Distillation::new(model, targets, ids, weights);
     let (index, mut loras) = merged_loras(targets, merged);
     let mut moments: Vec<(Moments, Moments)> =
         loras.iter().map(|l| (Moments::new(&l.a, lr), Moments::new(&l.b, lr))).collect();
@@ -180,18 +211,7 @@ pub fn refine(
     let mut best = (f64::INFINITY, 0, loras.clone());
     for step in 0..=steps {
         progress(Progress::Pass(step + 1, steps + 1, "distillation refinement"));
-        let mut loss = 0.0;
-        let mut grads: Vec<Lora> = loras.iter().map(Lora::zeros_like).collect();
-        for run in &runs_all {
-            let (l, g) = decoder_grad::loss_and_grads(model, &run.batch, &index, &loras, &mut |rows, logits| {
-                kl_and_grad(run, rows, logits)
-            });
-            loss += l;
-            for (acc, g) in grads.iter_mut().zip(g) {
-                acc.a.data.iter_mut().zip(&g.a.data).for_each(|(a, g)| *a += g);
-                acc.b.data.iter_mut().zip(&g.b.data).for_each(|(a, g)| *a += g);
-            }
-        }
+        let (loss, grads) = objective.loss_and_grads(model, &index, &loras);
         if !loss.is_finite() {
             return Err(Error::Numeric(format!(
                 "distillation refinement diverged at step {step} (the KL is not finite): lower --refine-lr"
