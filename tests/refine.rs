@@ -126,10 +126,9 @@ fn refinement_lowers_the_kl_it_descends() {
         let opts = Options { refine_steps: 4, ..Options::default() };
         let r = merge(arch, &opts);
         let rf = r.report.refinement.as_ref().expect("refinement ran");
-        assert_eq!(rf.kl.len(), 5, "{arch}");
+        assert_eq!(rf.kl.len(), 4, "{arch}");
         assert!(rf.kl.iter().all(|k| k.is_finite() && *k >= 0.0), "{arch}: {:?}", rf.kl);
-        assert!(rf.kl[rf.kept] < rf.kl[0], "{arch}: KL {:?} did not fall", rf.kl);
-        assert_eq!(rf.kl[rf.kept], rf.kl.iter().cloned().fold(f64::INFINITY, f64::min));
+        assert!(rf.kept && rf.kl_after < rf.kl_before, "{arch}: KL {} → {}", rf.kl_before, rf.kl_after);
     }
 }
 
@@ -169,7 +168,7 @@ fn distillation_gradient_matches_pytorch() {
         assert!(student.len() >= 4, "{arch}: {} modules", student.len());
         // Measured: loss within 1e-7 relative, gradients within 9e-7 (llama, phi3), 6e-6 (gemma2).
         let objective = refine::Distillation::new(decoder(&model), &targets, &ids, &[1.0; 3]);
-        let (loss, grads) = objective.loss_and_grads(decoder(&model), &index, &student);
+        let (loss, grads) = objective.loss_and_grads(&index, &student);
         let want = exp.mat("loss").unwrap().data[0] as f64;
         assert!((loss - want).abs() < 1e-5 * want, "{arch}: loss {loss:.8e}, PyTorch {want:.8e}");
         let mut worst = 0.0f64;

@@ -131,6 +131,11 @@ struct MergeArgs {
     /// Refinement's step size, relative to each factor's RMS.
     #[arg(long, default_value_t = 0.01)]
     refine_lr: f64,
+    /// Refinement's transfer data: this many recombinations of the given prompts per prompt
+    /// (token-wise crossovers within a task), each answered by its adapter; every step draws as
+    /// many samples per task as were given from the pool (0: the given samples alone).
+    #[arg(long, default_value_t = 4)]
+    refine_augment: usize,
     /// ties: fraction of each delta's entries kept; dare: probability an entry is kept.
     #[arg(long, default_value_t = 0.5)]
     density: f64,
@@ -264,6 +269,7 @@ impl MergeArgs {
             },
             refine_steps: self.refine_steps,
             refine_lr: self.refine_lr,
+            refine_augment: self.refine_augment,
         };
         opts.validate(self.adapters.len())?;
         Ok(opts)

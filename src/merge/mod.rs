@@ -79,6 +79,9 @@ pub struct Options {
     /// closed-form merge (0: off), at a step size of `refine_lr` times each factor's RMS.
     pub refine_steps: usize,
     pub refine_lr: f64,
+    /// Refinement's transfer data: this many recombined prompts per given prompt
+    /// (`refine::augment`), answered by their adapters (0: the given samples alone).
+    pub refine_augment: usize,
 }
 
 impl Default for Options {
@@ -105,6 +108,7 @@ impl Default for Options {
             modules: ModuleSet::Adapters,
             refine_steps: 0,
             refine_lr: 0.01,
+            refine_augment: 4,
         }
     }
 }
@@ -191,6 +195,9 @@ impl Options {
         }
         if !(self.refine_lr.is_finite() && self.refine_lr > 0.0 && self.refine_lr <= 1.0) {
             return Err(bad_input("--refine-lr", format!("{} is not in (0, 1]", self.refine_lr)));
+        }
+        if self.refine_augment > 64 {
+            return Err(bad_input("--refine-augment", format!("{} is not in 0..=64", self.refine_augment)));
         }
         if self.self_calibrate > MAX_LEN {
             return Err(bad_input("--self-calibrate", format!("{} is not in 0..={MAX_LEN}", self.self_calibrate)));

@@ -119,8 +119,10 @@ pub async fn merge<B: Backend>(
             .collect();
         plan_for(&longest).check(&be.name())?;
     }
+    // Refinement distils on recombinations of the given prompts (`refine::augment`).
+    let prompts = (opts.refine_steps > 0).then(|| ids.clone());
+    let single_line: Vec<bool> = tasks.iter().map(|t| t.samples.iter().all(|s| !s.contains('\n'))).collect();
     let self_calibration = if calibrate {
-        let single_line: Vec<bool> = tasks.iter().map(|t| t.samples.iter().all(|s| !s.contains('\n'))).collect();
         let eos = eos(&base.config);
         let s = self_calibrate(
             be,
@@ -172,8 +174,19 @@ pub async fn merge<B: Backend>(
         iteris(be, &model, targets, &ids, opts, progress).await.map_err(|e| non_finite(e, &base.config, tasks))?;
     check_finite(&outcome)?;
     timings.passes = outcome.seconds_passes;
-    let refinement = if opts.refine_steps > 0 {
-        let r = refine_merge(base, &model, &mut outcome, &ids, opts, progress)?;
+    let refinement = if let Some(prompts) = prompts {
+        let t = now();
+        let mut extra = super::refine::augment(&prompts, opts.refine_augment, opts.seed);
+        if calibrate {
+            let eos = eos(&base.config);
+            let (targets, n) = (&outcome.targets, opts.self_calibrate);
+            self_calibrate(be, &model, &base.tokenizer, targets, &mut extra, &single_line, n, max_len, eos).await?;
+        }
+        let batch: Vec<usize> = ids.iter().map(Vec::len).collect();
+        let pool: Vec<Vec<Vec<u32>>> =
+            ids.iter().zip(extra).map(|(g, e)| g.iter().cloned().chain(e).collect()).collect();
+        let mut r = refine_merge(base, &model, &mut outcome, &pool, &batch, opts, progress)?;
+        r.seconds = now() - t;
         check_finite(&outcome)?;
         timings.refinement = r.seconds;
         Some(r)
@@ -254,7 +267,8 @@ fn refine_merge<T: 'static>(
     base: &BaseInputs,
     model: &models::Model<T>,
     outcome: &mut super::Outcome,
-    ids: &[Vec<Vec<u32>>],
+    pool: &[Vec<Vec<u32>>],
+    batch: &[usize],
     opts: &Options,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<super::refine::Refinement> {
@@ -269,15 +283,17 @@ fn refine_merge<T: 'static>(
     let models::Model::Decoder(decoder) = model else {
         return Err(crate::error::Error::Unsupported("distillation refinement needs a decoder model".into()));
     };
-    let weights = opts.weights.clone().unwrap_or_else(|| vec![1.0; ids.len()]);
+    let weights = opts.weights.clone().unwrap_or_else(|| vec![1.0; pool.len()]);
     super::refine::refine(
         decoder,
         &outcome.targets,
         &mut outcome.merged,
-        ids,
+        pool,
+        batch,
         &weights,
         opts.refine_steps,
         opts.refine_lr,
+        opts.seed,
         progress,
     )
 }

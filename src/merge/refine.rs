@@ -1,20 +1,32 @@
 //! Label-free distillation refinement (issue 26, point 3c). A closed-form merge fits each module
 //! on its own, from the features the modules before it produce; nothing in it sees the whole
-//! network's output. Refinement starts from that merge and takes a few steps of Adam on the
-//! merged LoRA's factors (a, b of every merged module; the base weights frozen), descending
+//! network's output. Refinement starts from that merge and takes steps of Adam on the merged
+//! LoRA's factors (a, b of every merged module; the base weights frozen), descending
 //!
 //!   L = Σ_i λ_i · mean over task i's token rows of KL(p_i ‖ p*) / Σ_i λ_i
 //!
-//! where p_i is adapter i's next-token distribution (base + ΔW_i) on task i's own samples — the
-//! self-calibrated ones, so they hold the adapter's answers — computed once, and p* the merged
-//! model's. No labels: the adapters are the teachers. Each step is one forward and one backward
-//! pass over every sample (`models::decoder_grad`), in runs of at most `RUN_TOKENS` tokens whose
-//! gradients add up to the full batch's; the iterate with the lowest L is kept, so refinement
-//! never returns a merge worse on its own objective than the one it started from.
+//! where p_i is adapter i's next-token distribution (base + ΔW_i) on task i's samples and p* the
+//! merged model's. No labels: the adapters are the teachers. Gradients come from one forward and
+//! one backward pass (`models::decoder_grad`), in runs of at most `RUN_TOKENS` tokens whose
+//! gradients add up to the whole batch's.
+//!
+//! **Transfer data.** Distilled on its calibration samples alone, the merge memorises them: on the
+//! demo (50 prompts per task) the KL on them falls to 0.003 nats while held-out prompts keep 0.36,
+//! and the worst task's accuracy stays at 30%. The teachers answer any input, so refinement
+//! distils on more inputs than it was given: `augment` recombines each task's prompts token by
+//! token (a uniform crossover of two prompts of the task, aligned at both ends, so a shared frame
+//! and the cue before the answer stay where they were), and each new prompt is extended by its
+//! adapter's greedy answer, as self-calibration extends the given ones. Every step draws a fresh
+//! minibatch of as many samples per task as were given from that pool (the steps cost what a
+//! full-batch step on the given samples costs). Measured on the demo, 100 steps: worst task 28%
+//! on the calibration samples alone, 52% with a pool of 5×.
 //!
 //! Step sizes are relative: each factor moves by about `lr` times its own RMS per step (Adam
-//! normalises the gradient's scale away), so one `lr` suits models and ranks of any scale.
+//! normalises the gradient's scale away), decayed along a cosine to 0 at the last step, so one
+//! `lr` suits models and ranks of any scale. L over the whole pool is measured before and after;
+//! where it rose, the closed-form merge is kept.
 
+use super::baselines::SplitMix64;
 use super::iteris::Target;
 use super::solve::Merged;
 use super::{now, Progress};
@@ -33,10 +45,15 @@ pub const RUN_TOKENS: usize = 512;
 pub struct Refinement {
     pub steps: usize,
     pub lr: f64,
-    /// L (nats per token) at each iterate: the closed-form merge, then after each step.
+    /// Samples per task distilled on: the given ones and the augmented (`augment`).
+    pub pool_samples: Vec<usize>,
+    /// L (nats per token) over the whole pool, of the closed-form merge and of the refined one.
+    pub kl_before: f64,
+    pub kl_after: f64,
+    /// Whether the refined merge is kept (L fell), else the closed-form one.
+    pub kept: bool,
+    /// L on each step's minibatch, before its update.
     pub kl: Vec<f64>,
-    /// Which iterate the merge keeps (the lowest L).
-    pub kept: usize,
     pub seconds: f64,
 }
 
@@ -78,9 +95,8 @@ fn runs(samples: &[Vec<u32>]) -> Vec<Range<usize>> {
     out
 }
 
-/// One run of one task's samples, with the teacher's log-probabilities of its rows.
+/// One run of samples of one task, with the teacher's log-probabilities of its rows.
 struct Run {
-    batch: Batch,
     /// (rows, vocab)
     teacher: Mat,
     /// The weight of each of its rows in L: λ_i / (rows of task i · Σλ).
@@ -127,56 +143,71 @@ impl Moments {
         Moments { m: vec![0.0; p.data.len()], v: vec![0.0; p.data.len()], step: (lr * rms.max(1e-8)) as f32 }
     }
 
-    /// One Adam update of p by its gradient g (β = 0.9, 0.999), at step t (from 1).
-    fn update(&mut self, p: &mut Mat, g: &Mat, t: i32) {
+    /// One Adam update of p by its gradient g (β = 0.9, 0.999), at step t (from 1);
+    /// `decay` multiplies the step (the cosine schedule).
+    fn update(&mut self, p: &mut Mat, g: &Mat, t: i32, decay: f32) {
         let (b1, b2) = (0.9f32, 0.999f32);
         let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
         for (((p, &g), m), v) in p.data.iter_mut().zip(&g.data).zip(&mut self.m).zip(&mut self.v) {
             *m = b1 * *m + (1.0 - b1) * g;
             *v = b2 * *v + (1.0 - b2) * g * g;
             let denom = (*v / c2).sqrt() + 1e-12;
-            *p -= self.step * (*m / c1) / denom;
+            *p -= decay * self.step * (*m / c1) / denom;
         }
     }
 }
 
-/// The distillation objective L over fixed samples, the teachers' distributions held.
-pub struct Distillation {
-    runs: Vec<Run>,
+/// The distillation objective L over fixed samples. The teachers' distributions are computed run
+/// by run as each evaluation needs them, never held for every sample: a (rows, vocab) table is
+/// 200 KB per token row at a 49k vocabulary, and a forward pass costs a third of a step.
+pub struct Distillation<'a> {
+    model: &'a Decoder<Mat>,
+    samples: &'a [Vec<Vec<u32>>],
+    /// Per task: its adapter's LoRAs, and the weight of each of its rows.
+    teachers: Vec<(LoraIndex, Vec<Lora>, f64)>,
 }
 
-impl Distillation {
-    /// The teachers' log-probabilities on `ids[i]` (task i's samples) under adapter i, and the
-    /// rows' weights for the task weights `weights` (λ_i).
-    pub fn new(model: &Decoder<Mat>, targets: &[Target], ids: &[Vec<Vec<u32>>], weights: &[f64]) -> Distillation {
+impl<'a> Distillation<'a> {
+    /// L over `samples[i]` (task i's) with adapter i as their teacher, at task weights `weights`.
+    pub fn new(model: &'a Decoder<Mat>, targets: &[Target], samples: &'a [Vec<Vec<u32>>], weights: &[f64]) -> Self {
         let total_weight: f64 = weights.iter().sum();
-        let mut runs_all = Vec::new();
-        for (task, samples) in ids.iter().enumerate() {
-            let (index, loras) = adapter_loras(targets, task);
-            let rows: usize = samples.iter().map(Vec::len).sum();
+        let teachers = samples
+            .iter()
+            .enumerate()
+            .map(|(task, s)| {
+                let (index, loras) = adapter_loras(targets, task);
+                let rows: usize = s.iter().map(Vec::len).sum();
+                (index, loras, weights[task] / (rows.max(1) as f64 * total_weight))
+            })
+            .collect();
+        Distillation { model, samples, teachers }
+    }
+
+    /// Every run of samples as a batch, with its teacher's distributions.
+    fn for_each_run(&self, mut f: impl FnMut(&Batch, &Run)) {
+        let (model, v) = (self.model, self.model.vocab);
+        for (task, samples) in self.samples.iter().enumerate() {
+            let (index, loras, weight) = &self.teachers[task];
             for run in runs(samples) {
                 let mut batch = Batch::default();
                 batch.push_group(task, Stream::Merged, &samples[run]);
-                let v = model.vocab;
                 let mut teacher = Mat::zeros(batch.tokens(), v);
-                decoder_grad::forward(model, &batch, &index, &loras, &mut |rows, logits| {
+                decoder_grad::forward(model, &batch, index, loras, &mut |rows, logits| {
                     for (r, row) in rows.enumerate() {
                         log_softmax_into(logits.row(r), &mut teacher.data[row * v..(row + 1) * v]);
                     }
                 });
-                let weight = weights[task] / (rows.max(1) as f64 * total_weight);
-                runs_all.push(Run { batch, teacher, weight });
+                f(&batch, &Run { teacher, weight: *weight });
             }
         }
-        Distillation { runs: runs_all }
     }
 
     /// L for the student LoRAs `loras` (at the modules `index` names) and its gradient.
-    pub fn loss_and_grads(&self, model: &Decoder<Mat>, index: &LoraIndex, loras: &[Lora]) -> (f64, Vec<Lora>) {
+    pub fn loss_and_grads(&self, index: &LoraIndex, loras: &[Lora]) -> (f64, Vec<Lora>) {
         let mut loss = 0.0;
         let mut grads: Vec<Lora> = loras.iter().map(Lora::zeros_like).collect();
-        for run in &self.runs {
-            let (l, g) = decoder_grad::loss_and_grads(model, &run.batch, index, loras, &mut |rows, logits| {
+        self.for_each_run(|batch, run| {
+            let (l, g) = decoder_grad::loss_and_grads(self.model, batch, index, loras, &mut |rows, logits| {
                 kl_and_grad(run, rows, logits)
             });
             loss += l;
@@ -184,55 +215,179 @@ impl Distillation {
                 acc.a.data.iter_mut().zip(&g.a.data).for_each(|(a, g)| *a += g);
                 acc.b.data.iter_mut().zip(&g.b.data).for_each(|(a, g)| *a += g);
             }
-        }
+        });
         (loss, grads)
+    }
+
+    /// L alone (forward passes).
+    pub fn loss(&self, index: &LoraIndex, loras: &[Lora]) -> f64 {
+        let mut loss = 0.0;
+        self.for_each_run(|batch, run| {
+            decoder_grad::forward(self.model, batch, index, loras, &mut |rows, logits| {
+                loss += kl_and_grad(run, rows, logits).0;
+            });
+        });
+        loss
     }
 }
 
+/// `per_prompt` new prompts per given prompt for each task (fewer where recombination runs out
+/// of new ones): uniform crossovers of two of the task's prompts, token by token, the first half
+/// of each new prompt aligned with the partner's start and the rest with its end (equal lengths
+/// align everywhere). A prompt takes partners of its own length where the task has them. New
+/// prompts are distinct from each other and from the given ones. Seeded: the same pool every run.
+pub fn augment(prompts: &[Vec<Vec<u32>>], per_prompt: usize, seed: u64) -> Vec<Vec<Vec<u32>>> {
+    let mut rng = SplitMix64(seed ^ 0x5EED_0F_A116_u64);
+    prompts
+        .iter()
+        .map(|given| {
+            let seen: std::collections::HashSet<&[u32]> = given.iter().map(Vec::as_slice).collect();
+            let mut out: Vec<Vec<u32>> = Vec::new();
+            let want = given.len() * per_prompt;
+            if given.len() < 2 {
+                return out;
+            }
+            let mut fresh = Vec::new();
+            for _ in 0..want * 20 {
+                if out.len() + fresh.len() >= want {
+                    break;
+                }
+                let s = &given[(rng.next_u64() % given.len() as u64) as usize];
+                let same: Vec<&Vec<u32>> = given.iter().filter(|o| o.len() == s.len() && *o != s).collect();
+                let o = if same.is_empty() {
+                    &given[(rng.next_u64() % given.len() as u64) as usize]
+                } else {
+                    same[(rng.next_u64() % same.len() as u64) as usize]
+                };
+                if o == s || o.is_empty() {
+                    continue;
+                }
+                let n = s.len();
+                let child: Vec<u32> = (0..n)
+                    .map(|p| {
+                        let q = if p < n / 2 { p } else { (o.len() + p).checked_sub(n).unwrap_or(usize::MAX) };
+                        match o.get(q) {
+                            Some(&t) if rng.next_u64() & 1 == 1 => t,
+                            _ => s[p],
+                        }
+                    })
+                    .collect();
+                if !seen.contains(child.as_slice()) && !fresh.contains(&child) {
+                    fresh.push(child);
+                }
+            }
+            out.extend(fresh);
+            out
+        })
+        .collect()
+}
+
 /// Refine `merged` in place by `steps` steps of distillation at relative step size `lr` (see the
-/// module's comment). `ids[i]` are task i's samples, `weights` the λ_i.
+/// module's comment). `pool[i]` are task i's samples (given and augmented), of which each step
+/// draws `batch[i]`; `weights` are the λ_i.
 #[allow(clippy::too_many_arguments)]
 pub fn refine(
     model: &Decoder<Mat>,
     targets: &[Target],
     merged: &mut [Merged],
-    ids: &[Vec<Vec<u32>>],
+    pool: &[Vec<Vec<u32>>],
+    batch: &[usize],
     weights: &[f64],
     steps: usize,
     lr: f64,
+    seed: u64,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Refinement> {
     let t0 = now();
-    let objective = Distillation::new(model, targets, ids, weights);
     let (index, mut loras) = merged_loras(targets, merged);
+    let start = loras.clone();
+    let whole = Distillation::new(model, targets, pool, weights);
+    let before = whole.loss(&index, &loras);
     let mut moments: Vec<(Moments, Moments)> =
         loras.iter().map(|l| (Moments::new(&l.a, lr), Moments::new(&l.b, lr))).collect();
-    let mut kl = Vec::with_capacity(steps + 1);
-    let mut best = (f64::INFINITY, 0, loras.clone());
-    for step in 0..=steps {
-        progress(Progress::Pass(step + 1, steps + 1, "distillation refinement"));
-        let (loss, grads) = objective.loss_and_grads(model, &index, &loras);
+    let mut rng = SplitMix64(seed);
+    let mut order: Vec<Vec<usize>> = pool.iter().map(|p| (0..p.len()).collect()).collect();
+    let mut at = vec![usize::MAX; pool.len()];
+    let mut kl = Vec::with_capacity(steps);
+    for step in 0..steps {
+        progress(Progress::Pass(step + 1, steps, "distillation refinement"));
+        // Each task's next minibatch: the pool in a shuffled order, reshuffled once used up.
+        let drawn: Vec<Vec<Vec<u32>>> = (0..pool.len())
+            .map(|i| {
+                let take = batch[i].min(pool[i].len());
+                (0..take)
+                    .map(|_| {
+                        if at[i] >= order[i].len() {
+                            shuffle(&mut order[i], &mut rng);
+                            at[i] = 0;
+                        }
+                        at[i] += 1;
+                        pool[i][order[i][at[i] - 1]].clone()
+                    })
+                    .collect()
+            })
+            .collect();
+        let objective = Distillation::new(model, targets, &drawn, weights);
+        let (loss, grads) = objective.loss_and_grads(&index, &loras);
         if !loss.is_finite() {
             return Err(Error::Numeric(format!(
                 "distillation refinement diverged at step {step} (the KL is not finite): lower --refine-lr"
             )));
         }
         kl.push(loss);
-        if loss < best.0 {
-            best = (loss, step, loras.clone());
-        }
-        if step == steps {
-            break;
-        }
+        let scale = (0.5 * (1.0 + (std::f64::consts::PI * step as f64 / steps as f64).cos())) as f32;
         for ((l, g), (ma, mb)) in loras.iter_mut().zip(&grads).zip(&mut moments) {
-            ma.update(&mut l.a, &g.a, step as i32 + 1);
-            mb.update(&mut l.b, &g.b, step as i32 + 1);
+            ma.update(&mut l.a, &g.a, step as i32 + 1, scale);
+            mb.update(&mut l.b, &g.b, step as i32 + 1, scale);
         }
     }
-    let (_, kept, loras) = best;
-    for (m, l) in merged.iter_mut().zip(loras) {
+    let after = whole.loss(&index, &loras);
+    let kept = after.is_finite() && after < before;
+    for (m, l) in merged.iter_mut().zip(if kept { loras } else { start }) {
         m.a = l.a;
         m.b = l.b;
     }
-    Ok(Refinement { steps, lr, kl, kept, seconds: now() - t0 })
+    let pool_samples = pool.iter().map(Vec::len).collect();
+    Ok(Refinement { steps, lr, pool_samples, kl_before: before, kl_after: after, kept, kl, seconds: now() - t0 })
+}
+
+/// Fisher–Yates, seeded.
+fn shuffle(v: &mut [usize], rng: &mut SplitMix64) {
+    for i in (1..v.len()).rev() {
+        v.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::augment;
+
+    #[test]
+    fn augmented_prompts_are_new_recombinations_that_keep_the_shared_frame() {
+        // Prompts "7 x x x 9" and "7 x x x x 9": a shared first token (the frame) and last one
+        // (the cue before the answer).
+        let mut given = Vec::new();
+        for i in 0..12u32 {
+            let len = 3 + (i % 2) as usize;
+            let mut p = vec![7];
+            p.extend((0..len).map(|j| 10 + (i * 7 + j as u32 * 3) % 13));
+            p.push(9);
+            given.push(p);
+        }
+        let tasks = vec![given.clone(), given[..1].to_vec()];
+        let out = augment(&tasks, 3, 42);
+        assert_eq!(out, augment(&tasks, 3, 42), "seeded");
+        assert!(out[1].is_empty(), "one prompt has no partner");
+        assert!(out[0].len() >= 30 && out[0].len() <= 36, "{} new prompts", out[0].len());
+        for (k, c) in out[0].iter().enumerate() {
+            assert!(!given.contains(c) && !out[0][..k].contains(c), "{c:?} is not new");
+            assert!(given.iter().any(|g| g.len() == c.len()), "{c:?} has a length no prompt has");
+            assert_eq!((c[0], c[c.len() - 1]), (7, 9), "{c:?} lost the frame");
+            // Every token is one a prompt of the same length has at that position.
+            for (p, t) in c.iter().enumerate() {
+                assert!(given.iter().any(|g| g.len() == c.len() && g[p] == *t), "{c:?}: token {p}");
+            }
+        }
+        assert!(augment(&tasks, 0, 42).iter().all(Vec::is_empty));
+    }
 }
