@@ -418,7 +418,7 @@ pub async fn compare(
     };
     let mut rows = Vec::new();
     let mut backend = String::new();
-    let names = crate::merge::variant_names();
+    let names = crate::merge::variant_names_for(&base.config.model_type().map_err(to_js)?);
     for (k, name) in names.iter().enumerate() {
         let prefix = format!("method {}/{} {name}: ", k + 1, names.len());
         let mut report = progress_sink(&progress, &prefix);

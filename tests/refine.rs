@@ -182,3 +182,22 @@ fn distillation_gradient_matches_pytorch() {
         eprintln!("{arch}: loss {loss:.6e} (PyTorch {want:.6e}), worst gradient {worst:.1e}");
     }
 }
+
+#[test]
+fn only_the_refined_row_of_a_comparison_refines() {
+    use iteris::merge::{variant, variant_names, variant_names_for, REFINE_STEPS};
+    assert!(variant_names_for("llama").contains(&"iteris-refined"));
+    assert!(!variant_names_for("gpt2").contains(&"iteris-refined"));
+    let given = Options { refine_steps: 7, ..Options::default() };
+    for name in variant_names() {
+        for opts in [&Options::default(), &given] {
+            let o = variant(name, opts).unwrap();
+            let want = match (name, opts.refine_steps) {
+                ("iteris-refined", 0) => REFINE_STEPS,
+                ("iteris-refined", n) => n,
+                _ => 0,
+            };
+            assert_eq!(o.refine_steps, want, "{name}");
+        }
+    }
+}

@@ -159,6 +159,7 @@ function options() {
     objective: $('objective').value,
     modules: $('modules').value,
     self_calibrate: Math.round(num('self-calibrate', 'Self-calibration', 0)),
+    refine_steps: Math.round(num('refine-steps', 'Refinement steps', 0)),
     schedule: $('schedule').value,
     iters: Math.round(num('iters', 'Solves', 1)),
     alpha1: num('alpha1', 'α1', 0),

@@ -526,7 +526,9 @@ fn compare(a: CompareArgs) -> iteris::Result<()> {
     use iteris::error::bad_input;
     let p = prepare(&a.merge)?;
     let names = match &a.methods {
-        None => iteris::merge::variant_names().into_iter().map(str::to_string).collect(),
+        None => {
+            iteris::merge::variant_names_for(&p.base.config.model_type()?).into_iter().map(str::to_string).collect()
+        }
         Some(names) => names.clone(),
     };
     let rows_opts: Vec<Options> = names

@@ -277,18 +277,25 @@ pub enum ModuleSet {
 }
 
 /// IterIS's variants that a comparison lists beside the methods by default (`variant`).
-pub const ITERIS_VARIANTS: [&str; 2] = ["iteris-output", "iteris-output-all"];
+pub const ITERIS_VARIANTS: [&str; 3] = ["iteris-output", "iteris-output-all", "iteris-refined"];
+
+/// Refinement steps of the `iteris-refined` row where the settings give none.
+pub const REFINE_STEPS: usize = 100;
 
 /// The settings of one row of a comparison (`iteris compare`, the page's Compare): a method's
 /// name (`Method::name`) or a variant of IterIS, from the comparison's settings. `iteris` is
 /// IterIS with the settings as given; `iteris-delta` has the published objective (each adapter's
 /// delta, the adapters' modules), `iteris-output` the output objective on the adapters' modules,
-/// `iteris-output-all` on every module; the other methods run without those IterIS-only settings.
+/// `iteris-output-all` on every module, `iteris-refined` the settings as given followed by
+/// distillation refinement (`--refine-steps`, else `REFINE_STEPS`); the other methods run without
+/// those IterIS-only settings, and only `iteris-refined` refines.
 pub fn variant(name: &str, opts: &Options) -> Option<Options> {
-    let plain = opts.delta_objective();
+    let plain = Options { refine_steps: 0, ..opts.delta_objective() };
     let iteris = |objective, modules| Options { method: Method::Iteris, objective, modules, ..plain.clone() };
+    let steps = if opts.refine_steps > 0 { opts.refine_steps } else { REFINE_STEPS };
     Some(match name {
-        "iteris" => Options { method: Method::Iteris, ..opts.clone() },
+        "iteris" => Options { method: Method::Iteris, refine_steps: 0, ..opts.clone() },
+        "iteris-refined" => Options { method: Method::Iteris, refine_steps: steps, ..opts.clone() },
         "iteris-delta" => iteris(Objective::Delta, ModuleSet::Adapters),
         "iteris-output" => iteris(Objective::Output, ModuleSet::Adapters),
         "iteris-output-all" => iteris(Objective::Output, ModuleSet::All),
@@ -303,6 +310,12 @@ pub fn variant_names() -> Vec<&'static str> {
     names.extend(ITERIS_VARIANTS);
     names.extend(Method::ALL[1..].iter().map(|m| m.name()));
     names
+}
+
+/// `variant_names` for a model of `model_type`: without `iteris-refined` where the family has
+/// no backward pass yet (`models::has_backward`).
+pub fn variant_names_for(model_type: &str) -> Vec<&'static str> {
+    variant_names().into_iter().filter(|n| *n != "iteris-refined" || models::has_backward(model_type)).collect()
 }
 
 /// Default token budget of self-calibration (`Options::self_calibrate`).

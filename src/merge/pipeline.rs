@@ -141,7 +141,14 @@ pub async fn merge<B: Backend>(
     } else {
         None
     };
-    let memory = plan_for(&ids);
+    let mut memory = plan_for(&ids);
+    if opts.refine_steps > 0 {
+        // The merged factors are at most Σr wide per module (a dense solution is cut to --rank).
+        let rank = iteris::default_dense_rank(&targets).max(opts.rank.unwrap_or(0));
+        let params: u64 = targets.iter().map(|t| (rank * (t.in_dim + t.out_dim)) as u64).sum();
+        let copy = if be.on_device() { base.weights.stored_bytes(true) } else { 0 };
+        plan::add_refinement(&mut memory, &modules, params, copy);
+    }
     memory.check(&be.name())?;
     // Balancing holds out every fifth sample: below `balance::MIN_SAMPLES` per task the merges it
     // compares would lose too much of their samples, and its held-out KL is too noisy to trust.
@@ -231,7 +238,7 @@ pub async fn merge<B: Backend>(
             },
             (super::Method::Iteris, super::Schedule::Jacobi) => "iteris-jacobi".to_string(),
             (m, _) => m.name().to_string(),
-        },
+        } + if refinement.is_some() { "-refined" } else { "" },
         options: opts.clone(),
         backend: be.name(),
         model_type: model.model_type().to_string(),

@@ -256,6 +256,12 @@ impl<B: Backend, H: Hook<B>> Pass<'_, B, H> {
     }
 }
 
+/// Whether a family has the backward pass distillation refinement needs (`decoder_grad`: every
+/// family `decoder.rs` holds; not GPT-2 or BERT yet).
+pub fn has_backward(model_type: &str) -> bool {
+    !matches!(model_type, "gpt2" | "bert")
+}
+
 /// A loaded model of any supported architecture. An enum rather than a trait object: the forward
 /// pass is generic over its hook and asynchronous, which a trait object cannot express.
 pub enum Model<T> {
