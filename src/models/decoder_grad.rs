@@ -376,7 +376,6 @@ fn view(m: &Mat) -> View<'_, f32> {
 
 /// dx = dy · W + (dy · b) · a, and into the LoRA's gradient: ∂b += dyᵀ · t, ∂a += (dy · b)ᵀ · x,
 /// with t = x · aᵀ kept by the forward pass.
-#[inline(never)]
 fn linear_backward(
     l: &LinearRef<Mat>,
     dy: &Mat,
@@ -401,7 +400,6 @@ fn linear_backward(
 
 /// dx of y = RMSNorm(x)·γ for every group of γ's width in each row (the whole row, or one head):
 /// with ρ = 1/√(mean x² + ε) and g = γ ⊙ dy, dx = ρ·g − ρ³·x·(g·x)/width.
-#[inline(never)]
 fn rms_norm_backward(x: &Mat, gamma: &Mat, eps: f32, dy: &Mat) -> Mat {
     let w = gamma.data.len();
     let mut dx = Mat::zeros(x.rows, x.cols);
@@ -456,7 +454,6 @@ fn reversed(r: &Rotary) -> Rotary {
 /// soft-capping and grouped-query heads). Recomputes each query's probabilities: with s_j the
 /// (capped) scaled scores and p = softmax(s), dv_j += p_j·do, dp_j = do·v_j,
 /// ds_j = p_j·(dp_j − Σ p·dp), and through the cap and the scale into dq and dk.
-#[inline(never)]
 fn attention_backward(
     q: &Mat,
     k: &Mat,
