@@ -61,6 +61,28 @@ impl Mat {
     pub fn shape(&self) -> (usize, usize) {
         (self.rows, self.cols)
     }
+
+    /// Rows `rows` as a matrix of their own.
+    pub fn rows_of(&self, rows: std::ops::Range<usize>) -> Mat {
+        Mat::new(rows.len(), self.cols, self.rows_data(rows).to_vec())
+    }
+
+    /// The parts side by side: (rows, Σ cols), every part of the same rows.
+    pub fn hcat<M: std::borrow::Borrow<Mat>>(parts: &[M]) -> Mat {
+        let rows = parts.first().map_or(0, |p| p.borrow().rows);
+        let cols: usize = parts.iter().map(|p| p.borrow().cols).sum();
+        let mut out = Mat::zeros(rows, cols);
+        let mut at = 0;
+        for p in parts {
+            let p = p.borrow();
+            assert_eq!(p.rows, rows, "Mat::hcat: parts of {} and {rows} rows", p.rows);
+            for r in 0..rows {
+                out.data[r * cols + at..r * cols + at + p.cols].copy_from_slice(p.row(r));
+            }
+            at += p.cols;
+        }
+        out
+    }
 }
 
 /// Relative Frobenius distance ||a - b|| / ||b||, computed in f64.

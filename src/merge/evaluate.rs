@@ -126,7 +126,7 @@ fn eval_rows<B: Backend>(be: &B, model: &Model<B::T>) -> usize {
 
 /// Consecutive runs of items whose `lens` add up to at most `max_rows` (an item longer than that
 /// runs alone).
-fn runs(lens: &[usize], max_rows: usize) -> Vec<std::ops::Range<usize>> {
+pub(super) fn runs(lens: &[usize], max_rows: usize) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let (mut start, mut sum) = (0, 0);
     for (i, &n) in lens.iter().enumerate() {

@@ -27,6 +27,7 @@
 //! where it rose, the closed-form merge is kept.
 
 use super::baselines::SplitMix64;
+use super::evaluate;
 use super::iteris::Target;
 use super::solve::Merged;
 use super::{now, Progress};
@@ -78,23 +79,6 @@ pub fn merged_loras(targets: &[Target], merged: &[Merged]) -> (LoraIndex, Vec<Lo
     (index, merged.iter().map(|m| Lora { a: m.a.clone(), b: m.b.clone() }).collect())
 }
 
-/// Consecutive runs of samples of at most `RUN_TOKENS` tokens (a longer sample runs alone).
-fn runs(samples: &[Vec<u32>]) -> Vec<Range<usize>> {
-    let mut out = Vec::new();
-    let (mut start, mut sum) = (0, 0);
-    for (i, s) in samples.iter().enumerate() {
-        if i > start && sum + s.len() > RUN_TOKENS {
-            out.push(start..i);
-            (start, sum) = (i, 0);
-        }
-        sum += s.len();
-    }
-    if start < samples.len() {
-        out.push(start..samples.len());
-    }
-    out
-}
-
 /// One run of samples of one task, with the teacher's log-probabilities of its rows.
 struct Run {
     /// (rows, vocab)
@@ -109,24 +93,26 @@ fn log_softmax_into(row: &[f32], out: &mut [f32]) {
     out.iter_mut().zip(row).for_each(|(o, &v)| *o = (v as f64 - lse) as f32);
 }
 
-/// The weighted KL of one run's logits against its teacher, and its gradient w·(q − p).
-fn kl_and_grad(run: &Run, rows: Range<usize>, logits: &Mat) -> (f64, Mat) {
+/// The weighted KL of one run's logits against its teacher; with `grad`, also its gradient
+/// w·(q − p) with respect to the logits, written there ((rows, vocab)).
+fn kl(run: &Run, rows: Range<usize>, logits: &Mat, mut grad: Option<&mut Mat>) -> f64 {
     let v = logits.cols;
-    let mut grad = Mat::zeros(logits.rows, v);
     let mut lq = vec![0.0f32; v];
     let mut total = 0.0;
-    for (r, row) in rows.clone().enumerate() {
+    for (r, row) in rows.enumerate() {
         log_softmax_into(logits.row(r), &mut lq);
         let lp = run.teacher.row(row);
         let mut kl = 0.0f64;
-        for ((g, &p_log), &q_log) in grad.data[r * v..(r + 1) * v].iter_mut().zip(lp).zip(&lq) {
+        for (c, (&p_log, &q_log)) in lp.iter().zip(&lq).enumerate() {
             let p = (p_log as f64).exp();
             kl += p * (p_log as f64 - q_log as f64);
-            *g = (run.weight * ((q_log as f64).exp() - p)) as f32;
+            if let Some(g) = grad.as_deref_mut() {
+                g.data[r * v + c] = (run.weight * ((q_log as f64).exp() - p)) as f32;
+            }
         }
         total += run.weight * kl;
     }
-    (total, grad)
+    total
 }
 
 /// Adam's state for one tensor.
@@ -157,38 +143,38 @@ impl Moments {
     }
 }
 
-/// The distillation objective L over fixed samples. The teachers' distributions are computed run
-/// by run as each evaluation needs them, never held for every sample: a (rows, vocab) table is
-/// 200 KB per token row at a 49k vocabulary, and a forward pass costs a third of a step.
+/// The distillation objective L: the teachers (each task's adapter) and the task weights; the
+/// samples come with each evaluation (a step's minibatch, or the whole pool). The teachers'
+/// distributions are computed run by run as each evaluation needs them, never held for every
+/// sample: a (rows, vocab) table is 200 KB per token row at a 49k vocabulary, and a forward pass
+/// costs a third of a step.
 pub struct Distillation<'a> {
     model: &'a Decoder<Mat>,
-    samples: &'a [Vec<Vec<u32>>],
-    /// Per task: its adapter's LoRAs, and the weight of each of its rows.
+    /// Per task: its adapter's LoRAs, and its share λ_i / Σλ of L.
     teachers: Vec<(LoraIndex, Vec<Lora>, f64)>,
 }
 
 impl<'a> Distillation<'a> {
-    /// L over `samples[i]` (task i's) with adapter i as their teacher, at task weights `weights`.
-    pub fn new(model: &'a Decoder<Mat>, targets: &[Target], samples: &'a [Vec<Vec<u32>>], weights: &[f64]) -> Self {
+    /// Adapter i teaches task i, at task weights `weights`.
+    pub fn new(model: &'a Decoder<Mat>, targets: &[Target], weights: &[f64]) -> Self {
         let total_weight: f64 = weights.iter().sum();
-        let teachers = samples
-            .iter()
-            .enumerate()
-            .map(|(task, s)| {
+        let teachers = (0..weights.len())
+            .map(|task| {
                 let (index, loras) = adapter_loras(targets, task);
-                let rows: usize = s.iter().map(Vec::len).sum();
-                (index, loras, weights[task] / (rows.max(1) as f64 * total_weight))
+                (index, loras, weights[task] / total_weight)
             })
             .collect();
-        Distillation { model, samples, teachers }
+        Distillation { model, teachers }
     }
 
-    /// Every run of samples as a batch, with its teacher's distributions.
-    fn for_each_run(&self, mut f: impl FnMut(&Batch, &Run)) {
+    /// Every run of `samples[i]` (task i's) as a batch, with its teacher's distributions.
+    fn for_each_run(&self, samples: &[Vec<Vec<u32>>], mut f: impl FnMut(&Batch, &Run)) {
         let (model, v) = (self.model, self.model.vocab);
-        for (task, samples) in self.samples.iter().enumerate() {
-            let (index, loras, weight) = &self.teachers[task];
-            for run in runs(samples) {
+        for (task, samples) in samples.iter().enumerate() {
+            let (index, loras, share) = &self.teachers[task];
+            let lens: Vec<usize> = samples.iter().map(Vec::len).collect();
+            let weight = share / lens.iter().sum::<usize>().max(1) as f64;
+            for run in evaluate::runs(&lens, RUN_TOKENS) {
                 let mut batch = Batch::default();
                 batch.push_group(task, Stream::Merged, &samples[run]);
                 let mut teacher = Mat::zeros(batch.tokens(), v);
@@ -197,18 +183,20 @@ impl<'a> Distillation<'a> {
                         log_softmax_into(logits.row(r), &mut teacher.data[row * v..(row + 1) * v]);
                     }
                 });
-                f(&batch, &Run { teacher, weight: *weight });
+                f(&batch, &Run { teacher, weight });
             }
         }
     }
 
-    /// L for the student LoRAs `loras` (at the modules `index` names) and its gradient.
-    pub fn loss_and_grads(&self, index: &LoraIndex, loras: &[Lora]) -> (f64, Vec<Lora>) {
+    /// L over `samples` for the student LoRAs `loras` (at the modules `index` names) and its
+    /// gradient.
+    pub fn loss_and_grads(&self, samples: &[Vec<Vec<u32>>], index: &LoraIndex, loras: &[Lora]) -> (f64, Vec<Lora>) {
         let mut loss = 0.0;
         let mut grads: Vec<Lora> = loras.iter().map(Lora::zeros_like).collect();
-        self.for_each_run(|batch, run| {
+        self.for_each_run(samples, |batch, run| {
             let (l, g) = decoder_grad::loss_and_grads(self.model, batch, index, loras, &mut |rows, logits| {
-                kl_and_grad(run, rows, logits)
+                let mut grad = Mat::zeros(logits.rows, logits.cols);
+                (kl(run, rows, logits, Some(&mut grad)), grad)
             });
             loss += l;
             for (acc, g) in grads.iter_mut().zip(g) {
@@ -219,12 +207,12 @@ impl<'a> Distillation<'a> {
         (loss, grads)
     }
 
-    /// L alone (forward passes).
-    pub fn loss(&self, index: &LoraIndex, loras: &[Lora]) -> f64 {
+    /// L over `samples` alone (forward passes).
+    pub fn loss(&self, samples: &[Vec<Vec<u32>>], index: &LoraIndex, loras: &[Lora]) -> f64 {
         let mut loss = 0.0;
-        self.for_each_run(|batch, run| {
+        self.for_each_run(samples, |batch, run| {
             decoder_grad::forward(self.model, batch, index, loras, &mut |rows, logits| {
-                loss += kl_and_grad(run, rows, logits).0;
+                loss += kl(run, rows, logits, None);
             });
         });
         loss
@@ -237,7 +225,7 @@ impl<'a> Distillation<'a> {
 /// align everywhere). A prompt takes partners of its own length where the task has them. New
 /// prompts are distinct from each other and from the given ones. Seeded: the same pool every run.
 pub fn augment(prompts: &[Vec<Vec<u32>>], per_prompt: usize, seed: u64) -> Vec<Vec<Vec<u32>>> {
-    let mut rng = SplitMix64(seed ^ 0x5EED_0F_A116_u64);
+    let mut rng = SplitMix64(seed ^ 0x5E_ED0F_A116_u64);
     prompts
         .iter()
         .map(|given| {
@@ -301,8 +289,8 @@ pub fn refine(
     let t0 = now();
     let (index, mut loras) = merged_loras(targets, merged);
     let start = loras.clone();
-    let whole = Distillation::new(model, targets, pool, weights);
-    let before = whole.loss(&index, &loras);
+    let objective = Distillation::new(model, targets, weights);
+    let before = objective.loss(pool, &index, &loras);
     let mut moments: Vec<(Moments, Moments)> =
         loras.iter().map(|l| (Moments::new(&l.a, lr), Moments::new(&l.b, lr))).collect();
     let mut rng = SplitMix64(seed);
@@ -327,8 +315,7 @@ pub fn refine(
                     .collect()
             })
             .collect();
-        let objective = Distillation::new(model, targets, &drawn, weights);
-        let (loss, grads) = objective.loss_and_grads(&index, &loras);
+        let (loss, grads) = objective.loss_and_grads(&drawn, &index, &loras);
         if !loss.is_finite() {
             return Err(Error::Numeric(format!(
                 "distillation refinement diverged at step {step} (the KL is not finite): lower --refine-lr"
@@ -341,7 +328,7 @@ pub fn refine(
             mb.update(&mut l.b, &g.b, step as i32 + 1, scale);
         }
     }
-    let after = whole.loss(&index, &loras);
+    let after = objective.loss(pool, &index, &loras);
     let kept = after.is_finite() && after < before;
     for (m, l) in merged.iter_mut().zip(if kept { loras } else { start }) {
         m.a = l.a;

@@ -271,15 +271,8 @@ pub fn finish(sys: System, factor: Option<Mat64>, gpu_offered: bool, rank: usize
         }
         Solution::LowRank(b_blocks) => b_blocks,
     };
-    let (out, rank) = (b_blocks[0].rows, zt.ncols());
-    let mut b = Mat::zeros(out, rank);
-    let mut col = 0;
-    for bb in &b_blocks {
-        for r in 0..out {
-            b.data[r * rank + col..r * rank + col + bb.cols].copy_from_slice(bb.row(r));
-        }
-        col += bb.cols;
-    }
+    let b = Mat::hcat(&b_blocks);
+    debug_assert_eq!(b.cols, zt.ncols());
     Ok(Solved { merged: Merged { a: to_mat(&x.transpose()), b }, path, kept: 1.0 })
 }
 

@@ -125,6 +125,14 @@ impl<T> Decoder<T> {
         self.max_pos
     }
 
+    /// The LM head as a linear module named `lm_head` (the embedding where tied).
+    pub fn head(&self) -> LinearRef<'_, T> {
+        match &self.lm_head {
+            Some(l) => l.r(),
+            None => LinearRef { name: "lm_head", w: &self.embed, b: None },
+        }
+    }
+
     /// Key/value width of each attention layer (what a KV cache holds per token).
     pub fn kv_widths(&self) -> Vec<usize> {
         self.layers.iter().map(|l| l.attn.kv_heads * l.attn.head_dim).collect()
@@ -175,11 +183,7 @@ impl<T> Decoder<T> {
         if pass.output == Output::Hidden {
             return Ok(Some(h));
         }
-        let head = match &self.lm_head {
-            Some(l) => l.r(),
-            None => LinearRef { name: "lm_head", w: &self.embed, b: None },
-        };
-        let mut logits = pass.lm_head(h, head).await?;
+        let mut logits = pass.lm_head(h, self.head()).await?;
         if let (Some(cap), Some(y)) = (self.final_softcap, logits.as_mut()) {
             be.scale(y, 1.0 / cap);
             be.activate(y, Activation::Tanh);

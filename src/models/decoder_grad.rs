@@ -108,8 +108,7 @@ pub fn forward(
 ) -> Activations {
     let be = &Cpu;
     let n = batch.tokens();
-    let lora = |l: &Linear<Mat>| -> Option<&Lora> { index.get(&l.name).map(|&i| &loras[i]) };
-    let lora_ref = |l: &LinearRef<Mat>| -> Option<&Lora> { index.get(l.name).map(|&i| &loras[i]) };
+    let lora = |name: &str| -> Option<&Lora> { index.get(name).map(|&i| &loras[i]) };
     let mut h = be.select_rows(&model.embed, &batch.ids);
     if let Some(s) = model.embed_scale {
         be.scale(&mut h, s);
@@ -121,26 +120,15 @@ pub fn forward(
         let v = parts.pop().unwrap();
         let mut k = parts.pop().unwrap();
         let mut q = parts.pop().unwrap();
-        let (mut q_raw, mut k_raw) = (None, None);
-        if let Some(g) = &l.q_norm {
-            q_raw = Some(std::mem::replace(&mut q, Mat::zeros(0, 0)));
-            q = be.rms_norm(q_raw.as_ref().unwrap(), g, model.eps);
-        }
-        if let Some(g) = &l.k_norm {
-            k_raw = Some(std::mem::replace(&mut k, Mat::zeros(0, 0)));
-            k = be.rms_norm(k_raw.as_ref().unwrap(), g, model.eps);
-        }
+        let q_raw = norm_in_place(&mut q, l.q_norm.as_ref(), model.eps);
+        let k_raw = norm_in_place(&mut k, l.k_norm.as_ref(), model.eps);
         if let Some(r) = l.rotary.map(|r| &model.rotaries[r]) {
             rotate(be, &mut q, batch, l.attn.head_dim, r);
             rotate(be, &mut k, batch, l.attn.head_dim, r);
         }
         let att = be.attention(&q, &k, &v, &l.attn, &batch.seqs, &batch.seqs);
-        let (mut o_out, o) = linear_forward(&l.o.r(), &att, lora(&l.o));
-        let mut o_raw = None;
-        if let Some(g) = &l.attn_out_norm {
-            let normed = be.rms_norm(&o_out, g, model.eps);
-            o_raw = Some(std::mem::replace(&mut o_out, normed));
-        }
+        let (mut o_out, o) = linear_forward(&l.o.r(), &att, lora(&l.o.name));
+        let o_raw = norm_in_place(&mut o_out, l.attn_out_norm.as_ref(), model.eps);
         let mut h_mid = h.clone();
         be.add_rows(&mut h_mid, 0..n, &o_out, 1.0);
         let x2 = be.rms_norm(&h_mid, &l.mlp_norm, model.eps);
@@ -151,12 +139,8 @@ pub fn forward(
         be.activate(&mut act_gate, model.act);
         let mut z = act_gate.clone();
         be.mul(&mut z, &up);
-        let (mut m_out, down) = linear_forward(&l.down.r(), &z, lora(&l.down));
-        let mut down_raw = None;
-        if let Some(g) = &l.mlp_out_norm {
-            let normed = be.rms_norm(&m_out, g, model.eps);
-            down_raw = Some(std::mem::replace(&mut m_out, normed));
-        }
+        let (mut m_out, down) = linear_forward(&l.down.r(), &z, lora(&l.down.name));
+        let down_raw = norm_in_place(&mut m_out, l.mlp_out_norm.as_ref(), model.eps);
         let mut h_next = h_mid.clone();
         be.add_rows(&mut h_next, 0..n, &m_out, 1.0);
         layers.push(LayerActs {
@@ -183,9 +167,9 @@ pub fn forward(
         });
     }
     let hf = be.rms_norm(&h, &model.norm, model.eps);
-    let head = head_of(model);
+    let head = model.head();
     // The head's LoRA factor for every row at once ((n, r) is small); its logits by runs of rows.
-    let head_lora = lora_ref(&head);
+    let head_lora = lora(head.name);
     let head_t = head_lora.map(|lo| be.matmul_t(&hf, 0..n, &lo.a));
     for rows in row_runs(n) {
         let mut logits = be.matmul_t(&hf, rows.clone(), head.w);
@@ -230,13 +214,13 @@ pub fn loss_and_grads(
     let lora = |l: &Linear<Mat>| index.get(&l.name).copied();
 
     // LM head: dhf = dlogits · W (+ the LoRA's share).
-    let head = head_of(model);
+    let head = model.head();
     let head_w = dense(head.w);
     let head = LinearRef { w: &*head_w, ..head };
     let mut dhf = Mat::zeros(n, model.d);
     for (rows, g) in &dlogits {
-        let x = Mat::new(rows.len(), acts.hf.cols, acts.hf.rows_data(rows.clone()).to_vec());
-        let t = acts.head.t.as_ref().map(|t| Mat::new(rows.len(), t.cols, t.rows_data(rows.clone()).to_vec()));
+        let x = acts.hf.rows_of(rows.clone());
+        let t = acts.head.t.as_ref().map(|t| t.rows_of(rows.clone()));
         let dx = linear_backward(&head, g, &x, t.as_ref(), index.get(head.name).copied(), loras, &mut grads);
         dhf.data[rows.start * model.d..rows.end * model.d].copy_from_slice(&dx.data);
     }
@@ -285,12 +269,11 @@ pub fn loss_and_grads(
     (total, grads)
 }
 
-/// The LM head as a linear module named `lm_head` (the embedding where tied).
-fn head_of(model: &Decoder<Mat>) -> LinearRef<'_, Mat> {
-    match &model.lm_head {
-        Some(l) => l.r(),
-        None => LinearRef { name: "lm_head", w: &model.embed, b: None },
-    }
+/// RMSNorm y in place where the layer has the norm (γ); the pre-norm y, which the backward
+/// pass reads.
+fn norm_in_place(y: &mut Mat, gamma: Option<&Mat>, eps: f32) -> Option<Mat> {
+    let normed = Cpu.rms_norm(y, gamma?, eps);
+    Some(std::mem::replace(y, normed))
 }
 
 /// Consecutive runs of at most `HEAD_ROWS` rows.
@@ -338,21 +321,7 @@ fn proj_backward(
     loras: &[Lora],
     grads: &mut [Lora],
 ) -> Mat {
-    let dys = if p.mods.len() == p.widths.len() {
-        dparts
-    } else {
-        let n = x.rows;
-        let width: usize = p.widths.iter().sum();
-        let mut joined = Mat::zeros(n, width);
-        let mut at = 0;
-        for d in &dparts {
-            for r in 0..n {
-                joined.data[r * width + at..r * width + at + d.cols].copy_from_slice(d.row(r));
-            }
-            at += d.cols;
-        }
-        vec![joined]
-    };
+    let dys = if p.mods.len() == p.widths.len() { dparts } else { vec![Mat::hcat(&dparts)] };
     let mut dx = Mat::zeros(x.rows, x.cols);
     for ((m, dy), a) in p.mods.iter().zip(&dys).zip(acts) {
         let d = linear_backward(&m.r(), dy, x, a.t.as_ref(), index.get(&m.name).copied(), loras, grads);
