@@ -19,7 +19,8 @@
 //! adapter's greedy answer, as self-calibration extends the given ones. Every step draws a fresh
 //! minibatch of as many samples per task as were given from that pool (the steps cost what a
 //! full-batch step on the given samples costs). Measured on the demo, 100 steps: worst task 28%
-//! on the calibration samples alone, 52% with a pool of 5×.
+//! on the calibration samples alone, 50% with a pool of 5× (the default), 57% with 17×; 600
+//! steps with 33× give 80%.
 //!
 //! Step sizes are relative: each factor moves by about `lr` times its own RMS per step (Adam
 //! normalises the gradient's scale away), decayed along a cosine to 0 at the last step, so one

@@ -6,7 +6,7 @@
 //! CPU only, in f32, over `Decoder<Mat>` (every family `decoder.rs` holds: Llama, Mistral,
 //! Qwen2/3, SmolLM3, Gemma 2/3, Phi-3), mirroring `Decoder::forward` op for op: a test checks
 //! its logits against the engine's forward and its gradients against finite differences and
-//! against PyTorch's autograd (`tools/make_grad_fixture.py`). The GPU gets the same pass through
+//! against PyTorch's autograd (`tools/make_refine_fixture.py`). The GPU gets the same pass through
 //! the backend interface later (issue 26, point 3c); until then a GPU merge refines on the CPU.
 //!
 //! Shapes: n token rows (every sequence of the batch, concatenated), d hidden, r a LoRA's rank.
