@@ -347,18 +347,29 @@ function showResults(m, seconds) {
   $('download').href = state.zipUrl;
 
   const fmt = (v) => (v === null || v === undefined || Number.isNaN(v) ? '—' : v.toExponential(2));
-  // Balancing's weights and each task's held-out KL with weights 1 and with them; the tokens
+  // Balancing's weights and each task's held-out loss with weights 1 and with them (and, judged
+  // by agreement, the share of held-out continuations the kept round reproduced); the tokens
   // self-calibration generated.
   const b = report.balancing, sc = report.self_calibration, lambda = report.options.weights;
-  const klChange = (i) => (b ? `${b.kl_before[i].toFixed(3)} → ${b.kl_after[i].toFixed(3)}` : '—');
-  table($('task-table'), ['adapter', 'samples file', 'samples', 'tokens', 'generated tokens', 'task weight λ', 'held-out KL (λ = 1 → chosen)', 'mean alignment error'],
+  const byAgreement = b && b.objective === 'agreement';
+  const kept = b ? b.rounds.find((r) => r.weights.every((w, i) => w === b.weights[i])) : null;
+  const klChange = (i) => {
+    if (!b) return '—';
+    const agreed = kept && kept.agreement ? `; ${(100 * kept.agreement[i]).toFixed(0)}% agree` : '';
+    return `${b.kl_before[i].toFixed(3)} → ${b.kl_after[i].toFixed(3)}${agreed}`;
+  };
+  const lossName = byAgreement ? 'held-out −log p of the adapter\'s tokens' : 'held-out KL';
+  table($('task-table'), ['adapter', 'samples file', 'samples', 'tokens', 'generated tokens', 'task weight λ', `${lossName} (λ = 1 → chosen)`, 'mean alignment error'],
     report.tasks.map((t, i) => [t.adapter, t.samples_file, t.samples, t.tokens, sc ? sc.tokens_added[i] : '—',
       lambda && report.method.startsWith('iteris') ? lambda[i].toFixed(3) : '—', klChange(i), fmt(t.mean_alignment_error)]));
   const steps = [];
   if (sc) steps.push(`Self-calibration generated ${sc.tokens_added.reduce((a, v) => a + v, 0)} tokens (at most ${sc.max_tokens} per sample) in ${sc.seconds.toFixed(2)} s.`);
   if (b) {
     const worst = (kl) => Math.max(...kl).toFixed(3);
-    steps.push(`Balancing ran ${b.rounds.length} merges on the samples less ${b.held_out.reduce((a, v) => a + v, 0)} held out (${b.seconds.toFixed(2)} s) and kept the weights whose worst held-out KL was smallest: ${worst(b.kl_before)} with equal weights, ${worst(b.kl_after)} with these.`);
+    const merges = b.rounds.length * b.folds;
+    const held = b.folds > 1 ? `each sample held out once (${b.folds} folds)` : `${b.held_out.reduce((a, v) => a + v, 0)} samples held out`;
+    const judge = byAgreement ? 'the worst task reproduced the most held-out continuations' : 'the worst held-out KL was smallest';
+    steps.push(`Balancing ran ${b.rounds.length} round(s), ${merges} merges, ${held} (${b.seconds.toFixed(2)} s), and kept the weights with which ${judge} (worst ${lossName}: ${worst(b.kl_before)} with equal weights, ${worst(b.kl_after)} with these).`);
   }
   $('steps').textContent = steps.join(' ');
   table($('module-table'), ['module', 'rank', 'solve', ...report.tasks.map((_, i) => `error ${i + 1}`), ...report.tasks.map((_, i) => `weight ${i + 1}`)],

@@ -6,7 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use iteris::backend::{cpu::Cpu, gpu::Gpu};
 use iteris::fsio;
 use iteris::inputs::{BaseInputs, TaskInput};
-use iteris::merge::{pipeline, Balance, Method, ModuleSet, Objective, Options, Progress, Schedule};
+use iteris::merge::{pipeline, Balance, BalanceObjective, Method, ModuleSet, Objective, Options, Progress, Schedule};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -48,6 +48,12 @@ enum ScheduleArg {
 enum BalanceArg {
     Auto,
     Off,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BalanceObjectiveArg {
+    Agreement,
+    Kl,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -97,14 +103,23 @@ struct MergeArgs {
     /// ties, dare: default 1.
     #[arg(long, value_delimiter = ',')]
     weights: Option<Vec<f64>>,
-    /// iteris: auto (default) chooses the task weights from held-out calibration samples (every
-    /// fifth), to make the worst task's KL(adapter ‖ merged) small, in --balance-sweeps merges
-    /// on the rest before the final one; off: weights 1 (or --weights).
+    /// iteris: auto (default) chooses the task weights from calibration samples held out from
+    /// --balance-sweeps rounds of merges (--balance-folds), so that the worst task is served
+    /// best (--balance-objective); off: weights 1 (or --weights).
     #[arg(long, value_enum, default_value = "auto")]
     balance: BalanceArg,
-    /// Merges on the calibration split that --balance auto runs before the final merge.
+    /// Rounds of merges (each one set of weights) --balance auto runs before the final merge.
     #[arg(long, default_value_t = 3)]
     balance_sweeps: usize,
+    /// What judges a balancing round on held-out samples: agreement (default), each task's share
+    /// of samples whose self-calibrated continuation the merge reproduces token for token (KL
+    /// where self-calibration is off); kl, the mean KL(adapter ‖ merged) per token.
+    #[arg(long, value_enum, default_value = "agreement")]
+    balance_objective: BalanceObjectiveArg,
+    /// Balancing's folds: K ≥ 2 cross-fits (each round K merges, each on all folds but one, so
+    /// every sample is held out once); 1 holds out every fifth sample from one merge a round.
+    #[arg(long, default_value_t = 2)]
+    balance_folds: usize,
     /// iteris, regmean: extend each calibration sample with its own adapter's greedy
     /// continuation, up to this many tokens (0: off), so the merge sees where each adapter
     /// writes its answers; a sample that holds its answer already ends at once.
@@ -248,6 +263,11 @@ impl MergeArgs {
                 BalanceArg::Off => Balance::Off,
             },
             balance_sweeps: self.balance_sweeps,
+            balance_objective: match self.balance_objective {
+                BalanceObjectiveArg::Agreement => BalanceObjective::Agreement,
+                BalanceObjectiveArg::Kl => BalanceObjective::Kl,
+            },
+            balance_folds: self.balance_folds,
             self_calibrate: self.self_calibrate,
             density: self.density,
             seed: self.seed,
@@ -452,10 +472,20 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
     if let Some(b) = &r.report.balancing {
         use iteris::merge::balance::worst;
         let w: Vec<String> = b.weights.iter().map(|w| format!("{w:.3}")).collect();
+        let kept = b.rounds.iter().position(|r| r.weights == b.weights).unwrap_or(0);
+        let agreed = match &b.rounds[kept].agreement {
+            Some(a) => {
+                let a: Vec<String> = a.iter().map(|v| format!("{:.0}%", 100.0 * v)).collect();
+                format!("; held-out agreement {}", a.join(", "))
+            }
+            None => String::new(),
+        };
+        let loss = if b.objective == BalanceObjective::Kl { "KL" } else { "−log p" };
         println!(
-            "balancing: task weights {} after {} merges ({:.2}s); worst held-out KL {:.3} → {:.3}",
+            "balancing: task weights {} after {} rounds of {} merge(s) ({:.2}s); worst held-out {loss} {:.3} → {:.3}{agreed}",
             w.join(", "),
             b.rounds.len(),
+            b.folds,
             b.seconds,
             worst(&b.kl_before),
             worst(&b.kl_after)

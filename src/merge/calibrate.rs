@@ -27,6 +27,31 @@ pub struct SelfCalibration {
     pub seconds: f64,
 }
 
+/// Where self-calibration's continuations lie, for balancing's agreement (`Continuations::teacher`).
+#[derive(Clone, Debug, Default)]
+pub struct Continuations {
+    /// Per task, per sample: its tokens before self-calibration.
+    pub prompt_len: Vec<Vec<usize>>,
+    /// Per task, per sample: the token that ended its continuation (end-of-sequence, or a
+    /// newline in a single-line task), which is not in the sample; None where the token budget
+    /// or the length limit ended it.
+    pub stop: Vec<Vec<Option<u32>>>,
+}
+
+impl Continuations {
+    /// The positions of task `i`'s sample `k` (`ids`) whose next token its adapter chose, with
+    /// that token: each generated token, and the stop token after the last. A sample that gained
+    /// nothing is judged by its stop alone.
+    pub fn teacher(&self, i: usize, k: usize, ids: &[u32]) -> Vec<(usize, u32)> {
+        let from = self.prompt_len[i][k].max(1);
+        let mut t: Vec<(usize, u32)> = (from..ids.len()).map(|p| (p - 1, ids[p])).collect();
+        if let Some(stop) = self.stop[i][k] {
+            t.push((ids.len() - 1, stop));
+        }
+        t
+    }
+}
+
 /// Extend every task's tokenized samples (`ids[i]`, task i's) in place. `single_line[i]`: task
 /// i's samples hold no newline, so a generated newline ends a continuation.
 #[allow(clippy::too_many_arguments)]
@@ -40,19 +65,29 @@ pub async fn self_calibrate<B: Backend>(
     max_tokens: usize,
     max_len: usize,
     eos: Option<u32>,
-) -> Result<SelfCalibration> {
+) -> Result<(SelfCalibration, Continuations)> {
     let t0 = now();
     let mut hook = DeltaHook::new(be, targets, None);
     let (mut tokens_added, mut samples_extended) = (Vec::new(), Vec::new());
+    let mut cont = Continuations::default();
     for (i, seqs) in ids.iter_mut().enumerate() {
         let before: Vec<usize> = seqs.iter().map(Vec::len).collect();
         let budget: Vec<usize> = before.iter().map(|&n| max_tokens.min(max_len.saturating_sub(n))).collect();
         let one_line = single_line[i];
-        let stop = |_: usize, t: u32| Some(t) == eos || (one_line && ends_line(tok, t));
+        let stops = std::cell::RefCell::new(vec![None; seqs.len()]);
+        let stop = |k: usize, t: u32| {
+            let end = Some(t) == eos || (one_line && ends_line(tok, t));
+            if end {
+                stops.borrow_mut()[k] = Some(t);
+            }
+            end
+        };
         continue_greedy(be, model, &mut hook, seqs, &budget, Stream::Adapter(i), &stop, Decoding::Cached).await?;
         let added: Vec<usize> = seqs.iter().zip(&before).map(|(s, n)| s.len() - n).collect();
         tokens_added.push(added.iter().sum());
         samples_extended.push(added.iter().filter(|&&a| a > 0).count());
+        cont.prompt_len.push(before);
+        cont.stop.push(stops.into_inner());
     }
-    Ok(SelfCalibration { max_tokens, tokens_added, samples_extended, seconds: now() - t0 })
+    Ok((SelfCalibration { max_tokens, tokens_added, samples_extended, seconds: now() - t0 }, cont))
 }

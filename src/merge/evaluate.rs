@@ -95,6 +95,18 @@ pub async fn mean_kl<B: Backend>(
     ids: &[Vec<u32>],
     task: usize,
 ) -> Result<f64> {
+    let (total, rows) = kl_sum(be, model, hook, ids, task).await?;
+    Ok(total / rows.max(1) as f64)
+}
+
+/// Σ KL(adapter i ‖ merged) over every token of `ids`, and the tokens.
+pub async fn kl_sum<B: Backend>(
+    be: &B,
+    model: &Model<B::T>,
+    hook: &mut DeltaHook<B::T>,
+    ids: &[Vec<u32>],
+    task: usize,
+) -> Result<(f64, usize)> {
     check_decoder(model)?;
     let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
     let (mut total, mut rows) = (0.0, 0);
@@ -112,7 +124,74 @@ pub async fn mean_kl<B: Backend>(
         }
         rows += n;
     }
-    Ok(total / rows.max(1) as f64)
+    Ok((total, rows))
+}
+
+/// How the merged model agrees with one task's adapter on samples whose continuations the
+/// adapter wrote (self-calibration): `teacher[k]` lists, for sample k, each position whose next
+/// token the adapter chose and that token. Label-free accuracy: a sample agrees when the merged
+/// model's greedy token is the adapter's at every one of its positions, so its greedy
+/// continuation is the adapter's own.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Agreement {
+    /// Samples that agree, and samples measured.
+    pub agreed: usize,
+    pub samples: usize,
+    /// Σ −log p_merged(the adapter's token) over every listed position, and the positions.
+    pub nll: f64,
+    pub tokens: usize,
+}
+
+impl Agreement {
+    pub fn add(&mut self, o: Agreement) {
+        self.agreed += o.agreed;
+        self.samples += o.samples;
+        self.nll += o.nll;
+        self.tokens += o.tokens;
+    }
+    pub fn rate(&self) -> f64 {
+        self.agreed as f64 / self.samples.max(1) as f64
+    }
+    pub fn mean_nll(&self) -> f64 {
+        self.nll / self.tokens.max(1) as f64
+    }
+}
+
+/// `Agreement` of the merged stream with task `task`'s adapter on `ids` (see there): one pass
+/// of the merged stream, since the adapter's tokens are given.
+pub async fn agreement<B: Backend>(
+    be: &B,
+    model: &Model<B::T>,
+    hook: &mut DeltaHook<B::T>,
+    ids: &[Vec<u32>],
+    teacher: &[Vec<(usize, u32)>],
+    task: usize,
+) -> Result<Agreement> {
+    check_decoder(model)?;
+    let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
+    let mut out = Agreement::default();
+    for run in runs(&lens, eval_rows(be, model)) {
+        let mut batch = Batch::default();
+        batch.push_group(task, Stream::Merged, &ids[run.clone()]);
+        // The LM head only where a continuation is judged: each sample's last `tail` tokens.
+        let first = |k: usize| teacher[k].iter().map(|t| t.0).min().unwrap_or(lens[k]);
+        let tail = run.clone().map(|k| lens[k] - first(k)).max().unwrap_or(0).max(1);
+        let logits = models::run(model, be, &batch, hook, Output::TailLogits(tail)).await?.ok_or(Error::Stop)?;
+        let logits = be.download(&logits).await?;
+        for (s, k) in run.enumerate() {
+            let mut agrees = true;
+            for &(pos, token) in &teacher[k] {
+                let row = logits.row(s * tail + tail - (lens[k] - pos));
+                let best = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0);
+                agrees &= best == token as usize;
+                out.nll -= log_softmax(row)[token as usize];
+                out.tokens += 1;
+            }
+            out.agreed += agrees as usize;
+            out.samples += 1;
+        }
+    }
+    Ok(out)
 }
 
 /// Token rows one evaluation pass may hold: its logits and its widest activations stay within

@@ -55,8 +55,13 @@ pub struct Options {
     /// IterIS: choose the task weights λ_i from held-out calibration samples (`balance`), unless
     /// `weights` gives them.
     pub balance: Balance,
-    /// Merges on the calibration split that balancing may run (besides the final merge).
+    /// Balancing's rounds, each one set of weights (besides the final merge).
     pub balance_sweeps: usize,
+    /// What judges balancing's rounds (`balance`).
+    pub balance_objective: BalanceObjective,
+    /// Balancing's cross-fitting: K ≥ 2 folds, every sample held out once (K merges a round); 1:
+    /// one merge a round, every fifth sample held out.
+    pub balance_folds: usize,
     /// Self-calibration: extend every calibration sample with its own adapter's greedy
     /// continuation, up to this many tokens (0: off), before any feature is collected.
     pub self_calibrate: usize,
@@ -98,6 +103,8 @@ impl Default for Options {
             weights: None,
             balance: Balance::Auto,
             balance_sweeps: 3,
+            balance_objective: BalanceObjective::Agreement,
+            balance_folds: 2,
             self_calibrate: SELF_CALIBRATE_TOKENS,
             density: 0.5,
             seed: 0,
@@ -190,6 +197,9 @@ impl Options {
         if !(1..=10).contains(&self.balance_sweeps) {
             return Err(bad_input("--balance-sweeps", format!("{} is not in 1..=10", self.balance_sweeps)));
         }
+        if !(1..=10).contains(&self.balance_folds) {
+            return Err(bad_input("--balance-folds", format!("{} is not in 1..=10", self.balance_folds)));
+        }
         if self.refine_steps > MAX_REFINE_STEPS {
             return Err(bad_input("--refine-steps", format!("{} is not in 0..={MAX_REFINE_STEPS}", self.refine_steps)));
         }
@@ -240,6 +250,17 @@ pub enum Balance {
     /// λ_i chosen to make the worst task's KL(adapter ‖ merged) on held-out calibration samples
     /// small (`balance::balance`), unless `--weights` gives them.
     Auto,
+}
+
+/// What judges balancing's rounds on held-out calibration samples (`balance`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalanceObjective {
+    /// Each task's share of samples whose self-calibrated continuation the merge reproduces
+    /// (greedy, token for token); KL where self-calibration is off.
+    Agreement,
+    /// Each task's mean KL(adapter ‖ merged) per token.
+    Kl,
 }
 
 impl ModuleSet {

@@ -122,9 +122,10 @@ pub async fn merge<B: Backend>(
     // Refinement distils on recombinations of the given prompts (`refine::augment`).
     let prompts = (opts.refine_steps > 0).then(|| ids.clone());
     let single_line: Vec<bool> = tasks.iter().map(|t| t.samples.iter().all(|s| !s.contains('\n'))).collect();
+    let mut continuations = None;
     let self_calibration = if calibrate {
         let eos = eos(&base.config);
-        let s = self_calibrate(
+        let (s, c) = self_calibrate(
             be,
             &model,
             &base.tokenizer,
@@ -137,6 +138,7 @@ pub async fn merge<B: Backend>(
         )
         .await?;
         timings.self_calibration = s.seconds;
+        continuations = Some(c);
         Some(s)
     } else {
         None
@@ -161,7 +163,7 @@ pub async fn merge<B: Backend>(
         ));
     }
     let balancing = if auto_balance && few >= MIN_SAMPLES {
-        let b = balance(be, &model, &targets, &ids, opts, progress)
+        let b = balance(be, &model, &targets, &ids, continuations.as_ref(), opts, progress)
             .await
             .map_err(|e| non_finite(e, &base.config, tasks))?;
         timings.balancing = b.seconds;
@@ -187,7 +189,8 @@ pub async fn merge<B: Backend>(
         if calibrate {
             let eos = eos(&base.config);
             let (targets, n) = (&outcome.targets, opts.self_calibrate);
-            self_calibrate(be, &model, &base.tokenizer, targets, &mut extra, &single_line, n, max_len, eos).await?;
+            let tok = &base.tokenizer;
+            self_calibrate(be, &model, tok, targets, &mut extra, &single_line, n, max_len, eos).await?;
         }
         let batch: Vec<usize> = ids.iter().map(Vec::len).collect();
         let pool: Vec<Vec<Vec<u32>>> =

@@ -82,11 +82,13 @@ pub struct Group {
     pub first_sample: usize,
 }
 
-/// Rows are tokens for most stages; a pooler reads one row per sequence.
+/// Rows are tokens for most stages; a pooler reads one row per sequence; `Output::TailLogits(k)`'s
+/// LM head reads k rows per sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
     Tokens,
     Sequences,
+    Tails(usize),
 }
 
 /// Every token of every sequence of every group, concatenated: one batched forward pass.
@@ -130,6 +132,7 @@ impl Batch {
         let s = &self.groups[g].seqs;
         match level {
             Level::Sequences => s.clone(),
+            Level::Tails(k) => s.start * k..s.end * k,
             Level::Tokens if s.is_empty() => 0..0,
             Level::Tokens => self.seqs[s.start].start..self.seqs[s.end - 1].end,
         }
@@ -138,6 +141,16 @@ impl Batch {
     /// Row index of each sequence's last token.
     pub fn last_tokens(&self) -> Vec<u32> {
         self.seqs.iter().map(|s| s.end as u32 - 1).collect()
+    }
+
+    /// Row indices of each sequence's last `k` tokens, in order; a sequence shorter than that
+    /// repeats its first token's row in front, so every sequence has k rows.
+    pub fn tail_tokens(&self, k: usize) -> Vec<u32> {
+        let tail = |s: &Range<usize>| {
+            let (start, end) = (s.start, s.end);
+            (0..k).map(move |j| (end + j).saturating_sub(k).max(start) as u32)
+        };
+        self.seqs.iter().flat_map(tail).collect()
     }
 
     /// Row index of each sequence's first token.
@@ -193,11 +206,14 @@ pub enum Output {
     /// Next-token logits at each sequence's last token only, (sequences, vocab): what greedy
     /// decoding needs, without the LM head's product and readback for every prompt token.
     LastLogits,
+    /// Next-token logits at each sequence's last k tokens, (sequences · k, vocab), as
+    /// `Batch::tail_tokens` orders them: what judging a continuation needs.
+    TailLogits(usize),
 }
 
 impl Output {
     pub fn logits(self) -> bool {
-        matches!(self, Output::Logits | Output::LastLogits)
+        matches!(self, Output::Logits | Output::LastLogits | Output::TailLogits(_))
     }
 }
 
@@ -244,6 +260,7 @@ impl<B: Backend, H: Hook<B>> Pass<'_, B, H> {
     pub async fn lm_head(&mut self, h: B::T, head: LinearRef<'_, B::T>) -> Result<Option<B::T>> {
         let (h, level) = match self.output {
             Output::LastLogits => (self.be.select_rows(&h, &self.batch.last_tokens()), Level::Sequences),
+            Output::TailLogits(k) => (self.be.select_rows(&h, &self.batch.tail_tokens(k)), Level::Tails(k)),
             _ => (h, Level::Tokens),
         };
         let logits = self.project(&h, level, &[head]).await?.pop().unwrap();
@@ -477,5 +494,20 @@ impl<'a, B: Backend> WeightReader<'a, B> {
         let g = self.tensor(&format!("{name}.{w}"), (1, dim))?;
         let bb = if bias { Some(self.tensor(&format!("{name}.{b}"), (1, dim))?) } else { None };
         Ok((g, bb))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_rows_line_up_with_their_groups() {
+        let mut batch = Batch::default();
+        batch.push_group(0, Stream::Merged, &[vec![1, 2, 3, 4], vec![5]]);
+        batch.push_group(1, Stream::Adapter(1), &[vec![6, 7, 8]]);
+        // Each sequence's last 2 rows; the one-token sequence repeats its only row.
+        assert_eq!(batch.tail_tokens(2), vec![2, 3, 4, 4, 6, 7]);
+        assert_eq!((batch.rows(0, Level::Tails(2)), batch.rows(1, Level::Tails(2))), (0..4, 4..6));
     }
 }
