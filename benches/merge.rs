@@ -131,26 +131,7 @@ fn run<B: Backend + 'static>(be: &B, backend: &str, which: &[String], f16: bool)
             flops / wall / 1e9
         );
         if let Some(cpu) = cpu.filter(|_| !phases.is_empty()) {
-            print_phases(&phases, wall, cpu);
+            print!("{}", iteris::profile::table(&phases, wall, cpu));
         }
     }
-}
-
-/// Per phase: wall time, its share, the cores it kept busy and its GFLOP/s; "other" is the rest
-/// (the model's own code between ops, the waits).
-fn print_phases(phases: &[iteris::profile::Phase], wall: f64, cpu: f64) {
-    println!("  {:12} {:>8} {:>6} {:>7} {:>6} {:>9}", "phase", "wall s", "share", "calls", "cores", "GFLOP/s");
-    let row = |name: &str, calls: String, w: f64, c: f64, flops: f64| {
-        let gf = if flops > 0.0 { format!("{:9.1}", flops / w / 1e9) } else { String::new() };
-        println!(
-            "  {name:12} {w:8.2} {:5.1}% {calls:>7} {:6.2} {gf}",
-            100.0 * w / wall,
-            if w > 0.0 { c / w } else { 0.0 }
-        );
-    };
-    for p in phases {
-        row(p.name, p.calls.to_string(), p.wall_s, p.cpu_s, p.flops);
-    }
-    let (w, c): (f64, f64) = phases.iter().fold((0.0, 0.0), |(w, c), p| (w + p.wall_s, c + p.cpu_s));
-    row("other", String::new(), wall - w, cpu - c, 0.0);
 }

@@ -37,6 +37,24 @@ pub fn phases() -> Vec<Phase> {
     p
 }
 
+/// The phases as a table: wall time, share of `wall`, calls, cores kept busy and GFLOP/s per
+/// phase, then "other" (the rest of `wall` and `cpu`: code between ops, waits).
+pub fn table(phases: &[Phase], wall: f64, cpu: f64) -> String {
+    let mut out =
+        format!("  {:12} {:>8} {:>6} {:>7} {:>6} {:>9}\n", "phase", "wall s", "share", "calls", "cores", "GFLOP/s");
+    let mut row = |name: &str, calls: String, w: f64, c: f64, flops: f64| {
+        let gf = if flops > 0.0 { format!("{:9.1}", flops / w / 1e9) } else { String::new() };
+        let cores = if w > 0.0 { c / w } else { 0.0 };
+        out += &format!("  {name:12} {w:8.2} {:5.1}% {calls:>7} {cores:6.2} {gf}\n", 100.0 * w / wall);
+    };
+    for p in phases {
+        row(p.name, p.calls.to_string(), p.wall_s, p.cpu_s, p.flops);
+    }
+    let (w, c): (f64, f64) = phases.iter().fold((0.0, 0.0), |(w, c), p| (w + p.wall_s, c + p.cpu_s));
+    row("other", String::new(), wall - w, cpu - c, 0.0);
+    out
+}
+
 /// Wall and process CPU seconds since an arbitrary origin; None where there is no process clock.
 pub fn clocks() -> Option<(f64, f64)> {
     #[cfg(all(unix, not(target_arch = "wasm32")))]

@@ -124,7 +124,8 @@ fn agreement_is_greedy_reproduction_of_the_adapters_continuation() {
             }
             end
         };
-        continue_greedy(&Cpu, &model, &mut hook, &mut seqs, &budget, Stream::Merged, &stop, Decoding::Cached)
+        let streams = vec![Stream::Merged; seqs.len()];
+        continue_greedy(&Cpu, &model, &mut hook, &mut seqs, &budget, &streams, &stop, Decoding::Cached)
             .block_on()
             .unwrap();
         let stops = stops.into_inner();
@@ -135,6 +136,41 @@ fn agreement_is_greedy_reproduction_of_the_adapters_continuation() {
         none |= a.agreed < a.samples;
     }
     assert!(some && none, "the demo's merge keeps some continuations and loses others");
+}
+
+/// Self-calibration decodes every task's samples in one batch, each with its own adapter: the
+/// continuations are those each adapter writes decoding its task's samples alone.
+#[test]
+fn self_calibration_batched_over_tasks_writes_what_each_adapter_writes_alone() {
+    let base = fsio::read_base(&demo().join("base")).unwrap();
+    let tasks = demo_tasks();
+    let model = models::load(&Cpu, &base.config, &base.weights).unwrap();
+    let adapters: Vec<_> = tasks.iter().map(|t| &t.adapter).collect();
+    let targets = map_targets(&model.modules(), &adapters, model.model_type(), true).unwrap();
+    // Unequal counts per task, so a decoding run mixes tasks at uneven boundaries.
+    let mut ids: Vec<Vec<Vec<u32>>> = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| tokenize(&base.tokenizer, &t.samples[..7 + 3 * i], 128, None, "samples").unwrap().0)
+        .collect();
+    let prompts = ids.clone();
+    let single = vec![true; tasks.len()];
+    let (s, cont) =
+        self_calibrate(&Cpu, &model, &base.tokenizer, &targets, &mut ids, &single, 32, 128, None).block_on().unwrap();
+    let mut hook = DeltaHook::new(&Cpu, &targets, None);
+    for (i, task) in ids.iter().enumerate() {
+        let mut seqs = prompts[i].clone();
+        let budget: Vec<usize> = seqs.iter().map(|s| 32.min(128 - s.len())).collect();
+        let stop = |_: usize, t: u32| ends_line(&base.tokenizer, t);
+        let streams = vec![Stream::Adapter(i); seqs.len()];
+        continue_greedy(&Cpu, &model, &mut hook, &mut seqs, &budget, &streams, &stop, Decoding::Cached)
+            .block_on()
+            .unwrap();
+        assert_eq!(&seqs, task, "task {i}");
+        assert_eq!(cont.prompt_len[i], prompts[i].iter().map(Vec::len).collect::<Vec<_>>());
+        assert!(cont.stop[i].iter().all(Option::is_some), "task {i}: every demo answer ends its line");
+        assert_eq!(s.tokens_added[i], task.iter().zip(&prompts[i]).map(|(a, b)| a.len() - b.len()).sum::<usize>());
+    }
 }
 
 /// Task weights: only their ratios matter (each ridge is relative to its own task), and a larger

@@ -104,9 +104,18 @@ fn kl_and_generation_match_direct_computations() {
     let labeled = set.labeled();
     let mut hook = DeltaHook::new(&Cpu, &targets, Some(&merged.outcome.merged));
     for decoding in [Decoding::Cached, Decoding::Recomputed] {
-        let batched = generate(&Cpu, &model, &base.tokenizer, &mut hook, &labeled, Stream::Merged, None, decoding)
-            .block_on()
-            .unwrap();
+        let batched = generate(
+            &Cpu,
+            &model,
+            &base.tokenizer,
+            &mut hook,
+            &labeled,
+            &vec![Stream::Merged; labeled.len()],
+            None,
+            decoding,
+        )
+        .block_on()
+        .unwrap();
         assert_eq!(batched, direct, "batched ({decoding:?}) and one-at-a-time greedy decoding agree");
     }
 

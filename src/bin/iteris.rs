@@ -204,11 +204,20 @@ fn main() -> ExitCode {
     // Merges allocate and free activations of hundreds of MiB per layer: reuse them.
     iteris::backend::cpu::keep_freed_memory();
     let cli = Cli::parse();
+    // ITERIS_PROFILE=1: where the time went, per phase of the CPU backend (`iteris::profile`).
+    let profile = std::env::var_os("ITERIS_PROFILE").is_some_and(|v| v != "0");
+    let clocks = profile.then(|| {
+        iteris::profile::enable();
+        iteris::profile::clocks()
+    });
     let result = match cli.cmd {
         Cmd::Merge(a) => merge(a),
         Cmd::Compare(a) => compare(a),
         Cmd::Study(a) => study(a),
     };
+    if let Some(((w0, c0), (w1, c1))) = clocks.flatten().zip(iteris::profile::clocks()) {
+        eprint!("profile (ITERIS_PROFILE):\n{}", iteris::profile::table(&iteris::profile::phases(), w1 - w0, c1 - c0));
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

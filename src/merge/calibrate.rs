@@ -53,7 +53,8 @@ impl Continuations {
 }
 
 /// Extend every task's tokenized samples (`ids[i]`, task i's) in place. `single_line[i]`: task
-/// i's samples hold no newline, so a generated newline ends a continuation.
+/// i's samples hold no newline, so a generated newline ends a continuation. Every task's samples
+/// decode together, each with its own adapter: one decoding step reads the weights once for all.
 #[allow(clippy::too_many_arguments)]
 pub async fn self_calibrate<B: Backend>(
     be: &B,
@@ -68,26 +69,32 @@ pub async fn self_calibrate<B: Backend>(
 ) -> Result<(SelfCalibration, Continuations)> {
     let t0 = now();
     let mut hook = DeltaHook::new(be, targets, None);
-    let (mut tokens_added, mut samples_extended) = (Vec::new(), Vec::new());
-    let mut cont = Continuations::default();
-    for (i, seqs) in ids.iter_mut().enumerate() {
-        let before: Vec<usize> = seqs.iter().map(Vec::len).collect();
-        let budget: Vec<usize> = before.iter().map(|&n| max_tokens.min(max_len.saturating_sub(n))).collect();
-        let one_line = single_line[i];
-        let stops = std::cell::RefCell::new(vec![None; seqs.len()]);
-        let stop = |k: usize, t: u32| {
-            let end = Some(t) == eos || (one_line && ends_line(tok, t));
-            if end {
-                stops.borrow_mut()[k] = Some(t);
-            }
-            end
-        };
-        continue_greedy(be, model, &mut hook, seqs, &budget, Stream::Adapter(i), &stop, Decoding::Cached).await?;
-        let added: Vec<usize> = seqs.iter().zip(&before).map(|(s, n)| s.len() - n).collect();
-        tokens_added.push(added.iter().sum());
-        samples_extended.push(added.iter().filter(|&&a| a > 0).count());
-        cont.prompt_len.push(before);
-        cont.stop.push(stops.into_inner());
+    // Every sample in task order, with its task.
+    let task_of: Vec<usize> = ids.iter().enumerate().flat_map(|(i, s)| std::iter::repeat_n(i, s.len())).collect();
+    let mut seqs: Vec<Vec<u32>> = ids.iter_mut().flat_map(|s| std::mem::take(s)).collect();
+    let before: Vec<usize> = seqs.iter().map(Vec::len).collect();
+    let budget: Vec<usize> = before.iter().map(|&n| max_tokens.min(max_len.saturating_sub(n))).collect();
+    let streams: Vec<Stream> = task_of.iter().map(|&i| Stream::Adapter(i)).collect();
+    let stops = std::cell::RefCell::new(vec![None; seqs.len()]);
+    let stop = |k: usize, t: u32| {
+        let end = Some(t) == eos || (single_line[task_of[k]] && ends_line(tok, t));
+        if end {
+            stops.borrow_mut()[k] = Some(t);
+        }
+        end
+    };
+    continue_greedy(be, model, &mut hook, &mut seqs, &budget, &streams, &stop, Decoding::Cached).await?;
+    let stops = stops.into_inner();
+    let (mut tokens_added, mut samples_extended) = (vec![0; ids.len()], vec![0; ids.len()]);
+    let mut cont = Continuations { prompt_len: vec![Vec::new(); ids.len()], stop: vec![Vec::new(); ids.len()] };
+    for (k, seq) in seqs.into_iter().enumerate() {
+        let i = task_of[k];
+        let added = seq.len() - before[k];
+        tokens_added[i] += added;
+        samples_extended[i] += (added > 0) as usize;
+        cont.prompt_len[i].push(before[k]);
+        cont.stop[i].push(stops[k]);
+        ids[i].push(seq);
     }
     Ok((SelfCalibration { max_tokens, tokens_added, samples_extended, seconds: now() - t0 }, cont))
 }

@@ -232,23 +232,33 @@ pub enum Decoding {
     Recomputed,
 }
 
-/// Greedy-generation accuracy of `stream` on labeled `items` (see `generate`).
-pub async fn accuracy<B: Backend>(
+/// Greedy-generation accuracy of each job: its labeled items run by its stream (see `generate`).
+/// Every job's items decode together, so a step reads the weights once for all of them.
+pub async fn accuracies<B: Backend>(
     be: &B,
     model: &Model<B::T>,
     tok: &TextTokenizer,
     hook: &mut DeltaHook<B::T>,
-    items: &[(&str, &str)],
-    stream: Stream,
+    jobs: &[(&[(&str, &str)], Stream)],
     eos: Option<u32>,
-) -> Result<f64> {
-    let texts = generate(be, model, tok, hook, items, stream, eos, Decoding::Cached).await?;
-    let right = texts.iter().zip(items).filter(|(t, (_, a))| t.trim() == a.trim()).count();
-    Ok(right as f64 / items.len().max(1) as f64)
+) -> Result<Vec<f64>> {
+    let items: Vec<(&str, &str)> = jobs.iter().flat_map(|(items, _)| items.iter().copied()).collect();
+    let streams: Vec<Stream> = jobs.iter().flat_map(|(items, s)| std::iter::repeat_n(*s, items.len())).collect();
+    let texts = generate(be, model, tok, hook, &items, &streams, eos, Decoding::Cached).await?;
+    let mut at = 0;
+    Ok(jobs
+        .iter()
+        .map(|(items, _)| {
+            let right = items.iter().zip(&texts[at..]).filter(|((_, a), t)| t.trim() == a.trim()).count();
+            at += items.len();
+            right as f64 / items.len().max(1) as f64
+        })
+        .collect())
 }
 
-/// Greedy continuations of the prompts of `items` by `stream`, until each has produced a newline
-/// or the end-of-sequence token (not part of the text), or as many tokens as its answer has plus two.
+/// Greedy continuations of the prompts of `items` (item k by `streams[k]`), until each has
+/// produced a newline or the end-of-sequence token (not part of the text), or as many tokens as
+/// its answer has plus two.
 #[allow(clippy::too_many_arguments)]
 pub async fn generate<B: Backend>(
     be: &B,
@@ -256,7 +266,7 @@ pub async fn generate<B: Backend>(
     tok: &TextTokenizer,
     hook: &mut DeltaHook<B::T>,
     items: &[(&str, &str)],
-    stream: Stream,
+    streams: &[Stream],
     eos: Option<u32>,
     decoding: Decoding,
 ) -> Result<Vec<String>> {
@@ -269,7 +279,7 @@ pub async fn generate<B: Backend>(
     }
     let starts: Vec<usize> = seqs.iter().map(Vec::len).collect();
     let stop = |_: usize, t: u32| Some(t) == eos || ends_line(tok, t);
-    continue_greedy(be, model, hook, &mut seqs, &budget, stream, &stop, decoding).await?;
+    continue_greedy(be, model, hook, &mut seqs, &budget, streams, &stop, decoding).await?;
     (0..items.len()).map(|k| tok.decode(&seqs[k][starts[k]..])).collect()
 }
 
@@ -279,9 +289,11 @@ pub fn ends_line(tok: &TextTokenizer, id: u32) -> bool {
     tok.decode(&[id]).is_ok_and(|t| t.contains('\n'))
 }
 
-/// Extend each sequence of `seqs` by `stream`'s greedy tokens, at most `budget[k]` of them and
-/// never past the model's positions, until `stop(k, token)` (that token is not appended): runs
-/// of sequences decoded together, one token per forward pass.
+/// Extend each sequence `seqs[k]` by the greedy tokens of `streams[k]`, at most `budget[k]` of
+/// them and never past the model's positions, until `stop(k, token)` (that token is not
+/// appended): runs of sequences decoded together, one token per forward pass. Sequences of
+/// different streams share a run (each stream's delta goes to its own rows), so a decoding step
+/// reads the weights once for all of them: small batches are bound by that read.
 #[allow(clippy::too_many_arguments)]
 pub async fn continue_greedy<B: Backend>(
     be: &B,
@@ -289,11 +301,12 @@ pub async fn continue_greedy<B: Backend>(
     hook: &mut DeltaHook<B::T>,
     seqs: &mut [Vec<u32>],
     budget: &[usize],
-    stream: Stream,
+    streams: &[Stream],
     stop: &dyn Fn(usize, u32) -> bool,
     decoding: Decoding,
 ) -> Result<()> {
     check_decoder(model)?;
+    assert_eq!(streams.len(), seqs.len(), "one stream per sequence");
     let max_pos = model.max_positions();
     let starts: Vec<usize> = seqs.iter().map(Vec::len).collect();
     let mut done: Vec<bool> = seqs.iter().zip(budget).map(|(s, &b)| s.len() >= max_pos || b == 0).collect();
@@ -318,7 +331,8 @@ pub async fn continue_greedy<B: Backend>(
             let mut batch = Batch::default();
             let logits = match cache.as_mut() {
                 None => {
-                    batch.push_group(0, stream, &live.iter().map(|&i| seqs[i].clone()).collect::<Vec<_>>());
+                    let parts: Vec<Vec<u32>> = live.iter().map(|&i| seqs[i].clone()).collect();
+                    push_by_stream(&mut batch, &live, streams, &parts, &vec![0; live.len()]);
                     models::run(model, be, &batch, hook, Output::LastLogits).await?
                 }
                 Some(cache) => {
@@ -332,7 +346,7 @@ pub async fn continue_greedy<B: Backend>(
                     let parts: Vec<Vec<u32>> =
                         slots.iter().zip(&live).map(|(&s, &i)| seqs[i][held[s]..].to_vec()).collect();
                     let at: Vec<usize> = slots.iter().map(|&s| held[s]).collect();
-                    batch.push_continuations(0, stream, &parts, &at);
+                    push_by_stream(&mut batch, &live, streams, &parts, &at);
                     cache.begin(&batch, &slots);
                     for &s in &slots {
                         held[s] = seqs[s + run.start].len();
@@ -354,4 +368,16 @@ pub async fn continue_greedy<B: Backend>(
         }
     }
     Ok(())
+}
+
+/// Append `parts` (of sequences `live`, starting at positions `at`) to `batch`, one group per run
+/// of consecutive sequences that share a stream, so the batch's rows stay in `live`'s order.
+fn push_by_stream(batch: &mut Batch, live: &[usize], streams: &[Stream], parts: &[Vec<u32>], at: &[usize]) {
+    let mut start = 0;
+    for end in 1..=live.len() {
+        if end == live.len() || streams[live[end]] != streams[live[start]] {
+            batch.push_continuations(0, streams[live[start]], &parts[start..end], &at[start..end]);
+            start = end;
+        }
+    }
 }

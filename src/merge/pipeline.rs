@@ -322,7 +322,8 @@ fn eval_ids(base: &BaseInputs, set: &EvalSet, max_len: usize) -> Result<Vec<Vec<
     Ok(super::tokenize(&base.tokenizer, &texts, max_len, None, &set.name)?.0)
 }
 
-/// KL and (labeled sets) accuracy of the merged deltas on each task's held-out samples.
+/// KL and (labeled sets) accuracy of the merged deltas on each task's held-out samples, and the
+/// accuracy of each task's own adapter alone there. The generations all decode together.
 async fn merged_quality<B: Backend>(
     be: &B,
     base: &BaseInputs,
@@ -333,9 +334,20 @@ async fn merged_quality<B: Backend>(
     limit: Option<usize>,
 ) -> Result<Vec<TaskQuality>> {
     let mut hook = DeltaHook::new(be, targets, Some(deltas));
+    let sets: Vec<Option<EvalSet>> = tasks.iter().map(|t| t.eval.as_ref().map(|e| e.first(limit))).collect();
+    let labeled: Vec<Vec<(&str, &str)>> =
+        sets.iter().map(|s| s.as_ref().map(|s| s.labeled()).unwrap_or_default()).collect();
+    // Per task with labeled samples: the merged model's job, then its adapter's.
+    let mut jobs = Vec::new();
+    for (i, l) in labeled.iter().enumerate().filter(|(_, l)| !l.is_empty()) {
+        jobs.push((l.as_slice(), Stream::Merged));
+        jobs.push((l.as_slice(), Stream::Adapter(i)));
+    }
+    let mut acc =
+        evaluate::accuracies(be, model, &base.tokenizer, &mut hook, &jobs, eos(&base.config)).await?.into_iter();
     let mut out = Vec::new();
-    for (i, t) in tasks.iter().enumerate() {
-        let Some(set) = t.eval.as_ref().map(|e| e.first(limit)) else {
+    for (i, set) in sets.iter().enumerate() {
+        let Some(set) = set else {
             out.push(TaskQuality {
                 eval_file: String::new(),
                 samples: 0,
@@ -345,19 +357,9 @@ async fn merged_quality<B: Backend>(
             });
             continue;
         };
-        let ids = eval_ids(base, &set, model.max_positions())?;
+        let ids = eval_ids(base, set, model.max_positions())?;
         let kl = evaluate::mean_kl(be, model, &mut hook, &ids, i).await?;
-        let labeled = set.labeled();
-        let mut accuracy_of = async |stream| -> Result<Option<f64>> {
-            if labeled.is_empty() {
-                return Ok(None);
-            }
-            Ok(Some(
-                evaluate::accuracy(be, model, &base.tokenizer, &mut hook, &labeled, stream, eos(&base.config)).await?,
-            ))
-        };
-        let accuracy = accuracy_of(Stream::Merged).await?;
-        let accuracy_alone = accuracy_of(Stream::Adapter(i)).await?;
+        let (accuracy, accuracy_alone) = if labeled[i].is_empty() { (None, None) } else { (acc.next(), acc.next()) };
         out.push(TaskQuality { eval_file: set.name.clone(), samples: set.items.len(), kl, accuracy, accuracy_alone });
     }
     Ok(out)
@@ -376,25 +378,17 @@ pub async fn accuracy_alone<B: Backend>(
     let adapters: Vec<_> = tasks.iter().map(|t| &t.adapter).collect();
     let targets = map_targets(&model.modules(), &adapters, model.model_type(), model.fan_in_fan_out())?;
     let mut hook = DeltaHook::new(be, &targets, None);
-    let streams = std::iter::once(Stream::Base).chain((0..tasks.len()).map(Stream::Adapter));
-    let mut rows = Vec::new();
-    for stream in streams {
-        let mut row = Vec::new();
-        for t in tasks {
-            let set = t.eval.as_ref().map(|s| s.first(limit));
-            let labeled = set.as_ref().map(|s| s.labeled()).unwrap_or_default();
-            row.push(if labeled.is_empty() {
-                None
-            } else {
-                Some(
-                    evaluate::accuracy(be, &model, &base.tokenizer, &mut hook, &labeled, stream, eos(&base.config))
-                        .await?,
-                )
-            });
-        }
-        rows.push(row);
-    }
-    Ok(rows)
+    let streams: Vec<Stream> = std::iter::once(Stream::Base).chain((0..tasks.len()).map(Stream::Adapter)).collect();
+    let sets: Vec<Option<EvalSet>> = tasks.iter().map(|t| t.eval.as_ref().map(|s| s.first(limit))).collect();
+    let labeled: Vec<Vec<(&str, &str)>> =
+        sets.iter().map(|s| s.as_ref().map(|s| s.labeled()).unwrap_or_default()).collect();
+    let jobs: Vec<(&[(&str, &str)], Stream)> = streams
+        .iter()
+        .flat_map(|&s| labeled.iter().filter(|l| !l.is_empty()).map(move |l| (l.as_slice(), s)))
+        .collect();
+    let mut acc =
+        evaluate::accuracies(be, &model, &base.tokenizer, &mut hook, &jobs, eos(&base.config)).await?.into_iter();
+    Ok(streams.iter().map(|_| labeled.iter().map(|l| if l.is_empty() { None } else { acc.next() }).collect()).collect())
 }
 
 /// `Error::NonFinite` as an input error naming config.json, the fields that can make a forward
