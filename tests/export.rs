@@ -69,6 +69,15 @@ fn report_carries_metrics_and_solve_path() {
         assert!(errs.iter().any(|e| e.as_f64().is_some_and(|e| e.is_finite() && e >= 0.0)));
     }
     assert!(v["modules"].as_array().unwrap().iter().any(|m| m["module"] == "pooler.dense"), "the pooler is merged");
+    // The inputs were read from absolute paths: the report names them by file or folder name.
+    assert!(r.report.tasks[0].adapter.starts_with('/'), "the fixture's adapter is read by its absolute path");
+    for t in v["tasks"].as_array().unwrap() {
+        for key in ["adapter", "samples_file"] {
+            let name = t[key].as_str().unwrap();
+            assert!(!name.is_empty() && !name.contains(['/', '\\']), "{key}: {name}");
+        }
+    }
+    assert_eq!(v["tasks"][0]["adapter"], "adapter0");
 }
 
 /// BERT's pooler sees one row per sample (5–7 here) against 32 input features: at a weak ridge

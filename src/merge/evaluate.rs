@@ -18,6 +18,7 @@ use std::collections::HashMap;
 /// The quality of a merge on one task.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct TaskQuality {
+    #[serde(serialize_with = "super::report::serialize_file_name")]
     pub eval_file: String,
     pub samples: usize,
     /// Mean KL(adapter ‖ merged) per token position, in nats.

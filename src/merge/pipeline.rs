@@ -91,7 +91,7 @@ pub async fn merge<B: Backend>(
         if c > 0 {
             warnings.push(format!(
                 "{}: {c} of {} samples were longer than {max_len} tokens and were truncated",
-                task.samples_name,
+                super::report::file_name(&task.samples_name),
                 s.len()
             ));
         }

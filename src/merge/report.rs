@@ -18,9 +18,23 @@ pub struct ModuleReport {
     pub alignment_error: Vec<Option<f64>>,
 }
 
+/// The last component of `path` as given (a file or folder name). Outputs name their inputs by it:
+/// a report travels, and a local path would tell whoever reads it about the machine it came from.
+pub fn file_name(path: &str) -> &str {
+    let trimmed = path.trim_end_matches(['/', '\\']);
+    trimmed.rsplit(['/', '\\']).next().filter(|n| !n.is_empty()).unwrap_or(trimmed)
+}
+
+/// Serialize a path as its `file_name`.
+pub fn serialize_file_name<S: serde::Serializer>(path: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(file_name(path))
+}
+
 #[derive(Serialize)]
 pub struct TaskReport {
+    #[serde(serialize_with = "serialize_file_name")]
     pub adapter: String,
+    #[serde(serialize_with = "serialize_file_name")]
     pub samples_file: String,
     pub samples: usize,
     pub tokens: usize,
@@ -104,4 +118,17 @@ pub fn module_reports(out: &Outcome, ranks: &[usize], energy: &[f64]) -> Vec<Mod
             alignment_error: r.align.clone(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn file_name_is_the_last_component() {
+        use super::file_name;
+        assert_eq!(file_name("/home/me/adapters/rev/"), "rev");
+        assert_eq!(file_name("samples/rev.txt"), "rev.txt");
+        assert_eq!(file_name("C:\\Users\\me\\eval.jsonl"), "eval.jsonl");
+        assert_eq!(file_name("rev.txt"), "rev.txt");
+        assert_eq!(file_name("/"), "");
+    }
 }
