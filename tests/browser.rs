@@ -210,6 +210,7 @@ fn page_merges_like_the_cli() {
     let (gemma3, phi3) = (family("gemma3"), family("phi3"));
     for (zip, cli, tol) in [
         ("demo", &demo, 1e-5),
+        ("offline", &demo, 1e-5),
         ("gpu", &sweep, 1e-5),
         ("cpu", &sweep, 1e-5),
         ("cpu-jacobi", &jacobi, 1e-5),
@@ -228,7 +229,7 @@ fn page_merges_like_the_cli() {
         assert_eq!(same_config, cli_config, "{zip}: adapter_config.json");
         let report: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("merge_report.json")).unwrap()).unwrap();
-        let tasks = if zip == "demo" { 4 } else { 3 };
+        let tasks = if zip == "demo" || zip == "offline" { 4 } else { 3 };
         assert_eq!(report["tasks"].as_array().unwrap().len(), tasks, "{zip}: merge_report.json is complete");
     }
     assert!(out.join("results.png").exists(), "a screenshot of the results view is kept");

@@ -40,6 +40,8 @@ node_modules/.bin/wasm-opt -O3 --enable-bulk-memory --enable-sign-ext --enable-n
 cp -r www/. dist/
 # The demo: files the page fetches from its own origin when "Try the demo" is pressed.
 bash tools/pack_demo.sh dist/demo
+# The service worker's offline copy: every file above, under a version that is their hash.
+node tools/precache.mjs dist
 for pkg in pkg pkg-threads; do
   raw=$(stat -c %s dist/$pkg/iteris_bg.wasm)
   gz=$(gzip -9 -c dist/$pkg/iteris_bg.wasm | wc -c)

@@ -41,7 +41,7 @@ export function serve(dir, port = 0, isolate = process.env.ITERIS_ISOLATE !== '0
         'Cache-Control': 'no-cache',
         // Cross-origin isolation: the browser then allows shared memory, so the engine's CPU path
         // runs on threads (www/worker.js). ITERIS_ISOLATE=0 serves without, as a static host
-        // does (the page's service worker www/isolate.js then adds them).
+        // does (the page's service worker www/sw.js then adds them).
         ...(!isolate ? {} : {
           'Cross-Origin-Opener-Policy': 'same-origin',
           'Cross-Origin-Embedder-Policy': 'require-corp',

@@ -565,15 +565,15 @@ $('objective').addEventListener('change', () => {
   $('modules').value = $('objective').value === 'output' ? 'all' : 'adapters';
 });
 
-// Static hosts cannot send the headers that make the page cross-origin isolated (and so let the
-// engine use threads): the page's own service worker (isolate.js) adds them, and the page reloads
-// once to come under it. Where the host sends them (tools/serve.mjs), nothing is registered.
-async function isolate() {
-  if (crossOriginIsolated || !('serviceWorker' in navigator) || !isSecureContext) return;
-  if (sessionStorage.getItem('isolate-reloaded')) return; // one try: a browser may refuse
-  await navigator.serviceWorker.register('isolate.js');
+// The page's service worker (sw.js) caches the build for offline use, and on static hosts that
+// cannot send the headers that make the page cross-origin isolated (and so let the engine use
+// threads) it adds them: the page then reloads once to come under it.
+async function serviceWorker() {
+  if (!('serviceWorker' in navigator) || !isSecureContext) return;
+  await navigator.serviceWorker.register('sw.js');
+  if (crossOriginIsolated || sessionStorage.getItem('isolate-reloaded')) return; // one try: a browser may refuse
   await navigator.serviceWorker.ready;
   sessionStorage.setItem('isolate-reloaded', '1');
   location.reload();
 }
-isolate().catch(() => { /* one thread, said on the page */ });
+serviceWorker().catch(() => { /* no offline copy; where not isolated, one thread (said on the page) */ });

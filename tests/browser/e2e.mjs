@@ -8,6 +8,7 @@ import { chromium } from 'playwright-core';
 import fs from 'node:fs';
 import path from 'node:path';
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { serve } from '../../tools/serve.mjs';
 
 const out = path.resolve(process.argv[2] || 'target/browser');
@@ -353,7 +354,7 @@ try {
     await context.close();
   }
   // 10. A static host that sends no headers (GitHub Pages): the page's own service worker
-  // (isolate.js) makes it cross-origin isolated after one reload, and the CPU path runs on threads.
+  // (sw.js) makes it cross-origin isolated after one reload, and the CPU path runs on threads.
   {
     const staticHost = await serve('dist', 0, false);
     try {
@@ -376,6 +377,58 @@ try {
       await context.close();
     } finally {
       staticHost.close();
+    }
+  }
+  // 11. Offline after the first visit: the service worker (sw.js) caches the build; with the
+  // network cut, the page reloads and merges the demo. Then a new deploy (a changed file, its
+  // version written again by tools/precache.mjs) replaces the offline copy. On a copy of dist/.
+  {
+    const copy = path.join(out, 'offline-dist');
+    fs.rmSync(copy, { recursive: true, force: true });
+    fs.cpSync('dist', copy, { recursive: true });
+    const host = await serve(copy);
+    try {
+      const context = await browser.newContext({ acceptDownloads: true });
+      const page = await context.newPage();
+      page.on('pageerror', (e) => console.error(`[page error] ${e.message}`));
+      const site = `http://127.0.0.1:${host.address().port}/`;
+      await page.goto(site);
+      // Controlled once the worker is active, which is after it cached every file.
+      const cached = async () => page.evaluate(async () => (navigator.serviceWorker.controller ? caches.keys() : null));
+      let first = null;
+      for (let t = 0; !(first = await cached().catch(() => null)); t++) {
+        assert.ok(t < 240, 'the service worker takes control after caching the build');
+        await page.waitForTimeout(500);
+      }
+      assert.equal(first.length, 1, `one offline copy: ${first}`);
+      await context.setOffline(true);
+      await page.reload();
+      await page.waitForLoadState('load');
+      const run = await mergeAndDownload(page, 'offline', '#demo');
+      assert.ok(await page.locator('#quality-box').isVisible(), 'offline, the demo shows its quality too');
+      console.log(`offline: the demo merged from the cached page and engine (${run.threads} thread(s))`);
+      // A new deploy: the next visit online installs the new worker, which replaces the copy.
+      await context.setOffline(false);
+      const html = path.join(copy, 'index.html');
+      fs.writeFileSync(html, fs.readFileSync(html, 'utf8').replace('</body>', '<!-- redeployed --></body>'));
+      execFileSync('node', ['tools/precache.mjs', copy], { stdio: 'ignore' });
+      await page.reload();
+      let now = null;
+      for (let t = 0; ; t++) {
+        now = await cached().catch(() => null);
+        if (now && now.length === 1 && now[0] !== first[0]) break;
+        assert.ok(t < 240, `a new deploy replaces the offline copy (caches: ${now})`);
+        await page.waitForTimeout(500);
+      }
+      await context.setOffline(true);
+      await page.reload();
+      await page.waitForLoadState('load');
+      assert.ok((await page.content()).includes('redeployed'), 'offline, the page is the new deploy\'s');
+      summary.offline = { first: first[0], redeployed: now[0] };
+      console.log(`offline: a new deploy (${now[0]}) replaced the offline copy (${first[0]})`);
+      await context.close();
+    } finally {
+      host.close();
     }
   }
   // Privacy: every request of every run went to the page's own origin.
