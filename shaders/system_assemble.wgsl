@@ -1,5 +1,5 @@
-// Add one term of a module's system to M, one thread per element (see `FactorTerm` in
-// src/backend/mod.rs):
+// Add one term of a module's system to M, one thread per element (see `SystemTerm` in
+// src/backend/system.rs):
 //   M (+)= c · sym(G) (off-diagonal entries × off_diagonal) + c · ridge · ‖G‖_F · I,
 // with c = num / den and (num, den, ‖G‖²_F) = scalars[3·term .. 3·term + 3] (system_scalars.wgsl).
 // The first term writes M instead of adding to it.

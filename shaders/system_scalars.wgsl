@@ -1,5 +1,5 @@
 // The scalars a module's system is assembled from (c's numerator and denominator, ‖G‖²_F per term;
-// see `FactorTerm` in src/backend/mod.rs), summed on the GPU from reduction partials so the system
+// see `SystemTerm` in src/backend/system.rs), summed on the GPU from reduction partials so the system
 // never waits for a readback. One workgroup per scalar:
 //   out[s] = base[s] + Σ over the segments of scalar s: k · Σ partials[offset .. offset + len].
 

@@ -61,11 +61,11 @@ fn linear_and_cat_are_weighted_sums() {
         let t = target(&mut rng, gap);
         let d = deltas(&t);
         let mean = d.iter().fold(DMatrix::zeros(OUT, IN), |s, x| s + x) / 3.0;
-        let (m, e) = &merge_data_free(Method::Linear, std::slice::from_ref(&t), &settings(None, None))[0];
+        let (m, e) = &merge_data_free(Method::Linear, std::slice::from_ref(&t), &settings(None, None)).unwrap()[0];
         assert!(rel(&dense_of(m), &mean) < 1e-6 && *e == 1.0, "linear = mean of the deltas");
         let w = vec![0.3, -1.0, 2.0];
         let sum = &d[0] * 0.3 - &d[1] + &d[2] * 2.0;
-        let (m, _) = &merge_data_free(Method::Cat, std::slice::from_ref(&t), &settings(Some(w), None))[0];
+        let (m, _) = &merge_data_free(Method::Cat, std::slice::from_ref(&t), &settings(Some(w), None)).unwrap()[0];
         assert!(rel(&dense_of(m), &sum) < 1e-6, "cat = weighted sum");
         let lossless = if gap { 6 } else { 9 };
         assert_eq!(m.rank(), lossless, "cat keeps every rank");
@@ -81,7 +81,7 @@ fn svd_is_the_best_low_rank_approximation_of_the_sum() {
     let mut s2: Vec<f64> = sv.iter().map(|v| v * v).collect();
     s2.sort_by(|a, b| b.total_cmp(a));
     for rank in [None, Some(2), Some(6)] {
-        let (m, energy) = &merge_data_free(Method::Svd, std::slice::from_ref(&t), &settings(None, rank))[0];
+        let (m, energy) = &merge_data_free(Method::Svd, std::slice::from_ref(&t), &settings(None, rank)).unwrap()[0];
         let k = rank.unwrap_or(4); // default: the largest adapter rank
         assert_eq!(m.rank(), k);
         // Eckart–Young: the error is exactly the dropped singular values.
@@ -107,7 +107,7 @@ fn ties_trims_elects_and_averages() {
     let mut rng = Rng(3);
     let t = target(&mut rng, false);
     let direct = ties(&deltas(&t), 0.5);
-    let (m, energy) = &merge_data_free(Method::Ties, std::slice::from_ref(&t), &settings(None, None))[0];
+    let (m, energy) = &merge_data_free(Method::Ties, std::slice::from_ref(&t), &settings(None, None)).unwrap()[0];
     let kept = 1.0 - (dense_of(m) - &direct).norm_squared() / direct.norm_squared();
     assert!((kept - energy).abs() < 1e-5, "reported energy is what the rank-9 export keeps");
 }

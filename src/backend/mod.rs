@@ -56,8 +56,9 @@ impl Activation {
     }
 }
 
-/// The precision a weight matrix is kept in on the backend (its file precision where the backend
-/// can compute from it; the CPU backend keeps everything in f32).
+/// The precision a weight matrix is kept in on the backend: its file precision (both backends
+/// keep F16 and BF16 weights packed, `mat::Stored` on the CPU, and widen them as they multiply).
+/// Activations and statistics are f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WeightDtype {
     F32,

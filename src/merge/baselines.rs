@@ -17,6 +17,7 @@
 use super::export::{dense_to_lora, reduce_rank};
 use super::iteris::Target;
 use super::solve::{to_f64, to_mat, Merged};
+use crate::error::{Error, Result};
 use nalgebra::DMatrix;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -71,32 +72,39 @@ pub struct BaselineSettings {
 }
 
 /// Merge every target with a data-free `method`. Returns per target the merged LoRA and the
-/// fraction of the merged delta's energy the export keeps (1 where exact).
-pub fn merge_data_free(method: Method, targets: &[Target], s: &BaselineSettings) -> Vec<(Merged, f64)> {
+/// fraction of the merged delta's energy the export keeps (1 where exact). IterIS and RegMean
+/// need samples and the model: they are refused here.
+pub fn merge_data_free(method: Method, targets: &[Target], s: &BaselineSettings) -> Result<Vec<(Merged, f64)>> {
     let n = targets.first().map_or(0, |t| t.loras.len());
     let weights: Vec<f64> =
         s.weights.clone().unwrap_or_else(|| vec![if method == Method::Linear { 1.0 / n as f64 } else { 1.0 }; n]);
     targets
         .iter()
         .enumerate()
-        .map(|(k, t)| match method {
-            Method::Linear | Method::Cat => (weighted_cat(t, &weights), 1.0),
-            Method::Svd => {
-                let r = s.rank.unwrap_or_else(|| t.loras.iter().flatten().map(|l| l.rank()).max().unwrap_or(1));
-                reduce_rank(&weighted_cat(t, &weights), r)
-            }
-            Method::Ties | Method::Dare => {
-                let deltas: Vec<DMatrix<f64>> =
-                    t.loras.iter().zip(&weights).map(|(l, &w)| dense(t, l.as_ref()) * w).collect();
-                let merged = if method == Method::Ties {
-                    ties(&deltas, s.density)
-                } else {
-                    dare(&deltas, s.density, s.seed ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
-                };
-                let lossless: usize = t.loras.iter().flatten().map(|l| l.rank()).sum();
-                dense_to_lora(&merged, s.rank.unwrap_or(lossless).min(lossless))
-            }
-            Method::Iteris | Method::Regmean => unreachable!("{method:?} needs samples"),
+        .map(|(k, t)| {
+            Ok(match method {
+                Method::Linear | Method::Cat => (weighted_cat(t, &weights), 1.0),
+                Method::Svd => {
+                    let r = s.rank.unwrap_or_else(|| t.loras.iter().flatten().map(|l| l.rank()).max().unwrap_or(1));
+                    reduce_rank(&weighted_cat(t, &weights), r)
+                }
+                Method::Ties | Method::Dare => {
+                    let deltas: Vec<DMatrix<f64>> =
+                        t.loras.iter().zip(&weights).map(|(l, &w)| dense(t, l.as_ref()) * w).collect();
+                    let merged = if method == Method::Ties {
+                        ties(&deltas, s.density)
+                    } else {
+                        dare(&deltas, s.density, s.seed ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                    };
+                    let lossless: usize = t.loras.iter().flatten().map(|l| l.rank()).sum();
+                    dense_to_lora(&merged, s.rank.unwrap_or(lossless).min(lossless))
+                }
+                Method::Iteris | Method::Regmean => {
+                    return Err(Error::Unsupported(format!(
+                        "{method:?} needs samples and the model: it is not a data-free merge"
+                    )))
+                }
+            })
         })
         .collect()
 }

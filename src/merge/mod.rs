@@ -597,7 +597,7 @@ pub async fn iteris<B: Backend>(
                     rank: opts.rank,
                 };
                 let (m, e): (Vec<Merged>, Vec<f64>) =
-                    baselines::merge_data_free(method, &targets, &settings).into_iter().unzip();
+                    baselines::merge_data_free(method, &targets, &settings)?.into_iter().unzip();
                 energy = e;
                 announce(1, "evaluate");
                 hook.set_merged(be, &m);
