@@ -71,7 +71,7 @@ pub async fn self_calibrate<B: Backend>(
     let mut hook = DeltaHook::new(be, targets, None);
     // Every sample in task order, with its task.
     let task_of: Vec<usize> = ids.iter().enumerate().flat_map(|(i, s)| std::iter::repeat_n(i, s.len())).collect();
-    let mut seqs: Vec<Vec<u32>> = ids.iter_mut().flat_map(|s| std::mem::take(s)).collect();
+    let mut seqs: Vec<Vec<u32>> = ids.iter_mut().flat_map(std::mem::take).collect();
     let before: Vec<usize> = seqs.iter().map(Vec::len).collect();
     let budget: Vec<usize> = before.iter().map(|&n| max_tokens.min(max_len.saturating_sub(n))).collect();
     let streams: Vec<Stream> = task_of.iter().map(|&i| Stream::Adapter(i)).collect();
