@@ -432,3 +432,63 @@ pub async fn compare(
         serde_json::json!({ "tasks": names, "alone": alone, "methods": rows, "backend": backend, "notes": notes });
     serde_json::to_string(&table).map_err(|e| js_error("bug", &e.to_string()))
 }
+
+/// The forward-pass benchmark (`benches/peer_forward.mjs`): the base model of `base` (a folder, as
+/// in `merge`) over `sequences` sequences of equal length whose tokens are `ids`, each attending
+/// within itself, `repeat` times, to the final hidden states and no further (what a merge's
+/// calibration pass computes); `backend` and `warn` as in `merge`. Resolves to JSON text
+/// `{ seconds: [per run], tokens, backend, hidden: [the first 8 values of the first token's
+/// final hidden state], mean_abs }`.
+#[wasm_bindgen]
+pub async fn forward_bench(
+    base: JsValue,
+    ids: Vec<u32>,
+    sequences: usize,
+    repeat: usize,
+    backend: String,
+    warn: js_sys::Function,
+) -> Result<String, JsValue> {
+    let base = inputs::read_base(&mut PageFolder::from_js(&base)?).map_err(to_js)?;
+    let n = sequences.max(1);
+    if ids.is_empty() || ids.len() % n != 0 {
+        return Err(js_error("input", &format!("{} token ids do not split into {n} equal sequences", ids.len())));
+    }
+    let mut batch = crate::models::Batch::default();
+    let seqs: Vec<Vec<u32>> = ids.chunks(ids.len() / n).map(<[u32]>::to_vec).collect();
+    batch.push_group(0, crate::models::Stream::Base, &seqs);
+    let mut notes = Vec::new();
+    let gpu = choose_gpu(&backend, &mut notes, &warn).await?;
+    let (seconds, hidden) = match &gpu {
+        Some(g) => forward_runs(g, &base, &batch, repeat).await,
+        None => forward_runs(&Cpu, &base, &batch, repeat).await,
+    }
+    .map_err(to_js)?;
+    let mean_abs = hidden.data.iter().map(|v| v.abs() as f64).sum::<f64>() / hidden.data.len().max(1) as f64;
+    let out = serde_json::json!({
+        "seconds": seconds,
+        "tokens": ids.len(),
+        "backend": if gpu.is_some() { "gpu" } else { "cpu" },
+        "hidden": hidden.row(0)[..8.min(hidden.cols)].to_vec(),
+        "mean_abs": mean_abs,
+    });
+    Ok(out.to_string())
+}
+
+async fn forward_runs<B: crate::backend::Backend>(
+    be: &B,
+    base: &BaseInputs,
+    batch: &crate::models::Batch,
+    repeat: usize,
+) -> crate::error::Result<(Vec<f64>, crate::mat::Mat)> {
+    let model = crate::models::load(be, &base.config, &base.weights)?;
+    let mut seconds = Vec::new();
+    let mut last = None;
+    for _ in 0..repeat.max(1) {
+        let t0 = crate::merge::now();
+        let h = crate::models::run(&model, be, batch, &mut crate::models::NoHook, crate::models::Output::Hidden).await?;
+        // The readback ends the run on a GPU (its work is queued until then).
+        last = Some(be.download(&h.ok_or(Error::Stop)?).await?);
+        seconds.push(crate::merge::now() - t0);
+    }
+    Ok((seconds, last.ok_or(Error::Stop)?))
+}

@@ -26,7 +26,7 @@ pub const EVAL_LOGITS_BYTES: u64 = 256 << 20;
 pub struct MemoryPlan {
     /// The input files held in memory (safetensors bytes; 0 where they are read by ranges).
     pub files_bytes: u64,
-    /// The model's weights as the backend holds them (f32 on the CPU, file precision on a GPU).
+    /// The model's weights as the backend holds them (file precision on both backends).
     pub weights_bytes: u64,
     /// One batched forward pass over every task's samples (both streams).
     pub activations_bytes: u64,
