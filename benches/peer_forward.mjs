@@ -11,6 +11,9 @@
 //
 // GFLOP/s counts the multiply-adds of the projections (2 per weight per token) and of attention
 // (q·kᵀ and p·v over every key of the sequence, as both engines compute them); not the norms.
+// A second table times each matrix-product shape of a merge at that batch alone: the projections
+// x · Wᵀ and the Gram matrices Xᵀ·Y of a stage's inputs (tools/make_peer_model.py's matmul_K.onnx
+// against the engine's `matmul_bench`).
 import { chromium } from 'playwright-core';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -40,7 +43,7 @@ fs.writeFileSync(path.join(site, 'index.html'), `<!doctype html><meta charset="u
 <title>forward-pass peer benchmark</title>`);
 fs.writeFileSync(path.join(site, 'ort_worker.js'), `
 import * as ort from './ort/ort.wasm.min.mjs';
-onmessage = async ({ data: { ids, sequences, tokens, repeat, threads } }) => {
+onmessage = async ({ data: { ids, sequences, tokens, repeat, threads, shapes } }) => {
   try {
     ort.env.wasm.wasmPaths = new URL('./ort/', location.href).href;
     ort.env.wasm.numThreads = threads;
@@ -56,12 +59,25 @@ onmessage = async ({ data: { ids, sequences, tokens, repeat, threads } }) => {
       hidden = (await session.run({ input_ids: input })).hidden.data;
       if (r > 0) seconds.push((performance.now() - t) / 1000);  // the first run warms up
     }
-    postMessage({ seconds, load, hidden: Array.from(hidden.slice(0, 8)), simd: true, threads: ort.env.wasm.numThreads });
+    const matmuls = [];
+    for (const mm of shapes) {
+      const s = await ort.InferenceSession.create(await (await fetch('model/' + mm.file)).arrayBuffer(), { executionProviders: ['wasm'] });
+      const x = () => new ort.Tensor('float32', Float32Array.from({ length: mm.m * mm.k }, (_, i) => ((i * 7919) % 1000) / 1000 - 0.5), [mm.m, mm.k]);
+      const feeds = mm.kind === 'gram' ? { x: x(), x2: x() } : { x: x() };
+      const t = [];
+      for (let r = 0; r < repeat + 1; r++) {
+        const t0 = performance.now();
+        await s.run(feeds);
+        if (r > 0) t.push((performance.now() - t0) / 1000);
+      }
+      matmuls.push(t);
+    }
+    postMessage({ seconds, load, hidden: Array.from(hidden.slice(0, 8)), threads: ort.env.wasm.numThreads, matmuls });
   } catch (e) { postMessage({ error: String(e && e.stack || e) }); }
 };`);
 fs.writeFileSync(path.join(site, 'engine_worker.js'), `
-import init, { initThreadPool, forward_bench, threads as poolThreads } from './pkg-threads/iteris.js';
-onmessage = async ({ data: { ids, sequences, repeat, threads } }) => {
+import init, { initThreadPool, forward_bench, matmul_bench, threads as poolThreads } from './pkg-threads/iteris.js';
+onmessage = async ({ data: { ids, sequences, repeat, threads, shapes } }) => {
   try {
     const t0 = performance.now();
     await init();
@@ -71,7 +87,9 @@ onmessage = async ({ data: { ids, sequences, repeat, threads } }) => {
       files.push({ name, bytes: new Uint8Array(await (await fetch('model/' + name)).arrayBuffer()) });
     const load = (performance.now() - t0) / 1000;
     const out = JSON.parse(await forward_bench({ name: 'model', files }, Uint32Array.from(ids), sequences, repeat + 1, 'cpu', () => {}));
-    postMessage({ seconds: out.seconds.slice(1), load, hidden: out.hidden, threads: poolThreads() });
+    const matmuls = [];
+    for (const mm of shapes) matmuls.push(Array.from(await matmul_bench(mm.kind, mm.m, mm.k, mm.n, repeat + 1)).slice(1));
+    postMessage({ seconds: out.seconds.slice(1), load, hidden: out.hidden, threads: poolThreads(), matmuls });
   } catch (e) { postMessage({ error: String(e && e.stack || e) }); }
 };`);
 
@@ -90,7 +108,7 @@ try {
   const n = shape.sequences * shape.tokens;
   let x = 12345;
   const ids = Array.from({ length: n }, () => (x = (x * 1103515245 + 12345) % 2 ** 31) % shape.vocab);
-  const job = { ids, sequences: shape.sequences, tokens: shape.tokens, repeat, threads };
+  const job = { ids, sequences: shape.sequences, tokens: shape.tokens, repeat, threads, shapes: shape.matmuls };
   const run = (worker) => page.evaluate(([w, j]) => new Promise((ok) => {
     const wk = new Worker(w, { type: 'module' });
     wk.onmessage = (e) => { ok(e.data); wk.terminate(); };
@@ -116,6 +134,16 @@ try {
   if (!a.error && !b.error) {
     const diff = Math.max(...a.hidden.map((v, i) => Math.abs(v - b.hidden[i])));
     console.log(`first hidden values agree within ${diff.toExponential(2)}; page engine / onnxruntime-web time: ${(b.median / a.median).toFixed(2)}x`);
+  }
+  const median = (v) => [...v].sort((x, y) => x - y)[Math.floor(v.length / 2)];
+  if (!a.error && !b.error) {
+    console.log(`\nthe merge's matrix products (${shape.sequences * shape.tokens} rows), GFLOP/s`);
+    console.log('product'.padEnd(44), 'onnxruntime-web'.padStart(16), 'page engine'.padStart(12));
+    shape.matmuls.forEach((mm, i) => {
+      const f = mm.kind === 'gram' ? 2 * mm.k * mm.m * mm.k : 2 * mm.m * mm.k * mm.n;
+      const label = mm.kind === 'gram' ? `${mm.name}: (${mm.m}x${mm.k})T (${mm.m}x${mm.k})` : `${mm.name}: (${mm.m}x${mm.k}) (${mm.k}x${mm.n})`;
+      console.log(label.padEnd(44), (f / median(a.matmuls[i]) / 1e9).toFixed(1).padStart(16), (f / median(b.matmuls[i]) / 1e9).toFixed(1).padStart(12));
+    });
   }
   fs.writeFileSync(path.join(site, 'results.json'), JSON.stringify({ shape, threads, flops, results }, null, 2));
 } finally {

@@ -492,3 +492,48 @@ async fn forward_runs<B: crate::backend::Backend>(
     }
     Ok((seconds, last.ok_or(Error::Stop)?))
 }
+
+/// The matrix-product benchmark beside `forward_bench`: `kind` "project" times y = x · wᵀ for x
+/// (m, k) and a weight w (n, k), as a module's projection runs; "gram" times the Gram matrix
+/// xᵀ · y of two (m, k) inputs, as a stage's statistics accumulate. CPU path. Resolves to the
+/// seconds one product took, for each of `repeat` timed runs.
+#[wasm_bindgen]
+pub async fn matmul_bench(kind: String, m: usize, k: usize, n: usize, repeat: usize) -> Result<Vec<f64>, JsValue> {
+    use crate::backend::Backend;
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut random = |rows: usize, cols: usize| {
+        let data = (0..rows * cols)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect();
+        crate::mat::Mat::new(rows, cols, data)
+    };
+    let be = Cpu;
+    let x = be.upload(&random(m, k));
+    let other = be.upload(&if kind == "gram" { random(m, k) } else { random(n, k) });
+    let once = async || -> Result<(), JsValue> {
+        match kind.as_str() {
+            "project" => drop(std::hint::black_box(be.matmul_t(&x, 0..m, &other))),
+            "gram" => drop(std::hint::black_box(be.gram(&x, 0..m, &other, 0..m).await.map_err(to_js)?)),
+            kind => return Err(js_error("input", &format!("matmul_bench: kind {kind:?} is not project or gram"))),
+        }
+        Ok(())
+    };
+    // The page's clock counts milliseconds: each timed run repeats the product for at least 50 ms.
+    let t0 = crate::merge::now();
+    once().await?;
+    let inner = (0.05 / (crate::merge::now() - t0).max(1e-4)).ceil() as usize;
+    let mut seconds = Vec::new();
+    for _ in 0..repeat.max(1) {
+        let t0 = crate::merge::now();
+        for _ in 0..inner {
+            once().await?;
+        }
+        seconds.push((crate::merge::now() - t0) / inner as f64);
+    }
+    Ok(seconds)
+}

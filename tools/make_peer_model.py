@@ -3,7 +3,8 @@
 (benches/peer_forward.mjs): a Hugging Face folder the page's engine reads (config.json,
 model.safetensors, a tokenizer.json) and model.onnx, the same network as an ONNX graph that
 onnxruntime-web (the engine transformers.js runs on) executes. Both stop at the final norm's
-hidden states, which is what a merge's calibration pass computes (no LM head).
+hidden states, which is what a merge's calibration pass computes (no LM head). Beside them, one
+small ONNX graph per matrix-product shape of a merge at that batch (matmul_K.onnx).
 
 The graph is written op by op with `onnx.helper` (opset 17, standard ops only, shapes fixed at
 SEQUENCES x TOKENS) so that it is exactly the engine's Llama: RMSNorm, rotary positions in the
@@ -120,6 +121,33 @@ def onnx_model(t, layers, b, n):
     return model
 
 
+def matmul_models(out, rows):
+    """One ONNX graph per matrix product a merge runs at this shape (rows: the batch's tokens):
+    each projection x · Wᵀ (W an initializer, as a weight), and the Gram matrices Xᵀ·Y of a
+    stage's inputs. Returns their list for shape.json."""
+    shapes = [("q, o", "project", rows, D, D), ("k, v", "project", rows, D, KV * HD), ("gate, up", "project", rows, D, FF),
+              ("down", "project", rows, FF, D), ("gram, attention input", "gram", rows, D, D), ("gram, down input", "gram", rows, FF, FF)]
+    listed = []
+    rng = np.random.default_rng(1)
+    for k, (name, kind, m, kk, n) in enumerate(shapes):
+        if kind == "project":
+            w = numpy_helper.from_array((rng.standard_normal((kk, n)) / np.sqrt(kk)).astype(np.float32), "w")
+            nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+            inputs, inits = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, kk])], [w]
+            out_shape = [m, n]
+        else:
+            nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]), helper.make_node("MatMul", ["xt", "x2"], ["y"])]
+            inputs = [helper.make_tensor_value_info(v, TensorProto.FLOAT, [m, kk]) for v in ("x", "x2")]
+            inits, out_shape = [], [kk, n]
+        graph = helper.make_graph(nodes, name, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        file = f"matmul_{k}.onnx"
+        onnx.save(model, os.path.join(out, file))
+        listed.append({"name": name, "kind": kind, "m": m, "k": kk, "n": n, "file": file})
+    return listed
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -140,7 +168,8 @@ def main():
     shutil.copy(os.path.join(os.path.dirname(HERE), "demo", "base", "tokenizer.json"), os.path.join(a.out, "tokenizer.json"))
     onnx.save(onnx_model(t, a.layers, a.sequences, a.tokens), os.path.join(a.out, "model.onnx"))
     with open(os.path.join(a.out, "shape.json"), "w") as f:
-        json.dump({"sequences": a.sequences, "tokens": a.tokens, "layers": a.layers, "vocab": VOCAB}, f)
+        json.dump({"sequences": a.sequences, "tokens": a.tokens, "layers": a.layers, "vocab": VOCAB,
+                   "matmuls": matmul_models(a.out, a.sequences * a.tokens)}, f)
     print(f"{a.out}: {a.layers} layers, {sum(v.size for v in t.values()) / 1e6:.0f}M parameters, ONNX for {a.sequences} x {a.tokens} tokens")
 
 
