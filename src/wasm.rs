@@ -485,7 +485,8 @@ async fn forward_runs<B: crate::backend::Backend>(
     let mut last = None;
     for _ in 0..repeat.max(1) {
         let t0 = crate::merge::now();
-        let h = crate::models::run(&model, be, batch, &mut crate::models::NoHook, crate::models::Output::Hidden).await?;
+        let h =
+            crate::models::run(&model, be, batch, &mut crate::models::NoHook, crate::models::Output::Hidden).await?;
         // The readback ends the run on a GPU (its work is queued until then).
         last = Some(be.download(&h.ok_or(Error::Stop)?).await?);
         seconds.push(crate::merge::now() - t0);

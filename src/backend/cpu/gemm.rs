@@ -1,8 +1,8 @@
 //! The CPU backend's matrix products. Natively they run on faer's kernels (runtime-dispatched
 //! AVX-512 / AVX2, threaded on rayon): 1.1–1.4× the throughput of `matrixmultiply` on this
-//! project's shapes (`cargo bench --bench matmul -- cpu`). On wasm32 they run on
-//! `matrixmultiply`, split by rows over the page's Web Workers where the threaded build has them
-//! (faer's wasm path has no SIMD kernel).
+//! project's shapes (`cargo bench --bench matmul -- cpu`). On wasm32 the f32 ones run on
+//! `packed.rs` (packed panels, a SIMD128 microkernel), split by rows over the page's Web Workers
+//! where the threaded build has them (faer's wasm path has no SIMD kernel).
 //!
 //! Gram matrices are f64 products of the f32 features (`gram_into`), the symmetric ones computed
 //! by halves.
@@ -203,11 +203,16 @@ unsafe fn gemm_f32(
     accumulate: bool,
     parallel: bool,
 ) {
-    let beta = if accumulate { 1.0 } else { 0.0 };
     // A block of c's rows r0.. reads a's rows from r0 · rs (non-negative, checked).
     let rs = a.rs as usize;
     let flops = if parallel { m * n * k } else { 0 };
     by_row_blocks(m, n, flops, c, |r0, rows, cb| {
+        // The caller's checks hold for the block: its rows are rows of the whole view.
+        if super::packed::pays(rows, k, n) {
+            let block = View { data: &a.data[r0 * rs..], rows, cols: k, rs: a.rs, cs: a.cs };
+            super::packed::sgemm(block, b, cb, accumulate);
+            return;
+        }
         // SAFETY: the caller's checks; a block's rows are rows of the whole view.
         unsafe {
             matrixmultiply::sgemm(
@@ -221,7 +226,7 @@ unsafe fn gemm_f32(
                 b.data.as_ptr(),
                 b.rs,
                 b.cs,
-                beta,
+                if accumulate { 1.0 } else { 0.0 },
                 cb.as_mut_ptr(),
                 n as isize,
                 1,

@@ -1,11 +1,15 @@
 //! The CPU backend: the reference every GPU kernel is tested against, and the fallback where no GPU
-//! is available. Matrix products are `gemm.rs` (faer natively, matrixmultiply on wasm32);
+//! is available. Matrix products are `gemm.rs` (faer natively; on wasm32 `packed.rs`, packed panels and a
+//! SIMD128 microkernel);
 //! elementwise math is `vector.rs` (vectorized, dispatched on the CPU's instruction set). Every
 //! op runs in parallel with rayon: natively, and in the page's threaded build on a pool of Web
 //! Workers (feature `threads`, `wasm::init_thread_pool`); the page's single-thread build runs them
 //! in order.
 
 pub(crate) mod gemm;
+// Natively only its tests run it (faer multiplies there).
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+mod packed;
 mod vector;
 
 use super::{Activation, AttentionSpec, Backend, Reads, Values};
