@@ -11,7 +11,7 @@
 //! phase (`iteris::profile`), on the CPU backend (default) or the GPU backend (`gpu`; on a
 //! software Vulkan driver this shape takes hours). Compare with `python3 tools/bench_reference.py` (PyTorch, same work).
 
-use iteris::backend::{cpu::Cpu, gpu::Gpu, Backend};
+use iteris::backend::{cpu::Cpu, gpu::Gpu, Backward};
 use iteris::formats::hf_config::HfConfig;
 use iteris::formats::peft::LoraModule;
 use iteris::formats::safetensors::{write, TensorFile, TensorStore};
@@ -51,7 +51,7 @@ fn main() {
     }
 }
 
-fn run<B: Backend + 'static>(be: &B, backend: &str, which: &[String], f16: bool) {
+fn run<B: Backward + 'static>(be: &B, backend: &str, which: &[String], f16: bool) {
     let mut rng = Rng(0x9E3779B97F4A7C15);
     let mut w = BTreeMap::new();
     w.insert("wte.weight".to_string(), rng.scaled(VOCAB, D, 0.05));

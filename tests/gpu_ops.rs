@@ -2,7 +2,7 @@
 //! shapes that are not multiples of the tiles and row ranges inside batched tensors. Runs on any
 //! adapter wgpu finds; CI installs Mesa's lavapipe (software Vulkan), so keep shapes small.
 
-use iteris::backend::{cpu::Cpu, gpu::Gpu, Activation, AttentionSpec, Backend};
+use iteris::backend::{cpu::Cpu, gpu::Gpu, Activation, AttentionSpec, Backend, Backward};
 use iteris::mat::{rel_err, Mat};
 use iteris::merge::solve::host;
 use pollster::FutureExt;
@@ -416,6 +416,14 @@ fn weights_beyond_one_binding_are_split_by_rows() {
             &Cpu.matmul_t(&x, 0..9, &w),
             1e-6,
         );
+        // The backward pass's dy · W: the blocks split the sum's index.
+        let dy = r.mat(9, 37);
+        close(
+            &format!("{dtype:?} split matmul"),
+            &g.download(&Backward::matmul(&g, &g.upload(&dy), &gw)).block_on().unwrap(),
+            &Backward::matmul(&Cpu, &dy, &w),
+            1e-6,
+        );
         let idx = [36u32, 0, 9, 10, 29, 30, 5];
         close(
             &format!("{dtype:?} split select_rows"),
@@ -493,5 +501,70 @@ fn system_assembled_from_pending_statistics_equals_the_host_system() {
         eprintln!("{method} α {alpha}: L·Lᵀ vs host M {e:.2e}");
         // Measured 1.4e-7 to 1.6e-7.
         assert!(e < 5e-7, "{method} α {alpha}: L·Lᵀ differs from the host's M by {e:.2e}");
+    }
+}
+
+/// The backward ops (`Backward`, refinement's gradients) against the CPU's: products, joined
+/// columns, RMSNorm's gradient per row and per head, the gated activations' gradients, and
+/// attention's gradient with grouped heads, sliding windows, soft-capping and several sequences.
+#[test]
+fn backward_ops() {
+    let _l = LOCK.lock().unwrap();
+    let Some(g) = gpu("backward_ops") else { return };
+    let mut r = Rng(11);
+    let down = |t: &<Gpu as Backend>::T| g.download(t).block_on().unwrap();
+    for (n, out, inp) in [(1, 1, 1), (37, 19, 23), (130, 70, 65)] {
+        let (dy, w) = (r.mat(n, out), r.mat(out, inp));
+        close(
+            "matmul",
+            &down(&Backward::matmul(g, &g.upload(&dy), &g.upload(&w))),
+            &Backward::matmul(&Cpu, &dy, &w),
+            1e-5,
+        );
+        let (x, acc) = (r.mat(n, inp), r.mat(out, inp));
+        let (mut ca, mut ga) = (acc.clone(), g.upload(&acc));
+        Cpu.add_matmul_tn(&mut ca, &dy, &x);
+        g.add_matmul_tn(&mut ga, &g.upload(&dy), &g.upload(&x));
+        close("add_matmul_tn", &down(&ga), &ca, 1e-5);
+    }
+    let zeros = down(&g.zeros(5, 7));
+    assert!(zeros.data.iter().all(|&v| v == 0.0) && zeros.shape() == (5, 7), "zeros");
+    let parts = [r.mat(9, 3), r.mat(9, 8), r.mat(9, 1)];
+    let gp: Vec<_> = parts.iter().map(|p| g.upload(p)).collect();
+    let joined = Cpu.concat_cols(&parts.iter().collect::<Vec<_>>());
+    assert_eq!(joined.shape(), (9, 12));
+    close("concat_cols", &down(&g.concat_cols(&gp.iter().collect::<Vec<_>>())), &joined, 1e-12);
+    for width in [48, 8] {
+        let (x, dy, gamma) = (r.mat(21, 48), r.mat(21, 48), r.mat(1, width));
+        let c = Cpu.rms_norm_backward(&x, &gamma, 1e-6, &dy);
+        let gg = down(&g.rms_norm_backward(&g.upload(&x), &g.upload(&gamma), 1e-6, &g.upload(&dy)));
+        close(&format!("rms_norm_backward (groups of {width})"), &gg, &c, 1e-5);
+    }
+    for act in [Activation::Silu, Activation::GeluErf, Activation::GeluTanh, Activation::Relu, Activation::Tanh] {
+        let mut gate = r.mat(13, 40);
+        gate.data[0] = 0.0;
+        let mut act_gate = gate.clone();
+        Cpu.activate(&mut act_gate, act);
+        let (up, dz) = (r.mat(13, 40), r.mat(13, 40));
+        let (cg, cu) = Cpu.gate_backward(&gate, &act_gate, &up, &dz, act);
+        let (gg, gu) = g.gate_backward(&g.upload(&gate), &g.upload(&act_gate), &g.upload(&up), &g.upload(&dz), act);
+        close(&format!("gate_backward {act:?}: dgate"), &down(&gg), &cg, 1e-5);
+        close(&format!("gate_backward {act:?}: dup"), &down(&gu), &cu, 1e-6);
+    }
+    let seqs = vec![0..1, 1..40, 40..45, 45..115];
+    let rows = 115;
+    for (heads, kv, hd, window, softcap) in
+        [(4, 4, 8, None, None), (4, 2, 16, None, None), (4, 1, 8, Some(5), None), (4, 2, 8, Some(9), Some(0.8))]
+    {
+        let (q, k, v, dout) =
+            (r.mat(rows, heads * hd), r.mat(rows, kv * hd), r.mat(rows, kv * hd), r.mat(rows, heads * hd));
+        let spec = AttentionSpec { heads, kv_heads: kv, head_dim: hd, causal: true, window, scale: 0.4, softcap };
+        let (cq, ck, cv) = Cpu.attention_backward(&q, &k, &v, &dout, &spec, &seqs);
+        let up = |m: &Mat| g.upload(m);
+        let (gq, gk, gv) = g.attention_backward(&up(&q), &up(&k), &up(&v), &up(&dout), &spec, &seqs);
+        let what = format!("attention_backward h{heads} kv{kv} d{hd} window {window:?} softcap {softcap:?}");
+        close(&format!("{what}: dq"), &down(&gq), &cq, 1e-5);
+        close(&format!("{what}: dk"), &down(&gk), &ck, 1e-5);
+        close(&format!("{what}: dv"), &down(&gv), &cv, 1e-5);
     }
 }

@@ -98,7 +98,7 @@ fn real_gpu_forward_matches_transformers() {
     check_forward(&gpu);
 }
 
-fn check_merge<B: Backend + 'static>(be: &B, tol: f64) {
+fn check_merge<B: iteris::backend::Backward + 'static>(be: &B, tol: f64) {
     for name in MODELS {
         let Some(d) = real_dir(name) else { continue };
         let base = fsio::read_base(&d.join("base")).unwrap();

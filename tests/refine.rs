@@ -36,9 +36,11 @@ fn decoder(model: &Model<Mat>) -> &models::decoder::Decoder<Mat> {
 fn logits(model: &Model<Mat>, batch: &Batch, index: &LoraIndex, loras: &[Lora]) -> Mat {
     let d = decoder(model);
     let mut out = Mat::zeros(batch.tokens(), d.vocab);
-    decoder_grad::forward(d, batch, index, loras, &mut |rows, l| {
+    decoder_grad::each_logits(&Cpu, d, batch, index, loras, &mut |rows, l| {
         out.data[rows.start * d.vocab..rows.end * d.vocab].copy_from_slice(&l.data)
-    });
+    })
+    .block_on()
+    .unwrap();
     out
 }
 
@@ -87,10 +89,12 @@ fn gradients_match_finite_differences() {
             let l = logits(&model, &batch, &index, loras);
             l.data.iter().zip(&c.data).map(|(&a, &b)| a as f64 * b as f64).sum()
         };
-        let (l0, grads) = decoder_grad::loss_and_grads(d, &batch, &index, &loras, &mut |rows, l| {
+        let (l0, grads) = decoder_grad::loss_and_grads(&Cpu, d, &batch, &index, &loras, &mut |rows, l| {
             let cr = c.rows_of(rows);
             (l.data.iter().zip(&cr.data).map(|(&a, &b)| a as f64 * b as f64).sum(), cr)
-        });
+        })
+        .block_on()
+        .unwrap();
         assert!((l0 - loss(&loras)).abs() <= 1e-6 * l0.abs().max(1.0), "{arch}: the loss differs");
         // Directional derivatives along random directions, by central differences.
         for probe in 0..2 {
@@ -167,8 +171,8 @@ fn distillation_gradient_matches_pytorch() {
         }
         assert!(student.len() >= 4, "{arch}: {} modules", student.len());
         // Measured: loss within 1e-7 relative, gradients within 9e-7 (llama, phi3), 6e-6 (gemma2).
-        let objective = refine::Distillation::new(decoder(&model), &targets, &[1.0; 3]);
-        let (loss, grads) = objective.loss_and_grads(&ids, &index, &student);
+        let objective = refine::Distillation::new(&Cpu, decoder(&model), &targets, &[1.0; 3]);
+        let (loss, grads) = objective.loss_and_grads(&ids, &index, &student).block_on().unwrap();
         let want = exp.mat("loss").unwrap().data[0] as f64;
         assert!((loss - want).abs() < 1e-5 * want, "{arch}: loss {loss:.8e}, PyTorch {want:.8e}");
         let mut worst = 0.0f64;
@@ -200,4 +204,59 @@ fn only_the_refined_row_of_a_comparison_refines() {
             assert_eq!(o.refine_steps, want, "{name}");
         }
     }
+}
+
+/// The backward pass on the GPU (`Backward`'s kernels, through the same `decoder_grad`) against
+/// the CPU's, on every decoder family's fixture: the loss Σ c ⊙ logits and every LoRA factor's
+/// gradient, with a rank-2 LoRA at every module (the LM head and fused projections included).
+#[test]
+fn gpu_gradients_match_the_cpu() {
+    let Some(gpu) = gpu_or_skip("gpu_gradients_match_the_cpu") else { return };
+    let mut worst = 0.0f64;
+    for arch in DECODERS {
+        let base = base(arch);
+        let cpu_model = models::load(&Cpu, &base.config, &base.weights).unwrap();
+        let gpu_model = models::load(&gpu, &base.config, &base.weights).unwrap();
+        let Model::Decoder(gd) = &gpu_model else { panic!("not a decoder") };
+        let batch = batch_of(arch, 3);
+        let mut rng = Rng(0x51ed);
+        let (index, loras) = random_loras(&cpu_model, &mut rng);
+        let c = rng.mat(batch.tokens(), decoder(&cpu_model).vocab);
+        let mut weighted = |rows: std::ops::Range<usize>, l: &Mat| {
+            let cr = c.rows_of(rows);
+            (l.data.iter().zip(&cr.data).map(|(&a, &b)| a as f64 * b as f64).sum(), cr)
+        };
+        let (lc, gc) = decoder_grad::loss_and_grads(&Cpu, decoder(&cpu_model), &batch, &index, &loras, &mut weighted)
+            .block_on()
+            .unwrap();
+        let dev: Vec<Lora<_>> = loras.iter().map(|l| l.upload(&gpu)).collect();
+        let (lg, gg) = decoder_grad::loss_and_grads(&gpu, gd, &batch, &index, &dev, &mut weighted).block_on().unwrap();
+        assert!((lc - lg).abs() <= 1e-4 * lc.abs().max(1.0), "{arch}: loss {lg} on the GPU, {lc} on the CPU");
+        for (name, &k) in &index {
+            let g = gg[k].download(&gpu).block_on().unwrap();
+            for (what, got, want) in [("a", &g.a, &gc[k].a), ("b", &g.b, &gc[k].b)] {
+                let e = iteris::mat::rel_err(&got.data, &want.data);
+                worst = worst.max(e);
+                assert!(e < 1e-3, "{arch}: {name}.{what}'s gradient differs from the CPU's by {e:.2e}");
+            }
+        }
+    }
+    eprintln!("worst gradient difference GPU/CPU: {worst:.1e}");
+}
+
+/// A merge with refinement on the GPU: the pipeline refines there (no CPU copy of the model), and
+/// its KL before and after agree with the CPU's refinement of the same fixture.
+#[test]
+fn refinement_runs_on_the_gpu() {
+    let Some(gpu) = gpu_or_skip("refinement_runs_on_the_gpu") else { return };
+    let opts = Options { refine_steps: 3, ..Options::default() };
+    let base = base("llama");
+    let cpu = merge_on(&Cpu, &base, "llama", &opts);
+    let on_gpu = merge_on(&gpu, &base, "llama", &opts);
+    let (c, g) = (cpu.report.refinement.unwrap(), on_gpu.report.refinement.unwrap());
+    assert!(g.kept && g.kl_after < g.kl_before, "GPU: KL {} → {}", g.kl_before, g.kl_after);
+    for (what, x, y) in [("before", c.kl_before, g.kl_before), ("after", c.kl_after, g.kl_after)] {
+        assert!((x - y).abs() < 1e-3 * x.max(1e-3), "KL {what}: CPU {x}, GPU {y}");
+    }
+    assert!(on_gpu.report.backend.starts_with("gpu"), "{}", on_gpu.report.backend);
 }

@@ -5,6 +5,7 @@
 //! Every tensor is a row-major (rows, cols) f32 matrix: rows are tokens (or sequences), columns are
 //! features. Ranges select rows, so one batched tensor can hold several row groups (tasks × streams).
 
+pub mod backward;
 pub mod cpu;
 pub mod gpu;
 pub mod reads;
@@ -14,6 +15,7 @@ use crate::error::Result;
 use crate::mat::{Mat, Mat64, StoredMat};
 use std::ops::Range;
 
+pub use backward::Backward;
 pub use reads::{FactorId, GramId, Reads, ScalarId, Values};
 pub use system::{Cross, SystemSpec, SystemTerm, Weight};
 

@@ -7,12 +7,11 @@ use super::evaluate::{self, DeltaHook, TaskQuality};
 use super::export::{adapter_files, reduce_rank};
 use super::report::{module_reports, task_means, Report, TaskReport, Timings};
 use super::{iteris, map_targets, now, plan, tokenize, Balance, Options, Progress};
-use crate::backend::{cpu::Cpu, Backend};
+use crate::backend::{Backend, Backward};
 use crate::error::Result;
 use crate::formats::hf_config::HfConfig;
 use crate::formats::samples::EvalSet;
 use crate::inputs::{BaseInputs, TaskInput};
-use crate::mat::Mat;
 use crate::models;
 use crate::models::chunked::{chunk_batches, Streams};
 use crate::models::Stream;
@@ -42,7 +41,7 @@ impl MergeResult {
     }
 }
 
-pub async fn merge<B: Backend>(
+pub async fn merge<B: Backward>(
     be: &B,
     base: &BaseInputs,
     tasks: &[TaskInput],
@@ -148,8 +147,7 @@ pub async fn merge<B: Backend>(
         // The merged factors are at most Σr wide per module (a dense solution is cut to --rank).
         let rank = iteris::default_dense_rank(&targets).max(opts.rank.unwrap_or(0));
         let params: u64 = targets.iter().map(|t| (rank * (t.in_dim + t.out_dim)) as u64).sum();
-        let copy = if be.on_device() { base.weights.stored_bytes(true) } else { 0 };
-        plan::add_refinement(&mut memory, &modules, params, copy);
+        plan::add_refinement(&mut memory, &modules, params, be.on_device());
     }
     memory.check(&be.name())?;
     // Balancing holds out every fifth sample: below `balance::MIN_SAMPLES` per task the merges it
@@ -195,7 +193,7 @@ pub async fn merge<B: Backend>(
         let batch: Vec<usize> = ids.iter().map(Vec::len).collect();
         let pool: Vec<Vec<Vec<u32>>> =
             ids.iter().zip(extra).map(|(g, e)| g.iter().cloned().chain(e).collect()).collect();
-        let mut r = refine_merge(base, &model, &mut outcome, &pool, &batch, opts, progress)?;
+        let mut r = refine_merge(be, &model, &mut outcome, &pool, &batch, opts, progress).await?;
         r.seconds = now() - t;
         check_finite(&outcome)?;
         timings.refinement = r.seconds;
@@ -271,30 +269,23 @@ pub async fn merge<B: Backend>(
     Ok(MergeResult { quality, adapter_config: files.config, adapter_weights: files.weights, report, outcome })
 }
 
-/// Distillation refinement of the merged deltas (`refine`), on the CPU: the pipeline's own model
-/// where the merge runs there, else a CPU copy of the weights (the backward pass is CPU-only yet).
-fn refine_merge<T: 'static>(
-    base: &BaseInputs,
-    model: &models::Model<T>,
+/// Distillation refinement of the merged deltas (`refine`), on the merge's own backend and model.
+#[allow(clippy::too_many_arguments)]
+async fn refine_merge<B: Backward>(
+    be: &B,
+    model: &models::Model<B::T>,
     outcome: &mut super::Outcome,
     pool: &[Vec<Vec<u32>>],
     batch: &[usize],
     opts: &Options,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<super::refine::Refinement> {
-    let copy;
-    let model = match (model as &dyn std::any::Any).downcast_ref::<models::Model<Mat>>() {
-        Some(m) => m,
-        None => {
-            copy = models::load(&Cpu, &base.config, &base.weights)?;
-            &copy
-        }
-    };
     let models::Model::Decoder(decoder) = model else {
         return Err(crate::error::Error::Unsupported("distillation refinement needs a decoder model".into()));
     };
     let weights = opts.weights.clone().unwrap_or_else(|| vec![1.0; pool.len()]);
     super::refine::refine(
+        be,
         decoder,
         &outcome.targets,
         &mut outcome.merged,
@@ -306,6 +297,7 @@ fn refine_merge<T: 'static>(
         opts.seed,
         progress,
     )
+    .await
 }
 
 /// The model's end-of-sequence token, if config.json names one.

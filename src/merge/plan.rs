@@ -33,8 +33,8 @@ pub struct MemoryPlan {
     /// One stage's statistics: Gram matrices per task, the system matrices and their factors.
     pub statistics_bytes: u64,
     /// Distillation refinement (`merge::refine`): one run's kept activations, its teacher's and
-    /// its logits' (rows, vocab) tables, the factors' gradients and Adam moments, and a CPU copy
-    /// of the weights where the merge runs on a device (0 without refinement).
+    /// its logits' (rows, vocab) tables, the factors' gradients and Adam moments (0 without
+    /// refinement).
     pub refinement_bytes: u64,
     /// The chunks the batched pass runs in (1 where no tensor of the whole batch exceeds a
     /// binding), and the token rows of the largest.
@@ -176,11 +176,12 @@ pub fn merge_plan<B: Backend>(
     p
 }
 
-/// Add refinement's host memory to a plan (`MemoryPlan::refinement_bytes`): per token row of a
-/// run, every layer module's input and output and four residual-width tensors per layer kept
-/// for the backward pass; `merged_params` the merged factors' entries (three copies more: the
-/// gradient, Adam's two moments, and the best so far).
-pub fn add_refinement(p: &mut MemoryPlan, modules: &[ModuleInfo], merged_params: u64, cpu_weights_bytes: u64) {
+/// Add refinement's memory to a plan (`MemoryPlan::refinement_bytes`): per token row of a run,
+/// every layer module's input and output and four residual-width tensors per layer kept for the
+/// backward pass (on the device where the merge runs on one), the teacher's and the logits'
+/// (rows, vocab) tables on the host; `merged_params` the merged factors' entries (three copies
+/// more: the gradient, Adam's two moments, and the best so far).
+pub fn add_refinement(p: &mut MemoryPlan, modules: &[ModuleInfo], merged_params: u64, on_device: bool) {
     let layer_modules = modules.iter().filter(|m| m.name != "lm_head");
     let per_row: u64 = layer_modules.map(|m| (m.in_dim + m.out_dim) as u64).sum::<u64>();
     let head = modules.iter().find(|m| m.name == "lm_head");
@@ -189,9 +190,14 @@ pub fn add_refinement(p: &mut MemoryPlan, modules: &[ModuleInfo], merged_params:
     let rows = super::refine::RUN_TOKENS as u64;
     let kept = rows * (per_row + 4 * d * layers as u64) * 4;
     let tables = (rows + 2 * 256) * vocab * 4;
-    p.refinement_bytes = kept + tables + 4 * merged_params * 4 + cpu_weights_bytes;
-    p.host_bytes += p.refinement_bytes;
-    p.host_to_allocate_bytes += p.refinement_bytes;
+    let host = tables + 4 * merged_params * 4 + if on_device { 0 } else { kept };
+    p.refinement_bytes = kept + tables + 4 * merged_params * 4;
+    p.host_bytes += host;
+    p.host_to_allocate_bytes += host;
+    if on_device {
+        // The kept activations, the logits' gradients of a run and the factors' gradients.
+        p.device_bytes += kept + 256 * vocab * 4 + merged_params * 4;
+    }
 }
 
 /// Device memory a Jacobi merge may spend on the adapter streams' kept inputs (the GPU backends

@@ -7,7 +7,7 @@
 //!
 //! where p_i is adapter i's next-token distribution (base + ΔW_i) on task i's samples and p* the
 //! merged model's. No labels: the adapters are the teachers. Gradients come from one forward and
-//! one backward pass (`models::decoder_grad`), in runs of at most `RUN_TOKENS` tokens whose
+//! one backward pass (`models::decoder_grad`, on the merge's backend: CPU, GPU or the page), in runs of at most `RUN_TOKENS` tokens whose
 //! gradients add up to the whole batch's.
 //!
 //! **Transfer data.** Distilled on its calibration samples alone, the merge memorises them: on the
@@ -32,6 +32,7 @@ use super::evaluate;
 use super::iteris::Target;
 use super::solve::Merged;
 use super::{now, Progress};
+use crate::backend::Backward;
 use crate::error::{Error, Result};
 use crate::mat::Mat;
 use crate::models::decoder::Decoder;
@@ -148,75 +149,102 @@ impl Moments {
 /// samples come with each evaluation (a step's minibatch, or the whole pool). The teachers'
 /// distributions are computed run by run as each evaluation needs them, never held for every
 /// sample: a (rows, vocab) table is 200 KB per token row at a 49k vocabulary, and a forward pass
-/// costs a third of a step.
-pub struct Distillation<'a> {
-    model: &'a Decoder<Mat>,
-    /// Per task: its adapter's LoRAs, and its share λ_i / Σλ of L.
-    teachers: Vec<(LoraIndex, Vec<Lora>, f64)>,
+/// costs a third of a step. Runs on any backend with the backward ops (`Backward`): the forward
+/// and backward passes there, the logits' loss and gradient on the host.
+pub struct Distillation<'a, B: Backward> {
+    be: &'a B,
+    model: &'a Decoder<B::T>,
+    /// Per task: its adapter.
+    teachers: Vec<Teacher<B::T>>,
 }
 
-impl<'a> Distillation<'a> {
+/// One task's adapter: its LoRAs on the backend, and the task's share λ_i / Σλ of L.
+struct Teacher<T> {
+    index: LoraIndex,
+    loras: Vec<Lora<T>>,
+    share: f64,
+}
+
+impl<'a, B: Backward> Distillation<'a, B> {
     /// Adapter i teaches task i, at task weights `weights`.
-    pub fn new(model: &'a Decoder<Mat>, targets: &[Target], weights: &[f64]) -> Self {
+    pub fn new(be: &'a B, model: &'a Decoder<B::T>, targets: &[Target], weights: &[f64]) -> Self {
         let total_weight: f64 = weights.iter().sum();
         let teachers = (0..weights.len())
             .map(|task| {
                 let (index, loras) = adapter_loras(targets, task);
-                (index, loras, weights[task] / total_weight)
+                let loras = loras.iter().map(|l| l.upload(be)).collect();
+                Teacher { index, loras, share: weights[task] / total_weight }
             })
             .collect();
-        Distillation { model, teachers }
+        Distillation { be, model, teachers }
     }
 
-    /// Every run of `samples[i]` (task i's) as a batch, with its teacher's distributions.
-    fn for_each_run(&self, samples: &[Vec<Vec<u32>>], mut f: impl FnMut(&Batch, &Run)) {
-        let (model, v) = (self.model, self.model.vocab);
+    /// Every run of `samples[i]` (task i's) as (task, batch, the weight of each of its rows).
+    fn batches(&self, samples: &[Vec<Vec<u32>>]) -> Vec<(usize, Batch, f64)> {
+        let mut out = Vec::new();
         for (task, samples) in samples.iter().enumerate() {
-            let (index, loras, share) = &self.teachers[task];
             let lens: Vec<usize> = samples.iter().map(Vec::len).collect();
-            let weight = share / lens.iter().sum::<usize>().max(1) as f64;
+            let weight = self.teachers[task].share / lens.iter().sum::<usize>().max(1) as f64;
             for run in evaluate::runs(&lens, RUN_TOKENS) {
                 let mut batch = Batch::default();
                 batch.push_group(task, Stream::Merged, &samples[run]);
-                let mut teacher = Mat::zeros(batch.tokens(), v);
-                decoder_grad::forward(model, &batch, index, loras, &mut |rows, logits| {
-                    for (r, row) in rows.enumerate() {
-                        log_softmax_into(logits.row(r), &mut teacher.data[row * v..(row + 1) * v]);
-                    }
-                });
-                f(&batch, &Run { teacher, weight });
+                out.push((task, batch, weight));
             }
         }
+        out
     }
 
-    /// L over `samples` for the student LoRAs `loras` (at the modules `index` names) and its
-    /// gradient.
-    pub fn loss_and_grads(&self, samples: &[Vec<Vec<u32>>], index: &LoraIndex, loras: &[Lora]) -> (f64, Vec<Lora>) {
-        let mut loss = 0.0;
-        let mut grads: Vec<Lora> = loras.iter().map(Lora::zeros_like).collect();
-        self.for_each_run(samples, |batch, run| {
-            let (l, g) = decoder_grad::loss_and_grads(self.model, batch, index, loras, &mut |rows, logits| {
-                let mut grad = Mat::zeros(logits.rows, logits.cols);
-                (kl(run, rows, logits, Some(&mut grad)), grad)
-            });
-            loss += l;
-            for (acc, g) in grads.iter_mut().zip(g) {
-                acc.a.data.iter_mut().zip(&g.a.data).for_each(|(a, g)| *a += g);
-                acc.b.data.iter_mut().zip(&g.b.data).for_each(|(a, g)| *a += g);
+    /// Task `task`'s teacher on one batch.
+    async fn teacher(&self, task: usize, batch: &Batch, weight: f64) -> Result<Run> {
+        let v = self.model.vocab;
+        let Teacher { index, loras, .. } = &self.teachers[task];
+        let mut teacher = Mat::zeros(batch.tokens(), v);
+        decoder_grad::each_logits(self.be, self.model, batch, index, loras, &mut |rows, logits| {
+            for (r, row) in rows.enumerate() {
+                log_softmax_into(logits.row(r), &mut teacher.data[row * v..(row + 1) * v]);
             }
-        });
-        (loss, grads)
+        })
+        .await?;
+        Ok(Run { teacher, weight })
+    }
+
+    /// L over `samples` for the student LoRAs `loras` (at the modules `index` names, on the
+    /// backend) and its gradient, on the host.
+    pub async fn loss_and_grads(
+        &self,
+        samples: &[Vec<Vec<u32>>],
+        index: &LoraIndex,
+        loras: &[Lora<B::T>],
+    ) -> Result<(f64, Vec<Lora>)> {
+        let mut loss = 0.0;
+        let mut grads: Vec<Lora<B::T>> = loras.iter().map(|l| l.zeros_on(self.be)).collect();
+        for (task, batch, weight) in self.batches(samples) {
+            let run = self.teacher(task, &batch, weight).await?;
+            let mut kl_of = |rows: Range<usize>, logits: &Mat| {
+                let mut grad = Mat::zeros(logits.rows, logits.cols);
+                (kl(&run, rows, logits, Some(&mut grad)), grad)
+            };
+            loss += decoder_grad::add_loss_and_grads(self.be, self.model, &batch, index, loras, &mut kl_of, &mut grads)
+                .await?;
+        }
+        let mut host = Vec::with_capacity(grads.len());
+        for g in &grads {
+            host.push(g.download(self.be).await?);
+        }
+        Ok((loss, host))
     }
 
     /// L over `samples` alone (forward passes).
-    pub fn loss(&self, samples: &[Vec<Vec<u32>>], index: &LoraIndex, loras: &[Lora]) -> f64 {
+    pub async fn loss(&self, samples: &[Vec<Vec<u32>>], index: &LoraIndex, loras: &[Lora<B::T>]) -> Result<f64> {
         let mut loss = 0.0;
-        self.for_each_run(samples, |batch, run| {
-            decoder_grad::forward(self.model, batch, index, loras, &mut |rows, logits| {
-                loss += kl(run, rows, logits, None);
-            });
-        });
-        loss
+        for (task, batch, weight) in self.batches(samples) {
+            let run = self.teacher(task, &batch, weight).await?;
+            decoder_grad::each_logits(self.be, self.model, &batch, index, loras, &mut |rows, logits| {
+                loss += kl(&run, rows, logits, None);
+            })
+            .await?;
+        }
+        Ok(loss)
     }
 }
 
@@ -275,8 +303,9 @@ pub fn augment(prompts: &[Vec<Vec<u32>>], per_prompt: usize, seed: u64) -> Vec<V
 /// module's comment). `pool[i]` are task i's samples (given and augmented), of which each step
 /// draws `batch[i]`; `weights` are the λ_i.
 #[allow(clippy::too_many_arguments)]
-pub fn refine(
-    model: &Decoder<Mat>,
+pub async fn refine<B: Backward>(
+    be: &B,
+    model: &Decoder<B::T>,
     targets: &[Target],
     merged: &mut [Merged],
     pool: &[Vec<Vec<u32>>],
@@ -290,8 +319,11 @@ pub fn refine(
     let t0 = now();
     let (index, mut loras) = merged_loras(targets, merged);
     let start = loras.clone();
-    let objective = Distillation::new(model, targets, weights);
-    let before = objective.loss(pool, &index, &loras);
+    let objective = Distillation::new(be, model, targets, weights);
+    // The student on the backend, overwritten after each step's update (on the GPU its buffers
+    // stay the same, so the passes' bind groups are reused).
+    let mut student: Vec<Lora<B::T>> = loras.iter().map(|l| l.upload(be)).collect();
+    let before = objective.loss(pool, &index, &student).await?;
     let mut moments: Vec<(Moments, Moments)> =
         loras.iter().map(|l| (Moments::new(&l.a, lr), Moments::new(&l.b, lr))).collect();
     let mut rng = SplitMix64(seed);
@@ -316,7 +348,7 @@ pub fn refine(
                     .collect()
             })
             .collect();
-        let (loss, grads) = objective.loss_and_grads(&drawn, &index, &loras);
+        let (loss, grads) = objective.loss_and_grads(&drawn, &index, &student).await?;
         if !loss.is_finite() {
             return Err(Error::Numeric(format!(
                 "distillation refinement diverged at step {step} (the KL is not finite): lower --refine-lr"
@@ -328,8 +360,12 @@ pub fn refine(
             ma.update(&mut l.a, &g.a, step as i32 + 1, scale);
             mb.update(&mut l.b, &g.b, step as i32 + 1, scale);
         }
+        for (dev, l) in student.iter_mut().zip(&loras) {
+            be.overwrite(&mut dev.a, &l.a);
+            be.overwrite(&mut dev.b, &l.b);
+        }
     }
-    let after = objective.loss(pool, &index, &loras);
+    let after = objective.loss(pool, &index, &student).await?;
     let kept = after.is_finite() && after < before;
     for (m, l) in merged.iter_mut().zip(if kept { loras } else { start }) {
         m.a = l.a;

@@ -5,7 +5,7 @@
 use super::baselines::Method;
 use super::pipeline::merge;
 use super::{relative_change, Balance, Options, Progress, Schedule};
-use crate::backend::Backend;
+use crate::backend::Backward;
 use crate::error::{bad_input, Result};
 use crate::inputs::{BaseInputs, TaskInput};
 use serde::Serialize;
@@ -74,7 +74,7 @@ fn mean(v: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
 
 /// Run the study: every task needs held-out samples (`TaskInput::eval`). `progress` sees every
 /// merge's passes. The tasks' samples are cut to each count in turn and given back whole.
-pub async fn study<B: Backend>(
+pub async fn study<B: Backward>(
     be: &B,
     base: &BaseInputs,
     tasks: &mut [TaskInput],

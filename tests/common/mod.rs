@@ -46,7 +46,7 @@ pub fn base(arch: &str) -> BaseInputs {
 }
 
 /// Merge `arch`'s three fixture adapters onto `base` with backend `be`.
-pub fn merge_on<B: iteris::backend::Backend + 'static>(
+pub fn merge_on<B: iteris::backend::Backward + 'static>(
     be: &B,
     base: &BaseInputs,
     arch: &str,

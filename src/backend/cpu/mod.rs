@@ -6,6 +6,7 @@
 //! Workers (feature `threads`, `wasm::init_thread_pool`); the page's single-thread build runs them
 //! in order.
 
+mod backward;
 pub(crate) mod gemm;
 // Natively only its tests run it (faer multiplies there).
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]

@@ -139,6 +139,35 @@ impl Gpu {
         c
     }
 
+    /// dy · w: (n, k) · (k, m), w's rows the sum's index (the backward pass's dx = dy · W); a weight
+    /// split into row blocks adds one product per block.
+    pub(super) fn times(&self, dy: &GpuTensor, w: &GpuTensor) -> GpuTensor {
+        assert_eq!(dy.cols, w.rows, "matmul: dy has {} columns, w {} rows", dy.cols, w.rows);
+        assert_eq!(dy.dtype, WeightDtype::F32, "matmul: activations are f32");
+        let c = self.alloc(dy.rows, w.cols);
+        for (r0, r1, buf) in w.row_blocks() {
+            let g = Geometry {
+                b_dtype: w.dtype,
+                accumulate: r0 > 0,
+                ..Geometry::new(dy.rows, r1 - r0, w.cols, (r0, dy.cols, 1), (0, w.cols, 1))
+            };
+            self.matmul(&dy.buf, buf, &c.buf, None, &g);
+        }
+        c
+    }
+
+    /// acc += xᵀ · y in f32: (cols_x, cols_y) over x's and y's rows.
+    pub(super) fn add_transposed_times(&self, acc: &GpuTensor, x: &GpuTensor, y: &GpuTensor) {
+        assert_eq!(
+            (x.rows, acc.rows, acc.cols),
+            (y.rows, x.cols, y.cols),
+            "add_matmul_tn: x (n, a), y (n, b) and acc (a, b) disagree"
+        );
+        assert_eq!((x.dtype, y.dtype), (WeightDtype::F32, WeightDtype::F32), "add_matmul_tn: activations are f32");
+        let g = Geometry { accumulate: true, ..Geometry::new(x.cols, x.rows, y.cols, (0, 1, x.cols), (0, y.cols, 1)) };
+        self.matmul(&x.buf, &y.buf, &acc.buf, None, &g);
+    }
+
     /// x[xr]ᵀ · y[yr] in twice-f32 precision.
     pub(super) fn gram(&self, x: &GpuTensor, xr: Range<usize>, y: &GpuTensor, yr: Range<usize>) -> GpuGram {
         let (hi, lo) = (self.alloc_blocks(x.cols, y.cols), self.alloc_blocks(x.cols, y.cols));

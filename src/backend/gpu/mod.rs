@@ -15,11 +15,14 @@
 //! (a Gram matrix, a norm, a download) or after many dispatches, so a stage costs one submission.
 
 mod attention;
+mod attention_backward;
 mod cholesky;
 mod dispatch;
 mod elementwise;
+mod gate_backward;
 mod matmul;
 mod norm;
+mod norm_backward;
 mod pool;
 mod readback;
 mod reduce;
@@ -32,7 +35,7 @@ mod write_rows;
 pub use pool::GpuTensor;
 pub use readback::{GpuFactor, GpuGram, GpuScalar};
 
-use super::{Activation, AttentionSpec, Backend, Reads, SystemSpec, Values};
+use super::{Activation, AttentionSpec, Backend, Backward, Reads, SystemSpec, Values};
 use crate::error::{Error, Result};
 use crate::mat::{Mat, Mat64, StoredMat};
 use dispatch::BindCache;
@@ -368,6 +371,54 @@ impl Backend for Gpu {
     }
 }
 
+/// The backward ops (refinement's gradients), each routed to its kernel.
+impl Backward for Gpu {
+    fn matmul(&self, dy: &GpuTensor, w: &GpuTensor) -> GpuTensor {
+        self.times(dy, w)
+    }
+
+    fn add_matmul_tn(&self, acc: &mut GpuTensor, x: &GpuTensor, y: &GpuTensor) {
+        self.add_transposed_times(acc, x, y)
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> GpuTensor {
+        let t = self.alloc(rows, cols);
+        self.record(|enc| enc.clear_buffer(&t.buf, 0, None));
+        t
+    }
+
+    fn concat_cols(&self, parts: &[&GpuTensor]) -> GpuTensor {
+        self.join_columns(parts)
+    }
+
+    fn rms_norm_backward(&self, x: &GpuTensor, gamma: &GpuTensor, eps: f32, dy: &GpuTensor) -> GpuTensor {
+        self.rms_norm_gradient(x, gamma, eps, dy)
+    }
+
+    fn gate_backward(
+        &self,
+        gate: &GpuTensor,
+        act_gate: &GpuTensor,
+        up: &GpuTensor,
+        dz: &GpuTensor,
+        act: Activation,
+    ) -> (GpuTensor, GpuTensor) {
+        self.gate_gradient(gate, act_gate, up, dz, act)
+    }
+
+    fn attention_backward(
+        &self,
+        q: &GpuTensor,
+        k: &GpuTensor,
+        v: &GpuTensor,
+        dout: &GpuTensor,
+        spec: &AttentionSpec,
+        seqs: &[Range<usize>],
+    ) -> (GpuTensor, GpuTensor, GpuTensor) {
+        self.attention_gradient(q, k, v, dout, spec, seqs)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::dispatch::{Kernel, Params};
@@ -427,7 +478,20 @@ mod tests {
         }
         check::<rope::RopeParams>(&rope::ROPE, &[], "Params");
         check::<attention::AttentionParams>(&attention::ATTENTION, &[], "Params");
-        check::<slice_cols::SliceColsParams>(&slice_cols::SLICE_COLS, &[], "Params");
+        for place in [false, true] {
+            check::<slice_cols::SliceColsParams>(&slice_cols::SLICE_COLS, &slice_cols::subs(place), "Params");
+        }
+        check::<norm_backward::NormBackwardParams>(&norm_backward::NORM_BACKWARD, &[], "Params");
+        for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Silu, Activation::Relu, Activation::Tanh] {
+            check::<gate_backward::GateBackwardParams>(
+                &gate_backward::GATE_BACKWARD,
+                &gate_backward::subs(act),
+                "Params",
+            );
+        }
+        for kernel in [&attention_backward::ATTENTION_BACKWARD_Q, &attention_backward::ATTENTION_BACKWARD_KV] {
+            check::<attention_backward::AttentionBackwardParams>(kernel, &attention_backward::subs(64), "Params");
+        }
         check::<write_rows::WriteRowsParams>(&write_rows::WRITE_ROWS, &[], "Params");
         check::<cholesky::CholeskyParams>(&cholesky::CHOLESKY_BLOCK, &[], "Params");
         check::<cholesky::CholeskyParams>(&cholesky::CHOLESKY_PANEL, &[], "Params");
