@@ -121,12 +121,12 @@ pub fn read_base(path: &Path) -> Result<BaseInputs> {
 }
 
 pub fn read_adapter(path: &Path) -> Result<Adapter> {
-    inputs::read_adapter(&mut dir(path, "a PEFT adapter folder")?)
+    inputs::read_adapter(&mut dir(path, "an adapter folder (PEFT or MLX)")?)
 }
 
 pub fn read_task(adapter: &Path, samples_file: &Path) -> Result<TaskInput> {
     let name = samples_file.display().to_string();
-    let mut adapter = dir(adapter, "a PEFT adapter folder")?;
+    let mut adapter = dir(adapter, "an adapter folder (PEFT or MLX)")?;
     inputs::read_task(&mut adapter, &name, &need_file(samples_file, FileKind::Samples)?)
 }
 
@@ -331,6 +331,10 @@ pub fn write_folder(out: &Path, files: &[(&str, &[u8])], force: bool, inputs: &[
     write_atomic(out, force, inputs, |tmp| {
         std::fs::create_dir(tmp)?;
         for (n, bytes) in files {
+            // A name may hold one folder level (`mlx/adapters.safetensors`).
+            if let Some(dir) = Path::new(n).parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(tmp.join(dir))?;
+            }
             std::fs::write(tmp.join(n), bytes)?;
         }
         Ok(())

@@ -7,7 +7,7 @@ use crate::formats::hf_config::HfConfig;
 use crate::formats::peft::Adapter;
 use crate::formats::safetensors::{shard_names, ByteSource, TensorFile, TensorStore};
 use crate::formats::samples::EvalSet;
-use crate::formats::{samples, tokenizer::TextTokenizer};
+use crate::formats::{mlx, samples, tokenizer::TextTokenizer};
 
 /// A base model folder, parsed.
 pub struct BaseInputs {
@@ -152,14 +152,23 @@ pub fn read_base(f: &mut dyn Folder) -> Result<BaseInputs> {
     Ok(BaseInputs { config, weights: TensorStore::new(files)?, tokenizer })
 }
 
-/// `adapter_config.json` + `adapter_model.safetensors` (PEFT).
+/// `adapter_config.json` + `adapter_model.safetensors` (PEFT), or `adapter_config.json` +
+/// `adapters.safetensors` (MLX, `formats::mlx`): told apart by the weights file.
 pub fn read_adapter(f: &mut dyn Folder) -> Result<Adapter> {
-    let weights = f
-        .open("adapter_model.safetensors", FileKind::Weights)?
-        .ok_or_else(|| bad_input(f.name(), "has no adapter_model.safetensors (a PEFT adapter folder)"))?;
-    let weights = TensorFile::open(f.path("adapter_model.safetensors"), weights)?;
-    let config = need(f, "adapter_config.json", FileKind::Json, "a PEFT adapter folder")?;
-    Adapter::parse(&f.name(), &f.path("adapter_config.json"), &config, &weights)
+    if let Some(weights) = f.open("adapter_model.safetensors", FileKind::Weights)? {
+        let weights = TensorFile::open(f.path("adapter_model.safetensors"), weights)?;
+        let config = need(f, "adapter_config.json", FileKind::Json, "a PEFT adapter folder")?;
+        return Adapter::parse(&f.name(), &f.path("adapter_config.json"), &config, &weights);
+    }
+    if let Some(weights) = f.open(mlx::WEIGHTS_FILE, FileKind::Weights)? {
+        let weights = TensorFile::open(f.path(mlx::WEIGHTS_FILE), weights)?;
+        let config = need(f, "adapter_config.json", FileKind::Json, "an MLX adapter folder")?;
+        return mlx::parse(&f.name(), &f.path("adapter_config.json"), &config, &weights);
+    }
+    Err(bad_input(
+        f.name(),
+        "has neither adapter_model.safetensors (a PEFT adapter folder) nor adapters.safetensors (an MLX adapter folder)",
+    ))
 }
 
 /// An adapter folder and its calibration samples (`.txt` or `.jsonl`).

@@ -204,7 +204,7 @@ function checkInputs() {
   const tasks = state.tasks.filter((t) => t.adapter.length || t.samples);
   if (tasks.length < 2) throw new UserError('Merging needs at least two adapters, each with its samples.');
   tasks.forEach((t, k) => {
-    if (!t.adapter.length) throw new UserError(`Adapter ${k + 1}: drop its folder (adapter_config.json, adapter_model.safetensors).`);
+    if (!t.adapter.length) throw new UserError(`Adapter ${k + 1}: drop its folder (adapter_config.json with adapter_model.safetensors for PEFT, or adapters.safetensors for MLX).`);
     if (!t.samples) throw new UserError(`Adapter ${k + 1}: drop a samples file (.txt or .jsonl).`);
   });
   return tasks;

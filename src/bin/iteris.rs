@@ -80,7 +80,8 @@ struct MergeArgs {
     /// Hugging Face model folder (config.json, tokenizer.json, model.safetensors or shards).
     #[arg(long)]
     base: PathBuf,
-    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors); repeat per adapter.
+    /// Adapter folder, PEFT (adapter_config.json + adapter_model.safetensors) or MLX
+    /// (adapter_config.json + adapters.safetensors); repeat per adapter.
     #[arg(long = "adapter", required = true)]
     adapters: Vec<PathBuf>,
     /// Calibration samples of the adapter given in the same position (.txt: one per line; .jsonl: "text").
@@ -191,6 +192,10 @@ struct MergeArgs {
     /// Write the merged weights as F16 instead of F32.
     #[arg(long)]
     f16: bool,
+    /// Also write the merged adapter for mlx-lm: OUT/mlx/ (adapter_config.json +
+    /// adapters.safetensors; `mlx_lm.generate --adapter-path OUT/mlx`).
+    #[arg(long)]
+    mlx: bool,
     /// Replace --out if it exists (atomically; --out may never be or hold an input).
     #[arg(long)]
     force: bool,
@@ -433,16 +438,18 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
     let opts = &p.opts;
     let r = run(&p, opts, a.f16)?;
     let report = serde_json::to_vec_pretty(&r.report).unwrap();
-    fsio::write_folder(
-        &out,
-        &[
-            ("adapter_config.json", &r.adapter_config),
-            ("adapter_model.safetensors", &r.adapter_weights),
-            ("merge_report.json", &report),
-        ],
-        a.force,
-        &a.inputs(),
-    )?;
+    let mut files: Vec<(&str, &[u8])> = vec![
+        ("adapter_config.json", &r.adapter_config),
+        ("adapter_model.safetensors", &r.adapter_weights),
+        ("merge_report.json", &report),
+    ];
+    let mlx;
+    if a.mlx {
+        mlx = r.mlx.as_ref().map_err(|e| iteris::error::bad_input("--mlx", e.to_string()))?;
+        files.push(("mlx/adapter_config.json", &mlx.0));
+        files.push(("mlx/adapters.safetensors", &mlx.1));
+    }
+    fsio::write_folder(&out, &files, a.force, &a.inputs())?;
 
     for w in &r.report.warnings {
         eprintln!("warning: {w}");

@@ -3,6 +3,7 @@
 
 pub mod contain;
 pub mod hf_config;
+pub mod mlx;
 pub mod peft;
 pub mod safetensors;
 pub mod samples;

@@ -168,7 +168,7 @@ fn check_features(file: &str, c: &Map<String, Value>) -> Result<()> {
 
 /// `c[key]` read by `read` (None when missing or null), or an error naming the field, the file and
 /// the type it must have: a wrong type is never silently replaced by a default.
-fn field<'a, T>(
+pub(crate) fn field<'a, T>(
     file: &str,
     c: &'a Map<String, Value>,
     key: &str,
@@ -180,20 +180,20 @@ fn field<'a, T>(
     }
 }
 
-fn rank(v: &Value) -> std::result::Result<usize, &'static str> {
+pub(crate) fn rank(v: &Value) -> std::result::Result<usize, &'static str> {
     const WANT: &str = "a positive integer (up to 65536)";
     v.as_u64().filter(|&r| (1..=65536).contains(&r)).map(|r| r as usize).ok_or(WANT)
 }
 
-fn number(v: &Value) -> std::result::Result<f64, &'static str> {
+pub(crate) fn number(v: &Value) -> std::result::Result<f64, &'static str> {
     v.as_f64().filter(|x| x.is_finite()).ok_or("a finite number")
 }
 
-fn boolean(v: &Value) -> std::result::Result<bool, &'static str> {
+pub(crate) fn boolean(v: &Value) -> std::result::Result<bool, &'static str> {
     v.as_bool().ok_or("true or false")
 }
 
-fn string(v: &Value) -> std::result::Result<&str, &'static str> {
+pub(crate) fn string(v: &Value) -> std::result::Result<&str, &'static str> {
     v.as_str().ok_or("a string")
 }
 

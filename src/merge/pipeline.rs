@@ -22,6 +22,9 @@ pub struct MergeResult {
     pub quality: Option<Vec<super::evaluate::TaskQuality>>,
     pub adapter_config: Vec<u8>,
     pub adapter_weights: Vec<u8>,
+    /// The same merged adapter as MLX files (adapter_config.json, adapters.safetensors), or why
+    /// mlx-lm could not load it (`formats::mlx::files`).
+    pub mlx: Result<(Vec<u8>, Vec<u8>)>,
     pub report: Report,
     pub outcome: super::Outcome,
 }
@@ -216,6 +219,10 @@ pub async fn merge<B: Backward>(
         })
         .unzip();
     let files = adapter_files(&outcome.targets, &deltas, &tasks[0].adapter, model.fan_in_fan_out(), f16_out)?;
+    let mlx_modules: Vec<_> =
+        outcome.targets.iter().zip(&deltas).map(|(t, d)| (t.path.as_str(), &d.a, &d.b, 1.0f32)).collect();
+    let layers = crate::formats::mlx::layer_count(model.modules().iter().map(|m| m.name.as_str()));
+    let mlx = crate::formats::mlx::files(&mlx_modules, layers, model.fan_in_fan_out(), f16_out);
     timings.export = now() - t;
 
     let t = now();
@@ -266,7 +273,7 @@ pub async fn merge<B: Backward>(
         warnings,
         timings_s: timings,
     };
-    Ok(MergeResult { quality, adapter_config: files.config, adapter_weights: files.weights, report, outcome })
+    Ok(MergeResult { quality, adapter_config: files.config, adapter_weights: files.weights, mlx, report, outcome })
 }
 
 /// Distillation refinement of the merged deltas (`refine`), on the merge's own backend and model.
