@@ -378,15 +378,19 @@ pub async fn merge(
     let mut rep = serde_json::to_value(&result.report).map_err(|e| js_error("bug", &e.to_string()))?;
     rep["notes"] = serde_json::json!(notes);
     let rep = serde_json::to_vec_pretty(&rep).map_err(|e| js_error("bug", &e.to_string()))?;
-    let zip = zip_folder(
-        "merged_adapter",
-        &[
-            ("adapter_config.json", &result.adapter_config),
-            ("adapter_model.safetensors", &result.adapter_weights),
-            ("merge_report.json", &rep),
-        ],
-    )
-    .map_err(to_js)?;
+    let mut files: Vec<(&str, &[u8])> = vec![
+        ("adapter_config.json", &result.adapter_config),
+        ("adapter_model.safetensors", &result.adapter_weights),
+        ("merge_report.json", &rep),
+    ];
+    // Where an adapter came as MLX files, the merge goes back as MLX too (beside PEFT's).
+    if tasks.iter().any(|t| crate::formats::mlx::is_mlx(&t.adapter.config)) {
+        if let Ok((config, weights)) = &result.mlx {
+            files.push(("mlx/adapter_config.json", config));
+            files.push(("mlx/adapters.safetensors", weights));
+        }
+    }
+    let zip = zip_folder("merged_adapter", &files).map_err(to_js)?;
 
     let out = Object::new();
     set(&out, "zip", Uint8Array::from(&zip[..]));
