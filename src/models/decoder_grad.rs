@@ -318,14 +318,8 @@ pub fn backward<B: Backward>(
 
     for (l, a) in model.layers.iter().zip(&acts.layers).rev() {
         // MLP: h_next = h_mid + [norm](down(act(gate) ⊙ up)).
-        let normed;
-        let dm = match (&l.mlp_out_norm, &a.down_raw) {
-            (Some(g), Some(raw)) => {
-                normed = be.rms_norm_backward(raw, g, model.eps, &dh);
-                &normed
-            }
-            _ => &dh,
-        };
+        let normed = norm_backward(be, l.mlp_out_norm.as_ref(), a.down_raw.as_ref(), model.eps, &dh);
+        let dm = normed.as_ref().unwrap_or(&dh);
         let dz = linear_backward(be, &l.down.r(), dm, &a.z, a.down.t.as_ref(), lora(&l.down), loras, grads);
         let (dgate, dup) = be.gate_backward(&a.gate, &a.act_gate, &a.up, &dz, model.act);
         let dx2 = proj_backward(be, &l.gate_up, vec![dgate, dup], &a.x2, &a.gate_up, index, loras, grads);
@@ -333,14 +327,8 @@ pub fn backward<B: Backward>(
         be.add_rows(&mut dh_mid, 0..n, &dh, 1.0);
 
         // Attention: h_mid = h + [norm](o(attention(q, k, v))).
-        let normed;
-        let do_ = match (&l.attn_out_norm, &a.o_raw) {
-            (Some(g), Some(raw)) => {
-                normed = be.rms_norm_backward(raw, g, model.eps, &dh_mid);
-                &normed
-            }
-            _ => &dh_mid,
-        };
+        let normed = norm_backward(be, l.attn_out_norm.as_ref(), a.o_raw.as_ref(), model.eps, &dh_mid);
+        let do_ = normed.as_ref().unwrap_or(&dh_mid);
         let datt = linear_backward(be, &l.o.r(), do_, &a.att, a.o.t.as_ref(), lora(&l.o), loras, grads);
         let (mut dq, mut dk, dv) = be.attention_backward(&a.q, &a.k, &a.v, &datt, &l.attn, &batch.seqs);
         if let Some(r) = l.rotary.map(|r| &model.rotaries[r]) {
@@ -349,11 +337,11 @@ pub fn backward<B: Backward>(
             rotate(be, &mut dq, batch, l.attn.head_dim, &back);
             rotate(be, &mut dk, batch, l.attn.head_dim, &back);
         }
-        if let (Some(g), Some(raw)) = (&l.q_norm, &a.q_raw) {
-            dq = be.rms_norm_backward(raw, g, model.eps, &dq);
+        if let Some(d) = norm_backward(be, l.q_norm.as_ref(), a.q_raw.as_ref(), model.eps, &dq) {
+            dq = d;
         }
-        if let (Some(g), Some(raw)) = (&l.k_norm, &a.k_raw) {
-            dk = be.rms_norm_backward(raw, g, model.eps, &dk);
+        if let Some(d) = norm_backward(be, l.k_norm.as_ref(), a.k_raw.as_ref(), model.eps, &dk) {
+            dk = d;
         }
         let dx1 = proj_backward(be, &l.qkv, vec![dq, dk, dv], &a.x1, &a.qkv, index, loras, grads);
         dh = be.rms_norm_backward(&a.h, &l.input_norm, model.eps, &dx1);
@@ -366,6 +354,12 @@ pub fn backward<B: Backward>(
 fn norm_in_place<B: Backend>(be: &B, y: &mut B::T, gamma: Option<&B::T>, eps: f32) -> Option<B::T> {
     let normed = be.rms_norm(y, gamma?, eps);
     Some(std::mem::replace(y, normed))
+}
+
+/// The gradient through `norm_in_place`'s optional norm: None where the layer has none (dy
+/// passes unchanged), else the gradient at its input `raw`.
+fn norm_backward<B: Backward>(be: &B, gamma: Option<&B::T>, raw: Option<&B::T>, eps: f32, dy: &B::T) -> Option<B::T> {
+    Some(be.rms_norm_backward(raw?, gamma?, eps, dy))
 }
 
 /// y = x · Wᵀ (+ b) (+ (x · aᵀ) · bᵀ).
