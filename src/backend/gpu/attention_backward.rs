@@ -1,7 +1,7 @@
-//! `attention_backward_q.wgsl` then `attention_backward_kv.wgsl`: the gradient of causal
-//! self-attention, FlashAttention-2's split without its tiling: the first kernel recomputes each
-//! query's probabilities for dq and leaves per (query, head) the log-sum-exp and D = Σ p·dp; the
-//! second gathers dk and dv per key from every query that attends to it, so no two threads write
+//! `attention_backward.wgsl`: the gradient of causal self-attention in two passes,
+//! FlashAttention-2's split without its tiling: the queries' pass recomputes each query's
+//! probabilities for dq and leaves per (query, head) the log-sum-exp and D = Σ p·dp; the keys'
+//! pass gathers dk and dv per key from every query that attends to it, so no two threads write
 //! one output and nothing of size (rows × rows) is stored.
 
 use super::dispatch::{grid_1d, params, Kernel};
@@ -9,10 +9,8 @@ use super::{Gpu, GpuTensor};
 use crate::backend::AttentionSpec;
 use std::ops::Range;
 
-pub(super) const ATTENTION_BACKWARD_Q: Kernel =
-    Kernel { name: "attention_backward_q", src: include_str!("../../../shaders/attention_backward_q.wgsl") };
-pub(super) const ATTENTION_BACKWARD_KV: Kernel =
-    Kernel { name: "attention_backward_kv", src: include_str!("../../../shaders/attention_backward_kv.wgsl") };
+pub(super) const ATTENTION_BACKWARD: Kernel =
+    Kernel { name: "attention_backward", src: include_str!("../../../shaders/attention_backward.wgsl") };
 
 /// The largest head the kernels' per-thread arrays hold (as the forward kernel).
 const MAX_HEAD_DIM: usize = 256;
@@ -30,9 +28,10 @@ params!(AttentionBackwardParams {
     row_stride: u32,
 });
 
-/// Both kernels' substitution: the head width their per-thread arrays hold.
-pub(super) fn subs(head_dim: usize) -> Vec<(&'static str, String)> {
-    vec![("HD", head_dim.to_string())]
+/// The shader's substitutions: the head width its per-thread arrays hold, and the pass (the
+/// keys' pass where `kv`, else the queries').
+pub(super) fn subs(head_dim: usize, kv: bool) -> Vec<(&'static str, String)> {
+    vec![("HD", head_dim.to_string()), ("KV", kv.to_string())]
 }
 
 impl Gpu {
@@ -88,10 +87,11 @@ impl Gpu {
             (p, (gx, gy, 1))
         };
         let (pq, groups) = params(rows * spec.heads);
-        let kernel = self.pipeline(&ATTENTION_BACKWARD_Q, &subs(hd));
-        self.dispatch(&kernel, &[&q.buf, &k.buf, &v.buf, &dout.buf, &sb, &stats.buf, &dq.buf], &pq, groups);
+        let kernel = self.pipeline(&ATTENTION_BACKWARD, &subs(hd, false));
+        let queries = [&q.buf, &k.buf, &v.buf, &dout.buf, &sb, &stats.buf, &dq.buf, &self.unused];
+        self.dispatch(&kernel, &queries, &pq, groups);
         let (pkv, groups) = params(rows * spec.kv_heads);
-        let kernel = self.pipeline(&ATTENTION_BACKWARD_KV, &subs(hd));
+        let kernel = self.pipeline(&ATTENTION_BACKWARD, &subs(hd, true));
         self.dispatch(&kernel, &[&q.buf, &k.buf, &v.buf, &dout.buf, &sb, &stats.buf, &dk.buf, &dv.buf], &pkv, groups);
         (dq, dk, dv)
     }

@@ -489,8 +489,13 @@ mod tests {
                 "Params",
             );
         }
-        for kernel in [&attention_backward::ATTENTION_BACKWARD_Q, &attention_backward::ATTENTION_BACKWARD_KV] {
-            check::<attention_backward::AttentionBackwardParams>(kernel, &attention_backward::subs(64), "Params");
+        for kv in [false, true] {
+            let subs = attention_backward::subs(64, kv);
+            check::<attention_backward::AttentionBackwardParams>(
+                &attention_backward::ATTENTION_BACKWARD,
+                &subs,
+                "Params",
+            );
         }
         check::<write_rows::WriteRowsParams>(&write_rows::WRITE_ROWS, &[], "Params");
         check::<cholesky::CholeskyParams>(&cholesky::CHOLESKY_BLOCK, &[], "Params");
