@@ -12,15 +12,7 @@ struct Params { n: u32, oy: u32, ox: u32, cols: u32, s: f32, row_stride: u32 }
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<uniform> p: Params;
 
-fn erf(v: f32) -> f32 {
-    // Abramowitz–Stegun 7.1.26 is too coarse (1e-7 absolute is needed): use the erfc series of
-    // Numerical Recipes (fractional error < 1.2e-7).
-    let z = abs(v);
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806
-        + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))));
-    return select(r - 1.0, 1.0 - r, v >= 0.0);
-}
+{{ERF}}
 
 fn act(v: f32) -> f32 {
     {{ACT}}

@@ -12,14 +12,7 @@ struct Params { n: u32, row_stride: u32 }
 @group(0) @binding(5) var<storage, read_write> dup: array<f32>;   // (rows, ff)
 @group(0) @binding(6) var<uniform> p: Params;
 
-fn erf(v: f32) -> f32 {
-    // As elementwise.wgsl's (Numerical Recipes' erfc series, fractional error < 1.2e-7).
-    let z = abs(v);
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806
-        + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))));
-    return select(r - 1.0, 1.0 - r, v >= 0.0);
-}
+{{ERF}}
 
 // act′(x), given f = act(x).
 fn slope(x: f32, f: f32) -> f32 {

@@ -18,11 +18,12 @@ pub(super) struct Kernel {
 /// Shaders other kernels paste in where they ask for them (WGSL has no includes).
 const EXACT: &str = include_str!("../../../shaders/exact.wgsl");
 const PAIR_SUM: &str = include_str!("../../../shaders/pair_sum.wgsl");
+const ERF: &str = include_str!("../../../shaders/erf.wgsl");
 
 impl Kernel {
     /// The WGSL of this kernel with `subs` substituted.
     pub fn source(&self, subs: &[(&str, String)]) -> String {
-        let mut code = self.src.replace("{{EXACT}}", EXACT).replace("{{PAIR_SUM}}", PAIR_SUM);
+        let mut code = self.src.replace("{{EXACT}}", EXACT).replace("{{PAIR_SUM}}", PAIR_SUM).replace("{{ERF}}", ERF);
         for (k, v) in subs {
             code = code.replace(&format!("{{{{{k}}}}}"), v);
         }
