@@ -9,6 +9,8 @@ use iteris::formats::mlx;
 use iteris::formats::safetensors::{write, TensorFile};
 use iteris::fsio;
 use iteris::mat::Mat;
+use iteris::merge::export::dense;
+use iteris::merge::solve::Merged;
 use iteris::merge::Options;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -88,17 +90,9 @@ fn deltas(modules: &[iteris::formats::peft::LoraModule]) -> BTreeMap<String, Mat
     modules
         .iter()
         .map(|m| {
-            let mut d = m.b.clone(); // (out, r)
-            d.data.iter_mut().for_each(|v| *v *= m.scale);
-            let mut out = Mat::zeros(d.rows, m.a.cols);
-            for o in 0..d.rows {
-                for k in 0..d.cols {
-                    for i in 0..m.a.cols {
-                        out.data[o * m.a.cols + i] += d.data[o * d.cols + k] * m.a.data[k * m.a.cols + i];
-                    }
-                }
-            }
-            (m.path.clone(), out)
+            let mut b = m.b.clone();
+            b.data.iter_mut().for_each(|v| *v *= m.scale);
+            (m.path.clone(), dense(&Merged { a: m.a.clone(), b }))
         })
         .collect()
 }

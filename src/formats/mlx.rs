@@ -88,13 +88,13 @@ pub fn parse(name: &str, config_name: &str, config_bytes: &[u8], weights: &Tenso
 
 /// The merged adapter as MLX files, (adapter_config.json, adapters.safetensors): every module
 /// padded with zeros to the largest rank (mlx-lm gives every adapted module the config's rank),
-/// each module's scale folded into lora_b and the config's scale 1; `num_layers` from the first
-/// adapted layer to the last of the model's `layers`, `keys` the adapted modules within a layer.
-/// `modules`: (module path, A (r, in), B (out, r), scale). Refused where a module is neither in a
-/// `layers.N.` block nor a top-level module (mlx-lm could not place it), or where the model's
-/// weights are GPT-2's `Conv1D` (`fan_in_fan_out`).
+/// the config's scale 1; `num_layers` from the first adapted layer to the last of the model's
+/// `layers`, `keys` the adapted modules within a layer. `modules`: (module path, A (r, in),
+/// B (out, r)) with ΔW = B · A. Refused where a module is neither in a `layers.N.` block nor a
+/// top-level module (mlx-lm could not place it), or where the model's weights are GPT-2's
+/// `Conv1D` (`fan_in_fan_out`).
 pub fn files(
-    modules: &[(&str, &Mat, &Mat, f32)],
+    modules: &[(&str, &Mat, &Mat)],
     layers: usize,
     fan_in_fan_out: bool,
     f16: bool,
@@ -103,23 +103,19 @@ pub fn files(
         return Err(bad_input("--mlx", "GPT-2's Conv1D modules have no MLX adapter layout here; write PEFT"));
     }
     let rank = modules.iter().map(|m| m.1.rows).max().unwrap_or(1).max(1);
+    // (r, c) → (rank, c), the rows past r zeros.
+    let pad = |m: Mat| {
+        let mut data = m.data;
+        data.resize(rank * m.cols, 0.0);
+        Mat::new(rank, m.cols, data)
+    };
     let mut tensors = BTreeMap::new();
     let mut keys = std::collections::BTreeSet::new();
     let mut first_layer = layers;
-    for &(path, a, b, s) in modules {
-        // lora_a (in, rank), lora_b (rank, out); rows of A / columns of B past r are zeros.
-        let mut la = Mat::zeros(a.cols, rank);
-        let mut lb = Mat::zeros(rank, b.rows);
-        for k in 0..a.rows {
-            for i in 0..a.cols {
-                la.data[i * rank + k] = a.data[k * a.cols + i];
-            }
-            for o in 0..b.rows {
-                lb.data[k * b.rows + o] = s * b.data[o * b.cols + k];
-            }
-        }
-        tensors.insert(format!("{path}.lora_a"), la);
-        tensors.insert(format!("{path}.lora_b"), lb);
+    for &(path, a, b) in modules {
+        // lora_a = Aᵀ (in, rank), lora_b = Bᵀ (rank, out).
+        tensors.insert(format!("{path}.lora_a"), pad(a.clone()).transpose());
+        tensors.insert(format!("{path}.lora_b"), pad(b.transpose()));
         match layer_and_key(path) {
             Some((layer, key)) => {
                 first_layer = first_layer.min(layer);

@@ -219,8 +219,7 @@ pub async fn merge<B: Backward>(
         })
         .unzip();
     let files = adapter_files(&outcome.targets, &deltas, &tasks[0].adapter, model.fan_in_fan_out(), f16_out)?;
-    let mlx_modules: Vec<_> =
-        outcome.targets.iter().zip(&deltas).map(|(t, d)| (t.path.as_str(), &d.a, &d.b, 1.0f32)).collect();
+    let mlx_modules: Vec<_> = outcome.targets.iter().zip(&deltas).map(|(t, d)| (t.path.as_str(), &d.a, &d.b)).collect();
     let layers = crate::formats::mlx::layer_count(model.modules().iter().map(|m| m.name.as_str()));
     let mlx = crate::formats::mlx::files(&mlx_modules, layers, model.fan_in_fan_out(), f16_out);
     timings.export = now() - t;
