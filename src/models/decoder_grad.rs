@@ -36,11 +36,6 @@ pub struct Lora<T = Mat> {
 }
 
 impl Lora {
-    /// Zeros of the same shapes (a gradient accumulator).
-    pub fn zeros_like(&self) -> Lora {
-        Lora { a: Mat::zeros(self.a.rows, self.a.cols), b: Mat::zeros(self.b.rows, self.b.cols) }
-    }
-
     /// The factors on a backend.
     pub fn upload<B: Backend>(&self, be: &B) -> Lora<B::T> {
         Lora { a: be.upload(&self.a), b: be.upload(&self.b) }
