@@ -1,9 +1,11 @@
 // The page's CPU path in headless Chromium, single-thread engine against the threaded one: the
-// bundled demo's merge (four adapters of a tiny Llama, no held-out evaluation), or any model given
-// as folders. Build dist/ first (bash tools/build_web.sh). Usage:
-//   node benches/page_merge.mjs [MODEL_DIR ADAPTER_DIR SAMPLES ...] [--repeat N]
-// Prints, per engine, the median of N merges (default 3) as the page times them (from the click to
-// the result), the threads that ran and the peak WebAssembly memory.
+// bundled demo's merge (four adapters of a tiny Llama, no held-out evaluation), any model given
+// as folders, or a model made by tools/make_model.rs with its held-out files (--made DIR). Build
+// dist/ first (bash tools/build_web.sh). Usage:
+//   node benches/page_merge.mjs [MODEL_DIR ADAPTER_DIR SAMPLES ... | --made DIR] [--repeat N] [--threaded]
+// Prints, per engine (--threaded: the threaded one only), the median of N merges (default 3) as
+// the page times them (from the click to the result), the threads that ran, the peak WebAssembly
+// memory, and the memory plan's figure for each phase beside the memory measured at its end.
 import { chromium } from 'playwright-core';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -12,9 +14,16 @@ import { serve } from '../tools/serve.mjs';
 const args = process.argv.slice(2);
 const ri = args.indexOf('--repeat');
 const repeat = ri >= 0 ? Number(args.splice(ri, 2)[1]) : 3;
+const ti = args.indexOf('--threaded');
+const threadedOnly = ti >= 0 && args.splice(ti, 1).length > 0;
+const mi = args.indexOf('--made');
+const made = mi >= 0 ? args.splice(mi, 2)[1] : null;
 const filesOf = (dir) => fs.readdirSync(dir).filter((f) => fs.statSync(path.join(dir, f)).isFile()).map((f) => path.resolve(dir, f));
 let base, tasks;
-if (args.length) {
+if (made) {
+  base = path.join(made, 'base');
+  tasks = [0, 1, 2].map((i) => ({ adapter: path.join(made, `adapter${i}`), samples: path.join(made, `samples${i}.txt`), eval: path.join(made, `eval${i}.jsonl`) }));
+} else if (args.length) {
   base = args[0];
   tasks = [];
   for (let i = 1; i + 1 < args.length; i += 2) tasks.push({ adapter: args[i], samples: args[i + 1] });
@@ -32,7 +41,8 @@ const browser = await chromium.launch({
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const results = {};
 try {
-  for (const [engine, query] of [['single-thread', '?threads=1'], ['threaded', '']]) {
+  const engines = [['single-thread', '?threads=1'], ['threaded', '']].slice(threadedOnly ? 1 : 0);
+  for (const [engine, query] of engines) {
     const runs = [];
     for (let r = 0; r < repeat; r++) {
       const context = await browser.newContext();
@@ -44,6 +54,7 @@ try {
       for (let k = 0; k < tasks.length; k++) {
         await page.setInputFiles(`#task-${k}-adapter`, filesOf(tasks[k].adapter));
         await page.setInputFiles(`#task-${k}-samples`, path.resolve(tasks[k].samples));
+        if (tasks[k].eval) await page.setInputFiles(`#task-${k}-eval`, path.resolve(tasks[k].eval));
       }
       await page.selectOption('#backend', 'cpu');
       await page.click('#merge');
@@ -53,6 +64,7 @@ try {
         seconds: Number(await page.getAttribute('#ran', 'data-seconds')),
         threads: Number(await page.getAttribute('#threads', 'data-threads')),
         wasmMemoryBytes: Number(await page.getAttribute('#ran', 'data-wasm-memory-bytes')),
+        memory: JSON.parse(await page.getAttribute('#ran', 'data-memory-phases')),
       });
       await context.close();
     }
@@ -61,6 +73,16 @@ try {
       seconds: runs.map((r) => r.seconds),
       threads: runs[0].threads,
       peakWasmMiB: Math.max(...runs.map((r) => r.wasmMemoryBytes)) / 2 ** 20,
+      // The last run's phases: the plan's largest figure up to each phase against the memory then
+      // (WebAssembly memory only grows).
+      phasesMiB: (() => {
+        const { plan, peaks } = runs[runs.length - 1].memory;
+        let soFar = 0;
+        return peaks.filter((m) => plan.some((p) => p.phase === m.phase)).map((m) => {
+          soFar = Math.max(soFar, plan.find((p) => p.phase === m.phase).host_bytes);
+          return { phase: m.phase, planned: Math.round(soFar / 2 ** 20), measured: Math.round(m.bytes / 2 ** 20), ratio: +(soFar / m.bytes).toFixed(2) };
+        });
+      })(),
     };
   }
 } finally {

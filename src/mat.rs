@@ -23,10 +23,11 @@ impl Mat {
         Mat::new(rows, cols, vec![0.0; rows * cols])
     }
 
-    /// A half-precision weight without an f32 copy (f32 weights are converted as they are).
+    /// A weight as stored, without a copy: f32 values become the matrix, half-precision bits are
+    /// kept packed.
     pub fn packed(w: StoredMat) -> Mat {
         match w.data {
-            Stored::F32(_) => w.to_mat(),
+            Stored::F32(v) => Mat::new(w.rows, w.cols, v),
             _ => Mat { rows: w.rows, cols: w.cols, data: Vec::new(), half: Some(Arc::new(w)) },
         }
     }

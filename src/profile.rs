@@ -4,6 +4,10 @@
 //! the inner ones count nothing, so the phases add up to at most the wall time.
 //!
 //! Native only: the page has neither a process clock nor a need for it (its spans are no-ops).
+//!
+//! Memory is measured everywhere, by the figure a user sees: the resident set's high-water mark
+//! natively, the WebAssembly memory in the page. Each merge phase records it (`merge_report.json`'s
+//! `memory_phases`), beside what the memory plan said the phase would take.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -111,3 +115,30 @@ impl Drop for Span {
         p.flops += flops;
     }
 }
+
+/// The host memory held at its peak since the last `reset_host_peak`: the process's resident set
+/// high-water mark (Linux `VmHWM`), or the WebAssembly memory, which only grows. None where
+/// neither exists.
+pub fn host_peak_bytes() -> Option<u64> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        Some(core::arch::wasm32::memory_size(0) as u64 * 65536)
+    }
+    #[cfg(target_os = "linux")]
+    {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    }
+    #[cfg(not(any(target_arch = "wasm32", target_os = "linux")))]
+    None
+}
+
+/// Start a new high-water mark at the present resident set (Linux: `clear_refs` 5), so that the
+/// next `host_peak_bytes` is one phase's peak. A no-op in the page, whose memory cannot shrink:
+/// there each phase's figure is the peak of the merge so far.
+pub fn reset_host_peak() {
+    #[cfg(target_os = "linux")]
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+

@@ -19,7 +19,7 @@ fn root() -> PathBuf {
 }
 
 /// The page's merge of the 106M-parameter model equals the CLI's, and its peak WebAssembly memory
-/// stays within the merge's memory plan: the weights are read a tensor at a time, never held twice.
+/// is the merge's memory plan within 15%: the weights are read a tensor at a time, never held twice.
 fn check_big_model(out: &Path, big: &Path) {
     let cli = out.join("cli-big");
     let tasks: Vec<(PathBuf, PathBuf)> =
@@ -62,9 +62,12 @@ fn check_big_model(out: &Path, big: &Path) {
         mib(weights)
     );
     assert!(e <= 1e-4, "106M model: the page's adapter differs from the CLI's by {e:.2e}");
+    // The plan bounds the peak within 15% either way: an under-count lets a tab die instead of
+    // a clear refusal, an over-count refuses merges that fit (tests/memory.rs does the same for
+    // the CLI, phase by phase).
     assert!(
-        peak <= planned,
-        "106M model: peak wasm memory {:.0} MiB exceeds the plan's {:.0} MiB",
+        (0.85..=1.15).contains(&(planned / peak)),
+        "106M model: peak wasm memory {:.0} MiB, the plan said {:.0} MiB",
         mib(peak),
         mib(planned)
     );

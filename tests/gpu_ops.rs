@@ -374,7 +374,7 @@ fn packed_half_precision_weights() {
         };
         let w = round(r.mat(37, 23)); // odd element count: the last word is half used
         let x = r.mat(50, 23);
-        let gw = g.upload_weight(&as_stored(&w, dtype));
+        let gw = g.upload_weight(as_stored(&w, dtype));
         assert_eq!(g.download(&gw).block_on().unwrap(), w, "{dtype:?}: download unpacks exactly");
         let c = Cpu.matmul_t(&x, 5..45, &w);
         close(
@@ -408,7 +408,7 @@ fn weights_beyond_one_binding_are_split_by_rows() {
             w
         };
         let x = r.mat(9, 23);
-        let gw = g.upload_weight(&as_stored(&w, dtype));
+        let gw = g.upload_weight(as_stored(&w, dtype));
         assert_eq!(g.download(&gw).block_on().unwrap(), w, "{dtype:?}: blocks reassemble");
         close(
             &format!("{dtype:?} split matmul_t"),

@@ -320,6 +320,8 @@ function memoryLine(p) {
   if (!p) return '';
   const parts = [`Memory plan: ${mib(p.host_bytes)} in this page`];
   if (p.host_available_bytes != null) parts[0] += ` (of ${mib(p.host_available_bytes)} available)`;
+  const top = (p.phases || []).reduce((a, b) => (b.host_bytes > a.host_bytes ? b : a), { host_bytes: 0 });
+  if (top.phase) parts[0] += `, most in ${top.phase.replace('_', '-')}`;
   if (p.device_bytes) parts.push(`${mib(p.device_bytes)} on the GPU`);
   parts.push(`weights ${mib(p.weights_bytes)}, activations ${mib(p.activations_bytes)}, statistics ${mib(p.statistics_bytes)}`);
   let largest = `largest tensor ${mib(p.largest_tensor_bytes)} (${p.largest_tensor})`;
@@ -336,6 +338,8 @@ function showResults(m, seconds) {
   $('ran').dataset.seconds = seconds;
   $('ran').dataset.engineSeconds = state.engineSeconds;
   $('ran').dataset.wasmMemoryBytes = m.wasmMemoryBytes;
+  // Each phase's planned and measured memory, for benches/page_merge.mjs.
+  $('ran').dataset.memoryPhases = JSON.stringify({ plan: report.memory_plan.phases, peaks: report.memory_peaks });
   $('memory').textContent = `${memoryLine(report.memory_plan)} The engine's WebAssembly memory peaked at ${mib(m.wasmMemoryBytes)}.`;
   $('notes').replaceChildren(...[...m.notes, ...report.warnings].map((t) => {
     const li = document.createElement('li');

@@ -105,11 +105,16 @@ pub trait Backend: Sized {
     }
     /// Bring a tensor back to the host (on the GPU: waits for everything recorded so far).
     async fn download(&self, t: &Self::T) -> Result<Mat>;
+    /// `download` of a tensor the caller is done with: the CPU hands its matrix over instead of
+    /// copying it (an evaluation pass's logits are its largest tensor).
+    async fn into_host(&self, t: Self::T) -> Result<Mat> {
+        self.download(&t).await
+    }
     /// A weight matrix, kept in its stored precision where the backend computes on it (the GPU
     /// packs f16/bf16 bits as they are; the CPU keeps them and converts panels in its products),
     /// else as f32. Only `select_rows` (as the table),
     /// `matmul_t` (as w) and `download` ever read weights.
-    fn upload_weight(&self, w: &StoredMat) -> Self::T {
+    fn upload_weight(&self, w: StoredMat) -> Self::T {
         self.upload(&w.to_mat())
     }
     fn dims(&self, t: &Self::T) -> (usize, usize);

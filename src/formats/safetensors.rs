@@ -288,6 +288,17 @@ impl TensorStore {
             .sum()
     }
 
+    /// The largest tensor's bytes in its file (what reading it holds beside its converted copy).
+    pub fn largest_tensor_bytes(&self) -> u64 {
+        self.files.iter().flat_map(|f| f.tensors.values()).map(|t| t.end - t.start).max().unwrap_or(0)
+    }
+
+    /// The largest F32 matrix's bytes (0 where none is F32).
+    pub fn largest_f32_matrix_bytes(&self) -> u64 {
+        let files = self.files.iter().flat_map(|f| f.tensors.values());
+        files.filter(|t| t.dtype == Dtype::F32 && t.shape.len() >= 2).map(|t| t.end - t.start).max().unwrap_or(0)
+    }
+
     pub fn file_of(&self, key: &str) -> &str {
         self.index.get(key).map(|&i| self.files[i].name.as_str()).unwrap_or("model")
     }

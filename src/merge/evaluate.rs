@@ -7,6 +7,7 @@
 //!   ignored).
 //! Decoder models only (the KL is over next-token distributions).
 
+use super::plan::{DECODING_BYTES, EVAL_LOGITS_BYTES};
 use super::iteris::Target;
 use super::solve::Merged;
 use crate::backend::Backend;
@@ -112,12 +113,12 @@ pub async fn kl_sum<B: Backend>(
     let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
     let (mut total, mut rows) = (0.0, 0);
     // Both streams' logits of a run of samples at once, within the evaluation budget.
-    for run in runs(&lens, eval_rows(be, model) / 2) {
+    for run in runs(&lens, rows_within(be, model, EVAL_LOGITS_BYTES) / 2) {
         let mut batch = Batch::default();
         batch.push_group(task, Stream::Adapter(task), &ids[run.clone()]);
         batch.push_group(task, Stream::Merged, &ids[run]);
         let logits = models::run(model, be, &batch, hook, Output::Logits).await?.ok_or(Error::Stop)?;
-        let logits = be.download(&logits).await?;
+        let logits = be.into_host(logits).await?;
         let n = batch.rows(0, models::Level::Tokens).len();
         for r in 0..n {
             let (p, q) = (log_softmax(logits.row(r)), log_softmax(logits.row(n + r)));
@@ -171,14 +172,14 @@ pub async fn agreement<B: Backend>(
     check_decoder(model)?;
     let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
     let mut out = Agreement::default();
-    for run in runs(&lens, eval_rows(be, model)) {
+    for run in runs(&lens, rows_within(be, model, EVAL_LOGITS_BYTES)) {
         let mut batch = Batch::default();
         batch.push_group(task, Stream::Merged, &ids[run.clone()]);
         // The LM head only where a continuation is judged: each sample's last `tail` tokens.
         let first = |k: usize| teacher[k].iter().map(|t| t.0).min().unwrap_or(lens[k]);
         let tail = run.clone().map(|k| lens[k] - first(k)).max().unwrap_or(0).max(1);
         let logits = models::run(model, be, &batch, hook, Output::TailLogits(tail)).await?.ok_or(Error::Stop)?;
-        let logits = be.download(&logits).await?;
+        let logits = be.into_host(logits).await?;
         for (s, k) in run.enumerate() {
             let mut agrees = true;
             for &(pos, token) in &teacher[k] {
@@ -196,11 +197,11 @@ pub async fn agreement<B: Backend>(
 }
 
 /// Token rows one evaluation pass may hold: its logits and its widest activations stay within
-/// `plan::EVAL_LOGITS_BYTES` and the backend's largest tensor (at least one row).
-fn eval_rows<B: Backend>(be: &B, model: &Model<B::T>) -> usize {
+/// `budget` and the backend's largest tensor (at least one row).
+pub(crate) fn rows_within<B: Backend>(be: &B, model: &Model<B::T>, budget: u64) -> usize {
     let modules = model.modules();
     let width = modules.iter().map(|m| m.out_dim.max(m.in_dim)).max().unwrap_or(1).max(1) as u64;
-    let budget = super::plan::EVAL_LOGITS_BYTES.min(be.max_tensor_bytes());
+    let budget = budget.min(be.max_tensor_bytes());
     ((budget / (width * 4)) as usize).max(1)
 }
 
@@ -316,11 +317,11 @@ pub async fn continue_greedy<B: Backend>(
     let longest: Vec<usize> = starts.iter().zip(budget).map(|(s, b)| (s + b).min(max_pos)).collect();
     let capacity = longest.iter().copied().max().unwrap_or(1);
     let run_list = match decoding {
-        Decoding::Recomputed => runs(&longest, eval_rows(be, model)),
+        Decoding::Recomputed => runs(&longest, rows_within(be, model, DECODING_BYTES)),
         Decoding::Cached => {
             let per_token = KvCache::<B::T>::token_bytes(&model.kv_widths()).max(1);
-            let cache_rows = (super::plan::EVAL_LOGITS_BYTES / per_token) as usize;
-            runs(&vec![capacity; seqs.len()], eval_rows(be, model).min(cache_rows))
+            let cache_rows = (DECODING_BYTES / per_token) as usize;
+            runs(&vec![capacity; seqs.len()], rows_within(be, model, DECODING_BYTES).min(cache_rows))
         }
     };
     for run in run_list {
@@ -355,7 +356,7 @@ pub async fn continue_greedy<B: Backend>(
                     models::run_cached(model, be, &batch, hook, Output::LastLogits, Some(cache)).await?
                 }
             };
-            let logits = be.download(&logits.ok_or(Error::Stop)?).await?;
+            let logits = be.into_host(logits.ok_or(Error::Stop)?).await?;
             for (k, &i) in live.iter().enumerate() {
                 let row = logits.row(k);
                 let next = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0) as u32;

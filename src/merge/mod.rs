@@ -553,7 +553,7 @@ pub async fn iteris<B: Backend>(
                 // pass keeps them and the later ones run the merged stream alone.
                 let tokens = ids.iter().flatten().map(Vec::len).sum();
                 let keep =
-                    plan::AdapterInputs::plan(be, &model.modules(), &targets, tokens, ids.len(), opts.max_memory_mib);
+                    plan::AdapterInputs::plan(be, model.row_floats(), &targets, tokens, ids.len(), opts.max_memory_mib);
                 adapter_inputs = Some(keep);
                 let merged_only;
                 let later = if keep.kept {

@@ -54,6 +54,7 @@ pub async fn merge<B: Backward>(
 ) -> Result<MergeResult> {
     opts.validate(tasks.len())?;
     let mut timings = Timings::default();
+    let mut peaks = PhasePeaks::start();
     let t = now();
     plan::weights_plan(be, &base.weights, opts.max_memory_mib).check(&be.name())?;
     let model = models::load(be, &base.config, &base.weights)?;
@@ -101,25 +102,52 @@ pub async fn merge<B: Backward>(
         cut.push(c);
     }
     timings.tokenize = now() - t;
+    peaks.end("load");
 
     // Self-calibration and balancing read next-token distributions: decoders only.
     let data_driven = matches!(opts.method, super::Method::Iteris | super::Method::Regmean);
     let calibrate = data_driven && decoder && opts.self_calibrate > 0;
     let modules = model.modules();
-    let plan_for = |ids: &[Vec<Vec<u32>>]| {
+    let auto_balance =
+        opts.method == super::Method::Iteris && opts.balance == Balance::Auto && opts.weights.is_none() && decoder;
+    let quality_shapes = quality_shapes(base, &model, tasks, opts.eval_limit)?;
+    let base_bytes = peaks.base;
+    let plan_for = |ids: &[Vec<Vec<u32>>], generation: Option<(usize, usize, usize)>| {
         let chunks = chunk_batches(ids, Streams::Both, plan::chunk_rows(be, &modules, &targets));
         let chunk_rows: Vec<usize> = chunks.iter().map(|b| b.tokens()).collect();
         let output = opts.method == super::Method::Iteris && opts.objective == super::Objective::Output;
-        plan::merge_plan(be, &base.weights, &modules, &targets, &chunk_rows, tasks.len(), output, opts.max_memory_mib)
+        let task_tokens = ids.iter().map(|s| s.iter().map(Vec::len).sum::<usize>()).max().unwrap_or(0);
+        let task_samples = ids.iter().map(Vec::len).max().unwrap_or(0);
+        let rank = iteris::default_dense_rank(&targets).max(opts.rank.unwrap_or(0));
+        let shapes = plan::PhaseShapes {
+            base_bytes,
+            row_floats: model.row_floats(),
+            vocab: modules.iter().find(|m| m.name == "lm_head").map_or(0, |m| m.out_dim),
+            kv_token_bytes: models::kv_cache::KvCache::<B::T>::token_bytes(&model.kv_widths()),
+            eval_rows: evaluate::rows_within(be, &model, plan::EVAL_LOGITS_BYTES),
+            decode_rows: evaluate::rows_within(be, &model, plan::DECODING_BYTES),
+            self_calibration: generation,
+            balancing: (auto_balance && ids.iter().all(|s| s.len() >= MIN_SAMPLES))
+                .then(|| (task_tokens, task_samples * (opts.self_calibrate + 1))),
+            quality: quality_shapes,
+            // The PEFT and MLX files, and the merged factors they are written from.
+            export_bytes: 3 * targets.iter().map(|t| (rank * (t.in_dim + t.out_dim) * 4) as u64).sum::<u64>(),
+        };
+        plan::merge_plan(be, &base.weights, &modules, &targets, &chunk_rows, tasks.len(), output, &shapes, opts.max_memory_mib)
     };
     // The plan is checked before any pass, for the longest the samples can become: each as long
     // as self-calibration may make it.
+    let generation = calibrate.then(|| {
+        let lens = ids.iter().flatten().map(Vec::len);
+        let longest = lens.clone().map(|n| (n + opts.self_calibrate).min(max_len).max(n)).max().unwrap_or(0);
+        (lens.clone().count(), longest, lens.sum::<usize>())
+    });
     if calibrate {
         let longest: Vec<Vec<Vec<u32>>> = ids
             .iter()
             .map(|s| s.iter().map(|x| vec![0; (x.len() + opts.self_calibrate).min(max_len).max(x.len())]).collect())
             .collect();
-        plan_for(&longest).check(&be.name())?;
+        plan_for(&longest, generation).check(&be.name())?;
     }
     // Refinement distils on recombinations of the given prompts (`refine::augment`).
     let prompts = (opts.refine_steps > 0).then(|| ids.clone());
@@ -145,7 +173,8 @@ pub async fn merge<B: Backward>(
     } else {
         None
     };
-    let mut memory = plan_for(&ids);
+    peaks.end("self_calibration");
+    let mut memory = plan_for(&ids, generation);
     if opts.refine_steps > 0 {
         // The merged factors are at most Σr wide per module (a dense solution is cut to --rank).
         let rank = iteris::default_dense_rank(&targets).max(opts.rank.unwrap_or(0));
@@ -155,8 +184,6 @@ pub async fn merge<B: Backward>(
     memory.check(&be.name())?;
     // Balancing holds out every fifth sample: below `balance::MIN_SAMPLES` per task the merges it
     // compares would lose too much of their samples, and its held-out KL is too noisy to trust.
-    let auto_balance =
-        opts.method == super::Method::Iteris && opts.balance == Balance::Auto && opts.weights.is_none() && decoder;
     let few = ids.iter().map(Vec::len).min().unwrap_or(0);
     if auto_balance && few < MIN_SAMPLES {
         warnings.push(format!(
@@ -172,6 +199,7 @@ pub async fn merge<B: Backward>(
     } else {
         None
     };
+    peaks.end("balancing");
     let balanced;
     let opts = match &balancing {
         Some(b) => {
@@ -184,6 +212,7 @@ pub async fn merge<B: Backward>(
         iteris(be, &model, targets, &ids, opts, progress).await.map_err(|e| non_finite(e, &base.config, tasks))?;
     check_finite(&outcome)?;
     timings.passes = outcome.seconds_passes;
+    peaks.end("passes");
     let refinement = if let Some(prompts) = prompts {
         let t = now();
         let mut extra = super::refine::augment(&prompts, opts.refine_augment, opts.seed);
@@ -204,6 +233,7 @@ pub async fn merge<B: Backward>(
     } else {
         None
     };
+    peaks.end("refinement");
 
     let t = now();
     let (deltas, energy): (Vec<_>, Vec<_>) = outcome
@@ -223,6 +253,7 @@ pub async fn merge<B: Backward>(
     let layers = crate::formats::mlx::layer_count(model.modules().iter().map(|m| m.name.as_str()));
     let mlx = crate::formats::mlx::files(&mlx_modules, layers, model.fan_in_fan_out(), f16_out);
     timings.export = now() - t;
+    peaks.end("export");
 
     let t = now();
     let quality = if tasks.iter().any(|t| t.eval.is_some()) && opts.eval_limit != Some(0) {
@@ -232,6 +263,7 @@ pub async fn merge<B: Backward>(
         None
     };
     timings.quality = now() - t;
+    peaks.end("quality");
 
     let means = task_means(&outcome.records, tasks.len());
     warnings.extend(outcome.warnings.iter().cloned());
@@ -269,10 +301,59 @@ pub async fn merge<B: Backward>(
         self_calibration,
         refinement,
         memory_plan: memory,
+        memory_peaks: peaks.peaks,
         warnings,
         timings_s: timings,
     };
     Ok(MergeResult { quality, adapter_config: files.config, adapter_weights: files.weights, mlx, report, outcome })
+}
+
+/// The host memory's peak in each phase of a merge, as measured (`profile::host_peak_bytes`),
+/// and what was in use when it began.
+struct PhasePeaks {
+    base: u64,
+    peaks: Vec<super::report::PhasePeak>,
+}
+
+impl PhasePeaks {
+    fn start() -> Self {
+        crate::profile::reset_host_peak();
+        PhasePeaks { base: crate::profile::host_peak_bytes().unwrap_or(0), peaks: Vec::new() }
+    }
+
+    /// The phase `name` ends: record its peak and start the next one's.
+    fn end(&mut self, phase: &'static str) {
+        if let Some(bytes) = crate::profile::host_peak_bytes() {
+            self.peaks.push(super::report::PhasePeak { phase, bytes });
+        }
+        crate::profile::reset_host_peak();
+    }
+}
+
+/// Held-out evaluation's shapes for the memory plan (`plan::PhaseShapes::quality`): the KL
+/// pass's rows (one task's samples, both streams) and the greedy decoding of every labeled
+/// sample by the merged model and by its adapter.
+fn quality_shapes<T>(
+    base: &BaseInputs,
+    model: &models::Model<T>,
+    tasks: &[TaskInput],
+    limit: Option<usize>,
+) -> Result<Option<(usize, Option<(usize, usize, usize)>)>> {
+    if limit == Some(0) || tasks.iter().all(|t| t.eval.is_none()) {
+        return Ok(None);
+    }
+    let max_pos = model.max_positions();
+    let (mut kl_rows, mut seqs, mut longest, mut prompts) = (0, 0, 0, 0);
+    for set in tasks.iter().filter_map(|t| t.eval.as_ref().map(|e| e.first(limit))) {
+        kl_rows = kl_rows.max(2 * eval_ids(base, &set, max_pos)?.iter().map(Vec::len).sum::<usize>());
+        for (p, a) in set.labeled() {
+            let (p, a) = (base.tokenizer.encode(p, max_pos)?.ids.len(), base.tokenizer.encode(a, max_pos)?.ids.len());
+            seqs += 2;
+            prompts += 2 * p;
+            longest = longest.max((p + a + 2).min(max_pos));
+        }
+    }
+    Ok(Some((kl_rows, (seqs > 0).then_some((seqs, longest, prompts)))))
 }
 
 /// Distillation refinement of the merged deltas (`refine`), on the merge's own backend and model.

@@ -3,11 +3,13 @@
 //! the largest single tensor (a GPU storage binding), and the limits they must fit. A merge that
 //! cannot fit is refused with what to change, instead of failing (or being killed) midway.
 //!
-//! The figures are estimates from shapes, meant to be safe rather than tight: activations count
-//! `LIVE_ACTIVATIONS` tensors of the widest layer width per token row (residual stream, normed
-//! input, q/k/v, attention output, gate and up at most are alive at once). A batch whose widest
-//! activation would exceed a binding runs in chunks of rows (`models::chunked`), so the largest
-//! row tensor is a chunk's; a Gram matrix wider than a binding is kept in row blocks.
+//! The host figure is made phase by phase (`PhasePlan`), each the most the phase holds at once:
+//! the memory in use when the merge began, the weights, and what the phase adds — a tensor being
+//! read (load), KV caches, one pass's activations (`Model::row_floats` per token row, as each
+//! family's forward frees them), logits tables, statistics. The report puts each phase's figure
+//! beside the measured peak (`profile::host_peak_bytes`). A batch whose widest activation would
+//! exceed a binding runs in chunks of rows (`models::chunked`), so the largest row tensor is a
+//! chunk's; a Gram matrix wider than a binding is kept in row blocks.
 
 use super::iteris::Target;
 use crate::backend::Backend;
@@ -15,12 +17,16 @@ use crate::error::{Error, Result};
 use crate::formats::safetensors::TensorStore;
 use crate::models::ModuleInfo;
 
-/// Tensors of the widest layer width alive at once per token row in a forward pass.
-pub const LIVE_ACTIVATIONS: u64 = 8;
+/// Logits one evaluation pass (held-out KL, balancing's agreement) may produce at most:
+/// `merge::evaluate` splits its batches to stay under this and the backend's largest tensor. A
+/// table this small fits in memory that earlier phases freed; at 256 MiB each new table grew the
+/// page's memory by its whole size.
+pub const EVAL_LOGITS_BYTES: u64 = 64 << 20;
 
-/// Logits one evaluation pass may produce at most (`merge::evaluate` splits its batches to stay
-/// under this and under the backend's largest tensor).
-pub const EVAL_LOGITS_BYTES: u64 = 256 << 20;
+/// What one run of greedy decoding (`evaluate::continue_greedy`) may hold: its KV cache, and
+/// its first pass's widest activations. Fewer sequences per run would read the weights more
+/// often (one read per token of each run).
+pub const DECODING_BYTES: u64 = 256 << 20;
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct MemoryPlan {
@@ -30,6 +36,12 @@ pub struct MemoryPlan {
     pub weights_bytes: u64,
     /// One batched forward pass over every task's samples (both streams).
     pub activations_bytes: u64,
+    /// What each phase holds on the host at its peak, the memory in use at the start included
+    /// (`host_bytes` is the largest).
+    pub phases: Vec<PhasePlan>,
+    /// What every phase after the load holds: the memory in use at the start, the files and
+    /// weights held, and the native product's packing workspace.
+    pub resident_bytes: u64,
     /// One stage's statistics: Gram matrices per task, the system matrices and their factors.
     pub statistics_bytes: u64,
     /// Distillation refinement (`merge::refine`): one run's kept activations, its teacher's and
@@ -54,6 +66,65 @@ pub struct MemoryPlan {
     /// The part of `host_bytes` not yet allocated when the plan was made (what must fit in
     /// `host_available_bytes`).
     pub host_to_allocate_bytes: u64,
+}
+
+/// A phase's allocations beyond what stays resident take up to 1/`ALLOCATOR_SLACK` more of the
+/// heap than they hold (`set_phases`).
+const ALLOCATOR_SLACK: u64 = 4;
+
+/// One phase of a merge and the host memory it is planned to hold at its peak.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PhasePlan {
+    pub phase: &'static str,
+    pub host_bytes: u64,
+}
+
+/// The sizes the phases' memory is made from (see `merge_plan`).
+#[derive(Clone, Debug, Default)]
+pub struct PhaseShapes {
+    /// Host memory in use when the merge began (`profile::host_peak_bytes`; 0 where unknown).
+    pub base_bytes: u64,
+    /// `Model::row_floats`, the LM head's width (0: no head) and the KV cache's bytes per token.
+    pub row_floats: usize,
+    pub vocab: usize,
+    pub kv_token_bytes: u64,
+    /// Token rows of one evaluation pass, and of one decoding run's first pass
+    /// (`evaluate::rows_within` `EVAL_LOGITS_BYTES`, `DECODING_BYTES`).
+    pub eval_rows: usize,
+    pub decode_rows: usize,
+    /// Self-calibration's greedy decoding: (sequences, longest sequence, prompt tokens).
+    pub self_calibration: Option<(usize, usize, usize)>,
+    /// Balancing, where it runs: its agreement pass's token rows and the rows it takes logits of
+    /// (each held-out sample's continuation).
+    pub balancing: Option<(usize, usize)>,
+    /// Held-out evaluation: the KL pass's token rows (both streams), and the greedy decoding
+    /// of labeled samples (sequences, longest sequence, prompt tokens).
+    pub quality: Option<(usize, Option<(usize, usize, usize)>)>,
+    /// Bytes of the merged adapter's files (export).
+    pub export_bytes: u64,
+}
+
+impl PhaseShapes {
+    fn pass(&self, rows: usize) -> u64 {
+        pass_bytes(rows, self.row_floats)
+    }
+    fn logits(&self, rows: usize) -> u64 {
+        (rows * self.vocab) as u64 * 4
+    }
+    /// Greedy decoding (`evaluate::continue_greedy`): a run's KV cache (sequences × longest, at
+    /// most `DECODING_BYTES` and `decode_rows` tokens), its first pass over the prompts and its
+    /// last-token logits.
+    fn decoding(&self, (seqs, longest, prompts): (usize, usize, usize)) -> u64 {
+        let cache_rows = (DECODING_BYTES / self.kv_token_bytes.max(1)) as usize;
+        let run_seqs = (self.decode_rows.min(cache_rows) / longest.max(1)).clamp(1, seqs.max(1));
+        let prompt_rows = prompts.div_ceil(seqs.max(1)) * run_seqs;
+        (run_seqs * longest) as u64 * self.kv_token_bytes + self.pass(prompt_rows) + self.logits(run_seqs)
+    }
+    /// One evaluation pass over `rows` token rows with every row's logits.
+    fn eval_pass(&self, rows: usize) -> u64 {
+        let rows = rows.min(self.eval_rows);
+        self.pass(rows) + self.logits(rows)
+    }
 }
 
 fn mib(b: u64) -> String {
@@ -106,9 +177,9 @@ pub fn chunk_rows<B: Backend>(be: &B, modules: &[ModuleInfo], targets: &[Target]
     (be.max_tensor_bytes() / row).clamp(1, usize::MAX as u64) as usize
 }
 
-/// One batched forward pass's activations over `rows` token rows.
-fn pass_bytes(rows: usize, widest: usize) -> u64 {
-    rows as u64 * widest as u64 * 4 * LIVE_ACTIVATIONS
+/// One forward pass's activations over `rows` token rows (`Model::row_floats` each).
+fn pass_bytes(rows: usize, row_floats: usize) -> u64 {
+    (rows * row_floats) as u64 * 4
 }
 
 /// One stage's statistics on the host: per task XᵀX̃ and X̃ᵀX̃; per module of a stage (at most
@@ -137,6 +208,7 @@ pub fn merge_plan<B: Backend>(
     chunk_rows: &[usize],
     tasks: usize,
     output: bool,
+    shapes: &PhaseShapes,
     max_memory_mib: Option<u64>,
 ) -> MemoryPlan {
     let mut p = weights_plan(be, store, max_memory_mib);
@@ -144,7 +216,7 @@ pub fn merge_plan<B: Backend>(
     // Every chunk's activations are alive at once (they meet at each stage); one tensor holds at
     // most a chunk's rows.
     let all_rows: usize = chunk_rows.iter().sum();
-    p.activations_bytes = pass_bytes(all_rows, widest);
+    p.activations_bytes = shapes.pass(all_rows);
     p.chunks = chunk_rows.len();
     p.chunk_rows = chunk_rows.iter().copied().max().unwrap_or(0);
     let rows = p.chunk_rows as u64;
@@ -166,14 +238,60 @@ pub fn merge_plan<B: Backend>(
         let blocks = if gram_binding < square * 4 { ", in row blocks" } else { "" };
         (gram_binding, format!("a {width} × {width} Gram matrix at {gram_name}{blocks}"))
     };
-    p.host_to_allocate_bytes = if be.on_device() {
+    if be.on_device() {
         p.device_bytes += p.activations_bytes + device_stats;
-        host_stats
-    } else {
-        p.activations_bytes + host_stats
-    };
-    p.host_bytes += p.host_to_allocate_bytes;
+    }
+    set_phases(&mut p, be, store, shapes, all_rows, host_stats);
     p
+}
+
+/// Each phase's host figure (see the module's doc), and `host_bytes` the largest. On a device
+/// the weights and activations are the device's; the host holds the files, the statistics and
+/// what is read back (logits).
+fn set_phases<B: Backend>(
+    p: &mut MemoryPlan,
+    be: &B,
+    store: &TensorStore,
+    s: &PhaseShapes,
+    rows: usize,
+    host_stats: u64,
+) {
+    let device = be.on_device();
+    let host = |b: u64| if device { 0 } else { b };
+    let held = p.files_bytes + host(p.weights_bytes);
+    // The native CPU product (faer) packs the right-hand side whole: an f32 weight is packed as
+    // it is multiplied, and the largest (the LM head) stays in its workspace. Half-precision
+    // weights are multiplied by panels of 4 MiB (`gemm::product_by_panels`).
+    let packing = if device || cfg!(target_arch = "wasm32") { 0 } else { store.largest_f32_matrix_bytes() };
+    p.resident_bytes = s.base_bytes + held + packing;
+    let pass = host(s.pass(rows));
+    let mut phases = vec![("load", held + store.largest_tensor_bytes() * if device { 2 } else { 1 })];
+    if let Some(g) = s.self_calibration {
+        phases.push(("self_calibration", held + packing + host(s.decoding(g))));
+    }
+    if let Some((rows, tails)) = s.balancing {
+        let agreement = s.pass(rows.min(s.eval_rows)) + s.logits(tails.min(s.eval_rows));
+        phases.push(("balancing", held + packing + (pass + host_stats).max(host(agreement))));
+    }
+    phases.push(("passes", held + packing + pass + host_stats));
+    phases.push(("export", held + s.export_bytes));
+    if let Some((kl_rows, generation)) = s.quality {
+        let kl = host(s.eval_pass(kl_rows));
+        phases.push(("quality", held + packing + kl.max(generation.map_or(0, |g| host(s.decoding(g))))));
+    }
+    // What a phase frees is not all reusable by the next phase's sizes (the allocator's holes sit
+    // between blocks that stay): measured on the 106M GPT-2 and SmolLM2-135M shapes, natively and
+    // in the page, the heap's high-water ran up to a quarter above the phases' live peaks.
+    let resident = held + packing;
+    let slack = |b: u64| b + b.saturating_sub(resident) / ALLOCATOR_SLACK;
+    p.phases = phases
+        .into_iter()
+        .map(|(phase, b)| PhasePlan { phase, host_bytes: s.base_bytes + if phase == "load" { b } else { slack(b) } })
+        .collect();
+    p.host_bytes = p.phases.iter().map(|f| f.host_bytes).max().unwrap_or(0);
+    // What the merge still has to allocate: beyond what was in use when it began and the weights
+    // (loaded before the plan is checked).
+    p.host_to_allocate_bytes = p.host_bytes.saturating_sub(s.base_bytes + held);
 }
 
 /// Add refinement's memory to a plan (`MemoryPlan::refinement_bytes`): per token row of a run,
@@ -192,8 +310,11 @@ pub fn add_refinement(p: &mut MemoryPlan, modules: &[ModuleInfo], merged_params:
     let tables = (rows + 2 * 256) * vocab * 4;
     let host = tables + 4 * merged_params * 4 + if on_device { 0 } else { kept };
     p.refinement_bytes = kept + tables + 4 * merged_params * 4;
-    p.host_bytes += host;
-    p.host_to_allocate_bytes += host;
+    let at = p.phases.iter().position(|f| f.phase == "export").unwrap_or(p.phases.len());
+    p.phases.insert(at, PhasePlan { phase: "refinement", host_bytes: p.resident_bytes + host + host / ALLOCATOR_SLACK });
+    let max = p.phases.iter().map(|f| f.host_bytes).max().unwrap_or(0);
+    p.host_to_allocate_bytes += max.saturating_sub(p.host_bytes);
+    p.host_bytes = max;
     if on_device {
         // The kept activations, the logits' gradients of a run and the factors' gradients.
         p.device_bytes += kept + 256 * vocab * 4 + merged_params * 4;
@@ -219,7 +340,7 @@ impl AdapterInputs {
     /// within `KEEP_DEVICE_BYTES` (a GPU backend). `tokens`: every task's token rows.
     pub fn plan<B: Backend>(
         be: &B,
-        modules: &[ModuleInfo],
+        row_floats: usize,
         targets: &[Target],
         tokens: usize,
         tasks: usize,
@@ -234,7 +355,7 @@ impl AdapterInputs {
                 (a, m) => a.or(m).unwrap_or(KEEP_DEVICE_BYTES * 2),
             };
             let width = targets.iter().map(|t| t.in_dim).max().unwrap_or(0);
-            let rest = pass_bytes(2 * tokens, widest_row(modules, targets).0) + host_stats_bytes(tasks, width);
+            let rest = pass_bytes(2 * tokens, row_floats) + host_stats_bytes(tasks, width);
             avail.saturating_sub(rest) / 2
         };
         AdapterInputs { kept: bytes <= budget, bytes }

@@ -70,8 +70,17 @@ pub struct Report {
     pub refinement: Option<super::refine::Refinement>,
     /// What the merge was planned to take, against the limits it had to fit.
     pub memory_plan: super::plan::MemoryPlan,
+    /// The host memory's measured peak in each phase: the resident set natively, the
+    /// WebAssembly memory in the page (which only grows: there, the peak of the merge so far).
+    pub memory_peaks: Vec<PhasePeak>,
     pub warnings: Vec<String>,
     pub timings_s: Timings,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct PhasePeak {
+    pub phase: &'static str,
+    pub bytes: u64,
 }
 
 #[derive(Serialize, Default)]

@@ -65,6 +65,13 @@ impl<T> Bert<T> {
     }
 
     /// Key/value width of each attention layer (what a KV cache holds per token).
+    /// The most f32 values per token row one forward pass holds at once (`Model::row_floats`):
+    /// the attention half holds h, q, k, v and the attention output; the MLP half h, the
+    /// intermediate and the output.
+    pub fn row_floats(&self) -> usize {
+        (5 * self.d).max(2 * self.d + self.ff)
+    }
+
     pub fn kv_widths(&self) -> Vec<usize> {
         vec![self.attn.kv_heads * self.attn.head_dim; self.layers.len()]
     }
@@ -77,18 +84,28 @@ impl<T> Bert<T> {
         be.add_rows(&mut e, 0..n, &pos, 1.0);
         be.add_bias(&mut e, &self.token_type0);
         let mut h = be.layer_norm(&e, &self.emb_norm.0, self.emb_norm.1.as_ref(), self.eps);
+        drop((e, pos));
+        // Each half of a layer in its own scope, so a pass holds one half's tensors at a time
+        // (`Model::row_floats`).
         for (i, l) in self.layers.iter().enumerate() {
-            let mut qkv = pass.project(&h, Level::Tokens, &[l.query.r(), l.key.r(), l.value.r()]).await?;
-            let (v, k, q) = (qkv.pop().unwrap(), qkv.pop().unwrap(), qkv.pop().unwrap());
-            let a = pass.attention(i, &q, &k, &v, &self.attn);
-            let mut o = pass.project1(&a, l.attn_out.r()).await?;
-            be.add_rows(&mut o, 0..n, &h, 1.0);
-            h = be.layer_norm(&o, &l.attn_norm.0, l.attn_norm.1.as_ref(), self.eps);
-            let mut f = pass.project1(&h, l.intermediate.r()).await?;
-            be.activate(&mut f, self.act);
-            let mut o = pass.project1(&f, l.output.r()).await?;
-            be.add_rows(&mut o, 0..n, &h, 1.0);
-            h = be.layer_norm(&o, &l.out_norm.0, l.out_norm.1.as_ref(), self.eps);
+            h = {
+                let mut qkv = pass.project(&h, Level::Tokens, &[l.query.r(), l.key.r(), l.value.r()]).await?;
+                let (v, k, q) = (qkv.pop().unwrap(), qkv.pop().unwrap(), qkv.pop().unwrap());
+                let a = pass.attention(i, &q, &k, &v, &self.attn);
+                drop((q, k, v));
+                let mut o = pass.project1(&a, l.attn_out.r()).await?;
+                drop(a);
+                be.add_rows(&mut o, 0..n, &h, 1.0);
+                be.layer_norm(&o, &l.attn_norm.0, l.attn_norm.1.as_ref(), self.eps)
+            };
+            h = {
+                let mut f = pass.project1(&h, l.intermediate.r()).await?;
+                be.activate(&mut f, self.act);
+                let mut o = pass.project1(&f, l.output.r()).await?;
+                drop(f);
+                be.add_rows(&mut o, 0..n, &h, 1.0);
+                be.layer_norm(&o, &l.out_norm.0, l.out_norm.1.as_ref(), self.eps)
+            };
         }
         if let Some(p) = &self.pooler {
             let first = be.select_rows(&h, &batch.first_tokens());

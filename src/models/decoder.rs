@@ -133,6 +133,31 @@ impl<T> Decoder<T> {
         }
     }
 
+    /// The most f32 values per token row one forward pass holds at once (`Model::row_floats`),
+    /// from `forward`'s scopes: the attention half holds the residual, the normed input and q,
+    /// k, v (a fused projection's output too, while it is sliced), then q, k, v with the attention
+    /// output; the MLP half the residual, the normed input, gate and up
+    /// (and a fused output while it is sliced).
+    pub fn row_floats(&self) -> usize {
+        let fused = |p: &Proj<T>, total: usize| if p.mods.len() < p.widths.len() { total } else { 0 };
+        let d = self.d;
+        self.layers
+            .iter()
+            .map(|l| {
+                let (qd, kvd) = (l.attn.heads * l.attn.head_dim, l.attn.kv_heads * l.attn.head_dim);
+                let qkv = qd + 2 * kvd;
+                let project = d + qkv + fused(&l.qkv, qkv);
+                // q and k normed per head: each new one made while the old is alive, as the
+                // attention output is later.
+                let attend = qd + qkv;
+                let gate_up = 2 * self.ff;
+                let mlp = d + gate_up + fused(&l.gate_up, gate_up);
+                d + project.max(attend).max(mlp)
+            })
+            .max()
+            .unwrap_or(d)
+    }
+
     /// Key/value width of each attention layer (what a KV cache holds per token).
     pub fn kv_widths(&self) -> Vec<usize> {
         self.layers.iter().map(|l| l.attn.kv_heads * l.attn.head_dim).collect()
@@ -145,35 +170,45 @@ impl<T> Decoder<T> {
         if let Some(s) = self.embed_scale {
             be.scale(&mut h, s);
         }
+        // Each half of a layer in its own scope: its tensors are freed before the next half's
+        // are made, so a pass holds one half's activations at a time (`Model::row_floats`).
         for (i, l) in self.layers.iter().enumerate() {
-            let x = be.rms_norm(&h, &l.input_norm, self.eps);
-            let mut qkv = l.qkv.run(pass, &x).await?;
-            let v = qkv.pop().unwrap();
-            let mut k = qkv.pop().unwrap();
-            let mut q = qkv.pop().unwrap();
-            if let Some(g) = &l.q_norm {
-                q = be.rms_norm(&q, g, self.eps);
+            {
+                let x = be.rms_norm(&h, &l.input_norm, self.eps);
+                let mut qkv = l.qkv.run(pass, &x).await?;
+                drop(x);
+                let v = qkv.pop().unwrap();
+                let mut k = qkv.pop().unwrap();
+                let mut q = qkv.pop().unwrap();
+                if let Some(g) = &l.q_norm {
+                    q = be.rms_norm(&q, g, self.eps);
+                }
+                if let Some(g) = &l.k_norm {
+                    k = be.rms_norm(&k, g, self.eps);
+                }
+                if let Some(r) = l.rotary.map(|r| &self.rotaries[r]) {
+                    rotate(be, &mut q, batch, l.attn.head_dim, r);
+                    rotate(be, &mut k, batch, l.attn.head_dim, r);
+                }
+                let a = pass.attention(i, &q, &k, &v, &l.attn);
+                drop((q, k, v));
+                let mut o = pass.project1(&a, l.o.r()).await?;
+                drop(a);
+                if let Some(g) = &l.attn_out_norm {
+                    o = be.rms_norm(&o, g, self.eps);
+                }
+                be.add_rows(&mut h, 0..n, &o, 1.0);
             }
-            if let Some(g) = &l.k_norm {
-                k = be.rms_norm(&k, g, self.eps);
-            }
-            if let Some(r) = l.rotary.map(|r| &self.rotaries[r]) {
-                rotate(be, &mut q, batch, l.attn.head_dim, r);
-                rotate(be, &mut k, batch, l.attn.head_dim, r);
-            }
-            let a = pass.attention(i, &q, &k, &v, &l.attn);
-            let mut o = pass.project1(&a, l.o.r()).await?;
-            if let Some(g) = &l.attn_out_norm {
-                o = be.rms_norm(&o, g, self.eps);
-            }
-            be.add_rows(&mut h, 0..n, &o, 1.0);
             let x = be.rms_norm(&h, &l.mlp_norm, self.eps);
             let mut gu = l.gate_up.run(pass, &x).await?;
+            drop(x);
             let up = gu.pop().unwrap();
             let mut gate = gu.pop().unwrap();
             be.activate(&mut gate, self.act);
             be.mul(&mut gate, &up);
+            drop(up);
             let mut o = pass.project1(&gate, l.down.r()).await?;
+            drop(gate);
             if let Some(g) = &l.mlp_out_norm {
                 o = be.rms_norm(&o, g, self.eps);
             }

@@ -52,6 +52,13 @@ impl<T> Gpt2<T> {
         self.n_positions
     }
 
+    /// The most f32 values per token row one forward pass holds at once (`Model::row_floats`):
+    /// the residual with the fused q/k/v output and its three slices (7d), or the residual, the
+    /// MLP's input or output and its intermediate.
+    pub fn row_floats(&self) -> usize {
+        (7 * self.d).max(2 * self.d + self.ff)
+    }
+
     /// Key/value width of each attention layer (what a KV cache holds per token).
     pub fn kv_widths(&self) -> Vec<usize> {
         self.blocks.iter().map(|b| b.attn.kv_heads * b.attn.head_dim).collect()
@@ -67,20 +74,30 @@ impl<T> Gpt2<T> {
         let mut h = be.select_rows(&self.wte, &batch.ids);
         let pos = be.select_rows(&self.wpe, &batch.positions);
         be.add_rows(&mut h, 0..batch.tokens(), &pos, 1.0);
+        drop(pos);
+        // Each tensor is freed as soon as the next is made: a pass holds the residual stream and
+        // at most a few of a layer's tensors at a time (`Model::row_floats`).
         for (i, b) in self.blocks.iter().enumerate() {
-            let x = be.layer_norm(&h, &b.ln_1.0, b.ln_1.1.as_ref(), self.eps);
-            let qkv = pass.project1(&x, b.c_attn.r()).await?;
             let n = batch.tokens();
             let d = self.d;
+            let x = be.layer_norm(&h, &b.ln_1.0, b.ln_1.1.as_ref(), self.eps);
+            let qkv = pass.project1(&x, b.c_attn.r()).await?;
+            drop(x);
             let (q, k, v) =
                 (be.slice_cols(&qkv, 0..d), be.slice_cols(&qkv, d..2 * d), be.slice_cols(&qkv, 2 * d..3 * d));
+            drop(qkv);
             let a = pass.attention(i, &q, &k, &v, &b.attn);
+            drop((q, k, v));
             let o = pass.project1(&a, b.c_proj.r()).await?;
+            drop(a);
             be.add_rows(&mut h, 0..n, &o, 1.0);
+            drop(o);
             let x = be.layer_norm(&h, &b.ln_2.0, b.ln_2.1.as_ref(), self.eps);
             let mut f = pass.project1(&x, b.c_fc.r()).await?;
+            drop(x);
             be.activate(&mut f, self.act);
             let o = pass.project1(&f, b.mlp_proj.r()).await?;
+            drop(f);
             be.add_rows(&mut h, 0..n, &o, 1.0);
         }
         let h = be.layer_norm(&h, &self.ln_f.0, self.ln_f.1.as_ref(), self.eps);

@@ -316,6 +316,19 @@ impl<T> Model<T> {
         }
     }
 
+    /// The most f32 values per token row that one forward pass holds at once, over every layer
+    /// (the LM head's logits and what a hook keeps are not counted): each family's `forward`
+    /// frees a layer half's tensors before the next half's, and says what is left alive. The
+    /// memory plan's activations are this times the pass's token rows; `tests/memory.rs` measures
+    /// it on every family.
+    pub fn row_floats(&self) -> usize {
+        match self {
+            Model::Gpt2(m) => m.row_floats(),
+            Model::Decoder(m) => m.row_floats(),
+            Model::Bert(m) => m.row_floats(),
+        }
+    }
+
     /// Key/value width of each attention layer (what a KV cache holds per token).
     pub fn kv_widths(&self) -> Vec<usize> {
         match self {
@@ -472,7 +485,7 @@ impl<'a, B: Backend> WeightReader<'a, B> {
     /// (weights are most of the memory) never sees an f32 copy; vectors (norms, biases) are f32.
     pub fn tensor(&self, name: &str, shape: (usize, usize)) -> Result<B::T> {
         let m = self.stored(name, shape)?;
-        Ok(if shape.0 > 1 { self.be.upload_weight(&m) } else { self.be.upload(&m.to_mat()) })
+        Ok(if shape.0 > 1 { self.be.upload_weight(m) } else { self.be.upload(&m.to_mat()) })
     }
 
     /// `name.weight` (and `name.bias` when present) as a linear layer of shape (out, in). With
@@ -485,7 +498,7 @@ impl<'a, B: Backend> WeightReader<'a, B> {
         };
         let bname = format!("{name}.bias");
         let b = if self.has(&bname) { Some(self.tensor(&bname, (1, out_dim))?) } else { None };
-        Ok(Linear { name: name.to_string(), w: self.be.upload_weight(&w), b })
+        Ok(Linear { name: name.to_string(), w: self.be.upload_weight(w), b })
     }
 
     /// A LayerNorm's (weight, bias), accepting the old `gamma`/`beta` names.

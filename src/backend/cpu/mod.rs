@@ -159,9 +159,13 @@ impl Backend for Cpu {
         Ok(t.to_f32())
     }
 
+    async fn into_host(&self, t: Mat) -> Result<Mat> {
+        Ok(if t.half.is_some() { t.to_f32() } else { t })
+    }
+
     /// Half-precision weights stay in their bits (`Mat::packed`); the products convert panels.
-    fn upload_weight(&self, w: &StoredMat) -> Mat {
-        Mat::packed(w.clone())
+    fn upload_weight(&self, w: StoredMat) -> Mat {
+        Mat::packed(w)
     }
 
     fn keeps_file_precision(&self) -> bool {
@@ -571,7 +575,7 @@ mod tests {
             Stored::Bf16(vals.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect()),
         ] {
             let stored = StoredMat { rows: out, cols: inp, data };
-            let (packed, full) = (Cpu.upload_weight(&stored), stored.to_mat());
+            let (packed, full) = (Cpu.upload_weight(stored.clone()), stored.to_mat());
             assert!(packed.half.is_some() && packed.data.is_empty(), "no f32 copy of a half weight");
             let (a, b) = (Cpu.matmul_t(&x, 1..n, &packed), Cpu.matmul_t(&x, 1..n, &full));
             assert_eq!(a.shape(), b.shape());

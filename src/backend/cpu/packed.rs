@@ -3,8 +3,8 @@
 //! no SIMD kernel and `matrixmultiply`'s portable kernel ran at 0.7× onnxruntime-web's rate
 //! (`benches/peer_forward.mjs`).
 //!
-//! c (m, n) (+)= a (m, k) · b (k, n), in blocks of `KC` along k: each block packs b into panels of
-//! `NR` columns (k-major, zero-padded), then, `MC` rows at a time, a into panels of `MR` rows, and
+//! c (m, n) (+)= a (m, k) · b (k, n), in blocks of `KC` along k and `NC` along n: each block packs
+//! b into panels of `NR` columns (k-major, zero-padded), then, `MC` rows at a time, a into panels of `MR` rows, and
 //! the microkernel keeps one `MR` × `NR` tile of c in 8 vector registers while it runs down a
 //! panel pair (one splat of a and two loads of b per row of the panels; V8 maps wasm's v128 to
 //! the 16 XMM registers of x86-64, so 8 accumulators, 2 b vectors and 1 splat fit). Natively the
@@ -20,6 +20,10 @@ const NR: usize = 8;
 /// the rows of a packed at once.
 const KC: usize = 256;
 const MC: usize = 64;
+/// The columns of b packed at once: each thread's packed block is KC × NC f32 (2 MiB), however
+/// wide b is (an LM head's 49,152 or 128,256 columns packed whole took 50–130 MiB per thread).
+/// Each c element still sums its KC blocks in the same order, so the result is unchanged.
+const NC: usize = 2048;
 
 #[cfg(target_arch = "wasm32")]
 mod lanes {
@@ -157,23 +161,27 @@ pub fn sgemm(a: View<f32>, b: View<f32>, c: &mut [f32], accumulate: bool) {
     for p0 in (0..k).step_by(KC) {
         let p1 = (p0 + KC).min(k);
         let kc = p1 - p0;
-        pack_b(&b, p0, p1, 0, n, &mut bp);
-        for i0 in (0..m).step_by(MC) {
-            let i1 = (i0 + MC).min(m);
-            pack_a(&a, i0, i1, p0, p1, &mut ap);
-            // One b panel (8 KiB) stays in L1 while every a panel of the block (64 KiB) runs past it.
-            for (qj, bpanel) in bp.chunks_exact(kc * NR).enumerate() {
-                let c0 = qj * NR;
-                let cols = NR.min(n - c0);
-                for (qi, apanel) in ap.chunks_exact(kc * MR).enumerate() {
-                    let r0 = i0 + qi * MR;
-                    let rows = MR.min(i1 - r0);
-                    let t = tile(kc, apanel, bpanel);
-                    for (r, tr) in t.iter().enumerate().take(rows) {
-                        let (lo, hi) = (tr[0].lanes(), tr[1].lanes());
-                        let out = &mut c[(r0 + r) * n + c0..(r0 + r) * n + c0 + cols];
-                        for (j, o) in out.iter_mut().enumerate() {
-                            *o += if j < 4 { lo[j] } else { hi[j - 4] };
+        for j0 in (0..n).step_by(NC) {
+            let j1 = (j0 + NC).min(n);
+            pack_b(&b, p0, p1, j0, j1, &mut bp);
+            for i0 in (0..m).step_by(MC) {
+                let i1 = (i0 + MC).min(m);
+                pack_a(&a, i0, i1, p0, p1, &mut ap);
+                // One b panel (8 KiB) stays in L1 while every a panel of the block (64 KiB) runs
+                // past it.
+                for (qj, bpanel) in bp.chunks_exact(kc * NR).enumerate() {
+                    let c0 = j0 + qj * NR;
+                    let cols = NR.min(n - c0);
+                    for (qi, apanel) in ap.chunks_exact(kc * MR).enumerate() {
+                        let r0 = i0 + qi * MR;
+                        let rows = MR.min(i1 - r0);
+                        let t = tile(kc, apanel, bpanel);
+                        for (r, tr) in t.iter().enumerate().take(rows) {
+                            let (lo, hi) = (tr[0].lanes(), tr[1].lanes());
+                            let out = &mut c[(r0 + r) * n + c0..(r0 + r) * n + c0 + cols];
+                            for (j, o) in out.iter_mut().enumerate() {
+                                *o += if j < 4 { lo[j] } else { hi[j - 4] };
+                            }
                         }
                     }
                 }
@@ -210,7 +218,8 @@ mod tests {
                 })
                 .collect()
         };
-        for (m, k, n) in [(1, 1, 1), (5, 3, 9), (4, 8, 8), (67, 300, 45), (13, 513, 17), (64, 256, 128)] {
+        // The last is wider than two column blocks (NC).
+        for (m, k, n) in [(1, 1, 1), (5, 3, 9), (4, 8, 8), (67, 300, 45), (13, 513, 17), (64, 256, 128), (9, 300, 2 * NC + 13)] {
             let (ad, bd) = (rand(m * k), rand(k * n));
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 let a = if ta { View::rows(&ad, k, m).t() } else { View::rows(&ad, m, k) };

@@ -197,8 +197,8 @@ impl Backend for Gpu {
         self.download_tensor(t).await
     }
 
-    fn upload_weight(&self, w: &StoredMat) -> GpuTensor {
-        self.upload_packed(w)
+    fn upload_weight(&self, w: StoredMat) -> GpuTensor {
+        self.upload_packed(&w)
     }
 
     fn dims(&self, t: &GpuTensor) -> (usize, usize) {
