@@ -2,7 +2,7 @@
 // bundled demo's merge (four adapters of a tiny Llama, no held-out evaluation), any model given
 // as folders, or a model made by tools/make_model.rs with its held-out files (--made DIR). Build
 // dist/ first (bash tools/build_web.sh). Usage:
-//   node benches/page_merge.mjs [MODEL_DIR ADAPTER_DIR SAMPLES ... | --made DIR] [--repeat N] [--threaded]
+//   node benches/page_merge.mjs [MODEL_DIR ADAPTER_DIR SAMPLES ... | --made DIR] [--repeat N] [--threaded] [--published]
 // Prints, per engine (--threaded: the threaded one only), the median of N merges (default 3) as
 // the page times them (from the click to the result), the threads that ran, the peak WebAssembly
 // memory, and the memory plan's figure for each phase beside the memory measured at its end.
@@ -16,6 +16,9 @@ const ri = args.indexOf('--repeat');
 const repeat = ri >= 0 ? Number(args.splice(ri, 2)[1]) : 3;
 const ti = args.indexOf('--threaded');
 const threadedOnly = ti >= 0 && args.splice(ti, 1).length > 0;
+// IterIS as published (no balancing, no self-calibration, the delta objective): one pass.
+const pi = args.indexOf('--published');
+const publishedOnly = pi >= 0 && args.splice(pi, 1).length > 0;
 const mi = args.indexOf('--made');
 const made = mi >= 0 ? args.splice(mi, 2)[1] : null;
 const filesOf = (dir) => fs.readdirSync(dir).filter((f) => fs.statSync(path.join(dir, f)).isFile()).map((f) => path.resolve(dir, f));
@@ -57,6 +60,11 @@ try {
         if (tasks[k].eval) await page.setInputFiles(`#task-${k}-eval`, path.resolve(tasks[k].eval));
       }
       await page.selectOption('#backend', 'cpu');
+      if (publishedOnly) {
+        await page.selectOption('#balance', 'off');
+        await page.fill('#self-calibrate', '0');
+        await page.selectOption('#objective', 'delta');
+      }
       await page.click('#merge');
       await page.waitForSelector('#results:not([hidden]), #message:not([hidden]):not(.info):not(.warning)', { timeout: 1_800_000 });
       if (!(await page.locator('#results').isVisible())) throw new Error(`${engine}: ${await page.locator('#message').textContent()}`);

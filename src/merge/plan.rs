@@ -395,14 +395,17 @@ impl MemoryPlan {
             let host_weights = if self.device_bytes > 0 { 0 } else { self.weights_bytes };
             if host_weights > avail {
                 return Err(Error::Unsupported(format!(
-                    "memory plan: the model's weights need {} as the {backend} backend holds them (f32), but only {} is available: use a GPU backend (weights stay in file precision in GPU memory), or run the command-line tool on a larger machine",
+                    "memory plan: the model's weights need {} as the {backend} backend holds them (their file precision), but only {} is available: use a smaller model, or run the command-line tool on a larger machine",
                     mib(self.weights_bytes),
                     mib(avail)
                 )));
             }
             if self.host_to_allocate_bytes > avail {
+                let most = self.phases.iter().max_by_key(|f| f.host_bytes).map_or(String::new(), |f| {
+                    format!(" at its largest phase ({})", f.phase.replace('_', "-"))
+                });
                 return Err(Error::Unsupported(format!(
-                    "memory plan: the merge needs about {} of memory (input files {}, weights {}, activations {}, statistics {}), {} more than is in use, but only {} is available: {advice}, or run the command-line tool on a larger machine",
+                    "memory plan: the merge needs about {}{most} of memory (input files {}, weights {}, activations {}, statistics {}), {} more than is in use, but only {} is available: {advice}, or run the command-line tool on a larger machine",
                     mib(self.host_bytes),
                     mib(self.files_bytes),
                     mib(self.weights_bytes),
