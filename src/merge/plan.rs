@@ -66,6 +66,10 @@ pub struct MemoryPlan {
     /// The part of `host_bytes` not yet allocated when the plan was made (what must fit in
     /// `host_available_bytes`).
     pub host_to_allocate_bytes: u64,
+    /// Whether the weights were already loaded when the plan was made (a merge's plan, made
+    /// after the load): then they are in use, not still to be allocated.
+    #[serde(skip)]
+    pub weights_loaded: bool,
 }
 
 /// A phase's allocations beyond what stays resident take up to 1/`ALLOCATOR_SLACK` more of the
@@ -242,6 +246,7 @@ pub fn merge_plan<B: Backend>(
         p.device_bytes += p.activations_bytes + device_stats;
     }
     set_phases(&mut p, be, store, shapes, all_rows, host_stats);
+    p.weights_loaded = true;
     p
 }
 
@@ -393,7 +398,7 @@ impl MemoryPlan {
         }
         if let Some(avail) = self.host_available_bytes {
             let host_weights = if self.device_bytes > 0 { 0 } else { self.weights_bytes };
-            if host_weights > avail {
+            if host_weights > avail && !self.weights_loaded {
                 return Err(Error::Unsupported(format!(
                     "memory plan: the model's weights need {} as the {backend} backend holds them (their file precision), but only {} is available: use a smaller model, or run the command-line tool on a larger machine",
                     mib(self.weights_bytes),
