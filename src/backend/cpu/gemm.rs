@@ -63,6 +63,7 @@ pub fn product(a: View<f32>, b: View<f32>) -> Vec<f32> {
             let bm = MatRef::from_raw_parts(b.data.as_ptr(), a.cols, n, b.rs, b.cs);
             let cm = MatMut::from_raw_parts_mut(c.as_mut_ptr(), m, n, n as isize, 1);
             matmul(cm, Accum::Replace, am, bm, 1.0f32, Par::rayon(0));
+            clear_upper();
             c.set_len(m * n);
         }
         return c;
@@ -104,6 +105,7 @@ pub fn product_by_panels(a: View<f32>, n: usize, b_rows: impl Fn(Range<usize>) -
             let bm = MatRef::from_raw_parts(bt.data.as_ptr(), k, o1 - o0, bt.rs, bt.cs);
             let cm = MatMut::from_raw_parts_mut(c.as_mut_ptr().add(o0), m, o1 - o0, n as isize, 1);
             matmul(cm, Accum::Replace, am, bm, 1.0f32, Par::rayon(0));
+            clear_upper();
         }
         #[cfg(target_arch = "wasm32")]
         {
@@ -119,6 +121,30 @@ pub fn product_by_panels(a: View<f32>, n: usize, b_rows: impl Fn(Range<usize>) -
     // SAFETY: every element was written above (natively; on wasm32 the length is already m·n).
     unsafe { c.set_len(m * n) };
     c
+}
+
+/// Clear the upper halves of this thread's vector registers (x86-64's `vzeroupper`, where the CPU
+/// has AVX). faer's f32 and f64 kernels (hand-written AVX-512 micro-kernels) return with them
+/// dirty, and while they are, every legacy-SSE instruction this thread runs pays a transition
+/// penalty: Rust code built for baseline x86-64 and libm's `exp`/`sincosf` are such code. On rayon
+/// workers after a product, the held-out evaluation's sums over the vocabulary ran 14× slower
+/// (680 ms against 48 ms on one thread, 30 ms with this), and rope's angles 4× slower than in the
+/// page. Called after every faer product on the calling thread, and at the start of every
+/// parallel task of the CPU backend (`cpu::clean`). Can go when faer's kernels end with
+/// `vzeroupper` (or the native build targets AVX, whose VEX encoding has no such penalty).
+#[inline(always)]
+pub fn clear_upper() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx")]
+        unsafe fn vzeroupper() {
+            std::arch::x86_64::_mm256_zeroupper()
+        }
+        if std::arch::is_x86_feature_detected!("avx") {
+            // SAFETY: the CPU has AVX (checked).
+            unsafe { vzeroupper() }
+        }
+    }
 }
 
 /// Ask Linux for 2 MiB pages under a large vector's capacity (transparent huge pages in `madvise`
@@ -189,6 +215,7 @@ unsafe fn gemm_f32(
     let c = MatMut::from_raw_parts_mut(c.as_mut_ptr(), m, n, n as isize, 1);
     let beta = if accumulate { Accum::Add } else { Accum::Replace };
     matmul(c, beta, a, b, 1.0f32, if parallel { Par::rayon(0) } else { Par::Seq });
+    clear_upper();
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -360,6 +387,7 @@ fn matmul_f64_par(c: &mut [f64], a: View<f64>, b: View<f64>, parallel: bool) {
         let b = MatRef::from_raw_parts(b.data.as_ptr(), k, n, b.rs, b.cs);
         let c = MatMut::from_raw_parts_mut(c.as_mut_ptr(), m, n, n as isize, 1);
         matmul(c, Accum::Add, a, b, 1.0f64, if parallel { Par::rayon(0) } else { Par::Seq });
+        clear_upper();
     }
     #[cfg(target_arch = "wasm32")]
     {
@@ -415,6 +443,7 @@ fn lower_product_f64(c: &mut [f64], a: View<f64>, b: View<f64>) {
                 1.0f64,
                 Par::rayon(0),
             );
+            clear_upper();
         }
     }
     // matrixmultiply has no triangular product: the whole square.

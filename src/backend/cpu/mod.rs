@@ -50,7 +50,7 @@ fn for_rows(data: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync 
     #[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
     {
         use rayon::prelude::*;
-        data.par_chunks_mut(cols).enumerate().for_each(|(i, r)| f(i, r));
+        data.par_chunks_mut(cols).enumerate().for_each(|(i, r)| clean(|| f(i, r)));
     }
     #[cfg(all(target_arch = "wasm32", not(feature = "threads")))]
     data.chunks_mut(cols).enumerate().for_each(|(i, r)| f(i, r));
@@ -78,10 +78,31 @@ fn for_each<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync + Send) {
     #[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
     {
         use rayon::prelude::*;
-        items.into_par_iter().for_each(f);
+        items.into_par_iter().for_each(|t| clean(|| f(t)));
     }
     #[cfg(all(target_arch = "wasm32", not(feature = "threads")))]
     items.into_iter().for_each(f);
+}
+
+/// `f()` on a thread whose vector registers' upper halves are clear (`gemm::clear_upper`): every
+/// task of the helpers below runs on a rayon worker that may have just run one of faer's kernels.
+#[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
+#[inline(always)]
+fn clean<R>(f: impl FnOnce() -> R) -> R {
+    gemm::clear_upper();
+    f()
+}
+
+/// [f(0), …, f(n − 1)], computed in parallel where threads exist (the host's work on what the
+/// backends return: evaluation's per-row sums over a vocabulary).
+pub fn par_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+    #[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
+    {
+        use rayon::prelude::*;
+        (0..n).into_par_iter().map(|i| clean(|| f(i))).collect()
+    }
+    #[cfg(all(target_arch = "wasm32", not(feature = "threads")))]
+    (0..n).map(f).collect()
 }
 
 /// Σ f(chunk) over fixed chunks of `n` items, in parallel where threads exist, summed in chunk
@@ -96,7 +117,7 @@ fn sum_chunks_of(n: usize, chunk: usize, f: impl Fn(Range<usize>) -> f64 + Sync 
     #[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
     let parts: Vec<f64> = {
         use rayon::prelude::*;
-        chunks.into_par_iter().map(f).collect()
+        chunks.into_par_iter().map(|c| clean(|| f(c))).collect()
     };
     #[cfg(all(target_arch = "wasm32", not(feature = "threads")))]
     let parts: Vec<f64> = chunks.into_iter().map(f).collect();
@@ -112,7 +133,7 @@ fn rows_from(rows: usize, cols: usize, f: impl Fn(usize, &mut [f32]) + Sync + Se
         #[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
         {
             use rayon::prelude::*;
-            rows.par_chunks_mut(cols).enumerate().for_each(|(i, r)| f(i, zeroed(r)));
+            rows.par_chunks_mut(cols).enumerate().for_each(|(i, r)| clean(|| f(i, zeroed(r))));
         }
         #[cfg(all(target_arch = "wasm32", not(feature = "threads")))]
         rows.chunks_mut(cols).enumerate().for_each(|(i, r)| f(i, zeroed(r)));
@@ -193,7 +214,8 @@ impl Backend for Cpu {
 
     fn matmul_t(&self, x: &Mat, rows: Range<usize>, w: &Mat) -> Mat {
         assert_eq!(x.cols, w.cols, "matmul_t: x has {} columns, w has {}", x.cols, w.cols);
-        let _p = span("matmul", 2.0 * (rows.len() * w.rows * w.cols) as f64);
+        let cls = if rows.len() < 16 { "matmul m<16" } else if w.rows < 32 { "matmul n<32" } else if w.rows > 10000 { "matmul head" } else { "matmul" };
+        let _p = span(cls, 2.0 * (rows.len() * w.rows * w.cols) as f64);
         let n = rows.len();
         let a = View::rows(x.rows_data(rows.clone()), n, x.cols);
         match &w.half {
