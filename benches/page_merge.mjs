@@ -2,7 +2,7 @@
 // bundled demo's merge (four adapters of a tiny Llama, no held-out evaluation), any model given
 // as folders, or a model made by tools/make_model.rs with its held-out files (--made DIR). Build
 // dist/ first (bash tools/build_web.sh). Usage:
-//   node benches/page_merge.mjs [MODEL_DIR ADAPTER_DIR SAMPLES ... | --made DIR] [--repeat N] [--threaded] [--published]
+//   node benches/page_merge.mjs [MODEL_DIR ADAPTER_DIR SAMPLES ... | --made DIR] [--repeat N] [--threaded] [--published] [--profile] [--no-relaxed]
 // Prints, per engine (--threaded: the threaded one only), the median of N merges (default 3) as
 // the page times them (from the click to the result), the threads that ran, the peak WebAssembly
 // memory, and the memory plan's figure for each phase beside the memory measured at its end.
@@ -19,6 +19,12 @@ const threadedOnly = ti >= 0 && args.splice(ti, 1).length > 0;
 // IterIS as published (no balancing, no self-calibration, the delta objective): one pass.
 const pi = args.indexOf('--published');
 const publishedOnly = pi >= 0 && args.splice(pi, 1).length > 0;
+// The engine's time per op (the page's ?profile=1), printed after each merge.
+const fi = args.indexOf('--profile');
+const profile = fi >= 0 && args.splice(fi, 1).length > 0;
+// The threaded engine without relaxed SIMD (the page's ?relaxed=0), as browsers without it run.
+const ni = args.indexOf('--no-relaxed');
+const noRelaxed = ni >= 0 && args.splice(ni, 1).length > 0;
 const mi = args.indexOf('--made');
 const made = mi >= 0 ? args.splice(mi, 2)[1] : null;
 const filesOf = (dir) => fs.readdirSync(dir).filter((f) => fs.statSync(path.join(dir, f)).isFile()).map((f) => path.resolve(dir, f));
@@ -50,7 +56,8 @@ try {
     for (let r = 0; r < repeat; r++) {
       const context = await browser.newContext();
       const page = await context.newPage();
-      await page.goto(`${origin}/${query}`);
+      const params = [query.slice(1), profile ? 'profile=1' : '', noRelaxed ? 'relaxed=0' : ''].filter(Boolean).join('&');
+      await page.goto(`${origin}/${params ? '?' + params : ''}`);
       await page.setInputFiles('#base-files', filesOf(base));
       // The page starts with two adapter slots.
       for (let k = 2; k < tasks.length; k++) await page.click('#add-task');
@@ -71,15 +78,21 @@ try {
       runs.push({
         seconds: Number(await page.getAttribute('#ran', 'data-seconds')),
         threads: Number(await page.getAttribute('#threads', 'data-threads')),
+        engine: await page.getAttribute('#threads', 'data-engine'),
         wasmMemoryBytes: Number(await page.getAttribute('#ran', 'data-wasm-memory-bytes')),
         memory: JSON.parse(await page.getAttribute('#ran', 'data-memory-phases')),
+        timings: JSON.parse(await page.getAttribute('#ran', 'data-timings')),
       });
+      if (profile) console.error(`${engine}, run ${r + 1}, per op:\n${await page.getAttribute('#ran', 'data-profile')}`);
       await context.close();
     }
     results[engine] = {
       medianSeconds: median(runs.map((r) => r.seconds)),
       seconds: runs.map((r) => r.seconds),
       threads: runs[0].threads,
+      engine: runs[0].engine,
+      // The merge's phases as the engine timed them (merge_report.json's timings_s), last run.
+      phaseSeconds: runs[runs.length - 1].timings,
       peakWasmMiB: Math.max(...runs.map((r) => r.wasmMemoryBytes)) / 2 ** 20,
       // The last run's phases: the plan's largest figure up to each phase against the memory then
       // (WebAssembly memory only grows).

@@ -1,7 +1,8 @@
 // The forward-pass peer benchmark in headless Chromium: the same SmolLM2-135M-shaped Llama over
 // the same batch of tokens, to the final hidden states (what a merge's calibration pass computes),
 // in onnxruntime-web (the engine transformers.js runs on: WebAssembly, SIMD, threads; from npm)
-// and in the page's engine (dist/pkg-threads, its CPU path), each in a Web Worker of one
+// and in the page's engine (dist/pkg-threads and dist/pkg-threads-relaxed, its CPU path without
+// and with relaxed SIMD), each in a Web Worker of one
 // cross-origin-isolated page with the same threads. Prints tokens/s and GFLOP/s side by side, and
 // how far apart the two engines' hidden states are.
 //
@@ -36,7 +37,7 @@ const site = path.resolve('target/peer-bench');
 fs.rmSync(site, { recursive: true, force: true });
 fs.mkdirSync(site, { recursive: true });
 fs.cpSync('node_modules/onnxruntime-web/dist', path.join(site, 'ort'), { recursive: true });
-fs.cpSync('dist/pkg-threads', path.join(site, 'pkg-threads'), { recursive: true });
+for (const pkg of ['pkg-threads', 'pkg-threads-relaxed']) fs.cpSync(`dist/${pkg}`, path.join(site, pkg), { recursive: true });
 fs.symlinkSync(modelDir, path.join(site, 'model'));
 fs.writeFileSync(path.join(site, 'index.html'), `<!doctype html><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self'; connect-src 'self'">
@@ -76,9 +77,10 @@ onmessage = async ({ data: { ids, sequences, tokens, repeat, threads, shapes } }
   } catch (e) { postMessage({ error: String(e && e.stack || e) }); }
 };`);
 fs.writeFileSync(path.join(site, 'engine_worker.js'), `
-import init, { initThreadPool, forward_bench, matmul_bench, threads as poolThreads } from './pkg-threads/iteris.js';
+// engine_worker.js?PKG: the engine build in PKG/.
 onmessage = async ({ data: { ids, sequences, repeat, threads, shapes } }) => {
   try {
+    const { default: init, initThreadPool, forward_bench, matmul_bench, threads: poolThreads } = await import(\`./\${location.search.slice(1)}/iteris.js\`);
     const t0 = performance.now();
     await init();
     await initThreadPool(threads);
@@ -100,22 +102,32 @@ const browser = await chromium.launch({
   args: ['--no-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
 });
 try {
-  const page = await browser.newPage();
-  page.on('console', (m) => console.error(`[page] ${m.text()}`));
-  await page.goto(`${origin}/`);
-  if (!(await page.evaluate(() => crossOriginIsolated))) throw new Error('the bench page is not cross-origin isolated');
   // The same token ids for both engines (a fixed pseudo-random draw below the vocabulary).
   const n = shape.sequences * shape.tokens;
   let x = 12345;
   const ids = Array.from({ length: n }, () => (x = (x * 1103515245 + 12345) % 2 ** 31) % shape.vocab);
   const job = { ids, sequences: shape.sequences, tokens: shape.tokens, repeat, threads, shapes: shape.matmuls };
-  const run = (worker) => page.evaluate(([w, j]) => new Promise((ok) => {
-    const wk = new Worker(w, { type: 'module' });
-    wk.onmessage = (e) => { ok(e.data); wk.terminate(); };
-    wk.onerror = (e) => ok({ error: e.message });
-    wk.postMessage(j);
-  }), [worker, job]);
-  const results = { 'onnxruntime-web': await run('ort_worker.js'), 'iteris (page engine)': await run('engine_worker.js') };
+  // Each engine in a page of its own: one page's renderer does not hold two engines' memories.
+  const run = async (worker) => {
+    const page = await browser.newPage();
+    page.on('console', (m) => console.error(`[page] ${m.text()}`));
+    await page.goto(`${origin}/`);
+    if (!(await page.evaluate(() => crossOriginIsolated))) throw new Error('the bench page is not cross-origin isolated');
+    const out = await page.evaluate(([w, j]) => new Promise((ok) => {
+      const wk = new Worker(w, { type: 'module' });
+      wk.onmessage = (e) => { ok(e.data); wk.terminate(); };
+      wk.onerror = (e) => ok({ error: e.message });
+      wk.postMessage(j);
+    }), [worker, job]);
+    await page.close();
+    return out;
+  };
+  // The page's threaded engine as browsers without relaxed SIMD run it, and with it (Chrome's).
+  const results = {
+    'onnxruntime-web': await run('ort_worker.js'),
+    'iteris (page engine)': await run('engine_worker.js?pkg-threads'),
+    'iteris, relaxed SIMD': await run('engine_worker.js?pkg-threads-relaxed'),
+  };
 
   const d = config.hidden_size, ff = config.intermediate_size, layers = config.num_hidden_layers;
   const hd = config.head_dim, q = config.num_attention_heads * hd, kv = config.num_key_value_heads * hd;
@@ -130,19 +142,21 @@ try {
       r.load.toFixed(2).padStart(7), ` ${r.threads}`);
     r.median = s;
   }
-  const [a, b] = Object.values(results);
-  if (!a.error && !b.error) {
+  const [a, ...engines] = Object.values(results);
+  const names = Object.keys(results);
+  engines.forEach((b, e) => {
+    if (a.error || b.error) return;
     const diff = Math.max(...a.hidden.map((v, i) => Math.abs(v - b.hidden[i])));
-    console.log(`first hidden values agree within ${diff.toExponential(2)}; page engine / onnxruntime-web time: ${(b.median / a.median).toFixed(2)}x`);
-  }
+    console.log(`${names[e + 1]}: first hidden values agree with onnxruntime-web's within ${diff.toExponential(2)}; time / onnxruntime-web's: ${(b.median / a.median).toFixed(2)}x`);
+  });
   const median = (v) => [...v].sort((x, y) => x - y)[Math.floor(v.length / 2)];
-  if (!a.error && !b.error) {
+  if (!a.error && engines.every((b) => !b.error)) {
     console.log(`\nthe merge's matrix products (${shape.sequences * shape.tokens} rows), GFLOP/s`);
-    console.log('product'.padEnd(44), 'onnxruntime-web'.padStart(16), 'page engine'.padStart(12));
+    console.log('product'.padEnd(44), names.map((n) => n.padStart(22)).join(''));
     shape.matmuls.forEach((mm, i) => {
       const f = mm.kind === 'gram' ? 2 * mm.k * mm.m * mm.k : 2 * mm.m * mm.k * mm.n;
       const label = mm.kind === 'gram' ? `${mm.name}: (${mm.m}x${mm.k})T (${mm.m}x${mm.k})` : `${mm.name}: (${mm.m}x${mm.k}) (${mm.k}x${mm.n})`;
-      console.log(label.padEnd(44), (f / median(a.matmuls[i]) / 1e9).toFixed(1).padStart(16), (f / median(b.matmuls[i]) / 1e9).toFixed(1).padStart(12));
+      console.log(label.padEnd(44), [a, ...engines].map((r) => (f / median(r.matmuls[i]) / 1e9).toFixed(1).padStart(22)).join(''));
     });
   }
   fs.writeFileSync(path.join(site, 'results.json'), JSON.stringify({ shape, threads, flops, results }, null, 2));

@@ -73,6 +73,25 @@ pub fn memory_bytes() -> f64 {
     (core::arch::wasm32::memory_size(0) as u64 * 65536) as f64
 }
 
+thread_local! {
+    static PROFILE_FROM: std::cell::Cell<Option<(f64, f64)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Start recording where the CPU path's time goes (`crate::profile`; the page's `?profile=1`).
+#[wasm_bindgen]
+pub fn profile_start() {
+    crate::profile::enable();
+    PROFILE_FROM.with(|t| t.set(crate::profile::clocks()));
+}
+
+/// The time recorded since `profile_start`, per op, as a table; None if it was not started.
+#[wasm_bindgen]
+pub fn profile_table() -> Option<String> {
+    let (w0, c0) = PROFILE_FROM.with(|t| t.get())?;
+    let (w1, c1) = crate::profile::clocks()?;
+    Some(crate::profile::table(&crate::profile::phases(), w1 - w0, c1 - c0))
+}
+
 /// Threads the CPU path runs on: the pool's size in the threaded build, else 1.
 #[wasm_bindgen]
 pub fn threads() -> usize {

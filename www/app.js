@@ -246,6 +246,7 @@ async function startMerge(cmd = 'merge') {
       $('version').textContent = `v${m.version}`;
       $('threads').textContent = threadsLine(m.threads);
       $('threads').dataset.threads = m.threads;
+      $('threads').dataset.engine = m.engine;
       state.engineSeconds = (performance.now() - started) / 1000;
     }
     else if (m.type === 'progress') showProgress(m, started);
@@ -259,7 +260,8 @@ async function startMerge(cmd = 'merge') {
     showMessage(`The engine could not start (${e.message || 'worker error'}).`, 'engine');
   };
   $('comparison').hidden = true;
-  worker.postMessage({ cmd, input, options: opts, threads: wantedThreads() });
+  const query = new URLSearchParams(location.search);
+  worker.postMessage({ cmd, input, options: opts, threads: wantedThreads(), relaxed: query.get('relaxed') !== '0', profile: query.has('profile') });
 }
 
 // Threads for the engine's CPU path: every core, or `?threads=N` (1: the single-thread build).
@@ -340,6 +342,9 @@ function showResults(m, seconds) {
   $('ran').dataset.wasmMemoryBytes = m.wasmMemoryBytes;
   // Each phase's planned and measured memory, for benches/page_merge.mjs.
   $('ran').dataset.memoryPhases = JSON.stringify({ plan: report.memory_plan.phases, peaks: report.memory_peaks });
+  $('ran').dataset.timings = JSON.stringify(report.timings_s);
+  // ?profile=1: the engine's time per op (benches/page_merge.mjs --profile prints it).
+  if (m.profile) { $('ran').dataset.profile = m.profile; console.log(m.profile); }
   $('memory').textContent = `${memoryLine(report.memory_plan)} The engine's WebAssembly memory peaked at ${mib(m.wasmMemoryBytes)}.`;
   $('notes').replaceChildren(...[...m.notes, ...report.warnings].map((t) => {
     const li = document.createElement('li');

@@ -1,24 +1,41 @@
 // The engine runs here, off the page's thread, so the page stays responsive during a merge.
-// Messages in: { cmd: 'merge' | 'compare', input, options } (see app.js). Messages out: { type: 'version' | 'progress' | 'warning' | 'done' | 'compared' | 'error' }.
+// Messages in: { cmd: 'merge' | 'compare', input, options, threads, relaxed, profile } (see app.js; profile:
+// `?profile=1`, where the CPU path's time went, per op, returned with the result). Messages out: { type: 'version' | 'progress' | 'warning' | 'done' | 'compared' | 'error' }.
 // One worker serves one merge; the page terminates it to cancel.
 //
-// Two builds of the engine: pkg-threads/ runs the CPU path on a pool of `threads` Web Workers over
-// shared memory, which only a cross-origin-isolated page may create (SharedArrayBuffer); pkg/ runs
-// it on this one thread.
+// Three builds of the engine: pkg-threads/ runs the CPU path on a pool of `threads` Web Workers
+// over shared memory, which only a cross-origin-isolated page may create (SharedArrayBuffer);
+// pkg-threads-relaxed/ is the same with relaxed SIMD's fused multiply-add in its f32 product,
+// for browsers that validate it (a module with those instructions fails to compile elsewhere;
+// `?relaxed=0` in the page's address skips it); pkg/ runs the CPU path on this one thread.
 let engine = null;
-async function load(threads) {
+async function load(threads, relaxed) {
   const threaded = threads > 1 && self.crossOriginIsolated && typeof SharedArrayBuffer === 'function';
-  engine = await import(threaded ? './pkg-threads/iteris.js' : './pkg/iteris.js');
+  const pkg = !threaded ? 'pkg' : relaxed && relaxedSimd() ? 'pkg-threads-relaxed' : 'pkg-threads';
+  engine = await import(`./${pkg}/iteris.js`);
   await engine.default();
   if (threaded) await engine.initThreadPool(threads);
+  return pkg;
+}
+
+// Whether this browser has relaxed SIMD: a module of one function, (v128, v128, v128) -> v128,
+// whose body is f32x4.relaxed_madd (0xfd 0x105) of its three parameters.
+function relaxedSimd() {
+  return WebAssembly.validate(new Uint8Array([
+    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // magic, version 1
+    0x01, 0x08, 0x01, 0x60, 0x03, 0x7b, 0x7b, 0x7b, 0x01, 0x7b, // type section: (v128 ×3) -> v128
+    0x03, 0x02, 0x01, 0x00, // function section: one function of type 0
+    0x0a, 0x0d, 0x01, 0x0b, 0x00, 0x20, 0x00, 0x20, 0x01, 0x20, 0x02, 0xfd, 0x85, 0x02, 0x0b, // code
+  ]));
 }
 
 self.onmessage = async (event) => {
-  const { cmd, input, options, threads } = event.data;
+  const { cmd, input, options, threads, relaxed, profile } = event.data;
   try {
-    await load(threads);
+    const pkg = await load(threads, relaxed);
     const { merge, compare, version } = engine;
-    postMessage({ type: 'version', version: version(), threads: engine.threads() });
+    if (profile) engine.profile_start();
+    postMessage({ type: 'version', version: version(), threads: engine.threads(), engine: pkg });
     const progress = (pass, passes, label, done, all) => postMessage({ type: 'progress', pass, passes, label, done, all });
     const warn = (text) => postMessage({ type: 'warning', text });
     if (cmd === 'compare') {
@@ -27,7 +44,7 @@ self.onmessage = async (event) => {
       return;
     }
     const r = await merge(input, JSON.stringify(options), progress, warn);
-    postMessage({ type: 'done', zip: r.zip, report: r.report, backend: r.backend, notes: Array.from(r.notes), wasmMemoryBytes: engine.memory_bytes() }, [r.zip.buffer]);
+    postMessage({ type: 'done', zip: r.zip, report: r.report, backend: r.backend, notes: Array.from(r.notes), wasmMemoryBytes: engine.memory_bytes(), profile: profile ? engine.profile_table() : null }, [r.zip.buffer]);
   } catch (err) {
     postMessage({ type: 'error', ...describe(err) });
   }

@@ -133,6 +133,7 @@ pub fn product_by_panels(a: View<f32>, n: usize, b_rows: impl Fn(Range<usize>) -
 /// parallel task of the CPU backend (`cpu::clean`). Can go when faer's kernels end with
 /// `vzeroupper` (or the native build targets AVX, whose VEX encoding has no such penalty).
 #[inline(always)]
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 pub fn clear_upper() {
     #[cfg(target_arch = "x86_64")]
     {
@@ -394,6 +395,11 @@ fn matmul_f64_par(c: &mut [f64], a: View<f64>, b: View<f64>, parallel: bool) {
         let rs = a.rs as usize;
         let flops = if parallel { m * n * k } else { 0 };
         by_row_blocks(m, n, flops, c, |r0, rows, cb| {
+            if super::packed::pays(rows, k, n) {
+                let block = View { data: &a.data[r0 * rs..], rows, cols: k, rs: a.rs, cs: a.cs };
+                super::packed::gemm(block, b, cb, true);
+                return;
+            }
             // SAFETY: checked above; a block's rows are rows of the whole view.
             unsafe {
                 matrixmultiply::dgemm(
@@ -446,11 +452,25 @@ fn lower_product_f64(c: &mut [f64], a: View<f64>, b: View<f64>) {
             clear_upper();
         }
     }
-    // matrixmultiply has no triangular product: the whole square.
+    // By blocks of rows, each against the columns up to its last row: half the square's work
+    // (and a block's diagonal triangle) instead of all of it.
     #[cfg(target_arch = "wasm32")]
     {
-        c.fill(0.0);
-        matmul_f64(c, a, b);
+        const ROWS: usize = 128;
+        let (m, k) = (a.rows, a.cols);
+        assert!(b.rows == k && b.cols == m && c.len() >= m * m && a.rs >= 0);
+        let mut block = Vec::new();
+        for i0 in (0..m).step_by(ROWS) {
+            let i1 = (i0 + ROWS).min(m);
+            let rows = View { data: &a.data[i0 * a.rs as usize..], rows: i1 - i0, cols: k, rs: a.rs, cs: a.cs };
+            let cols = View { data: b.data, rows: k, cols: i1, rs: b.rs, cs: b.cs };
+            block.clear();
+            block.resize((i1 - i0) * i1, 0.0);
+            matmul_f64(&mut block, rows, cols);
+            for (r, row) in block.chunks_exact(i1).enumerate() {
+                c[(i0 + r) * m..(i0 + r) * m + i1].copy_from_slice(row);
+            }
+        }
     }
 }
 

@@ -214,8 +214,9 @@ impl Backend for Cpu {
 
     fn matmul_t(&self, x: &Mat, rows: Range<usize>, w: &Mat) -> Mat {
         assert_eq!(x.cols, w.cols, "matmul_t: x has {} columns, w has {}", x.cols, w.cols);
-        let cls = if rows.len() < 16 { "matmul m<16" } else if w.rows < 32 { "matmul n<32" } else if w.rows > 10000 { "matmul head" } else { "matmul" };
-        let _p = span(cls, 2.0 * (rows.len() * w.rows * w.cols) as f64);
+        // Products of a few rows (decoding, one token per sequence) apart: they run other kernels.
+        let phase = if rows.len() < 16 { "matmul (<16 rows)" } else { "matmul" };
+        let _p = span(phase, 2.0 * (rows.len() * w.rows * w.cols) as f64);
         let n = rows.len();
         let a = View::rows(x.rows_data(rows.clone()), n, x.cols);
         match &w.half {
