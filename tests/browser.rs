@@ -41,6 +41,15 @@ fn check_big_model(out: &Path, big: &Path) {
     assert_eq!(one["threads"].as_u64(), Some(1), "?threads=1 runs the single-thread engine");
     if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
         assert!(threaded["threads"].as_u64() > Some(1), "an isolated page on several cores runs the threaded engine");
+        // Where the browser has relaxed SIMD the page runs that build; ?relaxed=0 runs the other,
+        // and both give the CLI's merge.
+        let strict = &summary["runs"]["big-no-relaxed"];
+        let want = if threaded["relaxedSimd"].as_bool() == Some(true) { "pkg-threads-relaxed" } else { "pkg-threads" };
+        assert_eq!(threaded["engine"].as_str(), Some(want), "the threaded engine for this browser");
+        assert_eq!(strict["engine"].as_str(), Some("pkg-threads"), "?relaxed=0 runs the threaded engine without relaxed SIMD");
+        let e = max_rel_diff(&unzip(&out.join("big-no-relaxed.zip"), &out.join("big-page-no-relaxed")), &cli);
+        println!("106M model, threaded engine without relaxed SIMD: {:.1} s, {e:.2e} from the CLI", strict["seconds"].as_f64().unwrap());
+        assert!(e <= 1e-4, "106M model, ?relaxed=0: the page's adapter differs from the CLI's by {e:.2e}");
     }
     let dir = unzip(&out.join("big.zip"), &out.join("big-page"));
     let e = max_rel_diff(&dir, &cli);

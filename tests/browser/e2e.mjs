@@ -77,6 +77,7 @@ async function mergeAndDownload(page, name, clickId = '#merge', during = null) {
     engineSeconds: Number(await ran.getAttribute('data-engine-seconds')),
     wasmMemoryBytes: Number(await ran.getAttribute('data-wasm-memory-bytes')),
     threads: Number(await page.locator('#threads').getAttribute('data-threads')),
+    engine: await page.locator('#threads').getAttribute('data-engine'),
   };
   summary.runs[name] = run;
   console.log(`${name}: ${run.text}`);
@@ -249,7 +250,8 @@ try {
   // Twice: on every core (the server isolates the page, so the threaded engine runs), and with
   // ?threads=1 (the single-thread engine, as where the page is not isolated).
   const big = path.join(out, 'big');
-  for (const [name, query] of [['big', ''], ['big-1thread', '?threads=1']]) {
+  // And ?relaxed=0: the threaded engine built without relaxed SIMD, as browsers without it run.
+  for (const [name, query] of [['big', ''], ['big-1thread', '?threads=1'], ['big-no-relaxed', '?relaxed=0']]) {
     if (!fs.existsSync(big)) break;
     const { context, page } = await newPage(browser, query);
     await page.setInputFiles('#base-files', ['config.json', 'tokenizer.json', 'model.safetensors'].map((f) => path.join(big, 'base', f)));
@@ -261,7 +263,9 @@ try {
     await published(page);
     await page.selectOption('#backend', 'cpu');
     const run = await mergeAndDownload(page, name);
-    console.log(`106M model on the CPU path, ${run.threads} thread(s): ${run.seconds.toFixed(1)} s, peak wasm memory ${(run.wasmMemoryBytes / 2 ** 20).toFixed(0)} MiB`);
+    // The one-instruction module (f32x4.relaxed_madd) www/worker.js validates to pick its engine.
+    run.relaxedSimd = await page.evaluate(() => WebAssembly.validate(new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 1, 8, 1, 96, 3, 123, 123, 123, 1, 123, 3, 2, 1, 0, 10, 13, 1, 11, 0, 32, 0, 32, 1, 32, 2, 253, 133, 2, 11])));
+    console.log(`106M model on the CPU path, ${run.threads} thread(s), ${run.engine}: ${run.seconds.toFixed(1)} s, peak wasm memory ${(run.wasmMemoryBytes / 2 ** 20).toFixed(0)} MiB`);
     await context.close();
   }
   // 7. A browser without WebGPU: asking for it explains what to do; auto merges on the CPU and says so.
