@@ -157,4 +157,3 @@ pub fn reset_host_peak() {
     #[cfg(target_os = "linux")]
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
-

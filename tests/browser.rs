@@ -46,9 +46,16 @@ fn check_big_model(out: &Path, big: &Path) {
         let strict = &summary["runs"]["big-no-relaxed"];
         let want = if threaded["relaxedSimd"].as_bool() == Some(true) { "pkg-threads-relaxed" } else { "pkg-threads" };
         assert_eq!(threaded["engine"].as_str(), Some(want), "the threaded engine for this browser");
-        assert_eq!(strict["engine"].as_str(), Some("pkg-threads"), "?relaxed=0 runs the threaded engine without relaxed SIMD");
+        assert_eq!(
+            strict["engine"].as_str(),
+            Some("pkg-threads"),
+            "?relaxed=0 runs the threaded engine without relaxed SIMD"
+        );
         let e = max_rel_diff(&unzip(&out.join("big-no-relaxed.zip"), &out.join("big-page-no-relaxed")), &cli);
-        println!("106M model, threaded engine without relaxed SIMD: {:.1} s, {e:.2e} from the CLI", strict["seconds"].as_f64().unwrap());
+        println!(
+            "106M model, threaded engine without relaxed SIMD: {:.1} s, {e:.2e} from the CLI",
+            strict["seconds"].as_f64().unwrap()
+        );
         assert!(e <= 1e-4, "106M model, ?relaxed=0: the page's adapter differs from the CLI's by {e:.2e}");
     }
     let dir = unzip(&out.join("big.zip"), &out.join("big-page"));

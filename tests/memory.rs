@@ -84,8 +84,14 @@ fn row_floats_bound_each_familys_forward_pass() {
         let per_row = (large - small) as f64 / (64 * len) as f64;
         let planned = (model.row_floats() * 4) as f64;
         eprintln!("{arch}: {per_row:.0} bytes per token row measured, {planned:.0} planned");
-        assert!(per_row <= planned * 1.02, "{arch}: a pass holds {per_row:.0} bytes per row, the plan counts {planned:.0}");
-        assert!(per_row >= planned * 0.6, "{arch}: a pass holds {per_row:.0} bytes per row, the plan counts {planned:.0}");
+        assert!(
+            per_row <= planned * 1.02,
+            "{arch}: a pass holds {per_row:.0} bytes per row, the plan counts {planned:.0}"
+        );
+        assert!(
+            per_row >= planned * 0.6,
+            "{arch}: a pass holds {per_row:.0} bytes per row, the plan counts {planned:.0}"
+        );
     }
 }
 
@@ -115,7 +121,8 @@ fn check_plan(shape: &str) {
     let out = dir.join("out");
     let run = merge.arg("--out").arg(&out).output().unwrap();
     assert!(run.status.success(), "iteris merge: {}", String::from_utf8_lossy(&run.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("merge_report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("merge_report.json")).unwrap()).unwrap();
     let planned: Vec<(String, f64)> = report["memory_plan"]["phases"]
         .as_array()
         .unwrap()
@@ -129,7 +136,11 @@ fn check_plan(shape: &str) {
         let Some((_, p)) = planned.iter().find(|(n, _)| n == phase) else { continue };
         plan_so_far = plan_so_far.max(*p);
         let ratio = plan_so_far / measured;
-        eprintln!("{shape} {phase}: planned {:.0} MiB, measured {:.0} MiB ({ratio:.2})", mib(plan_so_far), mib(measured));
+        eprintln!(
+            "{shape} {phase}: planned {:.0} MiB, measured {:.0} MiB ({ratio:.2})",
+            mib(plan_so_far),
+            mib(measured)
+        );
         assert!(
             (0.85..=1.15).contains(&ratio),
             "{shape}, {phase}: the plan says {:.0} MiB, the resident set peaked at {:.0} MiB",

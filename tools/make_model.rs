@@ -117,7 +117,8 @@ fn main() {
         let mut a = Tensors::new(Dtype::F32);
         for i in 0..s.layers {
             for (module, out_dim) in &adapter.modules {
-                let m = format!("base_model.model.{}", adapter.path.replace("{i}", &i.to_string()).replace("{m}", module));
+                let m =
+                    format!("base_model.model.{}", adapter.path.replace("{i}", &i.to_string()).replace("{m}", module));
                 a.put(format!("{m}.lora_A.weight"), &[RANK, s.d], rng.values(RANK * s.d, 0.05));
                 a.put(format!("{m}.lora_B.weight"), &[*out_dim, RANK], rng.values(out_dim * RANK, 0.05));
             }
@@ -137,7 +138,10 @@ fn main() {
     // earlier versions of this tool are unchanged).
     for k in 0..3 {
         let eval: Vec<String> = (0..20)
-            .map(|_| json!({"prompt": sentence(&mut rng, 8) + " >", "answer": " ".to_string() + &sentence(&mut rng, 1)}).to_string())
+            .map(|_| {
+                json!({"prompt": sentence(&mut rng, 8) + " >", "answer": " ".to_string() + &sentence(&mut rng, 1)})
+                    .to_string()
+            })
             .collect();
         std::fs::write(out.join(format!("eval{k}.jsonl")), eval.join("\n") + "\n").unwrap();
     }

@@ -7,11 +7,11 @@
 //!   ignored).
 //! Decoder models only (the KL is over next-token distributions).
 
-use super::plan::{DECODING_BYTES, EVAL_LOGITS_BYTES};
 use super::iteris::Target;
+use super::plan::{DECODING_BYTES, EVAL_LOGITS_BYTES};
 use super::solve::Merged;
-use crate::backend::Backend;
 use crate::backend::cpu::par_map;
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::formats::tokenizer::TextTokenizer;
 use crate::models::{self, Batch, Hook, KvCache, Model, Output, StageInput, Stream};

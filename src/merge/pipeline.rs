@@ -133,7 +133,17 @@ pub async fn merge<B: Backward>(
             // The PEFT and MLX files, and the merged factors they are written from.
             export_bytes: 3 * targets.iter().map(|t| (rank * (t.in_dim + t.out_dim) * 4) as u64).sum::<u64>(),
         };
-        plan::merge_plan(be, &base.weights, &modules, &targets, &chunk_rows, tasks.len(), output, &shapes, opts.max_memory_mib)
+        plan::merge_plan(
+            be,
+            &base.weights,
+            &modules,
+            &targets,
+            &chunk_rows,
+            tasks.len(),
+            output,
+            &shapes,
+            opts.max_memory_mib,
+        )
     };
     // The plan is checked before any pass, for the longest the samples can become: each as long
     // as self-calibration may make it.

@@ -316,7 +316,8 @@ pub fn add_refinement(p: &mut MemoryPlan, modules: &[ModuleInfo], merged_params:
     let host = tables + 4 * merged_params * 4 + if on_device { 0 } else { kept };
     p.refinement_bytes = kept + tables + 4 * merged_params * 4;
     let at = p.phases.iter().position(|f| f.phase == "export").unwrap_or(p.phases.len());
-    p.phases.insert(at, PhasePlan { phase: "refinement", host_bytes: p.resident_bytes + host + host / ALLOCATOR_SLACK });
+    p.phases
+        .insert(at, PhasePlan { phase: "refinement", host_bytes: p.resident_bytes + host + host / ALLOCATOR_SLACK });
     let max = p.phases.iter().map(|f| f.host_bytes).max().unwrap_or(0);
     p.host_to_allocate_bytes += max.saturating_sub(p.host_bytes);
     p.host_bytes = max;
@@ -406,9 +407,11 @@ impl MemoryPlan {
                 )));
             }
             if self.host_to_allocate_bytes > avail {
-                let most = self.phases.iter().max_by_key(|f| f.host_bytes).map_or(String::new(), |f| {
-                    format!(" at its largest phase ({})", f.phase.replace('_', "-"))
-                });
+                let most = self
+                    .phases
+                    .iter()
+                    .max_by_key(|f| f.host_bytes)
+                    .map_or(String::new(), |f| format!(" at its largest phase ({})", f.phase.replace('_', "-")));
                 return Err(Error::Unsupported(format!(
                     "memory plan: the merge needs about {}{most} of memory (input files {}, weights {}, activations {}, statistics {}), {} more than is in use, but only {} is available: {advice}, or run the command-line tool on a larger machine",
                     mib(self.host_bytes),

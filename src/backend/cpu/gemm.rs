@@ -231,9 +231,20 @@ unsafe fn gemm_f32(
     accumulate: bool,
     parallel: bool,
 ) {
+    let flops = if parallel { m * n * k } else { 0 };
+    // Few rows against a weight read by rows (b = wᵀ): dot products, split over w's rows.
+    if m < ROWDOT_BELOW && a.cs == 1 && b.rs == 1 && k >= 64 {
+        let w = b.t();
+        by_col_blocks(m, n, flops, c, accumulate, |j0, j1, cb, accumulate| {
+            let part = View { data: &w.data[j0 * w.rs as usize..], rows: j1 - j0, cols: k, rs: w.rs, cs: 1 };
+            // SAFETY: cb is column j0 of c's m rows of n: this block's columns j0..j1 ≤ n, written
+            // by this call alone.
+            unsafe { super::rowdot::gemm_nt(a, part, cb, n, accumulate) }
+        });
+        return;
+    }
     // A block of c's rows r0.. reads a's rows from r0 · rs (non-negative, checked).
     let rs = a.rs as usize;
-    let flops = if parallel { m * n * k } else { 0 };
     by_row_blocks(m, n, flops, c, |r0, rows, cb| {
         // The caller's checks hold for the block: its rows are rows of the whole view.
         if super::packed::pays(rows, k, n) {
@@ -261,6 +272,53 @@ unsafe fn gemm_f32(
             )
         }
     });
+}
+
+/// Products of fewer rows than this against a weight read by rows run on `rowdot.rs`. In the page
+/// (`target/mmb`-style `matmul_bench` runs, relaxed SIMD, 2 threads) it took a SmolLM2 projection
+/// (576 → 1536) from 8 to 21–30 GFLOP/s at 20 rows and from 47–53 to 60–64 at 256; at 1024 rows
+/// and more the packed kernel was 5–20% faster.
+#[cfg(target_arch = "wasm32")]
+const ROWDOT_BELOW: usize = 1024;
+
+/// c (m, n) = (or += where `accumulate`) the products `block(j0, j1, c, accumulate)` of c's
+/// columns j0..j1, written at `c` (row stride n), one block per Web Worker where the product is
+/// large enough to pay for them (the single-thread page: one block).
+#[cfg(target_arch = "wasm32")]
+fn by_col_blocks(
+    m: usize,
+    n: usize,
+    flops: usize,
+    c: &mut [f32],
+    accumulate: bool,
+    block: impl Fn(usize, usize, *mut f32, bool) + Sync,
+) {
+    assert!(c.len() >= m * n);
+    #[cfg(feature = "threads")]
+    {
+        use rayon::prelude::*;
+        let threads = rayon::current_num_threads();
+        if threads > 1 && n >= 64 * threads && flops >= 1 << 20 {
+            // Even widths: the kernel's tiles are two columns wide.
+            let per = n.div_ceil(threads).next_multiple_of(2);
+            /// c's first element, shared by the threads, each of which writes its own columns.
+            #[derive(Clone, Copy)]
+            struct Shared(*mut f32);
+            // SAFETY: the blocks write disjoint columns of c, which outlives the parallel loop.
+            unsafe impl Send for Shared {}
+            unsafe impl Sync for Shared {}
+            let at = Shared(c.as_mut_ptr());
+            (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
+                let at = at;
+                let (j0, j1) = (t * per, ((t + 1) * per).min(n));
+                // SAFETY: column j0 of row 0 lies in c (j0 < n ≤ c.len()).
+                block(j0, j1, unsafe { at.0.add(j0) }, accumulate)
+            });
+            return;
+        }
+    }
+    let _ = flops;
+    block(0, n, c.as_mut_ptr(), accumulate);
 }
 
 /// c (m, n) from `block(first_row, rows, c_rows)` over blocks of c's rows, one per Web Worker,

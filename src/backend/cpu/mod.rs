@@ -11,6 +11,8 @@ pub(crate) mod gemm;
 // Natively only its tests run it (faer multiplies there).
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 mod packed;
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+mod rowdot;
 mod vector;
 
 use super::{Activation, AttentionSpec, Backend, Reads, Values};

@@ -27,7 +27,7 @@ const NC: usize = 2048;
 
 /// An element type the kernel runs on: its 128-bit vector of `W` lanes and the few operations
 /// the microkernel needs.
-pub trait Element: Copy + Default + std::ops::AddAssign + Send + Sync {
+pub trait Element: Copy + Default + std::ops::AddAssign + std::ops::Mul<Output = Self> + Send + Sync {
     /// Lanes per vector: 4 f32 or 2 f64.
     const W: usize;
     type V: Copy;
@@ -41,6 +41,8 @@ pub trait Element: Copy + Default + std::ops::AddAssign + Send + Sync {
     fn mul_add(acc: Self::V, a: Self::V, b: Self::V) -> Self::V;
     /// SAFETY: `p` points at `W` writable elements.
     unsafe fn store(v: Self::V, p: *mut Self);
+    /// The sum of the lanes (`rowdot.rs`'s dot products), in lane order.
+    fn sum(v: Self::V) -> Self;
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -73,6 +75,13 @@ mod lanes {
         unsafe fn store(v: v128, p: *mut f32) {
             unsafe { v128_store(p as *mut v128, v) }
         }
+        #[inline(always)]
+        fn sum(v: v128) -> f32 {
+            f32x4_extract_lane::<0>(v)
+                + f32x4_extract_lane::<1>(v)
+                + f32x4_extract_lane::<2>(v)
+                + f32x4_extract_lane::<3>(v)
+        }
     }
     impl Element for f64 {
         const W: usize = 2;
@@ -100,6 +109,10 @@ mod lanes {
         unsafe fn store(v: v128, p: *mut f64) {
             unsafe { v128_store(p as *mut v128, v) }
         }
+        #[inline(always)]
+        fn sum(v: v128) -> f64 {
+            f64x2_extract_lane::<0>(v) + f64x2_extract_lane::<1>(v)
+        }
     }
 }
 
@@ -126,6 +139,9 @@ mod lanes {
                 }
                 unsafe fn store(v: Self::V, p: *mut $t) {
                     unsafe { std::ptr::write_unaligned(p as *mut [$t; $w], v) }
+                }
+                fn sum(v: Self::V) -> $t {
+                    v.iter().sum()
                 }
             }
         };
@@ -191,6 +207,14 @@ fn tile<E: Element>(kc: usize, ap: &[E], bp: &[E]) -> [[E::V; 2]; MR] {
     acc
 }
 
+/// The size of the blocks that split `len` into as few as `max` allows, all but the last equal and
+/// a multiple of `unit`: 576 in blocks of at most 256 is 192 + 192 + 192, not 256 + 256 + 64, whose
+/// shallow last block costs as many writes of c as a full one for a quarter of the work.
+pub fn even_blocks(len: usize, max: usize, unit: usize) -> usize {
+    let blocks = len.div_ceil(max).max(1);
+    len.div_ceil(blocks).next_multiple_of(unit).max(unit)
+}
+
 /// Whether packing pays for a product of these sizes. Below them `matrixmultiply` runs it:
 /// attention's per-head products, and the demo's 128-wide model, whose merge took 8.1 s in Node
 /// with this kernel on every product against 6.8 s without it (`benches/wasm_merge.mjs`), and
@@ -210,8 +234,9 @@ pub fn gemm<E: Element>(a: View<E>, b: View<E>, c: &mut [E], accumulate: bool) {
     }
     let (mut bp, mut ap) = (Vec::new(), Vec::new());
     let mut lanes = [E::default(); 8];
-    for p0 in (0..k).step_by(KC) {
-        let p1 = (p0 + KC).min(k);
+    let depth = even_blocks(k, KC, 1);
+    for p0 in (0..k).step_by(depth) {
+        let p1 = (p0 + depth).min(k);
         let kc = p1 - p0;
         for j0 in (0..n).step_by(NC) {
             let j1 = (j0 + NC).min(n);
@@ -277,7 +302,9 @@ mod tests {
                 .collect()
         };
         // The last is wider than two column blocks (NC).
-        for (m, k, n) in [(1, 1, 1), (5, 3, 9), (4, 8, 8), (67, 300, 45), (13, 513, 17), (64, 256, 128), (9, 300, 2 * NC + 13)] {
+        for (m, k, n) in
+            [(1, 1, 1), (5, 3, 9), (4, 8, 8), (67, 300, 45), (13, 513, 17), (64, 256, 128), (9, 300, 2 * NC + 13)]
+        {
             let (ad, bd) = (rand(m * k), rand(k * n));
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 let a = if ta { View::rows(&ad, k, m).t() } else { View::rows(&ad, m, k) };
