@@ -18,9 +18,10 @@ const KC: usize = 768;
 /// The weight rows of one block (96 KiB of f32 at KC): they stay in L2 while every tile of a's
 /// rows runs past them.
 const NB: usize = 32;
-/// The rows of a in one block (768 KiB of f32 at KC): they stay in L2 while the weight's blocks
-/// run past them.
-const MB: usize = 256;
+/// The most rows of a in one block (1.5 MiB of f32 at KC): they stay in L2 while the weight's
+/// blocks run past them. Every block reads the whole weight again, so a product of fewer rows
+/// than this reads it once.
+const MB: usize = 512;
 
 /// The R × C tile Σ_p a_r[p] · w_c[p] over `k`.
 ///
@@ -80,13 +81,14 @@ pub unsafe fn gemm_nt<E: Element>(a: View<E>, w: View<E>, c: *mut E, ldc: usize,
     assert!(a.rs >= 0 && w.rs >= 0 && last(&a) && last(&w), "row-dot gemm: a view leaves its slice");
     let row = |v: &View<E>, i: usize, p0: usize| v.data[i * v.rs as usize + p0..].as_ptr();
     let depth = super::packed::even_blocks(k, KC, E::W);
-    for (p0, b0) in (0..k).step_by(depth).flat_map(|p0| (0..m).step_by(MB).map(move |b0| (p0, b0))) {
+    let rows = super::packed::even_blocks(m, MB, 4);
+    for (p0, b0) in (0..k).step_by(depth).flat_map(|p0| (0..m).step_by(rows).map(move |b0| (p0, b0))) {
         let kc = depth.min(k - p0);
         // The first depth block writes c where the product replaces it: no zeroing pass.
         let store = p0 == 0 && !accumulate;
         for j0 in (0..n).step_by(NB) {
             let j1 = (j0 + NB).min(n);
-            for i0 in (b0..(b0 + MB).min(m)).step_by(4) {
+            for i0 in (b0..(b0 + rows).min(m)).step_by(4) {
                 let rows = 4.min(m - i0);
                 let mut j = j0;
                 while j < j1 {
