@@ -275,9 +275,9 @@ unsafe fn gemm_f32(
 }
 
 /// Products of fewer rows than this against a weight read by rows run on `rowdot.rs`. In the page
-/// (`target/mmb`-style `matmul_bench` runs, relaxed SIMD, 2 threads) it took a SmolLM2 projection
-/// (576 → 1536) from 8 to 21–30 GFLOP/s at 20 rows and from 47–53 to 60–64 at 256; at 1024 rows
-/// and more the packed kernel was 5–20% faster.
+/// (`benches/page_matmul.mjs`, relaxed SIMD, 2 threads, the packed kernel forced against it in
+/// one build) it took a SmolLM2 projection (576 → 1536) from 8–12 to 30–47 GFLOP/s at 20 rows and
+/// from 37–47 to 62–64 at 300; at 1024 rows and more the packed kernel was 5–20% faster.
 #[cfg(target_arch = "wasm32")]
 const ROWDOT_BELOW: usize = 1024;
 
