@@ -37,8 +37,12 @@ onmessage = async ({ data: { shapes, threads, repeat } }) => {
     const { default: init, initThreadPool, matmul_bench } = await import('./engine/iteris.js');
     await init();
     if (initThreadPool) await initThreadPool(threads);
+    // One untimed round of every shape first: V8 runs a module's functions on its baseline
+    // compiler (Liftoff) until they are hot enough for its optimizing one, and a fresh page's
+    // first shape measured 30 GFLOP/s where the same shape later in the list ran at 55-62.
+    for (const [m, k, n] of shapes) await matmul_bench('project', m, k, n, 1);
     const seconds = [];
-    // The first timed run warms up.
+    // The first timed run warms up too.
     for (const [m, k, n] of shapes) seconds.push(Array.from(await matmul_bench('project', m, k, n, repeat + 1)).slice(1));
     postMessage({ seconds });
   } catch (e) { postMessage({ error: String(e && e.stack || e) }); }
