@@ -275,7 +275,7 @@ pub fn sgemm(a: View<f32>, b: View<f32>, c: &mut [f32], accumulate: bool) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn naive<E: Element + Into<f64>>(a: &View<E>, b: &View<E>) -> Vec<f64> {
@@ -289,18 +289,24 @@ mod tests {
         c
     }
 
-    /// Every edge (rows and columns not multiples of the tile, depths across KC blocks) and
-    /// transposed views, in f32 and f64, against a plain triple loop in f64; accumulation adds to c.
-    fn matches_the_triple_loop<E: Element + Into<f64>>(from: fn(f64) -> E, tol: f64) {
-        let mut x = 1u64;
-        let mut rand = |len: usize| -> Vec<E> {
+    /// Vectors of `len` values uniform in [−0.5, 0.5) from a linear congruential generator started at
+    /// `seed`, converted by `from`: the kernels' tests' data (`rowdot.rs` too).
+    pub(in super::super) fn uniform<E>(seed: u64, from: fn(f64) -> E) -> impl FnMut(usize) -> Vec<E> {
+        let mut x = seed;
+        move |len| {
             (0..len)
                 .map(|_| {
                     x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                     from((x >> 11) as f64 / (1u64 << 53) as f64 - 0.5)
                 })
                 .collect()
-        };
+        }
+    }
+
+    /// Every edge (rows and columns not multiples of the tile, depths across KC blocks) and
+    /// transposed views, in f32 and f64, against a plain triple loop in f64; accumulation adds to c.
+    fn matches_the_triple_loop<E: Element + Into<f64>>(from: fn(f64) -> E, tol: f64) {
+        let mut rand = uniform(1, from);
         // The last is wider than two column blocks (NC).
         for (m, k, n) in
             [(1, 1, 1), (5, 3, 9), (4, 8, 8), (67, 300, 45), (13, 513, 17), (64, 256, 128), (9, 300, 2 * NC + 13)]

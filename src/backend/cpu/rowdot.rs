@@ -140,15 +140,7 @@ mod tests {
     /// Every edge (rows not a multiple of 4, odd weight rows, depths not a multiple of the lanes
     /// and across KC blocks, row strides wider than k) against a triple loop in f64, in f32 and f64.
     fn matches_the_triple_loop<E: Element + Into<f64>>(from: fn(f64) -> E, tol: f64) {
-        let mut x = 7u64;
-        let mut rand = |len: usize| -> Vec<E> {
-            (0..len)
-                .map(|_| {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    from((x >> 11) as f64 / (1u64 << 53) as f64 - 0.5)
-                })
-                .collect()
-        };
+        let mut rand = super::super::packed::tests::uniform(7, from);
         for (m, k, n, pad) in
             [(1, 1, 1, 0), (3, 5, 7, 2), (4, 8, 2, 0), (21, 576, 67, 3), (17, 1100, 33, 0), (5, 3, 40, 1), (2, 0, 3, 0)]
         {
