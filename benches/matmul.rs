@@ -5,6 +5,11 @@
 //!
 //! `shapes`: the CPU backend's products (faer) against `matrixmultiply` on the GPT-2-small merge's
 //! shapes (24576 token rows: 3 tasks × 2 streams × 32 × 128).
+//!
+//! `peak` (x86-64): the machine's ceiling for f32 fused multiply-adds on 128-bit lanes (what the
+//! page's relaxed-SIMD `f32x4.relaxed_madd` becomes under V8) and on 512-bit lanes (faer's AVX-512
+//! kernels in the CLI), on one thread and on every thread: what the page's and the CLI's products
+//! are measured against.
 
 use iteris::backend::{cpu::Cpu, gpu::Gpu, Backend};
 use iteris::mat::Mat;
@@ -79,6 +84,10 @@ fn shapes() {
 fn main() {
     iteris::backend::cpu::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "peak") {
+        peak();
+        return;
+    }
     if args.iter().any(|a| a == "shapes") {
         shapes();
         return;
@@ -101,4 +110,61 @@ fn main() {
             Err(e) => println!("gpu: {e}"),
         }
     }
+}
+
+/// GFLOP/s of 12 independent chains of fused multiply-adds (enough to cover the latency of two
+/// FMA units), on 1 thread and on every thread at once.
+fn peak() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        const STEPS: usize = 20_000_000;
+        /// Seconds for STEPS rounds of 12 FMAs on `lanes`-wide vectors.
+        #[target_feature(enable = "fma")]
+        fn chains128() -> f64 {
+            let t = Instant::now();
+            let (b, c) = (_mm_set1_ps(1.000_000_1), _mm_set1_ps(1e-9));
+            let mut acc = [_mm_set1_ps(1.0); 12];
+            for _ in 0..STEPS {
+                for v in &mut acc {
+                    *v = _mm_fmadd_ps(*v, b, c);
+                }
+            }
+            std::hint::black_box(acc);
+            t.elapsed().as_secs_f64()
+        }
+        #[target_feature(enable = "avx512f")]
+        fn chains512() -> f64 {
+            let t = Instant::now();
+            let (b, c) = (_mm512_set1_ps(1.000_000_1), _mm512_set1_ps(1e-9));
+            let mut acc = [_mm512_set1_ps(1.0); 12];
+            for _ in 0..STEPS {
+                for v in &mut acc {
+                    *v = _mm512_fmadd_ps(*v, b, c);
+                }
+            }
+            std::hint::black_box(acc);
+            t.elapsed().as_secs_f64()
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let run = |lanes: usize, f: fn() -> f64| {
+            let gflops = |s: f64| (STEPS * 12 * lanes * 2) as f64 / s / 1e9;
+            let one = gflops(f());
+            let all: f64 = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..threads).map(|_| sc.spawn(f)).collect();
+                hs.into_iter().map(|h| gflops(h.join().unwrap())).sum()
+            });
+            println!("f32 FMA, {:3}-bit lanes: {one:7.1} GFLOP/s on 1 thread, {all:7.1} on {threads}", lanes * 32);
+        };
+        if is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has FMA (checked above).
+            run(4, || unsafe { chains128() });
+        }
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            run(16, || unsafe { chains512() });
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    println!("peak: x86-64 only");
 }

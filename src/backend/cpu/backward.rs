@@ -5,7 +5,7 @@ use super::{rows_from, Cpu};
 use crate::backend::backward::{slope, Backward};
 use crate::backend::{Activation, AttentionSpec};
 use crate::mat::Mat;
-use crate::profile::span;
+use crate::profile::{mul_adds, span};
 use std::borrow::Cow;
 use std::ops::Range;
 
@@ -25,14 +25,14 @@ fn dense(w: &Mat) -> Cow<'_, Mat> {
 impl Backward for Cpu {
     fn matmul(&self, dy: &Mat, w: &Mat) -> Mat {
         assert_eq!(dy.cols, w.rows, "matmul: dy has {} columns, w {} rows", dy.cols, w.rows);
-        let _p = span("matmul", 2.0 * (dy.rows * w.rows * w.cols) as f64);
+        let _p = span("matmul", mul_adds(&[dy.rows, w.rows, w.cols]));
         let w = dense(w);
         Mat::new(dy.rows, w.cols, gemm::product(view(dy), view(&w)))
     }
 
     fn add_matmul_tn(&self, acc: &mut Mat, x: &Mat, y: &Mat) {
         assert_eq!((x.rows, acc.rows, acc.cols), (y.rows, x.cols, y.cols), "add_matmul_tn: shapes");
-        let _p = span("matmul", 2.0 * (x.rows * x.cols * y.cols) as f64);
+        let _p = span("matmul", mul_adds(&[x.rows, x.cols, y.cols]));
         gemm::matmul(&mut acc.data, view(x).t(), view(y), true);
     }
 

@@ -231,7 +231,8 @@ unsafe fn gemm_f32(
     accumulate: bool,
     parallel: bool,
 ) {
-    let flops = if parallel { m * n * k } else { 0 };
+    // Saturating: on wasm32 a 7,430-row product (6.6e9 multiply-adds) wrapped past usize.
+    let flops = if parallel { m.saturating_mul(n).saturating_mul(k) } else { 0 };
     // Few rows against a weight read by rows (b = wᵀ): dot products, split over w's rows.
     if m < ROWDOT_BELOW && a.cs == 1 && b.rs == 1 && k >= 64 {
         let w = b.t();
@@ -451,7 +452,8 @@ fn matmul_f64_par(c: &mut [f64], a: View<f64>, b: View<f64>, parallel: bool) {
     #[cfg(target_arch = "wasm32")]
     {
         let rs = a.rs as usize;
-        let flops = if parallel { m * n * k } else { 0 };
+        // Saturating: on wasm32 a 7,430-row product (6.6e9 multiply-adds) wrapped past usize.
+        let flops = if parallel { m.saturating_mul(n).saturating_mul(k) } else { 0 };
         by_row_blocks(m, n, flops, c, |r0, rows, cb| {
             if super::packed::pays(rows, k, n) {
                 let block = View { data: &a.data[r0 * rs..], rows, cols: k, rs: a.rs, cs: a.cs };

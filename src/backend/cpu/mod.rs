@@ -18,7 +18,7 @@ mod vector;
 use super::{Activation, AttentionSpec, Backend, Reads, Values};
 use crate::error::Result;
 use crate::mat::{Mat, Mat64, StoredMat};
-use crate::profile::span;
+use crate::profile::{mul_adds, span};
 use gemm::View;
 use std::ops::Range;
 
@@ -62,17 +62,17 @@ fn for_rows(data: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync 
 const ATTENTION_BLOCK: usize = 32;
 
 /// What `attention` multiplies and adds: each block of queries against the keys it sees.
-fn attention_flops(spec: &AttentionSpec, queries: &[Range<usize>], keys: &[Range<usize>]) -> usize {
+fn attention_flops(spec: &AttentionSpec, queries: &[Range<usize>], keys: &[Range<usize>]) -> f64 {
     let blocks = queries.iter().zip(keys).flat_map(|(s, ks)| {
         let (t, off) = (s.len(), ks.len().saturating_sub(s.len()));
         (0..t).step_by(ATTENTION_BLOCK).map(move |i0| {
             let i1 = (i0 + ATTENTION_BLOCK).min(t);
             let lo = spec.window.map_or(0, |w| (off + i0 + 1).saturating_sub(w));
             let hi = if spec.causal { off + i1 } else { ks.len() };
-            (i1 - i0) * (hi - lo)
+            ((i1 - i0) * (hi - lo)) as f64
         })
     });
-    4 * spec.heads * spec.head_dim * blocks.sum::<usize>()
+    2.0 * mul_adds(&[spec.heads, spec.head_dim]) * blocks.sum::<f64>()
 }
 
 /// `f(item)` for every item, in parallel where threads exist.
@@ -218,7 +218,7 @@ impl Backend for Cpu {
         assert_eq!(x.cols, w.cols, "matmul_t: x has {} columns, w has {}", x.cols, w.cols);
         // Products of a few rows (decoding, one token per sequence) apart: they run other kernels.
         let phase = if rows.len() < 16 { "matmul (<16 rows)" } else { "matmul" };
-        let _p = span(phase, 2.0 * (rows.len() * w.rows * w.cols) as f64);
+        let _p = span(phase, mul_adds(&[rows.len(), w.rows, w.cols]));
         let n = rows.len();
         let a = View::rows(x.rows_data(rows.clone()), n, x.cols);
         match &w.half {
@@ -241,7 +241,7 @@ impl Backend for Cpu {
     fn add_lowrank(&self, y: &mut Mat, rows: Range<usize>, x: &Mat, xr: Range<usize>, a: &Mat, b: &Mat, s: f32) -> Mat {
         assert_eq!((rows.len(), y.cols, a.rows), (xr.len(), b.rows, b.cols), "add_lowrank: shapes");
         let mut t = self.matmul_t(x, xr, a);
-        let _p = span("lowrank", 2.0 * (rows.len() * b.rows * b.cols) as f64);
+        let _p = span("lowrank", mul_adds(&[rows.len(), b.rows, b.cols]));
         if s != 1.0 {
             t.data.iter_mut().for_each(|v| *v *= s);
         }
@@ -325,7 +325,7 @@ impl Backend for Cpu {
         keys: &[Range<usize>],
     ) -> Mat {
         let (hd, heads, group) = (spec.head_dim, spec.heads, spec.heads / spec.kv_heads);
-        let _p = span("attention", attention_flops(spec, queries, keys) as f64);
+        let _p = span("attention", attention_flops(spec, queries, keys));
         assert_eq!(q.cols, heads * hd);
         assert_eq!(k.cols, spec.kv_heads * hd, "attention: k's shape");
         assert_eq!((v.rows, v.cols), (k.rows, k.cols), "attention: v's shape");
@@ -442,7 +442,7 @@ impl Backend for Cpu {
         assert_eq!(xr.len(), yr.len(), "gram: row ranges of different lengths");
         assert_eq!((acc.rows, acc.cols), (x.cols, y.cols), "gram: accumulator of another shape");
         let same = std::ptr::eq(x, y) && xr == yr;
-        let flops = 2.0 * (xr.len() * x.cols * y.cols) as f64 / if same { 2.0 } else { 1.0 };
+        let flops = mul_adds(&[xr.len(), x.cols, y.cols]) / if same { 2.0 } else { 1.0 };
         // Named apart: the statistics' squares, and the alignment errors' r-column Grams.
         let phase = match (same, x.cols.min(y.cols) <= 64) {
             (_, true) => "gram (narrow)",
@@ -475,7 +475,7 @@ impl Backend for Cpu {
         assert_eq!(xr.len(), yr.len(), "gram: row ranges of different lengths");
         assert_eq!(a.cols, x.cols, "projected gram: a factor of another width");
         assert_eq!((acc.rows, acc.cols), (a.rows, y.cols), "gram: accumulator of another shape");
-        let _p = span("gram (narrow)", 2.0 * (xr.len() * a.rows * (x.cols + y.cols)) as f64);
+        let _p = span("gram (narrow)", mul_adds(&[xr.len(), a.rows, x.cols + y.cols]));
         let (xs, ys) = (x.rows_data(xr.clone()), y.rows_data(yr.clone()));
         gemm::projected_gram_into(acc, &a.data, s as f64, xs, ys, xr.len());
     }
@@ -490,7 +490,7 @@ impl Backend for Cpu {
     fn add_gram_for_norm(&self, acc: &mut Mat64, x: &Mat, xr: Range<usize>, y: &Mat, yr: Range<usize>) {
         assert_eq!(xr.len(), yr.len(), "gram: row ranges of different lengths");
         assert_eq!((acc.rows, acc.cols), (x.cols, y.cols), "gram: accumulator of another shape");
-        let _p = span("gram (norm)", 2.0 * (xr.len() * x.cols * y.cols) as f64);
+        let _p = span("gram (norm)", mul_adds(&[xr.len(), x.cols, y.cols]));
         let (xs, ys) = (x.rows_data(xr.clone()), y.rows_data(yr.clone()));
         let c = gemm::product(View::rows(xs, xr.len(), x.cols).t(), View::rows(ys, yr.len(), y.cols));
         acc.data.iter_mut().zip(c).for_each(|(a, c)| *a += c as f64);
