@@ -110,7 +110,7 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
                     if (WITH_LO) {
                         // Dot2 (Ogita, Rump, Oishi 2005): acc + comp is the sum as if computed in
                         // twice f32 precision. sum_error gives the exact rounding error of each
-                        // addition, product_error that of each product (exact.wgsl); both gather
+                        // addition, product_error that of each product (common/exact.wgsl); both gather
                         // in comp.
                         let prod = rounded(av[r] * bv[s]);
                         let sum = (acc[q] + prod) * p.one;

@@ -1,6 +1,6 @@
 // LayerNorm (RMS = false) or RMSNorm (RMS = true) of each row; one 256-thread workgroup per row.
 //
-// The row statistics are computed in twice f32 precision (exact.wgsl), and each output rounds once
+// The row statistics are computed in twice f32 precision (common/exact.wgsl), and each output rounds once
 // from (x − mean)·inv taken to that precision, as the CPU backend's f64 statistics give. Plain f32
 // statistics are off by an ulp of the mean and of 1/σ *for the whole row*: an error that a Gram
 // matrix does not average out as it does independent roundings, and that a weak ridge then

@@ -1,6 +1,6 @@
 // Partial sums: each 256-thread workgroup reduces one chunk of elements and writes one partial, as
 // a pair (hi, lo) whose sum is the chunk's sum as if accumulated in twice f32 precision (every
-// product's and addition's rounding error is kept: exact.wgsl); the host adds all partials in f64.
+// product's and addition's rounding error is kept: common/exact.wgsl); the host adds all partials in f64.
 // The adaptive weights divide such sums, and at a weak ridge the solve amplifies their rounding.
 // MODE (substituted) returns an element's term and its rounding error:
 //   norm   Σ x[ox + i]²          (x may be a packed f16/bf16 weight: X_ELEM, X_LOAD)

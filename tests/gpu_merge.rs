@@ -273,7 +273,7 @@ fn cached_decoding_on_the_gpu_equals_recomputed_decoding() {
     }
 }
 
-/// Task weights λ reach the GPU's own assembly of each system (`system_scalars.wgsl` reads the
+/// Task weights λ reach the GPU's own assembly of each system (`shaders/system/scalars.wgsl` reads the
 /// scaled adaptive-weight terms): the merge equals the CPU's, and every module's f32 factor still
 /// refines (a factor of another M would not), for IterIS and RegMean.
 #[test]

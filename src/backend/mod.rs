@@ -2,8 +2,11 @@
 //! statistics need. Models and the merge are written once over this trait; the CPU backend is the
 //! reference implementation and the fallback, the GPU backend implements the same contract in WGSL.
 //!
-//! Every tensor is a row-major (rows, cols) f32 matrix: rows are tokens (or sequences), columns are
-//! features. Ranges select rows, so one batched tensor can hold several row groups (tasks × streams).
+//! Every tensor is a row-major (rows, cols) matrix of f32 values: rows are tokens (or sequences),
+//! columns are features. Activations and statistics' inputs are f32; a weight may stay in its
+//! file's half precision where the backend says so (`keeps_file_precision`: the CPU converts
+//! panels as its products reach them), and the statistics accumulate in more than f32. Ranges select
+//! rows, so one batched tensor can hold several row groups (tasks × streams).
 
 pub mod backward;
 pub mod cpu;

@@ -11,7 +11,7 @@
 //! (`Cross::Output`), Zᵀ = Σ_i c_i (X̃_iᵀ (Y_i − X̃_i W0ᵀ) + α1 ‖C_i‖_F s_i A_iᵀ B_iᵀ), (in, out):
 //! M is the same. `SystemSpec` is generic over where its values are: ids into a batch of
 //! pending reads while a stage is recorded, the backend's pending values when the GPU assembles M
-//! for its f32 factor (`system_assemble.wgsl`), and fetched f64 values when the host assembles the
+//! for its f32 factor (`shaders/system/assemble.wgsl`), and fetched f64 values when the host assembles the
 //! same M and Zᵀ (`merge::solve::assemble`). One description, evaluated in both places.
 
 /// A module's system: one term per task.

@@ -1,4 +1,4 @@
-//! `cholesky_block.wgsl` and `cholesky_panel.wgsl`, with `matmul.wgsl` for the trailing update:
+//! `shaders/cholesky/` (`block.wgsl`, `panel.wgsl`), with `matmul.wgsl` for the trailing update:
 //! a blocked right-looking Cholesky factorisation in f32, in place.
 
 use super::dispatch::{params, Kernel};
@@ -6,9 +6,9 @@ use super::matmul::Geometry;
 use super::{Gpu, GpuTensor};
 
 pub(super) const CHOLESKY_BLOCK: Kernel =
-    Kernel { name: "cholesky_block", src: include_str!("../../../shaders/cholesky_block.wgsl") };
+    Kernel { name: "cholesky_block", src: include_str!("../../../shaders/cholesky/block.wgsl") };
 pub(super) const CHOLESKY_PANEL: Kernel =
-    Kernel { name: "cholesky_panel", src: include_str!("../../../shaders/cholesky_panel.wgsl") };
+    Kernel { name: "cholesky_panel", src: include_str!("../../../shaders/cholesky/panel.wgsl") };
 
 /// Columns per step (the diagonal block one workgroup factors in workgroup memory).
 const NB: usize = 32;

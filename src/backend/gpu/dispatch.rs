@@ -16,9 +16,9 @@ pub(super) struct Kernel {
 }
 
 /// Shaders other kernels paste in where they ask for them (WGSL has no includes).
-const EXACT: &str = include_str!("../../../shaders/exact.wgsl");
-const PAIR_SUM: &str = include_str!("../../../shaders/pair_sum.wgsl");
-const ERF: &str = include_str!("../../../shaders/erf.wgsl");
+const EXACT: &str = include_str!("../../../shaders/common/exact.wgsl");
+const PAIR_SUM: &str = include_str!("../../../shaders/common/pair_sum.wgsl");
+const ERF: &str = include_str!("../../../shaders/common/erf.wgsl");
 
 impl Kernel {
     /// The WGSL of this kernel with `subs` substituted.

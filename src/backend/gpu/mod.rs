@@ -9,7 +9,8 @@
 //! - `readback.rs`: the pending values (`GpuScalar`, `GpuGram`, `GpuFactor`) and the one readback
 //!   that brings a batch of them to the host.
 //! - one file per kernel family, named after its shader in `shaders/` (`matmul.rs` runs
-//!   `matmul.wgsl`), holding the kernel's parameter struct and its dispatches.
+//!   `matmul.wgsl`; `cholesky.rs` the folder `cholesky/`), holding the kernels' parameter structs
+//!   and their dispatches; `shaders/common/` holds what `dispatch.rs` pastes into kernels.
 //!
 //! Commands are recorded into one open encoder and submitted only when the host needs a result
 //! (a Gram matrix, a norm, a download) or after many dispatches, so a stage costs one submission.

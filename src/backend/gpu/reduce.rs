@@ -1,5 +1,5 @@
 //! `reduce.wgsl`: sums of squares, squared distances and dot products as per-workgroup partial sums
-//! in twice-f32 precision, added in f64 on the host (or by `system_scalars.wgsl` on the device).
+//! in twice-f32 precision, added in f64 on the host (or by `system/scalars.wgsl` on the device).
 
 use super::dispatch::{params, unpacked, Kernel};
 use super::{Gpu, GpuTensor};

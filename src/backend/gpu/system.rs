@@ -1,4 +1,4 @@
-//! `system_scalars.wgsl` and `system_assemble.wgsl`: a module's system matrix M (`SystemSpec`)
+//! `shaders/system/` (`scalars.wgsl`, `assemble.wgsl`): a module's system matrix M (`SystemSpec`)
 //! assembled on the device from statistics that were never read back, for its f32 factor.
 
 use super::dispatch::{grid_1d, params, Kernel};
@@ -7,9 +7,9 @@ use super::{Gpu, GpuGram, GpuScalar, GpuTensor};
 use crate::backend::{SystemSpec, WeightDtype};
 
 pub(super) const SYSTEM_SCALARS: Kernel =
-    Kernel { name: "system_scalars", src: include_str!("../../../shaders/system_scalars.wgsl") };
+    Kernel { name: "system_scalars", src: include_str!("../../../shaders/system/scalars.wgsl") };
 pub(super) const SYSTEM_ASSEMBLE: Kernel =
-    Kernel { name: "system_assemble", src: include_str!("../../../shaders/system_assemble.wgsl") };
+    Kernel { name: "system_assemble", src: include_str!("../../../shaders/system/assemble.wgsl") };
 
 params!(SystemScalarsParams { segments: u32 });
 
@@ -31,8 +31,8 @@ params!(SystemAssembleParams {
 
 impl Gpu {
     /// M of a system, (n, n) f32: c_i and ‖G_i‖²_F per term are reduced from pending partial sums
-    /// by `system_scalars.wgsl` (scalars 3i, 3i+1, 3i+2: c_i's numerator, its denominator, ‖G_i‖²),
-    /// then `system_assemble.wgsl` adds each term. None where M would not fit one binding.
+    /// by `system/scalars.wgsl` (scalars 3i, 3i+1, 3i+2: c_i's numerator, its denominator, ‖G_i‖²),
+    /// then `system/assemble.wgsl` adds each term. None where M would not fit one binding.
     pub(super) fn assemble_system(&self, spec: &SystemSpec<&GpuScalar, &GpuGram>) -> Option<GpuTensor> {
         let n = spec.terms.first()?.gram.hi.rows;
         if !self.fits_square(n) || spec.terms.iter().any(|t| (t.gram.hi.rows, t.gram.hi.cols) != (n, n)) {

@@ -1,7 +1,7 @@
 // Add one term of a module's system to M, one thread per element (see `SystemTerm` in
 // src/backend/system.rs):
 //   M (+)= c · sym(G) (off-diagonal entries × off_diagonal) + c · ridge · ‖G‖_F · I,
-// with c = num / den and (num, den, ‖G‖²_F) = scalars[3·term .. 3·term + 3] (system_scalars.wgsl).
+// with c = num / den and (num, den, ‖G‖²_F) = scalars[3·term .. 3·term + 3] (scalars.wgsl).
 // The first term writes M instead of adding to it.
 
 struct Params { n: u32, term: u32, first: u32, ridge: f32, off_diagonal: f32, row_stride: u32 }
