@@ -9,6 +9,7 @@
 #![allow(async_fn_in_trait)]
 
 pub mod backend;
+pub mod engine;
 pub mod error;
 pub mod formats;
 pub mod inputs;

@@ -6,12 +6,12 @@
 //! Results go back as bytes and JSON. Errors become JS `Error`s whose `kind` tells the page what
 //! to say and offer.
 
-use crate::backend::{cpu::Cpu, gpu::Gpu};
+use crate::backend::cpu::Cpu;
+use crate::engine::{BackendChoice, Engine};
 use crate::error::Error;
 use crate::formats::safetensors::ByteSource;
 use crate::inputs::{self, BaseInputs, FileKind, Folder, TaskInput};
 use crate::merge::export::zip_folder;
-use crate::merge::pipeline::{self, MergeResult};
 use crate::merge::{Options, Progress};
 use js_sys::{Array, Object, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
@@ -260,60 +260,40 @@ fn read_inputs(input: &JsValue) -> Result<(BaseInputs, Vec<TaskInput>), JsValue>
 /// `{ zip, report (JSON text), backend, notes: [..] }`.
 struct Settings {
     opts: Options,
-    backend: String,
+    backend: BackendChoice,
     f16: bool,
 }
 
 fn settings(options: &str) -> Result<Settings, JsValue> {
-    let v: serde_json::Value =
-        serde_json::from_str(options).map_err(|e| js_error("input", &format!("settings: {e}")))?;
-    let opts: Options = serde_json::from_value(v.clone()).map_err(|e| js_error("input", &format!("settings: {e}")))?;
-    let backend = v.get("backend").and_then(|b| b.as_str()).unwrap_or("auto").to_string();
+    let bad = |e: serde_json::Error| js_error("input", &format!("settings: {e}"));
+    let v: serde_json::Value = serde_json::from_str(options).map_err(bad)?;
+    let opts: Options = serde_json::from_value(v.clone()).map_err(bad)?;
+    let backend = match v.get("backend") {
+        Some(b) => serde_json::from_value(b.clone()).map_err(bad)?,
+        None => BackendChoice::default(),
+    };
     let f16 = v.get("f16").and_then(|b| b.as_bool()).unwrap_or(false);
     Ok(Settings { opts, backend, f16 })
 }
 
-/// The GPU to use, if any, by the `backend` setting; what was decided goes into `notes`, and a
-/// warning the person should see before the merge runs is passed to `warn` at once.
-async fn choose_gpu(backend: &str, notes: &mut Vec<String>, warn: &js_sys::Function) -> Result<Option<Gpu>, JsValue> {
-    if backend == "cpu" {
-        return Ok(None);
+/// The library's engine on the backend the settings ask for; its warning (a CPU emulation of
+/// WebGPU chosen explicitly) goes to `warn` at once.
+async fn engine<'a>(s: &Settings, base: &'a BaseInputs, warn: &js_sys::Function) -> Result<Engine<'a>, JsValue> {
+    let e = Engine::new(s.backend, base, s.opts.max_memory_mib).await.map_err(|e| match e {
+        Error::Gpu(_) => js_error("no-webgpu", "WebGPU is not available in this browser"),
+        e => to_js(e),
+    })?;
+    if let Some(w) = &e.warning {
+        let _ = warn.call1(&JsValue::NULL, &JsValue::from_str(w));
     }
-    let adapter = |g: &Gpu| if g.info.name.is_empty() { "a software adapter".to_string() } else { g.info.name.clone() };
-    Ok(match Gpu::new_async().await {
-        Ok(g) if backend == "auto" && g.is_software() => {
-            notes.push(format!(
-                "WebGPU runs on {}, a CPU emulation slower than the CPU path here: merged on the CPU",
-                adapter(&g)
-            ));
-            None
-        }
-        Ok(g) if g.is_software() => {
-            // The page's end-to-end test measures it: the GPT-2 fixture merges in 0.6 s on the CPU
-            // path and in about 21 s on SwiftShader's WebGPU (35×).
-            let msg = format!(
-                "WebGPU here runs on {}, a CPU emulation: expect this merge to take tens of times longer than on the CPU path (35× on a small GPT-2). Cancel and choose the auto or CPU backend to merge faster",
-                adapter(&g)
-            );
-            let _ = warn.call1(&JsValue::NULL, &JsValue::from_str(&msg));
-            notes.push(msg);
-            Some(g)
-        }
-        Ok(g) => Some(g),
-        // wgpu's message lists the native backends it was built without: not useful here.
-        Err(_) if backend == "gpu" => return Err(js_error("no-webgpu", "WebGPU is not available in this browser")),
-        Err(_) => {
-            notes.push("WebGPU is not available in this browser: merged on the CPU".into());
-            None
-        }
-    })
+    Ok(e)
 }
 
 /// `progress(pass, passes, label, done, all)` as a `Progress` sink (pass 0 of 0: the quality
-/// phase); `prefix` goes before labels.
-fn progress_sink<'a>(progress: &'a js_sys::Function, prefix: &'a str) -> impl FnMut(Progress) + 'a {
+/// phase); the `prefix` of each call goes before its labels.
+fn progress_sink(progress: &js_sys::Function) -> impl FnMut(&str, Progress) + '_ {
     let (mut pass, mut passes, mut label) = (0, 0, String::new());
-    move |p: Progress| {
+    move |prefix: &str, p: Progress| {
         let (done, all) = match p {
             Progress::Pass(k, n, l) => {
                 (pass, passes, label) = (k, n, format!("{prefix}{l}"));
@@ -337,46 +317,12 @@ fn progress_sink<'a>(progress: &'a js_sys::Function, prefix: &'a str) -> impl Fn
     }
 }
 
-/// What `merge` and `compare` start from: the settings and every input checked (settings first),
-/// the GPU chosen, and the notes on that choice.
-struct Job {
-    s: Settings,
-    base: BaseInputs,
-    tasks: Vec<TaskInput>,
-    gpu: Option<Gpu>,
-    notes: Vec<String>,
-}
-
-async fn begin(input: &JsValue, options: &str, warn: &js_sys::Function) -> Result<Job, JsValue> {
+/// The settings and every input of a job, checked (the settings first, before any file is parsed).
+fn begin(input: &JsValue, options: &str) -> Result<(Settings, BaseInputs, Vec<TaskInput>), JsValue> {
     let s = settings(options)?;
-    // The library's one check of the settings, before any file is parsed.
     s.opts.validate(Array::from(&get(input, "tasks")?).length() as usize).map_err(to_js)?;
     let (base, tasks) = read_inputs(input)?;
-    let mut notes = Vec::new();
-    let gpu = choose_gpu(&s.backend, &mut notes, warn).await?;
-    Ok(Job { s, base, tasks, gpu, notes })
-}
-
-/// One merge on the GPU when there is one; a GPU failure midway hands over to the CPU (noted).
-async fn merge_once(
-    gpu: &Option<Gpu>,
-    base: &BaseInputs,
-    tasks: &[TaskInput],
-    opts: &Options,
-    f16: bool,
-    report: &mut dyn FnMut(Progress),
-    notes: &mut Vec<String>,
-) -> Result<MergeResult, JsValue> {
-    match gpu {
-        Some(g) => match pipeline::merge(g, base, tasks, opts, f16, report).await {
-            Err(Error::Gpu(msg)) => {
-                notes.push(format!("{msg}; the CPU path took over"));
-                pipeline::merge(&Cpu, base, tasks, opts, f16, report).await.map_err(to_js)
-            }
-            r => r.map_err(to_js),
-        },
-        None => pipeline::merge(&Cpu, base, tasks, opts, f16, report).await.map_err(to_js),
-    }
+    Ok((s, base, tasks))
 }
 
 /// Merge the adapters of `input` (see `read_inputs`) with `options` (JSON: the fields of
@@ -391,37 +337,26 @@ pub async fn merge(
     progress: js_sys::Function,
     warn: js_sys::Function,
 ) -> Result<JsValue, JsValue> {
-    let Job { s, base, tasks, gpu, mut notes } = begin(&input, &options, &warn).await?;
-    let mut report = progress_sink(&progress, "");
-    let result = merge_once(&gpu, &base, &tasks, &s.opts, s.f16, &mut report, &mut notes).await?;
-    let mut rep = serde_json::to_value(&result.report).map_err(|e| js_error("bug", &e.to_string()))?;
-    rep["notes"] = serde_json::json!(notes);
-    let rep = serde_json::to_vec_pretty(&rep).map_err(|e| js_error("bug", &e.to_string()))?;
-    let mut files: Vec<(&str, &[u8])> = vec![
-        ("adapter_config.json", &result.adapter_config),
-        ("adapter_model.safetensors", &result.adapter_weights),
-        ("merge_report.json", &rep),
-    ];
-    // Where an adapter came as MLX files, the merge goes back as MLX too (beside PEFT's).
-    if tasks.iter().any(|t| crate::formats::mlx::is_mlx(&t.adapter.config)) {
-        if let Ok((config, weights)) = &result.mlx {
-            files.push(("mlx/adapter_config.json", config));
-            files.push(("mlx/adapters.safetensors", weights));
-        }
-    }
+    let (s, base, tasks) = begin(&input, &options)?;
+    let mut engine = engine(&s, &base, &warn).await?;
+    let mut sink = progress_sink(&progress);
+    let result = engine.merge(&tasks, &s.opts, s.f16, &mut |p| sink("", p)).await.map_err(to_js)?;
+    let files = result.output_files(&tasks, false).map_err(to_js)?;
+    let report = files.iter().find(|(name, _)| *name == "merge_report.json").map(|(_, r)| r.clone());
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(name, bytes)| (*name, bytes.as_slice())).collect();
     let zip = zip_folder("merged_adapter", &files).map_err(to_js)?;
 
     let out = Object::new();
     set(&out, "zip", Uint8Array::from(&zip[..]));
-    set(&out, "report", String::from_utf8_lossy(&rep).into_owned());
+    set(&out, "report", String::from_utf8_lossy(&report.unwrap_or_default()).into_owned());
     set(&out, "backend", result.report.backend.clone());
-    set(&out, "notes", notes.iter().map(|n| JsValue::from_str(n)).collect::<Array>());
+    set(&out, "notes", engine.notes.iter().map(|n| JsValue::from_str(n)).collect::<Array>());
     Ok(out.into())
 }
 
 /// Every method on the same inputs (as `iteris compare`): resolves to JSON text
 /// `{ tasks, alone: [[accuracy per task] for base, adapter 1, …], methods: [{ method,
-/// alignment_error, quality, seconds }], backend, notes }`.
+/// alignment_error, quality, seconds }], backend, notes }` (`engine::Comparison`).
 #[wasm_bindgen]
 pub async fn compare(
     input: JsValue,
@@ -429,30 +364,11 @@ pub async fn compare(
     progress: js_sys::Function,
     warn: js_sys::Function,
 ) -> Result<String, JsValue> {
-    let Job { s, base, tasks, gpu, mut notes } = begin(&input, &options, &warn).await?;
-    let alone = if tasks.iter().any(|t| t.eval.is_some()) {
-        let r = match &gpu {
-            Some(g) => pipeline::accuracy_alone(g, &base, &tasks, s.opts.eval_limit).await,
-            None => pipeline::accuracy_alone(&Cpu, &base, &tasks, s.opts.eval_limit).await,
-        };
-        Some(r.map_err(to_js)?)
-    } else {
-        None
-    };
-    let mut rows = Vec::new();
-    let mut backend = String::new();
-    let names = crate::merge::variant_names_for(&base.config.model_type().map_err(to_js)?);
-    for (k, name) in names.iter().enumerate() {
-        let prefix = format!("method {}/{} {name}: ", k + 1, names.len());
-        let mut report = progress_sink(&progress, &prefix);
-        let opts = crate::merge::variant(name, &s.opts).ok_or_else(|| js_error("bug", name))?;
-        let r = merge_once(&gpu, &base, &tasks, &opts, false, &mut report, &mut notes).await?;
-        backend = r.report.backend.clone();
-        rows.push(r.comparison_row());
-    }
-    let names: Vec<String> = tasks.iter().map(TaskInput::quality_name).collect();
-    let table =
-        serde_json::json!({ "tasks": names, "alone": alone, "methods": rows, "backend": backend, "notes": notes });
+    let (s, base, tasks) = begin(&input, &options)?;
+    let mut engine = engine(&s, &base, &warn).await?;
+    let mut sink = progress_sink(&progress);
+    let mut report = |k: usize, n: usize, name: &str, p: Progress| sink(&format!("method {k}/{n} {name}: "), p);
+    let table = engine.compare(&tasks, &s.opts, None, &mut report).await.map_err(to_js)?;
     serde_json::to_string(&table).map_err(|e| js_error("bug", &e.to_string()))
 }
 
@@ -479,42 +395,19 @@ pub async fn forward_bench(
     let mut batch = crate::models::Batch::default();
     let seqs: Vec<Vec<u32>> = ids.chunks(ids.len() / n).map(<[u32]>::to_vec).collect();
     batch.push_group(0, crate::models::Stream::Base, &seqs);
-    let mut notes = Vec::new();
-    let gpu = choose_gpu(&backend, &mut notes, &warn).await?;
-    let (seconds, hidden) = match &gpu {
-        Some(g) => forward_runs(g, &base, &batch, repeat).await,
-        None => forward_runs(&Cpu, &base, &batch, repeat).await,
-    }
-    .map_err(to_js)?;
+    let backend = serde_json::from_value(serde_json::json!(backend)).map_err(|e| js_error("input", &e.to_string()))?;
+    let settings = Settings { opts: Options::default(), backend, f16: false };
+    let mut engine = engine(&settings, &base, &warn).await?;
+    let (seconds, hidden) = engine.time_forward(&batch, repeat).await.map_err(to_js)?;
     let mean_abs = hidden.data.iter().map(|v| v.abs() as f64).sum::<f64>() / hidden.data.len().max(1) as f64;
     let out = serde_json::json!({
         "seconds": seconds,
         "tokens": ids.len(),
-        "backend": if gpu.is_some() { "gpu" } else { "cpu" },
+        "backend": if engine.backend() == "cpu" { "cpu" } else { "gpu" },
         "hidden": hidden.row(0)[..8.min(hidden.cols)].to_vec(),
         "mean_abs": mean_abs,
     });
     Ok(out.to_string())
-}
-
-async fn forward_runs<B: crate::backend::Backend>(
-    be: &B,
-    base: &BaseInputs,
-    batch: &crate::models::Batch,
-    repeat: usize,
-) -> crate::error::Result<(Vec<f64>, crate::mat::Mat)> {
-    let model = crate::models::load(be, &base.config, &base.weights)?;
-    let mut seconds = Vec::new();
-    let mut last = None;
-    for _ in 0..repeat.max(1) {
-        let t0 = crate::merge::now();
-        let h =
-            crate::models::run(&model, be, batch, &mut crate::models::NoHook, crate::models::Output::Hidden).await?;
-        // The readback ends the run on a GPU (its work is queued until then).
-        last = Some(be.download(&h.ok_or(Error::Stop)?).await?);
-        seconds.push(crate::merge::now() - t0);
-    }
-    Ok((seconds, last.ok_or(Error::Stop)?))
 }
 
 /// The matrix-product benchmark beside `forward_bench`: `kind` "project" times y = x · wᵀ for x

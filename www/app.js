@@ -140,9 +140,15 @@ function addTask() {
 // ---------- settings ----------
 
 function options() {
-  const num = (id, what, min) => {
+  // The bounds are the library's (Options::validate checks every setting again): a number field's
+  // min and max attributes show them (tests/settings.rs holds the form to the library's).
+  const num = (id, what) => {
     const v = Number($(id).value);
-    if (!Number.isFinite(v) || v < min) throw new UserError(`${what}: "${$(id).value}" is not a number ≥ ${min}`);
+    if ($(id).value.trim() === '' || !Number.isFinite(v)) throw new UserError(`${what}: "${$(id).value}" is not a number`);
+    const { min, max } = $(id);
+    if ((min !== '' && v < Number(min)) || (max !== '' && v > Number(max))) {
+      throw new UserError(`${what}: ${v} is not in ${min || '−∞'}..${max || '∞'}`);
+    }
     return v;
   };
   const rank = $('rank').value.trim();
@@ -152,20 +158,20 @@ function options() {
   return {
     method: $('method').value,
     weights: w,
-    density: num('density', 'Density', 0),
-    seed: Math.round(num('seed', 'Seed', 0)),
-    regmean_scale: num('regmean-scale', 'RegMean off-diagonal', 0),
+    density: num('density', 'Density'),
+    seed: Math.round(num('seed', 'Seed')),
+    regmean_scale: num('regmean-scale', 'RegMean off-diagonal'),
     balance: $('balance').value,
     objective: $('objective').value,
     modules: $('modules').value,
-    self_calibrate: Math.round(num('self-calibrate', 'Self-calibration', 0)),
-    refine_steps: Math.round(num('refine-steps', 'Refinement steps', 0)),
+    self_calibrate: Math.round(num('self-calibrate', 'Self-calibration')),
+    refine_steps: Math.round(num('refine-steps', 'Refinement steps')),
     schedule: $('schedule').value,
-    iters: Math.round(num('iters', 'Solves', 1)),
-    alpha1: num('alpha1', 'α1', 0),
-    alpha2: num('alpha2', 'α2', 0),
-    max_len: Math.round(num('max-len', 'Max length', 1)),
-    rank: rank === '' ? null : Math.round(num('rank', 'Output rank', 1)),
+    iters: Math.round(num('iters', 'Solves')),
+    alpha1: num('alpha1', 'α1'),
+    alpha2: num('alpha2', 'α2'),
+    max_len: Math.round(num('max-len', 'Max length')),
+    rank: rank === '' ? null : Math.round(num('rank', 'Output rank')),
     backend: $('backend').value,
     // Greedy generation re-runs the whole prompt per token: a sample of the held-out set keeps
     // the page's quality check to seconds (the CLI uses every sample).

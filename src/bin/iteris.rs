@@ -1,12 +1,12 @@
 //! The command-line face: parse arguments, read the folders, call the merge, show progress and a
 //! summary, write the output folder atomically.
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use iteris::backend::{cpu::Cpu, gpu::Gpu};
+use iteris::engine::{BackendChoice, Engine};
 use iteris::fsio;
 use iteris::inputs::{BaseInputs, TaskInput};
-use iteris::merge::{pipeline, Balance, BalanceObjective, Method, ModuleSet, Objective, Options, Progress, Schedule};
+use iteris::merge::{Balance, BalanceObjective, Method, ModuleSet, Objective, Options, Progress, Schedule};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -38,41 +38,9 @@ struct CompareArgs {
     methods: Option<Vec<String>>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum ScheduleArg {
-    Sweep,
-    Jacobi,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum BalanceArg {
-    Auto,
-    Off,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum BalanceObjectiveArg {
-    Agreement,
-    Kl,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum ObjectiveArg {
-    Delta,
-    Output,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum ModulesArg {
-    Adapters,
-    All,
-}
-
-#[derive(Clone, Copy, ValueEnum, PartialEq)]
-enum BackendArg {
-    Cpu,
-    Gpu,
-    Auto,
+/// The library's defaults, the one source of every default below.
+fn d() -> Options {
+    Options::default()
 }
 
 #[derive(clap::Args)]
@@ -97,7 +65,7 @@ struct MergeArgs {
     /// iteris (default); baselines: regmean (X̃ = X, no adaptive weights, --regmean-scale),
     /// linear (weighted average, weights 1/N), cat (PEFT's exact sum), ties and dare (--density,
     /// --seed), svd (the summed delta truncated to --rank, default the largest adapter rank).
-    #[arg(long, default_value = "iteris", value_parser = parse_method)]
+    #[arg(long, default_value = d().method.name(), value_parser = parse_method)]
     method: Method,
     /// One weight per adapter, comma-separated. iteris, regmean: each task's weight λ_i in the
     /// objective (positive; default: chosen by --balance, else 1); linear: default 1/N; cat,
@@ -107,77 +75,77 @@ struct MergeArgs {
     /// iteris: auto (default) chooses the task weights from calibration samples held out from
     /// --balance-sweeps rounds of merges (--balance-folds), so that the worst task is served
     /// best (--balance-objective); off: weights 1 (or --weights).
-    #[arg(long, value_enum, default_value = "auto")]
-    balance: BalanceArg,
+    #[arg(long, value_enum, default_value_t = d().balance)]
+    balance: Balance,
     /// Rounds of merges (each one set of weights) --balance auto runs before the final merge.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = d().balance_sweeps)]
     balance_sweeps: usize,
     /// What judges a balancing round on held-out samples: agreement (default), each task's share
     /// of samples whose self-calibrated continuation the merge reproduces token for token (KL
     /// where self-calibration is off); kl, the mean KL(adapter ‖ merged) per token.
-    #[arg(long, value_enum, default_value = "agreement")]
-    balance_objective: BalanceObjectiveArg,
+    #[arg(long, value_enum, default_value_t = d().balance_objective)]
+    balance_objective: BalanceObjective,
     /// Balancing's folds: K ≥ 2 cross-fits (each round K merges, each on all folds but one, so
     /// every sample is held out once); 1 holds out every fifth sample from one merge a round.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = d().balance_folds)]
     balance_folds: usize,
     /// iteris, regmean: extend each calibration sample with its own adapter's greedy
     /// continuation, up to this many tokens (0: off), so the merge sees where each adapter
     /// writes its answers; a sample that holds its answer already ends at once.
-    #[arg(long, default_value_t = iteris::merge::SELF_CALIBRATE_TOKENS)]
+    #[arg(long, default_value_t = d().self_calibrate)]
     self_calibrate: usize,
     /// iteris: what each module's merged delta fits. delta (default): each adapter's delta on its
     /// own inputs, as published; output: each adapter model's whole output from the merged
     /// model's inputs, which also undoes the drift upstream merging causes (sweep only; dense
     /// deltas exported at --rank, default the largest Σ r_i, with the energy kept reported;
     /// keeps more, costs more: see the README).
-    #[arg(long, value_enum, default_value = "delta")]
-    objective: ObjectiveArg,
+    #[arg(long, value_enum, default_value_t = d().objective)]
+    objective: Objective,
     /// iteris --objective output: all (default) also solves every other linear module of the
     /// layers (extra capacity); adapters merges only the modules the adapters target (the only
     /// choice, and the default, for --objective delta).
     #[arg(long, value_enum)]
-    modules: Option<ModulesArg>,
+    modules: Option<ModuleSet>,
     /// Distillation refinement after the merge: this many steps of Adam on the merged LoRA's
     /// factors, descending the KL of each adapter's next-token distributions (the teachers) to
     /// the merged model's on the calibration samples (label-free; the lowest-KL iterate is kept;
     /// 0: off). Decoder families; one forward and backward pass per step, on the CPU.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = d().refine_steps)]
     refine_steps: usize,
     /// Refinement's step size, relative to each factor's RMS.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = d().refine_lr)]
     refine_lr: f64,
     /// Refinement's transfer data: this many recombinations of the given prompts per prompt
     /// (token-wise crossovers within a task), each answered by its adapter; every step draws as
     /// many samples per task as were given from the pool (0: the given samples alone).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = d().refine_augment)]
     refine_augment: usize,
     /// ties: fraction of each delta's entries kept; dare: probability an entry is kept.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = d().density)]
     density: f64,
     /// dare: random seed of the drops.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = d().seed)]
     seed: u64,
     /// regmean: factor on the Gram matrices' off-diagonal entries (1: plain RegMean).
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = d().regmean_scale)]
     regmean_scale: f64,
     /// sweep: exact fixed point in one pass (default); jacobi: the published schedule.
-    #[arg(long, value_enum, default_value = "sweep")]
-    schedule: ScheduleArg,
+    #[arg(long, value_enum, default_value_t = d().schedule)]
+    schedule: Schedule,
     /// Solves in all for --schedule jacobi.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = d().iters)]
     iters: usize,
     /// Ridge on X_iᵀX̃_i, relative to its Frobenius norm.
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = d().alpha1)]
     alpha1: f64,
     /// Ridge on X̃_iᵀX̃_i, relative to its Frobenius norm.
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = d().alpha2)]
     alpha2: f64,
     /// Feature mixing of the released code: X̃ ← (1-ρ)X̃ + ρX.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = d().rho)]
     rho: f32,
     /// Tokens per sample (longer samples are truncated).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = d().max_len)]
     max_len: usize,
     /// Reduce the merged adapter to this rank (default: lossless, rank = Σ r_i).
     #[arg(long)]
@@ -187,8 +155,8 @@ struct MergeArgs {
     #[arg(long)]
     max_memory: Option<u64>,
     /// Where the heavy work runs.
-    #[arg(long, value_enum, default_value = "auto")]
-    backend: BackendArg,
+    #[arg(long, value_enum, default_value_t = BackendChoice::default())]
+    backend: BackendChoice,
     /// Write the merged weights as F16 instead of F32.
     #[arg(long)]
     f16: bool,
@@ -250,9 +218,8 @@ fn quiet_vulkan_loader() {
     }
 }
 
-/// Checked inputs and settings of a merge, and the GPU if one is used.
+/// Checked inputs and settings of a job.
 struct Prepared {
-    gpu: Option<Gpu>,
     base: BaseInputs,
     tasks: Vec<TaskInput>,
     opts: Options,
@@ -261,26 +228,12 @@ struct Prepared {
 impl MergeArgs {
     /// The settings, checked by the library's one validation.
     fn options(&self) -> iteris::Result<Options> {
-        let schedule = match self.schedule {
-            ScheduleArg::Sweep => Schedule::Sweep,
-            ScheduleArg::Jacobi => Schedule::Jacobi,
-        };
-        let objective = match self.objective {
-            ObjectiveArg::Delta => Objective::Delta,
-            ObjectiveArg::Output => Objective::Output,
-        };
         let opts = Options {
             method: self.method,
             weights: self.weights.clone(),
-            balance: match self.balance {
-                BalanceArg::Auto => Balance::Auto,
-                BalanceArg::Off => Balance::Off,
-            },
+            balance: self.balance,
             balance_sweeps: self.balance_sweeps,
-            balance_objective: match self.balance_objective {
-                BalanceObjectiveArg::Agreement => BalanceObjective::Agreement,
-                BalanceObjectiveArg::Kl => BalanceObjective::Kl,
-            },
+            balance_objective: self.balance_objective,
             balance_folds: self.balance_folds,
             self_calibrate: self.self_calibrate,
             density: self.density,
@@ -288,19 +241,15 @@ impl MergeArgs {
             regmean_scale: self.regmean_scale,
             eval_limit: None,
             max_memory_mib: self.max_memory,
-            schedule,
+            schedule: self.schedule,
             iters: self.iters,
             alpha1: self.alpha1,
             alpha2: self.alpha2,
             rho: self.rho,
             max_len: self.max_len,
             rank: self.rank,
-            objective,
-            modules: match self.modules {
-                Some(ModulesArg::Adapters) => ModuleSet::Adapters,
-                Some(ModulesArg::All) => ModuleSet::All,
-                None => ModuleSet::default_for(objective),
-            },
+            objective: self.objective,
+            modules: self.modules.unwrap_or(ModuleSet::default_for(self.objective)),
             refine_steps: self.refine_steps,
             refine_lr: self.refine_lr,
             refine_augment: self.refine_augment,
@@ -341,43 +290,27 @@ impl MergeArgs {
 
 fn prepare(a: &MergeArgs) -> iteris::Result<Prepared> {
     let opts = a.check()?;
-    let gpu = match a.backend {
-        BackendArg::Cpu => None,
-        BackendArg::Gpu => {
-            let g = Gpu::new()?;
-            if g.is_software() {
-                eprintln!(
-                    "backend: gpu on {} (a CPU emulation: expect it to be slower than --backend cpu)",
-                    g.info.name
-                );
-            } else {
-                eprintln!("backend: gpu on {}", g.info.name);
-            }
-            Some(g)
-        }
-        // A CPU emulation of a GPU (lavapipe, SwiftShader) is slower than the CPU backend.
-        BackendArg::Auto => match Gpu::new() {
-            Ok(g) if !g.is_software() => {
-                eprintln!("backend: gpu on {} (auto)", g.info.name);
-                Some(g)
-            }
-            Ok(g) => {
-                eprintln!("backend: cpu (auto: the only GPU adapter, {}, is a CPU emulation)", g.info.name);
-                None
-            }
-            Err(e) => {
-                eprintln!("backend: cpu (auto: {e})");
-                None
-            }
-        },
-    };
     let base = fsio::read_base(&a.base)?;
     let mut tasks =
         a.adapters.iter().zip(&a.samples).map(|(ad, s)| fsio::read_task(ad, s)).collect::<iteris::Result<Vec<_>>>()?;
     for (t, e) in tasks.iter_mut().zip(&a.evals) {
         t.eval = Some(fsio::read_eval(e)?);
     }
-    Ok(Prepared { gpu, base, tasks, opts })
+    Ok(Prepared { base, tasks, opts })
+}
+
+/// The library's engine on the backend --backend asks for; how it was chosen goes to stderr.
+fn engine<'a>(a: &MergeArgs, base: &'a BaseInputs, opts: &Options) -> iteris::Result<Engine<'a>> {
+    let choice = a.backend;
+    let e = pollster::block_on(Engine::new(choice, base, opts.max_memory_mib))?;
+    // Asked for the CPU, nothing to say: stderr stays the error line alone where one comes.
+    if choice != BackendChoice::Cpu {
+        eprintln!("backend: {}", e.backend());
+    }
+    for n in &e.notes {
+        eprintln!("note: {n}");
+    }
+    Ok(e)
 }
 
 /// A progress callback drawing one bar per pass.
@@ -416,39 +349,14 @@ fn bars() -> impl FnMut(Progress) {
     }
 }
 
-/// Merge with progress bars.
-fn run(p: &Prepared, opts: &Options, f16: bool) -> iteris::Result<pipeline::MergeResult> {
-    let mut progress = bars();
-    match &p.gpu {
-        Some(g) => pollster::block_on(pipeline::merge(g, &p.base, &p.tasks, opts, f16, &mut progress)),
-        None => pollster::block_on(pipeline::merge(&Cpu, &p.base, &p.tasks, opts, f16, &mut progress)),
-    }
-}
-
-fn alone(p: &Prepared) -> iteris::Result<Vec<Vec<Option<f64>>>> {
-    match &p.gpu {
-        Some(g) => pollster::block_on(pipeline::accuracy_alone(g, &p.base, &p.tasks, None)),
-        None => pollster::block_on(pipeline::accuracy_alone(&Cpu, &p.base, &p.tasks, None)),
-    }
-}
-
 fn merge(a: MergeArgs) -> iteris::Result<()> {
     let out = a.out.clone().ok_or_else(|| iteris::error::bad_input("arguments", "--out is required"))?;
     let p = prepare(&a)?;
     let opts = &p.opts;
-    let r = run(&p, opts, a.f16)?;
-    let report = serde_json::to_vec_pretty(&r.report).unwrap();
-    let mut files: Vec<(&str, &[u8])> = vec![
-        ("adapter_config.json", &r.adapter_config),
-        ("adapter_model.safetensors", &r.adapter_weights),
-        ("merge_report.json", &report),
-    ];
-    let mlx;
-    if a.mlx {
-        mlx = r.mlx.as_ref().map_err(|e| iteris::error::bad_input("--mlx", e.to_string()))?;
-        files.push(("mlx/adapter_config.json", &mlx.0));
-        files.push(("mlx/adapters.safetensors", &mlx.1));
-    }
+    let mut engine = engine(&a, &p.base, opts)?;
+    let r = pollster::block_on(engine.merge(&p.tasks, opts, a.f16, &mut bars()))?;
+    let files = r.output_files(&p.tasks, a.mlx)?;
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(name, bytes)| (*name, bytes.as_slice())).collect();
     fsio::write_folder(&out, &files, a.force, &a.inputs())?;
 
     for w in &r.report.warnings {
@@ -515,7 +423,7 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
         println!("jacobi: {}", k.describe());
     }
     if let Some(q) = &r.quality {
-        let alone = alone(&p)?;
+        let alone = pollster::block_on(engine.accuracy_alone(&p.tasks, None))?;
         println!("\nquality on held-out samples (KL: adapter ‖ merged, nats/token; accuracy: greedy, exact answer)");
         print!("{:<12}", "");
         for t in &p.tasks {
@@ -538,13 +446,9 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
 }
 
 fn study(a: MergeArgs) -> iteris::Result<()> {
-    let mut p = prepare(&a)?;
-    let mut progress = bars();
-    let s = match &p.gpu {
-        Some(g) => pollster::block_on(iteris::merge::study::study(g, &p.base, &mut p.tasks, &p.opts, &mut progress)),
-        None => pollster::block_on(iteris::merge::study::study(&Cpu, &p.base, &mut p.tasks, &p.opts, &mut progress)),
-    }?;
-    drop(progress);
+    let Prepared { base, mut tasks, opts } = prepare(&a)?;
+    let mut engine = engine(&a, &base, &opts)?;
+    let s = pollster::block_on(engine.study(&mut tasks, &opts, &mut bars()))?;
     let c = &s.convergence;
     println!(
         "jacobi solves 1..{}, distance to the sweep's fixed point: {}",
@@ -556,7 +460,7 @@ fn study(a: MergeArgs) -> iteris::Result<()> {
         v.iter().map(|a| a.map_or("-".into(), |a| format!("{:.1}%", 100.0 * a))).collect::<Vec<_>>().join(" ")
     };
     println!("accuracy by samples per task {:?}: mean over the tasks | worst task", e.samples);
-    for (name, _) in iteris::merge::study::variants(&p.opts) {
+    for (name, _) in iteris::merge::study::variants(&opts) {
         let Some(curve) = e.methods.get(name) else { continue };
         println!("{name:>22}: {} | {}", pct(&curve.accuracy), pct(&curve.worst_accuracy));
     }
@@ -569,63 +473,40 @@ fn study(a: MergeArgs) -> iteris::Result<()> {
 
 /// Every method on the same inputs: a table of accuracy, KL and alignment error per task.
 fn compare(a: CompareArgs) -> iteris::Result<()> {
-    use iteris::error::bad_input;
     let p = prepare(&a.merge)?;
-    let names = match &a.methods {
-        None => {
-            iteris::merge::variant_names_for(&p.base.config.model_type()?).into_iter().map(str::to_string).collect()
-        }
-        Some(names) => names.clone(),
+    let mut engine = engine(&a.merge, &p.base, &p.opts)?;
+    let mut bar = bars();
+    let mut progress = |k: usize, n: usize, method: &str, pr: Progress| match pr {
+        Progress::Pass(i, m, label) => bar(Progress::Pass(i, m, &format!("{k}/{n} {method} {label}"))),
+        pr => bar(pr),
     };
-    let rows_opts: Vec<Options> = names
-        .iter()
-        .map(|n| {
-            iteris::merge::variant(n, &p.opts).ok_or_else(|| {
-                bad_input(
-                    "--methods",
-                    format!(
-                        "unknown method '{n}' (one of {}, iteris-delta)",
-                        iteris::merge::variant_names().join(", ")
-                    ),
-                )
-            })
-        })
-        .collect::<iteris::Result<_>>()?;
-    let alone = if p.tasks.iter().any(|t| t.eval.is_some()) { Some(alone(&p)?) } else { None };
-    let mut rows = Vec::new();
-    for opts in &rows_opts {
-        let r = run(&p, opts, false)?;
-        rows.push(r.comparison_row());
-    }
-    let names: Vec<String> = p.tasks.iter().map(TaskInput::quality_name).collect();
+    let table = pollster::block_on(engine.compare(&p.tasks, &p.opts, a.methods.as_deref(), &mut progress))?;
     println!("\nper task: accuracy (greedy, exact) / KL(adapter ‖ merged) / alignment error");
     print!("{:<14}", "");
-    names.iter().for_each(|n| print!(" {:>26}", shorten(n, 26)));
+    table.tasks.iter().for_each(|n| print!(" {:>26}", shorten(n, 26)));
     println!();
-    let pct = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |v| format!("{:.1}%", 100.0 * v));
-    if let Some(alone) = &alone {
+    let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.1}%", 100.0 * v));
+    if let Some(alone) = &table.alone {
         for (k, row) in alone.iter().enumerate() {
             print!("{:<14}", if k == 0 { "base".to_string() } else { format!("adapter {k} only") });
-            row.iter().for_each(|v| print!(" {:>26}", pct(&serde_json::json!(v))));
+            row.iter().for_each(|v| print!(" {:>26}", pct(*v)));
             println!();
         }
     }
-    for row in &rows {
-        print!("{:<14}", row["method"].as_str().unwrap_or(""));
-        for (i, _) in names.iter().enumerate() {
-            let q = &row["quality"][i];
+    for row in &table.methods {
+        print!("{:<14}", row.method);
+        for (i, err) in row.alignment_error.iter().enumerate() {
+            let q = row.quality.as_ref().and_then(|q| q.get(i));
             let cell = format!(
-                "{} / {} / {:.3}",
-                pct(&q["accuracy"]),
-                q["kl"].as_f64().map_or("-".to_string(), |v| format!("{v:.3}")),
-                row["alignment_error"][i].as_f64().unwrap_or(f64::NAN)
+                "{} / {} / {err:.3}",
+                pct(q.and_then(|q| q.accuracy)),
+                q.map_or("-".to_string(), |q| format!("{:.3}", q.kl)),
             );
             print!(" {cell:>26}");
         }
         println!();
     }
     if let Some(out) = &a.merge.out {
-        let table = serde_json::json!({ "tasks": names, "alone": alone, "methods": rows });
         fsio::write_file(out, &serde_json::to_vec_pretty(&table).unwrap(), a.merge.force, &a.merge.inputs())?;
         println!("wrote {}", out.display());
     }
@@ -645,5 +526,22 @@ fn shorten(s: &str, n: usize) -> String {
         s.to_string()
     } else {
         format!("…{}", c[c.len() - n + 1..].iter().collect::<String>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CLI's defaults are the library's (`Options::default`), every one of them.
+    #[test]
+    fn defaults_are_the_librarys() {
+        let args = ["iteris", "merge", "--base", "b", "--adapter", "a", "--adapter", "c", "--samples", "s"];
+        let Cmd::Merge(a) = Cli::try_parse_from(args.iter().chain(&["--samples", "t"])).unwrap().cmd else {
+            panic!("not a merge")
+        };
+        let cli = serde_json::to_value(a.options().unwrap()).unwrap();
+        assert_eq!(cli, serde_json::to_value(Options::default()).unwrap());
+        assert_eq!(a.backend, BackendChoice::default());
     }
 }

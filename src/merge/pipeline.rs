@@ -30,20 +30,59 @@ pub struct MergeResult {
 }
 
 impl MergeResult {
-    /// One row of a comparison of methods (`iteris compare`, the page's Compare): the method, each
-    /// task's mean alignment error, the quality on held-out samples, and the seconds the passes
-    /// and the quality evaluation took.
-    pub fn comparison_row(&self) -> serde_json::Value {
-        let r = &self.report;
-        serde_json::json!({
-            "method": r.method,
-            "alignment_error": r.tasks.iter().map(|t| t.mean_alignment_error).collect::<Vec<_>>(),
-            "quality": self.quality,
-            "seconds": r.timings_s.passes + r.timings_s.quality,
-        })
+    /// The files a merge writes, by their paths in the output folder (the CLI's `--out`, the
+    /// page's zip): PEFT's adapter, the report, and the same adapter as MLX files under `mlx/`
+    /// where `mlx_asked` (an error where mlx-lm could not load them) or where an input adapter
+    /// came as MLX files (left out, with a warning in the report, where they cannot be written).
+    pub fn output_files(&self, tasks: &[TaskInput], mlx_asked: bool) -> Result<Vec<(&'static str, Vec<u8>)>> {
+        let mut report = serde_json::to_value(&self.report).map_err(|e| crate::error::Error::Io(e.to_string()))?;
+        let mlx_input = tasks.iter().any(|t| crate::formats::mlx::is_mlx(&t.adapter.config));
+        let mlx = match (&self.mlx, mlx_asked) {
+            (Ok(files), _) if mlx_asked || mlx_input => Some(files),
+            (Err(e), true) => return Err(crate::error::bad_input("--mlx", e.to_string())),
+            (Err(e), false) if mlx_input => {
+                if let Some(w) = report["warnings"].as_array_mut() {
+                    w.push(format!("no MLX files: {e}").into());
+                }
+                None
+            }
+            _ => None,
+        };
+        let report = serde_json::to_vec_pretty(&report).map_err(|e| crate::error::Error::Io(e.to_string()))?;
+        let mut files = vec![
+            ("adapter_config.json", self.adapter_config.clone()),
+            ("adapter_model.safetensors", self.adapter_weights.clone()),
+            ("merge_report.json", report),
+        ];
+        if let Some((config, weights)) = mlx {
+            files.push(("mlx/adapter_config.json", config.clone()));
+            files.push(("mlx/adapters.safetensors", weights.clone()));
+        }
+        Ok(files)
     }
 }
 
+/// A base model loaded on a backend, once for every merge and evaluation of a job (a comparison's
+/// methods, a study's merges, the adapters-alone figures).
+pub struct LoadedBase<'a, B: Backend> {
+    pub inputs: &'a BaseInputs,
+    pub model: models::Model<B::T>,
+    /// The seconds the load took (the first merge's `timings_s.load` counts them).
+    seconds: std::cell::Cell<f64>,
+    /// The host memory in use before the load, and whether a merge has measured its phases since.
+    before_bytes: u64,
+}
+
+/// Load `base` on `be`, after the memory plan of its weights (`max_memory_mib`: Options's cap).
+pub fn load<'a, B: Backend>(be: &B, base: &'a BaseInputs, max_memory_mib: Option<u64>) -> Result<LoadedBase<'a, B>> {
+    let peaks = PhasePeaks::start();
+    let t = now();
+    plan::weights_plan(be, &base.weights, max_memory_mib).check(&be.name())?;
+    let model = models::load(be, &base.config, &base.weights)?;
+    Ok(LoadedBase { inputs: base, model, seconds: std::cell::Cell::new(now() - t), before_bytes: peaks.base })
+}
+
+/// Load the base and merge: `merge_loaded` with a load of its own.
 pub async fn merge<B: Backward>(
     be: &B,
     base: &BaseInputs,
@@ -53,11 +92,24 @@ pub async fn merge<B: Backward>(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<MergeResult> {
     opts.validate(tasks.len())?;
+    merge_loaded(be, &load(be, base, opts.max_memory_mib)?, tasks, opts, f16_out, progress).await
+}
+
+/// Merge the adapters of `tasks` into one, on a base model loaded already.
+pub async fn merge_loaded<B: Backward>(
+    be: &B,
+    loaded: &LoadedBase<'_, B>,
+    tasks: &[TaskInput],
+    opts: &Options,
+    f16_out: bool,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<MergeResult> {
+    opts.validate(tasks.len())?;
+    let (base, model) = (loaded.inputs, &loaded.model);
     let mut timings = Timings::default();
-    let mut peaks = PhasePeaks::start();
-    let t = now();
-    plan::weights_plan(be, &base.weights, opts.max_memory_mib).check(&be.name())?;
-    let model = models::load(be, &base.config, &base.weights)?;
+    // The first merge on a load counts the load's time and memory in its "load" phase.
+    let mut peaks = PhasePeaks { base: loaded.before_bytes, peaks: Vec::new() };
+    let t = now() - loaded.seconds.replace(0.0);
     let adapters: Vec<_> = tasks.iter().map(|t| &t.adapter).collect();
     let mut targets = map_targets(&model.modules(), &adapters, model.model_type(), model.fan_in_fan_out())?;
     if opts.method == super::Method::Iteris
@@ -110,7 +162,7 @@ pub async fn merge<B: Backward>(
     let modules = model.modules();
     let auto_balance =
         opts.method == super::Method::Iteris && opts.balance == Balance::Auto && opts.weights.is_none() && decoder;
-    let quality_shapes = quality_shapes(base, &model, tasks, opts.eval_limit)?;
+    let quality_shapes = quality_shapes(base, model, tasks, opts.eval_limit)?;
     let base_bytes = peaks.base;
     let plan_for = |ids: &[Vec<Vec<u32>>], generation: Option<(usize, usize, usize)>| {
         let chunks = chunk_batches(ids, Streams::Both, plan::chunk_rows(be, &modules, &targets));
@@ -124,8 +176,8 @@ pub async fn merge<B: Backward>(
             row_floats: model.row_floats(),
             vocab: modules.iter().find(|m| m.name == "lm_head").map_or(0, |m| m.out_dim),
             kv_token_bytes: models::kv_cache::KvCache::<B::T>::token_bytes(&model.kv_widths()),
-            eval_rows: evaluate::rows_within(be, &model, plan::EVAL_LOGITS_BYTES),
-            decode_rows: evaluate::rows_within(be, &model, plan::DECODING_BYTES),
+            eval_rows: evaluate::rows_within(be, model, plan::EVAL_LOGITS_BYTES),
+            decode_rows: evaluate::rows_within(be, model, plan::DECODING_BYTES),
             self_calibration: generation,
             balancing: (auto_balance && ids.iter().all(|s| s.len() >= MIN_SAMPLES))
                 .then(|| (task_tokens, task_samples * (opts.self_calibrate + 1))),
@@ -167,7 +219,7 @@ pub async fn merge<B: Backward>(
         let eos = eos(&base.config);
         let (s, c) = self_calibrate(
             be,
-            &model,
+            model,
             &base.tokenizer,
             &targets,
             &mut ids,
@@ -201,7 +253,7 @@ pub async fn merge<B: Backward>(
         ));
     }
     let balancing = if auto_balance && few >= MIN_SAMPLES {
-        let b = balance(be, &model, &targets, &ids, continuations.as_ref(), opts, progress)
+        let b = balance(be, model, &targets, &ids, continuations.as_ref(), opts, progress)
             .await
             .map_err(|e| non_finite(e, &base.config, tasks))?;
         timings.balancing = b.seconds;
@@ -219,7 +271,7 @@ pub async fn merge<B: Backward>(
         None => opts,
     };
     let mut outcome =
-        iteris(be, &model, targets, &ids, opts, progress).await.map_err(|e| non_finite(e, &base.config, tasks))?;
+        iteris(be, model, targets, &ids, opts, progress).await.map_err(|e| non_finite(e, &base.config, tasks))?;
     check_finite(&outcome)?;
     timings.passes = outcome.seconds_passes;
     peaks.end("passes");
@@ -230,12 +282,12 @@ pub async fn merge<B: Backward>(
             let eos = eos(&base.config);
             let (targets, n) = (&outcome.targets, opts.self_calibrate);
             let tok = &base.tokenizer;
-            self_calibrate(be, &model, tok, targets, &mut extra, &single_line, n, max_len, eos).await?;
+            self_calibrate(be, model, tok, targets, &mut extra, &single_line, n, max_len, eos).await?;
         }
         let batch: Vec<usize> = ids.iter().map(Vec::len).collect();
         let pool: Vec<Vec<Vec<u32>>> =
             ids.iter().zip(extra).map(|(g, e)| g.iter().cloned().chain(e).collect()).collect();
-        let mut r = refine_merge(be, &model, &mut outcome, &pool, &batch, opts, progress).await?;
+        let mut r = refine_merge(be, model, &mut outcome, &pool, &batch, opts, progress).await?;
         r.seconds = now() - t;
         check_finite(&outcome)?;
         timings.refinement = r.seconds;
@@ -268,7 +320,7 @@ pub async fn merge<B: Backward>(
     let t = now();
     let quality = if tasks.iter().any(|t| t.eval.is_some()) && opts.eval_limit != Some(0) {
         progress(Progress::Quality);
-        Some(merged_quality(be, base, &model, &outcome.targets, &deltas, tasks, opts.eval_limit).await?)
+        Some(merged_quality(be, base, model, &outcome.targets, &deltas, tasks, opts.eval_limit).await?)
     } else {
         None
     };
@@ -313,6 +365,7 @@ pub async fn merge<B: Backward>(
         memory_plan: memory,
         memory_peaks: peaks.peaks,
         warnings,
+        notes: Vec::new(),
         timings_s: timings,
     };
     Ok(MergeResult { quality, adapter_config: files.config, adapter_weights: files.weights, mlx, report, outcome })
@@ -462,8 +515,17 @@ pub async fn accuracy_alone<B: Backend>(
     tasks: &[TaskInput],
     limit: Option<usize>,
 ) -> Result<Vec<Vec<Option<f64>>>> {
-    plan::weights_plan(be, &base.weights, None).check(&be.name())?;
-    let model = models::load(be, &base.config, &base.weights)?;
+    accuracy_alone_loaded(be, &load(be, base, None)?, tasks, limit).await
+}
+
+/// `accuracy_alone` on a base model loaded already.
+pub async fn accuracy_alone_loaded<B: Backend>(
+    be: &B,
+    loaded: &LoadedBase<'_, B>,
+    tasks: &[TaskInput],
+    limit: Option<usize>,
+) -> Result<Vec<Vec<Option<f64>>>> {
+    let (base, model) = (loaded.inputs, &loaded.model);
     let adapters: Vec<_> = tasks.iter().map(|t| &t.adapter).collect();
     let targets = map_targets(&model.modules(), &adapters, model.model_type(), model.fan_in_fan_out())?;
     let mut hook = DeltaHook::new(be, &targets, None);
@@ -476,7 +538,7 @@ pub async fn accuracy_alone<B: Backend>(
         .flat_map(|&s| labeled.iter().filter(|l| !l.is_empty()).map(move |l| (l.as_slice(), s)))
         .collect();
     let mut acc =
-        evaluate::accuracies(be, &model, &base.tokenizer, &mut hook, &jobs, eos(&base.config)).await?.into_iter();
+        evaluate::accuracies(be, model, &base.tokenizer, &mut hook, &jobs, eos(&base.config)).await?.into_iter();
     Ok(streams.iter().map(|_| labeled.iter().map(|l| if l.is_empty() { None } else { acc.next() }).collect()).collect())
 }
 

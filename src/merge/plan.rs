@@ -23,10 +23,7 @@ use crate::models::ModuleInfo;
 /// page's memory by its whole size.
 pub const EVAL_LOGITS_BYTES: u64 = 64 << 20;
 
-/// What one run of greedy decoding (`evaluate::continue_greedy`) may hold: its KV cache, and
-/// its first pass's widest activations. Fewer sequences per run would read the weights more
-/// often (one read per token of each run).
-pub const DECODING_BYTES: u64 = 256 << 20;
+pub use crate::models::generate::DECODING_BYTES;
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct MemoryPlan {
@@ -93,7 +90,7 @@ pub struct PhaseShapes {
     pub vocab: usize,
     pub kv_token_bytes: u64,
     /// Token rows of one evaluation pass, and of one decoding run's first pass
-    /// (`evaluate::rows_within` `EVAL_LOGITS_BYTES`, `DECODING_BYTES`).
+    /// (`models::generate::rows_within` `EVAL_LOGITS_BYTES`, `DECODING_BYTES`).
     pub eval_rows: usize,
     pub decode_rows: usize,
     /// Self-calibration's greedy decoding: (sequences, longest sequence, prompt tokens).
@@ -115,7 +112,7 @@ impl PhaseShapes {
     fn logits(&self, rows: usize) -> u64 {
         (rows * self.vocab) as u64 * 4
     }
-    /// Greedy decoding (`evaluate::continue_greedy`): a run's KV cache (sequences × longest, at
+    /// Greedy decoding (`models::generate::continue_greedy`): a run's KV cache (sequences × longest, at
     /// most `DECODING_BYTES` and `decode_rows` tokens), its first pass over the prompts and its
     /// last-token logits.
     fn decoding(&self, (seqs, longest, prompts): (usize, usize, usize)) -> u64 {

@@ -74,6 +74,8 @@ pub struct Report {
     /// WebAssembly memory in the page (which only grows: there, the peak of the merge so far).
     pub memory_peaks: Vec<PhasePeak>,
     pub warnings: Vec<String>,
+    /// How the backend was chosen, and any hand-over to the CPU (`engine::Engine::notes`).
+    pub notes: Vec<String>,
     pub timings_s: Timings,
 }
 

@@ -3,11 +3,11 @@
 //! of calibration samples per task, against RegMean and linear averaging.
 
 use super::baselines::Method;
-use super::pipeline::merge;
+use super::pipeline::{merge_loaded as merge, LoadedBase};
 use super::{relative_change, Balance, Options, Progress, Schedule};
 use crate::backend::Backward;
 use crate::error::{bad_input, Result};
-use crate::inputs::{BaseInputs, TaskInput};
+use crate::inputs::TaskInput;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -76,7 +76,7 @@ fn mean(v: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
 /// merge's passes. The tasks' samples are cut to each count in turn and given back whole.
 pub async fn study<B: Backward>(
     be: &B,
-    base: &BaseInputs,
+    base: &LoadedBase<'_, B>,
     tasks: &mut [TaskInput],
     opts: &Options,
     progress: &mut dyn FnMut(Progress),

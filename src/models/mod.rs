@@ -12,6 +12,7 @@ pub mod chunked;
 pub mod decoder;
 pub mod decoder_grad;
 pub mod gemma;
+pub mod generate;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod llama;
