@@ -11,7 +11,9 @@
 //! kernels in the CLI), on one thread and on every thread: what the page's and the CLI's products
 //! are measured against.
 
-use iteris::backend::{cpu::Cpu, gpu::Gpu, Backend};
+use iteris::backend::prelude::*;
+
+use iteris::backend::{cpu::Cpu, gpu::Gpu};
 use iteris::mat::Mat;
 use pollster::FutureExt;
 use std::time::Instant;

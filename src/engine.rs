@@ -10,7 +10,7 @@
 //! The defaults of every setting are `merge::Options::default()` and its limits
 //! `merge::Options::validate`; the CLI's help and the page read them from there.
 
-use crate::backend::{cpu::Cpu, gpu::Gpu, Backend, Backward};
+use crate::backend::{cpu::Cpu, gpu::Gpu, Backward, Transfer};
 use crate::error::{bad_input, Error, Result};
 use crate::inputs::{BaseInputs, TaskInput};
 use crate::mat::Mat;

@@ -416,7 +416,7 @@ pub async fn forward_bench(
 /// seconds one product took, for each of `repeat` timed runs.
 #[wasm_bindgen]
 pub async fn matmul_bench(kind: String, m: usize, k: usize, n: usize, repeat: usize) -> Result<Vec<f64>, JsValue> {
-    use crate::backend::Backend;
+    use crate::backend::prelude::*;
     let mut state = 0x2545_F491_4F6C_DD1Du64;
     let mut random = |rows: usize, cols: usize| {
         let data = (0..rows * cols)

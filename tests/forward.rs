@@ -4,7 +4,8 @@
 
 mod common;
 use common::*;
-use iteris::backend::{cpu::Cpu, Backend};
+use iteris::backend::cpu::Cpu;
+use iteris::backend::prelude::*;
 use iteris::fsio;
 use iteris::mat::Mat;
 use iteris::merge::tokenize;

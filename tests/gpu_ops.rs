@@ -2,7 +2,9 @@
 //! shapes that are not multiples of the tiles and row ranges inside batched tensors. Runs on any
 //! adapter wgpu finds; CI installs Mesa's lavapipe (software Vulkan), so keep shapes small.
 
-use iteris::backend::{cpu::Cpu, gpu::Gpu, Activation, AttentionSpec, Backend, Backward};
+use iteris::backend::prelude::*;
+
+use iteris::backend::{cpu::Cpu, gpu::Gpu, Activation, AttentionSpec, Backward};
 use iteris::mat::{rel_err, Mat};
 use iteris::merge::solve::host;
 use pollster::FutureExt;
@@ -512,7 +514,7 @@ fn backward_ops() {
     let _l = LOCK.lock().unwrap();
     let Some(g) = gpu("backward_ops") else { return };
     let mut r = Rng(11);
-    let down = |t: &<Gpu as Backend>::T| g.download(t).block_on().unwrap();
+    let down = |t: &<Gpu as Transfer>::T| g.download(t).block_on().unwrap();
     for (n, out, inp) in [(1, 1, 1), (37, 19, 23), (130, 70, 65)] {
         let (dy, w) = (r.mat(n, out), r.mat(out, inp));
         close(

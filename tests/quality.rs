@@ -6,7 +6,7 @@ mod common;
 
 use common::{base, fixture, merge_on, tasks, ARCHS};
 use iteris::backend::cpu::Cpu;
-use iteris::backend::Backend;
+use iteris::backend::prelude::*;
 use iteris::formats::samples::EvalSet;
 use iteris::mat::Mat;
 use iteris::merge::evaluate::{generate, Decoding, DeltaHook};

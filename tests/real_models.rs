@@ -9,7 +9,8 @@
 
 mod common;
 use common::*;
-use iteris::backend::{cpu::Cpu, Backend};
+use iteris::backend::cpu::Cpu;
+use iteris::backend::prelude::*;
 use iteris::formats::safetensors::TensorFile;
 use iteris::fsio;
 use iteris::inputs::TaskInput;

@@ -6,7 +6,8 @@
 mod common;
 use common::rng::Rng;
 use common::*;
-use iteris::backend::{cpu::Cpu, Backend};
+use iteris::backend::cpu::Cpu;
+use iteris::backend::prelude::*;
 use iteris::mat::Mat;
 use iteris::merge::evaluate::DeltaHook;
 use iteris::merge::{map_targets, refine, tokenize, Options};

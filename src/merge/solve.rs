@@ -12,7 +12,9 @@
 //! solution also corrects the drift of X̃_i from X_i through W0, which no LoRA's span holds:
 //! ΔW* is dense (in, out) and leaves as a truncated SVD at a chosen rank.
 
-use crate::backend::{Backend, Cross, SystemSpec};
+use crate::backend::Backend;
+
+use crate::backend::{Cross, SystemSpec};
 use crate::error::{Error, Result};
 use crate::formats::peft::LoraModule;
 use crate::mat::{Mat, Mat64};

@@ -2,7 +2,8 @@
 //! bidirectional attention, and the pooler (`pooler.dense` + tanh on each sequence's first token).
 
 use super::{Hook, Level, Linear, ModuleInfo, Output, Pass, WeightReader};
-use crate::backend::{Activation, AttentionSpec, Backend};
+use crate::backend::Backend;
+use crate::backend::{Activation, AttentionSpec};
 use crate::error::{bad_input, Result};
 use crate::formats::hf_config::HfConfig;
 use crate::formats::safetensors::TensorStore;

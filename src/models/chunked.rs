@@ -14,7 +14,8 @@
 //! plain pass: every barrier opens at once.
 
 use super::{forward_pass, Batch, Hook, Model, Output, StageInput, Stream};
-use crate::backend::{Backend, Reads, Values};
+use crate::backend::Backend;
+use crate::backend::{Reads, Values};
 use crate::error::Result;
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;

@@ -8,7 +8,8 @@
 
 use super::rope::Rotary;
 use super::{Batch, Hook, Level, Linear, LinearRef, ModuleInfo, Output, Pass, WeightReader};
-use crate::backend::{Activation, AttentionSpec, Backend};
+use crate::backend::Backend;
+use crate::backend::{Activation, AttentionSpec};
 use crate::error::{bad_input, Result};
 use crate::formats::hf_config::HfConfig;
 

@@ -19,7 +19,8 @@
 use super::decoder::{rotate, Decoder, Proj};
 use super::rope::Rotary;
 use super::{Batch, Linear, LinearRef};
-use crate::backend::{Backend, Backward};
+use crate::backend::Backend;
+use crate::backend::Backward;
 use crate::error::Result;
 use crate::mat::Mat;
 use std::collections::HashMap;

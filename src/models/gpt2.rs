@@ -2,7 +2,8 @@
 //! (in, out), GELU (tanh), LM head tied to the token embedding.
 
 use super::{Hook, Linear, LinearRef, ModuleInfo, Output, Pass, WeightReader};
-use crate::backend::{Activation, AttentionSpec, Backend};
+use crate::backend::Backend;
+use crate::backend::{Activation, AttentionSpec};
 use crate::error::{bad_input, Result};
 use crate::formats::hf_config::HfConfig;
 use crate::formats::safetensors::TensorStore;

@@ -19,7 +19,9 @@ pub mod llama;
 pub mod phi3;
 pub mod rope;
 
-use crate::backend::{AttentionSpec, Backend};
+use crate::backend::Backend;
+
+use crate::backend::AttentionSpec;
 use crate::error::{bad_input, Error, Result};
 use crate::formats::hf_config::HfConfig;
 use crate::formats::safetensors::TensorStore;

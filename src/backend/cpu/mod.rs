@@ -15,7 +15,7 @@ mod packed;
 mod rowdot;
 mod vector;
 
-use super::{Activation, AttentionSpec, Backend, Reads, Values};
+use super::{Activation, AttentionSpec, Factors, Forward, Reads, Statistics, Transfer, Values};
 use crate::error::Result;
 use crate::mat::{Mat, Mat64, StoredMat};
 use crate::profile::{mul_adds, span};
@@ -162,13 +162,8 @@ fn zeroed(block: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
     unsafe { &mut *(block as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
 }
 
-impl Backend for Cpu {
+impl Transfer for Cpu {
     type T = Mat;
-    // Computed when deferred: a pending value is its value.
-    type Scalar = f64;
-    type Gram = Mat64;
-    /// The CPU solves in f64 directly and offers no factors.
-    type Factor = std::convert::Infallible;
 
     fn name(&self) -> String {
         "cpu".into()
@@ -198,7 +193,9 @@ impl Backend for Cpu {
     fn dims(&self, t: &Mat) -> (usize, usize) {
         (t.rows, t.cols)
     }
+}
 
+impl Forward for Cpu {
     fn select_rows(&self, x: &Mat, idx: &[u32]) -> Mat {
         let _p = span("copy rows", 0.0);
         assert!(idx.iter().all(|&i| (i as usize) < x.rows), "select_rows: an index past {} rows", x.rows);
@@ -429,6 +426,13 @@ impl Backend for Cpu {
             o.iter_mut().zip(xa.iter().zip(xb)).for_each(|(o, (x, y))| *o = wa * x + wb * y)
         })
     }
+}
+
+impl Statistics for Cpu {
+    // Computed when deferred: a pending value is its value.
+    type Scalar = f64;
+
+    type Gram = Mat64;
 
     fn defer_gram(&self, x: &Mat, xr: Range<usize>, y: &Mat, yr: Range<usize>) -> Mat64 {
         let mut c = Mat64::zeros(x.cols, y.cols);
@@ -525,6 +529,11 @@ impl Backend for Cpu {
         assert_eq!(a.shape(), b.shape());
         sum_chunks(a.data.len(), |c| a.data[c.clone()].iter().zip(&b.data[c]).map(|(x, y)| *x as f64 * *y as f64).sum())
     }
+}
+
+impl Factors for Cpu {
+    /// The CPU solves in f64 directly and offers no factors.
+    type Factor = std::convert::Infallible;
 
     /// Everything was computed when deferred.
     async fn fetch(&self, reads: Reads<Cpu>) -> Result<Values> {

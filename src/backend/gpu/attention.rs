@@ -24,7 +24,7 @@ params!(AttentionParams {
 });
 
 impl Gpu {
-    pub(super) fn attend(
+    pub(super) fn attention(
         &self,
         q: &GpuTensor,
         k: &GpuTensor,

@@ -121,7 +121,7 @@ impl Gpu {
     }
 
     /// x[rows] · wᵀ; each row block of w gives a block of output columns.
-    pub(super) fn times_transposed(&self, x: &GpuTensor, rows: Range<usize>, w: &GpuTensor) -> GpuTensor {
+    pub(super) fn matmul_t(&self, x: &GpuTensor, rows: Range<usize>, w: &GpuTensor) -> GpuTensor {
         assert_eq!(x.cols, w.cols, "matmul_t: x has {} columns, w {}", x.cols, w.cols);
         assert_eq!(x.dtype, WeightDtype::F32, "matmul_t: activations are f32");
         assert!(rows.end <= x.rows, "matmul_t: rows {rows:?} leave x's {} rows", x.rows);

@@ -36,7 +36,7 @@ mod write_rows;
 pub use pool::GpuTensor;
 pub use readback::{GpuFactor, GpuGram, GpuScalar};
 
-use super::{Activation, AttentionSpec, Backend, Backward, Reads, SystemSpec, Values};
+use super::{Activation, AttentionSpec, Backward, Factors, Forward, Reads, Statistics, SystemSpec, Transfer, Values};
 use crate::error::{Error, Result};
 use crate::mat::{Mat, Mat64, StoredMat};
 use dispatch::BindCache;
@@ -174,11 +174,8 @@ impl Gpu {
     }
 }
 
-impl Backend for Gpu {
+impl Transfer for Gpu {
     type T = GpuTensor;
-    type Scalar = GpuScalar;
-    type Gram = GpuGram;
-    type Factor = GpuFactor;
 
     fn name(&self) -> String {
         let name = if self.info.name.is_empty() { "unnamed adapter" } else { &self.info.name };
@@ -206,16 +203,32 @@ impl Backend for Gpu {
         (t.rows, t.cols)
     }
 
+    fn on_device(&self) -> bool {
+        true
+    }
+
+    fn keeps_file_precision(&self) -> bool {
+        true
+    }
+
+    fn max_tensor_bytes(&self) -> u64 {
+        self.max_binding
+    }
+}
+
+// Each op calls its kernel family's dispatch of the same name (`select_rows.rs`, `matmul.rs`, …):
+// `Gpu::op(self, …)` is that inherent method, which Rust resolves before the trait's.
+impl Forward for Gpu {
     fn select_rows(&self, x: &GpuTensor, idx: &[u32]) -> GpuTensor {
-        self.gather_rows(x, idx)
+        Gpu::select_rows(self, x, idx)
     }
 
     fn slice_cols(&self, x: &GpuTensor, cols: Range<usize>) -> GpuTensor {
-        self.columns(x, cols)
+        Gpu::slice_cols(self, x, cols)
     }
 
     fn matmul_t(&self, x: &GpuTensor, rows: Range<usize>, w: &GpuTensor) -> GpuTensor {
-        self.times_transposed(x, rows, w)
+        Gpu::matmul_t(self, x, rows, w)
     }
 
     fn add_rows(&self, y: &mut GpuTensor, rows: Range<usize>, d: &GpuTensor, s: f32) {
@@ -260,7 +273,7 @@ impl Backend for Gpu {
     }
 
     fn rope(&self, x: &mut GpuTensor, positions: &[u32], head_dim: usize, inv_freq: &[f32], scale: f32) {
-        self.rotate(x, positions, head_dim, inv_freq, scale)
+        Gpu::rope(self, x, positions, head_dim, inv_freq, scale)
     }
 
     fn attention(
@@ -272,11 +285,11 @@ impl Backend for Gpu {
         queries: &[Range<usize>],
         keys: &[Range<usize>],
     ) -> GpuTensor {
-        self.attend(q, k, v, spec, queries, keys)
+        Gpu::attention(self, q, k, v, spec, queries, keys)
     }
 
     fn write_rows(&self, dst: &mut GpuTensor, rows: &[u32], src: &GpuTensor) {
-        self.scatter_rows(dst, rows, src)
+        Gpu::write_rows(self, dst, rows, src)
     }
 
     fn mix_rows(
@@ -296,6 +309,12 @@ impl Backend for Gpu {
         self.elementwise(Elementwise::Add, &out.buf, Some(&a.buf), n, 0, ar.start * a.cols, a.cols, wa);
         out
     }
+}
+
+impl Statistics for Gpu {
+    type Scalar = GpuScalar;
+
+    type Gram = GpuGram;
 
     fn defer_gram(&self, x: &GpuTensor, xr: Range<usize>, y: &GpuTensor, yr: Range<usize>) -> GpuGram {
         self.gram(x, xr, y, yr)
@@ -329,6 +348,10 @@ impl Backend for Gpu {
     fn defer_dot(&self, a: &GpuTensor, b: &GpuTensor) -> GpuScalar {
         GpuScalar(vec![self.reduce_pair(Reduction::Dot, a, b)])
     }
+}
+
+impl Factors for Gpu {
+    type Factor = GpuFactor;
 
     fn defer_factor(&self, system: &SystemSpec<&GpuScalar, &GpuGram>) -> Option<GpuFactor> {
         let m = self.assemble_system(system)?;
@@ -360,15 +383,6 @@ impl Backend for Gpu {
 
     fn offers_cholesky_f32(&self) -> bool {
         true
-    }
-    fn on_device(&self) -> bool {
-        true
-    }
-    fn keeps_file_precision(&self) -> bool {
-        true
-    }
-    fn max_tensor_bytes(&self) -> u64 {
-        self.max_binding
     }
 }
 

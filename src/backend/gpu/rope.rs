@@ -15,7 +15,7 @@ params!(RopeParams {
 });
 
 impl Gpu {
-    pub(super) fn rotate(&self, x: &mut GpuTensor, positions: &[u32], head_dim: usize, inv_freq: &[f32], scale: f32) {
+    pub(super) fn rope(&self, x: &mut GpuTensor, positions: &[u32], head_dim: usize, inv_freq: &[f32], scale: f32) {
         let half = inv_freq.len();
         assert!(
             half > 0 && 2 * half <= head_dim && x.cols.is_multiple_of(head_dim),

@@ -24,7 +24,7 @@ pub(super) fn subs(dtype: WeightDtype) -> Vec<(&'static str, String)> {
 }
 
 impl Gpu {
-    pub(super) fn gather_rows(&self, x: &GpuTensor, idx: &[u32]) -> GpuTensor {
+    pub(super) fn select_rows(&self, x: &GpuTensor, idx: &[u32]) -> GpuTensor {
         if let Some(&bad) = idx.iter().find(|&&i| i as usize >= x.rows) {
             self.fail(format!("select_rows: row {bad} of a table of {} rows", x.rows));
         }

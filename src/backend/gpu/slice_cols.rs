@@ -51,7 +51,7 @@ impl Gpu {
         self.dispatch(&p, &[x, out], &params, (gx, gy, 1));
     }
 
-    pub(super) fn columns(&self, x: &GpuTensor, cols: Range<usize>) -> GpuTensor {
+    pub(super) fn slice_cols(&self, x: &GpuTensor, cols: Range<usize>) -> GpuTensor {
         assert!(cols.start <= cols.end && cols.end <= x.cols, "slice_cols: columns {cols:?} of {}", x.cols);
         let out = self.alloc(x.rows, cols.len());
         self.slice_cols_op(&x.buf, &out.buf, x.rows, x.cols, cols, false);

@@ -9,7 +9,7 @@ pub(super) const WRITE_ROWS: Kernel =
 params!(WriteRowsParams { rows: u32, cols: u32, row_stride: u32 });
 
 impl Gpu {
-    pub(super) fn scatter_rows(&self, dst: &GpuTensor, idx: &[u32], src: &GpuTensor) {
+    pub(super) fn write_rows(&self, dst: &GpuTensor, idx: &[u32], src: &GpuTensor) {
         assert_eq!((idx.len(), src.cols), (src.rows, dst.cols), "write_rows: one index per row of a matching width");
         if let Some(&bad) = idx.iter().find(|&&i| i as usize >= dst.rows) {
             self.fail(format!("write_rows: row {bad} of a tensor of {} rows", dst.rows));

@@ -21,7 +21,8 @@
 
 use super::solve::{assemble, finish, host, host_transposed, to_f64, Merged, SolvePath};
 use super::{Method, Objective, Options};
-use crate::backend::{Backend, Cross, FactorId, GramId, Reads, ScalarId, SystemSpec, SystemTerm, Values, Weight};
+use crate::backend::Backend;
+use crate::backend::{Cross, FactorId, GramId, Reads, ScalarId, SystemSpec, SystemTerm, Values, Weight};
 use crate::error::{Error, Result};
 use crate::formats::peft::LoraModule;
 use crate::models::chunked::StageHook;
