@@ -279,10 +279,11 @@ fn settings(options: &str) -> Result<Settings, JsValue> {
 /// The library's engine on the backend the settings ask for; its warning (a CPU emulation of
 /// WebGPU chosen explicitly) goes to `warn` at once.
 async fn engine<'a>(s: &Settings, base: &'a BaseInputs, warn: &js_sys::Function) -> Result<Engine<'a>, JsValue> {
-    let e = Engine::new(s.backend, base, s.opts.max_memory_mib).await.map_err(|e| match e {
-        Error::Gpu(_) => js_error("no-webgpu", "WebGPU is not available in this browser"),
-        e => to_js(e),
-    })?;
+    // Only the GPU's creation can fail here (the backend asked for is the GPU); wgpu's message
+    // lists the native backends the page was built without: not useful there.
+    let e = Engine::new(s.backend, base, s.opts.max_memory_mib)
+        .await
+        .map_err(|_| js_error("no-webgpu", "WebGPU is not available in this browser"))?;
     if let Some(w) = &e.warning {
         let _ = warn.call1(&JsValue::NULL, &JsValue::from_str(w));
     }
