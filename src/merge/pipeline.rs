@@ -139,7 +139,7 @@ pub async fn merge_loaded<B: Backward>(
         ));
     }
     let vocab = base.config.usize_opt("vocab_size")?;
-    let decoder = model.model_type() != "bert";
+    let decoder = model.is_causal();
     let mut ids = Vec::new();
     let mut cut = Vec::new();
     for task in tasks {

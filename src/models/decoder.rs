@@ -12,6 +12,7 @@ use crate::backend::Backend;
 use crate::backend::{Activation, AttentionSpec};
 use crate::error::{bad_input, Result};
 use crate::formats::hf_config::HfConfig;
+use crate::formats::safetensors::TensorStore;
 
 /// The linear modules that read one input: separate (q, k, v; gate, up) or fused into one module
 /// whose output columns are the parts side by side (Phi-3's `qkv_proj`, `gate_up_proj`).
@@ -349,4 +350,22 @@ pub fn positive_opt(c: &HfConfig, key: &str) -> Result<Option<f64>> {
         return Ok(None);
     }
     c.positive_or(key, 1.0).map(Some)
+}
+
+/// The LM head, which lives outside the `model.` prefix; None when tied to the embedding
+/// (`tie_word_embeddings`, whose default differs by family).
+pub fn lm_head<B: Backend>(
+    be: &B,
+    c: &HfConfig,
+    store: &TensorStore,
+    d: usize,
+    vocab: usize,
+    tied_by_default: bool,
+) -> Result<Option<Linear<B::T>>> {
+    if store.contains("lm_head.weight") && !c.bool_or("tie_word_embeddings", tied_by_default)? {
+        let head = WeightReader { be, store, prefix: String::new() };
+        Ok(Some(head.linear("lm_head", d, vocab, false)?))
+    } else {
+        Ok(None)
+    }
 }

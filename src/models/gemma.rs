@@ -109,7 +109,7 @@ pub fn load<B: Backend>(be: &B, config: &HfConfig, store: &TensorStore) -> Resul
         embed: w.tensor("embed_tokens.weight", (s.vocab, d))?,
         layers,
         norm: norm("norm.weight", d)?,
-        lm_head: super::llama::lm_head(be, c, store, d, s.vocab, true)?,
+        lm_head: super::decoder::lm_head(be, c, store, d, s.vocab, true)?,
         final_softcap,
     })
 }

@@ -13,10 +13,11 @@ use crate::error::{Error, Result};
 pub const DECODING_BYTES: u64 = 256 << 20;
 
 pub fn check_decoder<T>(model: &Model<T>) -> Result<()> {
-    if model.model_type() == "bert" {
-        return Err(Error::Unsupported(
-            "quality evaluation needs a decoder model (next-token distributions); bert has none".into(),
-        ));
+    if !model.is_causal() {
+        return Err(Error::Unsupported(format!(
+            "quality evaluation needs a decoder model (next-token distributions); {} has none",
+            model.model_type()
+        )));
     }
     Ok(())
 }

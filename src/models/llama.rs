@@ -88,7 +88,7 @@ pub fn load<B: Backend>(be: &B, c: &HfConfig, store: &TensorStore) -> Result<Dec
     }
     Ok(Decoder {
         rotaries: vec![rope::standard(c, s.head_dim)?],
-        lm_head: lm_head(be, c, store, d, s.vocab, false)?,
+        lm_head: super::decoder::lm_head(be, c, store, d, s.vocab, false)?,
         model_type,
         d,
         ff,
@@ -102,22 +102,4 @@ pub fn load<B: Backend>(be: &B, c: &HfConfig, store: &TensorStore) -> Result<Dec
         norm: w.tensor("norm.weight", (1, d))?,
         final_softcap: None,
     })
-}
-
-/// The LM head, which lives outside the `model.` prefix; None when tied to the embedding
-/// (`tie_word_embeddings`, whose default differs by family).
-pub fn lm_head<B: Backend>(
-    be: &B,
-    c: &HfConfig,
-    store: &TensorStore,
-    d: usize,
-    vocab: usize,
-    tied_by_default: bool,
-) -> Result<Option<super::Linear<B::T>>> {
-    if store.contains("lm_head.weight") && !c.bool_or("tie_word_embeddings", tied_by_default)? {
-        let head = WeightReader { be, store, prefix: String::new() };
-        Ok(Some(head.linear("lm_head", d, vocab, false)?))
-    } else {
-        Ok(None)
-    }
 }

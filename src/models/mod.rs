@@ -354,6 +354,12 @@ impl<T> Model<T> {
 
     /// Whether the model stores linear weights as (in, out) (GPT-2 `Conv1D`); adapters for it
     /// carry `fan_in_fan_out: true`.
+    /// Whether each token sees only the tokens before it: next-token distributions exist
+    /// (greedy generation, KL, self-calibration, balancing), which an encoder has none of.
+    pub fn is_causal(&self) -> bool {
+        !matches!(self, Model::Bert(_))
+    }
+
     pub fn fan_in_fan_out(&self) -> bool {
         matches!(self, Model::Gpt2(_))
     }

@@ -54,7 +54,7 @@ pub fn load<B: Backend>(be: &B, c: &HfConfig, store: &TensorStore) -> Result<Dec
         embed: w.tensor("embed_tokens.weight", (s.vocab, d))?,
         layers,
         norm: w.tensor("norm.weight", (1, d))?,
-        lm_head: super::llama::lm_head(be, c, store, d, s.vocab, false)?,
+        lm_head: super::decoder::lm_head(be, c, store, d, s.vocab, false)?,
         final_softcap: None,
     })
 }
