@@ -121,33 +121,26 @@ fn peak() {
     {
         use std::arch::x86_64::*;
         const STEPS: usize = 20_000_000;
-        /// Seconds for STEPS rounds of 12 FMAs on `lanes`-wide vectors.
-        #[target_feature(enable = "fma")]
-        fn chains128() -> f64 {
-            let t = Instant::now();
-            let (b, c) = (_mm_set1_ps(1.000_000_1), _mm_set1_ps(1e-9));
-            let mut acc = [_mm_set1_ps(1.0); 12];
-            for _ in 0..STEPS {
-                for v in &mut acc {
-                    *v = _mm_fmadd_ps(*v, b, c);
+        /// `$name()`: seconds for STEPS rounds of 12 independent FMAs on `$splat`'s vectors.
+        macro_rules! chains {
+            ($name:ident, $feature:literal, $splat:ident, $fmadd:ident) => {
+                #[target_feature(enable = $feature)]
+                fn $name() -> f64 {
+                    let t = Instant::now();
+                    let (b, c) = ($splat(1.000_000_1), $splat(1e-9));
+                    let mut acc = [$splat(1.0); 12];
+                    for _ in 0..STEPS {
+                        for v in &mut acc {
+                            *v = $fmadd(*v, b, c);
+                        }
+                    }
+                    std::hint::black_box(acc);
+                    t.elapsed().as_secs_f64()
                 }
-            }
-            std::hint::black_box(acc);
-            t.elapsed().as_secs_f64()
+            };
         }
-        #[target_feature(enable = "avx512f")]
-        fn chains512() -> f64 {
-            let t = Instant::now();
-            let (b, c) = (_mm512_set1_ps(1.000_000_1), _mm512_set1_ps(1e-9));
-            let mut acc = [_mm512_set1_ps(1.0); 12];
-            for _ in 0..STEPS {
-                for v in &mut acc {
-                    *v = _mm512_fmadd_ps(*v, b, c);
-                }
-            }
-            std::hint::black_box(acc);
-            t.elapsed().as_secs_f64()
-        }
+        chains!(chains128, "fma", _mm_set1_ps, _mm_fmadd_ps);
+        chains!(chains512, "avx512f", _mm512_set1_ps, _mm512_fmadd_ps);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let run = |lanes: usize, f: fn() -> f64| {
             let gflops = |s: f64| (STEPS * 12 * lanes * 2) as f64 / s / 1e9;
