@@ -84,12 +84,18 @@ struct DeviceLora<T> {
 pub struct HookSettings {
     pub alpha1: f64,
     pub alpha2: f64,
+    /// Feature mixing of the released code: X̃ ← (1 − ρ) X̃ + ρ X.
     pub rho: f32,
-    /// RegMean's off-diagonal factor (`IterisHook::regmean`).
+    /// RegMean instead of IterIS: no adaptive weights, no ridge, and each Gram's off-diagonal
+    /// entries scaled by this factor (the merged stream is not run: X̃ = X).
     pub regmean: Option<f64>,
-    /// λ_i, one per task (`IterisHook::task_weights`).
+    /// λ_i: each task's weight in the objective Σ λ_i c_i ‖X_i ΔW_iᵀ − X̃_i ΔWᵀ‖² (1 each unless
+    /// set by `--weights` or chosen by `merge::balance`).
     pub task_weights: Vec<f64>,
+    /// What each module's merged delta fits: each adapter's delta on its inputs (IterIS), or each
+    /// adapter model's whole output from the merged model's inputs (`Objective::Output`).
     pub objective: Objective,
+    /// The output objective's dense deltas leave as LoRAs of this rank.
     pub dense_rank: usize,
 }
 
@@ -132,21 +138,9 @@ pub struct IterisHook<'a, B: Backend> {
     pub solved: Vec<Option<Merged>>,
     pub records: Vec<ModuleRecord>,
     pub mode: Mode,
-    pub alpha1: f64,
-    pub alpha2: f64,
-    /// Feature mixing of the released code: X̃ ← (1 − ρ) X̃ + ρ X.
-    pub rho: f32,
-    /// RegMean instead of IterIS: no adaptive weights, no ridge, and each Gram's off-diagonal
-    /// entries scaled by this factor (the merged stream is not run: X̃ = X).
-    pub regmean: Option<f64>,
-    /// λ_i: each task's weight in the objective Σ λ_i c_i ‖X_i ΔW_iᵀ − X̃_i ΔWᵀ‖² (1 each unless
-    /// set by `--weights` or chosen by `merge::balance`).
-    pub task_weights: Vec<f64>,
-    /// What each module's merged delta fits: each adapter's delta on its inputs (IterIS), or each
-    /// adapter model's whole output from the merged model's inputs (`Objective::Output`).
-    pub objective: Objective,
-    /// The output objective's dense deltas leave as LoRAs of this rank.
-    pub dense_rank: usize,
+    /// The ridges, feature mixing, RegMean's factor, task weights, objective and dense rank,
+    /// fixed for the hook's life.
+    settings: HookSettings,
     seen: usize,
     on_stage: Box<dyn FnMut(usize, usize) + 'a>,
     /// Jacobi that keeps the adapter streams' inputs (`keep_adapter_inputs`): X_i per stage (its
@@ -162,7 +156,6 @@ impl<'a, B: Backend> IterisHook<'a, B> {
         settings: HookSettings,
         on_stage: Box<dyn FnMut(usize, usize) + 'a>,
     ) -> Self {
-        let HookSettings { alpha1, alpha2, rho, regmean, task_weights, objective, dense_rank } = settings;
         let loras = targets
             .iter()
             .map(|t| {
@@ -192,13 +185,7 @@ impl<'a, B: Backend> IterisHook<'a, B> {
             solved: vec![None; targets.len()],
             records: vec![ModuleRecord::default(); targets.len()],
             mode: Mode::Sweep,
-            alpha1,
-            alpha2,
-            rho,
-            regmean,
-            task_weights,
-            objective,
-            dense_rank,
+            settings,
             seen: 0,
             on_stage,
             kept: None,

@@ -247,8 +247,8 @@ impl<B: Backend> IterisHook<'_, B> {
             let mixed;
             let (xt, rt) = match rm {
                 None => (xa, ra.clone()),
-                Some(rm) if self.rho != 0.0 => {
-                    mixed = be.mix_rows(x, rm.clone(), 1.0 - self.rho, xa, ra.clone(), self.rho);
+                Some(rm) if self.settings.rho != 0.0 => {
+                    mixed = be.mix_rows(x, rm.clone(), 1.0 - self.settings.rho, xa, ra.clone(), self.settings.rho);
                     (&mixed, 0..ra.len())
                 }
                 Some(rm) => (x, rm.clone()),
@@ -264,14 +264,14 @@ impl<B: Backend> IterisHook<'_, B> {
                     continue;
                 }
                 // RegMean scales C's off-diagonal entries: it reads C whole.
-                (Some(_), prev) if self.regmean.is_some() => {
+                (Some(_), prev) if self.settings.regmean.is_some() => {
                     let prev = match prev {
                         Some(StageCross::Full(id)) => Some(id),
                         _ => None,
                     };
                     StageCross::Full(add_gram(be, reads, prev, xa, ra.clone(), xt, rt.clone()))
                 }
-                (Some(rm), prev) if self.objective == Objective::Output => {
+                (Some(rm), prev) if self.settings.objective == Objective::Output => {
                     let (prev_xty, for_norm) = match prev {
                         Some(StageCross::Output { xty, for_norm }) => {
                             (xty.into_iter().map(Some).collect(), Some(for_norm))
@@ -326,22 +326,23 @@ impl<B: Backend> IterisHook<'_, B> {
         grams: &[TaskGrams],
         reads: &mut Reads<B>,
     ) -> (SystemSpec<ScalarId, GramId>, Option<FactorId>) {
-        let (alpha1, alpha2) = if self.regmean.is_some() { (0.0, 0.0) } else { (self.alpha1, self.alpha2) };
+        let (alpha1, alpha2) =
+            if self.settings.regmean.is_some() { (0.0, 0.0) } else { (self.settings.alpha1, self.settings.alpha2) };
         let spec = SystemSpec {
             terms: grams
                 .iter()
                 .zip(weights)
-                .zip(&self.task_weights)
+                .zip(&self.settings.task_weights)
                 .map(|((g, w), &lambda)| SystemTerm {
                     gram: g.gram,
                     cross: g.cross(k),
                     // RegMean: no adaptive weights.
-                    weight: if self.regmean.is_some() { Weight::constant(lambda) } else { w.scaled(lambda) },
+                    weight: if self.settings.regmean.is_some() { Weight::constant(lambda) } else { w.scaled(lambda) },
                 })
                 .collect(),
             alpha1,
             alpha2,
-            off_diagonal: self.regmean.unwrap_or(1.0),
+            off_diagonal: self.settings.regmean.unwrap_or(1.0),
         };
         let factor = be.defer_factor(&spec.map(|&s| reads.pending_scalar(s), |&g| reads.pending_gram(g)));
         (spec, factor.map(|f| reads.factor(f)))
@@ -374,7 +375,7 @@ impl<B: Backend> IterisHook<'_, B> {
             self.w_norm2[t] = Some(w.iter().map(Weight::numerator).collect());
             let rec = &mut self.records[t];
             rec.rows = stage.rows.clone();
-            rec.c = w.iter().map(|w| if self.regmean.is_some() { 1.0 } else { w.value() }).collect();
+            rec.c = w.iter().map(|w| if self.settings.regmean.is_some() { 1.0 } else { w.value() }).collect();
             rec.align = vec![None; stage.rows.len()];
         }
     }
@@ -390,7 +391,7 @@ impl<B: Backend> IterisHook<'_, B> {
     ) -> Result<()> {
         let loras: Vec<Option<&LoraModule>> = self.targets[t].loras.iter().map(Option::as_ref).collect();
         let sys = assemble(&self.targets[t].name, spec, &loras);
-        let solved = finish(sys, factor, be.offers_cholesky_f32(), self.dense_rank)?;
+        let solved = finish(sys, factor, be.offers_cholesky_f32(), self.settings.dense_rank)?;
         let m = solved.merged;
         self.records[t].solve_path = Some(solved.path);
         self.records[t].energy = solved.kept;
