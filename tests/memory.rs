@@ -72,7 +72,7 @@ fn row_floats_bound_each_familys_forward_pass() {
     for arch in ARCHS {
         let base = fsio::read_base(&fixture(arch).join("base")).unwrap();
         let model = models::load(&Cpu, &base.config, &base.weights).unwrap();
-        let vocab = base.config.usize_opt("vocab_size").unwrap().unwrap_or(256);
+        let vocab = model.vocab();
         let len = 16.min(model.max_positions());
         // Threads would each hold an attention block's scratch at once; one does here.
         let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();

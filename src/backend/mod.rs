@@ -27,7 +27,9 @@ pub mod prelude {
 pub use reads::{FactorId, GramId, Reads, ScalarId, Values};
 pub use system::{Cross, SystemSpec, SystemTerm, Weight};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Read from config.json by its Hugging Face name (`from_hf`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum Activation {
     /// GELU with erf (`gelu` in Hugging Face configs).
     GeluErf,
@@ -36,6 +38,15 @@ pub enum Activation {
     Silu,
     Relu,
     Tanh,
+}
+
+impl TryFrom<String> for Activation {
+    type Error = String;
+    fn try_from(name: String) -> std::result::Result<Self, String> {
+        Activation::from_hf(&name).ok_or_else(|| {
+            format!("\"{name}\" is not supported (supported: gelu, gelu_new, gelu_pytorch_tanh, silu, relu, tanh)")
+        })
+    }
 }
 
 impl Activation {

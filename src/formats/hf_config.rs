@@ -1,7 +1,11 @@
-//! Hugging Face `config.json`: typed getters with defaults, and errors that name the file and key.
-//! Each model file reads the keys it needs; this module knows no architecture.
+//! Hugging Face `config.json`. Each model family declares the keys it reads as a serde struct with
+//! their defaults (`llama::LlamaConfig`, `gemma::GemmaConfig`, …) and reads it with
+//! [`HfConfig::typed`]; this module knows no architecture. Its field types carry the bounds every
+//! size and number must meet, and every error names the file and the key.
 
 use crate::error::{bad_input, Result};
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 /// The largest count or size any config.json field may hold (2^24: above every published model's
@@ -25,49 +29,44 @@ impl HfConfig {
     }
 
     pub fn model_type(&self) -> Result<String> {
-        self.str_opt("model_type")?
-            .ok_or_else(|| bad_input(&self.file, "has no \"model_type\": cannot tell the architecture"))
+        let t: Common = self.typed()?;
+        t.model_type.ok_or_else(|| bad_input(&self.file, "has no \"model_type\": cannot tell the architecture"))
     }
 
+    /// The end-of-sequence token, where the file names one (the first, where it lists several);
+    /// an unreadable one counts as none (generation then runs to its length).
+    pub fn eos_token(&self) -> Option<u32> {
+        match self.typed::<Common>().ok()?.eos_token_id? {
+            Eos::One(t) => Some(t),
+            Eos::Many(l) => l.first().copied(),
+        }
+    }
+
+    /// Whether the file sets `key` (not null).
     pub fn has(&self, key: &str) -> bool {
         self.raw.get(key).is_some_and(|v| !v.is_null())
     }
 
-    pub fn get(&self, key: &str) -> Option<&Value> {
-        self.raw.get(key).filter(|v| !v.is_null())
+    /// The keys `T` declares, with its defaults where the file leaves them out or writes `null`
+    /// (as transformers does for unset options).
+    pub fn typed<T: DeserializeOwned>(&self) -> Result<T> {
+        self.typed_at("", &self.raw)
     }
 
-    /// A count or size. Every one is bounded by `MAX_COUNT`, so that sizes built from them (with
-    /// checked products where they multiply) can never ask for an absurd allocation.
-    pub fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => match v.as_u64() {
-                Some(x) if x <= MAX_COUNT as u64 => Ok(Some(x as usize)),
-                Some(x) => Err(bad_input(
-                    &self.file,
-                    format!("\"{key}\" is {x}, larger than any model this tool can load (at most {MAX_COUNT})"),
-                )),
-                None => Err(bad_input(&self.file, format!("\"{key}\" must be a non-negative integer, not {v}"))),
-            },
-        }
-    }
-
-    /// A size that must be at least 1 (hidden size, layers, heads, vocabulary).
-    pub fn dim(&self, key: &str) -> Result<usize> {
-        self.dim_or(key, None)
-    }
-
-    /// `dim` with a default for a missing key.
-    pub fn dim_or(&self, key: &str, default: impl Into<Option<usize>>) -> Result<usize> {
-        let v = match (self.usize_opt(key)?, default.into()) {
-            (Some(v), _) | (None, Some(v)) => v,
-            (None, None) => return Err(bad_input(&self.file, format!("missing \"{key}\""))),
-        };
-        if v == 0 {
-            return Err(bad_input(&self.file, format!("\"{key}\" is 0; it must be at least 1")));
-        }
-        Ok(v)
+    /// `value`, found at `path` in this file (a nested dict such as `rope_parameters`), as `T`.
+    pub fn typed_at<T: DeserializeOwned>(&self, path: &str, value: &Value) -> Result<T> {
+        serde_path_to_error::deserialize(without_nulls(value)).map_err(|e| {
+            let key = match (path, e.path().to_string().as_str()) {
+                (p, ".") => p.to_string(),
+                ("", k) => k.to_string(),
+                (p, k) => format!("{p}.{k}"),
+            };
+            let inner = e.into_inner();
+            match key.as_str() {
+                "" => bad_input(&self.file, inner.to_string()),
+                k => bad_input(&self.file, format!("\"{k}\": {inner}")),
+            }
+        })
     }
 
     /// `a × b` for sizes from this file, refused past `MAX_COUNT` (`what` names the product).
@@ -76,46 +75,129 @@ impl HfConfig {
             bad_input(&self.file, format!("{what} ({a} × {b}) is larger than any model this tool can load"))
         })
     }
+}
 
-    pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
-        Ok(self.usize_opt(key)?.unwrap_or(default))
+/// The keys every model's config may hold.
+#[derive(Deserialize)]
+struct Common {
+    model_type: Option<String>,
+    eos_token_id: Option<Eos>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Eos {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+/// `v` without the keys whose value is `null`, at every depth, so that a declared default (or
+/// `None`) applies to them as to a missing key.
+fn without_nulls(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            Value::Object(m.iter().filter(|(_, x)| !x.is_null()).map(|(k, x)| (k.clone(), without_nulls(x))).collect())
+        }
+        Value::Array(a) => Value::Array(a.iter().map(without_nulls).collect()),
+        other => other.clone(),
     }
+}
 
-    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .filter(|x| x.is_finite())
-                .ok_or_else(|| bad_input(&self.file, format!("\"{key}\" must be a finite number, not {v}"))),
+/// A count that may be 0, at most `MAX_COUNT`: bounded so that sizes built from config values
+/// (with checked products where they multiply) can never ask for an absurd allocation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Count(pub usize);
+
+/// A size that must be at least 1 (hidden size, layers, heads, vocabulary), at most `MAX_COUNT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dim(pub usize);
+
+/// A finite number greater than 0 (a RoPE base, a scaling factor, a soft-cap).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Positive(pub f64);
+
+/// A finite number that is not negative (a norm's epsilon).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NonNegative(pub f64);
+
+/// A declared default: `#[serde(default = "dim::<2048>")]`.
+pub fn dim<const N: usize>() -> Dim {
+    Dim(N)
+}
+
+fn count(v: &Value) -> std::result::Result<usize, String> {
+    match v.as_u64() {
+        Some(x) if x <= MAX_COUNT as u64 => Ok(x as usize),
+        Some(x) => Err(format!("{x} is larger than any model this tool can load (at most {MAX_COUNT})")),
+        None => Err(format!("expected a non-negative integer, not {v}")),
+    }
+}
+
+fn finite(v: &Value) -> std::result::Result<f64, String> {
+    v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| format!("expected a finite number, not {v}"))
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        count(&Value::deserialize(d)?).map(Count).map_err(D::Error::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for Dim {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        match count(&Value::deserialize(d)?).map_err(D::Error::custom)? {
+            0 => Err(D::Error::custom("0, but it must be at least 1")),
+            n => Ok(Dim(n)),
         }
     }
+}
 
-    /// A number that must be > 0 (a RoPE base, a scaling factor).
-    pub fn positive_or(&self, key: &str, default: f64) -> Result<f64> {
-        let v = self.f64_or(key, default)?;
-        if v <= 0.0 {
-            return Err(bad_input(&self.file, format!("\"{key}\" is {v}; it must be greater than 0")));
-        }
-        Ok(v)
-    }
-
-    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| bad_input(&self.file, format!("\"{key}\" must be true or false"))),
+impl<'de> Deserialize<'de> for Positive {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        match finite(&Value::deserialize(d)?).map_err(D::Error::custom)? {
+            x if x > 0.0 => Ok(Positive(x)),
+            x => Err(D::Error::custom(format!("{x}, but it must be greater than 0"))),
         }
     }
+}
 
-    pub fn str_opt(&self, key: &str) -> Result<Option<String>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(bad_input(&self.file, format!("\"{key}\" must be a string, not {v}"))),
+impl<'de> Deserialize<'de> for NonNegative {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        match finite(&Value::deserialize(d)?).map_err(D::Error::custom)? {
+            x if x >= 0.0 => Ok(NonNegative(x)),
+            x => Err(D::Error::custom(format!("{x}, but it must not be negative"))),
         }
     }
+}
 
-    pub fn str_or(&self, key: &str, default: &str) -> Result<String> {
-        Ok(self.str_opt(key)?.unwrap_or_else(|| default.to_string()))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize, Debug)]
+    struct Sizes {
+        hidden_size: Dim,
+        #[serde(default = "dim::<7>")]
+        layers: Dim,
+        window: Option<Count>,
+        theta: Option<Positive>,
+    }
+
+    fn read(v: Value) -> Result<Sizes> {
+        HfConfig::parse("config.json", v.to_string().as_bytes()).unwrap().typed()
+    }
+
+    #[test]
+    fn defaults_nulls_and_errors_that_name_the_key() {
+        let s = read(serde_json::json!({"hidden_size": 8, "window": null, "layers": null})).unwrap();
+        assert_eq!((s.hidden_size, s.layers, s.window, s.theta), (Dim(8), Dim(7), None, None));
+        let err = |v: Value| read(v).unwrap_err().to_string();
+        assert!(err(serde_json::json!({})).contains("missing field `hidden_size`"));
+        let e = err(serde_json::json!({"hidden_size": "8"}));
+        assert!(e.contains("config.json") && e.contains("\"hidden_size\": expected a non-negative integer"), "{e}");
+        assert!(err(serde_json::json!({"hidden_size": 0})).contains("\"hidden_size\": 0, but it must be at least 1"));
+        assert!(err(serde_json::json!({"hidden_size": 1u64 << 40})).contains("larger than any model"));
+        assert!(err(serde_json::json!({"hidden_size": 2, "window": -1})).contains("\"window\": expected a non-negative"));
+        assert!(err(serde_json::json!({"hidden_size": 2, "theta": 0.0})).contains("\"theta\": 0, but it must be greater"));
     }
 }

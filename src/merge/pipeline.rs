@@ -138,7 +138,7 @@ pub async fn merge_loaded<B: Backward>(
             max_len
         ));
     }
-    let vocab = base.config.usize_opt("vocab_size")?;
+    let vocab = Some(model.vocab());
     let decoder = model.is_causal();
     let mut ids = Vec::new();
     let mut cut = Vec::new();
@@ -217,7 +217,7 @@ pub async fn merge_loaded<B: Backward>(
     let single_line: Vec<bool> = tasks.iter().map(|t| t.samples.iter().all(|s| !s.contains('\n'))).collect();
     let mut continuations = None;
     let self_calibration = if calibrate {
-        let eos = eos(&base.config);
+        let eos = base.config.eos_token();
         let (s, c) = self_calibrate(
             be,
             model,
@@ -280,7 +280,7 @@ pub async fn merge_loaded<B: Backward>(
         let t = now();
         let mut extra = super::refine::augment(&prompts, opts.refine_augment, opts.seed);
         if calibrate {
-            let eos = eos(&base.config);
+            let eos = base.config.eos_token();
             let (targets, n) = (&outcome.targets, opts.self_calibrate);
             let tok = &base.tokenizer;
             self_calibrate(be, model, tok, targets, &mut extra, &single_line, n, max_len, eos).await?;
@@ -451,15 +451,6 @@ async fn refine_merge<B: Backward>(
     .await
 }
 
-/// The model's end-of-sequence token, if config.json names one.
-fn eos(config: &HfConfig) -> Option<u32> {
-    match config.get("eos_token_id")? {
-        serde_json::Value::Number(n) => n.as_u64().map(|v| v as u32),
-        serde_json::Value::Array(a) => a.first()?.as_u64().map(|v| v as u32),
-        _ => None,
-    }
-}
-
 fn eval_ids(base: &BaseInputs, set: &EvalSet, max_len: usize) -> Result<Vec<Vec<u32>>> {
     let texts: Vec<String> = set.items.iter().map(|(p, a)| format!("{p}{}", a.as_deref().unwrap_or(""))).collect();
     Ok(super::tokenize(&base.tokenizer, &texts, max_len, None, &set.name)?.0)
@@ -487,7 +478,7 @@ async fn merged_quality<B: Backend>(
         jobs.push((l.as_slice(), Stream::Adapter(i)));
     }
     let mut acc =
-        evaluate::accuracies(be, model, &base.tokenizer, &mut hook, &jobs, eos(&base.config)).await?.into_iter();
+        evaluate::accuracies(be, model, &base.tokenizer, &mut hook, &jobs, base.config.eos_token()).await?.into_iter();
     let mut out = Vec::new();
     for (i, set) in sets.iter().enumerate() {
         let Some(set) = set else {
@@ -539,7 +530,7 @@ pub async fn accuracy_alone_loaded<B: Backend>(
         .flat_map(|&s| labeled.iter().filter(|l| !l.is_empty()).map(move |l| (l.as_slice(), s)))
         .collect();
     let mut acc =
-        evaluate::accuracies(be, model, &base.tokenizer, &mut hook, &jobs, eos(&base.config)).await?.into_iter();
+        evaluate::accuracies(be, model, &base.tokenizer, &mut hook, &jobs, base.config.eos_token()).await?.into_iter();
     Ok(streams.iter().map(|_| labeled.iter().map(|l| if l.is_empty() { None } else { acc.next() }).collect()).collect())
 }
 

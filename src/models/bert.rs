@@ -5,7 +5,8 @@ use super::{Hook, Level, Linear, ModuleInfo, Output, Pass, WeightReader};
 use crate::backend::Backend;
 use crate::backend::{Activation, AttentionSpec};
 use crate::error::{bad_input, Result};
-use crate::formats::hf_config::HfConfig;
+use crate::formats::hf_config::{dim, Dim, HfConfig, NonNegative};
+use serde::Deserialize;
 use crate::formats::safetensors::TensorStore;
 
 struct Layer<T> {
@@ -21,6 +22,7 @@ struct Layer<T> {
 
 pub struct Bert<T> {
     d: usize,
+    vocab: usize,
     ff: usize,
     max_pos: usize,
     eps: f32,
@@ -63,6 +65,10 @@ impl<T> Bert<T> {
 
     pub fn max_positions(&self) -> usize {
         self.max_pos
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.vocab
     }
 
     /// Key/value width of each attention layer (what a KV cache holds per token).
@@ -117,51 +123,84 @@ impl<T> Bert<T> {
     }
 }
 
+/// BERT's keys, with transformers' defaults.
+#[derive(Deserialize)]
+struct BertConfig {
+    hidden_size: Dim,
+    num_attention_heads: Dim,
+    num_hidden_layers: Dim,
+    intermediate_size: Dim,
+    vocab_size: Dim,
+    #[serde(default = "dim::<512>")]
+    max_position_embeddings: Dim,
+    #[serde(default = "dim::<2>")]
+    type_vocab_size: Dim,
+    /// Read only to refuse the relative forms.
+    #[serde(default)]
+    #[allow(dead_code)]
+    position_embedding_type: PositionEmbedding,
+    #[serde(default = "gelu")]
+    hidden_act: Activation,
+    #[serde(default = "layer_norm_eps")]
+    layer_norm_eps: NonNegative,
+}
+
+/// `position_embedding_type`: only learned absolute positions are supported.
+#[derive(Default, Deserialize)]
+#[serde(try_from = "String")]
+struct PositionEmbedding;
+
+impl TryFrom<String> for PositionEmbedding {
+    type Error = String;
+    fn try_from(t: String) -> std::result::Result<Self, String> {
+        match t.as_str() {
+            "absolute" => Ok(PositionEmbedding),
+            _ => Err(format!("\"{t}\" is not supported (only absolute)")),
+        }
+    }
+}
+
+fn gelu() -> Activation {
+    Activation::GeluErf
+}
+
+fn layer_norm_eps() -> NonNegative {
+    NonNegative(1e-12)
+}
+
 impl<T> Bert<T> {
     pub fn load<B: Backend<T = T>>(be: &B, c: &HfConfig, store: &TensorStore) -> Result<Bert<T>> {
-        let d = c.dim("hidden_size")?;
-        let heads = c.dim("num_attention_heads")?;
-        let layers_n = c.dim("num_hidden_layers")?;
-        let ff = c.dim("intermediate_size")?;
-        let vocab = c.dim("vocab_size")?;
-        let max_pos = c.dim_or("max_position_embeddings", 512)?;
-        let types = c.dim_or("type_vocab_size", 2)?;
-        let pet = c.str_or("position_embedding_type", "absolute")?;
-        if pet != "absolute" {
-            return Err(bad_input(
-                &c.file,
-                format!("position_embedding_type \"{pet}\" is not supported (only absolute)"),
-            ));
-        }
-        if heads == 0 || d % heads != 0 {
+        let k: BertConfig = c.typed()?;
+        let (d, heads, layers_n, ff) = (k.hidden_size.0, k.num_attention_heads.0, k.num_hidden_layers.0, k.intermediate_size.0);
+        let (vocab, max_pos, types) = (k.vocab_size.0, k.max_position_embeddings.0, k.type_vocab_size.0);
+        if d % heads != 0 {
             return Err(bad_input(
                 &c.file,
                 format!("hidden_size {d} is not a multiple of num_attention_heads {heads}"),
             ));
         }
-        let act_name = c.str_or("hidden_act", "gelu")?;
-        let act = Activation::from_hf(&act_name)
-            .ok_or_else(|| bad_input(&c.file, format!("hidden_act \"{act_name}\" is not supported")))?;
-        let eps = c.f64_or("layer_norm_eps", 1e-12)? as f32;
+        let (act, eps) = (k.hidden_act, k.layer_norm_eps.0 as f32);
         let w = WeightReader::new(be, store, "embeddings.word_embeddings.weight", &["", "bert."], "BERT")?;
         let mut layers = Vec::new();
         for i in 0..layers_n {
-            let p = format!("encoder.layer.{i}");
+            let l = w.at(&format!("encoder.layer.{i}"));
+            let (attn, out) = (l.at("attention"), l.at("output"));
             layers.push(Layer {
-                query: w.linear(&format!("{p}.attention.self.query"), d, d, false)?,
-                key: w.linear(&format!("{p}.attention.self.key"), d, d, false)?,
-                value: w.linear(&format!("{p}.attention.self.value"), d, d, false)?,
-                attn_out: w.linear(&format!("{p}.attention.output.dense"), d, d, false)?,
-                attn_norm: w.norm(&format!("{p}.attention.output.LayerNorm"), d, true)?,
-                intermediate: w.linear(&format!("{p}.intermediate.dense"), d, ff, false)?,
-                output: w.linear(&format!("{p}.output.dense"), ff, d, false)?,
-                out_norm: w.norm(&format!("{p}.output.LayerNorm"), d, true)?,
+                query: attn.linear("self.query", d, d, false)?,
+                key: attn.linear("self.key", d, d, false)?,
+                value: attn.linear("self.value", d, d, false)?,
+                attn_out: attn.linear("output.dense", d, d, false)?,
+                attn_norm: attn.norm("output.LayerNorm", d, true)?,
+                intermediate: l.linear("intermediate.dense", d, ff, false)?,
+                output: out.linear("dense", ff, d, false)?,
+                out_norm: out.norm("LayerNorm", d, true)?,
             });
         }
         let tt = w.mat("embeddings.token_type_embeddings.weight", (types, d))?;
         let pooler = if w.has("pooler.dense.weight") { Some(w.linear("pooler.dense", d, d, false)?) } else { None };
         Ok(Bert {
             d,
+            vocab,
             ff,
             max_pos,
             eps,

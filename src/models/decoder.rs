@@ -10,8 +10,9 @@ use super::rope::Rotary;
 use super::{Batch, Hook, Level, Linear, LinearRef, ModuleInfo, Output, Pass, WeightReader};
 use crate::backend::Backend;
 use crate::backend::{Activation, AttentionSpec};
+use serde::Deserialize;
 use crate::error::{bad_input, Result};
-use crate::formats::hf_config::HfConfig;
+use crate::formats::hf_config::{dim, Dim, HfConfig, NonNegative};
 use crate::formats::safetensors::TensorStore;
 
 /// The linear modules that read one input: separate (q, k, v; gate, up) or fused into one module
@@ -41,16 +42,20 @@ impl<T> Proj<T> {
             .collect())
     }
 
-    /// q, k, v as three modules `{layer}.self_attn.{q,k,v}_proj` (every family but Phi-3).
-    pub fn qkv<B: Backend<T = T>>(w: &WeightReader<B>, layer: &str, s: &Shape) -> Result<Proj<T>> {
-        let lin = |m: &str, out: usize| w.linear(&format!("{layer}.self_attn.{m}_proj"), s.d, out, false);
-        Ok(Proj { mods: vec![lin("q", s.qd)?, lin("k", s.kvd)?, lin("v", s.kvd)?], widths: vec![s.qd, s.kvd, s.kvd] })
+    /// q, k, v as three modules `{q,k,v}_proj` of the reader's `self_attn` (every family but
+    /// Phi-3).
+    pub fn qkv<B: Backend<T = T>>(attn: &WeightReader<B>, s: &Shape) -> Result<Proj<T>> {
+        let lin = |m: &str, out: usize| attn.linear(m, s.d, out, false);
+        Ok(Proj {
+            mods: vec![lin("q_proj", s.qd)?, lin("k_proj", s.kvd)?, lin("v_proj", s.kvd)?],
+            widths: vec![s.qd, s.kvd, s.kvd],
+        })
     }
 
-    /// gate and up as two modules `{layer}.mlp.{gate,up}_proj` (every family but Phi-3).
-    pub fn gate_up<B: Backend<T = T>>(w: &WeightReader<B>, layer: &str, s: &Shape) -> Result<Proj<T>> {
-        let lin = |m: &str| w.linear(&format!("{layer}.mlp.{m}_proj"), s.d, s.ff, false);
-        Ok(Proj { mods: vec![lin("gate")?, lin("up")?], widths: vec![s.ff, s.ff] })
+    /// gate and up as two modules `{gate,up}_proj` of the reader's `mlp` (every family but Phi-3).
+    pub fn gate_up<B: Backend<T = T>>(mlp: &WeightReader<B>, s: &Shape) -> Result<Proj<T>> {
+        let lin = |m: &str| mlp.linear(m, s.d, s.ff, false);
+        Ok(Proj { mods: vec![lin("gate_proj")?, lin("up_proj")?], widths: vec![s.ff, s.ff] })
     }
 
     fn infos(&self, in_dim: usize, out: &mut Vec<ModuleInfo>) {
@@ -125,6 +130,10 @@ impl<T> Decoder<T> {
 
     pub fn max_positions(&self) -> usize {
         self.max_pos
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.vocab
     }
 
     /// The LM head as a linear module named `lm_head` (the embedding where tied).
@@ -254,6 +263,105 @@ pub(super) fn rotate<B: Backend>(be: &B, x: &mut B::T, batch: &Batch, head_dim: 
     be.write_rows(x, &long, &be.select_rows(&x_long, &long));
 }
 
+/// The keys every decoder family reads, under Llama's names (which Mistral, Qwen, Gemma and Phi-3
+/// share), with transformers' defaults.
+#[derive(Deserialize)]
+pub struct DecoderConfig {
+    hidden_size: Dim,
+    num_attention_heads: Dim,
+    /// Grouped-query attention; default: one per attention head.
+    num_key_value_heads: Option<Dim>,
+    /// Default: hidden_size / num_attention_heads.
+    head_dim: Option<Dim>,
+    num_hidden_layers: Dim,
+    intermediate_size: Dim,
+    vocab_size: Dim,
+    #[serde(default = "dim::<2048>")]
+    max_position_embeddings: Dim,
+    #[serde(default = "rms_norm_eps")]
+    rms_norm_eps: NonNegative,
+    /// Whether the LM head is the embedding; the default differs by family.
+    pub tie_word_embeddings: Option<bool>,
+    /// Each layer's attention, where the config lists it (else a family rule decides).
+    layer_types: Option<Vec<LayerType>>,
+}
+
+/// The Llama family's and Phi-3's default `hidden_act`.
+pub fn silu() -> Activation {
+    Activation::Silu
+}
+
+fn rms_norm_eps() -> NonNegative {
+    NonNegative(1e-6)
+}
+
+/// A layer's attention in `layer_types`.
+#[derive(Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum LayerType {
+    Sliding,
+    Full,
+}
+
+impl TryFrom<String> for LayerType {
+    type Error = String;
+    fn try_from(t: String) -> std::result::Result<Self, String> {
+        match t.as_str() {
+            "sliding_attention" => Ok(LayerType::Sliding),
+            "full_attention" => Ok(LayerType::Full),
+            _ => Err(format!("\"{t}\" is not supported (supported: sliding_attention, full_attention)")),
+        }
+    }
+}
+
+impl DecoderConfig {
+    pub fn read(c: &HfConfig) -> Result<DecoderConfig> {
+        c.typed()
+    }
+
+    pub fn shape(&self, c: &HfConfig) -> Result<Shape> {
+        let (d, heads) = (self.hidden_size.0, self.num_attention_heads.0);
+        let kv_heads = self.num_key_value_heads.map_or(heads, |h| h.0);
+        if heads % kv_heads != 0 {
+            return Err(bad_input(
+                &c.file,
+                format!("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"),
+            ));
+        }
+        let head_dim = match self.head_dim {
+            Some(h) => h.0,
+            None if d >= heads => d / heads,
+            None => return Err(bad_input(&c.file, format!("hidden_size {d} is smaller than num_attention_heads {heads}"))),
+        };
+        if head_dim % 2 != 0 {
+            return Err(bad_input(&c.file, format!("head_dim {head_dim} must be even")));
+        }
+        Ok(Shape {
+            d,
+            heads,
+            kv_heads,
+            head_dim,
+            layers: self.num_hidden_layers.0,
+            ff: self.intermediate_size.0,
+            vocab: self.vocab_size.0,
+            qd: c.product("num_attention_heads × head_dim", heads, head_dim)?,
+            kvd: c.product("num_key_value_heads × head_dim", kv_heads, head_dim)?,
+            max_pos: self.max_position_embeddings.0,
+            eps: self.rms_norm_eps.0 as f32,
+        })
+    }
+
+    /// Whether each layer slides its attention window: from `layer_types` where the config has
+    /// them (one per layer), else from `rule`.
+    pub fn sliding(&self, c: &HfConfig, layers: usize, rule: impl Fn(usize) -> bool) -> Result<Vec<bool>> {
+        match &self.layer_types {
+            None => Ok((0..layers).map(rule).collect()),
+            Some(t) if t.len() == layers => Ok(t.iter().map(|t| *t == LayerType::Sliding).collect()),
+            Some(_) => Err(bad_input(&c.file, format!("\"layer_types\" must list one type per layer ({layers})"))),
+        }
+    }
+}
+
 /// The sizes every decoder config gives.
 pub struct Shape {
     pub d: usize,
@@ -271,39 +379,6 @@ pub struct Shape {
 }
 
 impl Shape {
-    pub fn read(c: &HfConfig) -> Result<Shape> {
-        let d = c.dim("hidden_size")?;
-        let heads = c.dim("num_attention_heads")?;
-        let kv_heads = c.dim_or("num_key_value_heads", heads)?;
-        if heads % kv_heads != 0 {
-            return Err(bad_input(
-                &c.file,
-                format!("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"),
-            ));
-        }
-        let head_dim = c.dim_or("head_dim", d / heads)?;
-        if head_dim % 2 != 0 {
-            return Err(bad_input(&c.file, format!("head_dim {head_dim} must be even")));
-        }
-        let eps = c.f64_or("rms_norm_eps", 1e-6)? as f32;
-        if eps < 0.0 {
-            return Err(bad_input(&c.file, format!("rms_norm_eps is {eps}; it must not be negative")));
-        }
-        Ok(Shape {
-            d,
-            heads,
-            kv_heads,
-            head_dim,
-            layers: c.dim("num_hidden_layers")?,
-            ff: c.dim("intermediate_size")?,
-            vocab: c.dim("vocab_size")?,
-            qd: c.product("num_attention_heads × head_dim", heads, head_dim)?,
-            kvd: c.product("num_key_value_heads × head_dim", kv_heads, head_dim)?,
-            max_pos: c.dim_or("max_position_embeddings", 2048)?,
-            eps,
-        })
-    }
-
     /// Causal attention with the usual 1/√head_dim scale.
     pub fn attention(&self, window: Option<usize>) -> AttentionSpec {
         AttentionSpec {
@@ -318,53 +393,17 @@ impl Shape {
     }
 }
 
-/// The activation named by `key`.
-pub fn activation(c: &HfConfig, key: &str, default: &str) -> Result<Activation> {
-    let name = c.str_or(key, default)?;
-    Activation::from_hf(&name).ok_or_else(|| bad_input(&c.file, format!("{key} \"{name}\" is not supported")))
-}
-
-/// Each layer's type from `layer_types` ("sliding_attention" / "full_attention"), or from `rule`
-/// where the config has none; refuses a list of the wrong length or with unknown types.
-pub fn layer_types(c: &HfConfig, layers: usize, rule: impl Fn(usize) -> bool) -> Result<Vec<bool>> {
-    let Some(v) = c.get("layer_types") else { return Ok((0..layers).map(rule).collect()) };
-    let list = v
-        .as_array()
-        .filter(|l| l.len() == layers)
-        .ok_or_else(|| bad_input(&c.file, format!("\"layer_types\" must list one type per layer ({layers})")))?;
-    list.iter()
-        .map(|t| match t.as_str() {
-            Some("sliding_attention") => Ok(true),
-            Some("full_attention") => Ok(false),
-            _ => Err(bad_input(
-                &c.file,
-                format!("layer type {t} is not supported (supported: sliding_attention, full_attention)"),
-            )),
-        })
-        .collect()
-}
-
-/// A number that must be > 0 where given (soft-caps, scalars).
-pub fn positive_opt(c: &HfConfig, key: &str) -> Result<Option<f64>> {
-    if !c.has(key) {
-        return Ok(None);
-    }
-    c.positive_or(key, 1.0).map(Some)
-}
-
 /// The LM head, which lives outside the `model.` prefix; None when tied to the embedding
-/// (`tie_word_embeddings`, whose default differs by family).
+/// (`tied`: `tie_word_embeddings`, whose default differs by family).
 pub fn lm_head<B: Backend>(
     be: &B,
-    c: &HfConfig,
     store: &TensorStore,
     d: usize,
     vocab: usize,
-    tied_by_default: bool,
+    tied: bool,
 ) -> Result<Option<Linear<B::T>>> {
-    if store.contains("lm_head.weight") && !c.bool_or("tie_word_embeddings", tied_by_default)? {
-        let head = WeightReader { be, store, prefix: String::new() };
-        Ok(Some(head.linear("lm_head", d, vocab, false)?))
+    if store.contains("lm_head.weight") && !tied {
+        Ok(Some(WeightReader::unprefixed(be, store).linear("lm_head", d, vocab, false)?))
     } else {
         Ok(None)
     }

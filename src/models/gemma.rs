@@ -5,11 +5,12 @@
 //! per-head q/k RMSNorm, `layer_types` (else one full layer in `sliding_window_pattern`), local and
 //! global rotary bases (`rope::gemma3`).
 
-use super::decoder::{activation, layer_types, positive_opt, Decoder, Layer, Proj, Shape};
+use super::decoder::{Decoder, DecoderConfig, Layer, Proj};
 use super::{rope, WeightReader};
-use crate::backend::Backend;
+use crate::backend::{Activation, Backend};
 use crate::error::{bad_input, Result};
-use crate::formats::hf_config::HfConfig;
+use crate::formats::hf_config::{dim, Dim, HfConfig, Positive};
+use serde::Deserialize;
 use crate::formats::safetensors::{Dtype, TensorStore};
 use crate::mat::Mat;
 
@@ -21,11 +22,15 @@ pub fn text_config(c: &HfConfig) -> Result<HfConfig> {
     if c.model_type()? != "gemma3" {
         return Ok(HfConfig { file: c.file.clone(), raw: c.raw.clone() });
     }
-    let mut t = c.get("text_config").filter(|t| t.is_object()).cloned().ok_or_else(|| {
+    #[derive(Deserialize)]
+    struct Multimodal {
+        text_config: Option<serde_json::Map<String, serde_json::Value>>,
+    }
+    let mut t = c.typed::<Multimodal>()?.text_config.ok_or_else(|| {
         bad_input(&c.file, "model_type \"gemma3\" without a \"text_config\": cannot find the language model")
     })?;
-    t["model_type"] = "gemma3_text".into();
-    Ok(HfConfig { file: format!("{} (text_config)", c.file), raw: t })
+    t.insert("model_type".into(), "gemma3_text".into());
+    Ok(HfConfig { file: format!("{} (text_config)", c.file), raw: t.into() })
 }
 
 /// √hidden, rounded to the embedding's stored precision as transformers does (it casts the scale to
@@ -40,26 +45,51 @@ fn embed_scale(store: &TensorStore, prefix: &str, d: usize) -> f32 {
     }
 }
 
+/// Gemma's own keys, beside `DecoderConfig`'s, with Gemma3TextConfig's defaults (which a
+/// multimodal `text_config` relies on).
+#[derive(Deserialize)]
+struct GemmaConfig {
+    #[serde(default = "gelu_tanh")]
+    hidden_activation: Activation,
+    #[serde(default = "dim::<4096>")]
+    sliding_window: Dim,
+    /// One full-attention layer in this many (where `layer_types` does not say); default 6 for
+    /// Gemma 3, 2 for Gemma 2.
+    sliding_window_pattern: Option<Dim>,
+    /// Attention scores are scaled by its inverse square root.
+    #[serde(default = "query_pre_attn_scalar")]
+    query_pre_attn_scalar: Positive,
+    attn_logit_softcapping: Option<Positive>,
+    final_logit_softcapping: Option<Positive>,
+    /// EmbeddingGemma's bidirectional attention.
+    #[serde(default)]
+    use_bidirectional_attention: bool,
+}
+
+fn gelu_tanh() -> Activation {
+    Activation::GeluTanh
+}
+
+fn query_pre_attn_scalar() -> Positive {
+    Positive(256.0)
+}
+
 pub fn load<B: Backend>(be: &B, config: &HfConfig, store: &TensorStore) -> Result<Decoder<B::T>> {
     let outer = config.model_type()?;
     let c = &text_config(config)?;
     let gemma3 = outer != "gemma2";
-    if c.bool_or("use_bidirectional_attention", false)? {
+    let k = DecoderConfig::read(c)?;
+    let own: GemmaConfig = c.typed()?;
+    if own.use_bidirectional_attention {
         return Err(bad_input(
             &c.file,
             "use_bidirectional_attention (an embedding model) is not supported: only causal Gemma models are",
         ));
     }
-    // Gemma 3's defaults for a multimodal text_config that leaves them out (Gemma3TextConfig's).
-    let s = Shape::read(c)?;
+    let s = k.shape(c)?;
     let (d, ff) = (s.d, s.ff);
-    let act = activation(c, "hidden_activation", "gelu_pytorch_tanh")?;
-    let window = Some(c.dim_or("sliding_window", 4096)?);
-    let pattern = c.dim_or("sliding_window_pattern", if gemma3 { 6 } else { 2 })?;
-    let sliding = layer_types(c, s.layers, |i| (i + 1) % pattern != 0)?;
-    let scalar = c.positive_or("query_pre_attn_scalar", 256.0)?;
-    let attn_softcap = positive_opt(c, "attn_logit_softcapping")?.map(|x| x as f32);
-    let final_softcap = positive_opt(c, "final_logit_softcapping")?.map(|x| x as f32);
+    let pattern = own.sliding_window_pattern.map_or(if gemma3 { 6 } else { 2 }, |p| p.0);
+    let sliding = k.sliding(c, s.layers, |i| (i + 1) % pattern != 0)?;
     let rotaries = if gemma3 {
         vec![rope::gemma3(c, "full_attention", s.head_dim)?, rope::gemma3(c, "sliding_attention", s.head_dim)?]
     } else {
@@ -67,33 +97,29 @@ pub fn load<B: Backend>(be: &B, config: &HfConfig, store: &TensorStore) -> Resul
     };
     let prefixes = ["model.", "", "language_model.model.", "model.language_model."];
     let w = WeightReader::new(be, store, "embed_tokens.weight", &prefixes, "Gemma")?;
-    // Gemma's RMSNorm multiplies by (1 + w), in f32 as transformers does: added here, once.
-    let norm = |name: &str, width: usize| -> Result<B::T> {
-        let g = w.mat(name, (1, width))?;
-        Ok(be.upload(&Mat::new(1, width, g.data.iter().map(|x| 1.0 + x).collect())))
-    };
     let mut layers = Vec::new();
     for (i, &sliding) in sliding.iter().enumerate() {
-        let p = format!("layers.{i}");
-        let mut attn = s.attention(if sliding { window } else { None });
-        attn.scale = (1.0 / scalar.sqrt()) as f32;
-        attn.softcap = attn_softcap;
+        let l = w.at(&format!("layers.{i}"));
+        let (attn_w, mlp) = (l.at("self_attn"), l.at("mlp"));
+        let mut attn = s.attention(if sliding { Some(own.sliding_window.0) } else { None });
+        attn.scale = (1.0 / own.query_pre_attn_scalar.0.sqrt()) as f32;
+        attn.softcap = own.attn_logit_softcapping.map(|x| x.0 as f32);
         let qk_norm = |n: &str| -> Result<Option<B::T>> {
-            Ok(if gemma3 { Some(norm(&format!("{p}.self_attn.{n}.weight"), s.head_dim)?) } else { None })
+            Ok(if gemma3 { Some(norm(be, &attn_w, n, s.head_dim)?) } else { None })
         };
         layers.push(Layer {
-            input_norm: norm(&format!("{p}.input_layernorm.weight"), d)?,
-            qkv: Proj::qkv(&w, &p, &s)?,
-            q_norm: qk_norm("q_norm")?,
-            k_norm: qk_norm("k_norm")?,
+            input_norm: norm(be, &l, "input_layernorm.weight", d)?,
+            qkv: Proj::qkv(&attn_w, &s)?,
+            q_norm: qk_norm("q_norm.weight")?,
+            k_norm: qk_norm("k_norm.weight")?,
             rotary: Some(if gemma3 && sliding { 1 } else { 0 }),
             attn,
-            o: w.linear(&format!("{p}.self_attn.o_proj"), s.qd, d, false)?,
-            attn_out_norm: Some(norm(&format!("{p}.post_attention_layernorm.weight"), d)?),
-            mlp_norm: norm(&format!("{p}.pre_feedforward_layernorm.weight"), d)?,
-            gate_up: Proj::gate_up(&w, &p, &s)?,
-            down: w.linear(&format!("{p}.mlp.down_proj"), ff, d, false)?,
-            mlp_out_norm: Some(norm(&format!("{p}.post_feedforward_layernorm.weight"), d)?),
+            o: attn_w.linear("o_proj", s.qd, d, false)?,
+            attn_out_norm: Some(norm(be, &l, "post_attention_layernorm.weight", d)?),
+            mlp_norm: norm(be, &l, "pre_feedforward_layernorm.weight", d)?,
+            gate_up: Proj::gate_up(&mlp, &s)?,
+            down: mlp.linear("down_proj", ff, d, false)?,
+            mlp_out_norm: Some(norm(be, &l, "post_feedforward_layernorm.weight", d)?),
         });
     }
     Ok(Decoder {
@@ -103,13 +129,19 @@ pub fn load<B: Backend>(be: &B, config: &HfConfig, store: &TensorStore) -> Resul
         vocab: s.vocab,
         max_pos: s.max_pos,
         eps: s.eps,
-        act,
+        act: own.hidden_activation,
         embed_scale: Some(embed_scale(store, &w.prefix, d)),
         rotaries,
         embed: w.tensor("embed_tokens.weight", (s.vocab, d))?,
         layers,
-        norm: norm("norm.weight", d)?,
-        lm_head: super::decoder::lm_head(be, c, store, d, s.vocab, true)?,
-        final_softcap,
+        norm: norm(be, &w, "norm.weight", d)?,
+        lm_head: super::decoder::lm_head(be, store, d, s.vocab, k.tie_word_embeddings.unwrap_or(true))?,
+        final_softcap: own.final_logit_softcapping.map(|x| x.0 as f32),
     })
+}
+
+/// Gemma's RMSNorm multiplies by (1 + w), in f32 as transformers does: added here, once.
+fn norm<B: Backend>(be: &B, w: &WeightReader<B>, name: &str, width: usize) -> Result<B::T> {
+    let g = w.mat(name, (1, width))?;
+    Ok(be.upload(&Mat::new(1, width, g.data.iter().map(|x| 1.0 + x).collect())))
 }

@@ -5,7 +5,8 @@ use super::{Hook, Linear, LinearRef, ModuleInfo, Output, Pass, WeightReader};
 use crate::backend::Backend;
 use crate::backend::{Activation, AttentionSpec};
 use crate::error::{bad_input, Result};
-use crate::formats::hf_config::HfConfig;
+use crate::formats::hf_config::{dim, Dim, HfConfig, NonNegative};
+use serde::Deserialize;
 use crate::formats::safetensors::TensorStore;
 
 struct Block<T> {
@@ -51,6 +52,10 @@ impl<T> Gpt2<T> {
 
     pub fn max_positions(&self) -> usize {
         self.n_positions
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.vocab
     }
 
     /// The most f32 values per token row one forward pass holds at once (`Model::row_floats`):
@@ -112,40 +117,71 @@ impl<T> Gpt2<T> {
     }
 }
 
+/// GPT-2's keys, with transformers' defaults.
+#[derive(Deserialize)]
+struct Gpt2Config {
+    n_embd: Dim,
+    n_head: Dim,
+    n_layer: Dim,
+    vocab_size: Dim,
+    #[serde(default = "dim::<1024>")]
+    n_positions: Dim,
+    /// The MLP's width; default 4 × n_embd.
+    n_inner: Option<Dim>,
+    #[serde(default = "gelu_new")]
+    activation_function: Activation,
+    #[serde(default = "yes")]
+    scale_attn_weights: bool,
+    #[serde(default)]
+    scale_attn_by_inverse_layer_idx: bool,
+    #[serde(default = "layer_norm_epsilon")]
+    layer_norm_epsilon: NonNegative,
+}
+
+fn gelu_new() -> Activation {
+    Activation::GeluTanh
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn layer_norm_epsilon() -> NonNegative {
+    NonNegative(1e-5)
+}
+
 impl<T> Gpt2<T> {
     pub fn load<B: Backend<T = T>>(be: &B, c: &HfConfig, store: &TensorStore) -> Result<Gpt2<T>> {
-        let d = c.dim("n_embd")?;
-        let heads = c.dim("n_head")?;
-        let layers = c.dim("n_layer")?;
-        let vocab = c.dim("vocab_size")?;
-        let n_positions = c.dim_or("n_positions", 1024)?;
-        let ff = c.dim_or("n_inner", c.product("4 × n_embd", 4, d)?)?;
+        let k: Gpt2Config = c.typed()?;
+        let (d, heads, layers, vocab) = (k.n_embd.0, k.n_head.0, k.n_layer.0, k.vocab_size.0);
+        let n_positions = k.n_positions.0;
+        let ff = match k.n_inner {
+            Some(f) => f.0,
+            None => c.product("4 × n_embd", 4, d)?,
+        };
         let qkv = c.product("3 × n_embd", 3, d)?;
-        let act_name = c.str_or("activation_function", "gelu_new")?;
-        let act = Activation::from_hf(&act_name)
-            .ok_or_else(|| bad_input(&c.file, format!("activation_function \"{act_name}\" is not supported")))?;
-        if heads == 0 || d % heads != 0 {
+        if d % heads != 0 {
             return Err(bad_input(&c.file, format!("n_embd {d} is not a multiple of n_head {heads}")));
         }
         let hd = d / heads;
-        let scale_attn = c.bool_or("scale_attn_weights", true)?;
-        let by_layer = c.bool_or("scale_attn_by_inverse_layer_idx", false)?;
-        let eps = c.f64_or("layer_norm_epsilon", 1e-5)? as f32;
+        let (scale_attn, by_layer) = (k.scale_attn_weights, k.scale_attn_by_inverse_layer_idx);
+        let (eps, act) = (k.layer_norm_epsilon.0 as f32, k.activation_function);
         let w = WeightReader::new(be, store, "wte.weight", &["", "transformer."], "GPT-2")?;
         let mut blocks = Vec::new();
         for i in 0..layers {
-            let p = format!("h.{i}");
+            let h = w.at(&format!("h.{i}"));
+            let (attn, mlp) = (h.at("attn"), h.at("mlp"));
             let mut scale = if scale_attn { 1.0 / (hd as f32).sqrt() } else { 1.0 };
             if by_layer {
                 scale /= (i + 1) as f32;
             }
             blocks.push(Block {
-                ln_1: w.norm(&format!("{p}.ln_1"), d, true)?,
-                c_attn: w.linear(&format!("{p}.attn.c_attn"), d, qkv, true)?,
-                c_proj: w.linear(&format!("{p}.attn.c_proj"), d, d, true)?,
-                ln_2: w.norm(&format!("{p}.ln_2"), d, true)?,
-                c_fc: w.linear(&format!("{p}.mlp.c_fc"), d, ff, true)?,
-                mlp_proj: w.linear(&format!("{p}.mlp.c_proj"), ff, d, true)?,
+                ln_1: h.norm("ln_1", d, true)?,
+                c_attn: attn.linear("c_attn", d, qkv, true)?,
+                c_proj: attn.linear("c_proj", d, d, true)?,
+                ln_2: h.norm("ln_2", d, true)?,
+                c_fc: mlp.linear("c_fc", d, ff, true)?,
+                mlp_proj: mlp.linear("c_proj", ff, d, true)?,
                 attn: AttentionSpec {
                     heads,
                     kv_heads: heads,

@@ -4,98 +4,118 @@
 //! SmolLM3's NoPE layers (`no_rope_layers`); sliding windows (Mistral; Qwen2/Qwen3/SmolLM3 where
 //! `use_sliding_window` and `layer_types` say so); tied or untied LM head.
 
-use super::decoder::{activation, layer_types, Decoder, Layer, Proj, Shape};
+use super::decoder::{Decoder, DecoderConfig, Layer, Proj};
 use super::{rope, WeightReader};
-use crate::backend::Backend;
+use crate::backend::{Activation, Backend};
 use crate::error::{bad_input, Result};
-use crate::formats::hf_config::HfConfig;
+use crate::formats::hf_config::{dim, Count, Dim, HfConfig};
+use serde::Deserialize;
 use crate::formats::safetensors::TensorStore;
 
 pub const MODEL_TYPES: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "smollm3"];
 
-/// Which layers keep rotary positions: SmolLM3's `no_rope_layers` (1: rope, 0: none), or one NoPE
-/// layer every `no_rope_layer_interval` (4) layers; every layer elsewhere.
-fn rope_layers(c: &HfConfig, model_type: &str, layers: usize) -> Result<Vec<bool>> {
-    if model_type != "smollm3" {
-        return Ok(vec![true; layers]);
+/// The Llama family's own keys, beside `DecoderConfig`'s, with transformers' defaults.
+#[derive(Deserialize)]
+struct LlamaConfig {
+    #[serde(default = "super::decoder::silu")]
+    hidden_act: Activation,
+    sliding_window: Option<Count>,
+    /// Qwen2/Qwen3: the layers from this one on slide (where `layer_types` does not say).
+    #[serde(default)]
+    max_window_layers: Count,
+    #[serde(default)]
+    use_sliding_window: bool,
+    /// SmolLM3: 1 where a layer has rotary positions, 0 where it has none.
+    no_rope_layers: Option<Vec<u64>>,
+    /// SmolLM3, without `no_rope_layers`: every this many layers, one has no positions.
+    #[serde(default = "dim::<4>")]
+    no_rope_layer_interval: Dim,
+}
+
+impl LlamaConfig {
+    /// Which layers keep rotary positions: SmolLM3's `no_rope_layers`, else one NoPE layer every
+    /// `no_rope_layer_interval` layers; every layer elsewhere.
+    fn rope_layers(&self, c: &HfConfig, model_type: &str, layers: usize) -> Result<Vec<bool>> {
+        if model_type != "smollm3" {
+            return Ok(vec![true; layers]);
+        }
+        match &self.no_rope_layers {
+            Some(l) if l.len() == layers && l.iter().all(|x| *x <= 1) => Ok(l.iter().map(|x| *x == 1).collect()),
+            Some(_) => Err(bad_input(
+                &c.file,
+                format!("\"no_rope_layers\" must list 0 or 1 for each of the {layers} layers"),
+            )),
+            None => Ok((0..layers).map(|i| (i + 1) % self.no_rope_layer_interval.0 != 0).collect()),
+        }
     }
-    match c.get("no_rope_layers") {
-        Some(v) => {
-            let l: Option<Vec<bool>> = v
-                .as_array()
-                .filter(|l| l.len() == layers)
-                .and_then(|l| l.iter().map(|x| x.as_u64().filter(|x| *x <= 1).map(|x| x == 1)).collect());
-            l.ok_or_else(|| {
-                bad_input(&c.file, format!("\"no_rope_layers\" must list 0 or 1 for each of the {layers} layers"))
-            })
-        }
-        None => {
-            let every = c.dim_or("no_rope_layer_interval", 4)?;
-            Ok((0..layers).map(|i| (i + 1) % every != 0).collect())
-        }
+
+    /// Which layers slide their attention window: Mistral's every layer; Qwen2/Qwen3/SmolLM3's
+    /// layers that `layer_types` marks (else from max_window_layers), only under
+    /// use_sliding_window.
+    fn sliding(&self, c: &HfConfig, k: &DecoderConfig, model_type: &str, layers: usize) -> Result<Vec<bool>> {
+        let window = self.sliding_window.is_some();
+        Ok(match model_type {
+            "mistral" => vec![window; layers],
+            "qwen2" | "qwen3" | "smollm3" => {
+                let (on, from) = (self.use_sliding_window, self.max_window_layers.0);
+                k.sliding(c, layers, |i| on && window && i >= from)?.into_iter().map(|t| t && on).collect()
+            }
+            _ => vec![false; layers],
+        })
     }
 }
 
 pub fn load<B: Backend>(be: &B, c: &HfConfig, store: &TensorStore) -> Result<Decoder<B::T>> {
     let model_type = c.model_type()?;
-    let s = Shape::read(c)?;
+    let k = DecoderConfig::read(c)?;
+    let own: LlamaConfig = c.typed()?;
+    let s = k.shape(c)?;
     let (d, ff) = (s.d, s.ff);
-    let act = activation(c, "hidden_act", "silu")?;
-    let with_rope = rope_layers(c, &model_type, s.layers)?;
-    // Sliding windows: Mistral on every layer; the others on the layers `layer_types` marks
-    // sliding (else from max_window_layers), only where use_sliding_window is set.
-    let window = c.usize_opt("sliding_window")?;
-    let sliding = match model_type.as_str() {
-        "mistral" => vec![window.is_some(); s.layers],
-        "qwen2" | "qwen3" | "smollm3" => {
-            let from = c.usize_or("max_window_layers", 0)?;
-            let on = c.bool_or("use_sliding_window", false)?;
-            layer_types(c, s.layers, |i| on && window.is_some() && i >= from)?.into_iter().map(|t| t && on).collect()
-        }
-        _ => vec![false; s.layers],
-    };
+    let with_rope = own.rope_layers(c, &model_type, s.layers)?;
+    let sliding = own.sliding(c, &k, &model_type, s.layers)?;
+    let window = own.sliding_window.map(|w| w.0);
     let w = WeightReader::new(be, store, "embed_tokens.weight", &["model.", ""], "Llama-family")?;
     let mut layers = Vec::new();
     for i in 0..s.layers {
-        let p = format!("layers.{i}");
+        let l = w.at(&format!("layers.{i}"));
+        let (attn, mlp) = (l.at("self_attn"), l.at("mlp"));
         let norm = |n: &str| -> Result<Option<B::T>> {
-            let name = format!("{p}.self_attn.{n}.weight");
-            if w.has(&name) {
-                Ok(Some(w.tensor(&name, (1, s.head_dim))?))
+            if attn.has(n) {
+                Ok(Some(attn.tensor(n, (1, s.head_dim))?))
             } else if model_type == "qwen3" {
                 Err(bad_input(
                     store.files[0].name.as_str(),
-                    format!("missing tensor '{}{name}' (Qwen3 normalises q and k per head)", w.prefix),
+                    format!("missing tensor '{}' (Qwen3 normalises q and k per head)", attn.key(n)),
                 ))
             } else {
                 Ok(None)
             }
         };
         layers.push(Layer {
-            input_norm: w.tensor(&format!("{p}.input_layernorm.weight"), (1, d))?,
-            qkv: Proj::qkv(&w, &p, &s)?,
-            q_norm: norm("q_norm")?,
-            k_norm: norm("k_norm")?,
+            input_norm: l.tensor("input_layernorm.weight", (1, d))?,
+            qkv: Proj::qkv(&attn, &s)?,
+            q_norm: norm("q_norm.weight")?,
+            k_norm: norm("k_norm.weight")?,
             rotary: with_rope[i].then_some(0),
             attn: s.attention(if sliding[i] { window } else { None }),
-            o: w.linear(&format!("{p}.self_attn.o_proj"), s.qd, d, false)?,
+            o: attn.linear("o_proj", s.qd, d, false)?,
             attn_out_norm: None,
-            mlp_norm: w.tensor(&format!("{p}.post_attention_layernorm.weight"), (1, d))?,
-            gate_up: Proj::gate_up(&w, &p, &s)?,
-            down: w.linear(&format!("{p}.mlp.down_proj"), ff, d, false)?,
+            mlp_norm: l.tensor("post_attention_layernorm.weight", (1, d))?,
+            gate_up: Proj::gate_up(&mlp, &s)?,
+            down: mlp.linear("down_proj", ff, d, false)?,
             mlp_out_norm: None,
         });
     }
     Ok(Decoder {
         rotaries: vec![rope::standard(c, s.head_dim)?],
-        lm_head: super::decoder::lm_head(be, c, store, d, s.vocab, false)?,
+        lm_head: super::decoder::lm_head(be, store, d, s.vocab, k.tie_word_embeddings.unwrap_or(false))?,
         model_type,
         d,
         ff,
         vocab: s.vocab,
         max_pos: s.max_pos,
         eps: s.eps,
-        act,
+        act: own.hidden_act,
         embed_scale: None,
         embed: w.tensor("embed_tokens.weight", (s.vocab, d))?,
         layers,

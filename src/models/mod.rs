@@ -310,6 +310,15 @@ impl<T> Model<T> {
         }
     }
 
+    /// The number of token ids the model embeds.
+    pub fn vocab(&self) -> usize {
+        match self {
+            Model::Gpt2(m) => m.vocab(),
+            Model::Decoder(m) => m.vocab(),
+            Model::Bert(m) => m.vocab(),
+        }
+    }
+
     /// Longest sequence the model accepts.
     pub fn max_positions(&self) -> usize {
         match self {
@@ -436,12 +445,16 @@ pub fn load<B: Backend>(be: &B, config: &HfConfig, weights: &TensorStore) -> Res
     })
 }
 
-/// Reads weights by their path under the model class prefix (`transformer.`, `model.`, `bert.`, …),
-/// uploads them, and checks their shapes.
+/// Reads weights by their module path under the model class prefix (`transformer.`, `model.`,
+/// `bert.`, …), uploads them, and checks their shapes. `at` scopes a reader to a module
+/// (`layers.3`, then `self_attn`), so a family names each weight by its own last part.
 pub struct WeightReader<'a, B: Backend> {
     pub be: &'a B,
     pub store: &'a TensorStore,
+    /// The model class prefix in the file; not part of module names (nor of LoRA targets).
     pub prefix: String,
+    /// The module this reader is scoped to (`layers.3.self_attn`), empty at the model's root.
+    path: String,
 }
 
 impl<'a, B: Backend> WeightReader<'a, B> {
@@ -449,7 +462,7 @@ impl<'a, B: Backend> WeightReader<'a, B> {
     pub fn new(be: &'a B, store: &'a TensorStore, probe: &str, prefixes: &[&str], arch: &str) -> Result<Self> {
         let found: Vec<&&str> = prefixes.iter().filter(|p| store.contains(&format!("{p}{probe}"))).collect();
         match found.as_slice() {
-            [p] => Ok(WeightReader { be, store, prefix: p.to_string() }),
+            [p] => Ok(WeightReader { be, store, prefix: p.to_string(), path: String::new() }),
             [] => Err(bad_input(
                 store.files.first().map_or("model weights", |f| f.name.as_str()),
                 format!("has no '{probe}' (under any of the prefixes {prefixes:?}): not {arch} weights"),
@@ -461,8 +474,28 @@ impl<'a, B: Backend> WeightReader<'a, B> {
         }
     }
 
-    fn key(&self, name: &str) -> String {
-        format!("{}{}", self.prefix, name)
+    /// A reader of the file's top-level names (the LM head, outside the class prefix).
+    pub fn unprefixed(be: &'a B, store: &'a TensorStore) -> Self {
+        WeightReader { be, store, prefix: String::new(), path: String::new() }
+    }
+
+    /// This reader scoped to its submodule `sub`.
+    pub fn at(&self, sub: &str) -> WeightReader<'a, B> {
+        WeightReader { be: self.be, store: self.store, prefix: self.prefix.clone(), path: self.name(sub) }
+    }
+
+    /// The module path of `name` (what LoRA targets match).
+    fn name(&self, name: &str) -> String {
+        if self.path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.path)
+        }
+    }
+
+    /// The name of `name` in the file.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}{}", self.prefix, self.name(name))
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -507,7 +540,7 @@ impl<'a, B: Backend> WeightReader<'a, B> {
         };
         let bname = format!("{name}.bias");
         let b = if self.has(&bname) { Some(self.tensor(&bname, (1, out_dim))?) } else { None };
-        Ok(Linear { name: name.to_string(), w: self.be.upload_weight(w), b })
+        Ok(Linear { name: self.name(name), w: self.be.upload_weight(w), b })
     }
 
     /// A LayerNorm's (weight, bias), accepting the old `gamma`/`beta` names.

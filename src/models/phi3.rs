@@ -3,41 +3,46 @@
 //! rotary positions on `partial_rotary_factor` of each head (Phi-4-mini: 0.75) with `longrope`
 //! scaling (`rope::standard`), and a sliding window on every layer where the config sets one.
 
-use super::decoder::{activation, Decoder, Layer, Proj, Shape};
+use super::decoder::{Decoder, DecoderConfig, Layer, Proj};
 use super::{rope, WeightReader};
-use crate::backend::Backend;
+use crate::backend::{Activation, Backend};
 use crate::error::Result;
-use crate::formats::hf_config::HfConfig;
+use crate::formats::hf_config::{Count, HfConfig};
+use serde::Deserialize;
 use crate::formats::safetensors::TensorStore;
 
+/// Phi-3's own keys, beside `DecoderConfig`'s.
+#[derive(Deserialize)]
+struct Phi3Config {
+    #[serde(default = "super::decoder::silu")]
+    hidden_act: Activation,
+    /// A window on every layer, where set.
+    sliding_window: Option<Count>,
+}
+
 pub fn load<B: Backend>(be: &B, c: &HfConfig, store: &TensorStore) -> Result<Decoder<B::T>> {
-    let s = Shape::read(c)?;
+    let k = DecoderConfig::read(c)?;
+    let own: Phi3Config = c.typed()?;
+    let s = k.shape(c)?;
     let (d, ff) = (s.d, s.ff);
-    let act = activation(c, "hidden_act", "silu")?;
-    let window = c.usize_opt("sliding_window")?;
     let w = WeightReader::new(be, store, "embed_tokens.weight", &["model.", ""], "Phi-3")?;
     let qkv = c.product("q/k/v widths", 1, s.qd + 2 * s.kvd)?;
     let mut layers = Vec::new();
     for i in 0..s.layers {
-        let p = format!("layers.{i}");
+        let l = w.at(&format!("layers.{i}"));
+        let (attn, mlp) = (l.at("self_attn"), l.at("mlp"));
         layers.push(Layer {
-            input_norm: w.tensor(&format!("{p}.input_layernorm.weight"), (1, d))?,
-            qkv: Proj {
-                mods: vec![w.linear(&format!("{p}.self_attn.qkv_proj"), d, qkv, false)?],
-                widths: vec![s.qd, s.kvd, s.kvd],
-            },
+            input_norm: l.tensor("input_layernorm.weight", (1, d))?,
+            qkv: Proj { mods: vec![attn.linear("qkv_proj", d, qkv, false)?], widths: vec![s.qd, s.kvd, s.kvd] },
             q_norm: None,
             k_norm: None,
             rotary: Some(0),
-            attn: s.attention(window),
-            o: w.linear(&format!("{p}.self_attn.o_proj"), s.qd, d, false)?,
+            attn: s.attention(own.sliding_window.map(|w| w.0)),
+            o: attn.linear("o_proj", s.qd, d, false)?,
             attn_out_norm: None,
-            mlp_norm: w.tensor(&format!("{p}.post_attention_layernorm.weight"), (1, d))?,
-            gate_up: Proj {
-                mods: vec![w.linear(&format!("{p}.mlp.gate_up_proj"), d, 2 * ff, false)?],
-                widths: vec![ff, ff],
-            },
-            down: w.linear(&format!("{p}.mlp.down_proj"), ff, d, false)?,
+            mlp_norm: l.tensor("post_attention_layernorm.weight", (1, d))?,
+            gate_up: Proj { mods: vec![mlp.linear("gate_up_proj", d, 2 * ff, false)?], widths: vec![ff, ff] },
+            down: mlp.linear("down_proj", ff, d, false)?,
             mlp_out_norm: None,
         });
     }
@@ -48,13 +53,13 @@ pub fn load<B: Backend>(be: &B, c: &HfConfig, store: &TensorStore) -> Result<Dec
         vocab: s.vocab,
         max_pos: s.max_pos,
         eps: s.eps,
-        act,
+        act: own.hidden_act,
         embed_scale: None,
         rotaries: vec![rope::standard(c, s.head_dim)?],
         embed: w.tensor("embed_tokens.weight", (s.vocab, d))?,
         layers,
         norm: w.tensor("norm.weight", (1, d))?,
-        lm_head: super::decoder::lm_head(be, c, store, d, s.vocab, false)?,
+        lm_head: super::decoder::lm_head(be, store, d, s.vocab, k.tie_word_embeddings.unwrap_or(false))?,
         final_softcap: None,
     })
 }

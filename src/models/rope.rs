@@ -5,8 +5,9 @@
 //! `longrope` / `su` (Phi-3 / Phi-4-mini).
 
 use crate::error::{bad_input, Result};
-use crate::formats::hf_config::HfConfig;
-use serde_json::{Map, Value};
+use crate::formats::hf_config::{dim, Count, Dim, HfConfig, Positive};
+use serde::Deserialize;
+use serde_json::Value;
 
 /// The frequencies of one rotary embedding.
 #[derive(Clone, Debug)]
@@ -35,59 +36,81 @@ impl Rotary {
     }
 }
 
-/// The rope dict of a layer type (`full_attention`, `sliding_attention`) where `rope_parameters` is
-/// nested by layer type, else None.
-fn typed<'a>(c: &'a HfConfig, layer_type: &str) -> Option<&'a Map<String, Value>> {
-    c.get("rope_parameters")?.get(layer_type)?.as_object()
+/// The keys rotary positions read, in both forms: `rope_theta` + `rope_scaling` (older
+/// transformers), or transformers 5's `rope_parameters`, flat or one dict per layer type.
+#[derive(Deserialize)]
+struct RopeConfig {
+    rope_theta: Option<Positive>,
+    /// Gemma 3's base on sliding layers.
+    rope_local_base_freq: Option<Positive>,
+    partial_rotary_factor: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    #[serde(default = "dim::<2048>")]
+    max_position_embeddings: Dim,
+    /// Phi-3 writes longrope's trained context here, outside the rope dict.
+    original_max_position_embeddings: Option<Count>,
+}
+
+/// One rope dict (`rope_scaling`, or `rope_parameters` and its per-layer-type dicts). Every
+/// number in it divides or scales frequencies, so each must be finite and positive.
+#[derive(Deserialize, Default)]
+struct Scaling {
+    rope_type: Option<String>,
+    /// The older name of `rope_type`.
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    rope_theta: Option<Positive>,
+    partial_rotary_factor: Option<f64>,
+    factor: Option<Positive>,
+    low_freq_factor: Option<Positive>,
+    high_freq_factor: Option<Positive>,
+    original_max_position_embeddings: Option<Positive>,
+    attention_factor: Option<Positive>,
+    short_factor: Option<Vec<f64>>,
+    long_factor: Option<Vec<f64>>,
+}
+
+impl RopeConfig {
+    /// The rope dict at `path` (`rope_scaling`, `rope_parameters`, `rope_parameters.full_attention`).
+    fn dict(c: &HfConfig, path: &str, d: Option<&Value>) -> Result<Option<Scaling>> {
+        d.map(|d| c.typed_at(path, d)).transpose()
+    }
 }
 
 /// The model's one rotary embedding (every family but Gemma 3), over `rotary_dim` dimensions of
-/// each head.
+/// each head: at `rope_parameters`' base (else `rope_theta`), scaled as `rope_scaling` (else
+/// `rope_parameters`) says.
 pub fn standard(c: &HfConfig, head_dim: usize) -> Result<Rotary> {
-    let params = c.get("rope_parameters").and_then(Value::as_object);
-    let theta = match params.and_then(|p| p.get("rope_theta")) {
-        Some(t) => positive(c, "rope_parameters.rope_theta", t)?,
-        None => c.positive_or("rope_theta", 10000.0)?,
-    };
-    let scaling = c.get("rope_scaling").and_then(Value::as_object).or(params);
-    build(c, theta, scaling, head_dim)
+    let k: RopeConfig = c.typed()?;
+    let flat = RopeConfig::dict(c, "rope_parameters", k.rope_parameters.as_ref())?;
+    let theta = flat.as_ref().and_then(|p| p.rope_theta).or(k.rope_theta).map_or(10000.0, |t| t.0);
+    let scaling = RopeConfig::dict(c, "rope_scaling", k.rope_scaling.as_ref())?.or(flat);
+    build(c, &k, theta, scaling.as_ref(), head_dim)
 }
 
 /// Gemma 3's rotary embedding of a layer type: sliding layers turn at `rope_local_base_freq`
 /// without scaling, full layers at `rope_theta` with `rope_scaling`; or each as its own dict in
 /// `rope_parameters`.
 pub fn gemma3(c: &HfConfig, layer_type: &str, head_dim: usize) -> Result<Rotary> {
+    let k: RopeConfig = c.typed()?;
     let sliding = layer_type == "sliding_attention";
-    if let Some(p) = typed(c, layer_type) {
-        let theta = match p.get("rope_theta") {
-            Some(t) => positive(c, &format!("rope_parameters.{layer_type}.rope_theta"), t)?,
-            None if sliding => c.positive_or("rope_local_base_freq", 10000.0)?,
-            None => c.positive_or("rope_theta", 1_000_000.0)?,
-        };
-        return build(c, theta, Some(p), head_dim);
+    let theta = if sliding { k.rope_local_base_freq.map_or(10000.0, |t| t.0) } else { k.rope_theta.map_or(1e6, |t| t.0) };
+    let by_type = k.rope_parameters.as_ref().and_then(|p| p.get(layer_type));
+    if let Some(p) = RopeConfig::dict(c, &format!("rope_parameters.{layer_type}"), by_type)? {
+        return build(c, &k, p.rope_theta.map_or(theta, |t| t.0), Some(&p), head_dim);
     }
-    if sliding {
-        return build(c, c.positive_or("rope_local_base_freq", 10000.0)?, None, head_dim);
-    }
-    let theta = c.positive_or("rope_theta", 1_000_000.0)?;
-    build(c, theta, c.get("rope_scaling").and_then(Value::as_object), head_dim)
+    let scaling = if sliding { None } else { RopeConfig::dict(c, "rope_scaling", k.rope_scaling.as_ref())? };
+    build(c, &k, theta, scaling.as_ref(), head_dim)
 }
 
-fn positive(c: &HfConfig, key: &str, v: &Value) -> Result<f64> {
-    v.as_f64()
-        .filter(|t| t.is_finite() && *t > 0.0)
-        .ok_or_else(|| bad_input(&c.file, format!("{key} is {v}; it must be greater than 0")))
-}
-
-/// How many dimensions of each head rotate: `partial_rotary_factor` (top level, or in the rope
-/// dict) × head_dim, as transformers rounds it (down), and even.
-fn rotary_dim(c: &HfConfig, s: Option<&Map<String, Value>>, head_dim: usize) -> Result<usize> {
-    let f = match s.and_then(|s| s.get("partial_rotary_factor")).or_else(|| c.get("partial_rotary_factor")) {
+/// How many dimensions of each head rotate: `partial_rotary_factor` (in the rope dict, else top
+/// level) × head_dim, as transformers rounds it (down), and even.
+fn rotary_dim(c: &HfConfig, k: &RopeConfig, s: Option<&Scaling>, head_dim: usize) -> Result<usize> {
+    let f = match s.and_then(|s| s.partial_rotary_factor).or(k.partial_rotary_factor) {
         None => return Ok(head_dim),
-        Some(v) => v
-            .as_f64()
-            .filter(|f| *f > 0.0 && *f <= 1.0)
-            .ok_or_else(|| bad_input(&c.file, format!("partial_rotary_factor must be a number in (0, 1], not {v}")))?,
+        Some(f) if f > 0.0 && f <= 1.0 => f,
+        Some(f) => return Err(bad_input(&c.file, format!("partial_rotary_factor must be a number in (0, 1], not {f}"))),
     };
     let dim = (head_dim as f64 * f) as usize;
     if dim == 0 || !dim.is_multiple_of(2) {
@@ -97,40 +120,32 @@ fn rotary_dim(c: &HfConfig, s: Option<&Map<String, Value>>, head_dim: usize) -> 
 }
 
 /// Frequencies base^(−2k/dim) with the scaling `s` asks for.
-fn build(c: &HfConfig, theta: f64, s: Option<&Map<String, Value>>, head_dim: usize) -> Result<Rotary> {
-    let dim = rotary_dim(c, s, head_dim)?;
+fn build(c: &HfConfig, k: &RopeConfig, theta: f64, s: Option<&Scaling>, head_dim: usize) -> Result<Rotary> {
+    let dim = rotary_dim(c, k, s, head_dim)?;
     let base: Vec<f64> = (0..dim / 2).map(|k| theta.powf((2 * k) as f64 / dim as f64)).collect();
     let plain = |f: &[f64]| f.iter().map(|b| (1.0 / b) as f32).collect::<Vec<f32>>();
     let mut rot = Rotary { inv_freq: plain(&base), scale: 1.0, long: None };
     let Some(s) = s else { return Ok(rot) };
-    let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
-    // Every number here divides or scales frequencies: it must be finite and positive.
-    let num = |k: &str, d: Option<f64>| -> Result<Option<f64>> {
-        match s.get(k) {
-            None | Some(Value::Null) => Ok(d),
-            Some(v) => v.as_f64().filter(|x| x.is_finite() && *x > 0.0).map(Some).ok_or_else(|| {
-                bad_input(&c.file, format!("rope scaling \"{k}\" must be a number greater than 0, not {v}"))
-            }),
-        }
-    };
-    let max_pos = c.dim_or("max_position_embeddings", 2048)? as f64;
+    let kind = s.rope_type.as_deref().or(s.kind.as_deref()).unwrap_or("default");
+    let or = |x: Option<Positive>, d: f64| x.map_or(d, |x| x.0);
+    let max_pos = k.max_position_embeddings.0 as f64;
     match kind {
         // "dynamic" only changes frequencies past max_position_embeddings, which we never reach.
         "default" | "dynamic" => {}
         "linear" => {
-            let factor = num("factor", Some(1.0))?.unwrap();
+            let factor = or(s.factor, 1.0);
             rot.inv_freq = base.iter().map(|b| (1.0 / b / factor) as f32).collect();
         }
         "llama3" => {
-            let factor = num("factor", Some(8.0))?.unwrap();
-            let (lo, hi) = (num("low_freq_factor", Some(1.0))?.unwrap(), num("high_freq_factor", Some(4.0))?.unwrap());
+            let factor = or(s.factor, 8.0);
+            let (lo, hi) = (or(s.low_freq_factor, 1.0), or(s.high_freq_factor, 4.0));
             if hi <= lo {
                 return Err(bad_input(
                     &c.file,
                     format!("rope scaling high_freq_factor {hi} must exceed low_freq_factor {lo}"),
                 ));
             }
-            let old = num("original_max_position_embeddings", Some(8192.0))?.unwrap();
+            let old = or(s.original_max_position_embeddings, 8192.0);
             let (lo_wave, hi_wave) = (old / lo, old / hi);
             let f = base.iter().map(|b| {
                 let x = 1.0 / b;
@@ -149,35 +164,35 @@ fn build(c: &HfConfig, theta: f64, s: Option<&Map<String, Value>>, head_dim: usi
         "longrope" | "su" => {
             // The trained context: top-level `original_max_position_embeddings` first (Phi-3
             // writes it there), then the rope dict's, else max_position_embeddings.
-            let original = match c.usize_opt("original_max_position_embeddings")? {
-                Some(o) => o as f64,
-                None => num("original_max_position_embeddings", Some(max_pos))?.unwrap(),
+            let original = match k.original_max_position_embeddings {
+                Some(o) => o.0 as f64,
+                None => or(s.original_max_position_embeddings, max_pos),
             };
-            let factor = num("factor", None)?.unwrap_or(max_pos / original);
-            let attention = match num("attention_factor", None)? {
-                Some(a) => a,
+            let factor = s.factor.map_or(max_pos / original, |f| f.0);
+            let attention = match s.attention_factor {
+                Some(a) => a.0,
                 None if factor <= 1.0 => 1.0,
                 None => (1.0 + factor.ln() / original.ln()).sqrt(),
             };
-            let factors = |k: &str| -> Result<Vec<f64>> {
-                let v = s.get(k).and_then(Value::as_array).ok_or_else(|| {
-                    bad_input(&c.file, format!("longrope scaling needs \"{k}\", a list of {} numbers", dim / 2))
-                })?;
-                let f: Option<Vec<f64>> = v.iter().map(|x| x.as_f64().filter(|x| x.is_finite() && *x > 0.0)).collect();
+            let factors = |key: &str, f: &Option<Vec<f64>>| -> Result<Vec<f64>> {
                 match f {
-                    Some(f) if f.len() == dim / 2 => Ok(f),
-                    _ => Err(bad_input(
+                    Some(f) if f.len() == dim / 2 && f.iter().all(|x| x.is_finite() && *x > 0.0) => Ok(f.clone()),
+                    Some(_) => Err(bad_input(
                         &c.file,
-                        format!("longrope \"{k}\" must hold {} positive numbers (rotary dimensions / 2)", dim / 2),
+                        format!("longrope \"{key}\" must hold {} positive numbers (rotary dimensions / 2)", dim / 2),
+                    )),
+                    None => Err(bad_input(
+                        &c.file,
+                        format!("longrope scaling needs \"{key}\", a list of {} numbers", dim / 2),
                     )),
                 }
             };
             // transformers computes these in f32: 1 / (factor · base^(2k/dim)).
             let scaled = |f: &[f64]| base.iter().zip(f).map(|(b, e)| (1.0 / (e * b)) as f32).collect::<Vec<f32>>();
-            rot.inv_freq = scaled(&factors("short_factor")?);
+            rot.inv_freq = scaled(&factors("short_factor", &s.short_factor)?);
             rot.long = Some(LongRope {
                 original_max_positions: original as usize,
-                inv_freq: scaled(&factors("long_factor")?),
+                inv_freq: scaled(&factors("long_factor", &s.long_factor)?),
             });
             rot.scale = attention as f32;
         }
@@ -233,6 +248,9 @@ mod tests {
         let bad =
             cfg(serde_json::json!({"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}}));
         assert!(standard(&bad, 8).unwrap_err().to_string().contains("short_factor"));
+        let bad = cfg(serde_json::json!({"rope_parameters": {"full_attention": {"rope_theta": -1.0}}}));
+        let e = gemma3(&bad, "full_attention", 8).unwrap_err().to_string();
+        assert!(e.contains("\"rope_parameters.full_attention.rope_theta\": -1, but it must be greater than 0"), "{e}");
         let bad = cfg(serde_json::json!({"rope_scaling": {"type": "yarn2"}}));
         assert!(standard(&bad, 8).unwrap_err().to_string().contains("\"yarn2\" is not supported"));
     }
