@@ -47,15 +47,27 @@ impl HfConfig {
         self.raw.get(key).is_some_and(|v| !v.is_null())
     }
 
-    /// The keys `T` declares, with its defaults where the file leaves them out or writes `null`
-    /// (as transformers does for unset options).
+    /// This config with `defaults` (an object: a model type's declared defaults) for the keys it
+    /// leaves out. A key the file sets to `null` stays null, as in transformers, where an
+    /// explicit `None` (no sliding window) differs from a class default (4096).
+    pub fn with_defaults(&self, defaults: &Value) -> HfConfig {
+        let mut raw = self.raw.clone();
+        if let (Some(m), Some(d)) = (raw.as_object_mut(), defaults.as_object()) {
+            for (k, v) in d {
+                m.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        HfConfig { file: self.file.clone(), raw }
+    }
+
+    /// The keys `T` declares (`Option` fields read `null` and missing keys as `None`).
     pub fn typed<T: DeserializeOwned>(&self) -> Result<T> {
         self.typed_at("", &self.raw)
     }
 
     /// `value`, found at `path` in this file (a nested dict such as `rope_parameters`), as `T`.
     pub fn typed_at<T: DeserializeOwned>(&self, path: &str, value: &Value) -> Result<T> {
-        serde_path_to_error::deserialize(without_nulls(value)).map_err(|e| {
+        serde_path_to_error::deserialize(value).map_err(|e| {
             let key = match (path, e.path().to_string().as_str()) {
                 (p, ".") => p.to_string(),
                 ("", k) => k.to_string(),
@@ -91,18 +103,6 @@ enum Eos {
     Many(Vec<u32>),
 }
 
-/// `v` without the keys whose value is `null`, at every depth, so that a declared default (or
-/// `None`) applies to them as to a missing key.
-fn without_nulls(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => {
-            Value::Object(m.iter().filter(|(_, x)| !x.is_null()).map(|(k, x)| (k.clone(), without_nulls(x))).collect())
-        }
-        Value::Array(a) => Value::Array(a.iter().map(without_nulls).collect()),
-        other => other.clone(),
-    }
-}
-
 /// A count that may be 0, at most `MAX_COUNT`: bounded so that sizes built from config values
 /// (with checked products where they multiply) can never ask for an absurd allocation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -119,11 +119,6 @@ pub struct Positive(pub f64);
 /// A finite number that is not negative (a norm's epsilon).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct NonNegative(pub f64);
-
-/// A declared default: `#[serde(default = "dim::<2048>")]`.
-pub fn dim<const N: usize>() -> Dim {
-    Dim(N)
-}
 
 fn count(v: &Value) -> std::result::Result<usize, String> {
     match v.as_u64() {
@@ -177,20 +172,22 @@ mod tests {
     #[derive(Deserialize, Debug)]
     struct Sizes {
         hidden_size: Dim,
-        #[serde(default = "dim::<7>")]
         layers: Dim,
         window: Option<Count>,
         theta: Option<Positive>,
     }
 
     fn read(v: Value) -> Result<Sizes> {
-        HfConfig::parse("config.json", v.to_string().as_bytes()).unwrap().typed()
+        let c = HfConfig::parse("config.json", v.to_string().as_bytes()).unwrap();
+        c.with_defaults(&serde_json::json!({"layers": 7, "window": 3})).typed()
     }
 
     #[test]
-    fn defaults_nulls_and_errors_that_name_the_key() {
-        let s = read(serde_json::json!({"hidden_size": 8, "window": null, "layers": null})).unwrap();
+    fn defaults_and_errors_that_name_the_key() {
+        // A missing key takes its default; an explicit null stays none, as in transformers.
+        let s = read(serde_json::json!({"hidden_size": 8, "window": null})).unwrap();
         assert_eq!((s.hidden_size, s.layers, s.window, s.theta), (Dim(8), Dim(7), None, None));
+        assert_eq!(read(serde_json::json!({"hidden_size": 8})).unwrap().window, Some(Count(3)));
         let err = |v: Value| read(v).unwrap_err().to_string();
         assert!(err(serde_json::json!({})).contains("missing field `hidden_size`"));
         let e = err(serde_json::json!({"hidden_size": "8"}));

@@ -5,8 +5,9 @@ use super::{Hook, Level, Linear, ModuleInfo, Output, Pass, WeightReader};
 use crate::backend::Backend;
 use crate::backend::{Activation, AttentionSpec};
 use crate::error::{bad_input, Result};
-use crate::formats::hf_config::{dim, Dim, HfConfig, NonNegative};
+use crate::formats::hf_config::{Dim, HfConfig, NonNegative};
 use serde::Deserialize;
+use serde_json::{json, Value};
 use crate::formats::safetensors::TensorStore;
 
 struct Layer<T> {
@@ -123,7 +124,19 @@ impl<T> Bert<T> {
     }
 }
 
-/// BERT's keys, with transformers' defaults.
+/// transformers' defaults for the keys BERT reads: see `llama::defaults`.
+pub fn defaults(model_type: &str) -> Value {
+    match model_type {
+        "bert" => json!({
+            "hidden_act": "gelu", "hidden_size": 768, "intermediate_size": 3072,
+            "layer_norm_eps": 1e-12, "max_position_embeddings": 512, "num_attention_heads": 12,
+            "num_hidden_layers": 12, "type_vocab_size": 2, "vocab_size": 30522
+        }),
+        _ => json!({}),
+    }
+}
+
+/// BERT's keys.
 #[derive(Deserialize)]
 struct BertConfig {
     hidden_size: Dim,
@@ -131,17 +144,13 @@ struct BertConfig {
     num_hidden_layers: Dim,
     intermediate_size: Dim,
     vocab_size: Dim,
-    #[serde(default = "dim::<512>")]
     max_position_embeddings: Dim,
-    #[serde(default = "dim::<2>")]
     type_vocab_size: Dim,
     /// Read only to refuse the relative forms.
     #[serde(default)]
     #[allow(dead_code)]
     position_embedding_type: PositionEmbedding,
-    #[serde(default = "gelu")]
     hidden_act: Activation,
-    #[serde(default = "layer_norm_eps")]
     layer_norm_eps: NonNegative,
 }
 
@@ -158,14 +167,6 @@ impl TryFrom<String> for PositionEmbedding {
             _ => Err(format!("\"{t}\" is not supported (only absolute)")),
         }
     }
-}
-
-fn gelu() -> Activation {
-    Activation::GeluErf
-}
-
-fn layer_norm_eps() -> NonNegative {
-    NonNegative(1e-12)
 }
 
 impl<T> Bert<T> {

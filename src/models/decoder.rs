@@ -12,7 +12,7 @@ use crate::backend::Backend;
 use crate::backend::{Activation, AttentionSpec};
 use serde::Deserialize;
 use crate::error::{bad_input, Result};
-use crate::formats::hf_config::{dim, Dim, HfConfig, NonNegative};
+use crate::formats::hf_config::{Dim, HfConfig, NonNegative};
 use crate::formats::safetensors::TensorStore;
 
 /// The linear modules that read one input: separate (q, k, v; gate, up) or fused into one module
@@ -264,7 +264,7 @@ pub(super) fn rotate<B: Backend>(be: &B, x: &mut B::T, batch: &Batch, head_dim: 
 }
 
 /// The keys every decoder family reads, under Llama's names (which Mistral, Qwen, Gemma and Phi-3
-/// share), with transformers' defaults.
+/// share). Their defaults are each model type's (`models::defaults`), filled in before.
 #[derive(Deserialize)]
 pub struct DecoderConfig {
     hidden_size: Dim,
@@ -276,23 +276,12 @@ pub struct DecoderConfig {
     num_hidden_layers: Dim,
     intermediate_size: Dim,
     vocab_size: Dim,
-    #[serde(default = "dim::<2048>")]
     max_position_embeddings: Dim,
-    #[serde(default = "rms_norm_eps")]
     rms_norm_eps: NonNegative,
-    /// Whether the LM head is the embedding; the default differs by family.
-    pub tie_word_embeddings: Option<bool>,
+    /// Whether the LM head is the embedding.
+    pub tie_word_embeddings: bool,
     /// Each layer's attention, where the config lists it (else a family rule decides).
     layer_types: Option<Vec<LayerType>>,
-}
-
-/// The Llama family's and Phi-3's default `hidden_act`.
-pub fn silu() -> Activation {
-    Activation::Silu
-}
-
-fn rms_norm_eps() -> NonNegative {
-    NonNegative(1e-6)
 }
 
 /// A layer's attention in `layer_types`.

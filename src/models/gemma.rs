@@ -9,8 +9,9 @@ use super::decoder::{Decoder, DecoderConfig, Layer, Proj};
 use super::{rope, WeightReader};
 use crate::backend::{Activation, Backend};
 use crate::error::{bad_input, Result};
-use crate::formats::hf_config::{dim, Dim, HfConfig, Positive};
+use crate::formats::hf_config::{Dim, HfConfig, Positive};
 use serde::Deserialize;
+use serde_json::{json, Value};
 use crate::formats::safetensors::{Dtype, TensorStore};
 use crate::mat::Mat;
 
@@ -30,7 +31,8 @@ pub fn text_config(c: &HfConfig) -> Result<HfConfig> {
         bad_input(&c.file, "model_type \"gemma3\" without a \"text_config\": cannot find the language model")
     })?;
     t.insert("model_type".into(), "gemma3_text".into());
-    Ok(HfConfig { file: format!("{} (text_config)", c.file), raw: t.into() })
+    let text = HfConfig { file: format!("{} (text_config)", c.file), raw: t.into() };
+    Ok(text.with_defaults(&defaults("gemma3_text")))
 }
 
 /// √hidden, rounded to the embedding's stored precision as transformers does (it casts the scale to
@@ -45,33 +47,45 @@ fn embed_scale(store: &TensorStore, prefix: &str, d: usize) -> f32 {
     }
 }
 
-/// Gemma's own keys, beside `DecoderConfig`'s, with Gemma3TextConfig's defaults (which a
-/// multimodal `text_config` relies on).
+/// transformers' defaults for the keys Gemma reads (a multimodal `gemma3` gets `gemma3_text`'s in its
+/// text_config, which published checkpoints leave mostly to them): see `llama::defaults`.
+pub fn defaults(model_type: &str) -> Value {
+    match model_type {
+        "gemma2" => json!({
+            "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "head_dim": 256,
+            "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304,
+            "intermediate_size": 9216, "max_position_embeddings": 8192,
+            "num_attention_heads": 8, "num_hidden_layers": 26, "num_key_value_heads": 4,
+            "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0,
+            "sliding_window": 4096, "tie_word_embeddings": true, "vocab_size": 256000
+        }),
+        "gemma3_text" => json!({
+            "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304,
+            "intermediate_size": 9216, "max_position_embeddings": 131072,
+            "num_attention_heads": 8, "num_hidden_layers": 26, "num_key_value_heads": 4,
+            "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+            "rope_local_base_freq": 10000.0, "rope_theta": 1000000.0, "sliding_window": 4096,
+            "tie_word_embeddings": true, "use_bidirectional_attention": false,
+            "vocab_size": 262208
+        }),
+        _ => json!({}),
+    }
+}
+
+/// Gemma's own keys, beside `DecoderConfig`'s.
 #[derive(Deserialize)]
 struct GemmaConfig {
-    #[serde(default = "gelu_tanh")]
     hidden_activation: Activation,
-    #[serde(default = "dim::<4096>")]
     sliding_window: Dim,
     /// One full-attention layer in this many (where `layer_types` does not say); default 6 for
     /// Gemma 3, 2 for Gemma 2.
     sliding_window_pattern: Option<Dim>,
     /// Attention scores are scaled by its inverse square root.
-    #[serde(default = "query_pre_attn_scalar")]
     query_pre_attn_scalar: Positive,
     attn_logit_softcapping: Option<Positive>,
     final_logit_softcapping: Option<Positive>,
     /// EmbeddingGemma's bidirectional attention.
-    #[serde(default)]
-    use_bidirectional_attention: bool,
-}
-
-fn gelu_tanh() -> Activation {
-    Activation::GeluTanh
-}
-
-fn query_pre_attn_scalar() -> Positive {
-    Positive(256.0)
+    use_bidirectional_attention: Option<bool>,
 }
 
 pub fn load<B: Backend>(be: &B, config: &HfConfig, store: &TensorStore) -> Result<Decoder<B::T>> {
@@ -80,7 +94,7 @@ pub fn load<B: Backend>(be: &B, config: &HfConfig, store: &TensorStore) -> Resul
     let gemma3 = outer != "gemma2";
     let k = DecoderConfig::read(c)?;
     let own: GemmaConfig = c.typed()?;
-    if own.use_bidirectional_attention {
+    if own.use_bidirectional_attention == Some(true) {
         return Err(bad_input(
             &c.file,
             "use_bidirectional_attention (an embedding model) is not supported: only causal Gemma models are",
@@ -135,7 +149,7 @@ pub fn load<B: Backend>(be: &B, config: &HfConfig, store: &TensorStore) -> Resul
         embed: w.tensor("embed_tokens.weight", (s.vocab, d))?,
         layers,
         norm: norm(be, &w, "norm.weight", d)?,
-        lm_head: super::decoder::lm_head(be, store, d, s.vocab, k.tie_word_embeddings.unwrap_or(true))?,
+        lm_head: super::decoder::lm_head(be, store, d, s.vocab, k.tie_word_embeddings)?,
         final_softcap: own.final_logit_softcapping.map(|x| x.0 as f32),
     })
 }

@@ -5,8 +5,9 @@ use super::{Hook, Linear, LinearRef, ModuleInfo, Output, Pass, WeightReader};
 use crate::backend::Backend;
 use crate::backend::{Activation, AttentionSpec};
 use crate::error::{bad_input, Result};
-use crate::formats::hf_config::{dim, Dim, HfConfig, NonNegative};
+use crate::formats::hf_config::{Dim, HfConfig, NonNegative};
 use serde::Deserialize;
+use serde_json::{json, Value};
 use crate::formats::safetensors::TensorStore;
 
 struct Block<T> {
@@ -117,37 +118,33 @@ impl<T> Gpt2<T> {
     }
 }
 
-/// GPT-2's keys, with transformers' defaults.
+/// transformers' defaults for the keys GPT-2 reads: see `llama::defaults`.
+pub fn defaults(model_type: &str) -> Value {
+    match model_type {
+        "gpt2" => json!({
+            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-05, "n_embd": 768,
+            "n_head": 12, "n_layer": 12, "n_positions": 1024,
+            "scale_attn_by_inverse_layer_idx": false, "scale_attn_weights": true,
+            "vocab_size": 50257
+        }),
+        _ => json!({}),
+    }
+}
+
+/// GPT-2's keys.
 #[derive(Deserialize)]
 struct Gpt2Config {
     n_embd: Dim,
     n_head: Dim,
     n_layer: Dim,
     vocab_size: Dim,
-    #[serde(default = "dim::<1024>")]
     n_positions: Dim,
     /// The MLP's width; default 4 × n_embd.
     n_inner: Option<Dim>,
-    #[serde(default = "gelu_new")]
     activation_function: Activation,
-    #[serde(default = "yes")]
     scale_attn_weights: bool,
-    #[serde(default)]
     scale_attn_by_inverse_layer_idx: bool,
-    #[serde(default = "layer_norm_epsilon")]
     layer_norm_epsilon: NonNegative,
-}
-
-fn gelu_new() -> Activation {
-    Activation::GeluTanh
-}
-
-fn yes() -> bool {
-    true
-}
-
-fn layer_norm_epsilon() -> NonNegative {
-    NonNegative(1e-5)
 }
 
 impl<T> Gpt2<T> {

@@ -8,28 +8,70 @@ use super::decoder::{Decoder, DecoderConfig, Layer, Proj};
 use super::{rope, WeightReader};
 use crate::backend::{Activation, Backend};
 use crate::error::{bad_input, Result};
-use crate::formats::hf_config::{dim, Count, Dim, HfConfig};
+use crate::formats::hf_config::{Count, Dim, HfConfig};
 use serde::Deserialize;
+use serde_json::{json, Value};
 use crate::formats::safetensors::TensorStore;
 
 pub const MODEL_TYPES: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "smollm3"];
 
-/// The Llama family's own keys, beside `DecoderConfig`'s, with transformers' defaults.
+/// transformers' defaults for the keys this family reads, by model type: what a config that leaves a
+/// key out means (`tools/config_defaults.py` prints them from transformers; tests/configs.rs holds
+/// these to its output).
+pub fn defaults(model_type: &str) -> Value {
+    match model_type {
+        "llama" => json!({
+            "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 11008,
+            "max_position_embeddings": 2048, "num_attention_heads": 32,
+            "num_hidden_layers": 32, "rms_norm_eps": 1e-06, "rope_theta": 10000.0,
+            "tie_word_embeddings": false, "vocab_size": 32000
+        }),
+        "mistral" => json!({
+            "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+            "max_position_embeddings": 131072, "num_attention_heads": 32,
+            "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+            "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": false,
+            "vocab_size": 32000
+        }),
+        "qwen2" => json!({
+            "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 22016,
+            "max_position_embeddings": 32768, "max_window_layers": 28,
+            "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+            "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
+            "tie_word_embeddings": false, "use_sliding_window": false, "vocab_size": 151936
+        }),
+        "qwen3" => json!({
+            "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+            "intermediate_size": 22016, "max_position_embeddings": 32768,
+            "max_window_layers": 28, "num_attention_heads": 32, "num_hidden_layers": 32,
+            "num_key_value_heads": 32, "rms_norm_eps": 1e-06, "rope_theta": 10000.0,
+            "sliding_window": 4096, "tie_word_embeddings": false, "use_sliding_window": false,
+            "vocab_size": 151936
+        }),
+        "smollm3" => json!({
+            "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 11008,
+            "max_position_embeddings": 32768, "no_rope_layer_interval": 4,
+            "num_attention_heads": 16, "num_hidden_layers": 36, "num_key_value_heads": 4,
+            "rms_norm_eps": 1e-06, "rope_theta": 2000000.0, "tie_word_embeddings": true,
+            "use_sliding_window": false, "vocab_size": 128256
+        }),
+        _ => json!({}),
+    }
+}
+
+/// The Llama family's own keys, beside `DecoderConfig`'s.
 #[derive(Deserialize)]
 struct LlamaConfig {
-    #[serde(default = "super::decoder::silu")]
     hidden_act: Activation,
     sliding_window: Option<Count>,
-    /// Qwen2/Qwen3: the layers from this one on slide (where `layer_types` does not say).
-    #[serde(default)]
-    max_window_layers: Count,
-    #[serde(default)]
-    use_sliding_window: bool,
+    /// Qwen2/Qwen3/SmolLM3: the layers from this one on slide (where `layer_types` does not say).
+    max_window_layers: Option<Count>,
+    /// Qwen2/Qwen3/SmolLM3: whether `sliding_window` applies at all.
+    use_sliding_window: Option<bool>,
     /// SmolLM3: 1 where a layer has rotary positions, 0 where it has none.
     no_rope_layers: Option<Vec<u64>>,
     /// SmolLM3, without `no_rope_layers`: every this many layers, one has no positions.
-    #[serde(default = "dim::<4>")]
-    no_rope_layer_interval: Dim,
+    no_rope_layer_interval: Option<Dim>,
 }
 
 impl LlamaConfig {
@@ -45,7 +87,12 @@ impl LlamaConfig {
                 &c.file,
                 format!("\"no_rope_layers\" must list 0 or 1 for each of the {layers} layers"),
             )),
-            None => Ok((0..layers).map(|i| (i + 1) % self.no_rope_layer_interval.0 != 0).collect()),
+            None => {
+                let every = self.no_rope_layer_interval.ok_or_else(|| {
+                    bad_input(&c.file, "SmolLM3 needs \"no_rope_layers\" or \"no_rope_layer_interval\"")
+                })?;
+                Ok((0..layers).map(|i| (i + 1) % every.0 != 0).collect())
+            }
         }
     }
 
@@ -57,7 +104,8 @@ impl LlamaConfig {
         Ok(match model_type {
             "mistral" => vec![window; layers],
             "qwen2" | "qwen3" | "smollm3" => {
-                let (on, from) = (self.use_sliding_window, self.max_window_layers.0);
+                let on = self.use_sliding_window.unwrap_or(false);
+                let from = self.max_window_layers.map_or(0, |m| m.0);
                 k.sliding(c, layers, |i| on && window && i >= from)?.into_iter().map(|t| t && on).collect()
             }
             _ => vec![false; layers],
@@ -108,7 +156,7 @@ pub fn load<B: Backend>(be: &B, c: &HfConfig, store: &TensorStore) -> Result<Dec
     }
     Ok(Decoder {
         rotaries: vec![rope::standard(c, s.head_dim)?],
-        lm_head: super::decoder::lm_head(be, store, d, s.vocab, k.tie_word_embeddings.unwrap_or(false))?,
+        lm_head: super::decoder::lm_head(be, store, d, s.vocab, k.tie_word_embeddings)?,
         model_type,
         d,
         ff,

@@ -427,9 +427,24 @@ async fn forward_pass<B: Backend, H: Hook<B>>(
 pub const MODEL_TYPES: [&str; 11] =
     ["gpt2", "llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3_text", "gemma3", "phi3", "bert"];
 
-/// Load the model a `config.json` describes from its weights.
+/// transformers' defaults for the keys a model type's family reads (each family file declares its
+/// own): what a config.json that leaves a key out means.
+pub fn defaults(model_type: &str) -> serde_json::Value {
+    match model_type {
+        "gpt2" => gpt2::defaults(model_type),
+        t if llama::MODEL_TYPES.contains(&t) => llama::defaults(t),
+        t if gemma::MODEL_TYPES.contains(&t) => gemma::defaults(t),
+        "phi3" => phi3::defaults(model_type),
+        "bert" => bert::defaults(model_type),
+        _ => serde_json::json!({}),
+    }
+}
+
+/// Load the model a `config.json` describes from its weights, with its model type's defaults for
+/// the keys it leaves out.
 pub fn load<B: Backend>(be: &B, config: &HfConfig, weights: &TensorStore) -> Result<Model<B::T>> {
     let mt = config.model_type()?;
+    let config = &config.with_defaults(&defaults(&mt));
     Ok(match mt.as_str() {
         "gpt2" => Model::Gpt2(gpt2::Gpt2::load(be, config, weights)?),
         t if llama::MODEL_TYPES.contains(&t) => Model::Decoder(llama::load(be, config, weights)?),

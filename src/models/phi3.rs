@@ -9,12 +9,25 @@ use crate::backend::{Activation, Backend};
 use crate::error::Result;
 use crate::formats::hf_config::{Count, HfConfig};
 use serde::Deserialize;
+use serde_json::{json, Value};
 use crate::formats::safetensors::TensorStore;
+
+/// transformers' defaults for the keys Phi-3 reads: see `llama::defaults`.
+pub fn defaults(model_type: &str) -> Value {
+    match model_type {
+        "phi3" => json!({
+            "hidden_act": "silu", "hidden_size": 3072, "intermediate_size": 8192,
+            "max_position_embeddings": 4096, "num_attention_heads": 32,
+            "num_hidden_layers": 32, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+            "tie_word_embeddings": false, "vocab_size": 32064
+        }),
+        _ => json!({}),
+    }
+}
 
 /// Phi-3's own keys, beside `DecoderConfig`'s.
 #[derive(Deserialize)]
 struct Phi3Config {
-    #[serde(default = "super::decoder::silu")]
     hidden_act: Activation,
     /// A window on every layer, where set.
     sliding_window: Option<Count>,
@@ -59,7 +72,7 @@ pub fn load<B: Backend>(be: &B, c: &HfConfig, store: &TensorStore) -> Result<Dec
         embed: w.tensor("embed_tokens.weight", (s.vocab, d))?,
         layers,
         norm: w.tensor("norm.weight", (1, d))?,
-        lm_head: super::decoder::lm_head(be, store, d, s.vocab, k.tie_word_embeddings.unwrap_or(false))?,
+        lm_head: super::decoder::lm_head(be, store, d, s.vocab, k.tie_word_embeddings)?,
         final_softcap: None,
     })
 }

@@ -5,7 +5,7 @@
 //! `longrope` / `su` (Phi-3 / Phi-4-mini).
 
 use crate::error::{bad_input, Result};
-use crate::formats::hf_config::{dim, Count, Dim, HfConfig, Positive};
+use crate::formats::hf_config::{Count, Dim, HfConfig, Positive};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -38,15 +38,15 @@ impl Rotary {
 
 /// The keys rotary positions read, in both forms: `rope_theta` + `rope_scaling` (older
 /// transformers), or transformers 5's `rope_parameters`, flat or one dict per layer type.
+/// Their defaults are each model type's (`models::defaults`), filled in before.
 #[derive(Deserialize)]
 struct RopeConfig {
-    rope_theta: Option<Positive>,
+    rope_theta: Positive,
     /// Gemma 3's base on sliding layers.
     rope_local_base_freq: Option<Positive>,
     partial_rotary_factor: Option<f64>,
     rope_scaling: Option<Value>,
     rope_parameters: Option<Value>,
-    #[serde(default = "dim::<2048>")]
     max_position_embeddings: Dim,
     /// Phi-3 writes longrope's trained context here, outside the rope dict.
     original_max_position_embeddings: Option<Count>,
@@ -84,7 +84,7 @@ impl RopeConfig {
 pub fn standard(c: &HfConfig, head_dim: usize) -> Result<Rotary> {
     let k: RopeConfig = c.typed()?;
     let flat = RopeConfig::dict(c, "rope_parameters", k.rope_parameters.as_ref())?;
-    let theta = flat.as_ref().and_then(|p| p.rope_theta).or(k.rope_theta).map_or(10000.0, |t| t.0);
+    let theta = flat.as_ref().and_then(|p| p.rope_theta).unwrap_or(k.rope_theta).0;
     let scaling = RopeConfig::dict(c, "rope_scaling", k.rope_scaling.as_ref())?.or(flat);
     build(c, &k, theta, scaling.as_ref(), head_dim)
 }
@@ -95,7 +95,11 @@ pub fn standard(c: &HfConfig, head_dim: usize) -> Result<Rotary> {
 pub fn gemma3(c: &HfConfig, layer_type: &str, head_dim: usize) -> Result<Rotary> {
     let k: RopeConfig = c.typed()?;
     let sliding = layer_type == "sliding_attention";
-    let theta = if sliding { k.rope_local_base_freq.map_or(10000.0, |t| t.0) } else { k.rope_theta.map_or(1e6, |t| t.0) };
+    let theta = match (sliding, k.rope_local_base_freq) {
+        (false, _) => k.rope_theta.0,
+        (true, Some(local)) => local.0,
+        (true, None) => return Err(bad_input(&c.file, "Gemma 3 needs \"rope_local_base_freq\" for its sliding layers")),
+    };
     let by_type = k.rope_parameters.as_ref().and_then(|p| p.get(layer_type));
     if let Some(p) = RopeConfig::dict(c, &format!("rope_parameters.{layer_type}"), by_type)? {
         return build(c, &k, p.rope_theta.map_or(theta, |t| t.0), Some(&p), head_dim);
@@ -210,8 +214,14 @@ fn build(c: &HfConfig, k: &RopeConfig, theta: f64, s: Option<&Scaling>, head_dim
 mod tests {
     use super::*;
 
+    /// A config of `model_type` with that type's defaults, as `models::load` reads it.
+    fn typed_cfg(model_type: &str, v: serde_json::Value) -> HfConfig {
+        let c = HfConfig::parse("config.json", v.to_string().as_bytes()).unwrap();
+        c.with_defaults(&crate::models::defaults(model_type))
+    }
+
     fn cfg(v: serde_json::Value) -> HfConfig {
-        HfConfig::parse("config.json", v.to_string().as_bytes()).unwrap()
+        typed_cfg("llama", v)
     }
 
     #[test]
@@ -223,9 +233,9 @@ mod tests {
         assert_eq!(a.inv_freq, b.inv_freq);
         assert_eq!(a.inv_freq[0], 0.5);
         // Gemma 3: local and global bases, the scaling on global layers only.
-        let old = cfg(serde_json::json!({"rope_theta": 1e6, "rope_local_base_freq": 1e4,
+        let old = typed_cfg("gemma3_text", serde_json::json!({"rope_theta": 1e6, "rope_local_base_freq": 1e4,
             "rope_scaling": {"rope_type": "linear", "factor": 8.0}}));
-        let new = cfg(serde_json::json!({"rope_parameters": {
+        let new = typed_cfg("gemma3_text", serde_json::json!({"rope_parameters": {
             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}));
         for lt in ["full_attention", "sliding_attention"] {
@@ -233,6 +243,12 @@ mod tests {
         }
         assert_eq!(gemma3(&old, "full_attention", 8).unwrap().inv_freq[0], 0.125);
         assert_eq!(gemma3(&old, "sliding_attention", 8).unwrap().inv_freq[1], 0.1);
+        // Left out: each model type's own bases (Gemma 3's 1e6 and 1e4, SmolLM3's 2e6).
+        let bare = typed_cfg("gemma3_text", serde_json::json!({}));
+        assert_eq!(gemma3(&bare, "full_attention", 8).unwrap().inv_freq[1], 1e6f64.powf(-0.25) as f32);
+        assert_eq!(gemma3(&bare, "sliding_attention", 8).unwrap().inv_freq[1], 0.1);
+        let smollm3 = typed_cfg("smollm3", serde_json::json!({}));
+        assert_eq!(standard(&smollm3, 12).unwrap().inv_freq[3], 2e6f64.powf(-0.5) as f32);
     }
 
     #[test]
