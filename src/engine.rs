@@ -92,11 +92,10 @@ impl<'a> Engine<'a> {
         &mut self,
         tasks: &[TaskInput],
         opts: &Options,
-        f16_out: bool,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<MergeResult> {
         opts.validate(tasks.len())?;
-        let mut r = self.run(&mut Merge { tasks, opts, f16_out, progress }).await?;
+        let mut r = self.run(&mut Merge { tasks, opts, progress }).await?;
         r.report.notes = self.notes.clone();
         Ok(r)
     }
@@ -140,7 +139,7 @@ impl<'a> Engine<'a> {
         let mut methods = Vec::new();
         for (k, (name, o)) in names.iter().zip(&variants).enumerate() {
             let mut sink = |p: Progress| progress(k + 1, names.len(), name, p);
-            let r = self.run(&mut Merge { tasks, opts: o, f16_out: false, progress: &mut sink }).await?;
+            let r = self.run(&mut Merge { tasks, opts: o, progress: &mut sink }).await?;
             methods.push(ComparisonRow::of(&r));
         }
         Ok(Comparison {
@@ -256,14 +255,13 @@ trait Work {
 struct Merge<'s> {
     tasks: &'s [TaskInput],
     opts: &'s Options,
-    f16_out: bool,
     progress: &'s mut dyn FnMut(Progress),
 }
 
 impl Work for Merge<'_> {
     type Out = MergeResult;
     async fn run<B: Backward>(&mut self, be: &B, base: &LoadedBase<'_, B>) -> Result<MergeResult> {
-        pipeline::merge_loaded(be, base, self.tasks, self.opts, self.f16_out, self.progress).await
+        pipeline::merge_loaded(be, base, self.tasks, self.opts, self.progress).await
     }
 }
 

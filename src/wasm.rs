@@ -255,13 +255,12 @@ fn read_inputs(input: &JsValue) -> Result<(BaseInputs, Vec<TaskInput>), JsValue>
 }
 
 /// Merge the adapters of `input` (see `read_inputs`) with `options` (JSON: the fields of
-/// `Options`, plus `backend`: "auto" | "gpu" | "cpu", and `f16`). `progress(pass, passes, label,
-/// done, all)` is called as the merge goes. Resolves to
+/// `Options`, plus `backend`: "auto" | "gpu" | "cpu"). `progress(pass, passes, label, done, all)`
+/// is called as the merge goes. Resolves to
 /// `{ zip, report (JSON text), backend, notes: [..] }`.
 struct Settings {
     opts: Options,
     backend: BackendChoice,
-    f16: bool,
 }
 
 fn settings(options: &str) -> Result<Settings, JsValue> {
@@ -272,8 +271,7 @@ fn settings(options: &str) -> Result<Settings, JsValue> {
         Some(b) => serde_json::from_value(b.clone()).map_err(bad)?,
         None => BackendChoice::default(),
     };
-    let f16 = v.get("f16").and_then(|b| b.as_bool()).unwrap_or(false);
-    Ok(Settings { opts, backend, f16 })
+    Ok(Settings { opts, backend })
 }
 
 /// The library's engine on the backend the settings ask for; its warning (a CPU emulation of
@@ -341,7 +339,7 @@ pub async fn merge(
     let (s, base, tasks) = begin(&input, &options)?;
     let mut engine = engine(&s, &base, &warn).await?;
     let mut sink = progress_sink(&progress);
-    let result = engine.merge(&tasks, &s.opts, s.f16, &mut |p| sink("", p)).await.map_err(to_js)?;
+    let result = engine.merge(&tasks, &s.opts, &mut |p| sink("", p)).await.map_err(to_js)?;
     let files = result.output_files(&tasks, false).map_err(to_js)?;
     let report = files.iter().find(|(name, _)| *name == "merge_report.json").map(|(_, r)| r.clone());
     let files: Vec<(&str, &[u8])> = files.iter().map(|(name, bytes)| (*name, bytes.as_slice())).collect();
@@ -397,7 +395,7 @@ pub async fn forward_bench(
     let seqs: Vec<Vec<u32>> = ids.chunks(ids.len() / n).map(<[u32]>::to_vec).collect();
     batch.push_group(0, crate::models::Stream::Base, &seqs);
     let backend = serde_json::from_value(serde_json::json!(backend)).map_err(|e| js_error("input", &e.to_string()))?;
-    let settings = Settings { opts: Options::default(), backend, f16: false };
+    let settings = Settings { opts: Options::default(), backend };
     let mut engine = engine(&settings, &base, &warn).await?;
     let (seconds, hidden) = engine.time_forward(&batch, repeat).await.map_err(to_js)?;
     let mean_abs = hidden.data.iter().map(|v| v.abs() as f64).sum::<f64>() / hidden.data.len().max(1) as f64;

@@ -193,7 +193,7 @@ fn bad_baseline_settings_are_refused() {
         (Options { method: Method::Ties, density: 0.0, ..Options::published() }, "--density"),
         (Options { method: Method::Regmean, regmean_scale: 1.5, ..Options::published() }, "--regmean-scale"),
     ] {
-        let err = iteris::merge::pipeline::merge(&Cpu, &base("gpt2"), &tasks("gpt2"), &opts, false, &mut |_| {})
+        let err = iteris::merge::pipeline::merge(&Cpu, &base("gpt2"), &tasks("gpt2"), &opts, &mut |_| {})
             .block_on()
             .err()
             .expect("refused");

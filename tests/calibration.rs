@@ -15,7 +15,7 @@ use pollster::FutureExt;
 fn demo_merge(opts: &Options) -> pipeline::MergeResult {
     let base = fsio::read_base(&demo().join("base")).unwrap();
     let opts = Options { eval_limit: Some(50), ..opts.clone() };
-    pipeline::merge(&Cpu, &base, &demo_tasks(), &opts, false, &mut |_| {}).block_on().unwrap()
+    pipeline::merge(&Cpu, &base, &demo_tasks(), &opts, &mut |_| {}).block_on().unwrap()
 }
 
 fn accuracies(r: &pipeline::MergeResult) -> Vec<f64> {

@@ -50,7 +50,10 @@ fn an_explicit_null_is_none_and_a_missing_key_the_class_default() {
     assert_eq!(config(shape.clone()).raw["sliding_window"], json!(4096));
     // Gemma 2 soft-caps where the config does not say otherwise.
     let gemma2 = config(json!({"model_type": "gemma2"}));
-    assert_eq!((&gemma2.raw["attn_logit_softcapping"], &gemma2.raw["final_logit_softcapping"]), (&json!(50.0), &json!(30.0)));
+    assert_eq!(
+        (&gemma2.raw["attn_logit_softcapping"], &gemma2.raw["final_logit_softcapping"]),
+        (&json!(50.0), &json!(30.0))
+    );
     // Phi-3's norm epsilon is 1e-5, not Llama's 1e-6.
     let mut phi3 = shape;
     phi3["model_type"] = "phi3".into();
@@ -62,7 +65,10 @@ fn an_explicit_null_is_none_and_a_missing_key_the_class_default() {
 fn errors_name_the_key_path() {
     let bad = config(json!({"model_type": "llama", "hidden_size": "64"}));
     let e = DecoderConfig::read(&bad).err().unwrap().to_string();
-    assert!(e.contains("config.json") && e.contains("\"hidden_size\": expected a non-negative integer, not \"64\""), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("\"hidden_size\": expected a non-negative integer, not \"64\""),
+        "{e}"
+    );
     let bad = config(json!({"model_type": "qwen2", "layer_types": ["full_attention", "chunked_attention"]}));
     let e = DecoderConfig::read(&bad).err().unwrap().to_string();
     assert!(e.contains("\"layer_types[1]\": \"chunked_attention\" is not supported"), "{e}");

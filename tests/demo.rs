@@ -36,7 +36,7 @@ fn iteris_keeps_more_than_averaging() {
     let tasks = demo_tasks();
     let mean_acc = |method| {
         let opts = Options { method, eval_limit: Some(100), ..Options::default() };
-        let r = pipeline::merge(&Cpu, &base, &tasks, &opts, false, &mut |_| {}).block_on().unwrap();
+        let r = pipeline::merge(&Cpu, &base, &tasks, &opts, &mut |_| {}).block_on().unwrap();
         let q = r.quality.unwrap();
         q.iter().map(|t| t.accuracy.unwrap()).sum::<f64>() / q.len() as f64
     };

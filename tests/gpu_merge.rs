@@ -229,7 +229,7 @@ fn binding_limits_chunk_refuse_or_split_instead_of_failing() {
     let mut small = Gpu::new().unwrap();
     small.limit_bindings(4 << 10);
     let b = base("gpt2");
-    let refused = iteris::merge::pipeline::merge(&small, &b, &tasks("gpt2"), &Options::published(), false, &mut |_| {})
+    let refused = iteris::merge::pipeline::merge(&small, &b, &tasks("gpt2"), &Options::published(), &mut |_| {})
         .block_on()
         .err()
         .expect("the plan refuses the merge");
@@ -245,7 +245,7 @@ fn binding_limits_chunk_refuse_or_split_instead_of_failing() {
         t
     };
     let kl = |gpu: &Gpu| {
-        let r = iteris::merge::pipeline::merge(gpu, &b, &with_eval(), &Options::published(), false, &mut |_| {})
+        let r = iteris::merge::pipeline::merge(gpu, &b, &with_eval(), &Options::published(), &mut |_| {})
             .block_on()
             .unwrap();
         r.quality.unwrap().iter().map(|q| q.kl).collect::<Vec<_>>()

@@ -62,7 +62,6 @@ fn mlx_adapters_merge_as_their_peft_twins() {
         &base,
         &from,
         &opts,
-        false,
         &mut |_| {},
     ))
     .unwrap();

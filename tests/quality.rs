@@ -121,9 +121,7 @@ fn kl_and_generation_match_direct_computations() {
 
     // The report: accuracy = exact matches of those continuations; KL below.
     tasks[0].eval = Some(set.clone());
-    let r = iteris::merge::pipeline::merge(&Cpu, &base, &tasks, &Options::published(), false, &mut |_| {})
-        .block_on()
-        .unwrap();
+    let r = iteris::merge::pipeline::merge(&Cpu, &base, &tasks, &Options::published(), &mut |_| {}).block_on().unwrap();
     let q = &r.quality.as_ref().unwrap()[0];
     let want_acc = direct.iter().zip(&set.items).filter(|(d, (_, a))| d.trim() == a.as_deref().unwrap().trim()).count()
         as f64

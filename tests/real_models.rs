@@ -105,7 +105,7 @@ fn check_merge<B: iteris::backend::Backward + 'static>(be: &B, tol: f64) {
         let base = fsio::read_base(&d.join("base")).unwrap();
         let opts = Options { schedule: Schedule::Jacobi, iters: 3, ..Options::published() };
         let t = std::time::Instant::now();
-        let r = pipeline::merge(be, &base, &real_tasks(&d), &opts, false, &mut |_| {}).block_on().unwrap();
+        let r = pipeline::merge(be, &base, &real_tasks(&d), &opts, &mut |_| {}).block_on().unwrap();
         let exp = read(&d, "expected_jacobi3_a1e-4.safetensors");
         assert_eq!(r.outcome.targets.len(), exp.keys().count(), "{name}: targeted modules differ from the reference");
         let mut worst = 0.0f64;

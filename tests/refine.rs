@@ -140,7 +140,7 @@ fn refinement_lowers_the_kl_it_descends() {
 #[test]
 fn refinement_is_refused_where_there_is_no_backward_pass() {
     let opts = Options { refine_steps: 2, ..Options::default() };
-    let e = iteris::merge::pipeline::merge(&Cpu, &base("gpt2"), &tasks("gpt2"), &opts, false, &mut |_| {})
+    let e = iteris::merge::pipeline::merge(&Cpu, &base("gpt2"), &tasks("gpt2"), &opts, &mut |_| {})
         .block_on()
         .err()
         .expect("gpt2 refused");

@@ -24,6 +24,12 @@ fn the_pages_settings_show_the_librarys_defaults_and_bounds() {
         let id = get("id").unwrap();
         let field = id.replace('-', "_");
         let Some(default) = defaults.get(&field) else { continue };
+        if get("type") == Some("checkbox") {
+            let shown = tag.as_str().contains(" checked");
+            assert_eq!(Some(shown), default.as_bool(), "#{id} is checked: {shown}, the library's default is {default}");
+            checked += 1;
+            continue;
+        }
         match get("value") {
             Some(v) => assert_eq!(
                 v.parse::<f64>().ok(),

@@ -172,6 +172,7 @@ function options() {
     alpha2: num('alpha2', 'α2'),
     max_len: Math.round(num('max-len', 'Max length')),
     rank: rank === '' ? null : Math.round(num('rank', 'Output rank')),
+    f16: $('f16').checked,
     backend: $('backend').value,
     // Greedy generation re-runs the whole prompt per token: a sample of the held-out set keeps
     // the page's quality check to seconds (the CLI uses every sample).

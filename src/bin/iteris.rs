@@ -253,6 +253,7 @@ impl MergeArgs {
             refine_steps: self.refine_steps,
             refine_lr: self.refine_lr,
             refine_augment: self.refine_augment,
+            f16: self.f16,
         };
         opts.validate(self.adapters.len())?;
         Ok(opts)
@@ -354,7 +355,7 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
     let p = prepare(&a)?;
     let opts = &p.opts;
     let mut engine = engine(&a, &p.base, opts)?;
-    let r = pollster::block_on(engine.merge(&p.tasks, opts, a.f16, &mut bars()))?;
+    let r = pollster::block_on(engine.merge(&p.tasks, opts, &mut bars()))?;
     let files = r.output_files(&p.tasks, a.mlx)?;
     let files: Vec<(&str, &[u8])> = files.iter().map(|(name, bytes)| (*name, bytes.as_slice())).collect();
     fsio::write_folder(&out, &files, a.force, &a.inputs())?;

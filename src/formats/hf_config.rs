@@ -194,7 +194,11 @@ mod tests {
         assert!(e.contains("config.json") && e.contains("\"hidden_size\": expected a non-negative integer"), "{e}");
         assert!(err(serde_json::json!({"hidden_size": 0})).contains("\"hidden_size\": 0, but it must be at least 1"));
         assert!(err(serde_json::json!({"hidden_size": 1u64 << 40})).contains("larger than any model"));
-        assert!(err(serde_json::json!({"hidden_size": 2, "window": -1})).contains("\"window\": expected a non-negative"));
-        assert!(err(serde_json::json!({"hidden_size": 2, "theta": 0.0})).contains("\"theta\": 0, but it must be greater"));
+        assert!(
+            err(serde_json::json!({"hidden_size": 2, "window": -1})).contains("\"window\": expected a non-negative")
+        );
+        assert!(
+            err(serde_json::json!({"hidden_size": 2, "theta": 0.0})).contains("\"theta\": 0, but it must be greater")
+        );
     }
 }

@@ -69,6 +69,9 @@ pub struct Options {
     /// Refinement's transfer data: this many recombined prompts per given prompt
     /// (`refine::augment`), answered by their adapters (0: the given samples alone).
     pub refine_augment: usize,
+    /// Write the merged adapter's weights as F16 instead of F32 (half the file; the merge itself
+    /// is unchanged).
+    pub f16: bool,
 }
 
 impl Default for Options {
@@ -98,6 +101,7 @@ impl Default for Options {
             refine_steps: 0,
             refine_lr: 0.01,
             refine_augment: 4,
+            f16: false,
         }
     }
 }

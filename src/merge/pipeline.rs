@@ -89,11 +89,10 @@ pub async fn merge<B: Backward>(
     base: &BaseInputs,
     tasks: &[TaskInput],
     opts: &Options,
-    f16_out: bool,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<MergeResult> {
     opts.validate(tasks.len())?;
-    merge_loaded(be, &load(be, base, opts.max_memory_mib)?, tasks, opts, f16_out, progress).await
+    merge_loaded(be, &load(be, base, opts.max_memory_mib)?, tasks, opts, progress).await
 }
 
 /// Merge the adapters of `tasks` into one, on a base model loaded already.
@@ -102,7 +101,6 @@ pub async fn merge_loaded<B: Backward>(
     loaded: &LoadedBase<'_, B>,
     tasks: &[TaskInput],
     opts: &Options,
-    f16_out: bool,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<MergeResult> {
     opts.validate(tasks.len())?;
@@ -311,10 +309,10 @@ pub async fn merge_loaded<B: Backward>(
             None => (m.clone(), *e),
         })
         .unzip();
-    let files = adapter_files(&outcome.targets, &deltas, &tasks[0].adapter, model.fan_in_fan_out(), f16_out)?;
+    let files = adapter_files(&outcome.targets, &deltas, &tasks[0].adapter, model.fan_in_fan_out(), opts.f16)?;
     let mlx_modules: Vec<_> = outcome.targets.iter().zip(&deltas).map(|(t, d)| (t.path.as_str(), &d.a, &d.b)).collect();
     let layers = crate::formats::mlx::layer_count(model.modules().iter().map(|m| m.name.as_str()));
-    let mlx = crate::formats::mlx::files(&mlx_modules, layers, model.fan_in_fan_out(), f16_out);
+    let mlx = crate::formats::mlx::files(&mlx_modules, layers, model.fan_in_fan_out(), opts.f16);
     timings.export = now() - t;
     peaks.end("export");
 

@@ -92,10 +92,10 @@ pub async fn study<B: Backward>(
         eval_limit: Some(0),
         ..opts.delta_objective()
     };
-    let sweep = merge(be, base, tasks, &iteris(Schedule::Sweep, opts.iters), false, progress).await?;
+    let sweep = merge(be, base, tasks, &iteris(Schedule::Sweep, opts.iters), progress).await?;
     let mut distance_to_sweep = Vec::new();
     for k in 1..=MAX_SOLVES {
-        let r = merge(be, base, tasks, &iteris(Schedule::Jacobi, k), false, progress).await?;
+        let r = merge(be, base, tasks, &iteris(Schedule::Jacobi, k), progress).await?;
         distance_to_sweep.push(relative_change(r.outcome.merged.iter().zip(&sweep.outcome.merged)));
     }
 
@@ -110,7 +110,7 @@ pub async fn study<B: Backward>(
                 for (t, s) in tasks.iter_mut().zip(&all) {
                     t.samples = s[..n].to_vec();
                 }
-                let r = merge(be, base, tasks, &o, false, progress).await?;
+                let r = merge(be, base, tasks, &o, progress).await?;
                 let q = r.quality.unwrap_or_default();
                 accuracy.push(mean(q.iter().map(|t| t.accuracy)));
                 worst_accuracy.push(q.iter().filter_map(|t| t.accuracy).min_by(f64::total_cmp));

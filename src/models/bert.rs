@@ -6,9 +6,9 @@ use crate::backend::Backend;
 use crate::backend::{Activation, AttentionSpec};
 use crate::error::{bad_input, Result};
 use crate::formats::hf_config::{Dim, HfConfig, NonNegative};
+use crate::formats::safetensors::TensorStore;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use crate::formats::safetensors::TensorStore;
 
 struct Layer<T> {
     query: Linear<T>,
@@ -172,7 +172,8 @@ impl TryFrom<String> for PositionEmbedding {
 impl<T> Bert<T> {
     pub fn load<B: Backend<T = T>>(be: &B, c: &HfConfig, store: &TensorStore) -> Result<Bert<T>> {
         let k: BertConfig = c.typed()?;
-        let (d, heads, layers_n, ff) = (k.hidden_size.0, k.num_attention_heads.0, k.num_hidden_layers.0, k.intermediate_size.0);
+        let (d, heads, layers_n, ff) =
+            (k.hidden_size.0, k.num_attention_heads.0, k.num_hidden_layers.0, k.intermediate_size.0);
         let (vocab, max_pos, types) = (k.vocab_size.0, k.max_position_embeddings.0, k.type_vocab_size.0);
         if d % heads != 0 {
             return Err(bad_input(

@@ -10,10 +10,10 @@ use super::rope::Rotary;
 use super::{Batch, Hook, Level, Linear, LinearRef, ModuleInfo, Output, Pass, WeightReader};
 use crate::backend::Backend;
 use crate::backend::{Activation, AttentionSpec};
-use serde::Deserialize;
 use crate::error::{bad_input, Result};
 use crate::formats::hf_config::{Dim, HfConfig, NonNegative};
 use crate::formats::safetensors::TensorStore;
+use serde::Deserialize;
 
 /// The linear modules that read one input: separate (q, k, v; gate, up) or fused into one module
 /// whose output columns are the parts side by side (Phi-3's `qkv_proj`, `gate_up_proj`).
@@ -320,7 +320,9 @@ impl DecoderConfig {
         let head_dim = match self.head_dim {
             Some(h) => h.0,
             None if d >= heads => d / heads,
-            None => return Err(bad_input(&c.file, format!("hidden_size {d} is smaller than num_attention_heads {heads}"))),
+            None => {
+                return Err(bad_input(&c.file, format!("hidden_size {d} is smaller than num_attention_heads {heads}")))
+            }
         };
         if head_dim % 2 != 0 {
             return Err(bad_input(&c.file, format!("head_dim {head_dim} must be even")));

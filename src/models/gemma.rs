@@ -10,10 +10,10 @@ use super::{rope, WeightReader};
 use crate::backend::{Activation, Backend};
 use crate::error::{bad_input, Result};
 use crate::formats::hf_config::{Dim, HfConfig, Positive};
-use serde::Deserialize;
-use serde_json::{json, Value};
 use crate::formats::safetensors::{Dtype, TensorStore};
 use crate::mat::Mat;
+use serde::Deserialize;
+use serde_json::{json, Value};
 
 pub const MODEL_TYPES: [&str; 3] = ["gemma2", "gemma3_text", "gemma3"];
 

@@ -6,9 +6,9 @@ use crate::backend::Backend;
 use crate::backend::{Activation, AttentionSpec};
 use crate::error::{bad_input, Result};
 use crate::formats::hf_config::{Dim, HfConfig, NonNegative};
+use crate::formats::safetensors::TensorStore;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use crate::formats::safetensors::TensorStore;
 
 struct Block<T> {
     ln_1: (T, Option<T>),

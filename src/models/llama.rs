@@ -9,9 +9,9 @@ use super::{rope, WeightReader};
 use crate::backend::{Activation, Backend};
 use crate::error::{bad_input, Result};
 use crate::formats::hf_config::{Count, Dim, HfConfig};
+use crate::formats::safetensors::TensorStore;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use crate::formats::safetensors::TensorStore;
 
 pub const MODEL_TYPES: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "smollm3"];
 
@@ -83,10 +83,9 @@ impl LlamaConfig {
         }
         match &self.no_rope_layers {
             Some(l) if l.len() == layers && l.iter().all(|x| *x <= 1) => Ok(l.iter().map(|x| *x == 1).collect()),
-            Some(_) => Err(bad_input(
-                &c.file,
-                format!("\"no_rope_layers\" must list 0 or 1 for each of the {layers} layers"),
-            )),
+            Some(_) => {
+                Err(bad_input(&c.file, format!("\"no_rope_layers\" must list 0 or 1 for each of the {layers} layers")))
+            }
             None => {
                 let every = self.no_rope_layer_interval.ok_or_else(|| {
                     bad_input(&c.file, "SmolLM3 needs \"no_rope_layers\" or \"no_rope_layer_interval\"")

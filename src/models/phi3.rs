@@ -8,9 +8,9 @@ use super::{rope, WeightReader};
 use crate::backend::{Activation, Backend};
 use crate::error::Result;
 use crate::formats::hf_config::{Count, HfConfig};
+use crate::formats::safetensors::TensorStore;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use crate::formats::safetensors::TensorStore;
 
 /// transformers' defaults for the keys Phi-3 reads: see `llama::defaults`.
 pub fn defaults(model_type: &str) -> Value {

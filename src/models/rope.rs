@@ -98,7 +98,9 @@ pub fn gemma3(c: &HfConfig, layer_type: &str, head_dim: usize) -> Result<Rotary>
     let theta = match (sliding, k.rope_local_base_freq) {
         (false, _) => k.rope_theta.0,
         (true, Some(local)) => local.0,
-        (true, None) => return Err(bad_input(&c.file, "Gemma 3 needs \"rope_local_base_freq\" for its sliding layers")),
+        (true, None) => {
+            return Err(bad_input(&c.file, "Gemma 3 needs \"rope_local_base_freq\" for its sliding layers"))
+        }
     };
     let by_type = k.rope_parameters.as_ref().and_then(|p| p.get(layer_type));
     if let Some(p) = RopeConfig::dict(c, &format!("rope_parameters.{layer_type}"), by_type)? {
@@ -114,7 +116,9 @@ fn rotary_dim(c: &HfConfig, k: &RopeConfig, s: Option<&Scaling>, head_dim: usize
     let f = match s.and_then(|s| s.partial_rotary_factor).or(k.partial_rotary_factor) {
         None => return Ok(head_dim),
         Some(f) if f > 0.0 && f <= 1.0 => f,
-        Some(f) => return Err(bad_input(&c.file, format!("partial_rotary_factor must be a number in (0, 1], not {f}"))),
+        Some(f) => {
+            return Err(bad_input(&c.file, format!("partial_rotary_factor must be a number in (0, 1], not {f}")))
+        }
     };
     let dim = (head_dim as f64 * f) as usize;
     if dim == 0 || !dim.is_multiple_of(2) {
@@ -233,11 +237,17 @@ mod tests {
         assert_eq!(a.inv_freq, b.inv_freq);
         assert_eq!(a.inv_freq[0], 0.5);
         // Gemma 3: local and global bases, the scaling on global layers only.
-        let old = typed_cfg("gemma3_text", serde_json::json!({"rope_theta": 1e6, "rope_local_base_freq": 1e4,
-            "rope_scaling": {"rope_type": "linear", "factor": 8.0}}));
-        let new = typed_cfg("gemma3_text", serde_json::json!({"rope_parameters": {
+        let old = typed_cfg(
+            "gemma3_text",
+            serde_json::json!({"rope_theta": 1e6, "rope_local_base_freq": 1e4,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+        );
+        let new = typed_cfg(
+            "gemma3_text",
+            serde_json::json!({"rope_parameters": {
             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}));
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+        );
         for lt in ["full_attention", "sliding_attention"] {
             assert_eq!(gemma3(&old, lt, 8).unwrap().inv_freq, gemma3(&new, lt, 8).unwrap().inv_freq, "{lt}");
         }

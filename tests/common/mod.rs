@@ -52,7 +52,7 @@ pub fn merge_on<B: iteris::backend::Backward + 'static>(
     arch: &str,
     opts: &Options,
 ) -> pipeline::MergeResult {
-    pipeline::merge(be, base, &tasks(arch), opts, false, &mut |_| {}).block_on().unwrap()
+    pipeline::merge(be, base, &tasks(arch), opts, &mut |_| {}).block_on().unwrap()
 }
 
 /// Merge `arch`'s fixture on the CPU.

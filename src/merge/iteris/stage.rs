@@ -120,32 +120,30 @@ pub(super) fn accumulate<B: Backend>(
     }
 }
 
+/// What a pending Gram is read for: its entries, or only its norm (`Backend::add_gram_for_norm`,
+/// which need not keep the entries).
+#[derive(Clone, Copy)]
+pub(super) enum GramUse {
+    Entries,
+    Norm,
+}
+
 /// `acc += x[xr]ᵀ · y[yr]` for a pending Gram that may not exist yet; its id.
 pub(super) fn add_gram<B: Backend>(
     be: &B,
     reads: &mut Reads<B>,
     acc: Option<GramId>,
-    x: &B::T,
-    xr: Range<usize>,
-    y: &B::T,
-    yr: Range<usize>,
+    used: GramUse,
+    (x, xr): (&B::T, Range<usize>),
+    (y, yr): (&B::T, Range<usize>),
 ) -> GramId {
     let (x2, y2) = (xr.clone(), yr.clone());
-    accumulate(reads, acc, || be.defer_gram(x, x2, y, y2), |g| be.add_gram(g, x, xr, y, yr))
-}
-
-/// `add_gram` for a Gram read only for its norm (`Backend::add_gram_for_norm`).
-pub(super) fn add_gram_for_norm<B: Backend>(
-    be: &B,
-    reads: &mut Reads<B>,
-    acc: Option<GramId>,
-    x: &B::T,
-    xr: Range<usize>,
-    y: &B::T,
-    yr: Range<usize>,
-) -> GramId {
-    let (x2, y2) = (xr.clone(), yr.clone());
-    accumulate(reads, acc, || be.defer_gram_for_norm(x, x2, y, y2), |g| be.add_gram_for_norm(g, x, xr, y, yr))
+    match used {
+        GramUse::Entries => accumulate(reads, acc, || be.defer_gram(x, x2, y, y2), |g| be.add_gram(g, x, xr, y, yr)),
+        GramUse::Norm => {
+            accumulate(reads, acc, || be.defer_gram_for_norm(x, x2, y, y2), |g| be.add_gram_for_norm(g, x, xr, y, yr))
+        }
+    }
 }
 
 /// `*acc += more` for a pending scalar that may not exist yet.
@@ -258,7 +256,7 @@ impl<B: Backend> IterisHook<'_, B> {
             let cross = match (rm, prev.map(|g| g.cross)) {
                 // X̃ = X: the cross term is the Gram.
                 (None, prev) => {
-                    let id = add_gram(be, reads, prev_gram, xa, ra.clone(), xt, rt);
+                    let id = add_gram(be, reads, prev_gram, GramUse::Entries, (xa, ra.clone()), (xt, rt));
                     debug_assert!(prev.is_none_or(|c| matches!(c, StageCross::Full(p) if p == id)));
                     *acc = Some(TaskGrams { gram: id, cross: StageCross::Full(id) });
                     continue;
@@ -269,7 +267,7 @@ impl<B: Backend> IterisHook<'_, B> {
                         Some(StageCross::Full(id)) => Some(id),
                         _ => None,
                     };
-                    StageCross::Full(add_gram(be, reads, prev, xa, ra.clone(), xt, rt.clone()))
+                    StageCross::Full(add_gram(be, reads, prev, GramUse::Entries, (xa, ra.clone()), (xt, rt.clone())))
                 }
                 (Some(rm), prev) if self.settings.objective == Objective::Output => {
                     let (prev_xty, for_norm) = match prev {
@@ -285,10 +283,10 @@ impl<B: Backend> IterisHook<'_, B> {
                         .map(|(&(j, _), acc)| {
                             // Y_i − X̃_i W0ᵀ, (rows, out).
                             let target = be.mix_rows(&ys[j], ra.clone(), 1.0, &ys[j], rm.clone(), -1.0);
-                            add_gram(be, reads, acc, xt, rt.clone(), &target, 0..ra.len())
+                            add_gram(be, reads, acc, GramUse::Entries, (xt, rt.clone()), (&target, 0..ra.len()))
                         })
                         .collect();
-                    let for_norm = add_gram_for_norm(be, reads, for_norm, xa, ra.clone(), xt, rt.clone());
+                    let for_norm = add_gram(be, reads, for_norm, GramUse::Norm, (xa, ra.clone()), (xt, rt.clone()));
                     StageCross::Output { xty, for_norm }
                 }
                 (Some(_), prev) => {
@@ -307,11 +305,11 @@ impl<B: Backend> IterisHook<'_, B> {
                             ));
                         }
                     }
-                    let for_norm = add_gram_for_norm(be, reads, for_norm, xa, ra.clone(), xt, rt.clone());
+                    let for_norm = add_gram(be, reads, for_norm, GramUse::Norm, (xa, ra.clone()), (xt, rt.clone()));
                     StageCross::Projected { sac, for_norm }
                 }
             };
-            let gram = add_gram(be, reads, prev_gram, xt, rt.clone(), xt, rt);
+            let gram = add_gram(be, reads, prev_gram, GramUse::Entries, (xt, rt.clone()), (xt, rt));
             *acc = Some(TaskGrams { gram, cross });
         }
     }
@@ -436,10 +434,10 @@ impl<B: Backend> IterisHook<'_, B> {
                 };
                 let reads = &mut self.reads;
                 let a = &mut self.align[at];
-                a.uu = Some(add_gram(be, reads, a.uu, &u, 0..n, &u, 0..n));
+                a.uu = Some(add_gram(be, reads, a.uu, GramUse::Entries, (&u, 0..n), (&u, 0..n)));
                 if let Some(v) = &v {
-                    a.uv = Some(add_gram(be, reads, a.uv, &u, 0..n, v, 0..n));
-                    a.vv = Some(add_gram(be, reads, a.vv, v, 0..n, v, 0..n));
+                    a.uv = Some(add_gram(be, reads, a.uv, GramUse::Entries, (&u, 0..n), (v, 0..n)));
+                    a.vv = Some(add_gram(be, reads, a.vv, GramUse::Entries, (v, 0..n), (v, 0..n)));
                 }
             }
         }
