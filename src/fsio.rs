@@ -101,6 +101,10 @@ impl Folder for Dir<'_> {
     fn path(&self, file: &str) -> String {
         self.0.join(file).display().to_string()
     }
+    fn list(&self) -> Vec<String> {
+        let entries = std::fs::read_dir(self.0).into_iter().flatten().flatten();
+        entries.filter_map(|e| e.file_name().into_string().ok()).collect()
+    }
     fn take(&mut self, file: &str, kind: FileKind) -> Result<Option<Vec<u8>>> {
         read_file(&self.0.join(file), kind)
     }
@@ -116,8 +120,14 @@ fn dir<'a>(path: &'a Path, what: &str) -> Result<Dir<'a>> {
     Ok(Dir(path))
 }
 
+/// A Hugging Face model folder, or a GGUF model file.
 pub fn read_base(path: &Path) -> Result<BaseInputs> {
-    inputs::read_base(&mut dir(path, "a Hugging Face model folder")?)
+    if path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        let source =
+            open_file(path, FileKind::Weights)?.ok_or_else(|| bad_input(path.display(), "cannot be opened"))?;
+        return inputs::read_base_gguf(&path.display().to_string(), source);
+    }
+    inputs::read_base(&mut dir(path, "a Hugging Face model folder or a .gguf file")?)
 }
 
 pub fn read_adapter(path: &Path) -> Result<Adapter> {

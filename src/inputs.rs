@@ -3,6 +3,7 @@
 //! Everything here checks what it reads and names the file when something is wrong.
 
 use crate::error::{bad_input, Result};
+use crate::formats::gguf::{self, Gguf};
 use crate::formats::hf_config::HfConfig;
 use crate::formats::peft::Adapter;
 use crate::formats::safetensors::{shard_names, ByteSource, TensorFile, TensorStore};
@@ -106,6 +107,8 @@ pub trait Folder {
     fn name(&self) -> String;
     /// What to call `file` of the folder in messages.
     fn path(&self, file: &str) -> String;
+    /// The names of the files in the folder (not yet taken).
+    fn list(&self) -> Vec<String>;
     /// The bytes of `file` (a file name inside the folder), or None when the folder has no such
     /// file; refused when it is larger than `kind` allows or not a regular file. Each file is read
     /// once (an in-memory folder hands its bytes over rather than copying them).
@@ -123,8 +126,25 @@ fn need(f: &mut dyn Folder, file: &str, kind: FileKind, what: &str) -> Result<Ve
 }
 
 /// `config.json`, `tokenizer.json`, and `model.safetensors` or the shards that
-/// `model.safetensors.index.json` lists.
+/// `model.safetensors.index.json` lists; or, in a folder without config.json, its one `.gguf` file.
 pub fn read_base(f: &mut dyn Folder) -> Result<BaseInputs> {
+    let names = f.list();
+    let ggufs: Vec<&String> = names.iter().filter(|n| n.to_ascii_lowercase().ends_with(".gguf")).collect();
+    if !names.iter().any(|n| n == "config.json") {
+        match ggufs.as_slice() {
+            [g] => {
+                let source = f.open(g, FileKind::Weights)?.expect("a listed file opens");
+                return read_base_gguf(&f.path(g), source);
+            }
+            [_, _, ..] => {
+                return Err(bad_input(
+                    f.name(),
+                    "holds several .gguf files: drop one model (a split GGUF is not supported)",
+                ))
+            }
+            [] => {}
+        }
+    }
     let config = HfConfig::parse(
         f.path("config.json"),
         &need(f, "config.json", FileKind::Json, "a Hugging Face model folder")?,
@@ -150,6 +170,17 @@ pub fn read_base(f: &mut dyn Folder) -> Result<BaseInputs> {
         return Err(bad_input(f.name(), "has neither model.safetensors nor model.safetensors.index.json"));
     };
     Ok(BaseInputs { config, weights: TensorStore::new(files)?, tokenizer })
+}
+
+/// A GGUF model file (`formats::gguf`): its config, tokenizer and tensors as a Hugging Face
+/// folder would give them.
+pub fn read_base_gguf(name: &str, source: Box<dyn ByteSource>) -> Result<BaseInputs> {
+    let g = Gguf::open(name, source.as_ref())?;
+    let config = HfConfig { file: format!("{name} (metadata)"), raw: gguf::base::config(&g)? };
+    let tokenizer_json = serde_json::to_vec(&gguf::base::tokenizer(&g)?).expect("JSON values serialize");
+    let tokenizer = TextTokenizer::parse(format!("{name} (tokenizer.ggml)"), &tokenizer_json)?;
+    let weights = TensorStore::new(vec![TensorFile::gguf(name, source, &g)?])?;
+    Ok(BaseInputs { config, weights, tokenizer })
 }
 
 /// `adapter_config.json` + `adapter_model.safetensors` (PEFT), or `adapter_config.json` +

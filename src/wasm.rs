@@ -192,6 +192,9 @@ impl Folder for PageFolder {
     fn path(&self, file: &str) -> String {
         format!("{}/{file}", self.name)
     }
+    fn list(&self) -> Vec<String> {
+        self.files.keys().cloned().collect()
+    }
     fn take(&mut self, file: &str, kind: FileKind) -> crate::error::Result<Option<Vec<u8>>> {
         let path = self.path(file);
         self.files.remove(file).map(|f| f.contents(&path, kind)).transpose()

@@ -137,3 +137,56 @@ fn real_gpu_merge_matches_reference() {
     let Some(gpu) = gpu_or_skip("real_gpu_merge_matches_reference") else { return };
     check_merge(&gpu, 1e-4);
 }
+
+/// A real GGUF base (`tools/real_gguf.py`: SmolLM2-135M-Instruct, Q4_1 with a Q8_0 embedding):
+/// the token ids and final hidden states transformers reads from the same file, and a merge
+/// within f32 noise of the same merge on the Hugging Face folder transformers writes from it.
+#[test]
+fn real_gguf_reads_and_merges_as_its_hf_folder() {
+    let root = std::env::var_os("ITERIS_REAL_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/real"));
+    let d = root.join("smollm2-gguf");
+    if !d.join("reference.safetensors").exists() {
+        eprintln!("SKIPPED real GGUF checks: run `python3 tools/real_gguf.py` to make {}", d.display());
+        return;
+    }
+    let gguf = fsio::read_base(&d.join("model.gguf")).unwrap();
+    let model = models::load(&Cpu, &gguf.config, &gguf.weights).unwrap();
+    let exp = read(&d, "reference.safetensors");
+    let samples: Vec<String> =
+        std::fs::read_to_string(d.join("samples0.txt")).unwrap().lines().map(String::from).collect();
+    for k in 0..3 {
+        let (ids, _) = tokenize(&gguf.tokenizer, &samples[k..k + 1], 128, None, "samples").unwrap();
+        let want: Vec<u32> = exp.mat(&format!("ids.{k}")).unwrap().data.iter().map(|&x| x as u32).collect();
+        assert_eq!(ids[0], want, "sample {k}: token ids");
+        let mut batch = Batch::default();
+        batch.push_group(0, Stream::Base, &ids);
+        let h = models::run(&model, &Cpu, &batch, &mut models::NoHook, Output::Hidden).block_on().unwrap().unwrap();
+        let e = rel(&Cpu.download(&h).block_on().unwrap(), &exp.mat(&format!("hidden.{k}")).unwrap());
+        eprintln!(
+            "smollm2 GGUF sample {k}: {} ids equal, hidden states differ from transformers' by {e:.1e}",
+            ids[0].len()
+        );
+        assert!(e < FORWARD_TOL, "sample {k}: hidden states differ by {e:.2e}");
+    }
+    let tasks = || -> Vec<TaskInput> {
+        (0..2)
+            .map(|i| fsio::read_task(&d.join(format!("adapter{i}")), &d.join(format!("samples{i}.txt"))).unwrap())
+            .collect()
+    };
+    let opts = Options::published();
+    let from_gguf = pipeline::merge(&Cpu, &gguf, &tasks(), &opts, &mut |_| {}).block_on().unwrap();
+    let hf = fsio::read_base(&d.join("hf")).unwrap();
+    let from_hf = pipeline::merge(&Cpu, &hf, &tasks(), &opts, &mut |_| {}).block_on().unwrap();
+    let mut worst = 0.0f64;
+    for ((t, a), b) in from_gguf.outcome.targets.iter().zip(&from_gguf.outcome.merged).zip(&from_hf.outcome.merged) {
+        let e = rel(&dense(a), &dense(b));
+        assert!(e < 1e-4, "module {}: the GGUF merge differs from the folder's by {e:.2e}", t.name);
+        worst = worst.max(e);
+    }
+    eprintln!(
+        "smollm2 GGUF: merge of {} modules, worst {worst:.1e} from the HF folder's",
+        from_gguf.outcome.targets.len()
+    );
+}

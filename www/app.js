@@ -207,7 +207,7 @@ function showMessage(text, kind) {
 // ---------- merge ----------
 
 function checkInputs() {
-  if (!state.base.length) throw new UserError('Base model: drop the model folder (config.json, tokenizer.json, model.safetensors).');
+  if (!state.base.length) throw new UserError('Base model: drop the model folder (config.json, tokenizer.json, model.safetensors) or its .gguf file.');
   const tasks = state.tasks.filter((t) => t.adapter.length || t.samples);
   if (tasks.length < 2) throw new UserError('Merging needs at least two adapters, each with its samples.');
   tasks.forEach((t, k) => {

