@@ -163,6 +163,7 @@ fn mutate_bytes(b: &mut Vec<u8>, rng: &mut Rng) {
 fn targets() -> Vec<Target> {
     let g = fixture("gpt2");
     let l = fixture("llama");
+    let gguf = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
     let adapter_weights = |arch: &str| {
         let p = fixture(arch).join("adapter0/adapter_model.safetensors");
         TensorFile::parse(p.display().to_string(), read(&p)).unwrap()
@@ -270,6 +271,21 @@ fn targets() -> Vec<Target> {
                 let _ = samples::parse("s.jsonl", b);
                 let _ = EvalSet::parse("e.jsonl", b);
                 let _ = EvalSet::parse("e.txt", b);
+            }),
+        },
+        Target {
+            name: "gguf",
+            seeds: vec![read(gguf.join("llama.gguf")), read(gguf.join("quants.gguf"))],
+            json: false,
+            run: Box::new(|b| {
+                // Header, config, tokenizer and tensor table; then every tensor (dequantized,
+                // un-permuted) through the model's loader, and the tokenizer on text.
+                if let Ok(base) = iteris::inputs::read_base_gguf("x.gguf", Box::new(b.to_vec())) {
+                    let _ = iteris::models::load(&Cpu, &base.config, &base.weights);
+                    if let Ok(e) = base.tokenizer.encode("the cat sat <|endoftext|> 漢字", 16) {
+                        let _ = base.tokenizer.decode(&e.ids);
+                    }
+                }
             }),
         },
         Target {
