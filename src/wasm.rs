@@ -12,6 +12,7 @@ use crate::error::Error;
 use crate::formats::safetensors::ByteSource;
 use crate::inputs::{self, BaseInputs, FileKind, Folder, TaskInput};
 use crate::merge::export::zip_folder;
+use crate::merge::pipeline::Formats;
 use crate::merge::{Options, Progress};
 use js_sys::{Array, Object, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
@@ -258,12 +259,15 @@ fn read_inputs(input: &JsValue) -> Result<(BaseInputs, Vec<TaskInput>), JsValue>
 }
 
 /// Merge the adapters of `input` (see `read_inputs`) with `options` (JSON: the fields of
-/// `Options`, plus `backend`: "auto" | "gpu" | "cpu"). `progress(pass, passes, label, done, all)`
+/// `Options`, plus `backend`: "auto" | "gpu" | "cpu", and `mlx`, `gguf`: the extra output formats).
+/// `progress(pass, passes, label, done, all)`
 /// is called as the merge goes. Resolves to
 /// `{ zip, report (JSON text), backend, notes: [..] }`.
 struct Settings {
     opts: Options,
     backend: BackendChoice,
+    /// `mlx`, `gguf`: the output formats asked for beside PEFT's.
+    formats: Formats,
 }
 
 fn settings(options: &str) -> Result<Settings, JsValue> {
@@ -274,7 +278,8 @@ fn settings(options: &str) -> Result<Settings, JsValue> {
         Some(b) => serde_json::from_value(b.clone()).map_err(bad)?,
         None => BackendChoice::default(),
     };
-    Ok(Settings { opts, backend })
+    let formats = serde_json::from_value(v).map_err(bad)?;
+    Ok(Settings { opts, backend, formats })
 }
 
 /// The library's engine on the backend the settings ask for; its warning (a CPU emulation of
@@ -343,7 +348,7 @@ pub async fn merge(
     let mut engine = engine(&s, &base, &warn).await?;
     let mut sink = progress_sink(&progress);
     let result = engine.merge(&tasks, &s.opts, &mut |p| sink("", p)).await.map_err(to_js)?;
-    let files = result.output_files(&tasks, false).map_err(to_js)?;
+    let files = result.output_files(&tasks, s.formats).map_err(to_js)?;
     let report = files.iter().find(|(name, _)| *name == "merge_report.json").map(|(_, r)| r.clone());
     let files: Vec<(&str, &[u8])> = files.iter().map(|(name, bytes)| (*name, bytes.as_slice())).collect();
     let zip = zip_folder("merged_adapter", &files).map_err(to_js)?;
@@ -398,7 +403,7 @@ pub async fn forward_bench(
     let seqs: Vec<Vec<u32>> = ids.chunks(ids.len() / n).map(<[u32]>::to_vec).collect();
     batch.push_group(0, crate::models::Stream::Base, &seqs);
     let backend = serde_json::from_value(serde_json::json!(backend)).map_err(|e| js_error("input", &e.to_string()))?;
-    let settings = Settings { opts: Options::default(), backend };
+    let settings = Settings { opts: Options::default(), backend, formats: Formats::default() };
     let mut engine = engine(&settings, &base, &warn).await?;
     let (seconds, hidden) = engine.time_forward(&batch, repeat).await.map_err(to_js)?;
     let mean_abs = hidden.data.iter().map(|v| v.abs() as f64).sum::<f64>() / hidden.data.len().max(1) as f64;

@@ -76,3 +76,56 @@ fn broken_gguf_files_are_refused_with_the_file_named() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `adapter.gguf` (`--gguf`) read back: llama.cpp's header keys, each module's `lora_a` [in, r]
+/// and `lora_b` [r, out] under the base's tensor name, and alpha / r · B · A, with q and k's rows
+/// put back in the checkpoint's order, equal to the merged delta. (tools/check_llama_cpp_lora.py
+/// runs it in llama.cpp itself.)
+#[test]
+fn the_llama_cpp_lora_holds_the_merged_deltas() {
+    use iteris::formats::gguf::Value;
+    use iteris::merge::{export::dense, pipeline::Formats, Options};
+    let arch = "llama";
+    let r = merge(arch, &Options::published());
+    let files = r.output_files(&tasks(arch), Formats { mlx: false, gguf: true }).unwrap();
+    let bytes = files.iter().find(|(n, _)| *n == "adapter.gguf").unwrap().1.clone();
+    let g = Gguf::open("adapter.gguf", &bytes).unwrap();
+    let s = |k: &str| g.get(k).and_then(Value::as_str).unwrap().to_string();
+    assert_eq!((s("general.type"), s("general.architecture"), s("adapter.type")), ("adapter".into(), "llama".into(), "lora".into()));
+    let alpha = g.get("adapter.lora.alpha").and_then(Value::as_f64).unwrap();
+    let heads = (4, 2);
+    assert_eq!(g.tensors.len(), 2 * r.outcome.targets.len());
+    for (t, m) in r.outcome.targets.iter().zip(&r.outcome.merged) {
+        let name = iteris::formats::gguf::base::gguf_name(&t.name).unwrap();
+        let read = |suffix: &str| {
+            let d = &g.tensors[&format!("{name}.{suffix}")];
+            let v = quants::dequantize(d.ty, &bytes[d.start as usize..d.end as usize]);
+            (d.dims.clone(), v)
+        };
+        let ((a_dims, a), (b_dims, b)) = (read("lora_a"), read("lora_b"));
+        let rank = m.rank() as u64;
+        assert_eq!((a_dims, b_dims.clone()), (vec![t.in_dim as u64, rank], vec![rank, t.out_dim as u64]), "{name}");
+        let scale = alpha / rank as f64;
+        let (out, inn, r_) = (t.out_dim, t.in_dim, rank as usize);
+        let h = if name.contains("attn_q") { Some(heads.0) } else if name.contains("attn_k") { Some(heads.1) } else { None };
+        // Row `o` of the checkpoint's delta is row `p(o)` of the file's.
+        let file_row = |o: usize| match h {
+            Some(h) => {
+                let hd = out / h;
+                let (hh, w) = (o / hd, o % hd);
+                hh * hd + 2 * (w % (hd / 2)) + w / (hd / 2)
+            }
+            None => o,
+        };
+        let want = dense(m);
+        let mut worst = 0f64;
+        for o in 0..out {
+            for i in 0..inn {
+                let v: f64 = (0..r_).map(|k| b[file_row(o) * r_ + k] as f64 * a[k * inn + i] as f64).sum::<f64>() * scale;
+                worst = worst.max((v - want.data[o * inn + i] as f64).abs());
+            }
+        }
+        let norm = want.data.iter().map(|x| x.abs() as f64).fold(0.0, f64::max);
+        assert!(worst <= 1e-5 * norm.max(1e-6), "{name}: differs by {worst:e} (largest entry {norm:e})");
+    }
+}

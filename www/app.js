@@ -173,6 +173,8 @@ function options() {
     max_len: Math.round(num('max-len', 'Max length')),
     rank: rank === '' ? null : Math.round(num('rank', 'Output rank')),
     f16: $('f16').checked,
+    gguf: $('gguf').checked,
+    mlx: $('mlx').checked,
     backend: $('backend').value,
     // Greedy generation re-runs the whole prompt per token: a sample of the held-out set keeps
     // the page's quality check to seconds (the CLI uses every sample).

@@ -6,6 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use iteris::engine::{BackendChoice, Engine};
 use iteris::fsio;
 use iteris::inputs::{BaseInputs, TaskInput};
+use iteris::merge::pipeline::Formats;
 use iteris::merge::{Balance, BalanceObjective, Method, ModuleSet, Objective, Options, Progress, Schedule};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -164,6 +165,10 @@ struct MergeArgs {
     /// adapters.safetensors; `mlx_lm.generate --adapter-path OUT/mlx`).
     #[arg(long)]
     mlx: bool,
+    /// Also write the merged adapter as a llama.cpp LoRA: OUT/adapter.gguf
+    /// (`llama-cli -m base.gguf --lora OUT/adapter.gguf`; Llama, Mistral, Qwen2, Qwen3).
+    #[arg(long)]
+    gguf: bool,
     /// Replace --out if it exists (atomically; --out may never be or hold an input).
     #[arg(long)]
     force: bool,
@@ -356,7 +361,7 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
     let opts = &p.opts;
     let mut engine = engine(&a, &p.base, opts)?;
     let r = pollster::block_on(engine.merge(&p.tasks, opts, &mut bars()))?;
-    let files = r.output_files(&p.tasks, a.mlx)?;
+    let files = r.output_files(&p.tasks, Formats { mlx: a.mlx, gguf: a.gguf })?;
     let files: Vec<(&str, &[u8])> = files.iter().map(|(name, bytes)| (*name, bytes.as_slice())).collect();
     fsio::write_folder(&out, &files, a.force, &a.inputs())?;
 

@@ -26,16 +26,21 @@ pub struct MergeResult {
     /// The same merged adapter as MLX files (adapter_config.json, adapters.safetensors), or why
     /// mlx-lm could not load it (`formats::mlx::files`).
     pub mlx: Result<(Vec<u8>, Vec<u8>)>,
+    /// The same merged adapter as a llama.cpp LoRA (`adapter.gguf`), or why it has none
+    /// (`formats::gguf::lora`).
+    pub gguf: Result<Vec<u8>>,
     pub report: Report,
     pub outcome: super::Outcome,
 }
 
 impl MergeResult {
     /// The files a merge writes, by their paths in the output folder (the CLI's `--out`, the
-    /// page's zip): PEFT's adapter, the report, and the same adapter as MLX files under `mlx/`
-    /// where `mlx_asked` (an error where mlx-lm could not load them) or where an input adapter
-    /// came as MLX files (left out, with a warning in the report, where they cannot be written).
-    pub fn output_files(&self, tasks: &[TaskInput], mlx_asked: bool) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    /// page's zip): PEFT's adapter, the report, the same adapter as MLX files under `mlx/` where
+    /// `asked.mlx` (an error where mlx-lm could not load them) or where an input adapter came as
+    /// MLX files (left out, with a warning in the report, where they cannot be written), and as a
+    /// llama.cpp LoRA (`adapter.gguf`) where `asked.gguf`.
+    pub fn output_files(&self, tasks: &[TaskInput], asked: Formats) -> Result<Vec<(&'static str, Vec<u8>)>> {
+        let mlx_asked = asked.mlx;
         let mut report = serde_json::to_value(&self.report).map_err(|e| crate::error::Error::Io(e.to_string()))?;
         let mlx_input = tasks.iter().any(|t| crate::formats::mlx::is_mlx(&t.adapter.config));
         let mlx = match (&self.mlx, mlx_asked) {
@@ -59,8 +64,22 @@ impl MergeResult {
             files.push(("mlx/adapter_config.json", config.clone()));
             files.push(("mlx/adapters.safetensors", weights.clone()));
         }
+        if asked.gguf {
+            let gguf = self.gguf.as_ref().map_err(|e| crate::error::bad_input("--gguf", e.to_string()))?;
+            files.push(("adapter.gguf", gguf.clone()));
+        }
         Ok(files)
     }
+}
+
+/// The output formats a front end asks for beside PEFT's.
+#[derive(Clone, Copy, Debug, Default, serde::Deserialize)]
+#[serde(default)]
+pub struct Formats {
+    /// mlx-lm's adapter files under `mlx/`.
+    pub mlx: bool,
+    /// A llama.cpp LoRA, `adapter.gguf`.
+    pub gguf: bool,
 }
 
 /// A base model loaded on a backend, once for every merge and evaluation of a job (a comparison's
@@ -313,6 +332,9 @@ pub async fn merge_loaded<B: Backward>(
     let mlx_modules: Vec<_> = outcome.targets.iter().zip(&deltas).map(|(t, d)| (t.path.as_str(), &d.a, &d.b)).collect();
     let layers = crate::formats::mlx::layer_count(model.modules().iter().map(|m| m.name.as_str()));
     let mlx = crate::formats::mlx::files(&mlx_modules, layers, model.fan_in_fan_out(), opts.f16);
+    let gguf_modules: Vec<_> = outcome.targets.iter().zip(&deltas).map(|(t, d)| (t.name.as_str(), &d.a, &d.b)).collect();
+    let gguf_base = crate::formats::gguf::lora::BaseModel { model_type: model.model_type(), heads: model.heads() };
+    let gguf = crate::formats::gguf::lora::adapter_file(&gguf_base, &gguf_modules, opts.f16);
     timings.export = now() - t;
     peaks.end("export");
 
@@ -367,7 +389,7 @@ pub async fn merge_loaded<B: Backward>(
         notes: Vec::new(),
         timings_s: timings,
     };
-    Ok(MergeResult { quality, adapter_config: files.config, adapter_weights: files.weights, mlx, report, outcome })
+    Ok(MergeResult { quality, adapter_config: files.config, adapter_weights: files.weights, mlx, gguf, report, outcome })
 }
 
 /// The host memory's peak in each phase of a merge, as measured (`profile::host_peak_bytes`),

@@ -310,6 +310,14 @@ impl<T> Model<T> {
         }
     }
 
+    /// (attention heads, key/value heads) of a decoder's layers; None for GPT-2 and BERT.
+    pub fn heads(&self) -> Option<(usize, usize)> {
+        match self {
+            Model::Decoder(m) => m.layers.first().map(|l| (l.attn.heads, l.attn.kv_heads)),
+            _ => None,
+        }
+    }
+
     /// The number of token ids the model embeds.
     pub fn vocab(&self) -> usize {
         match self {

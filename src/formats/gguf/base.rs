@@ -95,37 +95,63 @@ pub fn config(g: &Gguf) -> Result<serde_json::Value> {
     Ok(c.into())
 }
 
+/// llama.cpp's name of each module of a layer, and the checkpoint's (`blk.N.<gguf>` is
+/// `model.layers.N.<hf>`).
+const LAYER_MODULES: [(&str, &str); 11] = [
+    ("attn_norm", "input_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// The same for the tensors outside the layers.
+const TOP: [(&str, &str); 3] =
+    [("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head")];
+
 /// The checkpoint name of a llama.cpp tensor name (`blk.3.attn_q.weight` →
 /// `model.layers.3.self_attn.q_proj.weight`); None for a name with no counterpart.
 fn hf_name(gguf: &str) -> Option<String> {
-    let top = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(t) = top {
-        return Some(t.into());
+    let (module, suffix) = gguf.rsplit_once('.')?;
+    if let Some((_, hf)) = TOP.iter().find(|(g, _)| *g == module) {
+        return Some(format!("{hf}.{suffix}"));
     }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
+    let (layer, module) = module.strip_prefix("blk.")?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let (module, suffix) = rest.rsplit_once('.')?;
-    let module = match module {
-        "attn_norm" => "input_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{module}.{suffix}"))
+    let (_, hf) = LAYER_MODULES.iter().find(|(g, _)| *g == module)?;
+    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+/// The model types whose modules have llama.cpp names here, and their GGUF architecture.
+pub const HF_TYPES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
+
+/// The GGUF architecture of a model_type (llama.cpp's converter writes Mistral as llama).
+pub fn gguf_architecture(model_type: &str) -> Option<&'static str> {
+    match model_type {
+        "llama" | "mistral" => Some("llama"),
+        "qwen2" => Some("qwen2"),
+        "qwen3" => Some("qwen3"),
+        _ => None,
+    }
+}
+
+/// llama.cpp's tensor name of a model's linear module (`layers.3.self_attn.q_proj` →
+/// `blk.3.attn_q.weight`; `lm_head` → `output.weight`).
+pub fn gguf_name(module: &str) -> Option<String> {
+    let module = module.strip_prefix("model.").unwrap_or(module);
+    if let Some((g, _)) = TOP.iter().find(|(_, hf)| hf.strip_prefix("model.").unwrap_or(hf) == module) {
+        return Some(format!("{g}.weight"));
+    }
+    let (layer, rest) = module.strip_prefix("layers.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (g, _) = LAYER_MODULES.iter().find(|(_, hf)| *hf == rest)?;
+    Some(format!("blk.{layer}.{g}.weight"))
 }
 
 /// Every tensor of the file under its checkpoint name.

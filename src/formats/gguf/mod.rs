@@ -4,10 +4,13 @@
 //! when the model loads it (`safetensors::TensorFile` dequantizes it then).
 //!
 //! `base` turns a GGUF model into what a Hugging Face folder gives (config, tokenizer, tensor
-//! names); this module knows no architecture.
+//! names); `lora` writes a merged adapter as a llama.cpp LoRA (`write`); this module knows no
+//! architecture.
 
 pub mod base;
+pub mod lora;
 pub mod quants;
+pub mod write;
 
 use crate::error::{bad_input, Result};
 use crate::formats::safetensors::ByteSource;
