@@ -11,7 +11,7 @@ use crate::formats::peft::Adapter;
 use crate::formats::safetensors::ByteSource;
 use crate::formats::samples::EvalSet;
 use crate::inputs::{self, BaseInputs, FileKind, Folder, TaskInput};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 
 /// The bytes of a regular file within `kind`'s cap; None when there is no such file.
@@ -332,9 +332,19 @@ fn write_atomic(
     Ok(())
 }
 
-/// Write `files` into the folder `out` atomically. An existing `out` is replaced only with
-/// `force`; `inputs` are the merge's input paths, which `out` must stay clear of.
-pub fn write_folder(out: &Path, files: &[(&str, &[u8])], force: bool, inputs: &[&Path]) -> Result<()> {
+/// A file written as it is made (a dense model, too large to hold whole): its name in the
+/// folder and what writes it.
+pub type Streamed<'a> = (&'a str, Box<dyn FnOnce(&mut dyn std::io::Write) -> Result<()> + 'a>);
+
+/// Write `files`, and the `streamed` ones, into the folder `out` atomically. An existing `out` is
+/// replaced only with `force`; `inputs` are the merge's input paths, which `out` must stay clear of.
+pub fn write_folder(
+    out: &Path,
+    files: &[(&str, &[u8])],
+    streamed: Vec<Streamed>,
+    force: bool,
+    inputs: &[&Path],
+) -> Result<()> {
     if out.exists() && !out.is_dir() {
         return Err(bad_input(out.display(), "is a file, not a folder: choose another --out"));
     }
@@ -346,6 +356,14 @@ pub fn write_folder(out: &Path, files: &[(&str, &[u8])], force: bool, inputs: &[
                 std::fs::create_dir_all(tmp.join(dir))?;
             }
             std::fs::write(tmp.join(n), bytes)?;
+        }
+        for (n, write) in streamed {
+            if let Some(dir) = Path::new(n).parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(tmp.join(dir))?;
+            }
+            let mut w = std::io::BufWriter::new(std::fs::File::create(tmp.join(n))?);
+            write(&mut w).map_err(|e| std::io::Error::other(e.to_string()))?;
+            w.flush()?;
         }
         Ok(())
     })

@@ -91,7 +91,10 @@ fn the_llama_cpp_lora_holds_the_merged_deltas() {
     let bytes = files.iter().find(|(n, _)| *n == "adapter.gguf").unwrap().1.clone();
     let g = Gguf::open("adapter.gguf", &bytes).unwrap();
     let s = |k: &str| g.get(k).and_then(Value::as_str).unwrap().to_string();
-    assert_eq!((s("general.type"), s("general.architecture"), s("adapter.type")), ("adapter".into(), "llama".into(), "lora".into()));
+    assert_eq!(
+        (s("general.type"), s("general.architecture"), s("adapter.type")),
+        ("adapter".into(), "llama".into(), "lora".into())
+    );
     let alpha = g.get("adapter.lora.alpha").and_then(Value::as_f64).unwrap();
     let heads = (4, 2);
     assert_eq!(g.tensors.len(), 2 * r.outcome.targets.len());
@@ -107,7 +110,13 @@ fn the_llama_cpp_lora_holds_the_merged_deltas() {
         assert_eq!((a_dims, b_dims.clone()), (vec![t.in_dim as u64, rank], vec![rank, t.out_dim as u64]), "{name}");
         let scale = alpha / rank as f64;
         let (out, inn, r_) = (t.out_dim, t.in_dim, rank as usize);
-        let h = if name.contains("attn_q") { Some(heads.0) } else if name.contains("attn_k") { Some(heads.1) } else { None };
+        let h = if name.contains("attn_q") {
+            Some(heads.0)
+        } else if name.contains("attn_k") {
+            Some(heads.1)
+        } else {
+            None
+        };
         // Row `o` of the checkpoint's delta is row `p(o)` of the file's.
         let file_row = |o: usize| match h {
             Some(h) => {
@@ -121,7 +130,8 @@ fn the_llama_cpp_lora_holds_the_merged_deltas() {
         let mut worst = 0f64;
         for o in 0..out {
             for i in 0..inn {
-                let v: f64 = (0..r_).map(|k| b[file_row(o) * r_ + k] as f64 * a[k * inn + i] as f64).sum::<f64>() * scale;
+                let v: f64 =
+                    (0..r_).map(|k| b[file_row(o) * r_ + k] as f64 * a[k * inn + i] as f64).sum::<f64>() * scale;
                 worst = worst.max((v - want.data[o * inn + i] as f64).abs());
             }
         }

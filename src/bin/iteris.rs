@@ -169,6 +169,11 @@ struct MergeArgs {
     /// (`llama-cli -m base.gguf --lora OUT/adapter.gguf`; Llama, Mistral, Qwen2, Qwen3).
     #[arg(long)]
     gguf: bool,
+    /// Also write the merged model itself: OUT/dense/ (config.json, tokenizer.json,
+    /// model.safetensors: the base's tensors in their precision, each merged module's weight
+    /// plus its delta), a Hugging Face folder transformers loads.
+    #[arg(long)]
+    dense: bool,
     /// Replace --out if it exists (atomically; --out may never be or hold an input).
     #[arg(long)]
     force: bool,
@@ -362,8 +367,15 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
     let mut engine = engine(&a, &p.base, opts)?;
     let r = pollster::block_on(engine.merge(&p.tasks, opts, &mut bars()))?;
     let files = r.output_files(&p.tasks, Formats { mlx: a.mlx, gguf: a.gguf })?;
-    let files: Vec<(&str, &[u8])> = files.iter().map(|(name, bytes)| (*name, bytes.as_slice())).collect();
-    fsio::write_folder(&out, &files, a.force, &a.inputs())?;
+    let dense = if a.dense { r.dense_small_files(&p.base)? } else { Vec::new() };
+    let dense_names: Vec<String> = dense.iter().map(|(n, _)| format!("dense/{n}")).collect();
+    let mut files: Vec<(&str, &[u8])> = files.iter().map(|(name, bytes)| (*name, bytes.as_slice())).collect();
+    files.extend(dense_names.iter().zip(&dense).map(|(n, (_, b))| (n.as_str(), b.as_slice())));
+    let mut streamed: Vec<fsio::Streamed> = Vec::new();
+    if a.dense {
+        streamed.push(("dense/model.safetensors", Box::new(|w| r.write_dense_model(&p.base, w))));
+    }
+    fsio::write_folder(&out, &files, streamed, a.force, &a.inputs())?;
 
     for w in &r.report.warnings {
         eprintln!("warning: {w}");

@@ -172,6 +172,11 @@ impl TextTokenizer {
         })
     }
 
+    /// The tokenizer as tokenizer.json (for a merged model's folder; a GGUF base's, rebuilt).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(true).map_err(|e| bad_input(&self.file, format!("cannot write tokenizer.json ({e})")))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -4,6 +4,7 @@
 pub mod balance;
 pub mod baselines;
 pub mod calibrate;
+pub mod dense;
 pub mod evaluate;
 pub mod export;
 pub mod iteris;

@@ -29,6 +29,11 @@ pub struct MergeResult {
     /// The same merged adapter as a llama.cpp LoRA (`adapter.gguf`), or why it has none
     /// (`formats::gguf::lora`).
     pub gguf: Result<Vec<u8>>,
+    /// The merged adapter's factors per target (`outcome.targets`), as written (rank-reduced
+    /// where asked), and whether the base stores linear weights as (in, out): what a dense
+    /// model adds to the base (`write_dense`).
+    pub deltas: Vec<super::solve::Merged>,
+    pub fan_in_fan_out: bool,
     pub report: Report,
     pub outcome: super::Outcome,
 }
@@ -69,6 +74,19 @@ impl MergeResult {
             files.push(("adapter.gguf", gguf.clone()));
         }
         Ok(files)
+    }
+}
+
+impl MergeResult {
+    /// The merged model as a Hugging Face folder's files (`merge::dense`): config.json and
+    /// tokenizer.json here; model.safetensors is written by `write_dense_model`.
+    pub fn dense_small_files(&self, base: &BaseInputs) -> Result<Vec<(&'static str, Vec<u8>)>> {
+        super::dense::small_files(base)
+    }
+
+    /// The merged model's model.safetensors, streamed to `out` tensor by tensor.
+    pub fn write_dense_model(&self, base: &BaseInputs, out: &mut dyn std::io::Write) -> Result<()> {
+        super::dense::write_model(&base.weights, &self.outcome.targets, &self.deltas, self.fan_in_fan_out, out)
     }
 }
 
@@ -332,7 +350,8 @@ pub async fn merge_loaded<B: Backward>(
     let mlx_modules: Vec<_> = outcome.targets.iter().zip(&deltas).map(|(t, d)| (t.path.as_str(), &d.a, &d.b)).collect();
     let layers = crate::formats::mlx::layer_count(model.modules().iter().map(|m| m.name.as_str()));
     let mlx = crate::formats::mlx::files(&mlx_modules, layers, model.fan_in_fan_out(), opts.f16);
-    let gguf_modules: Vec<_> = outcome.targets.iter().zip(&deltas).map(|(t, d)| (t.name.as_str(), &d.a, &d.b)).collect();
+    let gguf_modules: Vec<_> =
+        outcome.targets.iter().zip(&deltas).map(|(t, d)| (t.name.as_str(), &d.a, &d.b)).collect();
     let gguf_base = crate::formats::gguf::lora::BaseModel { model_type: model.model_type(), heads: model.heads() };
     let gguf = crate::formats::gguf::lora::adapter_file(&gguf_base, &gguf_modules, opts.f16);
     timings.export = now() - t;
@@ -389,7 +408,17 @@ pub async fn merge_loaded<B: Backward>(
         notes: Vec::new(),
         timings_s: timings,
     };
-    Ok(MergeResult { quality, adapter_config: files.config, adapter_weights: files.weights, mlx, gguf, report, outcome })
+    Ok(MergeResult {
+        quality,
+        adapter_config: files.config,
+        adapter_weights: files.weights,
+        mlx,
+        gguf,
+        deltas,
+        fan_in_fan_out: model.fan_in_fan_out(),
+        report,
+        outcome,
+    })
 }
 
 /// The host memory's peak in each phase of a merge, as measured (`profile::host_peak_bytes`),

@@ -23,14 +23,21 @@ pub fn adapter_file(base: &BaseModel, modules: &[(&str, &Mat, &Mat)], f16: bool)
     let arch = base::gguf_architecture(base.model_type).ok_or_else(|| {
         bad_input(
             "--gguf",
-            format!("model_type \"{}\" has no llama.cpp LoRA layout here (supported: {})", base.model_type, base::HF_TYPES.join(", ")),
+            format!(
+                "model_type \"{}\" has no llama.cpp LoRA layout here (supported: {})",
+                base.model_type,
+                base::HF_TYPES.join(", ")
+            ),
         )
     })?;
     let alpha = modules.iter().map(|m| m.1.rows).max().unwrap_or(1).max(1);
     let mut tensors = Vec::new();
     for &(name, a, b) in modules {
         let gguf = base::gguf_name(name).ok_or_else(|| {
-            bad_input("--gguf", format!("module '{name}' has no llama.cpp tensor name: llama.cpp could not place its LoRA"))
+            bad_input(
+                "--gguf",
+                format!("module '{name}' has no llama.cpp tensor name: llama.cpp could not place its LoRA"),
+            )
         })?;
         let r = a.rows;
         let fold = (r as f64 / alpha as f64) as f32;
