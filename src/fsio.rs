@@ -332,9 +332,7 @@ fn write_atomic(
     Ok(())
 }
 
-/// A file written as it is made (a dense model, too large to hold whole): its name in the
-/// folder and what writes it.
-pub type Streamed<'a> = (&'a str, Box<dyn FnOnce(&mut dyn std::io::Write) -> Result<()> + 'a>);
+pub use crate::merge::export::Streamed;
 
 /// Write `files`, and the `streamed` ones, into the folder `out` atomically. An existing `out` is
 /// replaced only with `force`; `inputs` are the merge's input paths, which `out` must stay clear of.

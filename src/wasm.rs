@@ -329,6 +329,18 @@ fn begin(input: &JsValue, options: &str) -> Result<(Settings, BaseInputs, Vec<Ta
     let s = settings(options)?;
     s.opts.validate(Array::from(&get(input, "tasks")?).length() as usize).map_err(to_js)?;
     let (base, tasks) = read_inputs(input)?;
+    // The dense model lands in the zip, in this page's memory, while the engine still holds the
+    // loaded base (about as large): refuse it now, before any work, if both cannot fit.
+    let dense = base.weights.stored_bytes(false);
+    if s.formats.dense && crate::inputs::host_available().is_some_and(|a| dense.saturating_mul(2) > a) {
+        return Err(to_js(crate::error::bad_input(
+            "dense model",
+            format!(
+                "the merged model ({} MiB), beside the loaded base, would not fit in this page's memory: leave 'Also the merged model' off and make it with the command-line tool (--dense)",
+                dense >> 20
+            ),
+        )));
+    }
     Ok((s, base, tasks))
 }
 
@@ -350,8 +362,15 @@ pub async fn merge(
     let result = engine.merge(&tasks, &s.opts, &mut |p| sink("", p)).await.map_err(to_js)?;
     let files = result.output_files(&tasks, s.formats).map_err(to_js)?;
     let report = files.iter().find(|(name, _)| *name == "merge_report.json").map(|(_, r)| r.clone());
-    let files: Vec<(&str, &[u8])> = files.iter().map(|(name, bytes)| (*name, bytes.as_slice())).collect();
-    let zip = zip_folder("merged_adapter", &files).map_err(to_js)?;
+    let dense = if s.formats.dense { result.dense_small_files(&base).map_err(to_js)? } else { Vec::new() };
+    let dense_names: Vec<String> = dense.iter().map(|(n, _)| format!("dense/{n}")).collect();
+    let mut files: Vec<(&str, &[u8])> = files.iter().map(|(name, bytes)| (*name, bytes.as_slice())).collect();
+    files.extend(dense_names.iter().zip(&dense).map(|(n, (_, b))| (n.as_str(), b.as_slice())));
+    let mut streamed: Vec<crate::merge::export::Streamed> = Vec::new();
+    if s.formats.dense {
+        streamed.push(("dense/model.safetensors", Box::new(|w| result.write_dense_model(&base, w))));
+    }
+    let zip = zip_folder("merged_adapter", &files, streamed).map_err(to_js)?;
 
     let out = Object::new();
     set(&out, "zip", Uint8Array::from(&zip[..]));

@@ -129,6 +129,36 @@ fn cli_merge_of(out: &Path, base: &Path, tasks: &[(PathBuf, PathBuf)], extra: &[
     run(Command::new(env!("CARGO_BIN_EXE_iteris")).args(&args), "iteris merge");
 }
 
+/// The page's extra outputs (llama.cpp LoRA, dense model, mlx-lm files) against the CLI's.
+fn check_formats(out: &Path) {
+    let cli = out.join("cli-qwen2-formats");
+    cli_merge_of(
+        &cli,
+        &fixture("qwen2").join("base"),
+        &(0..3).map(|i| (fixture("qwen2").join(format!("adapter{i}")), samples_path("qwen2", i))).collect::<Vec<_>>(),
+        &[&PUBLISHED[..], &["--gguf", "--dense", "--mlx"]].concat(),
+    );
+    let page = unzip(&out.join("qwen2-formats.zip"), &out.join("qwen2-formats"));
+    for f in ["adapter.gguf", "dense/config.json", "dense/tokenizer.json", "mlx/adapters.safetensors"] {
+        let (p, c) = (std::fs::read(page.join(f)).unwrap(), std::fs::read(cli.join(f)).unwrap());
+        assert_eq!(p.len(), c.len(), "{f}: the page's and the CLI's differ in size");
+    }
+    let read = |d: &Path| {
+        let bytes = std::fs::read(d.join("dense/model.safetensors")).unwrap();
+        iteris::formats::safetensors::TensorFile::parse("model.safetensors", bytes).unwrap()
+    };
+    let (p, c) = (read(&page), read(&cli));
+    let mut worst = 0f64;
+    for k in c.keys() {
+        let (a, b) = (p.mat(k).unwrap(), c.mat(k).unwrap());
+        let diff: f64 = a.data.iter().zip(&b.data).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = b.data.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+        worst = worst.max(diff / norm.max(1e-30));
+    }
+    println!("qwen2-formats: adapter.gguf, dense/ and mlx/ present; dense model within {worst:.1e} of the CLI's");
+    assert!(worst <= 1e-6, "the page's dense model differs from the CLI's by {worst:.2e}");
+}
+
 /// Unpack the page's zip (a `merged_adapter/` folder) into `dir`.
 fn unzip(zip: &Path, dir: &Path) -> PathBuf {
     let mut z = zip::ZipArchive::new(std::fs::File::open(zip).unwrap()).unwrap();
@@ -227,6 +257,7 @@ fn page_merges_like_the_cli() {
         d
     };
     let (gemma3, phi3) = (family("gemma3"), family("phi3"));
+    check_formats(&out);
     for (zip, cli, tol) in [
         ("demo", &demo, 1e-5),
         ("offline", &demo, 1e-5),

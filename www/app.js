@@ -174,6 +174,7 @@ function options() {
     rank: rank === '' ? null : Math.round(num('rank', 'Output rank')),
     f16: $('f16').checked,
     gguf: $('gguf').checked,
+    dense: $('dense').checked,
     mlx: $('mlx').checked,
     backend: $('backend').value,
     // Greedy generation re-runs the whole prompt per token: a sample of the held-out set keeps

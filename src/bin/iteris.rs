@@ -366,7 +366,7 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
     let opts = &p.opts;
     let mut engine = engine(&a, &p.base, opts)?;
     let r = pollster::block_on(engine.merge(&p.tasks, opts, &mut bars()))?;
-    let files = r.output_files(&p.tasks, Formats { mlx: a.mlx, gguf: a.gguf })?;
+    let files = r.output_files(&p.tasks, Formats { mlx: a.mlx, gguf: a.gguf, dense: a.dense })?;
     let dense = if a.dense { r.dense_small_files(&p.base)? } else { Vec::new() };
     let dense_names: Vec<String> = dense.iter().map(|(n, _)| format!("dense/{n}")).collect();
     let mut files: Vec<(&str, &[u8])> = files.iter().map(|(name, bytes)| (*name, bytes.as_slice())).collect();

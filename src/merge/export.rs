@@ -116,7 +116,9 @@ pub fn dense(m: &Merged) -> Mat {
 }
 
 /// A `.zip` of `files` (name, bytes) under the folder `folder`, deflated: what the page downloads.
-pub fn zip_folder(folder: &str, files: &[(&str, &[u8])]) -> Result<Vec<u8>> {
+/// The `streamed` files are written into the zip as they are made, stored uncompressed (a dense
+/// model's weights hardly deflate), so the zip holds them once and nothing else does.
+pub fn zip_folder(folder: &str, files: &[(&str, &[u8])], streamed: Vec<Streamed>) -> Result<Vec<u8>> {
     use std::io::Write;
     let fail = |e: &dyn std::fmt::Display| crate::error::Error::Io(format!("cannot write the .zip ({e})"));
     let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
@@ -125,5 +127,14 @@ pub fn zip_folder(folder: &str, files: &[(&str, &[u8])]) -> Result<Vec<u8>> {
         z.start_file(format!("{folder}/{name}"), opts).map_err(|e| fail(&e))?;
         z.write_all(bytes).map_err(|e| fail(&e))?;
     }
+    let stored = opts.compression_method(zip::CompressionMethod::Stored).large_file(true);
+    for (name, write) in streamed {
+        z.start_file(format!("{folder}/{name}"), stored).map_err(|e| fail(&e))?;
+        write(&mut z)?;
+    }
     Ok(z.finish().map_err(|e| fail(&e))?.into_inner())
 }
+
+/// A file written as it is made (a dense model, too large to hold whole): its name in the
+/// folder and what writes it.
+pub type Streamed<'a> = (&'a str, Box<dyn FnOnce(&mut dyn std::io::Write) -> Result<()> + 'a>);

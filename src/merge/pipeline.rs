@@ -98,6 +98,9 @@ pub struct Formats {
     pub mlx: bool,
     /// A llama.cpp LoRA, `adapter.gguf`.
     pub gguf: bool,
+    /// The merged model itself under `dense/` (`MergeResult::write_dense_model`; the front end
+    /// streams it into its output).
+    pub dense: bool,
 }
 
 /// A base model loaded on a backend, once for every merge and evaluation of a job (a comparison's

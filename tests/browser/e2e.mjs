@@ -166,6 +166,16 @@ try {
     assert.match(run.text, new RegExp(`of a ${arch === 'gemma3' ? 'gemma3_text' : arch} model`), `${arch}: the page names the model`);
     await context.close();
   }
+  // 3a'. The extra outputs: a llama.cpp LoRA, the dense merged model (streamed into the zip) and
+  // mlx-lm's files, from a Qwen2 fixture on the CPU path. tests/browser.rs compares them with the CLI's.
+  {
+    const { context, page } = await newPage();
+    await giveFixtureFiles(page, 'qwen2');
+    await page.selectOption('#backend', 'cpu');
+    for (const id of ['#gguf', '#dense', '#mlx']) await page.check(id);
+    await mergeAndDownload(page, 'qwen2-formats');
+    await context.close();
+  }
   // 3b. Every method compared, with small labeled held-out sets.
   {
     const { context, page } = await newPage();
