@@ -138,19 +138,27 @@ fn real_gpu_merge_matches_reference() {
     check_merge(&gpu, 1e-4);
 }
 
-/// A real GGUF base (`tools/real_gguf.py`: SmolLM2-135M-Instruct, Q4_1 with a Q8_0 embedding):
-/// the token ids and final hidden states transformers reads from the same file, and a merge
-/// within f32 noise of the same merge on the Hugging Face folder transformers writes from it.
+/// Real GGUF bases (`tools/real_gguf.py`: SmolLM2-135M-Instruct in Q4_1 with a Q8_0 embedding and
+/// a byte-level BPE tokenizer; Gemma-3-270M in Q4_K_M with its SentencePiece tokenizer): the token
+/// ids and final hidden states transformers reads from the same file, and a merge within f32 noise
+/// of the same merge on the Hugging Face folder transformers writes from it.
 #[test]
 fn real_gguf_reads_and_merges_as_its_hf_folder() {
     let root = std::env::var_os("ITERIS_REAL_MODELS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/real"));
-    let d = root.join("smollm2-gguf");
-    if !d.join("reference.safetensors").exists() {
-        eprintln!("SKIPPED real GGUF checks: run `python3 tools/real_gguf.py` to make {}", d.display());
-        return;
+    for name in ["smollm2-gguf", "gemma3-gguf"] {
+        let d = root.join(name);
+        if !d.join("reference.safetensors").exists() {
+            eprintln!("SKIPPED real GGUF checks of {name}: run `python3 tools/real_gguf.py` to make {}", d.display());
+            continue;
+        }
+        check_real_gguf(name, &d);
     }
+}
+
+fn check_real_gguf(name: &str, d: &std::path::Path) {
+    let d = d.to_path_buf();
     let gguf = fsio::read_base(&d.join("model.gguf")).unwrap();
     let model = models::load(&Cpu, &gguf.config, &gguf.weights).unwrap();
     let exp = read(&d, "reference.safetensors");
@@ -164,12 +172,22 @@ fn real_gguf_reads_and_merges_as_its_hf_folder() {
         batch.push_group(0, Stream::Base, &ids);
         let h = models::run(&model, &Cpu, &batch, &mut models::NoHook, Output::Hidden).block_on().unwrap().unwrap();
         let e = rel(&Cpu.download(&h).block_on().unwrap(), &exp.mat(&format!("hidden.{k}")).unwrap());
-        eprintln!(
-            "smollm2 GGUF sample {k}: {} ids equal, hidden states differ from transformers' by {e:.1e}",
-            ids[0].len()
-        );
+        eprintln!("{name} sample {k}: {} ids equal, hidden states differ from transformers' by {e:.1e}", ids[0].len());
         assert!(e < FORWARD_TOL, "sample {k}: hidden states differ by {e:.2e}");
     }
+    let texts = [
+        "  two leading spaces,\ttabs\tand\n\nblank lines   and trailing   ",
+        "Ünïcödé façade, naïve café; 漢字とかな; emoji 🙂👍🏽",
+        "1234567 + 89 = 1234656, 3.14159, 1e-6, 0x1F",
+        "<start_of_turn>user\nhello<end_of_turn>\n<|im_start|>user hi<|im_end|>",
+        "def f(x):\n    return x*x  # square\n\n\n\tindented",
+    ];
+    for (k, t) in texts.iter().enumerate() {
+        let got = gguf.tokenizer.encode(t, 4096).unwrap().ids;
+        let want: Vec<u32> = exp.mat(&format!("text_ids.{k}")).unwrap().data.iter().map(|&x| x as u32).collect();
+        assert_eq!(got, want, "{name}: the ids of {t:?}");
+    }
+    eprintln!("{name}: {} harder texts tokenize as transformers tokenizes them", texts.len());
     let tasks = || -> Vec<TaskInput> {
         (0..2)
             .map(|i| fsio::read_task(&d.join(format!("adapter{i}")), &d.join(format!("samples{i}.txt"))).unwrap())
@@ -185,8 +203,5 @@ fn real_gguf_reads_and_merges_as_its_hf_folder() {
         assert!(e < 1e-4, "module {}: the GGUF merge differs from the folder's by {e:.2e}", t.name);
         worst = worst.max(e);
     }
-    eprintln!(
-        "smollm2 GGUF: merge of {} modules, worst {worst:.1e} from the HF folder's",
-        from_gguf.outcome.targets.len()
-    );
+    eprintln!("{name}: merge of {} modules, worst {worst:.1e} from the HF folder's", from_gguf.outcome.targets.len());
 }

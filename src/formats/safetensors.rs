@@ -51,8 +51,8 @@ struct TensorInfo {
     /// Byte range in the data section.
     start: u64,
     end: u64,
-    /// A tensor of a GGUF file: its ggml type, and the heads whose q/k rows to un-permute.
-    ggml: Option<(GgmlType, Option<usize>)>,
+    /// A tensor of a GGUF file: its ggml type and what undoes llama.cpp's converter.
+    ggml: Option<(GgmlType, gguf::base::Undo)>,
 }
 
 /// The tensors a header describes, checked as the safetensors crate checks them (known dtypes,
@@ -170,11 +170,12 @@ impl TensorFile {
         for (key, t) in gguf::base::tensors(g)? {
             let desc = &g.tensors[&t.gguf];
             let dtype = match desc.ty {
+                _ if t.undo.minus_one => Dtype::F32,
                 GgmlType::F16 => Dtype::F16,
                 GgmlType::BF16 => Dtype::BF16,
                 _ => Dtype::F32,
             };
-            if let Some(h) = t.unpermute_heads {
+            if let Some(h) = t.undo.unpermute_heads {
                 if t.shape.len() != 2 || h == 0 || t.shape[0] % (2 * h) != 0 {
                     return Err(bad_input(
                         &name,
@@ -182,13 +183,8 @@ impl TensorFile {
                     ));
                 }
             }
-            let info = TensorInfo {
-                dtype,
-                shape: t.shape,
-                start: desc.start,
-                end: desc.end,
-                ggml: Some((desc.ty, t.unpermute_heads)),
-            };
+            let info =
+                TensorInfo { dtype, shape: t.shape, start: desc.start, end: desc.end, ggml: Some((desc.ty, t.undo)) };
             tensors.insert(key, info);
         }
         Ok(TensorFile { name, source, data_start: 0, tensors })
@@ -281,10 +277,30 @@ impl TensorFile {
             }
         };
         let data = match info.ggml {
-            Some((_, Some(heads))) => unpermute(data, rows, cols, heads),
-            _ => data,
+            Some((_, undo)) => undo.apply(data, rows, cols),
+            None => data,
         };
         Ok(StoredMat { rows, cols, data })
+    }
+}
+
+impl gguf::base::Undo {
+    /// The checkpoint's values of a tensor llama.cpp's converter changed.
+    fn apply(self, data: Stored, rows: usize, cols: usize) -> Stored {
+        let data = match self.unpermute_heads {
+            Some(h) => unpermute(data, rows, cols, h),
+            None => data,
+        };
+        match (self.minus_one, data) {
+            (true, Stored::F32(v)) => Stored::F32(v.into_iter().map(|x| x - 1.0).collect()),
+            (true, Stored::F16(v)) => {
+                Stored::F32(v.into_iter().map(|x| half::f16::from_bits(x).to_f32() - 1.0).collect())
+            }
+            (true, Stored::Bf16(v)) => {
+                Stored::F32(v.into_iter().map(|x| half::bf16::from_bits(x).to_f32() - 1.0).collect())
+            }
+            (false, data) => data,
+        }
     }
 }
 

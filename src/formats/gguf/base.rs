@@ -3,15 +3,20 @@
 //! metadata, tensor names mapped back to the checkpoint's, q/k rows un-permuted where llama.cpp's
 //! converter permuted them, and `tokenizer.json` rebuilt from `tokenizer.ggml.*`.
 //!
-//! Architectures: llama (Llama, SmolLM, Mistral, TinyLlama), qwen2, qwen3. Tokenizers: byte-level
-//! BPE (`tokenizer.ggml.model` "gpt2").
+//! Architectures: llama (Llama, SmolLM, Mistral, TinyLlama), qwen2, qwen3, gemma2, gemma3.
+//! Tokenizers: byte-level BPE (`tokenizer.ggml.model` "gpt2"), and Gemma's SentencePiece BPE.
 
 use super::{Gguf, Value};
 use crate::error::{bad_input, Result};
 use serde_json::{json, Map};
 
 /// The architectures read here and the model_type each is in config.json.
-const ARCHITECTURES: [(&str, &str); 3] = [("llama", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")];
+const ARCHITECTURES: [(&str, &str); 5] =
+    [("llama", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("gemma2", "gemma2"), ("gemma3", "gemma3_text")];
+
+fn is_gemma(arch: &str) -> bool {
+    arch.starts_with("gemma")
+}
 
 /// One tensor of the model under its checkpoint name.
 pub struct Tensor {
@@ -19,8 +24,16 @@ pub struct Tensor {
     pub gguf: String,
     /// (out, in) for a matrix, (n) for a vector.
     pub shape: Vec<usize>,
-    /// Un-permute q or k rows for this many heads (llama.cpp permuted them for its rope).
+    pub undo: Undo,
+}
+
+/// What undoes a change llama.cpp's converter made to a tensor.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Undo {
+    /// Un-permute q or k rows for this many heads (permuted for llama.cpp's rope).
     pub unpermute_heads: Option<usize>,
+    /// Subtract 1 (Gemma's norm weights, stored as the 1 + w its RMSNorm multiplies by).
+    pub minus_one: bool,
 }
 
 /// The model's architecture (`general.architecture`) and its model_type.
@@ -57,8 +70,11 @@ pub fn config(g: &Gguf) -> Result<serde_json::Value> {
         ("attention.head_count", "num_attention_heads"),
         ("attention.head_count_kv", "num_key_value_heads"),
         ("attention.layer_norm_rms_epsilon", "rms_norm_eps"),
-        ("attention.key_length", "head_dim"),
         ("vocab_size", "vocab_size"),
+        // transformers reads head_dim from rope.dimension_count for llama, from key_length for
+        // Gemma (where the rotary dimensions may differ).
+        (if is_gemma(arch) { "attention.key_length" } else { "rope.dimension_count" }, "head_dim"),
+        ("attention.sliding_window", "sliding_window"),
     ];
     for (key, hf) in keys {
         if let Some(v) = g.get(&format!("{arch}.{key}")) {
@@ -96,7 +112,7 @@ pub fn config(g: &Gguf) -> Result<serde_json::Value> {
 }
 
 /// llama.cpp's name of each module of a layer, and the checkpoint's (`blk.N.<gguf>` is
-/// `model.layers.N.<hf>`).
+/// `model.layers.N.<hf>`); Gemma's norms in `GEMMA_NORMS`.
 const LAYER_MODULES: [(&str, &str); 11] = [
     ("attn_norm", "input_layernorm"),
     ("attn_q", "self_attn.q_proj"),
@@ -111,20 +127,36 @@ const LAYER_MODULES: [(&str, &str); 11] = [
     ("ffn_down", "mlp.down_proj"),
 ];
 
+/// Gemma's four norms a layer: `ffn_norm` is the norm before the MLP, as in llama, but Gemma calls
+/// it `pre_feedforward_layernorm` and has one after attention and one after the MLP besides.
+const GEMMA_NORMS: [(&str, &str); 4] = [
+    ("attn_norm", "input_layernorm"),
+    ("post_attention_norm", "post_attention_layernorm"),
+    ("ffn_norm", "pre_feedforward_layernorm"),
+    ("post_ffw_norm", "post_feedforward_layernorm"),
+];
+
+/// A layer module's names, llama.cpp's and the checkpoint's, for an architecture.
+fn layer_modules(arch: &str) -> Vec<(&'static str, &'static str)> {
+    let norms: &[(&str, &str)] = if is_gemma(arch) { &GEMMA_NORMS } else { &[] };
+    let own = |g: &&(&str, &str)| !norms.iter().any(|n| n.0 == g.0);
+    norms.iter().copied().chain(LAYER_MODULES.iter().filter(own).copied()).collect()
+}
+
 /// The same for the tensors outside the layers.
 const TOP: [(&str, &str); 3] =
     [("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head")];
 
 /// The checkpoint name of a llama.cpp tensor name (`blk.3.attn_q.weight` →
 /// `model.layers.3.self_attn.q_proj.weight`); None for a name with no counterpart.
-fn hf_name(gguf: &str) -> Option<String> {
+fn hf_name(arch: &str, gguf: &str) -> Option<String> {
     let (module, suffix) = gguf.rsplit_once('.')?;
     if let Some((_, hf)) = TOP.iter().find(|(g, _)| *g == module) {
         return Some(format!("{hf}.{suffix}"));
     }
     let (layer, module) = module.strip_prefix("blk.")?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let (_, hf) = LAYER_MODULES.iter().find(|(g, _)| *g == module)?;
+    let (_, hf) = layer_modules(arch).into_iter().find(|(g, _)| *g == module)?;
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
 
@@ -161,7 +193,7 @@ pub fn tensors(g: &Gguf) -> Result<Vec<(String, Tensor)>> {
     let (n_head, n_head_kv) = (heads("head_count"), heads("head_count_kv").or(heads("head_count")));
     let mut out = Vec::new();
     for (name, t) in &g.tensors {
-        let hf = hf_name(name).ok_or_else(|| {
+        let hf = hf_name(arch, name).ok_or_else(|| {
             bad_input(&g.name, format!("tensor '{name}' has no Hugging Face counterpart for architecture \"{arch}\""))
         })?;
         let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
@@ -172,7 +204,9 @@ pub fn tensors(g: &Gguf) -> Result<Vec<(String, Tensor)>> {
             ("llama", Some("attn_k")) => n_head_kv,
             _ => None,
         };
-        out.push((hf, Tensor { gguf: name.clone(), shape, unpermute_heads }));
+        // Gemma's converters store each norm as 1 + w; transformers subtracts the 1 on load.
+        let minus_one = is_gemma(arch) && name.contains("norm.weight");
+        out.push((hf, Tensor { gguf: name.clone(), shape, undo: Undo { unpermute_heads, minus_one } }));
     }
     Ok(out)
 }
@@ -206,28 +240,145 @@ fn pre_split(pre: &str) -> Option<&'static str> {
     }
 }
 
+/// A list of strings the file must have.
+fn strings<'a>(g: &'a Gguf, key: &str) -> Result<Vec<&'a str>> {
+    let a = g.get(key).and_then(Value::as_array).ok_or_else(|| bad_input(&g.name, format!("has no list \"{key}\"")))?;
+    a.iter().map(|v| v.as_str().ok_or_else(|| bad_input(&g.name, format!("\"{key}\" holds a non-string")))).collect()
+}
+
+/// Each token's type (1 normal, 3 control, 4 user-defined, …).
+fn token_types(g: &Gguf, n: usize) -> Vec<u64> {
+    match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+        Some(t) => t.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
+        None => vec![1; n],
+    }
+}
+
 /// `tokenizer.json` for the file's tokenizer, as transformers builds it.
 pub fn tokenizer(g: &Gguf) -> Result<serde_json::Value> {
     let model = g.str("tokenizer.ggml.model")?;
-    if model != "gpt2" {
-        return Err(bad_input(
+    let arch = g.str("general.architecture")?;
+    match model {
+        "gpt2" => byte_level(g),
+        "llama" if is_gemma(arch) => gemma(g),
+        _ => Err(bad_input(
             &g.name,
-            format!("tokenizer.ggml.model \"{model}\" is not supported yet (supported: gpt2, byte-level BPE): use the Hugging Face folder"),
-        ));
+            format!("tokenizer.ggml.model \"{model}\" of architecture \"{arch}\" is not supported yet (supported: gpt2, byte-level BPE; Gemma's SentencePiece): use the Hugging Face folder"),
+        )),
     }
-    let list = |key: &str| -> Result<Vec<&str>> {
-        let a =
-            g.get(key).and_then(Value::as_array).ok_or_else(|| bad_input(&g.name, format!("has no list \"{key}\"")))?;
-        a.iter()
-            .map(|v| v.as_str().ok_or_else(|| bad_input(&g.name, format!("\"{key}\" holds a non-string"))))
-            .collect()
-    };
-    let tokens = list("tokenizer.ggml.tokens")?;
-    let merges = list("tokenizer.ggml.merges")?;
-    let types: Vec<u64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
-        Some(t) => t.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
-        None => vec![1; tokens.len()],
-    };
+}
+
+/// The post-processor that adds BOS where the file asks for it (`tokenizer.ggml.add_bos_token`,
+/// by default `default_add_bos`).
+fn bos_template(g: &Gguf, tokens: &[&str], default_add_bos: bool) -> serde_json::Value {
+    let add = g.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(default_add_bos);
+    let id = g.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64);
+    let single_a = json!({"Sequence": {"id": "A", "type_id": 0}});
+    let pair_b = json!({"Sequence": {"id": "B", "type_id": 1}});
+    match (add, id.and_then(|i| tokens.get(i as usize))) {
+        (true, Some(&b)) => {
+            let mut special = Map::new();
+            special.insert(b.to_string(), json!({"id": b, "ids": [id], "tokens": [b]}));
+            let bos = json!({"SpecialToken": {"id": b, "type_id": 0}});
+            json!({"type": "TemplateProcessing", "single": [bos, single_a], "pair": [bos, single_a, pair_b],
+                   "special_tokens": special})
+        }
+        _ => {
+            json!({"type": "TemplateProcessing", "single": [single_a], "pair": [single_a, pair_b], "special_tokens": {}})
+        }
+    }
+}
+
+/// An added token as tokenizer.json lists it.
+fn added(id: usize, content: &str, special: bool) -> serde_json::Value {
+    json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
+           "normalized": false, "special": special})
+}
+
+/// Gemma's SentencePiece BPE as transformers rebuilds it (`gemma_tokenizer`): tokens of two or
+/// more spaces respelled with "▁"; merges derived from the vocabulary (every split of a token
+/// into two tokens), best first by the token's place in the file (`generate_merges`); spaces as
+/// "▁", byte fallback, BOS added unless the file says otherwise; control tokens special,
+/// user-defined ones added.
+fn gemma(g: &Gguf) -> Result<serde_json::Value> {
+    let raw = strings(g, "tokenizer.ggml.tokens")?;
+    let tokens: Vec<String> =
+        raw.iter()
+            .map(|t| {
+                if t.contains(' ') && t.trim().is_empty() {
+                    "\u{2581}".repeat(t.chars().count())
+                } else {
+                    t.to_string()
+                }
+            })
+            .collect();
+    let mut vocab = Map::new();
+    let mut index = std::collections::HashMap::new();
+    let mut score = std::collections::HashMap::new();
+    for (i, t) in tokens.iter().enumerate() {
+        vocab.insert(t.clone(), i.into());
+        index.insert(t.as_str(), i);
+        score.insert(t.as_str(), -(i as i64));
+    }
+    // generate_merges(vocab, {token: −position}): for each token in file order (a repeated one
+    // where it first appears, with its last score), its splits into two known tokens ordered by
+    // their ids; then all sorted by (score, lengths), best first, stably.
+    let mut seen = std::collections::HashSet::new();
+    let mut merges: Vec<(i64, usize, usize, &str, &str)> = Vec::new();
+    for t in &tokens {
+        if !seen.insert(t.as_str()) {
+            continue;
+        }
+        let s = score[t.as_str()];
+        let mut local: Vec<(&str, &str)> = t
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| (&t[..at], &t[at..]))
+            .filter(|(l, r)| index.contains_key(l) && index.contains_key(r))
+            .collect();
+        local.sort_by_key(|(l, r)| (index[l], index[r]));
+        merges.extend(local.into_iter().map(|(l, r)| (s, l.chars().count(), r.chars().count(), l, r)));
+    }
+    merges.sort_by(|a, b| (b.0, b.1, b.2).cmp(&(a.0, a.1, a.2)));
+    let merges: Vec<serde_json::Value> = merges.into_iter().map(|m| json!([m.3, m.4])).collect();
+    let types = token_types(g, raw.len());
+    let mut added_tokens: Vec<serde_json::Value> = Vec::new();
+    let mut listed = std::collections::HashSet::new();
+    // GemmaTokenizer's own specials, then the file's control (special) and user-defined tokens.
+    for name in ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] {
+        if let Some(&i) = index.get(name) {
+            added_tokens.push(added(i, name, true));
+            listed.insert(i);
+        }
+    }
+    for (i, (t, &ty)) in raw.iter().zip(&types).enumerate() {
+        let special = ty == 3;
+        if (special || (ty == 4 && index.contains_key(t))) && listed.insert(i) {
+            added_tokens.push(added(i, &tokens[i], special));
+        }
+    }
+    added_tokens.sort_by_key(|a| a["id"].as_u64());
+    let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    Ok(json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added_tokens,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+        "post_processor": bos_template(g, &refs, true),
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    }))
+}
+
+/// Byte-level BPE (`GPT2Tokenizer`): tokens spelled in GPT-2's byte alphabet, the file's merges,
+/// the split regex its `tokenizer.ggml.pre` names.
+fn byte_level(g: &Gguf) -> Result<serde_json::Value> {
+    let tokens = strings(g, "tokenizer.ggml.tokens")?;
+    let merges = strings(g, "tokenizer.ggml.merges")?;
+    let types = token_types(g, tokens.len());
     let alphabet = byte_alphabet();
     let spelled = |t: &str| t.chars().all(|c| alphabet.contains(&c));
     let mut vocab = Map::new();
@@ -242,10 +393,7 @@ pub fn tokenizer(g: &Gguf) -> Result<serde_json::Value> {
         .zip(&types)
         .enumerate()
         .filter(|(_, (t, &ty))| (ty == 3 && spelled(t)) || ty == 4)
-        .map(|(i, (t, &ty))| {
-            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                   "normalized": false, "special": ty == 3})
-        })
+        .map(|(i, (t, &ty))| added(i, t, ty == 3))
         .collect();
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
     let pre = match g.get("tokenizer.ggml.pre").and_then(Value::as_str).and_then(pre_split) {
@@ -254,21 +402,7 @@ pub fn tokenizer(g: &Gguf) -> Result<serde_json::Value> {
             {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
         None => byte_level.clone(),
     };
-    let bos = g.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64).and_then(|b| tokens.get(b as usize));
-    let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false);
-    let bos_id = g.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64);
-    let post = match (add_bos, bos) {
-        (true, Some(&b)) => {
-            let mut special = Map::new();
-            special.insert(b.to_string(), json!({"id": b, "ids": [bos_id], "tokens": [b]}));
-            json!({"type": "TemplateProcessing",
-                "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                         {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": special})
-        }
-        _ => serde_json::Value::Null,
-    };
+    let post = bos_template(g, &tokens, false);
     Ok(json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
         "normalizer": null, "pre_tokenizer": pre, "post_processor": post,
