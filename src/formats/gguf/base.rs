@@ -339,7 +339,7 @@ fn gemma(g: &Gguf) -> Result<serde_json::Value> {
         local.sort_by_key(|(l, r)| (index[l], index[r]));
         merges.extend(local.into_iter().map(|(l, r)| (s, l.chars().count(), r.chars().count(), l, r)));
     }
-    merges.sort_by(|a, b| (b.0, b.1, b.2).cmp(&(a.0, a.1, a.2)));
+    merges.sort_by_key(|m| std::cmp::Reverse((m.0, m.1, m.2)));
     let merges: Vec<serde_json::Value> = merges.into_iter().map(|m| json!([m.3, m.4])).collect();
     let types = token_types(g, raw.len());
     let mut added_tokens: Vec<serde_json::Value> = Vec::new();
