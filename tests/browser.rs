@@ -258,6 +258,11 @@ fn page_merges_like_the_cli() {
     };
     let (gemma3, phi3) = (family("gemma3"), family("phi3"));
     check_formats(&out);
+    // The page's merge on a dropped GGUF base against the CLI's on the same file.
+    let gguf = out.join("cli-gguf-base");
+    let llama_tasks: Vec<_> =
+        (0..3).map(|i| (fixture("llama").join(format!("adapter{i}")), samples_path("llama", i))).collect();
+    cli_merge_of(&gguf, &root().join("tests/fixtures/gguf/llama.gguf"), &llama_tasks, &PUBLISHED);
     for (zip, cli, tol) in [
         ("demo", &demo, 1e-5),
         ("offline", &demo, 1e-5),
@@ -267,6 +272,7 @@ fn page_merges_like_the_cli() {
         ("gemma3-gpu", &gemma3, 1e-5),
         ("gemma3-cpu", &gemma3, 1e-5),
         ("phi3-cpu", &phi3, 1e-5),
+        ("gguf-base", &gguf, 1e-5),
     ] {
         let dir = unzip(&out.join(format!("{zip}.zip")), &out.join(zip));
         let e = max_rel_diff(&dir, cli);

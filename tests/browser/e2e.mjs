@@ -43,9 +43,10 @@ async function newPage(on = browser, query = '') {
   return { context, page };
 }
 
-async function giveFixtureFiles(page, arch = 'gpt2') {
+// `base`: the base model's files, else the fixture's Hugging Face folder.
+async function giveFixtureFiles(page, arch = 'gpt2', base = null) {
   const f = (p) => fixture(p, arch);
-  await page.setInputFiles('#base-files', ['config.json', 'tokenizer.json', 'model.safetensors'].map((n) => f(`base/${n}`)));
+  await page.setInputFiles('#base-files', base ?? ['config.json', 'tokenizer.json', 'model.safetensors'].map((n) => f(`base/${n}`)));
   await page.click('#add-task');
   for (const [k, s] of ['samples0.txt', 'samples1.jsonl', 'samples2.txt'].entries()) {
     await page.setInputFiles(`#task-${k}-adapter`, ['adapter_config.json', 'adapter_model.safetensors'].map((n) => f(`adapter${k}/${n}`)));
@@ -174,6 +175,15 @@ try {
     await page.selectOption('#backend', 'cpu');
     for (const id of ['#gguf', '#dense', '#mlx']) await page.check(id);
     await mergeAndDownload(page, 'qwen2-formats');
+    await context.close();
+  }
+  // 3a''. A GGUF base dropped as one file (tests/fixtures/gguf/llama.gguf: the llama fixture as
+  // llama.cpp's converter writes it, in seven ggml types) with the llama fixture's adapters.
+  {
+    const { context, page } = await newPage();
+    await giveFixtureFiles(page, 'llama', [path.resolve('tests/fixtures/gguf/llama.gguf')]);
+    await page.selectOption('#backend', 'cpu');
+    await mergeAndDownload(page, 'gguf-base');
     await context.close();
   }
   // 3b. Every method compared, with small labeled held-out sets.
