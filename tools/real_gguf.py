@@ -26,11 +26,10 @@ import zipfile
 import numpy as np
 import torch
 import transformers
-from peft import LoraConfig, get_peft_model
 from safetensors.numpy import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from real_models import ADAPTERS, SAMPLES, fetch_gemma3_gguf, pip_download  # noqa: E402
+from real_models import ADAPTERS, SAMPLES, fetch_gemma3_gguf, pip_download, write_tasks  # noqa: E402
 
 TOKENIZER_TEXTS = [
     "  two leading spaces,\ttabs\tand\n\nblank lines   and trailing   ",
@@ -86,19 +85,7 @@ def build(name, fetch):
     model.is_quantized = False
     model.save_pretrained(hf)
     tok.save_pretrained(hf)
-    for i, acfg in enumerate(ADAPTERS[:2]):
-        torch.manual_seed(200 + i)
-        m = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
-        pm = get_peft_model(m, LoraConfig(lora_dropout=0.0, **acfg))
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_A" in n:
-                    p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
-                elif "lora_B" in n:
-                    p.copy_(0.05 * torch.randn_like(p) / p.shape[1] ** 0.5)
-        pm.save_pretrained(os.path.join(d, f"adapter{i}"))
-        with open(os.path.join(d, f"samples{i}.txt"), "w") as f:
-            f.write("\n".join(s.replace("\n", " ") for s in SAMPLES[i]) + "\n")
+    write_tasks(hf, d, ADAPTERS[:2], seed=200)
     print("wrote", d)
 
 

@@ -108,17 +108,12 @@ def convert_gguf(gguf, base_dir):
     return tok
 
 
-def build(name, base_dir_fn):
-    d = os.path.join(OUT, name)
-    base_dir = os.path.join(d, "base")
-    if not os.path.exists(os.path.join(base_dir, "model.safetensors")):
-        os.makedirs(base_dir, exist_ok=True)
-        base_dir_fn(base_dir)
-    tok = transformers.AutoTokenizer.from_pretrained(base_dir)
-    cls = transformers.AutoModelForCausalLM
-    for i, acfg in enumerate(ADAPTERS):
-        torch.manual_seed(100 + i)
-        m = cls.from_pretrained(base_dir, dtype=torch.float32).eval()
+def write_tasks(base_dir, d, configs, seed):
+    """Under d: a PEFT LoRA of the model at base_dir per config (random factors, seed + i), as
+    adapter{i}/, and SAMPLES[i] as samples{i}.txt."""
+    for i, acfg in enumerate(configs):
+        torch.manual_seed(seed + i)
+        m = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
         pm = get_peft_model(m, LoraConfig(lora_dropout=0.0, **acfg))
         with torch.no_grad():
             for n, p in pm.named_parameters():
@@ -129,6 +124,17 @@ def build(name, base_dir_fn):
         pm.save_pretrained(os.path.join(d, f"adapter{i}"))
         with open(os.path.join(d, f"samples{i}.txt"), "w") as f:
             f.write("\n".join(s.replace("\n", " ") for s in SAMPLES[i]) + "\n")
+
+
+def build(name, base_dir_fn):
+    d = os.path.join(OUT, name)
+    base_dir = os.path.join(d, "base")
+    if not os.path.exists(os.path.join(base_dir, "model.safetensors")):
+        os.makedirs(base_dir, exist_ok=True)
+        base_dir_fn(base_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(base_dir)
+    cls = transformers.AutoModelForCausalLM
+    write_tasks(base_dir, d, ADAPTERS, seed=100)
     texts = [[s.replace("\n", " ") for s in task] for task in SAMPLES]
 
     # Forward reference: base + adapter 0, float64.
