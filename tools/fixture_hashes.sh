@@ -19,6 +19,7 @@ settings=(
   "refine|--refine-steps 3"
 )
 for fixture in tests/fixtures/*/; do
+  [ -d "$fixture/base" ] || continue  # gguf/ and other non-model fixtures
   name=$(basename "$fixture")
   args=(--base "$fixture/base")
   for i in 0 1 2; do
