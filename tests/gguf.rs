@@ -1,7 +1,8 @@
 //! GGUF base models (`formats::gguf`), against what llama.cpp's `gguf` package and transformers
 //! read from the same files (tools/make_gguf_fixtures.py): every ggml type dequantized as the
-//! package does, and a llama model (q/k permuted by the converter, tensors in seven types, a
-//! byte-level BPE tokenizer) giving transformers' token ids and hidden states.
+//! package does, and llama (q/k permuted by the converter) and qwen2 (q/k/v biases, a tied head)
+//! models in seven types with a byte-level BPE tokenizer giving transformers' token ids and
+//! hidden states.
 
 mod common;
 use common::*;
@@ -40,20 +41,26 @@ fn every_type_dequantizes_as_the_gguf_package_does() {
 }
 
 #[test]
-fn a_llama_gguf_reads_as_transformers_reads_it() {
-    let base = fsio::read_base(&file("llama.gguf")).unwrap();
+fn llama_and_qwen2_ggufs_read_as_transformers_reads_them() {
+    for arch in ["llama", "qwen2"] {
+        check_decoder_gguf(arch);
+    }
+}
+
+fn check_decoder_gguf(arch: &str) {
+    let base = fsio::read_base(&file(&format!("{arch}.gguf"))).unwrap();
     let model = models::load(&Cpu, &base.config, &base.weights).unwrap();
-    let want = reference("llama.safetensors");
+    let want = reference(&format!("{arch}.safetensors"));
     let samples = ["The capital of France is Paris.", "def add(a, b):\n    return a + b  # 42"];
     for (k, s) in samples.iter().enumerate() {
         let (ids, _) = tokenize(&base.tokenizer, &[s.to_string()], 128, None, "samples").unwrap();
         let want_ids: Vec<u32> = want.mat(&format!("ids.{k}")).unwrap().data.iter().map(|&x| x as u32).collect();
-        assert_eq!(ids[0], want_ids, "sample {k}: token ids");
+        assert_eq!(ids[0], want_ids, "{arch} sample {k}: token ids");
         let mut batch = Batch::default();
         batch.push_group(0, Stream::Base, &ids);
         let h = models::run(&model, &Cpu, &batch, &mut NoHook, Output::Hidden).block_on().unwrap().unwrap();
         let e = rel(&Cpu.download(&h).block_on().unwrap(), &want.mat(&format!("hidden.{k}")).unwrap());
-        assert!(e < 1e-5, "sample {k}: hidden states differ by {e:.2e}");
+        assert!(e < 1e-5, "{arch} sample {k}: hidden states differ by {e:.2e}");
     }
 }
 

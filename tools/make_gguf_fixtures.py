@@ -4,8 +4,9 @@ against what the package and transformers read from them:
   quants.gguf / quants.safetensors
       one (4, 512) tensor of each ggml type the tool reads, its blocks random bytes with finite
       scales, and each as the `gguf` package dequantizes it (float32).
-  llama.gguf / llama.safetensors
-      tests/fixtures/llama/base as llama.cpp's converter writes it: q/k rows permuted for its rope,
+  llama.gguf / llama.safetensors, qwen2.gguf / qwen2.safetensors
+      tests/fixtures/<arch>/base as llama.cpp's converter writes it (llama: q/k rows permuted for its rope;
+      qwen2: q/k/v biases),
       tensors in Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16 and BF16, the byte-level BPE tokenizer as
       tokenizer.ggml.*; and what transformers reads from that file: token ids of SAMPLES
       ("ids.k", as float32) and the final hidden states of each ("hidden.k", float32 model).
@@ -59,14 +60,15 @@ def permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def llama():
-    base = os.path.join(HERE, "..", "tests", "fixtures", "llama", "base")
+def decoder(arch):
+    """tests/fixtures/<arch>/base as llama.cpp's converter writes it (q/k permuted for llama)."""
+    base = os.path.join(HERE, "..", "tests", "fixtures", arch, "base")
     cfg = json.load(open(os.path.join(base, "config.json")))
     tok = json.load(open(os.path.join(base, "tokenizer.json")))
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
-    path = os.path.join(OUT, "llama.gguf")
-    w = gguf.GGUFWriter(path, "llama")
+    path = os.path.join(OUT, f"{arch}.gguf")
+    w = gguf.GGUFWriter(path, arch)
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -74,11 +76,12 @@ def llama():
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
-    w.add_key_length(cfg["head_dim"])
-    w.add_value_length(cfg["head_dim"])
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
-    w.add_rope_dimension_count(cfg["head_dim"])
+    w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg["vocab_size"])
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
     special = {a["id"] for a in tok["added_tokens"] if a["special"]}
@@ -87,8 +90,10 @@ def llama():
     w.add_token_list([t for t, _ in vocab])
     w.add_token_types([3 if i in special else 1 for _, i in vocab])
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
-    w.add_bos_token_id(cfg["bos_token_id"])
-    w.add_eos_token_id(cfg["eos_token_id"])
+    if cfg.get("bos_token_id") is not None:
+        w.add_bos_token_id(cfg["bos_token_id"])
+    if cfg.get("eos_token_id") is not None:
+        w.add_eos_token_id(cfg["eos_token_id"])
     w.add_add_bos_token(False)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
@@ -99,15 +104,17 @@ def llama():
     types = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.F16, T.BF16]
     k = 0
     for name, v in sd.items():
+        if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+            continue  # llama.cpp's converter leaves a tied head out
         if name in names:
             g = names[name]
         else:
             layer, rest = name[len("model.layers."):].split(".", 1)
             mod, suffix = rest.rsplit(".", 1)
             g = f"blk.{layer}.{modules[mod]}.{suffix}"
-        if g.endswith("attn_q.weight"):
+        if arch == "llama" and g.endswith("attn_q.weight"):
             v = permute(v, heads)
-        elif g.endswith("attn_k.weight"):
+        elif arch == "llama" and g.endswith("attn_k.weight"):
             v = permute(v, kv)
         if v.ndim == 1:
             w.add_tensor(g, v.astype(np.float32))
@@ -121,8 +128,8 @@ def llama():
     w.close()
 
     # What transformers reads from the file.
-    m = transformers.AutoModelForCausalLM.from_pretrained(OUT, gguf_file="llama.gguf", dtype=torch.float32).eval()
-    t = transformers.AutoTokenizer.from_pretrained(OUT, gguf_file="llama.gguf")
+    m = transformers.AutoModelForCausalLM.from_pretrained(OUT, gguf_file=f"{arch}.gguf", dtype=torch.float32).eval()
+    t = transformers.AutoTokenizer.from_pretrained(OUT, gguf_file=f"{arch}.gguf")
     expected = {}
     with torch.no_grad():
         for i, s in enumerate(SAMPLES):
@@ -130,12 +137,13 @@ def llama():
             out = m(input_ids=torch.tensor([ids]), output_hidden_states=True)
             expected[f"ids.{i}"] = np.array(ids, dtype=np.float32)  # the tests read f32
             expected[f"hidden.{i}"] = out.hidden_states[-1][0].numpy().astype(np.float32)
-    save_file(expected, os.path.join(OUT, "llama.safetensors"))
+    save_file(expected, os.path.join(OUT, f"{arch}.safetensors"))
 
 
 if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
     quants()
-    llama()
+    decoder("llama")
+    decoder("qwen2")
     for f in sorted(os.listdir(OUT)):
         print(f, os.path.getsize(os.path.join(OUT, f)))

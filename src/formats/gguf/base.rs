@@ -71,9 +71,10 @@ pub fn config(g: &Gguf) -> Result<serde_json::Value> {
         ("attention.head_count_kv", "num_key_value_heads"),
         ("attention.layer_norm_rms_epsilon", "rms_norm_eps"),
         ("vocab_size", "vocab_size"),
-        // transformers reads head_dim from rope.dimension_count for llama, from key_length for
-        // Gemma (where the rotary dimensions may differ).
-        (if is_gemma(arch) { "attention.key_length" } else { "rope.dimension_count" }, "head_dim"),
+        // llama.cpp's head size; transformers reads it for Gemma only (for llama it reads
+        // rope.dimension_count, below; for Qwen3 it keeps Qwen3Config's 128, which a Qwen3 GGUF
+        // of another head size would contradict).
+        ("attention.key_length", "head_dim"),
         ("attention.sliding_window", "sliding_window"),
     ];
     for (key, hf) in keys {
@@ -86,6 +87,11 @@ pub fn config(g: &Gguf) -> Result<serde_json::Value> {
                 other => return Err(bad_input(&g.name, format!("{arch}.{key} is {other:?}; expected a number"))),
             };
             c.insert(hf.into(), v);
+        }
+    }
+    if arch == "llama" && !c.contains_key("head_dim") {
+        if let Some(d) = g.get("llama.rope.dimension_count").and_then(Value::as_u64) {
+            c.insert("head_dim".into(), d.into());
         }
     }
     if !c.contains_key("vocab_size") {
