@@ -360,17 +360,10 @@ pub async fn merge(
     let mut engine = engine(&s, &base, &warn).await?;
     let mut sink = progress_sink(&progress);
     let result = engine.merge(&tasks, &s.opts, &mut |p| sink("", p)).await.map_err(to_js)?;
-    let files = result.output_files(&tasks, s.formats).map_err(to_js)?;
+    let files = result.output_files(&base, &tasks, s.formats).map_err(to_js)?;
     let report = files.iter().find(|(name, _)| *name == "merge_report.json").map(|(_, r)| r.clone());
-    let dense = if s.formats.dense { result.dense_small_files(&base).map_err(to_js)? } else { Vec::new() };
-    let dense_names: Vec<String> = dense.iter().map(|(n, _)| format!("dense/{n}")).collect();
-    let mut files: Vec<(&str, &[u8])> = files.iter().map(|(name, bytes)| (*name, bytes.as_slice())).collect();
-    files.extend(dense_names.iter().zip(&dense).map(|(n, (_, b))| (n.as_str(), b.as_slice())));
-    let mut streamed: Vec<crate::merge::export::Streamed> = Vec::new();
-    if s.formats.dense {
-        streamed.push(("dense/model.safetensors", Box::new(|w| result.write_dense_model(&base, w))));
-    }
-    let zip = zip_folder("merged_adapter", &files, streamed).map_err(to_js)?;
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(name, bytes)| (*name, bytes.as_slice())).collect();
+    let zip = zip_folder("merged_adapter", &files, result.streamed_files(&base, s.formats)).map_err(to_js)?;
 
     let out = Object::new();
     set(&out, "zip", Uint8Array::from(&zip[..]));

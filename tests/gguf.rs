@@ -94,7 +94,7 @@ fn the_llama_cpp_lora_holds_the_merged_deltas() {
     use iteris::merge::{export::dense, pipeline::Formats, Options};
     let arch = "llama";
     let r = merge(arch, &Options::published());
-    let files = r.output_files(&tasks(arch), Formats { gguf: true, ..Formats::default() }).unwrap();
+    let files = r.output_files(&base(arch), &tasks(arch), Formats { gguf: true, ..Formats::default() }).unwrap();
     let bytes = files.iter().find(|(n, _)| *n == "adapter.gguf").unwrap().1.clone();
     let g = Gguf::open("adapter.gguf", &bytes).unwrap();
     let s = |k: &str| g.get(k).and_then(Value::as_str).unwrap().to_string();

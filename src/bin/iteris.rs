@@ -366,16 +366,10 @@ fn merge(a: MergeArgs) -> iteris::Result<()> {
     let opts = &p.opts;
     let mut engine = engine(&a, &p.base, opts)?;
     let r = pollster::block_on(engine.merge(&p.tasks, opts, &mut bars()))?;
-    let files = r.output_files(&p.tasks, Formats { mlx: a.mlx, gguf: a.gguf, dense: a.dense })?;
-    let dense = if a.dense { r.dense_small_files(&p.base)? } else { Vec::new() };
-    let dense_names: Vec<String> = dense.iter().map(|(n, _)| format!("dense/{n}")).collect();
-    let mut files: Vec<(&str, &[u8])> = files.iter().map(|(name, bytes)| (*name, bytes.as_slice())).collect();
-    files.extend(dense_names.iter().zip(&dense).map(|(n, (_, b))| (n.as_str(), b.as_slice())));
-    let mut streamed: Vec<fsio::Streamed> = Vec::new();
-    if a.dense {
-        streamed.push(("dense/model.safetensors", Box::new(|w| r.write_dense_model(&p.base, w))));
-    }
-    fsio::write_folder(&out, &files, streamed, a.force, &a.inputs())?;
+    let asked = Formats { mlx: a.mlx, gguf: a.gguf, dense: a.dense };
+    let files = r.output_files(&p.base, &p.tasks, asked)?;
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(name, bytes)| (*name, bytes.as_slice())).collect();
+    fsio::write_folder(&out, &files, r.streamed_files(&p.base, asked), a.force, &a.inputs())?;
 
     for w in &r.report.warnings {
         eprintln!("warning: {w}");

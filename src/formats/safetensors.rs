@@ -304,17 +304,9 @@ impl gguf::base::Undo {
     }
 }
 
-/// The rows of q or k in the checkpoint's order: llama.cpp stores each head's rows as rotary
-/// pairs (row 2i + j of a head holds row j·(hd/2) + i of the checkpoint's).
+/// The rows of q or k in the checkpoint's order (`gguf::base::llama_cpp_row` undone).
 fn unpermute(data: Stored, rows: usize, cols: usize, heads: usize) -> Stored {
-    let hd = rows / heads;
-    let order: Vec<usize> = (0..rows)
-        .map(|r| {
-            let (h, within) = (r / hd, r % hd);
-            let (j, i) = (within / (hd / 2), within % (hd / 2));
-            h * hd + 2 * i + j
-        })
-        .collect();
+    let order: Vec<usize> = (0..rows).map(|r| gguf::base::llama_cpp_row(r, rows / heads)).collect();
     fn rows_of<T: Copy>(v: &[T], order: &[usize], cols: usize) -> Vec<T> {
         order.iter().flat_map(|&r| v[r * cols..(r + 1) * cols].iter().copied()).collect()
     }

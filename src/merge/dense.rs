@@ -14,9 +14,9 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 /// The files of the dense folder that are small: config.json and tokenizer.json.
-pub fn small_files(base: &BaseInputs) -> Result<Vec<(&'static str, Vec<u8>)>> {
+pub fn small_files(base: &BaseInputs) -> Result<[Vec<u8>; 2]> {
     let config = serde_json::to_vec_pretty(&base.config.raw).expect("JSON values serialize");
-    Ok(vec![("config.json", config), ("tokenizer.json", base.tokenizer.to_json()?.into_bytes())])
+    Ok([config, base.tokenizer.to_json()?.into_bytes()])
 }
 
 /// The base tensor each merged module's delta adds to: its `name.weight`, under any class prefix.

@@ -43,8 +43,14 @@ impl MergeResult {
     /// page's zip): PEFT's adapter, the report, the same adapter as MLX files under `mlx/` where
     /// `asked.mlx` (an error where mlx-lm could not load them) or where an input adapter came as
     /// MLX files (left out, with a warning in the report, where they cannot be written), and as a
-    /// llama.cpp LoRA (`adapter.gguf`) where `asked.gguf`.
-    pub fn output_files(&self, tasks: &[TaskInput], asked: Formats) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    /// llama.cpp LoRA (`adapter.gguf`) where `asked.gguf`, and the merged model's small files
+    /// under `dense/` where `asked.dense` (its weights: `streamed_files`).
+    pub fn output_files(
+        &self,
+        base: &BaseInputs,
+        tasks: &[TaskInput],
+        asked: Formats,
+    ) -> Result<Vec<(&'static str, Vec<u8>)>> {
         let mlx_asked = asked.mlx;
         let mut report = serde_json::to_value(&self.report).map_err(|e| crate::error::Error::Io(e.to_string()))?;
         let mlx_input = tasks.iter().any(|t| crate::formats::mlx::is_mlx(&t.adapter.config));
@@ -73,15 +79,21 @@ impl MergeResult {
             let gguf = self.gguf.as_ref().map_err(|e| crate::error::bad_input("--gguf", e.to_string()))?;
             files.push(("adapter.gguf", gguf.clone()));
         }
+        if asked.dense {
+            let [config, tokenizer] = super::dense::small_files(base)?;
+            files.push(("dense/config.json", config));
+            files.push(("dense/tokenizer.json", tokenizer));
+        }
         Ok(files)
     }
-}
 
-impl MergeResult {
-    /// The merged model as a Hugging Face folder's files (`merge::dense`): config.json and
-    /// tokenizer.json here; model.safetensors is written by `write_dense_model`.
-    pub fn dense_small_files(&self, base: &BaseInputs) -> Result<Vec<(&'static str, Vec<u8>)>> {
-        super::dense::small_files(base)
+    /// The files too large to hold, written into the output as they are made: the merged
+    /// model's weights, `dense/model.safetensors`, where `asked.dense`.
+    pub fn streamed_files<'a>(&'a self, base: &'a BaseInputs, asked: Formats) -> Vec<super::export::Streamed<'a>> {
+        match asked.dense {
+            true => vec![("dense/model.safetensors", Box::new(move |w| self.write_dense_model(base, w)))],
+            false => Vec::new(),
+        }
     }
 
     /// The merged model's model.safetensors, streamed to `out` tensor by tensor.

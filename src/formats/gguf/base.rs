@@ -36,6 +36,14 @@ pub struct Undo {
     pub minus_one: bool,
 }
 
+/// Where llama.cpp's converter puts row `r` of a checkpoint's q or k (`LlamaModel.permute`): each
+/// head's two rotary halves interleaved, row j·(hd/2) + i of a head going to row 2i + j.
+pub fn llama_cpp_row(r: usize, head_dim: usize) -> usize {
+    let (h, within) = (r / head_dim, r % head_dim);
+    let (j, i) = (within / (head_dim / 2), within % (head_dim / 2));
+    h * head_dim + 2 * i + j
+}
+
 /// The model's architecture (`general.architecture`) and its model_type.
 fn architecture(g: &Gguf) -> Result<(&str, &'static str)> {
     let arch = g.str("general.architecture")?;

@@ -63,15 +63,11 @@ pub fn adapter_file(base: &BaseModel, modules: &[(&str, &Mat, &Mat)], f16: bool)
     Ok(write::file(&meta, &tensors, f16))
 }
 
-/// llama.cpp's `LlamaModel.permute` of q or k rows: each head's two rotary halves interleaved
-/// (row j·(hd/2) + i of a head goes to row 2i + j).
+/// q or k rows in llama.cpp's order (`base::llama_cpp_row`).
 fn permute_rows(m: &Mat, heads: usize) -> Mat {
-    let hd = m.rows / heads;
     let mut out = vec![0.0; m.data.len()];
     for r in 0..m.rows {
-        let (h, within) = (r / hd, r % hd);
-        let (j, i) = (within / (hd / 2), within % (hd / 2));
-        let to = h * hd + 2 * i + j;
+        let to = base::llama_cpp_row(r, m.rows / heads);
         out[to * m.cols..(to + 1) * m.cols].copy_from_slice(m.row(r));
     }
     Mat::new(m.rows, m.cols, out)
