@@ -176,7 +176,7 @@ pub fn read_base(f: &mut dyn Folder) -> Result<BaseInputs> {
 /// folder would give them.
 pub fn read_base_gguf(name: &str, source: Box<dyn ByteSource>) -> Result<BaseInputs> {
     let g = Gguf::open(name, source.as_ref())?;
-    let config = HfConfig { file: format!("{name} (metadata)"), raw: gguf::base::config(&g)? };
+    let config = HfConfig { file: format!("{name} (metadata)"), raw: gguf::base::config(&g, source.as_ref())? };
     let tokenizer_json = serde_json::to_vec(&gguf::base::tokenizer(&g)?).expect("JSON values serialize");
     let tokenizer = TextTokenizer::parse(format!("{name} (tokenizer.ggml)"), &tokenizer_json)?;
     let weights = TensorStore::new(vec![TensorFile::gguf(name, source, &g)?])?;

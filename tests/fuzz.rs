@@ -275,7 +275,9 @@ fn targets() -> Vec<Target> {
         },
         Target {
             name: "gguf",
-            seeds: vec![read(gguf.join("llama.gguf")), read(gguf.join("quants.gguf"))],
+            seeds: ["llama.gguf", "quants.gguf", "phi3.gguf", "llama3.gguf", "spm-llama.gguf"]
+                .map(|f| read(gguf.join(f)))
+                .to_vec(),
             json: false,
             run: Box::new(|b| {
                 // Header, config, tokenizer and tensor table; then every tensor (dequantized,

@@ -3,16 +3,32 @@
 //! metadata, tensor names mapped back to the checkpoint's, q/k rows un-permuted where llama.cpp's
 //! converter permuted them, and `tokenizer.json` rebuilt from `tokenizer.ggml.*`.
 //!
-//! Architectures: llama (Llama, SmolLM, Mistral, TinyLlama), qwen2, qwen3, gemma2, gemma3.
-//! Tokenizers: byte-level BPE (`tokenizer.ggml.model` "gpt2"), and Gemma's SentencePiece BPE.
+//! Architectures: llama (Llama, SmolLM, Mistral, TinyLlama), qwen2, qwen3, gemma2, gemma3, phi3.
+//! Tokenizers: byte-level BPE (`tokenizer.ggml.model` "gpt2"), and SentencePiece BPE ("llama")
+//! in transformers' three flavours (Llama, Phi-3, Gemma).
+//!
+//! Two rope scalings llama.cpp stores as tensors, which transformers' GGUF loading drops, are
+//! read here as longrope factors (each a divisor of one frequency, as llama.cpp applies them), so
+//! the model computes what the checkpoint did: Llama 3's `rope_freqs` (both factor lists the
+//! same, attention factor 1) and Phi-3's `rope_factors_long` / `rope_factors_short`.
 
-use super::{Gguf, Value};
+use super::{quants, Gguf, Value};
 use crate::error::{bad_input, Result};
+use crate::formats::safetensors::ByteSource;
 use serde_json::{json, Map};
 
 /// The architectures read here and the model_type each is in config.json.
-const ARCHITECTURES: [(&str, &str); 5] =
-    [("llama", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"), ("gemma2", "gemma2"), ("gemma3", "gemma3_text")];
+const ARCHITECTURES: [(&str, &str); 6] = [
+    ("llama", "llama"),
+    ("qwen2", "qwen2"),
+    ("qwen3", "qwen3"),
+    ("gemma2", "gemma2"),
+    ("gemma3", "gemma3_text"),
+    ("phi3", "phi3"),
+];
+
+/// Tensors that hold rope scaling, read into config.json rather than the model's weights.
+const ROPE_TENSORS: [&str; 3] = ["rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"];
 
 fn is_gemma(arch: &str) -> bool {
     arch.starts_with("gemma")
@@ -57,15 +73,24 @@ fn architecture(g: &Gguf) -> Result<(&str, &'static str)> {
     Ok((arch, model_type))
 }
 
-/// `config.json` as transformers writes it for this file.
-pub fn config(g: &Gguf) -> Result<serde_json::Value> {
-    let (arch, model_type) = architecture(g)?;
-    if g.tensors.contains_key("rope_freqs.weight") {
+/// A rope-scaling tensor's values, one per rotated pair; None where the file has none.
+fn rope_factors(g: &Gguf, source: &dyn ByteSource, name: &str, pairs: usize) -> Result<Option<Vec<f64>>> {
+    let Some(t) = g.tensors.get(name) else { return Ok(None) };
+    let raw = source.read(t.start, (t.end - t.start) as usize).map_err(|e| bad_input(&g.name, e))?;
+    let v: Vec<f64> = quants::dequantize(t.ty, &raw).into_iter().map(f64::from).collect();
+    if v.len() != pairs || !v.iter().all(|x| x.is_finite() && *x > 0.0) {
         return Err(bad_input(
             &g.name,
-            "holds rope_freqs.weight (Llama 3's rope scaling as llama.cpp stores it), which is not supported yet: use the Hugging Face folder",
+            format!("tensor '{name}' must hold {pairs} positive numbers (one per rotated pair), not {}", v.len()),
         ));
     }
+    Ok(Some(v))
+}
+
+/// `config.json` as transformers writes it for this file, with the rope scaling llama.cpp keeps
+/// in tensors (read from `source`) as longrope factors.
+pub fn config(g: &Gguf, source: &dyn ByteSource) -> Result<serde_json::Value> {
+    let (arch, model_type) = architecture(g)?;
     let mut c = Map::new();
     c.insert("model_type".into(), model_type.into());
     // transformers' GGUF_CONFIG_MAPPING for these architectures.
@@ -86,7 +111,9 @@ pub fn config(g: &Gguf) -> Result<serde_json::Value> {
         ("attention.sliding_window", "sliding_window"),
     ];
     for (key, hf) in keys {
-        if let Some(v) = g.get(&format!("{arch}.{key}")) {
+        // Phi3MiniModel's converter writes a window of 0 for none.
+        let none = hf == "sliding_window" && g.get(&format!("{arch}.{key}")).and_then(Value::as_u64) == Some(0);
+        if let Some(v) = g.get(&format!("{arch}.{key}")).filter(|_| !none) {
             let v = match v {
                 Value::Float(f) if hf == "rms_norm_eps" => json!(*f as f32 as f64),
                 Value::Float(f) => json!(f),
@@ -116,6 +143,7 @@ pub fn config(g: &Gguf) -> Result<serde_json::Value> {
             c.insert("rope_scaling".into(), s);
         }
     }
+    rope_tensors(g, source, arch, &mut c)?;
     c.insert("tie_word_embeddings".into(), (!g.tensors.contains_key("output.weight")).into());
     for (key, hf) in [("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")] {
         if let Some(v) = g.get(&format!("tokenizer.ggml.{key}")).and_then(Value::as_u64) {
@@ -123,6 +151,66 @@ pub fn config(g: &Gguf) -> Result<serde_json::Value> {
         }
     }
     Ok(c.into())
+}
+
+/// Phi-3's partial rotary (`rope.dimension_count` below head_dim) and the rope scaling llama.cpp
+/// keeps in tensors, as longrope factors: a divisor per frequency in both forms, which is how
+/// llama.cpp applies them (`freq_factors`) and how transformers' longrope applies its lists.
+fn rope_tensors(g: &Gguf, source: &dyn ByteSource, arch: &str, c: &mut Map<String, serde_json::Value>) -> Result<()> {
+    let num = |k: &str| c.get(k).and_then(serde_json::Value::as_u64).map(|v| v as usize);
+    let context = num("max_position_embeddings");
+    let head_dim = match (num("head_dim"), num("hidden_size"), num("num_attention_heads")) {
+        (Some(d), _, _) => d,
+        (None, Some(h), Some(n)) if n > 0 => h / n,
+        _ => return Ok(()), // the config check names what is missing
+    };
+    let rotary =
+        g.get(&format!("{arch}.rope.dimension_count")).and_then(Value::as_u64).map_or(head_dim, |d| d as usize);
+    if arch == "phi3" && rotary != head_dim {
+        let f = rotary as f64 / head_dim as f64;
+        if rotary == 0 || rotary > head_dim || (head_dim as f64 * f) as usize != rotary {
+            return Err(bad_input(
+                &g.name,
+                format!("{arch}.rope.dimension_count {rotary} is no partial rotary of head size {head_dim}"),
+            ));
+        }
+        c.insert("partial_rotary_factor".into(), f.into());
+    }
+    let pairs = rotary / 2;
+    if let Some(f) = rope_factors(g, source, "rope_freqs.weight", pairs)? {
+        // Llama 3's scaling as the converter computes it: a longrope of the same factors at every
+        // length, cos and sin unscaled.
+        c.insert(
+            "rope_scaling".into(),
+            json!({"rope_type": "longrope", "short_factor": f, "long_factor": f, "attention_factor": 1.0,
+                   "original_max_position_embeddings": context}),
+        );
+    }
+    let long = rope_factors(g, source, "rope_factors_long.weight", pairs)?;
+    let short = rope_factors(g, source, "rope_factors_short.weight", pairs)?;
+    match (long, short) {
+        (Some(long), Some(short)) => {
+            let original = g.get(&format!("{arch}.rope.scaling.original_context_length")).and_then(Value::as_u64);
+            let Some(original) = original else {
+                return Err(bad_input(
+                    &g.name,
+                    format!("holds longrope factors without {arch}.rope.scaling.original_context_length"),
+                ));
+            };
+            let mut s = json!({"rope_type": "longrope", "short_factor": short, "long_factor": long});
+            if let Some(a) = g.get(&format!("{arch}.rope.scaling.attn_factor")).and_then(Value::as_f64) {
+                s["attention_factor"] = (a as f32 as f64).into();
+            }
+            c.insert("rope_scaling".into(), s);
+            // Phi-3 writes the trained context beside the rope dict.
+            c.insert("original_max_position_embeddings".into(), original.into());
+        }
+        (None, None) => {}
+        _ => {
+            return Err(bad_input(&g.name, "holds only one of rope_factors_long.weight and rope_factors_short.weight"))
+        }
+    }
+    Ok(())
 }
 
 /// llama.cpp's name of each module of a layer, and the checkpoint's (`blk.N.<gguf>` is
@@ -150,11 +238,18 @@ const GEMMA_NORMS: [(&str, &str); 4] = [
     ("post_ffw_norm", "post_feedforward_layernorm"),
 ];
 
+/// Phi-3's fused projections: q, k and v in one, gate and up in one (`ffn_up`).
+const PHI3_FUSED: [(&str, &str); 2] = [("attn_qkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj")];
+
 /// A layer module's names, llama.cpp's and the checkpoint's, for an architecture.
 fn layer_modules(arch: &str) -> Vec<(&'static str, &'static str)> {
-    let norms: &[(&str, &str)] = if is_gemma(arch) { &GEMMA_NORMS } else { &[] };
-    let own = |g: &&(&str, &str)| !norms.iter().any(|n| n.0 == g.0);
-    norms.iter().copied().chain(LAYER_MODULES.iter().filter(own).copied()).collect()
+    let own: &[(&str, &str)] = match arch {
+        _ if is_gemma(arch) => &GEMMA_NORMS,
+        "phi3" => &PHI3_FUSED,
+        _ => &[],
+    };
+    let shared = |g: &&(&str, &str)| !own.iter().any(|n| n.0 == g.0);
+    own.iter().copied().chain(LAYER_MODULES.iter().filter(shared).copied()).collect()
 }
 
 /// The same for the tensors outside the layers.
@@ -174,8 +269,8 @@ fn hf_name(arch: &str, gguf: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
 
-/// The model types whose modules have llama.cpp names here, and their GGUF architecture.
-pub const HF_TYPES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
+/// The model types whose modules have llama.cpp names here.
+pub const HF_TYPES: [&str; 8] = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text", "phi3"];
 
 /// The GGUF architecture of a model_type (llama.cpp's converter writes Mistral as llama).
 pub fn gguf_architecture(model_type: &str) -> Option<&'static str> {
@@ -183,20 +278,23 @@ pub fn gguf_architecture(model_type: &str) -> Option<&'static str> {
         "llama" | "mistral" => Some("llama"),
         "qwen2" => Some("qwen2"),
         "qwen3" => Some("qwen3"),
+        "gemma2" => Some("gemma2"),
+        "gemma3" | "gemma3_text" => Some("gemma3"),
+        "phi3" => Some("phi3"),
         _ => None,
     }
 }
 
-/// llama.cpp's tensor name of a model's linear module (`layers.3.self_attn.q_proj` →
-/// `blk.3.attn_q.weight`; `lm_head` → `output.weight`).
-pub fn gguf_name(module: &str) -> Option<String> {
+/// llama.cpp's tensor name of a model's linear module in an architecture
+/// (`layers.3.self_attn.q_proj` → `blk.3.attn_q.weight`; `lm_head` → `output.weight`).
+pub fn gguf_name(arch: &str, module: &str) -> Option<String> {
     let module = module.strip_prefix("model.").unwrap_or(module);
     if let Some((g, _)) = TOP.iter().find(|(_, hf)| hf.strip_prefix("model.").unwrap_or(hf) == module) {
         return Some(format!("{g}.weight"));
     }
     let (layer, rest) = module.strip_prefix("layers.")?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let (g, _) = LAYER_MODULES.iter().find(|(_, hf)| *hf == rest)?;
+    let (g, _) = layer_modules(arch).into_iter().find(|(_, hf)| *hf == rest)?;
     Some(format!("blk.{layer}.{g}.weight"))
 }
 
@@ -206,7 +304,7 @@ pub fn tensors(g: &Gguf) -> Result<Vec<(String, Tensor)>> {
     let heads = |key: &str| g.get(&format!("{arch}.attention.{key}")).and_then(Value::as_u64).map(|h| h as usize);
     let (n_head, n_head_kv) = (heads("head_count"), heads("head_count_kv").or(heads("head_count")));
     let mut out = Vec::new();
-    for (name, t) in &g.tensors {
+    for (name, t) in g.tensors.iter().filter(|(n, _)| !ROPE_TENSORS.contains(&n.as_str())) {
         let hf = hf_name(arch, name).ok_or_else(|| {
             bad_input(&g.name, format!("tensor '{name}' has no Hugging Face counterpart for architecture \"{arch}\""))
         })?;
@@ -274,10 +372,12 @@ pub fn tokenizer(g: &Gguf) -> Result<serde_json::Value> {
     let arch = g.str("general.architecture")?;
     match model {
         "gpt2" => byte_level(g),
-        "llama" if is_gemma(arch) => gemma(g),
+        "llama" if is_gemma(arch) => sentencepiece(g, Spm::Gemma),
+        "llama" if arch == "phi3" => sentencepiece(g, Spm::Phi3),
+        "llama" => sentencepiece(g, Spm::Llama),
         _ => Err(bad_input(
             &g.name,
-            format!("tokenizer.ggml.model \"{model}\" of architecture \"{arch}\" is not supported yet (supported: gpt2, byte-level BPE; Gemma's SentencePiece): use the Hugging Face folder"),
+            format!("tokenizer.ggml.model \"{model}\" is not supported yet (supported: gpt2, byte-level BPE; llama, SentencePiece BPE): use the Hugging Face folder"),
         )),
     }
 }
@@ -309,60 +409,105 @@ fn added(id: usize, content: &str, special: bool) -> serde_json::Value {
            "normalized": false, "special": special})
 }
 
-/// Gemma's SentencePiece BPE as transformers rebuilds it (`gemma_tokenizer`): tokens of two or
-/// more spaces respelled with "▁"; merges derived from the vocabulary (every split of a token
-/// into two tokens), best first by the token's place in the file (`generate_merges`); spaces as
-/// "▁", byte fallback, BOS added unless the file says otherwise; control tokens special,
-/// user-defined ones added.
-fn gemma(g: &Gguf) -> Result<serde_json::Value> {
+/// The SentencePiece BPE flavours transformers rebuilds from a GGUF (`tokenizer.ggml.model`
+/// "llama"), picked by architecture as `select_tokenizer_builder` picks them.
+#[derive(Clone, Copy, PartialEq)]
+enum Spm {
+    /// `LlamaTokenizer`: Metaspace adds "▁" before the first word and for every space.
+    Llama,
+    /// `phi3_tokenizer`: the same vocabulary, but a normalizer prepends "▁" and respells spaces,
+    /// so a text that starts with a space keeps one more "▁" than Metaspace gives it.
+    Phi3,
+    /// `gemma_tokenizer`: no prefix space, tokens of two or more spaces respelled with "▁", and
+    /// merges ordered by the tokens' places in the file, not by their scores.
+    Gemma,
+}
+
+/// A SentencePiece BPE vocabulary as transformers rebuilds it (`sentencepiece_tokenizer`): the
+/// file's merges, or else merges derived from the vocabulary (every split of a token into two
+/// tokens), best first by the token's score (`generate_merges`); byte fallback; BOS added unless
+/// the file says otherwise; the file's BOS, EOS, UNK and PAD and its control tokens special,
+/// user-defined ones plain added tokens.
+fn sentencepiece(g: &Gguf, flavour: Spm) -> Result<serde_json::Value> {
     let raw = strings(g, "tokenizer.ggml.tokens")?;
-    let tokens: Vec<String> =
-        raw.iter()
-            .map(|t| {
-                if t.contains(' ') && t.trim().is_empty() {
-                    "\u{2581}".repeat(t.chars().count())
-                } else {
-                    t.to_string()
+    let tokens: Vec<String> = raw
+        .iter()
+        .map(|t| {
+            if flavour == Spm::Gemma && t.contains(' ') && t.trim().is_empty() {
+                "\u{2581}".repeat(t.chars().count())
+            } else {
+                t.to_string()
+            }
+        })
+        .collect();
+    // Gemma's scores do not follow its merge order; its place in the file does.
+    let scores: Vec<f64> = match flavour {
+        Spm::Gemma => (0..tokens.len()).map(|i| -(i as f64)).collect(),
+        _ => {
+            let s = g.get("tokenizer.ggml.scores").and_then(Value::as_array).ok_or_else(|| {
+                bad_input(&g.name, "has a SentencePiece vocabulary without \"tokenizer.ggml.scores\"")
+            })?;
+            // Finite, and −0 read as 0 (Python's order, which the merges' sort follows).
+            let s: Option<Vec<f64>> = s.iter().map(|v| v.as_f64().filter(|x| x.is_finite()).map(|x| x + 0.0)).collect();
+            match s {
+                Some(s) if s.len() == tokens.len() => s,
+                _ => {
+                    return Err(bad_input(
+                        &g.name,
+                        format!("\"tokenizer.ggml.scores\" must hold one finite number per token ({})", tokens.len()),
+                    ))
                 }
-            })
-            .collect();
+            }
+        }
+    };
     let mut vocab = Map::new();
     let mut index = std::collections::HashMap::new();
     let mut score = std::collections::HashMap::new();
     for (i, t) in tokens.iter().enumerate() {
         vocab.insert(t.clone(), i.into());
         index.insert(t.as_str(), i);
-        score.insert(t.as_str(), -(i as i64));
+        score.insert(t.as_str(), scores[i]);
     }
-    // generate_merges(vocab, {token: −position}): for each token in file order (a repeated one
-    // where it first appears, with its last score), its splits into two known tokens ordered by
-    // their ids; then all sorted by (score, lengths), best first, stably.
-    let mut seen = std::collections::HashSet::new();
-    let mut merges: Vec<(i64, usize, usize, &str, &str)> = Vec::new();
-    for t in &tokens {
-        if !seen.insert(t.as_str()) {
-            continue;
+    let merges: Vec<serde_json::Value> = match g.get("tokenizer.ggml.merges") {
+        Some(_) => strings(g, "tokenizer.ggml.merges")?.into_iter().map(Into::into).collect(),
+        None => {
+            // generate_merges(vocab, {token: score}): for each token in file order (a repeated one
+            // where it first appears, with its last score), its splits into two known tokens
+            // ordered by their ids; then all sorted by (score, lengths), best first, stably.
+            let mut seen = std::collections::HashSet::new();
+            let mut merges: Vec<(f64, usize, usize, &str, &str)> = Vec::new();
+            for t in &tokens {
+                if !seen.insert(t.as_str()) {
+                    continue;
+                }
+                let s = score[t.as_str()];
+                let mut local: Vec<(&str, &str)> = t
+                    .char_indices()
+                    .skip(1)
+                    .map(|(at, _)| (&t[..at], &t[at..]))
+                    .filter(|(l, r)| index.contains_key(l) && index.contains_key(r))
+                    .collect();
+                local.sort_by_key(|(l, r)| (index[l], index[r]));
+                merges.extend(local.into_iter().map(|(l, r)| (s, l.chars().count(), r.chars().count(), l, r)));
+            }
+            merges.sort_by(|a, b| b.0.total_cmp(&a.0).then((b.1, b.2).cmp(&(a.1, a.2))));
+            merges.into_iter().map(|m| json!([m.3, m.4])).collect()
         }
-        let s = score[t.as_str()];
-        let mut local: Vec<(&str, &str)> = t
-            .char_indices()
-            .skip(1)
-            .map(|(at, _)| (&t[..at], &t[at..]))
-            .filter(|(l, r)| index.contains_key(l) && index.contains_key(r))
-            .collect();
-        local.sort_by_key(|(l, r)| (index[l], index[r]));
-        merges.extend(local.into_iter().map(|(l, r)| (s, l.chars().count(), r.chars().count(), l, r)));
-    }
-    merges.sort_by_key(|m| std::cmp::Reverse((m.0, m.1, m.2)));
-    let merges: Vec<serde_json::Value> = merges.into_iter().map(|m| json!([m.3, m.4])).collect();
+    };
     let types = token_types(g, raw.len());
     let mut added_tokens: Vec<serde_json::Value> = Vec::new();
     let mut listed = std::collections::HashSet::new();
-    // GemmaTokenizer's own specials, then the file's control (special) and user-defined tokens.
-    for name in ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] {
-        if let Some(&i) = index.get(name) {
-            added_tokens.push(added(i, name, true));
-            listed.insert(i);
+    // The tokenizer class's own specials (GemmaTokenizer's names; the file's BOS, EOS, UNK and
+    // PAD), then the file's control (special) and user-defined tokens.
+    let named: &[&str] = if flavour == Spm::Gemma { &["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] } else { &[] };
+    let by_id = ["bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"]
+        .iter()
+        .filter_map(|k| g.get(&format!("tokenizer.ggml.{k}")).and_then(Value::as_u64))
+        .filter(|&i| (i as usize) < tokens.len());
+    let specials = named.iter().filter_map(|n| index.get(n).copied()).chain(by_id.map(|i| i as usize));
+    for i in specials {
+        if listed.insert(i) {
+            added_tokens.push(added(i, &tokens[i], true));
         }
     }
     for (i, (t, &ty)) in raw.iter().zip(&types).enumerate() {
@@ -373,15 +518,36 @@ fn gemma(g: &Gguf) -> Result<serde_json::Value> {
     }
     added_tokens.sort_by_key(|a| a["id"].as_u64());
     let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    let space = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    let (normalizer, pre_tokenizer) = match flavour {
+        Spm::Llama => (
+            json!(null),
+            json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false}),
+        ),
+        Spm::Phi3 => (
+            json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, space]}),
+            json!(null),
+        ),
+        Spm::Gemma => (
+            space,
+            json!({"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false}),
+        ),
+    };
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if flavour != Spm::Gemma {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let unk = if flavour == Spm::Gemma { json!("<unk>") } else { json!(null) };
     Ok(json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added_tokens,
-        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
-        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+        "normalizer": normalizer, "pre_tokenizer": pre_tokenizer,
         "post_processor": bos_template(g, &refs, true),
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-            {"type": "ByteFallback"}, {"type": "Fuse"}]},
-        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                   "vocab": vocab, "merges": merges},
     }))

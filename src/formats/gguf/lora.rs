@@ -33,7 +33,7 @@ pub fn adapter_file(base: &BaseModel, modules: &[(&str, &Mat, &Mat)], f16: bool)
     let alpha = modules.iter().map(|m| m.1.rows).max().unwrap_or(1).max(1);
     let mut tensors = Vec::new();
     for &(name, a, b) in modules {
-        let gguf = base::gguf_name(name).ok_or_else(|| {
+        let gguf = base::gguf_name(arch, name).ok_or_else(|| {
             bad_input(
                 "--gguf",
                 format!("module '{name}' has no llama.cpp tensor name: llama.cpp could not place its LoRA"),
