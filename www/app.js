@@ -443,13 +443,37 @@ function accuracyCell(acc, extra = '', ref = false) {
   return span;
 }
 
+// One line on what each method of the comparison does (the variants of IterIS by their prefix).
+const METHOD_NOTES = {
+  iteris: 'aligns the merged model with each adapter on the samples, through the merged model',
+  regmean: 'the closed form on each adapter\'s own inputs, once (the samples, no iteration)',
+  linear: 'the average of the adapters\' deltas',
+  cat: 'the sum of the deltas, exactly (PEFT\'s cat)',
+  ties: 'top entries of each delta, signs elected, agreeing entries averaged',
+  dare: 'entries dropped at random and the rest rescaled, then summed',
+  svd: 'the sum of the deltas truncated to a rank',
+  'iso-c': 'the sum\'s singular vectors with its spectrum made flat (Iso-C, 2025)',
+};
+
+function methodCell(name) {
+  const span = document.createElement('span');
+  span.append(name);
+  const note = METHOD_NOTES[name] || (name.startsWith('iteris') ? METHOD_NOTES.iteris : null);
+  if (note) {
+    const small = document.createElement('small');
+    small.textContent = note;
+    span.append(small);
+  }
+  return span;
+}
+
 function showComparison(t, seconds) {
   $('compare-ran').textContent = `${t.methods.length} methods on ${t.tasks.length} tasks in ${seconds.toFixed(1)} s on ${t.backend}.` +
     (t.notes.length ? ` ${[...new Set(t.notes)].join('; ')}.` : '');
   const rows = [];
   (t.alone || []).forEach((row, k) => rows.push([k === 0 ? 'base model' : `adapter ${k} alone`, ...row.map((a) => accuracyCell(a, '', true))]));
   for (const m of t.methods) {
-    rows.push([m.method, ...t.tasks.map((_, i) => {
+    rows.push([methodCell(m.method), ...t.tasks.map((_, i) => {
       const q = m.quality ? m.quality[i] : null;
       const kl = q && q.kl !== null ? `KL ${q.kl.toFixed(3)}` : '';
       return accuracyCell(q ? q.accuracy : null, `${kl} · align ${m.alignment_error[i].toFixed(2)}`);

@@ -65,12 +65,13 @@ struct MergeArgs {
     out: Option<PathBuf>,
     /// iteris (default); baselines: regmean (X̃ = X, no adaptive weights, --regmean-scale),
     /// linear (weighted average, weights 1/N), cat (PEFT's exact sum), ties and dare (--density,
-    /// --seed), svd (the summed delta truncated to --rank, default the largest adapter rank).
+    /// --seed), svd (the summed delta truncated to --rank, default the largest adapter rank),
+    /// iso-c (the summed delta's spectrum flattened to its mean; Marczak et al. 2025).
     #[arg(long, default_value = d().method.name(), value_parser = parse_method)]
     method: Method,
     /// One weight per adapter, comma-separated. iteris, regmean: each task's weight λ_i in the
     /// objective (positive; default: chosen by --balance, else 1); linear: default 1/N; cat,
-    /// ties, dare: default 1.
+    /// ties, dare, svd, iso-c: default 1 (Iso-C's scaling factor α is the weights).
     #[arg(long, value_delimiter = ',')]
     weights: Option<Vec<f64>>,
     /// iteris: auto (default) chooses the task weights from calibration samples held out from

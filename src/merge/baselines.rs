@@ -10,6 +10,8 @@
 //!   agree with it (disjoint mean).
 //! - `dare` (Yu et al. 2024): drop each entry of each ΔW_i with probability 1 − `density`, rescale
 //!   the survivors by 1/`density` (seeded), and add them with weights w_i (w_i = 1).
+//! - `iso-c` (Marczak et al. 2025, `iso.rs`): Σ w_i ΔW_i (w_i = 1) with its spectrum flattened to
+//!   the mean singular value; exact, rank Σr.
 //!
 //! TIES and DARE produce dense deltas; they are exported through a truncated SVD at the rank of the
 //! lossless merge (Σr) unless `--rank` asks for less, and the energy kept is reported.
@@ -30,11 +32,21 @@ pub enum Method {
     Ties,
     Dare,
     Svd,
+    #[serde(rename = "iso-c")]
+    IsoC,
 }
 
 impl Method {
-    pub const ALL: [Method; 7] =
-        [Method::Iteris, Method::Regmean, Method::Linear, Method::Cat, Method::Ties, Method::Dare, Method::Svd];
+    pub const ALL: [Method; 8] = [
+        Method::Iteris,
+        Method::Regmean,
+        Method::Linear,
+        Method::Cat,
+        Method::Ties,
+        Method::Dare,
+        Method::Svd,
+        Method::IsoC,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -45,6 +57,7 @@ impl Method {
             Method::Ties => "ties",
             Method::Dare => "dare",
             Method::Svd => "svd",
+            Method::IsoC => "iso-c",
         }
     }
 
@@ -84,6 +97,7 @@ pub fn merge_data_free(method: Method, targets: &[Target], s: &BaselineSettings)
         .map(|(k, t)| {
             Ok(match method {
                 Method::Linear | Method::Cat => (weighted_cat(t, &weights), 1.0),
+                Method::IsoC => (super::iso::iso_c(t, &weights), 1.0),
                 Method::Svd => {
                     let r = s.rank.unwrap_or_else(|| t.loras.iter().flatten().map(|l| l.rank()).max().unwrap_or(1));
                     reduce_rank(&weighted_cat(t, &weights), r)
@@ -110,7 +124,7 @@ pub fn merge_data_free(method: Method, targets: &[Target], s: &BaselineSettings)
 }
 
 /// B* = [w_i s_i B_i], A* = [A_i]: exactly Σ w_i ΔW_i.
-fn weighted_cat(t: &Target, weights: &[f64]) -> Merged {
+pub(crate) fn weighted_cat(t: &Target, weights: &[f64]) -> Merged {
     let loras: Vec<_> = t.loras.iter().zip(weights).filter_map(|(l, &w)| l.as_ref().map(|l| (l, w))).collect();
     let mut a = DMatrix::<f64>::zeros(loras.iter().map(|(l, _)| l.rank()).sum(), t.in_dim);
     let mut b = DMatrix::<f64>::zeros(t.out_dim, a.nrows());

@@ -7,6 +7,7 @@ pub mod calibrate;
 pub mod dense;
 pub mod evaluate;
 pub mod export;
+pub mod iso;
 pub mod iteris;
 pub mod options;
 pub mod pipeline;
