@@ -51,7 +51,7 @@ fn rel(a: &DMatrix<f64>, b: &DMatrix<f64>) -> f64 {
 }
 
 fn settings(weights: Option<Vec<f64>>, rank: Option<usize>) -> BaselineSettings {
-    BaselineSettings { weights, density: 0.5, seed: 7, rank }
+    BaselineSettings { weights, density: 0.5, seed: 7, rank, common_space: 0.8 }
 }
 
 #[test]

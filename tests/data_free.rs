@@ -38,8 +38,16 @@ fn each_method_matches_its_float64_reference() {
     for k in 0.. {
         let Some((t, weights)) = case(&f, k) else { break };
         cases += 1;
-        for method in [Method::IsoC] {
-            let s = BaselineSettings { weights: Some(weights.clone()), density: 0.5, seed: 0, rank: None };
+        for method in
+            [Method::IsoC, Method::IsoCts, Method::Tsv, Method::KnotsTies, Method::KnotsLinear, Method::CoreTies]
+        {
+            let s = BaselineSettings {
+                weights: Some(weights.clone()),
+                density: 0.5,
+                seed: 0,
+                rank: None,
+                common_space: 0.8,
+            };
             let (m, energy) = &merge_data_free(method, std::slice::from_ref(&t), &s).unwrap()[0];
             let got = to_f64(&m.b) * to_f64(&m.a);
             let want = to_f64(&f.mat(&format!("case{k}.{}", method.name())).unwrap());
@@ -50,4 +58,20 @@ fn each_method_matches_its_float64_reference() {
         }
     }
     assert_eq!(cases, 3);
+}
+
+/// KnOTS with a sum is task arithmetic: knots-linear's default (the average) is linear's, and
+/// the SVD basis it merges in changes nothing.
+#[test]
+fn knots_linear_is_the_average() {
+    let f = fixture();
+    let (t, _) = case(&f, 1).unwrap();
+    let s = BaselineSettings { weights: None, density: 0.5, seed: 0, rank: None, common_space: 0.8 };
+    let merged = |m: Method| {
+        let (m, _) = &merge_data_free(m, std::slice::from_ref(&t), &s).unwrap()[0];
+        to_f64(&m.b) * to_f64(&m.a)
+    };
+    let (knots, linear) = (merged(Method::KnotsLinear), merged(Method::Linear));
+    let e = (&knots - &linear).norm() / linear.norm();
+    assert!(e < 1e-6, "knots-linear differs from linear by {e:e} (the factors are stored in f32)");
 }

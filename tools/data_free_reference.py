@@ -9,11 +9,26 @@ the module, some with Σr above min(out, in)) and per-adapter weights:
   case{k}.scale, case{k}.weights                     per adapter (scale 0 where absent)
   case{k}.<method>                                   the merged delta (out, in), float64 → float32
 
-Methods:
+Methods (every SVD over the nonzero spectrum: a LoRA delta has no other directions of its own):
   iso-c   Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
           Task-Specific Subspaces", ICML 2025 (arXiv 2502.04959), eq. 6: with the task-arithmetic
-          sum M = Σ_t w_t ΔW_t = U Σ Vᵀ, Δ = σ̄ U Vᵀ, σ̄ the mean singular value; over M's nonzero
-          spectrum (rank ≤ Σr), as a LoRA sum has no other directions of its own.
+          sum M = Σ_t w_t ΔW_t = U Σ Vᵀ, Δ = σ̄ U Vᵀ, σ̄ the mean singular value.
+  iso-cts the same paper, §3.3 / Alg. 1: the top k = int(R · 0.8) of M's R directions, adjusted so
+          the remainder splits evenly over the N tasks; each task's top directions of
+          ΔW_t − U_k U_kᵀ ΔW_t; U and V stacked and replaced by their orthogonal polar factors;
+          the spectrum of everything kept flattened to its mean.
+  tsv     Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging",
+          CVPR 2025 (arXiv 2412.00081), Alg. 1: each w_t ΔW_t's top int(min(out, in) / N)
+          triplets, U and V stacked and replaced by their polar factors, Σ the tasks' own.
+  knots-ties, knots-linear
+          Stoica et al., "Model Merging with SVD to Tie the KnOTS", ICLR 2025 (arXiv
+          2410.19735), §4: [ΔW_1 … ΔW_N] = U Σ [V_1ᵀ … V_Nᵀ]; Δ = U · merge(w_t Σ V_tᵀ), merge
+          TIES (as the engine's `ties`: trim to round(density · size) entries, elect signs, mean
+          of the agreeing) or the sum (w_t = 1/N).
+  core-ties
+          Panariello et al., "Accurate and Efficient Low-Rank Model Merging in Core Space",
+          NeurIPS 2025 (arXiv 2509.17786), §3: U_B, V_A the singular vectors of [B_1 … B_N] and
+          [A_1; …; A_N]; cores M_t = U_Bᵀ w_t ΔW_t V_A; Δ = U_B TIES(M_t) V_Aᵀ.
 
     python3 tools/data_free_reference.py
 Needs numpy and safetensors.
@@ -52,14 +67,104 @@ def deltas(case, rng):
     return factors, np.array(scales), dense
 
 
-def iso_c(dense, weights):
-    m = sum(w * d for w, d in zip(weights, dense))
+ZERO = 1e-10
+
+
+def nonzero_svd(m, floor=None):
+    """U, σ, Vᵀ of m over the singular values above floor (default ZERO × the largest)."""
     u, s, vt = np.linalg.svd(m, full_matrices=False)
-    k = int((s > 1e-12 * s[0]).sum())
-    return s[:k].mean() * u[:, :k] @ vt[:k]
+    floor = ZERO * s[0] if floor is None else floor
+    k = int((s > floor).sum())
+    return u[:, :k], s[:k], vt[:k]
 
 
-METHODS = {"iso-c": iso_c}
+def polar(x):
+    """The orthogonal polar factor P Qᵀ of x = P Σ Qᵀ."""
+    p, _, qt = np.linalg.svd(x, full_matrices=False)
+    return p @ qt
+
+
+def iso_c(case, factors, dense, weights):
+    u, s, vt = nonzero_svd(sum(w * d for w, d in zip(weights, dense)))
+    return s.mean() * u @ vt
+
+
+def iso_cts(case, factors, dense, weights, common=0.8):
+    n = len(dense)
+    u, s, vt = nonzero_svd(sum(w * d for w, d in zip(weights, dense)))
+    r = len(s)
+    k = int(r * common)
+    per_task = min(round((r - k) / n), r // n)  # Python's round: half to even
+    k = r - per_task * n
+    us, ss, vts = [], [], []
+    for w, d in zip(weights, dense):
+        if not d.any():
+            continue
+        residual = w * d - u[:, :k] @ (u[:, :k].T @ (w * d))
+        ut, st, vtt = nonzero_svd(residual, floor=ZERO * s[0])
+        us.append(ut[:, :per_task]), ss.append(st[:per_task]), vts.append(vtt[:per_task])
+    us.append(u[:, :k]), ss.append(s[:k]), vts.append(vt[:k])
+    U, S, Vt = np.concatenate(us, axis=1), np.concatenate(ss), np.concatenate(vts, axis=0)
+    return S.mean() * polar(U) @ polar(Vt.T).T
+
+
+def tsv(case, factors, dense, weights):
+    out, inn = dense[0].shape
+    share = min(out, inn) // len(dense)
+    us, ss, vts = [], [], []
+    for w, d in zip(weights, dense):
+        if not d.any():
+            continue
+        u, s, vt = nonzero_svd(w * d)
+        us.append(u[:, :share]), ss.append(s[:share]), vts.append(vt[:share])
+    U, S, Vt = np.concatenate(us, axis=1), np.concatenate(ss), np.concatenate(vts, axis=0)
+    return polar(U) @ np.diag(S) @ polar(Vt.T).T
+
+
+def ties(tensors, density):
+    """The engine's TIES: each tensor trimmed to its round(density · size) largest magnitudes
+    (round half away from zero; ties at the threshold kept), signs elected by the trimmed sum (a
+    zero sum counts as +), the agreeing nonzero entries averaged."""
+    trimmed = []
+    for t in tensors:
+        keep = min(int(np.floor(t.size * density + 0.5)), t.size)
+        if keep == 0:
+            trimmed.append(np.zeros_like(t))
+            continue
+        threshold = np.sort(np.abs(t).ravel())[t.size - keep]
+        trimmed.append(np.where(np.abs(t) >= threshold, t, 0.0))
+    stacked = np.stack(trimmed)
+    sign = np.where(stacked.sum(axis=0) >= 0, 1.0, -1.0)
+    agree = (stacked != 0) & (np.sign(stacked) == sign)
+    count = agree.sum(axis=0)
+    return np.where(count > 0, (stacked * agree).sum(axis=0) / np.maximum(count, 1), 0.0)
+
+
+def knots(case, factors, dense, weights, merge):
+    inn = dense[0].shape[1]
+    u, s, vt = nonzero_svd(np.concatenate(dense, axis=1))
+    coordinates = [w * np.diag(s) @ vt[:, t * inn:(t + 1) * inn] for t, w in enumerate(weights)]
+    return u @ merge(coordinates)
+
+
+def knots_ties(case, factors, dense, weights):
+    return knots(case, factors, dense, weights, lambda c: ties(c, 0.5))
+
+
+def knots_linear(case, factors, dense, weights):
+    return knots(case, factors, dense, weights, lambda c: sum(c))
+
+
+def core_ties(case, factors, dense, weights):
+    present = [(f, w, d) for f, w, d in zip(factors, weights, dense) if f is not None]
+    u_b, _, _ = nonzero_svd(np.concatenate([f[1].astype(np.float64) for f, _, _ in present], axis=1))
+    _, _, vt_a = nonzero_svd(np.concatenate([f[0].astype(np.float64) for f, _, _ in present], axis=0))
+    cores = [u_b.T @ (w * d) @ vt_a.T for _, w, d in present]
+    return u_b @ ties(cores, 0.5) @ vt_a
+
+
+METHODS = {"iso-c": iso_c, "iso-cts": iso_cts, "tsv": tsv, "knots-ties": knots_ties,
+           "knots-linear": knots_linear, "core-ties": core_ties}
 
 
 def main():
@@ -74,7 +179,7 @@ def main():
         tensors[f"case{k}.scale"] = scales.astype(np.float32)
         tensors[f"case{k}.weights"] = weights.astype(np.float32)
         for name, method in METHODS.items():
-            tensors[f"case{k}.{name}"] = method(dense, weights).astype(np.float32)
+            tensors[f"case{k}.{name}"] = method(case, factors, dense, weights).astype(np.float32)
     save_file(tensors, OUT)
     print(OUT, len(tensors), "tensors")
 

@@ -160,6 +160,7 @@ function options() {
     weights: w,
     density: num('density', 'Density'),
     seed: Math.round(num('seed', 'Seed')),
+    common_space: num('common-space', 'Common subspace'),
     regmean_scale: num('regmean-scale', 'RegMean off-diagonal'),
     balance: $('balance').value,
     objective: $('objective').value,
@@ -453,6 +454,11 @@ const METHOD_NOTES = {
   dare: 'entries dropped at random and the rest rescaled, then summed',
   svd: 'the sum of the deltas truncated to a rank',
   'iso-c': 'the sum\'s singular vectors with its spectrum made flat (Iso-C, 2025)',
+  'iso-cts': 'Iso-C over the sum\'s top directions plus each adapter\'s own (Iso-CTS, 2025)',
+  tsv: 'each adapter\'s singular vectors, decorrelated, with their own singular values (TSV-Merge, 2025)',
+  'knots-ties': 'TIES on the adapters\' coordinates in one shared SVD basis (KnOTS, 2025)',
+  'knots-linear': 'the average in KnOTS\'s shared basis, which is the plain average',
+  'core-ties': 'TIES on the adapters\' small core matrices in shared bases (Core Space, 2025)',
 };
 
 function methodCell(name) {

@@ -128,6 +128,10 @@ struct MergeArgs {
     /// dare: random seed of the drops.
     #[arg(long, default_value_t = d().seed)]
     seed: u64,
+    /// iso-cts: fraction of the summed delta's directions kept as the common subspace; the rest
+    /// go to each task's own directions.
+    #[arg(long, default_value_t = d().common_space)]
+    common_space: f64,
     /// regmean: factor on the Gram matrices' off-diagonal entries (1: plain RegMean).
     #[arg(long, default_value_t = d().regmean_scale)]
     regmean_scale: f64,
@@ -249,6 +253,7 @@ impl MergeArgs {
             self_calibrate: self.self_calibrate,
             density: self.density,
             seed: self.seed,
+            common_space: self.common_space,
             regmean_scale: self.regmean_scale,
             eval_limit: None,
             max_memory_mib: self.max_memory,

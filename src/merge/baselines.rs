@@ -10,8 +10,17 @@
 //!   agree with it (disjoint mean).
 //! - `dare` (Yu et al. 2024): drop each entry of each ΔW_i with probability 1 − `density`, rescale
 //!   the survivors by 1/`density` (seeded), and add them with weights w_i (w_i = 1).
-//! - `iso-c` (Marczak et al. 2025, `iso.rs`): Σ w_i ΔW_i (w_i = 1) with its spectrum flattened to
-//!   the mean singular value; exact, rank Σr.
+//!
+//! The data-free methods of 2024–25, each in its own file with the paper and its equations
+//! (weights w_i = 1 unless given, the papers' scaling factor α; each an exact LoRA of rank ≤ Σr):
+//! - `iso-c`, `iso-cts` (Marczak et al., ICML 2025, `iso.rs`): the sum's spectrum flattened to its
+//!   mean; Iso-CTS first adds each task's own directions beside the sum's top `common_space`.
+//! - `tsv` (Gargiulo et al., CVPR 2025, `tsv.rs`): each task's singular vectors, decorrelated by
+//!   their orthogonal polar factors, with the tasks' own singular values.
+//! - `knots-ties`, `knots-linear` (Stoica et al., ICLR 2025, `knots.rs`): TIES, or the average (w_i
+//!   = 1/N unless given), on the tasks' coordinates in the SVD basis of their side-by-side deltas.
+//! - `core-ties` (Panariello et al., NeurIPS 2025, `core_space.rs`): TIES on the tasks' cores in
+//!   the reference bases of the stacked B's and A's.
 //!
 //! TIES and DARE produce dense deltas; they are exported through a truncated SVD at the rank of the
 //! lossless merge (Σr) unless `--rank` asks for less, and the energy kept is reported.
@@ -34,10 +43,19 @@ pub enum Method {
     Svd,
     #[serde(rename = "iso-c")]
     IsoC,
+    #[serde(rename = "iso-cts")]
+    IsoCts,
+    Tsv,
+    #[serde(rename = "knots-ties")]
+    KnotsTies,
+    #[serde(rename = "knots-linear")]
+    KnotsLinear,
+    #[serde(rename = "core-ties")]
+    CoreTies,
 }
 
 impl Method {
-    pub const ALL: [Method; 8] = [
+    pub const ALL: [Method; 13] = [
         Method::Iteris,
         Method::Regmean,
         Method::Linear,
@@ -46,6 +64,11 @@ impl Method {
         Method::Dare,
         Method::Svd,
         Method::IsoC,
+        Method::IsoCts,
+        Method::Tsv,
+        Method::KnotsTies,
+        Method::KnotsLinear,
+        Method::CoreTies,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +81,11 @@ impl Method {
             Method::Dare => "dare",
             Method::Svd => "svd",
             Method::IsoC => "iso-c",
+            Method::IsoCts => "iso-cts",
+            Method::Tsv => "tsv",
+            Method::KnotsTies => "knots-ties",
+            Method::KnotsLinear => "knots-linear",
+            Method::CoreTies => "core-ties",
         }
     }
 
@@ -82,6 +110,8 @@ pub struct BaselineSettings {
     pub seed: u64,
     /// Rank of the exported delta for svd (default: the largest adapter rank).
     pub rank: Option<usize>,
+    /// Iso-CTS: the fraction of the sum's directions kept as the common subspace.
+    pub common_space: f64,
 }
 
 /// Merge every target with a data-free `method`. Returns per target the merged LoRA and the
@@ -89,8 +119,8 @@ pub struct BaselineSettings {
 /// need samples and the model: they are refused here.
 pub fn merge_data_free(method: Method, targets: &[Target], s: &BaselineSettings) -> Result<Vec<(Merged, f64)>> {
     let n = targets.first().map_or(0, |t| t.loras.len());
-    let weights: Vec<f64> =
-        s.weights.clone().unwrap_or_else(|| vec![if method == Method::Linear { 1.0 / n as f64 } else { 1.0 }; n]);
+    let average = matches!(method, Method::Linear | Method::KnotsLinear);
+    let weights: Vec<f64> = s.weights.clone().unwrap_or_else(|| vec![if average { 1.0 / n as f64 } else { 1.0 }; n]);
     targets
         .iter()
         .enumerate()
@@ -98,6 +128,11 @@ pub fn merge_data_free(method: Method, targets: &[Target], s: &BaselineSettings)
             Ok(match method {
                 Method::Linear | Method::Cat => (weighted_cat(t, &weights), 1.0),
                 Method::IsoC => (super::iso::iso_c(t, &weights), 1.0),
+                Method::IsoCts => (super::iso::iso_cts(t, &weights, s.common_space), 1.0),
+                Method::Tsv => (super::tsv::tsv(t, &weights), 1.0),
+                Method::KnotsTies => (super::knots::knots(t, &weights, |c| ties(c, s.density)), 1.0),
+                Method::KnotsLinear => (super::knots::knots(t, &weights, |c| c.iter().sum()), 1.0),
+                Method::CoreTies => (super::core_space::core_ties(t, &weights, s.density), 1.0),
                 Method::Svd => {
                     let r = s.rank.unwrap_or_else(|| t.loras.iter().flatten().map(|l| l.rank()).max().unwrap_or(1));
                     reduce_rank(&weighted_cat(t, &weights), r)

@@ -26,26 +26,6 @@ pub fn reduce_rank(m: &Merged, rank: usize) -> (Merged, f64) {
     (Merged { a: to_mat(&(sv * qa.transpose())), b: to_mat(&(qb * us)) }, kept)
 }
 
-/// The exact thin SVD of a low-rank delta B·A through the thin QRs of B and Aᵀ and the SVD of
-/// the small core (as `reduce_rank`): (U (out, k), σ descending, V (in, k)) with B·A = U diag(σ) Vᵀ,
-/// k the numerical rank (σ above 1e-12 σ₁; the rest are directions of a zero spectrum, which no
-/// method may weigh).
-pub fn low_rank_svd(m: &Merged) -> (DMatrix<f64>, Vec<f64>, DMatrix<f64>) {
-    let qr_b = to_f64(&m.b).qr();
-    let qr_a = to_f64(&m.a).transpose().qr();
-    let core = qr_b.r() * qr_a.r().transpose();
-    let f = faer::Mat::from_fn(core.nrows(), core.ncols(), |i, j| core[(i, j)]);
-    let Ok(svd) = f.thin_svd() else {
-        return (DMatrix::zeros(m.b.rows, 0), Vec::new(), DMatrix::zeros(m.a.cols, 0));
-    };
-    let (u, v, s) = (svd.U(), svd.V(), svd.S().column_vector());
-    let top = if s.nrows() > 0 { s[0] } else { 0.0 };
-    let k = (0..s.nrows()).take_while(|&i| s[i] > 1e-12 * top && top > 0.0).count();
-    let uk = DMatrix::from_fn(u.nrows(), k, |r, c| u[(r, c)]);
-    let vk = DMatrix::from_fn(v.nrows(), k, |r, c| v[(r, c)]);
-    (qr_b.q() * uk, (0..k).map(|i| s[i]).collect(), qr_a.q() * vk)
-}
-
 /// A dense (out, in) delta as a LoRA of rank ≤ `rank` (at least 1), with the energy kept.
 pub fn dense_to_lora(d: &DMatrix<f64>, rank: usize) -> (Merged, f64) {
     let (b, a, kept) = truncated_svd(d.clone(), rank.max(1));

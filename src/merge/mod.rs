@@ -4,11 +4,13 @@
 pub mod balance;
 pub mod baselines;
 pub mod calibrate;
+pub mod core_space;
 pub mod dense;
 pub mod evaluate;
 pub mod export;
 pub mod iso;
 pub mod iteris;
+pub mod knots;
 pub mod options;
 pub mod pipeline;
 pub mod plan;
@@ -16,8 +18,10 @@ pub mod refine;
 pub mod report;
 pub mod schedule;
 pub mod solve;
+pub mod spectral;
 pub mod study;
 pub mod targets;
+pub mod tsv;
 
 pub use baselines::Method;
 use iteris::{ModuleRecord, Target};

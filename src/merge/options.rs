@@ -51,6 +51,9 @@ pub struct Options {
     pub density: f64,
     /// DARE's seed.
     pub seed: u64,
+    /// Iso-CTS: the fraction of the summed delta's directions kept as the common subspace (the
+    /// rest go to each task's own directions).
+    pub common_space: f64,
     /// RegMean: factor on the Grams' off-diagonal entries (1: plain RegMean).
     pub regmean_scale: f64,
     /// Quality: use at most this many held-out samples per task (None: all).
@@ -93,6 +96,7 @@ impl Default for Options {
             self_calibrate: SELF_CALIBRATE_TOKENS,
             density: 0.5,
             seed: 0,
+            common_space: 0.8,
             regmean_scale: 0.9,
             eval_limit: None,
             max_memory_mib: None,
@@ -370,7 +374,7 @@ macro_rules! real {
 }
 
 /// Every numeric setting's bounds (`weights` and `max_memory_mib` are checked apart).
-pub const BOUNDS: [Bounds; 15] = [
+pub const BOUNDS: [Bounds; 16] = [
     whole!(iters, "--iters", 1, 1000),
     real!(alpha1, "--alpha1", 0.0, 1.0, false),
     real!(alpha2, "--alpha2", 0.0, 1.0, false),
@@ -386,6 +390,7 @@ pub const BOUNDS: [Bounds; 15] = [
         value: |o| o.rank.map(|r| r as f64),
     },
     real!(density, "--density", 0.0, 1.0, true),
+    real!(common_space, "--common-space", 0.0, 1.0, false),
     real!(regmean_scale, "--regmean-scale", 0.0, 1.0, false),
     whole!(balance_sweeps, "--balance-sweeps", 1, 10),
     whole!(balance_folds, "--balance-folds", 1, 10),

@@ -110,6 +110,7 @@ pub async fn iteris<B: Backend>(
                 density: opts.density,
                 seed: opts.seed,
                 rank: opts.rank,
+                common_space: opts.common_space,
             };
             let (m, e): (Vec<Merged>, Vec<f64>) =
                 baselines::merge_data_free(opts.method, &targets, &settings)?.into_iter().unzip();
