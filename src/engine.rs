@@ -117,12 +117,26 @@ impl<'a> Engine<'a> {
         progress: &mut dyn FnMut(usize, usize, &str, Progress),
     ) -> Result<Comparison> {
         opts.validate(tasks.len())?;
+        let mut left_out = None;
         let names: Vec<String> = match methods {
             Some(m) => m.to_vec(),
-            None => crate::merge::variant_names_for(&self.base.config.model_type()?)
-                .into_iter()
-                .map(str::to_string)
-                .collect(),
+            None => {
+                // PEFT's own merges take adapters of one rank only; by default they are left out
+                // of a comparison they cannot join, and the table says so.
+                let ranks: std::collections::BTreeSet<usize> =
+                    tasks.iter().flat_map(|t| t.adapter.modules.iter().map(|m| m.rank())).collect();
+                let one_rank = ranks.len() <= 1;
+                if !one_rank {
+                    left_out = Some(format!(
+                        "peft-linear and peft-ties left out: PEFT merges adapters of one rank, these have ranks {ranks:?}"
+                    ));
+                }
+                crate::merge::variant_names_for(&self.base.config.model_type()?)
+                    .into_iter()
+                    .filter(|n| one_rank || !n.starts_with("peft-"))
+                    .map(str::to_string)
+                    .collect()
+            }
         };
         let variants = names
             .iter()
@@ -147,7 +161,7 @@ impl<'a> Engine<'a> {
             alone,
             methods,
             backend: self.backend(),
-            notes: self.notes.clone(),
+            notes: self.notes.iter().cloned().chain(left_out).collect(),
         })
     }
 

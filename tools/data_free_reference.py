@@ -9,6 +9,11 @@ the module, some with Σr above min(out, in)) and per-adapter weights:
   case{k}.scale, case{k}.weights                     per adapter (scale 0 where absent)
   case{k}.<method>                                   the merged delta (out, in), float64 → float32
 
+PEFT itself (not numpy) gives peft-linear and peft-ties, on the cases of one rank: a module with
+each adapter (lora_alpha 8, so scale 8 / r; an absent one targets another module) merged by
+`add_weighted_adapter(..., combination_type="linear" | "ties", density=0.5)`, the merged adapter's
+scale · B · A read back (so this script needs torch and peft too).
+
 Methods (every SVD over the nonzero spectrum: a LoRA delta has no other directions of its own):
   iso-c   Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
           Task-Specific Subspaces", ICML 2025 (arXiv 2502.04959), eq. 6: with the task-arithmetic
@@ -46,6 +51,9 @@ CASES = [
     (12, 10, [2, 3, 4], [1.0, 1.0, 1.0]),
     (16, 24, [4, None, 8], [0.7, 1.3, 1.0]),
     (8, 10, [4, 5, 6], [1.0, 0.5, 2.0]),
+    # One rank, which PEFT's own linear and TIES merges need.
+    (12, 10, [4, 4, 4], [1.0, 0.5, 2.0]),
+    (16, 24, [6, None, 6], [0.7, 1.0, 1.3]),
 ]
 
 
@@ -167,6 +175,42 @@ METHODS = {"iso-c": iso_c, "iso-cts": iso_cts, "tsv": tsv, "knots-ties": knots_t
            "knots-linear": knots_linear, "core-ties": core_ties}
 
 
+def peft_merges(case, factors):
+    """PEFT's add_weighted_adapter on this case: {"peft-linear": Δ, "peft-ties": Δ}."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    out, inn, ranks, weights = case
+
+    class Module(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = torch.nn.Linear(inn, out, bias=False)
+            self.other = torch.nn.Linear(inn, out, bias=False)
+
+    names = [f"t{t}" for t in range(len(ranks))]
+    model = None
+    for t, (r, f) in enumerate(zip(ranks, factors)):
+        config = LoraConfig(r=r or ranks[0] or 4, lora_alpha=8, target_modules=["m"] if f else ["other"])
+        if model is None:
+            model = get_peft_model(Module(), config, adapter_name=names[t])
+        else:
+            model.add_adapter(names[t], config)
+        if f is not None:
+            with torch.no_grad():
+                model.base_model.model.m.lora_A[names[t]].weight.copy_(torch.from_numpy(f[0]))
+                model.base_model.model.m.lora_B[names[t]].weight.copy_(torch.from_numpy(f[1]))
+    merged = {}
+    for kind in ["linear", "ties"]:
+        model.add_weighted_adapter(names, [float(np.float32(w)) for w in weights], f"merged-{kind}",
+                                   combination_type=kind, density=0.5)
+        m = model.base_model.model.m
+        a = m.lora_A[f"merged-{kind}"].weight.detach().double().numpy()
+        b = m.lora_B[f"merged-{kind}"].weight.detach().double().numpy()
+        merged[f"peft-{kind}"] = m.scaling[f"merged-{kind}"] * b @ a
+    return merged
+
+
 def main():
     rng = np.random.default_rng(30)
     tensors = {}
@@ -180,6 +224,9 @@ def main():
         tensors[f"case{k}.weights"] = weights.astype(np.float32)
         for name, method in METHODS.items():
             tensors[f"case{k}.{name}"] = method(case, factors, dense, weights).astype(np.float32)
+        if len({r for r in case[2] if r is not None}) == 1:
+            for name, delta in peft_merges(case, factors).items():
+                tensors[f"case{k}.{name}"] = delta.astype(np.float32)
     save_file(tensors, OUT)
     print(OUT, len(tensors), "tensors")
 

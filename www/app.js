@@ -459,6 +459,8 @@ const METHOD_NOTES = {
   'knots-ties': 'TIES on the adapters\' coordinates in one shared SVD basis (KnOTS, 2025)',
   'knots-linear': 'the average in KnOTS\'s shared basis, which is the plain average',
   'core-ties': 'TIES on the adapters\' small core matrices in shared bases (Core Space, 2025)',
+  'peft-linear': 'PEFT\'s linear: the A\'s and the B\'s averaged apart, as PEFT does it',
+  'peft-ties': 'PEFT\'s TIES: on the A\'s and the B\'s apart, as PEFT does it',
 };
 
 function methodCell(name) {

@@ -66,12 +66,17 @@ struct MergeArgs {
     /// iteris (default); baselines: regmean (X̃ = X, no adaptive weights, --regmean-scale),
     /// linear (weighted average, weights 1/N), cat (PEFT's exact sum), ties and dare (--density,
     /// --seed), svd (the summed delta truncated to --rank, default the largest adapter rank),
-    /// iso-c (the summed delta's spectrum flattened to its mean; Marczak et al. 2025).
+    /// and the methods of 2024–25: iso-c, iso-cts (--common-space) (the summed delta's spectrum
+    /// flattened; Marczak et al.), tsv (task singular vectors decorrelated; Gargiulo et al.),
+    /// knots-ties, knots-linear (in a shared SVD basis; Stoica et al.), core-ties (TIES on the
+    /// core matrices; Panariello et al.); and PEFT's own add_weighted_adapter, exactly:
+    /// peft-linear, peft-ties (the A's and B's combined apart; adapters of one rank).
     #[arg(long, default_value = d().method.name(), value_parser = parse_method)]
     method: Method,
     /// One weight per adapter, comma-separated. iteris, regmean: each task's weight λ_i in the
     /// objective (positive; default: chosen by --balance, else 1); linear: default 1/N; cat,
-    /// ties, dare, svd, iso-c: default 1 (Iso-C's scaling factor α is the weights).
+    /// ties, dare, svd and the methods of 2024–25: default 1 (the papers' scaling factor α is the
+    /// weights), knots-linear 1/N.
     #[arg(long, value_delimiter = ',')]
     weights: Option<Vec<f64>>,
     /// iteris: auto (default) chooses the task weights from calibration samples held out from

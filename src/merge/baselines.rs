@@ -22,11 +22,15 @@
 //! - `core-ties` (Panariello et al., NeurIPS 2025, `core_space.rs`): TIES on the tasks' cores in
 //!   the reference bases of the stacked B's and A's.
 //!
+//! `peft-linear` and `peft-ties` (`peft_parity.rs`) are PEFT's `add_weighted_adapter`, exactly:
+//! the A's and B's combined apart (w_i = 1 unless given; adapters of one rank).
+//!
 //! TIES and DARE produce dense deltas; they are exported through a truncated SVD at the rank of the
 //! lossless merge (Σr) unless `--rank` asks for less, and the energy kept is reported.
 
 use super::export::{dense_to_lora, reduce_rank};
 use super::iteris::Target;
+use super::peft_parity::{self, Combination};
 use super::solve::{to_f64, to_mat, Merged};
 use crate::error::{Error, Result};
 use nalgebra::DMatrix;
@@ -52,10 +56,14 @@ pub enum Method {
     KnotsLinear,
     #[serde(rename = "core-ties")]
     CoreTies,
+    #[serde(rename = "peft-linear")]
+    PeftLinear,
+    #[serde(rename = "peft-ties")]
+    PeftTies,
 }
 
 impl Method {
-    pub const ALL: [Method; 13] = [
+    pub const ALL: [Method; 15] = [
         Method::Iteris,
         Method::Regmean,
         Method::Linear,
@@ -69,6 +77,8 @@ impl Method {
         Method::KnotsTies,
         Method::KnotsLinear,
         Method::CoreTies,
+        Method::PeftLinear,
+        Method::PeftTies,
     ];
 
     pub fn name(self) -> &'static str {
@@ -86,6 +96,8 @@ impl Method {
             Method::KnotsTies => "knots-ties",
             Method::KnotsLinear => "knots-linear",
             Method::CoreTies => "core-ties",
+            Method::PeftLinear => "peft-linear",
+            Method::PeftTies => "peft-ties",
         }
     }
 
@@ -119,6 +131,11 @@ pub struct BaselineSettings {
 /// need samples and the model: they are refused here.
 pub fn merge_data_free(method: Method, targets: &[Target], s: &BaselineSettings) -> Result<Vec<(Merged, f64)>> {
     let n = targets.first().map_or(0, |t| t.loras.len());
+    // The methods of 2024–25 give exact LoRAs; `--rank` truncates them, reporting the energy kept.
+    let at_rank = |m: Merged| match s.rank {
+        Some(r) => reduce_rank(&m, r),
+        None => (m, 1.0),
+    };
     let average = matches!(method, Method::Linear | Method::KnotsLinear);
     let weights: Vec<f64> = s.weights.clone().unwrap_or_else(|| vec![if average { 1.0 / n as f64 } else { 1.0 }; n]);
     targets
@@ -127,12 +144,14 @@ pub fn merge_data_free(method: Method, targets: &[Target], s: &BaselineSettings)
         .map(|(k, t)| {
             Ok(match method {
                 Method::Linear | Method::Cat => (weighted_cat(t, &weights), 1.0),
-                Method::IsoC => (super::iso::iso_c(t, &weights), 1.0),
-                Method::IsoCts => (super::iso::iso_cts(t, &weights, s.common_space), 1.0),
-                Method::Tsv => (super::tsv::tsv(t, &weights), 1.0),
-                Method::KnotsTies => (super::knots::knots(t, &weights, |c| ties(c, s.density)), 1.0),
-                Method::KnotsLinear => (super::knots::knots(t, &weights, |c| c.iter().sum()), 1.0),
-                Method::CoreTies => (super::core_space::core_ties(t, &weights, s.density), 1.0),
+                Method::IsoC => at_rank(super::iso::iso_c(t, &weights)),
+                Method::IsoCts => at_rank(super::iso::iso_cts(t, &weights, s.common_space)),
+                Method::Tsv => at_rank(super::tsv::tsv(t, &weights)),
+                Method::KnotsTies => at_rank(super::knots::knots(t, &weights, |c| ties(c, s.density))),
+                Method::KnotsLinear => at_rank(super::knots::knots(t, &weights, |c| c.iter().sum())),
+                Method::CoreTies => at_rank(super::core_space::core_ties(t, &weights, s.density)),
+                Method::PeftLinear => (peft_parity::combine(t, &weights, Combination::Linear)?, 1.0),
+                Method::PeftTies => (peft_parity::combine(t, &weights, Combination::Ties { density: s.density })?, 1.0),
                 Method::Svd => {
                     let r = s.rank.unwrap_or_else(|| t.loras.iter().flatten().map(|l| l.rank()).max().unwrap_or(1));
                     reduce_rank(&weighted_cat(t, &weights), r)

@@ -12,6 +12,7 @@ pub mod iso;
 pub mod iteris;
 pub mod knots;
 pub mod options;
+pub mod peft_parity;
 pub mod pipeline;
 pub mod plan;
 pub mod refine;
