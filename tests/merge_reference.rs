@@ -157,3 +157,27 @@ fn jacobi_keeping_adapter_inputs_equals_rerunning_them() {
         assert_eq!(align(&kept), align(&rerun), "{arch}: alignment errors");
     }
 }
+
+/// RegMean++ (each module's Grams from the merged model's own inputs, the modules before it
+/// merged; RegMean's off-diagonal scale 0.9) against the float64 reference's module-by-module
+/// sweep (`iteris_reference.regmean_plus_plus`, tools/make_output_fixtures.py); RegMean on the same
+/// inputs lands far from it, so the test tells the two apart.
+#[test]
+fn regmean_plus_plus_matches_reference() {
+    use iteris::merge::Method;
+    for arch in ["gpt2", "llama", "qwen2"] {
+        let opts = Options { method: Method::RegmeanPlus, ..Options::published() };
+        check(arch, &opts, "expected_regmeanpp.safetensors", STRONG);
+        let plain = merge(arch, &Options { method: Method::Regmean, ..Options::published() });
+        let exp = expected(arch, "expected_regmeanpp.safetensors");
+        let apart = plain
+            .outcome
+            .targets
+            .iter()
+            .zip(&plain.outcome.merged)
+            .map(|(t, m)| rel(&dense(m), &exp.mat(&t.name).unwrap()))
+            .fold(0.0, f64::max);
+        assert!(apart > 1e-3, "{arch}: RegMean is within {apart:.1e} of RegMean++");
+        eprintln!("{arch}: RegMean lands {apart:.2e} from RegMean++");
+    }
+}

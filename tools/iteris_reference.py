@@ -117,6 +117,46 @@ def iteris(cls, base_dir, adapter_dirs, tok, samples, max_len=128, alpha1=1e-4, 
     return {canonical(t): delta[t] for t in targets}, dict(solves=it + 1, last_change=change)
 
 
+def regmean_plus_plus(cls, base_dir, adapter_dirs, tok, samples, max_len=128, scale=0.9):
+    """RegMean++ (Nguyen, Tran, Than, Nguyen, "RegMean++: Enhancing Effectiveness and
+    Generalization of Regression Mean for Model Merging", 2025, arXiv 2508.03121, eq. 6–7),
+    float64, dense and plain: RegMean's closed form, but each module's Grams come from the merged
+    model itself, the modules before it already merged, on each task's samples: in forward order,
+        G̃_i = S(X̃_iᵀ X̃_i),  ΔW = (Σ_i ΔW_i G̃_i)(Σ_i G̃_i)⁻¹,
+    S scaling the off-diagonal entries by `scale` (RegMean's α; 1: none). Every merged model's
+    weights are W0 + ΔW with ΔW_i each adapter's (merge_and_unload), as RegMean merges fine-tuned
+    weights W_i = W0 + ΔW_i: Σ G̃_i W_i (Σ G̃_i)⁻¹ − W0 is the same ΔW."""
+    base = load(cls, base_dir)
+    positions = getattr(base.config, "max_position_embeddings", None) or getattr(base.config, "n_positions")
+    tok.enable_truncation(min(max_len, positions))
+    ids = [[tok.encode(t).ids for t in task] for task in samples]
+    per_adapter = [adapter_targets(a) for a in adapter_dirs]
+    linear = (torch.nn.Linear, transformers.pytorch_utils.Conv1D)
+    order = [n for n, m in base.named_modules() if isinstance(m, linear)]
+    targets = [n for n in order if any(n in p for p in per_adapter)]
+    bmods = dict(base.named_modules())
+    W0 = {t: weight(bmods[t]).detach().clone() for t in targets}
+    dW = []
+    for ad in adapter_dirs:
+        m = PeftModel.from_pretrained(load(cls, base_dir), ad).merge_and_unload().double().eval()
+        mm = dict(m.named_modules())
+        dW.append({t: weight(mm[t]).detach() - W0[t] for t in targets})
+
+    def S(g):
+        return scale * g + (1 - scale) * torch.diag(torch.diagonal(g))
+
+    merged = load(cls, base_dir)
+    mmods = dict(merged.named_modules())
+    delta = {}
+    for t in targets:
+        G = [S(x.T @ x) for x in (collect(merged, [t], ids[i])[t] for i in range(len(adapter_dirs)))]
+        M = sum(G)
+        N = sum(dW[i][t] @ G[i] for i in range(len(adapter_dirs)))
+        delta[t] = torch.linalg.solve(M.T, N.T).T
+        set_weight(mmods[t], W0[t] + delta[t])
+    return {canonical(t): delta[t] for t in targets}
+
+
 def output_sweep(cls, base_dir, adapter_dirs, tok, samples, max_len=128, alpha1=1e-4, alpha2=1e-4, every_module=False):
     """IterIS with the output objective (`--objective output`), float64, dense and plain: the
     modules are solved one at a time in forward order, each from a full forward pass of the

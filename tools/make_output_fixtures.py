@@ -2,7 +2,9 @@
 """float64 references of IterIS with the output objective for tests/merge_reference.rs:
 tests/fixtures/ARCH/expected_output_a1e-4.safetensors (the adapters' modules) and
 expected_output_all_a1e-4.safetensors (every linear module of the layers), full-rank deltas
-from `iteris_reference.output_sweep`, on the fixtures tools/make_fixtures.py made.
+from `iteris_reference.output_sweep`, on the fixtures tools/make_fixtures.py made; and of
+RegMean++ (`iteris_reference.regmean_plus_plus`, off-diagonal scale 0.9):
+expected_regmeanpp.safetensors.
 
     python3 tools/make_output_fixtures.py [ARCH ...]     # default: gpt2 llama qwen2
 
@@ -38,6 +40,10 @@ def build(arch):
         deltas = ref.output_sweep(cls, os.path.join(d, "base"), adapters, tok, samples, every_module=every)
         save_file({k: v.float().contiguous() for k, v in deltas.items()}, os.path.join(d, f"expected_{key}.safetensors"))
         print(arch, key, len(deltas), "modules")
+    tok = Tokenizer.from_file(os.path.join(d, "base", "tokenizer.json"))
+    deltas = ref.regmean_plus_plus(cls, os.path.join(d, "base"), adapters, tok, samples)
+    save_file({k: v.float().contiguous() for k, v in deltas.items()}, os.path.join(d, "expected_regmeanpp.safetensors"))
+    print(arch, "regmeanpp", len(deltas), "modules")
 
 
 if __name__ == "__main__":

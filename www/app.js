@@ -448,6 +448,7 @@ function accuracyCell(acc, extra = '', ref = false) {
 const METHOD_NOTES = {
   iteris: 'aligns the merged model with each adapter on the samples, through the merged model',
   regmean: 'the closed form on each adapter\'s own inputs, once (the samples, no iteration)',
+  'regmean++': 'RegMean on the merged model\'s own inputs, layer by layer (RegMean++, 2025)',
   linear: 'the average of the adapters\' deltas',
   cat: 'the sum of the deltas, exactly (PEFT\'s cat)',
   ties: 'top entries of each delta, signs elected, agreeing entries averaged',
@@ -556,7 +557,7 @@ async function showStudy() {
   const c = study.convergence;
   lines($('study-convergence'), c.solves, [{ name: 'jacobi', ys: c.distance_to_sweep, color: '#2450b2' }], { log: true, xLabel: 'solves' });
   const e = study.sample_efficiency;
-  const colors = { iteris: '#2450b2', unbalanced: '#16a085', output: '#d68910', published: '#8e44ad', regmean: '#c0392b', linear: '#7f8c8d' };
+  const colors = { iteris: '#2450b2', unbalanced: '#16a085', output: '#d68910', published: '#8e44ad', regmean: '#c0392b', 'regmean++': '#e67e22', linear: '#7f8c8d' };
   for (const [id, key] of [['study-samples', 'accuracy'], ['study-worst', 'worst_accuracy']]) {
     lines($(id), e.samples, Object.entries(e.methods).map(([name, m]) => ({ name, ys: m[key] || [], color: colors[name] || '#333' })),
       { xLabel: 'calibration samples per task', yFormat: (v) => `${Math.round(v * 100)}%` });

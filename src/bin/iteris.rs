@@ -64,6 +64,7 @@ struct MergeArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// iteris (default); baselines: regmean (X̃ = X, no adaptive weights, --regmean-scale),
+    /// regmean++ (RegMean on the merged model's own inputs, module by module; Nguyen et al.),
     /// linear (weighted average, weights 1/N), cat (PEFT's exact sum), ties and dare (--density,
     /// --seed), svd (the summed delta truncated to --rank, default the largest adapter rank),
     /// and the methods of 2024–25: iso-c, iso-cts (--common-space) (the summed delta's spectrum

@@ -40,6 +40,8 @@ use nalgebra::DMatrix;
 pub enum Method {
     Iteris,
     Regmean,
+    #[serde(rename = "regmean++")]
+    RegmeanPlus,
     Linear,
     Cat,
     Ties,
@@ -63,9 +65,10 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 15] = [
+    pub const ALL: [Method; 16] = [
         Method::Iteris,
         Method::Regmean,
+        Method::RegmeanPlus,
         Method::Linear,
         Method::Cat,
         Method::Ties,
@@ -85,6 +88,7 @@ impl Method {
         match self {
             Method::Iteris => "iteris",
             Method::Regmean => "regmean",
+            Method::RegmeanPlus => "regmean++",
             Method::Linear => "linear",
             Method::Cat => "cat",
             Method::Ties => "ties",
@@ -105,9 +109,9 @@ impl Method {
         Method::ALL.into_iter().find(|m| m.name() == s)
     }
 
-    /// Whether the method reads no samples (everything but IterIS and RegMean).
+    /// Whether the method reads no samples (everything but IterIS and RegMean's two).
     pub fn data_free(self) -> bool {
-        !matches!(self, Method::Iteris | Method::Regmean)
+        !matches!(self, Method::Iteris | Method::Regmean | Method::RegmeanPlus)
     }
 }
 
@@ -167,7 +171,7 @@ pub fn merge_data_free(method: Method, targets: &[Target], s: &BaselineSettings)
                     let lossless: usize = t.loras.iter().flatten().map(|l| l.rank()).sum();
                     dense_to_lora(&merged, s.rank.unwrap_or(lossless).min(lossless))
                 }
-                Method::Iteris | Method::Regmean => {
+                Method::Iteris | Method::Regmean | Method::RegmeanPlus => {
                     return Err(Error::Unsupported(format!(
                         "{method:?} needs samples and the model: it is not a data-free merge"
                     )))

@@ -159,7 +159,7 @@ impl Options {
                 ));
             }
         }
-        if let (Method::Iteris | Method::Regmean, Some(w)) = (self.method, &self.weights) {
+        if let (Method::Iteris | Method::Regmean | Method::RegmeanPlus, Some(w)) = (self.method, &self.weights) {
             if w.iter().any(|&v| v <= 0.0) {
                 return Err(bad_input(
                     "--weights",

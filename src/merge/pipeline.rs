@@ -208,7 +208,7 @@ pub async fn merge_loaded<B: Backward>(
     peaks.end("load");
 
     // Self-calibration and balancing read next-token distributions: decoders only.
-    let data_driven = matches!(opts.method, super::Method::Iteris | super::Method::Regmean);
+    let data_driven = !opts.method.data_free();
     let calibrate = data_driven && decoder && opts.self_calibrate > 0;
     let modules = model.modules();
     let auto_balance =

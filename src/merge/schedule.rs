@@ -19,6 +19,8 @@ enum Rows {
     /// Jacobi after its first pass: the merged stream alone where the adapters' inputs were kept
     /// (`IterisHook::keep_adapter_inputs`), else both.
     Later,
+    /// The merged stream alone (RegMean++, whose statistics are all the merged model's).
+    Merged,
 }
 
 /// One pass of a schedule.
@@ -58,6 +60,12 @@ fn passes(opts: &Options) -> Vec<Pass> {
             pass("regmean solve", Mode::Jacobi, false, Rows::Adapters, false),
             pass("evaluate", Mode::Evaluate, true, Rows::Both, false),
         ],
+        // RegMean++: one sweep, each module solved from the merged model's own inputs (the
+        // modules before it merged), then a pass that measures the result.
+        (Method::RegmeanPlus, _) => vec![
+            pass("regmean++ sweep", Mode::Sweep, false, Rows::Merged, false),
+            pass("evaluate", Mode::Evaluate, false, Rows::Both, false),
+        ],
         // The data-free methods: one pass measures the deltas set before it.
         _ => vec![pass("evaluate", Mode::Evaluate, false, Rows::Both, false)],
     }
@@ -91,6 +99,7 @@ pub async fn iteris<B: Backend>(
         // Jacobi's adapter streams are the same in every pass: where their inputs fit, the first
         // pass keeps them and the later ones run the merged stream alone.
         let merged_only;
+        let mut merged_rows = None;
         let mut later = &both;
         if (opts.method, opts.schedule) == (Method::Iteris, Schedule::Jacobi) {
             let tokens = ids.iter().flatten().map(Vec::len).sum();
@@ -104,7 +113,7 @@ pub async fn iteris<B: Backend>(
             }
         }
         // The data-free methods' deltas come from the adapters alone; their pass measures them.
-        if !matches!(opts.method, Method::Iteris | Method::Regmean) {
+        if opts.method.data_free() {
             let settings = baselines::BaselineSettings {
                 weights: opts.weights.clone(),
                 density: opts.density,
@@ -124,6 +133,7 @@ pub async fn iteris<B: Backend>(
                 Rows::Both => &both,
                 Rows::Adapters => &adapters_only,
                 Rows::Later => later,
+                Rows::Merged => merged_rows.get_or_insert_with(|| chunk_batches(ids, Streams::Merged, max_rows)),
             };
             run_chunks(model, be, rows, &mut hook).await?;
             if pass.measure_change {

@@ -31,6 +31,7 @@ pub fn variants(opts: &Options) -> Vec<(&'static str, Options)> {
         ),
         ("published", Options { balance: Balance::Off, self_calibrate: 0, ..plain(Method::Iteris) }),
         ("regmean", plain(Method::Regmean)),
+        ("regmean++", plain(Method::RegmeanPlus)),
         ("linear", plain(Method::Linear)),
     ]
 }

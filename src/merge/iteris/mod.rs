@@ -89,6 +89,10 @@ pub struct HookSettings {
     /// RegMean instead of IterIS: no adaptive weights, no ridge, and each Gram's off-diagonal
     /// entries scaled by this factor (the merged stream is not run: X̃ = X).
     pub regmean: Option<f64>,
+    /// RegMean++ (Nguyen et al. 2025): each task's Gram and cross term both from the merged
+    /// model's inputs on its samples, X̃_iᵀX̃_i (the merged stream alone runs; its rows stand for
+    /// the task's), so ΔW = (Σ λ_i S(X̃_iᵀX̃_i))⁻¹ Σ λ_i S(X̃_iᵀX̃_i) ΔW_iᵀ, module by module.
+    pub merged_inputs: bool,
     /// λ_i: each task's weight in the objective Σ λ_i c_i ‖X_i ΔW_iᵀ − X̃_i ΔWᵀ‖² (1 each unless
     /// set by `--weights` or chosen by `merge::balance`).
     pub task_weights: Vec<f64>,
@@ -105,13 +109,14 @@ impl HookSettings {
     pub fn of(opts: &Options, targets: &[Target]) -> HookSettings {
         let tasks = targets.first().map_or(0, |t| t.loras.len());
         let iteris = opts.method == Method::Iteris;
-        let weighted = matches!(opts.method, Method::Iteris | Method::Regmean);
+        let regmean = matches!(opts.method, Method::Regmean | Method::RegmeanPlus);
         HookSettings {
             alpha1: opts.alpha1,
             alpha2: opts.alpha2,
             rho: opts.rho,
-            regmean: (opts.method == Method::Regmean).then_some(opts.regmean_scale),
-            task_weights: opts.weights.clone().filter(|_| weighted).unwrap_or_else(|| vec![1.0; tasks]),
+            regmean: regmean.then_some(opts.regmean_scale),
+            merged_inputs: opts.method == Method::RegmeanPlus,
+            task_weights: opts.weights.clone().filter(|_| iteris || regmean).unwrap_or_else(|| vec![1.0; tasks]),
             objective: if iteris { opts.objective } else { Objective::Delta },
             dense_rank: opts.rank.filter(|_| iteris).unwrap_or_else(|| default_dense_rank(targets)),
         }
@@ -274,16 +279,23 @@ impl<B: Backend> StageHook<B> for IterisHook<'_, B> {
                 }
             }
         }
-        // Each task's adapter input: this chunk's adapter rows, or what the first pass kept.
+        // Each task's adapter input: this chunk's adapter rows, or what the first pass kept; for
+        // RegMean++, the task's merged rows, which then also stand in for X̃ (`gram_rows`).
+        let merged_inputs = self.settings.merged_inputs;
         let adapter_x: Vec<Option<(&B::T, Range<usize>)>> = rows
             .iter()
             .enumerate()
-            .map(|(i, (ra, _))| match (kept.as_ref(), firsts[i]) {
+            .map(|(i, (ra, rm))| match (kept.as_ref(), firsts[i]) {
+                _ if merged_inputs => rm.clone().map(|rm| (input.x, rm)),
                 (Some(k), Some(first)) if ra.is_empty() => k.get(&(stage_key, i, first)).map(|x| (x, 0..be.dims(x).0)),
                 _ => (!ra.is_empty()).then(|| (input.x, ra.clone())),
             })
             .collect();
-        let replaying = rows.iter().zip(&adapter_x).any(|((ra, _), x)| ra.is_empty() && x.is_some());
+        let gram_rows: Vec<TaskRows> = match merged_inputs {
+            true => rows.iter().map(|(ra, _)| (ra.clone(), None)).collect(),
+            false => rows.clone(),
+        };
+        let replaying = !merged_inputs && rows.iter().zip(&adapter_x).any(|((ra, _), x)| ra.is_empty() && x.is_some());
         // Everything the host reads in this stage is deferred and fetched at once (one readback on
         // the GPU), together with the alignment errors the previous stage left pending.
         let mut reads = std::mem::take(&mut self.reads);
@@ -304,7 +316,7 @@ impl<B: Backend> StageHook<B> for IterisHook<'_, B> {
         });
         let mut own = self.run_adapter_rows(be, input, &rows, ys, &mut stage, &mut reads);
         // Kept inputs: U_i = s_i X_i A_iᵀ for the alignment errors, from them.
-        for (&(_, t), own) in targeted.iter().zip(&mut own) {
+        for (&(_, t), own) in targeted.iter().zip(&mut own).filter(|_| !merged_inputs) {
             for (i, ((ra, _), x)) in rows.iter().zip(&adapter_x).enumerate() {
                 if let (true, Some((x, xr)), Some(l)) = (ra.is_empty(), x, self.loras[t][i].as_ref()) {
                     let mut u = be.matmul_t(x, xr.clone(), &l.a);
@@ -314,7 +326,7 @@ impl<B: Backend> StageHook<B> for IterisHook<'_, B> {
             }
         }
         if self.mode != Mode::Evaluate {
-            self.add_grams(be, input.x, ys, &adapter_x, &rows, &mut stage, &mut reads);
+            self.add_grams(be, input.x, ys, &adapter_x, &gram_rows, &mut stage, &mut reads);
         }
         for (n, x) in stage.rows.iter_mut().zip(&adapter_x) {
             *n += x.as_ref().map_or(0, |(_, r)| r.len());
