@@ -93,17 +93,7 @@ fn check_decoder_gguf(arch: &str) {
 #[test]
 fn sentencepiece_vocabularies_give_transformers_ids() {
     use iteris::formats::tokenizer::TextTokenizer;
-    let texts = [
-        "The capital of France is Paris.",
-        " leading space and  two  spaces ",
-        "tabs\tand\nnew\n\nlines",
-        "Café naïve façade über",
-        "日本語のテキスト 🤖🚀",
-        "3.14159 + 2718 = 28.3",
-        "<s>a</s> <|user|>hi<|end|>",
-        "",
-        "merge the adapters with iteris",
-    ];
+    let texts: Vec<String> = serde_json::from_slice(&std::fs::read(file("spm_texts.json")).unwrap()).unwrap();
     let want = reference("spm.safetensors");
     for arch in ["llama", "phi3"] {
         let name = format!("spm-{arch}.gguf");

@@ -117,6 +117,30 @@ def iteris(cls, base_dir, adapter_dirs, tok, samples, max_len=128, alpha1=1e-4, 
     return {canonical(t): delta[t] for t in targets}, dict(solves=it + 1, last_change=change)
 
 
+def sweep_inputs(cls, base_dir, adapter_dirs, tok, samples, max_len, every_module=False):
+    """What a module-by-module sweep starts from: each task's token ids (cut at the model's
+    positions), the modules in forward order (the adapters' targets, or with `every_module` every
+    linear module of the layers but the LM head), W0 and each adapter's ΔW_i per module, and each
+    adapter's merged model (`models[i]`)."""
+    base = load(cls, base_dir)
+    positions = getattr(base.config, "max_position_embeddings", None) or getattr(base.config, "n_positions")
+    tok.enable_truncation(min(max_len, positions))
+    ids = [[tok.encode(t).ids for t in task] for task in samples]
+    per_adapter = [adapter_targets(a) for a in adapter_dirs]
+    linear = (torch.nn.Linear, transformers.pytorch_utils.Conv1D)
+    order = [n for n, m in base.named_modules() if isinstance(m, linear) and not n.endswith("lm_head")]
+    targets = [n for n in order if every_module or any(n in p for p in per_adapter)]
+    bmods = dict(base.named_modules())
+    W0 = {t: weight(bmods[t]).detach().clone() for t in targets}
+    dW, models = [], []
+    for ad in adapter_dirs:
+        m = PeftModel.from_pretrained(load(cls, base_dir), ad).merge_and_unload().double().eval()
+        mm = dict(m.named_modules())
+        dW.append({t: weight(mm[t]).detach() - W0[t] for t in targets})
+        models.append(m)
+    return ids, targets, W0, dW, models
+
+
 def regmean_plus_plus(cls, base_dir, adapter_dirs, tok, samples, max_len=128, scale=0.9):
     """RegMean++ (Nguyen, Tran, Than, Nguyen, "RegMean++: Enhancing Effectiveness and
     Generalization of Regression Mean for Model Merging", 2025, arXiv 2508.03121, eq. 6–7),
@@ -126,21 +150,7 @@ def regmean_plus_plus(cls, base_dir, adapter_dirs, tok, samples, max_len=128, sc
     S scaling the off-diagonal entries by `scale` (RegMean's α; 1: none). Every merged model's
     weights are W0 + ΔW with ΔW_i each adapter's (merge_and_unload), as RegMean merges fine-tuned
     weights W_i = W0 + ΔW_i: Σ G̃_i W_i (Σ G̃_i)⁻¹ − W0 is the same ΔW."""
-    base = load(cls, base_dir)
-    positions = getattr(base.config, "max_position_embeddings", None) or getattr(base.config, "n_positions")
-    tok.enable_truncation(min(max_len, positions))
-    ids = [[tok.encode(t).ids for t in task] for task in samples]
-    per_adapter = [adapter_targets(a) for a in adapter_dirs]
-    linear = (torch.nn.Linear, transformers.pytorch_utils.Conv1D)
-    order = [n for n, m in base.named_modules() if isinstance(m, linear)]
-    targets = [n for n in order if any(n in p for p in per_adapter)]
-    bmods = dict(base.named_modules())
-    W0 = {t: weight(bmods[t]).detach().clone() for t in targets}
-    dW = []
-    for ad in adapter_dirs:
-        m = PeftModel.from_pretrained(load(cls, base_dir), ad).merge_and_unload().double().eval()
-        mm = dict(m.named_modules())
-        dW.append({t: weight(mm[t]).detach() - W0[t] for t in targets})
+    ids, targets, W0, dW, _ = sweep_inputs(cls, base_dir, adapter_dirs, tok, samples, max_len)
 
     def S(g):
         return scale * g + (1 - scale) * torch.diag(torch.diagonal(g))
@@ -166,22 +176,8 @@ def output_sweep(cls, base_dir, adapter_dirs, tok, samples, max_len=128, alpha1=
     Modules that read one input (q, k, v) see the same X̃ whichever is solved first, so this is
     the engine's stage-by-stage sweep. `every_module`: also every other linear module of the
     layers (not the LM head), whose ΔW_i are 0 (`--modules all`). Returns full-rank deltas."""
-    base = load(cls, base_dir)
-    positions = getattr(base.config, "max_position_embeddings", None) or getattr(base.config, "n_positions")
-    tok.enable_truncation(min(max_len, positions))
-    ids = [[tok.encode(t).ids for t in task] for task in samples]
-    per_adapter = [adapter_targets(a) for a in adapter_dirs]
-    linear = (torch.nn.Linear, transformers.pytorch_utils.Conv1D)
-    order = [n for n, m in base.named_modules() if isinstance(m, linear) and not n.endswith("lm_head")]
-    targets = [n for n in order if every_module or any(n in p for p in per_adapter)]
-    bmods = dict(base.named_modules())
-    W0 = {t: weight(bmods[t]).detach().clone() for t in targets}
-    X, Y, dW = [], [], []
-    for i, ad in enumerate(adapter_dirs):
-        m = PeftModel.from_pretrained(load(cls, base_dir), ad).merge_and_unload().double().eval()
-        mm = dict(m.named_modules())
-        dW.append({t: weight(mm[t]).detach() - W0[t] for t in targets})
-        X.append(collect(m, targets, ids[i]))
+    ids, targets, W0, dW, models = sweep_inputs(cls, base_dir, adapter_dirs, tok, samples, max_len, every_module)
+    X = [collect(m, targets, ids[i]) for i, m in enumerate(models)]
     c = [{t: (torch.linalg.norm(W0[t] + dW[i][t]) ** 2 / torch.linalg.norm(X[i][t] @ (W0[t] + dW[i][t]).T) ** 2).item()
           for t in targets} for i in range(len(adapter_dirs))]
     merged = load(cls, base_dir)

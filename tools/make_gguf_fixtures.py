@@ -22,12 +22,12 @@ against what the package and transformers read from them:
       sliding window. transformers' GGUF loading keeps none of the rope keys, so the reference is again
       the folder's own Phi3ForCausalLM config with the file's dequantized weights; the third sample
       runs past the trained context of 32, so the long factors and the window of 24 are in play.
-  spm-llama.gguf, spm-phi3.gguf / spm.safetensors
+  spm-llama.gguf, spm-phi3.gguf / spm.safetensors, spm_texts.json
       tokenizer-only files: a SentencePiece BPE vocabulary (byte fallback, scores, control and
       user-defined pieces) trained by the `sentencepiece` package on this repository's documents, as
       llama.cpp stores it (tokenizer.ggml.model "llama"), under architectures llama (transformers'
       LlamaTokenizer: Metaspace) and phi3 (its prefix space from a normalizer); "<arch>.k" holds
-      transformers' token ids of TEXTS[k].
+      transformers' token ids of TEXTS[k], which spm_texts.json lists for the test.
 
     python3 tools/make_gguf_fixtures.py
 Needs numpy, gguf, torch, transformers, sentencepiece.
@@ -320,6 +320,8 @@ def spm():
         for k, text in enumerate(TEXTS):
             expected[f"{arch}.{k}"] = np.array(t(text).input_ids, dtype=np.float32).reshape(-1)
     save_file(expected, os.path.join(OUT, "spm.safetensors"))
+    with open(os.path.join(OUT, "spm_texts.json"), "w", encoding="utf-8") as f:
+        json.dump(TEXTS, f, ensure_ascii=False, indent=1)
 
 
 def decoder(arch):

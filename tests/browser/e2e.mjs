@@ -202,7 +202,14 @@ try {
     await page.waitForSelector(`#comparison:not([hidden]), ${ERROR_SHOWN}`, { timeout: 300_000 });
     assert.ok(await page.locator('#comparison').isVisible(), `no comparison: ${await page.locator('#message').textContent()}`);
     const rows = await page.locator('#compare-table tr').count();
-    assert.equal(rows, 1 + 4 + 9, 'header, base and three adapters alone, seven methods and two IterIS variants');
+    // IterIS, its two GPT-2 variants, RegMean and RegMean++, and the eleven data-free methods; PEFT's
+    // two are left out with a note, as the fixture's adapters have different ranks.
+    assert.equal(rows, 1 + 4 + 16, 'header, base and three adapters alone, fourteen methods and two IterIS variants');
+    const ran = await page.locator('#compare-ran').textContent();
+    assert.ok(ran.includes('peft-linear and peft-ties left out'), `no note on PEFT's merges: ${ran}`);
+    for (const name of ['regmean++', 'iso-c', 'iso-cts', 'tsv', 'knots-ties', 'core-ties']) {
+      assert.ok(await page.locator('#compare-table td', { hasText: name }).count() > 0, `${name} is not in the comparison`);
+    }
     summary.compareSeconds = (Date.now() - t0) / 1000;
     await page.locator('#comparison').screenshot({ path: path.join(out, 'comparison.png') });
     await context.close();
