@@ -168,6 +168,8 @@ CONFIGS = [
     ("regmean", ["--methods", "regmean"]),
     ("regmean, no self-calibration", ["--methods", "regmean", "--self-calibrate", "0"]),
     ("data-free baselines", ["--methods", "linear,ties,dare,cat,svd"]),
+    ("regmean++", ["--methods", "regmean++"]),
+    ("data-free of 2024-25", ["--methods", "iso-c,iso-cts,tsv,knots-ties,knots-linear,core-ties"]),
 ]
 
 
