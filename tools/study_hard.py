@@ -29,6 +29,7 @@ Stages (each cached in OUT, default target/study/hard; nothing here is committed
     python3 tools/study_hard.py prepare|table|all [OUT]
     STUDY_SIZES=20 STUDY_SETTINGS=qv python3 tools/study_hard.py table   # one cell of it
     STUDY_CONFIGS=0,2 ...                                                 # some runs of CONFIGS
+    STUDY_DATA_FREE=1 ...                                                 # some runs of DATA_FREE ("" for none)
 
 Needs torch, transformers, peft, gguf (pip) and target/release/iteris.
 """
@@ -115,8 +116,12 @@ CONFIGS = [
     ("defaults", ["--methods", "iteris,iteris-delta,iteris-output,regmean"]),
     ("not balanced", ["--methods", "iteris,iteris-delta,iteris-output", "--balance", "off"]),
     ("published", ["--methods", "iteris", "--objective", "delta", "--self-calibrate", "0", "--balance", "off"]),
+    ("2025", ["--methods", "regmean++"]),
 ]
-DATA_FREE = ["--methods", "linear,ties,dare,cat,svd"]
+# The data-free runs: the classic baselines, then those published in 2024-25 with PEFT's own two
+# (every LoRA here has rank 8, so PEFT's merges apply).
+DATA_FREE = [("data-free", ["--methods", "linear,ties,dare,cat,svd"]),
+             ("data-free 2024-25", ["--methods", "iso-c,iso-cts,tsv,knots-ties,knots-linear,core-ties,peft-linear,peft-ties"])]
 DATA_FREE_AT = 20
 
 
@@ -124,7 +129,8 @@ def table():
     exe = study_smollm2.iteris()
     sizes = [int(s) for s in os.environ.get("STUDY_SIZES", "10,20,50").split(",")]
     settings = os.environ.get("STUDY_SETTINGS", "qv,all").split(",")
-    configs = [int(c) for c in os.environ.get("STUDY_CONFIGS", ",".join(map(str, range(len(CONFIGS))))).split(",")]
+    configs = [int(c) for c in os.environ.get("STUDY_CONFIGS", ",".join(map(str, range(len(CONFIGS))))).split(",") if c]
+    data_free = [int(c) for c in os.environ.get("STUDY_DATA_FREE", ",".join(map(str, range(len(DATA_FREE))))).split(",") if c]
     tmp = os.path.join(OUT, "runs")
     os.makedirs(tmp, exist_ok=True)
     md = ""
@@ -135,7 +141,7 @@ def table():
                 src = open(os.path.join(OUT, "samples", f"{t}.txt")).read().splitlines()
                 with open(os.path.join(tmp, f"{t}.{n}.txt"), "w") as f:
                     f.write("\n".join(src[:n]) + "\n")
-            runs = [CONFIGS[k] for k in configs] + ([("data-free", DATA_FREE)] if n == DATA_FREE_AT else [])
+            runs = [CONFIGS[k] for k in configs] + ([DATA_FREE[k] for k in data_free] if n == DATA_FREE_AT else [])
             for k, (label, extra) in enumerate(runs):
                 out = os.path.join(tmp, f"{setting}.n{n}.{label.replace(' ', '_')}.json")
                 tasks = [(os.path.join(OUT, "adapters", setting, t), os.path.join(tmp, f"{t}.{n}.txt"),
