@@ -120,17 +120,22 @@ CONFIGS = [
 ]
 # The data-free runs: the classic baselines, then those published in 2024-25 with PEFT's own two
 # (every LoRA here has rank 8, so PEFT's merges apply).
-DATA_FREE = [("data-free", ["--methods", "linear,ties,dare,cat,svd"]),
-             ("data-free 2024-25", ["--methods", "iso-c,iso-cts,tsv,knots-ties,knots-linear,core-ties,peft-linear,peft-ties"])]
+DATA_FREE = [("data-free", ["--methods", study_smollm2.DATA_FREE_CLASSIC]),
+             ("data-free 2024-25", ["--methods", study_smollm2.DATA_FREE_2024_25 + ",peft-linear,peft-ties"])]
 DATA_FREE_AT = 20
+
+
+def picked(var, runs):
+    """The indices into `runs` that the environment variable lists (all when it is unset, none when empty)."""
+    return [int(c) for c in os.environ.get(var, ",".join(map(str, range(len(runs))))).split(",") if c]
 
 
 def table():
     exe = study_smollm2.iteris()
     sizes = [int(s) for s in os.environ.get("STUDY_SIZES", "10,20,50").split(",")]
     settings = os.environ.get("STUDY_SETTINGS", "qv,all").split(",")
-    configs = [int(c) for c in os.environ.get("STUDY_CONFIGS", ",".join(map(str, range(len(CONFIGS))))).split(",") if c]
-    data_free = [int(c) for c in os.environ.get("STUDY_DATA_FREE", ",".join(map(str, range(len(DATA_FREE))))).split(",") if c]
+    configs = picked("STUDY_CONFIGS", CONFIGS)
+    data_free = picked("STUDY_DATA_FREE", DATA_FREE)
     tmp = os.path.join(OUT, "runs")
     os.makedirs(tmp, exist_ok=True)
     md = ""

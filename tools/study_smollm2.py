@@ -160,6 +160,10 @@ def run_compare(exe, base, tasks, extra, out):
 
 
 # Settings compared: (row label, compare arguments).
+# The data-free methods, for both studies: the classic ones, and those published in 2024-25 (PEFT's
+# own merges need LoRAs of one rank, so each study adds them where its LoRAs have one).
+DATA_FREE_CLASSIC = "linear,ties,dare,cat,svd"
+DATA_FREE_2024_25 = "iso-c,iso-cts,tsv,knots-ties,knots-linear,core-ties"
 CONFIGS = [
     ("iteris (default)", ["--methods", "iteris"]),
     ("iteris, no self-calibration", ["--methods", "iteris", "--self-calibrate", "0"]),
@@ -167,9 +171,9 @@ CONFIGS = [
     ("iteris, neither", ["--methods", "iteris", "--self-calibrate", "0", "--balance", "off"]),
     ("regmean", ["--methods", "regmean"]),
     ("regmean, no self-calibration", ["--methods", "regmean", "--self-calibrate", "0"]),
-    ("data-free baselines", ["--methods", "linear,ties,dare,cat,svd"]),
+    ("data-free baselines", ["--methods", DATA_FREE_CLASSIC]),
     ("regmean++", ["--methods", "regmean++"]),
-    ("data-free of 2024-25", ["--methods", "iso-c,iso-cts,tsv,knots-ties,knots-linear,core-ties"]),
+    ("data-free of 2024-25", ["--methods", DATA_FREE_2024_25]),
 ]
 
 
