@@ -1,7 +1,7 @@
 //! Matrix-product throughput of each backend at square sizes (for scale: a simple 16×16-tiled
 //! WGSL kernel reached 2.7 TFLOP/s at 4096³ on an NVIDIA H200).
 //!
-//!     cargo bench --bench matmul [-- cpu|gpu|shapes] [-- --sizes 1024,2048,4096]
+//!     cargo bench --bench matmul [-- cpu|gpu|shapes|peak|sync] [-- --sizes 1024,2048,4096]
 //!
 //! `shapes`: the CPU backend's products (faer) against `matrixmultiply` on the GPT-2-small merge's
 //! shapes (24576 token rows: 3 tasks × 2 streams × 32 × 128).
@@ -10,6 +10,8 @@
 //! page's relaxed-SIMD `f32x4.relaxed_madd` becomes under V8) and on 512-bit lanes (faer's AVX-512
 //! kernels in the CLI), on one thread and on every thread: what the page's and the CLI's products
 //! are measured against.
+//!
+//! `sync`: what one parallel op with no work costs (rayon's hand-off to its threads and the wait).
 
 use iteris::backend::prelude::*;
 
@@ -90,6 +92,10 @@ fn main() {
         peak();
         return;
     }
+    if args.iter().any(|a| a == "sync") {
+        sync();
+        return;
+    }
     if args.iter().any(|a| a == "shapes") {
         shapes();
         return;
@@ -112,6 +118,31 @@ fn main() {
             Err(e) => println!("gpu: {e}"),
         }
     }
+}
+
+/// The microseconds one parallel op with no work takes from a thread outside the pool, one element
+/// per thread (the page's twin: `node benches/page_matmul.mjs --sync`): what every threaded op of
+/// the CPU backend pays before its work.
+fn sync() {
+    use rayon::prelude::*;
+    let mut v = vec![0u64; rayon::current_num_threads()];
+    let op = |v: &mut Vec<u64>| v.par_iter_mut().for_each(|x| *x = std::hint::black_box(*x + 1));
+    op(&mut v);
+    let mut micros: Vec<f64> = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..10_000 {
+                op(&mut v);
+            }
+            t.elapsed().as_secs_f64() * 1e6 / 10_000.0
+        })
+        .collect();
+    micros.sort_by(f64::total_cmp);
+    println!(
+        "one parallel op with no work: {:.1} µs (median of 7, {} threads)",
+        micros[3],
+        rayon::current_num_threads()
+    );
 }
 
 /// GFLOP/s of 12 independent chains of fused multiply-adds (enough to cover the latency of two

@@ -2,8 +2,10 @@
 // weight w (n, k), as a merge's projections run them (the engine's `matmul_bench`, CPU path, in a
 // Web Worker of a cross-origin-isolated page with a pool of T threads). Build dist/ first
 // (bash tools/build_web.sh). Usage:
-//   node benches/page_matmul.mjs [--engine pkg-threads-relaxed] [--threads 2] [--repeat 5] [M,K,N ...]
-// Prints GFLOP/s (the median of the timed runs) per shape. The default shapes are SmolLM2-135M's
+//   node benches/page_matmul.mjs [--engine pkg-threads-relaxed] [--threads 2] [--repeat 5] [--sync] [M,K,N ...]
+// Prints GFLOP/s (the median of the timed runs) per shape. --sync: instead, the microseconds one
+// parallel op with no work takes (the pool's hand-off and wait, which every threaded op pays;
+// `cargo bench --bench matmul -- sync` measures the CLI's). The default shapes are SmolLM2-135M's
 // projections at the row counts a merge multiplies: 19 (one decoding step of 19 sequences), 310
 // (a calibration batch), 2000 and 7430 (a whole merge pass in one chunk), and its LM head.
 import { chromium } from 'playwright-core';
@@ -20,7 +22,9 @@ const option = (name, dflt) => {
 const engine = option('--engine', 'pkg-threads-relaxed');
 const threads = Number(option('--threads', os.availableParallelism()));
 const repeat = Number(option('--repeat', 5));
-const shapes = args.length
+const si = args.indexOf('--sync');
+const kind = si >= 0 && args.splice(si, 1).length > 0 ? 'sync' : 'project';
+const shapes = kind === 'sync' ? [[1, 1, 1]] : args.length
   ? args.map((s) => s.split(',').map(Number))
   : [19, 310, 2000, 7430].flatMap((m) => [[m, 576, 1536], [m, 1536, 576], [m, 576, 576]]).concat([[19, 576, 49152]]);
 
@@ -32,7 +36,7 @@ fs.writeFileSync(path.join(site, 'index.html'), `<!doctype html><meta charset="u
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self'; connect-src 'self'">
 <title>matrix-product benchmark</title>`);
 fs.writeFileSync(path.join(site, 'worker.js'), `
-onmessage = async ({ data: { shapes, threads, repeat } }) => {
+onmessage = async ({ data: { shapes, threads, repeat, kind } }) => {
   try {
     const { default: init, initThreadPool, matmul_bench } = await import('./engine/iteris.js');
     await init();
@@ -40,10 +44,10 @@ onmessage = async ({ data: { shapes, threads, repeat } }) => {
     // One untimed round of every shape first: V8 runs a module's functions on its baseline
     // compiler (Liftoff) until they are hot enough for its optimizing one, and a fresh page's
     // first shape measured 30 GFLOP/s where the same shape later in the list ran at 55-62.
-    for (const [m, k, n] of shapes) await matmul_bench('project', m, k, n, 1);
+    for (const [m, k, n] of shapes) await matmul_bench(kind, m, k, n, 1);
     const seconds = [];
     // The first timed run warms up too.
-    for (const [m, k, n] of shapes) seconds.push(Array.from(await matmul_bench('project', m, k, n, repeat + 1)).slice(1));
+    for (const [m, k, n] of shapes) seconds.push(Array.from(await matmul_bench(kind, m, k, n, repeat + 1)).slice(1));
     postMessage({ seconds });
   } catch (e) { postMessage({ error: String(e && e.stack || e) }); }
 };`);
@@ -61,14 +65,19 @@ try {
     w.onmessage = (e) => ok(e.data);
     w.onerror = (e) => ok({ error: e.message });
     w.postMessage(job);
-  }), { shapes, threads, repeat });
+  }), { shapes, threads, repeat, kind });
   if (out.error) throw new Error(out.error);
   console.log(`${engine}, ${threads} threads, ${os.cpus()[0].model}`);
-  console.log('m'.padStart(6), 'k'.padStart(6), 'n'.padStart(6), 'GFLOP/s'.padStart(9));
-  shapes.forEach(([m, k, n], i) => {
-    const s = [...out.seconds[i]].sort((a, b) => a - b)[Math.floor(out.seconds[i].length / 2)];
-    console.log(String(m).padStart(6), String(k).padStart(6), String(n).padStart(6), (2 * m * k * n / s / 1e9).toFixed(1).padStart(9));
-  });
+  const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+  if (kind === 'sync') {
+    console.log(`one parallel op with no work: ${(median(out.seconds[0]) * 1e6).toFixed(1)} µs (median of ${repeat})`);
+  } else {
+    console.log('m'.padStart(6), 'k'.padStart(6), 'n'.padStart(6), 'GFLOP/s'.padStart(9));
+    shapes.forEach(([m, k, n], i) => {
+      const s = median(out.seconds[i]);
+      console.log(String(m).padStart(6), String(k).padStart(6), String(n).padStart(6), (2 * m * k * n / s / 1e9).toFixed(1).padStart(9));
+    });
+  }
 } finally {
   await browser.close();
   server.close();

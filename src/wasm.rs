@@ -431,8 +431,9 @@ pub async fn forward_bench(
 
 /// The matrix-product benchmark beside `forward_bench`: `kind` "project" times y = x · wᵀ for x
 /// (m, k) and a weight w (n, k), as a module's projection runs; "gram" times the Gram matrix
-/// xᵀ · y of two (m, k) inputs, as a stage's statistics accumulate. CPU path. Resolves to the
-/// seconds one product took, for each of `repeat` timed runs.
+/// xᵀ · y of two (m, k) inputs, as a stage's statistics accumulate; "sync" (threaded build) one
+/// parallel op with no work, the cost every threaded op pays before its work. CPU path. Resolves
+/// to the seconds one product (or op) took, for each of `repeat` timed runs.
 #[wasm_bindgen]
 pub async fn matmul_bench(kind: String, m: usize, k: usize, n: usize, repeat: usize) -> Result<Vec<f64>, JsValue> {
     use crate::backend::prelude::*;
@@ -454,8 +455,18 @@ pub async fn matmul_bench(kind: String, m: usize, k: usize, n: usize, repeat: us
     let once = async || -> Result<(), JsValue> {
         match kind.as_str() {
             "project" => drop(std::hint::black_box(be.matmul_t(&x, 0..m, &other))),
+            // One parallel op with no work, one element per thread: what every threaded op pays
+            // to hand its blocks to the pool's Web Workers and to wait for them.
+            #[cfg(feature = "threads")]
+            "sync" => {
+                use rayon::prelude::*;
+                let mut v = vec![0u64; rayon::current_num_threads()];
+                v.par_iter_mut().for_each(|x| *x = std::hint::black_box(*x + 1));
+            }
             "gram" => drop(std::hint::black_box(be.gram(&x, 0..m, &other, 0..m).await.map_err(to_js)?)),
-            kind => return Err(js_error("input", &format!("matmul_bench: kind {kind:?} is not project or gram"))),
+            kind => {
+                return Err(js_error("input", &format!("matmul_bench: kind {kind:?} is not project, gram or sync")))
+            }
         }
         Ok(())
     };
