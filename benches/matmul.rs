@@ -125,14 +125,18 @@ fn main() {
 /// the CPU backend pays before its work.
 fn sync() {
     use rayon::prelude::*;
-    let mut v = vec![0u64; rayon::current_num_threads()];
-    let op = |v: &mut Vec<u64>| v.par_iter_mut().for_each(|x| *x = std::hint::black_box(*x + 1));
-    op(&mut v);
+    // The same op as the page's `matmul_bench("sync")`.
+    let op = || {
+        (0..rayon::current_num_threads()).into_par_iter().for_each(|i| {
+            std::hint::black_box(i);
+        })
+    };
+    op();
     let mut micros: Vec<f64> = (0..7)
         .map(|_| {
             let t = Instant::now();
             for _ in 0..10_000 {
-                op(&mut v);
+                op();
             }
             t.elapsed().as_secs_f64() * 1e6 / 10_000.0
         })
